@@ -1,0 +1,162 @@
+"""Loading models and the per-family knowledge of where each site lives.
+
+Everything family-specific (module names, which norm sits where) is in this file; sites.py works
+only through ModelAdapter.hook_point(), so adding a family means adding one entry to _LAYOUTS.
+Structure verified against transformers 5.x modeling_{gpt2,gemma,gemma2,gemma3}.py:
+
+  GPT-2    : h = x + attn(ln_1(x));  out = h + mlp(ln_2(h))             (attn returns (out, weights))
+  Gemma 1  : h = x + self_attn(input_layernorm(x))
+             out = h + mlp(post_attention_layernorm(h))   <- Gemma 1's "post" norm is the pre-MLP norm
+  Gemma 2/3: h = x + post_attention_layernorm(self_attn(input_layernorm(x)))
+             out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harvest.errors import HarvestError
+
+SUPPORTED_FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Paths relative to the model / to one block. A site is read at (module, "input"|"output")."""
+
+    base: str          # the decoder stack (holds the layer list and the final norm)
+    layers: str
+    final_norm: str
+    attn_out: str      # module whose output is exactly what attention adds to the residual
+    attn_z: str        # attention output projection; its input is attn_z
+    mlp_out: str       # module whose output is exactly what the MLP adds to the residual
+    mlp_act: str       # MLP output projection; its input is mlp_act
+
+
+_GPT2 = _Layout("transformer", "h", "ln_f", "attn", "attn.c_proj", "mlp", "mlp.c_proj")
+_GEMMA1 = _Layout("model", "layers", "norm", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
+# Gemma 2/3 norm the sub-block output before the residual add, so the site is after that norm.
+_GEMMA2 = _Layout("model", "layers", "norm", "post_attention_layernorm", "self_attn.o_proj",
+                  "post_feedforward_layernorm", "mlp.down_proj")
+_GEMMA3_MM = _Layout("model.language_model", "layers", "norm", "post_attention_layernorm",
+                     "self_attn.o_proj", "post_feedforward_layernorm", "mlp.down_proj")
+
+_LAYOUTS = {"gpt2": _GPT2, "gemma": _GEMMA1, "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+            "gemma3": _GEMMA3_MM}
+
+
+def _unsupported(model_type) -> HarvestError:
+    return HarvestError(f"unsupported model type '{model_type}'; supported families: "
+                        f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything absolute, relative-dotted or home-based is a path.
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise HarvestError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16")
+    return value
+
+
+def load_model(name_or_path: str, *, revision=None, device="cpu", dtype=torch.float32,
+               trust_remote_code=False):
+    """Load (model, tokenizer) for inference: eval mode, every parameter frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise HarvestError(f"model '{name}' not found: no such local path")
+    name = os.path.expanduser(name)
+    # The config first: it is small, and it tells us the family before we pay for the weights.
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise HarvestError(f"model '{name}' not found: {_first_line(err)}") from err
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise _unsupported(config.model_type)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=_as_dtype(dtype), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise HarvestError(f"could not load model '{name}': {_first_line(err)}") from err
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class ModelAdapter:
+    """The family-specific facts the rest of the code needs about a loaded causal LM."""
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        self.family: str = config.model_type
+        if self.family not in _LAYOUTS:
+            raise _unsupported(self.family)
+        self.model = model
+        self._layout = _LAYOUTS[self.family]
+        # Multimodal Gemma 3 keeps the language model's settings in a sub-config.
+        text = config.get_text_config()
+        self.config = text
+        base = model.get_submodule(self._layout.base)
+        self.layers: nn.ModuleList = base.get_submodule(self._layout.layers)
+        self.final_norm: nn.Module = base.get_submodule(self._layout.final_norm)
+        self.n_layers: int = len(self.layers)
+        self.d_model: int = text.hidden_size
+        self.n_heads: int = text.num_attention_heads
+        self.head_dim: int = getattr(text, "head_dim", None) or self.d_model // self.n_heads
+        if self.family == "gpt2":
+            self.d_mlp: int = text.n_inner or 4 * self.d_model
+            self.max_positions: int = text.n_positions
+        else:
+            self.d_mlp = text.intermediate_size
+            self.max_positions = text.max_position_embeddings
+        self.vocab_size: int = text.vocab_size
+
+    def site_width(self, kind: str) -> int:
+        if kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+            return self.d_model
+        if kind == "attn_z":
+            return self.n_heads * self.head_dim
+        if kind == "mlp_act":
+            return self.d_mlp
+        raise HarvestError(f"unknown site kind '{kind}'")
+
+    def hook_point(self, layer: int, kind: str) -> tuple[nn.Module, str]:
+        """(module, "input" | "output"): the site is that module's first input or output.
+
+        resid_mid has no module of its own (it is resid_pre + attn_out); callers compose it.
+        """
+        block = self.layers[layer]
+        if kind == "resid_pre":
+            return block, "input"
+        if kind == "resid_post":
+            return block, "output"
+        if kind in ("attn_out", "mlp_out"):
+            return block.get_submodule(getattr(self._layout, kind)), "output"
+        if kind in ("attn_z", "mlp_act"):
+            return block.get_submodule(getattr(self._layout, kind)), "input"
+        raise HarvestError(f"site kind '{kind}' has no single hook point")
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    return ModelAdapter(model)

@@ -1,0 +1,97 @@
+"""The store format: version, array names, value encodings and chunk geometry.
+
+Everything a reader in another language needs is written into the store itself
+(`attrs["sae_store"]` and per-array `attrs["encoding"]`); this module is the one
+place that decides it. See docs/store-format.md.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ROOT_ATTR = "sae_store"
+
+TOKENS = "tokens"
+ROWS_SEQ = "rows/seq"
+ROWS_POS = "rows/pos"
+
+
+def acts_path(site: str) -> str:
+    return f"acts/{site}"
+
+
+def grads_path(site: str) -> str:
+    return f"grads/{site}"
+
+
+# zarr-python 3.1 has no bfloat16 dtype, so bf16 values are stored as their raw
+# bits in uint16 and tagged with attrs["encoding"] = "bfloat16".
+ENCODINGS = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+
+def storage_dtype(encoding: str) -> np.dtype:
+    try:
+        return np.dtype(ENCODINGS[encoding])
+    except KeyError:
+        raise ValueError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODINGS)}") from None
+
+
+def encode(values: np.ndarray, encoding: str) -> np.ndarray:
+    """float32 array -> the stored representation."""
+    if encoding == "bfloat16":
+        if values.dtype == np.uint16:  # already bf16 bits (encoded on the device)
+            return values
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        # round to nearest even, as torch's .to(bfloat16) does; NaN stays NaN
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
+        out = (rounded >> 16).astype(np.uint16)
+        nan = np.isnan(values)
+        if nan.any():
+            out[nan] = 0x7FC0
+        return out
+    return np.asarray(values, dtype=ENCODINGS[encoding])
+
+
+def decode(stored: np.ndarray, encoding: str) -> np.ndarray:
+    """Stored representation -> float32."""
+    if encoding == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
+
+
+CHUNK_MIN_BYTES = 1 << 20      # zarr/object-store reads below ~1 MB are latency bound
+SHARD_MAX_BYTES = 256 << 20    # one object per shard; keeps single PUTs well below S3 limits
+
+
+def _divisors(n: int) -> list[int]:
+    small, large = [], []
+    for i in range(1, math.isqrt(n) + 1):
+        if n % i == 0:
+            small.append(i)
+            if i != n // i:
+                large.append(n // i)
+    return small + large[::-1]
+
+
+def row_geometry(window_rows: int, row_bytes: int) -> tuple[int, int]:
+    """(chunk_rows, shard_rows) for a [n_rows, d] array written one window at a time.
+
+    Both divide `window_rows`, so each window covers whole shards: the writer never
+    rewrites part of a shard another write owns (zarr-python #3682), and a killed
+    window is simply rewritten on resume.
+    """
+    divisors = _divisors(window_rows)
+    chunk = next((c for c in divisors if c * row_bytes >= CHUNK_MIN_BYTES), window_rows)
+    shard = chunk
+    for s in divisors:
+        if s % chunk == 0 and s * row_bytes <= SHARD_MAX_BYTES:
+            shard = max(shard, s)
+    return chunk, shard
+
+
+def window_seqs_for(shuffle_window_tokens: int, ctx_len: int) -> int:
+    """Sequences per shuffle window: at least the requested tokens, a multiple of 8 for divisors."""
+    seqs = max(1, math.ceil(shuffle_window_tokens / ctx_len))
+    return seqs if seqs < 8 else math.ceil(seqs / 8) * 8

@@ -1,0 +1,64 @@
+"""Gated SAE (Rajamanoharan et al. 2024, eq. 5-7 and the appendix J pseudo-code).
+
+    pi_gate = (x - b_dec) @ W_enc + b_gate                  (W_enc is W_gate)
+    pi_mag  = (x - b_dec) @ (W_enc * exp(r_mag)) + b_mag    (magnitude path tied to the gate)
+    f = 1[pi_gate > 0] * ReLU(pi_mag)
+    loss = ||x - x_hat(f)||^2 + lambda ||ReLU(pi_gate)||_1 + ||x - x_hat_frozen(ReLU(pi_gate))||^2
+The last term uses the decoder (W_dec, b_dec) with gradients stopped, so only the gate learns from it.
+The L1 is *not* weighted by decoder row norms: rows are kept at unit norm, where both agree.
+Parameters follow SAELens's gated naming: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec (no b_enc).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.sae import SAE, LossOutput, recon_loss, register
+
+
+@register("gated")
+class GatedSAE(SAE):
+    apply_b_dec_to_input = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        del self.b_enc  # gated has two encoder biases instead
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def _pre(self, x):
+        xc = self._center(x) @ self.W_enc
+        return xc + self.b_gate, xc * torch.exp(self.r_mag) + self.b_mag   # pi_gate, pi_mag
+
+    def encode(self, x, grad=None):
+        pi_gate, pi_mag = self._pre(x)
+        return (pi_gate > 0).to(pi_mag.dtype) * F.relu(pi_mag)
+
+    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+        pi_gate, pi_mag = self._pre(x)
+        feats = (pi_gate > 0).to(pi_mag.dtype) * F.relu(pi_mag)   # no gradient reaches the gate here
+        x_hat = self.decode(feats)
+        mse = recon_loss(x, x_hat)
+        gate_acts = F.relu(pi_gate)
+        l1 = gate_acts.sum(-1).mean()
+        sparsity = self.cfg.l1_coeff * l1
+        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        aux = recon_loss(x, x_hat_frozen)
+        terms = {"mse": mse, "sparsity": sparsity, "aux": aux, "l1": l1,
+                 "l0": (feats > 0).float().sum(-1).mean()}
+        return LossOutput(mse + sparsity + aux, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
+
+    @torch.no_grad()
+    def to_jumprelu(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_enc_mag, b_enc_mag, threshold) with identical latents under SAELens JumpReLU:
+        pre = (x - b_dec) @ W_enc_mag + b_enc_mag;  f = ReLU(pre) * (pre > threshold).
+        pi_gate > 0  <=>  exp(r_mag) * (x - b_dec) @ W_enc > -exp(r_mag) * b_gate
+                     <=>  pi_mag > b_mag - exp(r_mag) * b_gate = threshold.
+        """
+        scale = torch.exp(self.r_mag)
+        return self.W_enc * scale, self.b_mag.clone(), self.b_mag - scale * self.b_gate
+
+    def saelens_architecture(self) -> str:
+        return "gated"

@@ -1,0 +1,74 @@
+"""TopK SAE (Gao et al. 2024) and the AuxK dead-latent loss shared by the TopK family.
+
+    pre = ReLU((x - b_dec) @ W_enc + b_enc)
+    f   = keep the k largest entries of pre per token, zero elsewhere  (L0 == k unless < k are positive)
+    loss = mean_n ||x - x_hat||^2 + aux_coeff * AuxK
+AuxK: e = x - x_hat (detached); among the latents marked dead, keep the top min(aux_k, d_sae//2, n_dead)
+of pre per token and decode them without bias: e_hat. AuxK = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2,
+the normalisation of OpenAI/sparsify, so the term is ~1 at worst whatever the activation scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from train.sae import SAE, LossOutput, recon_loss, register
+
+
+def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
+    """pre: [n, d_sae] post-ReLU pre-activations; resid: x - x_hat (detached)."""
+    zero = pre.new_zeros(())
+    if dead_mask is None:
+        return zero
+    dead_mask = dead_mask.to(pre.device, torch.bool)
+    n_dead = int(dead_mask.sum())
+    k_aux = min(sae.cfg.aux_k, sae.cfg.d_sae // 2, n_dead)
+    if k_aux == 0:
+        return zero
+    masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+    vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
+    var = (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (e_hat - resid).pow(2).sum() / var
+
+
+@register("topk")
+class TopKSAE(SAE):
+    apply_b_dec_to_input = True
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._center(x) @ self.W_enc + self.b_enc)
+
+    def select(self, pre: torch.Tensor, grad: torch.Tensor | None = None):
+        """(values [n,k], indices [n,k]) of the active latents; gtopk overrides the ranking."""
+        return pre.topk(self.cfg.k, dim=-1, sorted=False)
+
+    def encode_sparse(self, x, grad=None):
+        return self.select(self.pre_acts(x), grad)
+
+    def encode(self, x, grad=None):
+        pre = self.pre_acts(x)
+        vals, idx = self.select(pre, grad)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals)
+
+    def sparse_decode(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Decode from (indices [n,k], values [n,k]) by gathering only the k rows (embedding-bag):
+        O(n k d_in) instead of O(n d_sae d_in); differentiable in values and W_dec."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype),
+                               mode="sum") + self.b_dec
+
+    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+        pre = self.pre_acts(x)
+        vals, idx = self.select(pre, grad)
+        feats = torch.zeros_like(pre).scatter(-1, idx, vals)
+        x_hat = self.decode(feats)
+        return self._loss_terms(x, pre, feats, x_hat, dead_mask)
+
+    def _loss_terms(self, x, pre, feats, x_hat, dead_mask) -> LossOutput:
+        mse = recon_loss(x, x_hat)
+        aux = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask)
+        terms = {"mse": mse, "aux": aux, "l0": (feats > 0).float().sum(-1).mean()}
+        return LossOutput(mse + aux, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
+
+    def saelens_architecture(self) -> str:
+        return "topk"
