@@ -284,7 +284,14 @@ def build_default_model(out_dir, *, seed: int = 0, progress: bool = True,
             total += F.cross_entropy(logits.view(-1, logits.size(-1)), yb.reshape(-1), reduction="sum").item()
     val_ce = total / y.numel()
 
-    model.save_pretrained(out_dir)
+    # our bar is the progress report; the shard-writing tqdm bar would only be noise
+    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if bars_were_on:
+            transformers.utils.logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
     # transformers 5 writes its internal class name; this one also loads with transformers 4
     tok_cfg_path = out_dir / "tokenizer_config.json"

@@ -1,0 +1,64 @@
+"""BatchTopK SAE (Bussmann et al. 2024, meta-SAE paper sec. 6).
+
+Training: pre = ReLU((x - b_dec) @ W_enc + b_enc); keep the n*k largest entries of pre over the whole
+batch of n tokens (average L0 == k, per-token L0 varies). AuxK as in TopK.
+Inference must not depend on the batch: f = pre * (pre > threshold) (JumpReLU). The paper's threshold
+is E_batch[min positive kept activation]; we track it as an exponential moving average
+(decay cfg.threshold_ema) of that per-batch minimum, updated by every training-mode loss() call, so
+estimates from the random-init phase are forgotten rather than averaged in forever.
+`threshold` is a [d_sae] buffer (one scalar broadcast, SAELens JumpReLU layout); -1 means "not yet
+estimated" (then inference is plain ReLU, since pre >= 0 > -1).
+encode() uses BatchTopK while self.training, JumpReLU otherwise (call .eval() for inference).
+"""
+from __future__ import annotations
+
+import torch
+
+from train.sae import LossOutput, register
+from train.topk import TopKSAE
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.full((cfg.d_sae,), -1.0))
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        flat = pre.flatten()
+        vals, idx = flat.topk(min(pre.shape[0] * self.cfg.k, flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+
+    def jumprelu(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+    def encode(self, x, grad=None):
+        pre = self.pre_acts(x)
+        return self.batch_topk(pre) if self.training else self.jumprelu(pre)
+
+    def encode_sparse(self, x, grad=None):
+        raise NotImplementedError("batchtopk has a variable number of active latents per token")
+
+    @torch.no_grad()
+    def update_threshold(self, feats: torch.Tensor) -> None:
+        pos = feats[feats > 0]
+        if pos.numel() == 0:
+            return
+        batch_min = pos.min().to(self.threshold.dtype)
+        if self.threshold[0] < 0:
+            self.threshold.fill_(batch_min)
+        else:
+            d = self.cfg.threshold_ema
+            self.threshold.mul_(d).add_((1 - d) * batch_min)
+
+    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+        pre = self.pre_acts(x)
+        feats = self.batch_topk(pre)   # training objective always uses BatchTopK
+        if self.training:
+            self.update_threshold(feats)
+        x_hat = self.decode(feats)
+        return self._loss_terms(x, pre, feats, x_hat, dead_mask)
+
+    def saelens_architecture(self) -> str:
+        return "jumprelu"

@@ -1,0 +1,119 @@
+"""Save / load an SAE as SAELens-style `sae_weights.safetensors` + `cfg.json` (no pickle anywhere).
+
+cfg.json top level: SAELens keys (architecture, d_in, d_sae, dtype, apply_b_dec_to_input, hook_name,
+k for topk, ...); our full config lives under "sae_harvest": {"sae": SAEConfig.to_dict(), **extra_cfg}.
+Both files are written to temporaries and os.replace()d, weights first, so a crash never leaves a
+cfg.json pointing at half-written weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from train.sae import SAE, SAEConfig, make_sae
+
+WEIGHTS_NAME = "sae_weights.safetensors"
+CFG_NAME = "cfg.json"
+GTOPK_INFERENCE = "topk without gradients; gradient-aware selection when a gradient is supplied"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt, or inconsistent with its cfg.json."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def saelens_cfg(sae: SAE, extra_cfg: dict) -> dict:
+    cfg = sae.cfg
+    out = {
+        "architecture": sae.saelens_architecture(),
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": _dtype_name(sae.W_dec.dtype),
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "hook_name": extra_cfg.get("hook_name"),
+        # The saved weights take raw activations (the loop folds its normalisation in before saving).
+        "normalize_activations": extra_cfg.get("normalize_activations", "none"),
+    }
+    for key in ("model_name", "hook_layer", "context_size", "prepend_bos", "dataset_path"):
+        if key in extra_cfg:
+            out[key] = extra_cfg[key]
+    if cfg.arch in ("topk", "gtopk"):
+        out["k"] = cfg.k
+    if cfg.arch == "gtopk":
+        out["inference"] = GTOPK_INFERENCE
+    if cfg.arch == "batchtopk":
+        out["inference"] = "jumprelu with the tracked BatchTopK threshold (batch-independent)"
+    out["sae_harvest"] = {"sae": cfg.to_dict(), **extra_cfg}
+    return out
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_sae(sae: SAE, out_dir, *, extra_cfg: dict) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(saelens_cfg(sae, dict(extra_cfg)), indent=2)   # fail before touching any file
+    tensors = {n: t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}
+    _replace_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _replace_atomically(out_dir / CFG_NAME, lambda p: p.write_text(text))
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+def load_sae(path, device: str | torch.device = "cpu") -> SAE:
+    """Load a checkpoint directory (or its sae_weights.safetensors). Returns the SAE in eval mode."""
+    path = Path(path)
+    d = path.parent if path.name == WEIGHTS_NAME else path
+    try:
+        cfg_json = json.loads((d / CFG_NAME).read_text())
+        cfg = SAEConfig.from_dict(cfg_json["sae_harvest"]["sae"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{d / CFG_NAME}: unreadable SAE config ({_one_line(e)})") from None
+    if (cfg_json.get("d_in"), cfg_json.get("d_sae")) != (cfg.d_in, cfg.d_sae):
+        raise CheckpointError(f"{d / CFG_NAME}: top-level d_in/d_sae {cfg_json.get('d_in')}/"
+                              f"{cfg_json.get('d_sae')} disagree with sae_harvest.sae {cfg.d_in}/{cfg.d_sae}")
+    wpath = d / WEIGHTS_NAME
+    try:
+        tensors = {}
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError on bad files
+        raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({_one_line(e)})") from None
+
+    sae = make_sae(cfg)
+    expected = {n: tuple(t.shape) for n, t in sae.state_dict().items()}
+    got = {n: tuple(t.shape) for n, t in tensors.items()}
+    if set(expected) != set(got):
+        raise CheckpointError(f"{wpath}: tensors {sorted(got)} do not match {cfg.arch} tensors {sorted(expected)}")
+    bad = [f"{n} {got[n]} != {expected[n]}" for n in expected if got[n] != expected[n]]
+    if bad:
+        raise CheckpointError(f"{wpath}: shapes disagree with cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
+                              + "; ".join(bad))
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or not all(t.dtype.is_floating_point for t in tensors.values()):
+        raise CheckpointError(f"{wpath}: expected one floating dtype, got {sorted(map(str, dtypes))}")
+    sae.to(dtype=dtypes.pop())
+    sae.load_state_dict(tensors)
+    return sae.to(device).eval()

@@ -1,0 +1,2 @@
+class TrainError(Exception):
+    """A user-facing training problem; str() is one line."""
