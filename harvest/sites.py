@@ -87,6 +87,13 @@ def _check_layer(site: Site, n_layers: int) -> None:
                            f"{n_layers} layers (0-{n_layers - 1})")
 
 
+def _as_sites(sites, n_layers: int) -> list[Site]:
+    # A single site (or name) is accepted too; a bare string would otherwise iterate by char.
+    if isinstance(sites, (str, Site)):
+        sites = [sites]
+    return sorted({_as_site(s, n_layers) for s in sites})
+
+
 def _as_site(site, n_layers: int) -> Site:
     site = site if isinstance(site, Site) else Site.parse(str(site))
     _check_layer(site, n_layers)
@@ -172,8 +179,7 @@ def record(model, sites: Iterable):
     out: dict[str, Tensor] = {}
     handles = []
     try:
-        for site in sites:
-            site = _as_site(site, adapter.n_layers)
+        for site in _as_sites(sites, adapter.n_layers):
             handles += _site_hooks(adapter, site, _store_into(out, site.name))
         yield out
     finally:
@@ -210,7 +216,9 @@ def capture(model, input_ids: Tensor, sites: Iterable, *, grads: bool = False,
     """Activations at `sites` from one forward pass; with grads, the gradient of the summed
     next-token CE w.r.t. each of them from one backward pass (the last position's is 0)."""
     adapter = get_adapter(model)
-    sites = sorted({_as_site(s, adapter.n_layers) for s in sites})
+    sites = _as_sites(sites, adapter.n_layers)
+    if not sites:
+        raise HarvestError("no sites to capture")
     acts: dict[str, Tensor] = {}
     grad_of: dict[str, Tensor] = {}  # tensor in the live graph whose gradient is the site's
     stop = stop_early and not grads
