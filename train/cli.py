@@ -40,8 +40,7 @@ def main():
 @main.command("fit")
 @click.option("--store", help="Store path or fsspec URL (from `harvest run`).")
 @click.option("--site", help="Site to train on (required when the store has several).")
-@click.option("--arch", default="topk", show_default=True,
-              type=click.Choice(["relu", "gated", "topk", "batchtopk", "gtopk"]))
+@click.option("--arch", default="topk", show_default=True, help="relu, gated, topk, batchtopk or gtopk.")
 @click.option("--d-sae", type=int, help="Dictionary size (default: --expansion x d_in).")
 @click.option("--expansion", default=16, show_default=True, type=int)
 @click.option("--l1", default="1", show_default=True, callback=_floats,
@@ -79,8 +78,11 @@ def fit_cmd(resume, overwrite, quiet, **kwargs):
     from train.errors import TrainError
     from train.loop import TrainInterrupted, fit
 
-    if kwargs["decoder_of"] and kwargs["arch"] == "topk" and not any(
-            a.startswith("--arch") for a in sys.argv):
+    from train.sae import ARCH_NAMES
+
+    if kwargs["arch"] not in ARCH_NAMES:
+        fail(f"unknown --arch {kwargs['arch']!r}; choose one of {', '.join(ARCH_NAMES)}")
+    if kwargs["decoder_of"] and click.get_current_context().get_parameter_source("arch").name == "DEFAULT":
         kwargs["arch"] = "batchtopk"   # the meta-SAE paper's choice
     try:
         cfg = TrainConfig(**kwargs)

@@ -265,7 +265,7 @@ def _step(run, x, g, factor, cfg, dead_after, autocast, log_now):
     run["since_fired"][fired] = 0
     if log_now:
         with torch.no_grad():
-            nmse = ((out.x_hat.float() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+            nmse = ((out.x_hat.float() - x).pow(2).sum() / x.pow(2).sum()).item()
         run["last"] = {"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()},
                        "nmse": nmse, "dead_fraction": float(dead.float().mean()),
                        "lr": run["lr"] * factor}

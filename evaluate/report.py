@@ -1,0 +1,114 @@
+"""Output of `evaluate splice`: a rich table, a JSON file, and a Pareto-front plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def pareto_front(points) -> list[tuple[float, float]]:
+    """The points (x, y) not dominated when both coordinates are minimised (fewer latents,
+    smaller CE increase), sorted by x; y then strictly decreases. Non-finite points are ignored."""
+    pts = sorted({(float(x), float(y)) for x, y in points if _finite(x) and _finite(y)})
+    front: list[tuple[float, float]] = []
+    for x, y in pts:
+        # Sorted by x then y: a point is optimal iff it beats the best y of every smaller-or-equal x.
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+# --- table -------------------------------------------------------------------------------------
+def _fmt(v, spec: str = ".4g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec)
+
+
+_COLUMNS = (  # header, key, format
+    ("L0", "l0", ".1f"), ("ΔCE", "ce_increase", ".4f"), ("ΔCE nobos", "ce_increase_nobos", ".4f"),
+    ("KL", "kl", ".4f"), ("LR zero", "loss_recovered_zero", ".3f"),
+    ("LR mean", "loss_recovered_mean", ".3f"), ("NMSE", "nmse", ".4f"),
+    ("NMSE nobos", "nmse_nobos", ".4f"), ("EV", "explained_variance", ".3f"),
+    ("cos", "cosine", ".3f"), ("ds MSE", "downstream_mse", ".4g"),
+)
+
+
+def print_table(results: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    if not results:
+        return
+    r0 = results[0]
+    table = Table(title="SAE splice evaluation",
+                  caption=f"{r0['model']}: clean CE {_fmt(r0['ce_clean'], '.4f')} nats "
+                          f"({_fmt(r0['ce_clean_nobos'], '.4f')} without position 0) on "
+                          f"{r0['tokens']:,} tokens; LR = loss recovered vs zero / mean ablation")
+    table.add_column("SAE", overflow="fold")
+    table.add_column("arch")
+    table.add_column("site")
+    table.add_column("alive", justify="right")
+    for header, _, _ in _COLUMNS:
+        table.add_column(header, justify="right")
+    for r in results:
+        arch = r["arch"] + (" +grad" if r.get("grad_select") else "")
+        table.add_row(r["name"], arch, r["site"], f"{r['alive']}/{r['d_sae']}",
+                      *(_fmt(r.get(key), spec) for _, key, spec in _COLUMNS))
+    console.print(table)
+
+
+# --- files -------------------------------------------------------------------------------------
+def write_json(results: list[dict], path) -> None:
+    """{"results": [...]} in the order evaluated; undefined metrics are null (never NaN)."""
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"results": results}, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_plot(results: list[dict], path) -> None:
+    """Two panels, L0 and alive latents vs CE increase; per architecture every SAE as a marker
+    and its Pareto front (both axes minimised) as a line."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed; also safe in threads and on servers
+    import matplotlib.pyplot as plt
+
+    by_arch: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_arch[r["arch"] + (" +grad" if r.get("grad_select") else "")].append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (xkey, xlabel) in zip(axes, (("l0", "L0 (active latents per token)"),
+                                          ("alive", "alive latents"))):
+        for i, (arch, rows) in enumerate(sorted(by_arch.items())):
+            color = f"C{i % 10}"
+            pts = sorted((r[xkey], r["ce_increase"]) for r in rows
+                         if _finite(r.get(xkey)) and _finite(r.get("ce_increase")))
+            if not pts:
+                continue
+            ax.plot(*zip(*pts), "o", color=color, alpha=0.35)
+            front = pareto_front(pts)
+            ax.plot(*zip(*front), "o-", color=color, label=arch)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("CE increase (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if results:
+        fig.suptitle(f"{results[0]['model']} - {results[0]['tokens']:,} tokens")
+    fig.tight_layout()
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,286 @@
+"""Evaluate SAEs by splicing their reconstructions into the live model (HF forward hooks).
+
+Per batch of evaluation sequences:
+  1. one clean forward records every SAE site, the downstream resid_posts and the logits;
+  2. gtopk SAEs with gradient selection: one clean forward+backward gives dL/dx at their sites;
+  3. per site: a zero-ablation and a mean-ablation forward (shared by all SAEs at the site);
+  4. per SAE: one spliced forward (reconstruction in place of the site activation).
+The site means for mean-ablation come from a first pass over the same tokens (stopped early).
+Metrics are in evaluate/metrics.py and docs/evaluate.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, log_probs, mse_per_token,
+                              reconstruction_terms, result_metrics)
+from harvest.errors import HarvestError
+
+
+class EvaluateError(Exception):
+    """A user-facing problem (bad SAE file, unknown site, missing model/store); one line."""
+
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())
+
+
+@dataclass
+class Entry:
+    """One SAE to evaluate and the sums its metrics are built from."""
+    path: str
+    sae: torch.nn.Module
+    cfg: dict                      # cfg.json
+    site: object = None            # harvest.sites.Site
+    use_grad: bool = False         # gtopk with gradient-aware selection
+    downstream: list[str] = field(default_factory=list)  # resid_post sites after the SAE's site
+    sums: Sums = field(default_factory=Sums)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+def _load_entry(path: str, device) -> Entry:
+    from train.checkpoint import CFG_NAME, CheckpointError, load_sae
+
+    try:
+        sae = load_sae(path, device=device)
+    except CheckpointError as e:
+        raise EvaluateError(str(e)) from None
+    d = Path(path)
+    d = d.parent if d.is_file() else d
+    return Entry(path=str(path), sae=sae, cfg=json.loads((d / CFG_NAME).read_text()))
+
+
+def _attach_site(entry: Entry, adapter, grad_select: bool) -> None:
+    """Parse the SAE's hook_name and check the model has that site with the SAE's width."""
+    from harvest.sites import Site
+
+    hook = entry.cfg.get("hook_name")
+    if not hook or str(hook).startswith("meta:"):
+        raise EvaluateError(f"{entry.path}: hook_name {hook!r} is not a model site; "
+                            f"only SAEs on blocks.<layer>.<kind> can be spliced")
+    try:
+        site = Site.parse(str(hook))
+    except HarvestError as e:
+        raise EvaluateError(f"{entry.path}: {e}") from None
+    if not 0 <= site.layer < adapter.n_layers:
+        raise EvaluateError(f"{entry.path}: site {site.name} is not in the model: it has "
+                            f"{adapter.n_layers} layers (0-{adapter.n_layers - 1})")
+    width = adapter.site_width(site.kind)
+    if entry.sae.cfg.d_in != width:
+        raise EvaluateError(f"{entry.path}: SAE d_in {entry.sae.cfg.d_in} != width {width} of "
+                            f"site {site.name} in this model")
+    entry.site = site
+    entry.use_grad = entry.sae.cfg.arch == "gtopk" and grad_select
+    # resid_post of layer l is downstream of every site in block l except resid_post itself.
+    first = site.layer + 1 if site.kind == "resid_post" else site.layer
+    entry.downstream = [f"blocks.{l}.resid_post" for l in range(first, adapter.n_layers)]
+
+
+def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
+    """The last ceil(tokens / ctx_len) sequences of the store: the trainer holds out its last rows,
+    which come from the last shuffle windows, i.e. from these sequences."""
+    from stores import StoreError, open_store
+
+    try:
+        store = open_store(store_path)
+    except StoreError as e:
+        raise EvaluateError(str(e)) from None
+    if ctx_len is not None and ctx_len != store.ctx_len:
+        raise EvaluateError(f"--ctx-len {ctx_len} differs from the store's ctx_len {store.ctx_len}")
+    n = min(max(1, math.ceil(tokens / store.ctx_len)), store.n_seqs)
+    ids = np.asarray(store.tokens[store.n_seqs - n:store.n_seqs])
+    return torch.from_numpy(ids.astype(np.int64)), store
+
+
+def _dataset_tokens(dataset: str, tokenizer, tokens: int, ctx_len: int | None, split, text_column):
+    from harvest.data import open_dataset, packed_sequences
+
+    ctx_len = ctx_len or 128
+    n = max(1, math.ceil(tokens / ctx_len))
+    try:
+        ds = open_dataset(dataset, split, text_column)
+        seqs = list(islice(packed_sequences(ds, tokenizer, ctx_len, text_column), n))
+    except HarvestError as e:
+        raise EvaluateError(str(e)) from None
+    if not seqs:
+        raise EvaluateError(f"dataset {dataset!r} holds less than one sequence of {ctx_len} tokens")
+    return torch.from_numpy(np.stack(seqs).astype(np.int64))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise EvaluateError(f"bad --device {name!r}: {e}") from None
+
+
+# --- passes ------------------------------------------------------------------------------------
+def _forward(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{site: (mean over all evaluated tokens, mean over positions >= 1)}, float64."""
+    from harvest.sites import capture
+
+    sums = {s: [0, 0, 0, 0] for s in sites}   # sum all, count all, sum nobos, count nobos
+    task = bar.add_task("site means", total=sum(b.numel() for b in batches), info="")
+    for ids in batches:
+        acts = capture(model, ids, sites, stop_early=True).acts
+        for s, a in acts.items():
+            a = a.double()
+            acc = sums[s]
+            acc[0] += a.sum((0, 1)); acc[1] += a.shape[0] * a.shape[1]
+            acc[2] += a[:, 1:].sum((0, 1)); acc[3] += a.shape[0] * (a.shape[1] - 1)
+        bar.update(task, advance=ids.numel())
+    return {s: (acc[0] / acc[1], acc[2] / max(acc[3], 1)) for s, acc in sums.items()}
+
+
+def _ablate(model, ids, site, value_fn, logp_clean, site_sums: Sums, tag: str) -> None:
+    from harvest.sites import splice
+
+    with splice(model, site, value_fn):
+        logp = log_probs(_forward(model, ids))
+    site_sums.add(f"ce_{tag}", ce_from_log_probs(logp, ids))
+    site_sums.add(f"kl_{tag}", kl_per_token(logp_clean[:, :-1], logp[:, :-1]))
+
+
+def _spliced(model, ids, entry: Entry, grad, logp_clean, clean: dict, means, final_norm) -> None:
+    """One forward with the SAE's reconstruction spliced in; adds every per-token metric."""
+    from harvest.sites import record, splice
+
+    sae, seen = entry.sae, {}
+
+    def replace(a):
+        x = a.reshape(-1, a.shape[-1]).to(sae.W_dec.dtype)
+        g = None if grad is None else grad.reshape(-1, a.shape[-1])
+        feats = sae.encode(x, g)
+        x_hat = sae.decode(feats).view(a.shape)
+        seen.update(x=a, x_hat=x_hat, feats=feats.view(*a.shape[:-1], -1))
+        return x_hat.to(a.dtype)
+
+    with splice(model, entry.site, replace), record(model, entry.downstream) as rec:
+        logp = log_probs(_forward(model, ids))
+    s = entry.sums
+    s.add("ce", ce_from_log_probs(logp, ids))
+    s.add("kl", kl_per_token(logp_clean[:, :-1], logp[:, :-1]))
+    for name in entry.downstream:
+        s.add("ds:" + name, mse_per_token(rec[name], clean[name]))
+        s.add("dsln:" + name, mse_per_token(final_norm(rec[name]), final_norm(clean[name])))
+    mean, mean_nobos = means[entry.site.name]
+    terms = reconstruction_terms(seen["x"], seen["x_hat"], mean, mean_nobos)
+    var_nobos = terms.pop("var_nobos")
+    for name, q in terms.items():
+        s.add(name, q, nobos=var_nobos if name == "var" else None)
+    s.add("l0", (seen["feats"] != 0).sum(-1).float())
+    s.add_fired(seen["feats"])
+
+
+def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> None:
+    from harvest.sites import capture, record
+
+    sites = sorted({e.site for e in entries})
+    posts = sorted({name for e in entries for name in e.downstream})
+    with record(model, sites + posts) as rec:
+        logp_clean = log_probs(_forward(model, ids))
+    clean = dict(rec)
+    clean_sums.add("ce", ce_from_log_probs(logp_clean, ids))
+
+    grad_sites = sorted({e.site for e in entries if e.use_grad})
+    grads = {}
+    if grad_sites:
+        with torch.enable_grad():
+            grads = capture(model, ids, grad_sites, grads=True).grads
+
+    for site in sites:
+        mean = means[site.name][0]
+        _ablate(model, ids, site, torch.zeros_like, logp_clean, site_sums[site.name], "zero")
+        _ablate(model, ids, site, lambda a: mean.to(a.dtype).expand_as(a).clone(),
+                logp_clean, site_sums[site.name], "mean")
+        for e in entries:
+            if e.site == site:
+                grad = grads.get(site.name) if e.use_grad else None
+                _spliced(model, ids, e, grad, logp_clean, clean, means, adapter.final_norm)
+
+
+# --- entry point -------------------------------------------------------------------------------
+def evaluate_saes(model_name, sae_paths: list[str], *, store=None, dataset=None, text_column="text",
+                  split="train", tokens=65536, ctx_len=None, batch_size=8, device="auto",
+                  dtype="float32", grad_select=True, progress=True, console=None,
+                  revision=None) -> list[dict]:
+    """Splice each SAE into the model on the same held-out tokens; one metrics dict per SAE,
+    in the order given. Raises EvaluateError for any input problem."""
+    from harvest.default_model import resolve_model
+    from harvest.models import get_adapter, load_model
+    from stores.progress import token_progress
+
+    if not sae_paths:
+        raise EvaluateError("no SAE given (--sae PATH)")
+    if (store is None) == (dataset is None):
+        raise EvaluateError("give exactly one of --store (its held-out sequences) or --dataset")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise EvaluateError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    if tokens <= 0 or batch_size <= 0:
+        raise EvaluateError("--tokens and --batch-size must be positive")
+    dev = _device(device)
+    entries = [_load_entry(p, dev) for p in sae_paths]
+
+    ids, store_obj = (None, None) if store is None else _store_tokens(store, tokens, ctx_len)
+    if store_obj is not None:
+        stored = store_obj.attrs.get("model", {})
+        if model_name is None:
+            model_name, revision = stored.get("name"), revision or stored.get("revision")
+    if not model_name:
+        raise EvaluateError("no model given (--model)")
+    try:
+        model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
+                                      dtype=getattr(torch, dtype))
+        adapter = get_adapter(model)
+    except HarvestError as e:
+        raise EvaluateError(str(e)) from None
+    for e in entries:
+        _attach_site(e, adapter, grad_select)
+    if ids is None:
+        ids = _dataset_tokens(dataset, tokenizer, tokens, ctx_len, split, text_column)
+    if ids.shape[1] < 3:
+        raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
+    if ids.shape[1] > adapter.max_positions:
+        raise EvaluateError(f"ctx_len {ids.shape[1]} exceeds the model's {adapter.max_positions} positions")
+
+    batches = [b.to(dev) for b in ids.split(batch_size)]
+    sites = sorted({e.site for e in entries})
+    site_sums = {s.name: Sums() for s in sites}
+    clean_sums = Sums()
+    # Progress goes to stderr by default so stdout stays clean for scripts.
+    bar = token_progress(console=console or Console(stderr=True), disable=not progress)
+    with torch.no_grad(), bar:
+        means = _site_means(model, batches, sites, bar)
+        task = bar.add_task("splicing", total=ids.numel(), info=f"{len(entries)} SAEs")
+        for batch in batches:
+            _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means)
+            bar.update(task, advance=batch.numel())
+    return [_result(e, site_sums[e.site.name], clean_sums, ids, model_name, dtype)
+            for e in entries]
+
+
+def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype) -> dict:
+    cfg, ours = e.sae.cfg, e.cfg.get("sae_harvest", {})
+    sweep = ours.get("sweep_name")
+    head = {
+        "sae": e.path, "name": sweep or Path(e.path).name, "sweep_name": sweep,
+        "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "k": cfg.k if cfg.arch in ("topk", "batchtopk", "gtopk") else None,
+        "l1": cfg.l1_coeff if cfg.arch in ("relu", "gated") else None,
+        "grad_select": e.use_grad, "model": model_name, "dtype": dtype,
+        "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),
+    }
+    return {**head, **result_metrics(e.sums, site_sums, clean_sums, e.downstream)}
