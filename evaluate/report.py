@@ -37,32 +37,36 @@ def _fmt(v, spec: str = ".4g") -> str:
 
 
 _COLUMNS = (  # header, key, format
-    ("L0", "l0", ".1f"), ("ΔCE", "ce_increase", ".4f"), ("ΔCE nobos", "ce_increase_nobos", ".4f"),
-    ("KL", "kl", ".4f"), ("LR zero", "loss_recovered_zero", ".3f"),
-    ("LR mean", "loss_recovered_mean", ".3f"), ("NMSE", "nmse", ".4f"),
-    ("NMSE nobos", "nmse_nobos", ".4f"), ("EV", "explained_variance", ".3f"),
-    ("cos", "cosine", ".3f"), ("ds MSE", "downstream_mse", ".4g"),
+    ("L0", "l0", ".1f"), ("ΔCE", "ce_increase", ".4f"), ("ΔCE≥1", "ce_increase_nobos", ".4f"),
+    ("KL", "kl", ".4f"), ("LR0", "loss_recovered_zero", ".3f"), ("LRμ", "loss_recovered_mean", ".3f"),
+    ("NMSE", "nmse", ".3g"), ("NMSE≥1", "nmse_nobos", ".3g"), ("EV≥1", "explained_variance_nobos", ".3f"),
 )
 
 
 def print_table(results: list[dict], console: Console | None = None) -> None:
+    """One row per SAE. A site column only when the SAEs sit at several sites."""
     console = console or Console()
     if not results:
         return
     r0 = results[0]
-    table = Table(title="SAE splice evaluation",
-                  caption=f"{r0['model']}: clean CE {_fmt(r0['ce_clean'], '.4f')} nats "
+    several_sites = len({r["site"] for r in results}) > 1
+    table = Table(title=f"SAE splice evaluation, {r0['model']}" +
+                  ("" if several_sites else f", {r0['site']}"),
+                  caption=f"clean CE {_fmt(r0['ce_clean'], '.4f')} nats "
                           f"({_fmt(r0['ce_clean_nobos'], '.4f')} without position 0) on "
-                          f"{r0['tokens']:,} tokens; LR = loss recovered vs zero / mean ablation")
+                          f"{r0['tokens']:,} tokens. ≥1: position 0 excluded. LR0 / LRμ: loss "
+                          f"recovered vs zero / mean ablation. EV: explained variance.")
     table.add_column("SAE", overflow="fold")
     table.add_column("arch")
-    table.add_column("site")
+    if several_sites:
+        table.add_column("site")
     table.add_column("alive", justify="right")
     for header, _, _ in _COLUMNS:
         table.add_column(header, justify="right")
     for r in results:
-        arch = r["arch"] + (" +grad" if r.get("grad_select") else "")
-        table.add_row(r["name"], arch, r["site"], f"{r['alive']}/{r['d_sae']}",
+        arch = r["arch"] + ("+grad" if r.get("grad_select") else "")
+        head = [r["name"], arch] + ([r["site"]] if several_sites else [])
+        table.add_row(*head, f"{r['alive']}/{r['d_sae']}",
                       *(_fmt(r.get(key), spec) for _, key, spec in _COLUMNS))
     console.print(table)
 
@@ -85,9 +89,12 @@ def write_plot(results: list[dict], path) -> None:
     matplotlib.use("Agg")  # no display needed; also safe in threads and on servers
     import matplotlib.pyplot as plt
 
+    # SAEs at different sites are not comparable: one series per (architecture, site) then.
+    several_sites = len({r["site"] for r in results}) > 1
     by_arch: dict[str, list[dict]] = defaultdict(list)
     for r in results:
-        by_arch[r["arch"] + (" +grad" if r.get("grad_select") else "")].append(r)
+        label = r["arch"] + ("+grad" if r.get("grad_select") else "")
+        by_arch[label + (f" @ {r['site']}" if several_sites else "")].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (xkey, xlabel) in zip(axes, (("l0", "L0 (active latents per token)"),
                                           ("alive", "alive latents"))):

@@ -118,9 +118,20 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError as e:
         raise EvaluateError(f"bad --device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def _quiet_transformers():
+    # Our progress bar is the one that matters; HF's weight-loading bars and warnings are noise.
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 # --- passes ------------------------------------------------------------------------------------
@@ -132,7 +143,7 @@ def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, tor
     """{site: (mean over all evaluated tokens, mean over positions >= 1)}, float64."""
     from harvest.sites import capture
 
-    sums = {s: [0, 0, 0, 0] for s in sites}   # sum all, count all, sum nobos, count nobos
+    sums = {s.name: [0, 0, 0, 0] for s in sites}   # sum all, count all, sum nobos, count nobos
     task = bar.add_task("site means", total=sum(b.numel() for b in batches), info="")
     for ids in batches:
         acts = capture(model, ids, sites, stop_early=True).acts
@@ -241,6 +252,7 @@ def evaluate_saes(model_name, sae_paths: list[str], *, store=None, dataset=None,
             model_name, revision = stored.get("name"), revision or stored.get("revision")
     if not model_name:
         raise EvaluateError("no model given (--model)")
+    _quiet_transformers()
     try:
         model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
                                       dtype=getattr(torch, dtype))
@@ -275,12 +287,14 @@ def evaluate_saes(model_name, sae_paths: list[str], *, store=None, dataset=None,
 def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype) -> dict:
     cfg, ours = e.sae.cfg, e.cfg.get("sae_harvest", {})
     sweep = ours.get("sweep_name")
+    folder = Path(e.path).parent if Path(e.path).is_file() else Path(e.path)
     head = {
-        "sae": e.path, "name": sweep or Path(e.path).name, "sweep_name": sweep,
+        "sae": e.path, "name": sweep or folder.name, "sweep_name": sweep,
         "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "k": cfg.k if cfg.arch in ("topk", "batchtopk", "gtopk") else None,
         "l1": cfg.l1_coeff if cfg.arch in ("relu", "gated") else None,
         "grad_select": e.use_grad, "model": model_name, "dtype": dtype,
+        "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),
     }
     return {**head, **result_metrics(e.sums, site_sums, clean_sums, e.downstream)}

@@ -1,0 +1,128 @@
+"""Harvest throughput against a bare forward+backward loop over the same model, context and batch.
+
+Both are timed as *marginal* rates: each is run for N and 2N tokens and the rate is N divided
+by the difference in wall time, so model loading, imports and store creation cancel out.
+Repeats alternate between the two and the median ratio is reported (these machines are noisy).
+
+    python bench/harvest.py                       # offline default model, CPU
+    python bench/harvest.py --model gpt2-small-random --device cuda --tokens 2000000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from harvest.default_model import DEFAULT_DATASET, DEFAULT_MODEL, resolve_dataset, resolve_model  # noqa: E402
+from harvest.models import get_adapter, load_model  # noqa: E402
+from harvest.run import HarvestConfig, harvest  # noqa: E402
+from harvest.sites import next_token_loss_sum  # noqa: E402
+
+
+def gpt2_small_random(root: str) -> str:
+    """GPT-2 small's shape with random weights (the real one cannot be downloaded here)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = os.path.join(root, "gpt2-small-random")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
+        AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL)).save_pretrained(path)
+    return path
+
+
+def bare_loop(model, device, ctx, batch, tokens, vocab) -> float:
+    """Seconds for forward + summed CE + backward to the embeddings, over `tokens` tokens."""
+    g = torch.Generator().manual_seed(0)
+    steps = max(1, tokens // (ctx * batch))
+    ids = torch.randint(vocab, (steps, batch, ctx), generator=g)
+    emb = model.get_input_embeddings()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x = ids[i].to(device)
+        inputs = emb(x).detach().requires_grad_(True)
+        logits = model(inputs_embeds=inputs, use_cache=False).logits
+        loss = next_token_loss_sum(logits, x)
+        torch.autograd.grad(loss, inputs)
+    sync()
+    return time.perf_counter() - t0
+
+
+def harvest_seconds(cfg: HarvestConfig) -> float:
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    t0 = time.perf_counter()
+    harvest(cfg, progress=False)
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dataset", default=DEFAULT_DATASET)
+    p.add_argument("--sites", default=None, help="default: 4 sites spread over the model")
+    p.add_argument("--tokens", type=int, default=65536, help="N: runs use N and 2N tokens")
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-grads", action="store_true")
+    p.add_argument("--json", help="write the figures here too")
+    args = p.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="bench-harvest-")
+    model_path = gpt2_small_random(tmp) if args.model == "gpt2-small-random" else resolve_model(args.model)
+    device = torch.device(args.device)
+    model, tok = load_model(model_path, device=device)
+    adapter = get_adapter(model)
+    L = adapter.n_layers
+    sites = args.sites or ",".join([f"blocks.{L // 4}.resid_pre", f"blocks.{L // 2}.attn_out",
+                                    f"blocks.{L // 2}.mlp_out", f"blocks.{L - 1}.resid_post"])
+    corpus = resolve_dataset(args.dataset)
+    ratios, harvest_rates, bare_rates, bpt = [], [], [], None
+    N = args.tokens
+    # warm-up: caches, tokenizer, allocator
+    bare_loop(model, device, args.ctx_len, args.batch_size, args.ctx_len * args.batch_size * 2, len(tok))
+    for rep in range(args.repeats):
+        def cfg(tokens, name):
+            return HarvestConfig(out=os.path.join(tmp, name), model=model_path, dataset=corpus, sites=sites,
+                                 grads=not args.no_grads, tokens=tokens, ctx_len=args.ctx_len,
+                                 batch_size=args.batch_size, device=args.device, shuffle_window=N // 2)
+        h1 = harvest_seconds(cfg(N, "a.zarr"))
+        h2 = harvest_seconds(cfg(2 * N, "b.zarr"))
+        from stores import fs
+        bpt = fs.du(os.path.join(tmp, "b.zarr")) / (2 * N)
+        b1 = bare_loop(model, device, args.ctx_len, args.batch_size, N, len(tok))
+        b2 = bare_loop(model, device, args.ctx_len, args.batch_size, 2 * N, len(tok))
+        h_rate, b_rate = N / max(h2 - h1, 1e-9), N / max(b2 - b1, 1e-9)
+        harvest_rates.append(h_rate)
+        bare_rates.append(b_rate)
+        ratios.append(h_rate / b_rate)
+        print(f"repeat {rep}: harvest {h_rate:,.0f} tok/s, bare fwd+bwd {b_rate:,.0f} tok/s, ratio {h_rate / b_rate:.3f}",
+              flush=True)
+    result = {
+        "model": args.model, "device": str(device), "sites": sites, "grads": not args.no_grads,
+        "ctx_len": args.ctx_len, "batch_size": args.batch_size, "tokens": [N, 2 * N],
+        "harvest_tok_s": statistics.median(harvest_rates), "bare_tok_s": statistics.median(bare_rates),
+        "ratio_median": statistics.median(ratios), "ratios": ratios, "bytes_per_token": bpt,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""`train fit --loss e2e | e2e+ds` on a tiny GPT-2: the loss terms against independent HF
+computations, KL going down, exact reconstruction, resume, --init, bad input."""
+import json
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+import train.e2e as e2e
+from harvest.models import load_model
+from harvest.run import HarvestConfig, harvest
+from harvest.sites import Site
+from stores import open_store
+from tests.tiny_models import make_tiny_model
+from train.cli import main as train_cli
+from train.config import TrainConfig
+from train.errors import TrainError
+from train.loop import TrainInterrupted, fit
+from train.sae import SAEConfig, make_sae
+
+CTX, SEQS = 32, 8   # 8 sequences of 32 tokens per step
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    corpus = root / "docs.jsonl"
+    rng = np.random.default_rng(0)
+    words = "the a model reads every token and layer of sparse features in stores".split()
+    with open(corpus, "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(5, 60))))}) + "\n")
+    model_path = make_tiny_model("gpt2", root / "gpt2")
+    store = root / "s.zarr"
+    harvest(HarvestConfig(out=str(store), model=model_path, dataset=str(corpus), sites="blocks.1.resid_pre",
+                          tokens=4096, ctx_len=CTX, batch_size=16, shuffle_window=1024, device="cpu"),
+            progress=False)
+    model, _ = load_model(model_path)
+    return {"model_path": model_path, "store": str(store), "model": model, "root": root}
+
+
+def _cfg(assets, out, **kw):
+    base = dict(store=assets["store"], out=str(out), loss="e2e", arch="relu", l1=(0.1,), d_sae=128,
+                batch_size=SEQS * CTX, tokens=SEQS * CTX * 40, lr=1e-3, device="cpu", holdout_fraction=0.1,
+                log_every=5, checkpoint_every=1000)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _batch(assets, n=4):
+    return torch.from_numpy(open_store(assets["store"]).tokens[:n].astype(np.int64))
+
+
+def _sae(seed=0, d_sae=128):
+    torch.manual_seed(seed)
+    sae = make_sae(SAEConfig(arch="relu", d_in=64, d_sae=d_sae, l1_coeff=0.3))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+        sae.b_dec.normal_(0, 0.5)
+    return sae
+
+
+def _hf_spliced(model, sae, layer, ids, scale=1.0):
+    """Independent reference: a plain forward pre-hook on block `layer` and output_hidden_states."""
+    def pre_hook(_mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x_hat = sae.decode(sae.encode(x.reshape(-1, 64) / scale)).view(x.shape) * scale
+        return ((x_hat, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x_hat})
+    handle = model.transformer.h[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        return model(input_ids=ids, output_hidden_states=True)
+    finally:
+        handle.remove()
+
+
+def _kl_by_hand(clean_logits, logits, start):
+    p = torch.softmax(clean_logits.double(), -1)
+    kl = (p * (torch.log_softmax(clean_logits.double(), -1) - torch.log_softmax(logits.double(), -1))).sum(-1)
+    return kl[:, start:].mean()
+
+
+@pytest.mark.parametrize("include_bos", [False, True])
+def test_loss_terms_match_independent_computation(assets, include_bos):
+    model, ids, sae = assets["model"], _batch(assets), _sae()
+    site = Site.parse("blocks.0.resid_pre")
+    downstream = e2e.downstream_sites(site, 3)
+    assert downstream == ["blocks.0.resid_post", "blocks.1.resid_post"]   # = hidden_states[1], [2]
+    clean = e2e.clean_pass(model, ids, downstream)
+    t = e2e.e2e_loss(model, sae, site, ids, clean=clean, scale=1.7, kl_coeff=0.5, downstream_coeff=2.5,
+                     downstream=downstream, include_bos=include_bos)
+    with torch.no_grad():
+        ref_clean = model(input_ids=ids, output_hidden_states=True)
+        ref = _hf_spliced(model, sae, 0, ids, scale=1.7)
+        start = 0 if include_bos else 1
+        kl = _kl_by_hand(ref_clean.logits, ref.logits, start)
+        ds = [(ref.hidden_states[k] - ref_clean.hidden_states[k]).double().pow(2).mean(-1)[:, start:].mean()
+              for k in (1, 2)]
+        feats = sae.encode(ref_clean.hidden_states[0].reshape(-1, 64) / 1.7).view(*ids.shape, -1)[:, start:]
+        l1 = feats.abs().sum(-1).mean().double()
+    assert kl > 1e-3 and min(ds) > 1e-3          # a random SAE changes things: the test has teeth
+    torch.testing.assert_close(t["kl"].double(), kl, rtol=1e-4, atol=1e-7)
+    for k, name in enumerate(downstream):
+        torch.testing.assert_close(t[f"ds:{name}"].double(), ds[k], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(t["downstream_mse"].double(), (ds[0] + ds[1]) / 2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(t["l1"].double(), l1, rtol=1e-4, atol=1e-6)
+    expected = 0.5 * kl + 2.5 * (ds[0] + ds[1]) / 2 + 0.3 / 64 * l1
+    torch.testing.assert_close(t["loss"].detach().double(), expected, rtol=1e-4, atol=1e-7)
+    # CE: next-token loss on the same positions
+    ce = torch.nn.functional.cross_entropy(ref.logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    torch.testing.assert_close(t["ce"], ce[:, start:].mean(), rtol=1e-5, atol=1e-6)
+    # the gradient reaches the SAE and only the SAE
+    t["loss"].backward()
+    assert sae.W_enc.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_exact_reconstruction_gives_zero_kl_and_downstream(assets):
+    model, ids = assets["model"], _batch(assets)
+    sae = make_sae(SAEConfig(arch="relu", d_in=64, d_sae=128, l1_coeff=1.0))
+    eye = torch.eye(64)
+    with torch.no_grad():   # relu: no b_dec subtraction at the input; f = [relu(x), relu(-x)]
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    for name in ("blocks.0.resid_pre", "blocks.1.mlp_out", "blocks.0.resid_post"):
+        site = Site.parse(name)
+        downstream = e2e.downstream_sites(site, 3)
+        clean = e2e.clean_pass(model, ids, downstream)
+        t = e2e.e2e_loss(model, sae, site, ids, clean=clean, downstream=downstream, downstream_coeff=1.0)
+        assert abs(float(t["kl"])) < 1e-7 and float(t["downstream_mse"]) < 1e-10, name
+        assert float(t["ce"]) == pytest.approx(float(t["ce_clean"]), abs=1e-6)
+
+
+def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
+    out = tmp_path / "run"
+    summaries = fit(_cfg(assets, out), progress=False)
+    (name, summary), = summaries.items()
+    assert name == "relu_l1-0.1"
+    records = _metrics(out / name / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(5, 45, 5))
+    assert {"kl", "loss", "l1", "l0", "lr", "sparsity", "ce_increase", "downstream_mse",
+            "ds:blocks.1.resid_post"} <= set(records[-1])
+    assert records[-1]["kl"] < 0.5 * records[0]["kl"], [r["kl"] for r in records]
+    cfg = json.loads((out / name / "cfg.json").read_text())
+    assert cfg["hook_name"] == "blocks.1.resid_pre" and cfg["model_name"] == assets["model_path"]
+    assert cfg["sae_harvest"]["e2e"] == {"loss": "e2e", "kl_coeff": 1.0, "downstream_coeff": 0.0,
+                                         "downstream_sites": ["blocks.1.resid_post"]}
+    held = summary["held_out"]
+    assert {"kl", "ce_increase", "l0", "ce_clean", "dead_fraction"} <= set(held)
+    assert held["held_out_sequences"] == open_store(assets["store"]).n_seqs - 96 == 32
+    # the saved SAE takes raw activations: spliced with scale 1 on the held-out sequences it
+    # reproduces the reported held-out KL
+    sae = train.load_sae(out / name)
+    ids = torch.from_numpy(open_store(assets["store"]).tokens[96:].astype(np.int64))
+    site = Site.parse("blocks.1.resid_pre")
+    t = e2e.e2e_loss(assets["model"], sae, site, ids, clean=e2e.clean_pass(assets["model"], ids, []))
+    assert float(t["kl"]) == pytest.approx(held["kl"], rel=1e-4)
+    assert summary["input_scale"] != 1.0
+
+
+def test_e2e_ds_sweep_shares_batches(assets, tmp_path):
+    out = tmp_path / "ds"
+    summaries = fit(_cfg(assets, out, loss="e2e+ds", site="blocks.0.resid_pre", l1=(0.1, 1.0),
+                         tokens=SEQS * CTX * 10), progress=False)
+    assert list(summaries) == ["relu_l1-0.1", "relu_l1-1"]
+    for name in summaries:
+        r = _metrics(out / name / "metrics.jsonl")[-1]
+        ds = [r["ds:blocks.0.resid_post"], r["ds:blocks.1.resid_post"]]
+        assert r["downstream_mse"] == pytest.approx(sum(ds) / 2, rel=1e-5)
+        assert r["loss"] == pytest.approx(0.5 * r["kl"] + 2.5 * r["downstream_mse"] + r["sparsity"], rel=1e-4)
+        cfg = json.loads((out / name / "cfg.json").read_text())["sae_harvest"]["e2e"]
+        assert (cfg["kl_coeff"], cfg["downstream_coeff"]) == (0.5, 2.5)
+    # both SAEs saw the same clean batches: same clean CE logged at every step
+    a, b = (_metrics(out / n / "metrics.jsonl") for n in summaries)
+    assert [r["ce_clean"] for r in a] == [r["ce_clean"] for r in b]
+
+
+def test_resume_continues_exactly(assets, tmp_path, monkeypatch):
+    kw = dict(arch="batchtopk", k=(8,), tokens=SEQS * CTX * 12, log_every=4)
+    full = tmp_path / "full"
+    fit(_cfg(assets, full, **kw), progress=False)
+    part = tmp_path / "part"
+    real = e2e._train_step
+    calls = []
+
+    def interrupt_at_7(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)   # Ctrl-C: the loop finishes the step, saves, stops
+        return real(*a, **k)
+
+    monkeypatch.setattr(e2e, "_train_step", interrupt_at_7)
+    with pytest.raises(TrainInterrupted, match="--resume"):
+        fit(_cfg(assets, part, **kw), progress=False)
+    monkeypatch.setattr(e2e, "_train_step", real)
+    with pytest.raises(TrainError, match="already exists"):
+        fit(_cfg(assets, part, **kw), progress=False)
+    with pytest.raises(TrainError, match="options differ.*lr"):
+        fit(_cfg(assets, part, **{**kw, "lr": 2e-3}), resume=True, progress=False)
+    fit(_cfg(assets, part, **kw), resume=True, progress=False)
+    a = train.load_sae(full / "batchtopk_k8").state_dict()
+    b = train.load_sae(part / "batchtopk_k8").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    steps = [r["step"] for r in _metrics(part / "batchtopk_k8" / "metrics.jsonl")]
+    assert steps == [4, 8, 12]
+
+
+def test_init_from_local_sae(assets, tmp_path, monkeypatch):
+    local = tmp_path / "local"
+    fit(TrainConfig(store=assets["store"], out=str(local), arch="relu", l1=(0.1,), d_sae=128, batch_size=256,
+                    tokens=256 * 5, device="cpu", holdout_fraction=0.1), progress=False)
+    init = train.load_sae(local / "relu_l1-0.1")
+    seen = {}
+    real = e2e._train_step
+
+    def spy(model, site, runs, ids, opts, *a, **k):
+        if not seen:
+            (run,) = runs.values()
+            seen["sae"] = make_sae(run["cfg"])
+            seen["sae"].load_state_dict(run["sae"].state_dict())
+            seen["scale"] = opts.loss_kw["scale"]
+        return real(model, site, runs, ids, opts, *a, **k)
+
+    monkeypatch.setattr(e2e, "_train_step", spy)
+    fit(_cfg(assets, tmp_path / "e2e", init=str(local / "relu_l1-0.1"), tokens=SEQS * CTX * 2), progress=False)
+    x = torch.randn(50, 64) * 5
+    with torch.no_grad():   # the e2e run starts from the very same function of raw activations
+        torch.testing.assert_close(seen["sae"](x / seen["scale"]) * seen["scale"], init(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TrainError, match="64->128"):
+        fit(_cfg(assets, tmp_path / "bad", init=str(local / "relu_l1-0.1"), d_sae=64), progress=False)
+
+
+def test_bad_input(assets, tmp_path):
+    with pytest.raises(TrainError, match="cannot load the model.*not found"):
+        fit(_cfg(assets, tmp_path / "a", model=str(tmp_path / "no-such-model")), progress=False)
+    with pytest.raises(TrainError, match="blocks.7.resid_pre is not in model.*3 layers"):
+        fit(_cfg(assets, tmp_path / "b", site="blocks.7.resid_pre"), progress=False)
+    with pytest.raises(TrainError, match="not --arch gated"):
+        fit(_cfg(assets, tmp_path / "c", arch="gated"), progress=False)
+    no_tokens = tmp_path / "nt.zarr"
+    shutil.copytree(assets["store"], no_tokens)
+    shutil.rmtree(no_tokens / "tokens")
+    with pytest.raises(TrainError, match="no token sequences"):
+        fit(_cfg(assets, tmp_path / "d", store=str(no_tokens)), progress=False)
+    r = CliRunner().invoke(train_cli, ["fit", "--store", assets["store"], "--loss", "e2e", "--site",
+                                       "blocks.1.resid_pre", "--model", str(tmp_path / "nope"),
+                                       "--out", str(tmp_path / "e")])
+    assert r.exit_code != 0 and r.output.startswith("error:") and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output

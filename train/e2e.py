@@ -1,0 +1,367 @@
+"""`train fit --loss e2e | e2e+ds`: SAEs trained through the live, frozen model (e2e paper 2.3-2.4).
+
+Sequences come from the store's `tokens`, not its activations. Per micro-batch of a step: one clean
+forward (no grad) gives the clean log-probs and downstream residuals, shared by every SAE of the
+sweep; then per SAE one forward with its reconstruction spliced in at the site and one backward,
+which reaches only the SAE (model weights are frozen). Losses, defaults and sources: docs/e2e.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stores import StoreError, open_store
+from stores.progress import token_progress
+from train import state as train_state
+from train.checkpoint import save_sae
+from train.config import TrainConfig
+from train.errors import TrainError
+from train.feeds import TensorFeed, holdout_split
+from train.loop import TrainInterrupted, _build_runs, _device, _log, _wandb, lr_factor
+from train.sae import make_sae
+
+MICRO_TOKENS = 8192    # tokens per forward; a step accumulates gradients (paper: 8 x 1024, twice)
+SAMPLE_TOKENS = 8192   # site activations for the input scale and the b_dec init
+E2E_ARCHS = ("relu", "topk", "batchtopk")   # gated/gtopk's extra terms are local reconstructions
+
+
+def default_coeffs(loss: str, kl_coeff, downstream_coeff) -> tuple[float, float]:
+    """Paper app. D: KL x 0.5 and beta = 2.5 (layers 2, 6) for e2e+ds; plain e2e has KL x 1."""
+    if loss != "e2e+ds":
+        return (1.0 if kl_coeff is None else kl_coeff), 0.0
+    return (0.5 if kl_coeff is None else kl_coeff), (2.5 if downstream_coeff is None else downstream_coeff)
+
+
+def downstream_sites(site, n_layers: int) -> list[str]:
+    """The residual stream entering each later block, as e2e_sae does (SAE at blocks.6.hook_resid_pre
+    -> blocks.7..11.hook_resid_pre): resid_post of blocks first..L-2. resid_post of the site's own
+    block is downstream of every kind but resid_post itself; the last block's output only feeds the
+    final norm and unembedding, which the KL covers."""
+    first = site.layer + 1 if site.kind == "resid_post" else site.layer
+    return [f"blocks.{k}.resid_post" for k in range(first, n_layers - 1)]
+
+
+def _forward(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def clean_pass(model, ids, downstream) -> dict:
+    """{"logp": float32 log-probs [B, T, V], site name: clean activation} for e2e_loss."""
+    from harvest.sites import record
+
+    with record(model, downstream) as rec:
+        logits = _forward(model, ids)
+    return {"logp": F.log_softmax(logits.float(), -1), **{k: v.detach() for k, v in rec.items()}}
+
+
+def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff: float = 1.0,
+             downstream_coeff: float = 0.0, downstream=(), include_bos: bool = False) -> dict:
+    """One spliced forward. Returns {"loss": scalar with grad, "fired": bool [d_sae]} and detached
+    scalars: kl, ds:<site> (MSE, mean over tokens and d), downstream_mse (mean over those sites),
+    l1, l0, sparsity (relu), ce, ce_clean. The SAE replaces the site at every position; the terms
+    average over positions >= 1 unless include_bos (GPT-2's position 0 has norm ~3000)."""
+    from harvest.sites import record, splice
+
+    seen = {}
+
+    def replace(a):
+        x = a.reshape(-1, a.shape[-1]).float() / scale
+        feats = sae.encode(x)
+        if sae.training and hasattr(sae, "update_threshold"):   # batchtopk's inference threshold
+            sae.update_threshold(feats)
+        seen["feats"] = feats.view(*a.shape[:-1], -1)
+        return (sae.decode(feats) * scale).view(a.shape).to(a.dtype)
+
+    with splice(model, site, replace), record(model, downstream) as rec:
+        logits = _forward(model, ids)
+    mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    mask[:, 0] = include_bos
+    logp = F.log_softmax(logits.float(), -1)
+    # KL(clean || spliced) = sum_v p_clean (log p_clean - log p_spliced), as e2e_sae computes it
+    kl = F.kl_div(logp, clean["logp"], log_target=True, reduction="none").sum(-1)[mask].mean()
+    terms, loss = {"kl": kl}, kl_coeff * kl
+    if downstream:
+        for k in downstream:
+            terms[f"ds:{k}"] = (rec[k].float() - clean[k].float()).pow(2).mean(-1)[mask].mean()
+        terms["downstream_mse"] = torch.stack([terms[f"ds:{k}"] for k in downstream]).mean()
+        loss = loss + downstream_coeff * terms["downstream_mse"]
+    feats = seen["feats"][mask]
+    terms["l1"] = feats.abs().sum(-1).mean()
+    terms["l0"] = (feats > 0).float().sum(-1).mean()
+    if sae.cfg.arch == "relu":   # the TopK family has no sparsity penalty
+        terms["sparsity"] = sae.cfg.l1_coeff / sae.cfg.d_in * terms["l1"]
+        loss = loss + terms["sparsity"]
+    target, pred = ids[:, 1:, None], mask[:, :-1]   # next-token CE, same positions as the KL
+    terms["ce"] = -logp[:, :-1].gather(-1, target)[..., 0][pred].mean()
+    terms["ce_clean"] = -clean["logp"][:, :-1].gather(-1, target)[..., 0][pred].mean()
+    out = {k: v.detach() for k, v in terms.items()}
+    out.update(loss=loss, fired=(feats > 0).any(0))
+    return out
+
+
+def _chunks(ids):
+    micro = max(1, MICRO_TOKENS // ids.shape[1])
+    for lo in range(0, len(ids), micro):
+        yield ids[lo:lo + micro], min(micro, len(ids) - lo) / len(ids)
+
+
+def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, log_now: bool) -> None:
+    """One optimiser step of every SAE on the sequences `ids` (micro-batches accumulate exactly:
+    every sequence counts the same number of tokens)."""
+    sums = {name: {} for name in runs}
+    fired = {name: False for name in runs}
+    for chunk, w in _chunks(ids):
+        clean = clean_pass(model, chunk, opts.downstream)
+        for name, run in runs.items():
+            t = e2e_loss(model, run["sae"], site, chunk, clean=clean, **opts.loss_kw)
+            (t["loss"] * w).backward()
+            t["loss"] = t["loss"].detach()
+            fired[name] = fired[name] | t.pop("fired")
+            for k, v in t.items():
+                sums[name][k] = sums[name].get(k, 0.0) + w * v
+    counted = ids.numel() - (0 if opts.loss_kw["include_bos"] else len(ids))
+    for name, run in runs.items():
+        sae, opt = run["sae"], run["opt"]
+        for group in opt.param_groups:
+            group["lr"] = run["lr"] * factor
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), opts.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        run["since_fired"] += counted
+        run["since_fired"][fired[name]] = 0
+        if log_now:
+            m = {k: float(v) for k, v in sums[name].items()}
+            dead = float((run["since_fired"] >= opts.dead_after).float().mean())
+            run["last"] = {**m, "ce_increase": m["ce"] - m["ce_clean"], "dead_fraction": dead,
+                           "lr": run["lr"] * factor}
+
+
+@torch.no_grad()
+def evaluate_held_out(model, site, runs, batches, opts) -> dict:
+    """Per SAE: mean KL, CE (clean, spliced, increase), downstream MSEs, L0 and dead fraction on
+    held-out sequences, each SAE in eval mode (batchtopk: its JumpReLU threshold)."""
+    sums = {name: {} for name in runs}
+    fired = {name: torch.zeros(run["cfg"].d_sae, dtype=torch.bool, device=opts.device)
+             for name, run in runs.items()}
+    n_seqs = 0
+    for batch in batches:
+        for ids, _ in _chunks(batch):
+            clean = clean_pass(model, ids, opts.downstream)
+            for name, run in runs.items():
+                run["sae"].eval()
+                t = e2e_loss(model, run["sae"], site, ids, clean=clean, **opts.loss_kw)
+                run["sae"].train()
+                t.pop("loss")
+                fired[name] |= t.pop("fired")
+                for k, v in t.items():   # every sequence counts the same number of tokens
+                    sums[name][k] = sums[name].get(k, 0.0) + len(ids) * float(v)
+            n_seqs += len(ids)
+    if n_seqs == 0:
+        return {name: {} for name in runs}
+    out = {}
+    for name, s in sums.items():
+        m = {k: v / n_seqs for k, v in s.items()}
+        out[name] = {"held_out_sequences": n_seqs, **m, "ce_increase": m["ce"] - m["ce_clean"],
+                     "dead_fraction": 1 - fired[name].float().mean().item()}
+    return out
+
+
+def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
+    """Store, site, model and the train / held-out sequence split; TrainError on bad input."""
+    from harvest.default_model import resolve_model
+    from harvest.errors import HarvestError
+    from harvest.models import get_adapter, load_model
+    from harvest.sites import Site
+
+    if cfg.arch not in E2E_ARCHS:
+        raise TrainError(f"--loss {cfg.loss} trains {', '.join(E2E_ARCHS)} SAEs, not --arch {cfg.arch}")
+    if cfg.decoder_of or not cfg.store:
+        raise TrainError(f"--loss {cfg.loss} needs --store (its token sequences), not --decoder-of")
+    if cfg.loss == "e2e" and cfg.downstream_coeff:
+        raise TrainError("--downstream-coeff applies to --loss e2e+ds only")
+    try:
+        store = open_store(cfg.store)
+        tokens = store.tokens
+    except StoreError as e:
+        raise TrainError(str(e)) from None
+    except KeyError:
+        raise TrainError(f"store {cfg.store} has no token sequences, which --loss {cfg.loss} needs") from None
+    name = cfg.site
+    if name is None:
+        if len(store.sites) != 1:
+            raise TrainError(f"store has several sites; pick one with --site: {', '.join(store.sites)}")
+        name = store.sites[0]
+    model_name = cfg.model or store.attrs.get("model", {}).get("name")
+    if not model_name:
+        raise TrainError(f"store {cfg.store} does not name its model: give --model")
+    try:
+        site = Site.parse(name)
+    except HarvestError as e:
+        raise TrainError(str(e)) from None
+    try:
+        model, _ = load_model(resolve_model(model_name), device=device)
+    except HarvestError as e:
+        raise TrainError(f"cannot load the model for --loss {cfg.loss}: {e}") from None
+    adapter = get_adapter(model)
+    if not 0 <= site.layer < adapter.n_layers:
+        raise TrainError(f"site {site.name} is not in model {model_name}: it has {adapter.n_layers} "
+                         f"layers (0-{adapter.n_layers - 1})")
+    if store.ctx_len > adapter.max_positions:
+        raise TrainError(f"store sequences of {store.ctx_len} tokens exceed the model's {adapter.max_positions} positions")
+    # The held-out rows of the local trainer are the last blocks, i.e. the last sequences' rows.
+    _, (lo, hi) = holdout_split(store, cfg.holdout_fraction)
+    n_held = min(store.n_seqs, math.ceil((hi - lo) / store.ctx_len))
+    if store.n_seqs - n_held <= 0:
+        raise TrainError(f"store {cfg.store} has too few sequences to train on ({store.n_seqs})")
+    attrs = store.attrs
+    provenance = {"store": cfg.store, "model_name": model_name, "hook_name": site.name,
+                  "hook_layer": site.layer, "context_size": store.ctx_len,
+                  "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
+                  "dataset_path": attrs.get("dataset", {}).get("name")}
+    return SimpleNamespace(store=store, tokens=tokens, site=site, model=model, adapter=adapter,
+                           d_in=adapter.site_width(site.kind), n_train=store.n_seqs - n_held,
+                           n_held=n_held, provenance=provenance, device=device)
+
+
+def _read(env, idx) -> torch.Tensor:
+    idx = np.sort(np.asarray(idx, dtype=np.int64))
+    ids = np.asarray(env.tokens.get_orthogonal_selection((idx, slice(None))))
+    if ids.size and (ids.min() < 0 or ids.max() >= env.adapter.vocab_size):
+        raise TrainError(f"store token ids exceed the model's vocabulary of {env.adapter.vocab_size}: "
+                         f"was the store harvested with another tokenizer?")
+    return torch.from_numpy(ids.astype(np.int64)).to(env.device)
+
+
+def _site_sample(env, cfg) -> torch.Tensor:
+    """Site activations of a seeded sample of training sequences, from the live model."""
+    from harvest.sites import capture
+
+    n = min(env.n_train, max(1, math.ceil(SAMPLE_TOKENS / env.store.ctx_len)))
+    ids = _read(env, np.random.default_rng(cfg.seed).choice(env.n_train, n, replace=False))
+    parts = []
+    for chunk, _ in _chunks(ids):
+        a = capture(env.model, chunk, [env.site]).acts[env.site.name]
+        parts.append((a if cfg.include_bos else a[:, 1:]).reshape(-1, env.d_in).float().cpu())
+    return torch.cat(parts)
+
+
+def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+            console=None) -> dict:
+    """Train every SAE of the sweep end to end; returns {name: summary}. TrainError on bad input."""
+    if cfg.batch_size <= 0:
+        raise TrainError("--batch-size must be positive")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
+        raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    device = _device(cfg.device)
+    env = _setup(cfg, device)
+    ctx = env.store.ctx_len
+    sample = _site_sample(env, cfg)
+    # Same normalisation as the local trainer (E||x|| = sqrt(d)), folded back in at save.
+    scale = float(sample.norm(dim=-1).mean() / math.sqrt(env.d_in)) if cfg.normalize else 1.0
+    seqs_per_step = max(1, min(cfg.batch_size // ctx, env.n_train))
+    tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
+    total_steps = max(1, tokens // (seqs_per_step * ctx))
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    runs = _build_runs(cfg, SimpleNamespace(sample=sample, d_in=env.d_in), device, scale, total_steps)
+    kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
+    downstream = downstream_sites(env.site, env.adapter.n_layers)
+    opts = SimpleNamespace(downstream=downstream, grad_clip=cfg.grad_clip, device=device,
+                           dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)),
+                           loss_kw=dict(scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
+                                        downstream=downstream, include_bos=cfg.include_bos))
+    step, feed_state = 0, None
+    if resume and train_state.has_state(out):
+        meta = train_state.load_meta(out)
+        saved = TrainConfig.from_dict(meta["config"]).to_dict()
+        differ = [k for k, v in cfg.to_dict().items() if k not in ("device", "wandb", "out") and saved.get(k) != v]
+        if differ:
+            raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
+        step, feed_state, scale = meta["step"], meta["feed"], meta["scale"]
+        opts.loss_kw["scale"] = scale
+        for name, run in runs.items():
+            train_state.load_run(out, name, run, device)
+    elif overwrite and out.exists():
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state)
+    wandb_run = _wandb(cfg)
+    for name, run in runs.items():
+        (out / name).mkdir(exist_ok=True)
+        run["log"] = open(out / name / "metrics.jsonl", "a")
+
+    def checkpoint():
+        train_state.save_state(out, meta={"step": step, "feed": feed.state(), "scale": scale,
+                                          "config": cfg.to_dict()}, runs=runs)
+
+    interrupted = []
+    old_handler = signal.getsignal(signal.SIGINT)
+    bar = token_progress(console=console, disable=not progress)
+    batch_tokens = seqs_per_step * ctx
+    t0 = time.perf_counter()
+    try:
+        signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        with bar:
+            task = bar.add_task(cfg.loss, total=total_steps * batch_tokens, completed=step * batch_tokens, info="")
+            for data in feed:
+                if step >= total_steps:
+                    break
+                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
+                factor = lr_factor(step, total_steps, warmup, cfg.lr_final_fraction)
+                _train_step(env.model, env.site, runs, _read(env, data["acts"].numpy()), opts, factor, log_now)
+                step += 1
+                bar.advance(task, batch_tokens)
+                if log_now:
+                    _log(runs, step, step * batch_tokens, wandb_run)
+                    bar.update(task, info=" | ".join(f"{n}: kl {r['last']['kl']:.3g} l0 {r['last']['l0']:.1f}"
+                                                     for n, r in list(runs.items())[:3]))
+                if step % cfg.checkpoint_every == 0 and step < total_steps:
+                    checkpoint()
+                if interrupted:
+                    checkpoint()
+                    raise TrainInterrupted(f"interrupted at step {step}: checkpoint saved in {out}; "
+                                           f"continue with --resume")
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        for run in runs.values():
+            if run["log"]:
+                run["log"].close()
+    elapsed = time.perf_counter() - t0
+    held_idx = np.arange(env.n_train, env.n_train + env.n_held)
+    held = evaluate_held_out(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
+                             for i in range(0, len(held_idx), seqs_per_step)), opts)
+    summaries = {}
+    for name, run in runs.items():
+        saved = make_sae(run["cfg"])
+        saved.load_state_dict(run["sae"].state_dict())
+        saved.fold_input_scale(scale)   # the saved SAE takes raw activations
+        summary = {"steps": step, "tokens": step * batch_tokens, "seconds": elapsed,
+                   "tokens_per_s": step * batch_tokens / elapsed if elapsed > 0 else None,
+                   "input_scale": scale, "held_out": held[name]}
+        extra = {**env.provenance, "training": cfg.to_dict(), "sweep_name": name, "lr": run["lr"],
+                 "e2e": {"loss": cfg.loss, "kl_coeff": kl_coeff, "downstream_coeff": ds_coeff,
+                         "downstream_sites": downstream}, "summary": summary}
+        save_sae(saved, out / name, extra_cfg=extra)
+        (out / name / "summary.json").write_text(json.dumps(summary, indent=2))
+        summaries[name] = summary
+    checkpoint()
+    if wandb_run is not None:
+        wandb_run.finish()
+    if progress and console is not None:
+        for name, s in summaries.items():
+            h = s["held_out"]
+            console.print(f"{name}: held-out KL {h.get('kl', float('nan')):.4f}  CE increase "
+                          f"{h.get('ce_increase', float('nan')):.4f}  L0 {h.get('l0', float('nan')):.1f}")
+    return summaries
