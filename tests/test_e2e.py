@@ -19,6 +19,7 @@ from tests.tiny_models import make_tiny_model
 from train.cli import main as train_cli
 from train.config import TrainConfig
 from train.errors import TrainError
+from train.feeds import holdout_split
 from train.loop import TrainInterrupted, fit
 from train.sae import SAEConfig, make_sae
 
@@ -139,7 +140,9 @@ def test_exact_reconstruction_gives_zero_kl_and_downstream(assets):
         assert float(t["ce"]) == pytest.approx(float(t["ce_clean"]), abs=1e-6)
 
 
-def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
+def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path, monkeypatch):
+    trained, real = [], e2e._train_step
+    monkeypatch.setattr(e2e, "_train_step", lambda m, s, r, ids, *a: trained.append(ids) or real(m, s, r, ids, *a))
     out = tmp_path / "run"
     summaries = fit(_cfg(assets, out), progress=False)
     (name, summary), = summaries.items()
@@ -155,7 +158,14 @@ def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
                                          "downstream_sites": ["blocks.1.resid_post"]}
     held = summary["held_out"]
     assert {"kl", "ce_increase", "l0", "ce_clean", "dead_fraction"} <= set(held)
-    assert held["held_out_sequences"] == open_store(assets["store"]).n_seqs - 96 == 32
+    # held out: the sequences of the local trainer's held-out rows, never trained on
+    store = open_store(assets["store"])
+    _, (lo, hi) = holdout_split(store, 0.1)
+    held_seqs = sorted(set(store.rows_seq[lo:hi].tolist()))
+    assert held_seqs == list(range(96, 128)) and held["held_out_sequences"] == 32
+    held_rows = {tuple(r) for r in store.tokens[96:].tolist()}
+    assert not any(tuple(r) in held_rows for r in torch.cat(trained).tolist())
+    assert len(trained) == 40 and all(len(ids) == SEQS for ids in trained)
     # the saved SAE takes raw activations: spliced with scale 1 on the held-out sequences it
     # reproduces the reported held-out KL
     sae = train.load_sae(out / name)

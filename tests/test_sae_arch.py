@@ -152,6 +152,12 @@ def test_topk_matches_numpy_and_auxk():
     dead2[[2, 9]] = True
     out2 = sae.loss(x, dead_mask=torch.from_numpy(dead2))
     assert out2.terms["aux"].item() == pytest.approx(0.25 * auxk_np(p, pre, xn - x_hat, dead2, 2))
+    # capped at d_sae // 2: aux_k=8, 9 dead -> 6 used
+    sae8 = randomised("topk", d_in=5, d_sae=12, k=3, aux_k=8)
+    dead3 = np.ones(12, bool)
+    dead3[[1, 4, 10]] = False
+    out3 = sae8.loss(x, dead_mask=torch.from_numpy(dead3))
+    assert out3.terms["aux"].item() == pytest.approx(0.25 * auxk_np(p, pre, xn - x_hat, dead3, 6))
     for mask in (None, torch.zeros(12, dtype=torch.bool)):
         assert sae.loss(x, dead_mask=mask).terms["aux"].item() == 0.0
 
@@ -193,6 +199,34 @@ def test_sparse_decode_equals_dense_decode():
         sae.zero_grad()
         sae.decode(sae.encode(x, g)).pow(2).sum().backward()
         torch.testing.assert_close(g_sparse, sae.W_dec.grad)
+
+
+@pytest.mark.parametrize("arch", ["topk", "gtopk", "batchtopk"])
+def test_use_sparse_decode_flag_matches_dense_loss(arch):
+    x, g = torch.randn(20, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    dead = torch.arange(40) % 3 == 0
+    results = []
+    for flag in (False, True):
+        sae = randomised(arch, d_in=8, d_sae=40, k=6, seed=9)
+        sae.use_sparse_decode = flag
+        if flag and arch != "batchtopk":   # the flag really avoids the dense [n, d_sae] @ W_dec matmul
+            sae.decode = lambda f: pytest.fail("dense decode used")
+        out = sae.loss(x, grad=g, dead_mask=dead)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.x_hat.detach(), sae.W_dec.grad, sae.W_enc.grad, sae(x, g).detach()))
+    for dense, sparse in zip(*results):
+        torch.testing.assert_close(sparse, dense)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_under_bf16_autocast(arch):
+    # the loop runs loss() under autocast: bf16 activations meet fp32 parameters (embedding_bag dtypes)
+    sae = make_sae(cfg_for(arch, d_in=8, d_sae=64, k=4))
+    sae.use_sparse_decode = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.loss(torch.randn(16, 8), grad=torch.randn(16, 8).bfloat16(), dead_mask=torch.ones(64, dtype=torch.bool))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and sae.W_dec.grad is not None
 
 
 def test_batchtopk_training_l0_and_eval_threshold():

@@ -9,6 +9,7 @@ estimates from the random-init phase are forgotten rather than averaged in forev
 `threshold` is a [d_sae] buffer (one scalar broadcast, SAELens JumpReLU layout); -1 means "not yet
 estimated" (then inference is plain ReLU, since pre >= 0 > -1).
 encode() uses BatchTopK while self.training, JumpReLU otherwise (call .eval() for inference).
+use_sparse_decode is ignored: the per-token number of active latents varies, so decode stays dense.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class BatchTopKSAE(TopKSAE):
     def encode(self, x, grad=None):
         pre = self.pre_acts(x)
         return self.batch_topk(pre) if self.training else self.jumprelu(pre)
+
+    def forward(self, x, grad=None):
+        return self.decode(self.encode(x))
 
     def encode_sparse(self, x, grad=None):
         raise NotImplementedError("batchtopk has a variable number of active latents per token")

@@ -108,26 +108,34 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     return out
 
 
-def _chunks(ids):
+def _pass(model, site, runs, ids, opts, train: bool):
+    """Every SAE on the sequences `ids`, in micro-batches that each share one clean forward.
+    Returns ({name: mean of each term}, {name: latents that fired}); with train, gradients
+    accumulate to those of the whole batch (each sequence counts the same number of tokens)."""
+    sums = {name: {} for name in runs}
+    fired = {name: torch.zeros(run["cfg"].d_sae, dtype=torch.bool, device=ids.device) for name, run in runs.items()}
     micro = max(1, MICRO_TOKENS // ids.shape[1])
     for lo in range(0, len(ids), micro):
-        yield ids[lo:lo + micro], min(micro, len(ids) - lo) / len(ids)
+        chunk = ids[lo:lo + micro]
+        w = len(chunk) / len(ids)
+        clean = clean_pass(model, chunk, opts.downstream)
+        for name, run in runs.items():
+            run["sae"].train(train)   # batchtopk: batch top-k in training, its threshold otherwise
+            with torch.set_grad_enabled(train):
+                t = e2e_loss(model, run["sae"], site, chunk, clean=clean, **opts.loss_kw)
+            run["sae"].train()
+            if train:
+                (t["loss"] * w).backward()
+            t["loss"] = t["loss"].detach()
+            fired[name] |= t.pop("fired")
+            for k, v in t.items():
+                sums[name][k] = sums[name].get(k, 0.0) + w * v
+    return sums, fired
 
 
 def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, log_now: bool) -> None:
-    """One optimiser step of every SAE on the sequences `ids` (micro-batches accumulate exactly:
-    every sequence counts the same number of tokens)."""
-    sums = {name: {} for name in runs}
-    fired = {name: False for name in runs}
-    for chunk, w in _chunks(ids):
-        clean = clean_pass(model, chunk, opts.downstream)
-        for name, run in runs.items():
-            t = e2e_loss(model, run["sae"], site, chunk, clean=clean, **opts.loss_kw)
-            (t["loss"] * w).backward()
-            t["loss"] = t["loss"].detach()
-            fired[name] = fired[name] | t.pop("fired")
-            for k, v in t.items():
-                sums[name][k] = sums[name].get(k, 0.0) + w * v
+    """One optimiser step of every SAE of the sweep on the sequences `ids`."""
+    sums, fired = _pass(model, site, runs, ids, opts, train=True)
     counted = ids.numel() - (0 if opts.loss_kw["include_bos"] else len(ids))
     for name, run in runs.items():
         sae, opt = run["sae"], run["opt"]
@@ -142,37 +150,27 @@ def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, lo
         run["since_fired"][fired[name]] = 0
         if log_now:
             m = {k: float(v) for k, v in sums[name].items()}
-            dead = float((run["since_fired"] >= opts.dead_after).float().mean())
-            run["last"] = {**m, "ce_increase": m["ce"] - m["ce_clean"], "dead_fraction": dead,
-                           "lr": run["lr"] * factor}
+            run["last"] = {**m, "ce_increase": m["ce"] - m["ce_clean"], "lr": run["lr"] * factor,
+                           "dead_fraction": float((run["since_fired"] >= opts.dead_after).float().mean())}
 
 
-@torch.no_grad()
 def evaluate_held_out(model, site, runs, batches, opts) -> dict:
-    """Per SAE: mean KL, CE (clean, spliced, increase), downstream MSEs, L0 and dead fraction on
-    held-out sequences, each SAE in eval mode (batchtopk: its JumpReLU threshold)."""
-    sums = {name: {} for name in runs}
-    fired = {name: torch.zeros(run["cfg"].d_sae, dtype=torch.bool, device=opts.device)
-             for name, run in runs.items()}
-    n_seqs = 0
-    for batch in batches:
-        for ids, _ in _chunks(batch):
-            clean = clean_pass(model, ids, opts.downstream)
-            for name, run in runs.items():
-                run["sae"].eval()
-                t = e2e_loss(model, run["sae"], site, ids, clean=clean, **opts.loss_kw)
-                run["sae"].train()
-                t.pop("loss")
-                fired[name] |= t.pop("fired")
-                for k, v in t.items():   # every sequence counts the same number of tokens
-                    sums[name][k] = sums[name].get(k, 0.0) + len(ids) * float(v)
-            n_seqs += len(ids)
-    if n_seqs == 0:
+    """Per SAE on held-out sequences: mean KL, CE (clean, spliced, increase), downstream MSEs,
+    L0, L1 and the fraction of latents that never fired."""
+    totals, fired, n = {name: {} for name in runs}, {}, 0
+    for ids in batches:
+        sums, f = _pass(model, site, runs, ids, opts, train=False)
+        for name in runs:
+            fired[name] = f[name] | fired.get(name, False)
+            for k, v in sums[name].items():
+                totals[name][k] = totals[name].get(k, 0.0) + len(ids) * float(v)
+        n += len(ids)
+    if n == 0:
         return {name: {} for name in runs}
     out = {}
-    for name, s in sums.items():
-        m = {k: v / n_seqs for k, v in s.items()}
-        out[name] = {"held_out_sequences": n_seqs, **m, "ce_increase": m["ce"] - m["ce_clean"],
+    for name, s in totals.items():
+        m = {k: v / n for k, v in s.items()}
+        out[name] = {"held_out_sequences": n, **m, "ce_increase": m["ce"] - m["ce_clean"],
                      "dead_fraction": 1 - fired[name].float().mean().item()}
     return out
 
@@ -250,8 +248,9 @@ def _site_sample(env, cfg) -> torch.Tensor:
     n = min(env.n_train, max(1, math.ceil(SAMPLE_TOKENS / env.store.ctx_len)))
     ids = _read(env, np.random.default_rng(cfg.seed).choice(env.n_train, n, replace=False))
     parts = []
-    for chunk, _ in _chunks(ids):
-        a = capture(env.model, chunk, [env.site]).acts[env.site.name]
+    micro = max(1, MICRO_TOKENS // ids.shape[1])
+    for lo in range(0, len(ids), micro):
+        a = capture(env.model, ids[lo:lo + micro], [env.site]).acts[env.site.name]
         parts.append((a if cfg.include_bos else a[:, 1:]).reshape(-1, env.d_in).float().cpu())
     return torch.cat(parts)
 

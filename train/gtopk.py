@@ -14,10 +14,11 @@ fold_input_scale(s) the SAE takes the raw gradient: W_dec -> s W_dec, grad -> gr
 grad @ W_dec.T, and the selection, are unchanged.
 
 DEFAULT_BETA, derived from the paper's beta = 1e5 (GPT-2 small, layer 7):
-* The g-SAE code is smol-sae (Dooms & Wilhelm) modified; its loss is TransformerLens's mean
-  next-token CE over the batch: in_batch = 32 sequences x 256 tokens -> mean over N ~ 32*255 ~ 8.2e3
-  tokens. Our per-token gradient is therefore N times theirs (sum vs. mean; the cross-position
-  structure, losses at s >= t, is the same).
+* The paper trains with a modified smol-sae (Dooms & Wilhelm; acknowledgements), whose model loss is
+  TransformerLens's mean next-token CE over the whole batch. Assuming smol-sae's defaults (32
+  sequences of 256 tokens per model batch) that is a mean over N ~ 32*255 ~ 8.2e3 tokens, so our
+  per-token gradient is N times theirs (sum vs. mean; the cross-position structure, losses at
+  s >= t, is the same).
 * Sanity check, their Table 2: mean |directional derivative| along unit decoder rows is 2.1-2.9e-5,
   so their beta * |W_dec^T grad| ~ 1e5 * 2.4e-5 ~ 2.4: the gradient factor is a few times 1 for a
   typical latent. That dimensionless operating point is what must carry over, not the number 1e5.

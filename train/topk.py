@@ -27,7 +27,7 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch
         return zero
     masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
     vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-    e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")
+    e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum")
     var = (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
     return (e_hat - resid).pow(2).sum() / var
 
@@ -35,6 +35,7 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch
 @register("topk")
 class TopKSAE(SAE):
     apply_b_dec_to_input = True
+    use_sparse_decode = False   # set by the loop (GPU, k << d_sae): decode by gathering the k rows
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self._center(x) @ self.W_enc + self.b_enc)
@@ -51,6 +52,12 @@ class TopKSAE(SAE):
         vals, idx = self.select(pre, grad)
         return torch.zeros_like(pre).scatter_(-1, idx, vals)
 
+    def forward(self, x, grad=None):
+        if self.use_sparse_decode:
+            vals, idx = self.encode_sparse(x, grad)
+            return self.sparse_decode(idx, vals)
+        return self.decode(self.encode(x, grad))
+
     def sparse_decode(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Decode from (indices [n,k], values [n,k]) by gathering only the k rows (embedding-bag):
         O(n k d_in) instead of O(n d_sae d_in); differentiable in values and W_dec."""
@@ -61,7 +68,7 @@ class TopKSAE(SAE):
         pre = self.pre_acts(x)
         vals, idx = self.select(pre, grad)
         feats = torch.zeros_like(pre).scatter(-1, idx, vals)
-        x_hat = self.decode(feats)
+        x_hat = self.sparse_decode(idx, vals) if self.use_sparse_decode else self.decode(feats)
         return self._loss_terms(x, pre, feats, x_hat, dead_mask)
 
     def _loss_terms(self, x, pre, feats, x_hat, dead_mask) -> LossOutput:
