@@ -14,7 +14,7 @@ import pytest
 
 from harvest import default_model as dm
 
-SMALL_STEPS = 150
+SMALL_STEPS = 120
 SMALL_CORPUS_BYTES = 1_500_000
 REPORT_FIELDS = {
     "unigram_entropy", "train_loss", "val_ce", "build_seconds", "n_params", "steps",
@@ -56,8 +56,8 @@ def test_report(small_cache):
     assert report["corpus_bytes"] <= SMALL_CORPUS_BYTES
     assert report["val_files"] >= 1
     # the model learned something beyond token frequencies, even after a short run
-    assert report["val_ce"] < report["unigram_entropy"] - 0.2
-    assert report["train_loss"] < report["unigram_entropy"] - 0.2
+    assert report["val_ce"] < report["unigram_entropy"] - 0.1
+    assert report["train_loss"] < report["unigram_entropy"] - 0.3
 
 
 def test_loads_with_auto_classes(small_cache):

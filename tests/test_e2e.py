@@ -244,7 +244,8 @@ def test_init_from_local_sae(assets, tmp_path, monkeypatch):
     fit(_cfg(assets, tmp_path / "e2e", init=str(local / "relu_l1-0.1"), tokens=SEQS * CTX * 2), progress=False)
     x = torch.randn(50, 64) * 5
     with torch.no_grad():   # the e2e run starts from the very same function of raw activations
-        torch.testing.assert_close(seen["sae"](x / seen["scale"]) * seen["scale"], init(x), rtol=1e-5, atol=1e-5)
+        ours = seen["sae"](x / seen["scale"]) * seen["scale"]
+        torch.testing.assert_close(ours, init(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TrainError, match="64->128"):
         fit(_cfg(assets, tmp_path / "bad", init=str(local / "relu_l1-0.1"), d_sae=64), progress=False)
 

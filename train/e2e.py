@@ -18,6 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harvest.default_model import resolve_model
+from harvest.errors import HarvestError
+from harvest.models import get_adapter, load_model
+from harvest.sites import Site, capture, record, splice
 from stores import StoreError, open_store
 from stores.progress import token_progress
 from train import state as train_state
@@ -49,17 +53,11 @@ def downstream_sites(site, n_layers: int) -> list[str]:
     return [f"blocks.{k}.resid_post" for k in range(first, n_layers - 1)]
 
 
-def _forward(model, ids):
-    return model(input_ids=ids, use_cache=False).logits
-
-
 @torch.no_grad()
 def clean_pass(model, ids, downstream) -> dict:
     """{"logp": float32 log-probs [B, T, V], site name: clean activation} for e2e_loss."""
-    from harvest.sites import record
-
     with record(model, downstream) as rec:
-        logits = _forward(model, ids)
+        logits = model(input_ids=ids, use_cache=False).logits
     return {"logp": F.log_softmax(logits.float(), -1), **{k: v.detach() for k, v in rec.items()}}
 
 
@@ -69,8 +67,6 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     scalars: kl, ds:<site> (MSE, mean over tokens and d), downstream_mse (mean over those sites),
     l1, l0, sparsity (relu), ce, ce_clean. The SAE replaces the site at every position; the terms
     average over positions >= 1 unless include_bos (GPT-2's position 0 has norm ~3000)."""
-    from harvest.sites import record, splice
-
     seen = {}
 
     def replace(a):
@@ -82,7 +78,7 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
         return (sae.decode(feats) * scale).view(a.shape).to(a.dtype)
 
     with splice(model, site, replace), record(model, downstream) as rec:
-        logits = _forward(model, ids)
+        logits = model(input_ids=ids, use_cache=False).logits
     mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     mask[:, 0] = include_bos
     logp = F.log_softmax(logits.float(), -1)
@@ -177,11 +173,6 @@ def evaluate_held_out(model, site, runs, batches, opts) -> dict:
 
 def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     """Store, site, model and the train / held-out sequence split; TrainError on bad input."""
-    from harvest.default_model import resolve_model
-    from harvest.errors import HarvestError
-    from harvest.models import get_adapter, load_model
-    from harvest.sites import Site
-
     if cfg.arch not in E2E_ARCHS:
         raise TrainError(f"--loss {cfg.loss} trains {', '.join(E2E_ARCHS)} SAEs, not --arch {cfg.arch}")
     if cfg.decoder_of or not cfg.store:
@@ -216,7 +207,8 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
         raise TrainError(f"site {site.name} is not in model {model_name}: it has {adapter.n_layers} "
                          f"layers (0-{adapter.n_layers - 1})")
     if store.ctx_len > adapter.max_positions:
-        raise TrainError(f"store sequences of {store.ctx_len} tokens exceed the model's {adapter.max_positions} positions")
+        raise TrainError(f"store sequences of {store.ctx_len} tokens exceed the model's "
+                         f"{adapter.max_positions} positions")
     # The held-out rows of the local trainer are the last blocks, i.e. the last sequences' rows.
     _, (lo, hi) = holdout_split(store, cfg.holdout_fraction)
     n_held = min(store.n_seqs, math.ceil((hi - lo) / store.ctx_len))
@@ -243,8 +235,6 @@ def _read(env, idx) -> torch.Tensor:
 
 def _site_sample(env, cfg) -> torch.Tensor:
     """Site activations of a seeded sample of training sequences, from the live model."""
-    from harvest.sites import capture
-
     n = min(env.n_train, max(1, math.ceil(SAMPLE_TOKENS / env.store.ctx_len)))
     ids = _read(env, np.random.default_rng(cfg.seed).choice(env.n_train, n, replace=False))
     parts = []
@@ -319,7 +309,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
                     break
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
                 factor = lr_factor(step, total_steps, warmup, cfg.lr_final_fraction)
-                _train_step(env.model, env.site, runs, _read(env, data["acts"].numpy()), opts, factor, log_now)
+                ids = _read(env, data["acts"].numpy())   # the feed yields sequence indices
+                _train_step(env.model, env.site, runs, ids, opts, factor, log_now)
                 step += 1
                 bar.advance(task, batch_tokens)
                 if log_now:

@@ -1,0 +1,138 @@
+"""`train fit` throughput from a store against a bare step loop of the same SAE on data already
+in memory (same architecture, optimizer, batch, per-step decoder constraint), in the same run.
+
+Rates are marginal (N and 2N tokens, rate = N / time difference), so store opening, sampling
+for the normalisation constant and b_dec init cancel out. Repeats alternate; medians reported.
+
+    python bench/train.py                                   # TopK d=256 -> 4096, k=32, 4096-token batches
+    python bench/train.py --device cuda --d-in 768 --d-sae 24576 --tokens 20000000 --arch topk,relu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from stores import StoreWriter  # noqa: E402
+from train.config import TrainConfig, default_lr  # noqa: E402
+from train.loop import fit  # noqa: E402
+from train.sae import SAEConfig, make_sae  # noqa: E402
+
+
+def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
+    """Sparse combinations of a random dictionary (so the SAE's work is realistic), fp16 like GPT-2."""
+    rng = np.random.default_rng(0)
+    n_seqs = rows // ctx
+    window_seqs = min(n_seqs, 2048)
+    dictionary = rng.normal(size=(4 * d, d)).astype(np.float32) / math.sqrt(d)
+    w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
+                           sites={"blocks.0.resid_pre": {"d": d, "encoding": "float16"}}, grads=None,
+                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
+    for win in range(-(-n_seqs // window_seqs)):
+        seqs = np.arange(win * window_seqs, min((win + 1) * window_seqs, n_seqs))
+        n = len(seqs) * ctx
+        codes = (rng.random((n, 4 * d), dtype=np.float32) < 0.02) * rng.random((n, 4 * d), dtype=np.float32)
+        acts = codes @ dictionary * 10
+        perm = rng.permutation(n)
+        w.write_window(win, np.zeros((len(seqs), ctx)), np.repeat(seqs, ctx)[perm],
+                       np.tile(np.arange(ctx), len(seqs))[perm], {"blocks.0.resid_pre": acts[perm]})
+    w.finish(n_seqs)
+
+
+def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
+    cfg = SAEConfig(arch=arch, d_in=d, d_sae=d_sae, k=k if arch in ("topk", "batchtopk", "gtopk") else 0,
+                    l1_coeff=1.0)
+    torch.manual_seed(0)
+    sae = make_sae(cfg).to(device)
+    if device.type == "cuda" and k and k * 16 <= d_sae:
+        sae.use_sparse_decode = True
+    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(arch, d_sae))
+    data = torch.randn(16 * batch, d, device=device)
+    steps = max(1, tokens // batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x = data[(i % 16) * batch:(i % 16 + 1) * batch]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = sae.loss(x)
+        out.loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+    sync()
+    return time.perf_counter() - t0
+
+
+def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(store=store, out=out, arch=arch, d_sae=d_sae, k=(k,), l1=(1.0,), batch_size=batch,
+                      tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9)
+    t0 = time.perf_counter()
+    fit(cfg, progress=False)
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="topk", help="comma list")
+    p.add_argument("--d-in", type=int, default=256)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=4096 * 40, help="N: runs use N and 2N tokens")
+    p.add_argument("--store-rows", type=int, default=None, help="default: 2N + 10%% (one epoch)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    store = os.path.join(tmp, "s.zarr")
+    N = args.tokens
+    t0 = time.perf_counter()
+    synthetic_store(store, args.d_in, args.store_rows or int(2.2 * N))
+    print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
+    results = []
+    for arch in args.arch.split(","):
+        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device)  # warm-up
+        ratios, fit_rates, bare_rates = [], [], []
+        for rep in range(args.repeats):
+            out = os.path.join(tmp, "out")
+            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device)
+            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device)
+            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device)
+            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device)
+            fr, br = N / max(f2 - f1, 1e-9), N / max(b2 - b1, 1e-9)
+            fit_rates.append(fr)
+            bare_rates.append(br)
+            ratios.append(fr / br)
+            print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}",
+                  flush=True)
+        results.append({"arch": arch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
+                        "batch_size": args.batch_size, "device": str(device), "tokens": [N, 2 * N],
+                        "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
+                        "ratio_median": statistics.median(ratios), "ratios": ratios,
+                        "torch_threads": torch.get_num_threads()})
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
