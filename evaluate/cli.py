@@ -73,5 +73,25 @@ def splice_cmd(model, revision, saes, store, dataset, split, text_column, tokens
         fail(f"cannot write output: {e}")
 
 
+@main.command("demo")
+@click.option("--out", default="demo-out", show_default=True, help="Folder for every output of the demo.")
+@click.option("--tokens", default=250_000, show_default=True, type=int, help="Tokens to harvest.")
+def demo_cmd(out, tokens):
+    """Whole pipeline on the offline default model and corpus: harvest, train six SAE families,
+    evaluate them spliced into the model, write a table, JSON and Pareto plot."""
+    from harvest.errors import HarvestError
+    from train.errors import TrainError
+
+    from evaluate.demo import run_demo
+    from evaluate.splice import EvaluateError
+
+    try:
+        run_demo(out, tokens=tokens, console=console)
+    except (HarvestError, TrainError, EvaluateError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted: run the same command again to continue")
+
+
 if __name__ == "__main__":
     main()

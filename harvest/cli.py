@@ -90,18 +90,5 @@ def info_cmd(store, partial):
     click.echo(json.dumps(s.attrs, indent=2))
 
 
-@main.command("demo")
-@click.option("--out", default="demo-out", show_default=True, help="Folder for every output of the demo.")
-@click.option("--tokens", default=200_000, show_default=True, type=int, help="Tokens to harvest.")
-def demo_cmd(out, tokens):
-    """Run the pipeline on the offline default model and corpus (no downloads)."""
-    from .demo import run_demo
-
-    try:
-        run_demo(out, tokens=tokens, console=console)
-    except HarvestError as e:
-        fail(str(e))
-
-
 if __name__ == "__main__":
     main()

@@ -47,7 +47,7 @@ def main():
               help="Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda). Comma list = sweep.")
 @click.option("--k", default="32", show_default=True, callback=_ints,
               help="Active latents for topk/batchtopk/gtopk. Comma list = sweep.")
-@click.option("--beta", type=float, help="gtopk gradient weight (default: train.gtopk.DEFAULT_BETA).")
+@click.option("--beta", type=float, help="gtopk gradient weight (default: calibrated so beta*|W_dec^T grad| ~ 2.4, the paper's operating point).")
 @click.option("--lr", type=float, help="Default 5e-4 (relu, gated), 2e-4/sqrt(d_sae/2^14) (TopK family).")
 @click.option("--batch-size", default=4096, show_default=True, type=int, help="Tokens per step.")
 @click.option("--tokens", type=int, help="Training tokens (default: one pass; more than the store = epochs).")

@@ -19,7 +19,7 @@ class TrainConfig:
     expansion: int = 16
     l1: tuple[float, ...] = (1.0,)    # sweep values; relu: phi = l1 / d_in; gated: lambda
     k: tuple[int, ...] = (32,)        # sweep values for the TopK family
-    beta: float | None = None         # gtopk; None -> train.gtopk.DEFAULT_BETA
+    beta: float | None = None         # gtopk; None -> calibrated on the data (train.gtopk.calibrate_beta)
     lr: float | None = None           # None -> 5e-4 (relu, gated), 2e-4 / sqrt(d_sae / 2^14) (TopK family)
     batch_size: int = 4096            # tokens per step
     tokens: int | None = None         # None -> one pass over the training rows
@@ -64,10 +64,8 @@ def default_lr(arch: str, d_sae: int) -> float:
 
 def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
     """One (folder name, SAEConfig) per swept value; every SAE sees the same batches."""
-    from train.gtopk import DEFAULT_BETA
-
     d_sae = cfg.d_sae or cfg.expansion * d_in
-    beta = DEFAULT_BETA if cfg.beta is None else cfg.beta
+    beta = 0.0 if cfg.beta is None else cfg.beta   # None: the loop calibrates it on the data
     out = []
     if cfg.arch in TOPK_FAMILY:
         for k in cfg.k:

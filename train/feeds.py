@@ -63,14 +63,16 @@ def holdout_split(store, fraction: float) -> tuple[tuple[int, int], tuple[int, i
     return (0, n - held), (n - held, n)
 
 
-def sample_rows(store, site: str, rows: tuple[int, int], n: int, seed: int, exclude_pos0: bool) -> np.ndarray:
-    """A random sample of up to n rows' activations from a row range (for scale and b_dec init)."""
+def sample_rows(store, site: str, rows: tuple[int, int], n: int, seed: int, exclude_pos0: bool,
+                grads: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """A random sample of up to n rows (activations, gradients) from a row range: for the input
+    scale, b_dec init and gtopk's beta calibration."""
     lo, hi = rows
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(np.arange(lo, hi), size=min(n, hi - lo), replace=False))
     if exclude_pos0:
         idx = idx[store.rows_pos.get_orthogonal_selection((idx,)) != 0]
-    return store.acts(site, idx)
+    return store.acts(site, idx), (store.grads(site, idx) if grads else None)
 
 
 def open_training_store(path: str):

@@ -7,6 +7,7 @@ grad-norm clipping; dead-latent tracking feeding AuxK.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -24,6 +25,7 @@ from train.checkpoint import CheckpointError, load_sae, save_sae
 from train.config import TrainConfig, default_lr, sweep
 from train.errors import TrainError
 from train.feeds import StoreFeed, TensorFeed, holdout_split, sample_rows
+from train.gtopk import calibrate_beta
 from train.sae import SAE, make_sae
 
 
@@ -79,8 +81,9 @@ class Source:
         self.train_rows, self.held_rows = holdout_split(store, cfg.holdout_fraction)
         if self.train_rows[1] <= 0:
             raise TrainError(f"store {cfg.store} has too few rows to train on ({store.n_rows})")
-        sample = sample_rows(store, site, self.train_rows, 8192, cfg.seed, self.exclude_pos0)
-        self.sample = torch.from_numpy(sample)
+        sample = sample_rows(store, site, self.train_rows, 8192, cfg.seed, self.exclude_pos0, grads=self.grads)
+        self.sample = torch.from_numpy(sample[0])
+        self.grad_sample = torch.from_numpy(sample[1]) if self.grads else None
         n_train = self.train_rows[1] - self.train_rows[0]
         self.epoch_tokens = n_train - (n_train // store.ctx_len if self.exclude_pos0 else 0)
         attrs = store.attrs
@@ -137,6 +140,11 @@ def _build_runs(cfg, source, device, scale, total_steps):
             sae.load_state_dict(init.state_dict())
         else:
             sae.init_b_dec(source.sample / scale, cfg.b_dec_init)
+        if sae_cfg.arch == "gtopk" and cfg.beta is None:
+            # gradient scale depends on the loss reduction, the site and the input scale; match the
+            # paper's operating point (beta * |W_dec^T grad| ~ 2.4) instead of copying its number
+            beta = calibrate_beta(sae, source.sample / scale, source.grad_sample * scale)
+            sae.cfg = sae_cfg = dataclasses.replace(sae_cfg, beta=beta)
         sae.to(device).train()
         if cfg.sparse_decode == "on" or (cfg.sparse_decode == "auto" and device.type == "cuda"
                                           and sae_cfg.k and sae_cfg.k * 16 <= sae_cfg.d_sae):

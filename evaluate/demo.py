@@ -1,0 +1,74 @@
+"""The demo: the whole pipeline on the offline default model and corpus, on 2 CPU cores.
+
+harvest (two sites, with gradients) -> train relu, gated, topk, batchtopk, gtopk and e2e SAEs
+(a small sweep each) -> evaluate them together in the live model -> table, JSON, Pareto plot.
+Re-running continues where a previous run stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from harvest.default_model import DEFAULT_DATASET, DEFAULT_MODEL, default_model_dir
+from harvest.run import HarvestConfig, harvest
+from train.config import TrainConfig
+from train.loop import fit
+
+from evaluate.report import print_table, write_json, write_plot
+from evaluate.splice import evaluate_saes
+
+SITE = "blocks.2.resid_pre"
+SITES = "blocks.2.resid_pre,blocks.1.mlp_out"
+D_SAE = 1024
+
+# (folder, arch, extra TrainConfig fields): each row is one sweep, one Pareto series
+SWEEPS = [
+    ("relu", "relu", {"l1": (2.0, 5.0, 12.0)}),
+    ("gated", "gated", {"l1": (0.1, 0.25, 0.6)}),
+    ("topk", "topk", {"k": (8, 16, 32)}),
+    ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
+    ("gtopk", "gtopk", {"k": (8, 16, 32)}),
+    ("e2e", "relu", {"loss": "e2e", "l1": (2.0, 8.0), "batch_size": 2048, "lr": 1e-3}),
+]
+
+
+def _done(folder: Path) -> bool:
+    return folder.is_dir() and all((p / "cfg.json").exists() for p in folder.iterdir()
+                                   if p.is_dir() and p.name != "checkpoint") and any(folder.iterdir())
+
+
+def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int | None = None,
+             eval_tokens: int = 16_384, console=None) -> list[dict]:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say = console.print if console is not None else print
+
+    say(f"[1/4] offline default model (built once, cached): {default_model_dir()}")
+    store = out_dir / "store.zarr"
+    say(f"[2/4] harvest {tokens:,} tokens at {SITES} with gradients -> {store}")
+    harvest(HarvestConfig(out=str(store), model=DEFAULT_MODEL, dataset=DEFAULT_DATASET, sites=SITES, grads=True,
+                          tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto"),
+            resume=True, console=console)
+
+    say("[3/4] train SAEs at " + SITE)
+    paths = []
+    for folder, arch, extra in SWEEPS:
+        target = out_dir / "saes" / folder
+        cfg = TrainConfig(store=str(store), site=SITE, arch=arch, d_sae=D_SAE, out=str(target),
+                          tokens=train_tokens, checkpoint_every=10**9, log_every=5, **extra)
+        if not _done(target):
+            say(f"  {folder}: {arch} {extra}")
+            fit(cfg, overwrite=True, console=console)
+        paths += sorted(str(p) for p in target.iterdir() if (p / "cfg.json").exists())
+
+    say(f"[4/4] evaluate {len(paths)} SAEs spliced into the model on {eval_tokens:,} held-out tokens")
+    results = evaluate_saes(None, paths, store=str(store), tokens=eval_tokens, batch_size=16, console=console)
+    print_table(results, console)
+    write_json(results, out_dir / "results.json")
+    write_plot(results, out_dir / "pareto.png")
+    (out_dir / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "
+        f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr")
+    return results
