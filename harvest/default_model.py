@@ -67,6 +67,14 @@ def _locked(name: str):
         yield  # closing the file releases the lock
 
 
+def _publish(tmp, final, mode: int):
+    # mkstemp/mkdtemp create owner-only entries; a cache should honour the umask like any file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, mode & ~umask)
+    os.replace(tmp, final)  # atomic: readers see nothing or the whole thing, never a partial build
+
+
 def stdlib_files() -> list[pathlib.Path]:
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = (p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
@@ -102,7 +110,7 @@ def default_corpus_path(build: bool = True) -> pathlib.Path:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     for text in stdlib_texts():
                         f.write(json.dumps({"text": text}) + "\n")
-                os.replace(tmp, path)  # atomic: readers see no file or a whole one
+                _publish(tmp, path, 0o666)
             except BaseException:
                 os.unlink(tmp)
                 raise
@@ -124,7 +132,7 @@ def default_model_dir(build: bool = True, progress: bool = True) -> pathlib.Path
             tmp = pathlib.Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{MODEL_VERSION}.tmp-"))
             try:
                 build_default_model(tmp, progress=progress)
-                os.rename(tmp, final)  # atomic: an interrupted build never looks finished
+                _publish(tmp, final, 0o777)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -164,11 +172,8 @@ def _pack(tokenizer, texts: list[str]):
 
     # a separator before each document, GPT-2 style, so every document starts after <|endoftext|>
     eot = tokenizer.convert_tokens_to_ids(EOT)
-    ids = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(texts):
-        ids.append(eot)
-        ids.extend(enc.ids)
-    return torch.tensor(ids, dtype=torch.long)
+    encs = tokenizer.backend_tokenizer.encode_batch(texts)
+    return torch.tensor([i for enc in encs for i in (eot, *enc.ids)], dtype=torch.long)
 
 
 def _progress_bar():

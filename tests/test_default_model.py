@@ -56,8 +56,8 @@ def test_report(small_cache):
     assert report["corpus_bytes"] <= SMALL_CORPUS_BYTES
     assert report["val_files"] >= 1
     # the model learned something beyond token frequencies, even after a short run
-    assert report["val_ce"] < report["unigram_entropy"] - 0.1
-    assert report["train_loss"] < report["unigram_entropy"] - 0.3
+    assert report["val_ce"] < report["unigram_entropy"] - 0.25  # measured: 0.47
+    assert report["train_loss"] < report["unigram_entropy"] - 0.5  # measured: 1.2
 
 
 def test_loads_with_auto_classes(small_cache):
@@ -183,6 +183,8 @@ def test_full_default_build(monkeypatch, tmp_path):
     path = dm.default_model_dir(progress=False)
     report = json.loads((path / "build_report.json").read_text())
     assert report["steps"] == dm.STEPS
-    assert report["build_seconds"] < 180
+    # ~140 s on an idle 2-core machine (docs/default-model.md); a shared one can take far longer,
+    # so only catch order-of-magnitude regressions here
+    assert report["build_seconds"] < 600
     assert report["val_ce"] < report["unigram_entropy"] - 1.0
     AutoModelForCausalLM.from_pretrained(path)
