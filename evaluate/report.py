@@ -11,6 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 
+def series_label(r: dict) -> str:
+    """One Pareto series per training method: e2e-trained relu SAEs are not local relu SAEs."""
+    if r.get("loss") not in (None, "local"):
+        return r["loss"] + (f" ({r['arch']})" if r["arch"] != "relu" else "")
+    return r["arch"] + ("+grad" if r.get("grad_select") else "")
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -64,7 +71,7 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
     for header, _, _ in _COLUMNS:
         table.add_column(header, justify="right")
     for r in results:
-        arch = r["arch"] + ("+grad" if r.get("grad_select") else "")
+        arch = series_label(r)
         head = [r["name"], arch] + ([r["site"]] if several_sites else [])
         table.add_row(*head, f"{r['alive']}/{r['d_sae']}",
                       *(_fmt(r.get(key), spec) for _, key, spec in _COLUMNS))
@@ -93,7 +100,7 @@ def write_plot(results: list[dict], path) -> None:
     several_sites = len({r["site"] for r in results}) > 1
     by_arch: dict[str, list[dict]] = defaultdict(list)
     for r in results:
-        label = r["arch"] + ("+grad" if r.get("grad_select") else "")
+        label = series_label(r)
         by_arch[label + (f" @ {r['site']}" if several_sites else "")].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (xkey, xlabel) in zip(axes, (("l0", "L0 (active latents per token)"),

@@ -293,6 +293,7 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype)
         "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "k": cfg.k if cfg.arch in ("topk", "batchtopk", "gtopk") else None,
         "l1": cfg.l1_coeff if cfg.arch in ("relu", "gated") else None,
+        "loss": (ours.get("training") or {}).get("loss", "local"),
         "grad_select": e.use_grad, "model": model_name, "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),

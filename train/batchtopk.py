@@ -56,6 +56,20 @@ class BatchTopKSAE(TopKSAE):
             d = self.cfg.threshold_ema
             self.threshold.mul_(d).add_((1 - d) * batch_min)
 
+    @torch.no_grad()
+    def estimate_threshold(self, batches) -> None:
+        """Re-estimate the threshold with the final weights: the mean over training batches of the
+        smallest activation BatchTopK keeps. The EMA lags behind while the weights still move (on
+        short runs it stays far too high), this does not; the trainer calls it at the end."""
+        mins = []
+        for x in batches:
+            feats = self.batch_topk(self.pre_acts(x))
+            pos = feats[feats > 0]
+            if pos.numel():
+                mins.append(pos.min().float())
+        if mins:
+            self.threshold.fill_(torch.stack(mins).mean().to(self.threshold.dtype))
+
     def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
         pre = self.pre_acts(x)
         feats = self.batch_topk(pre)   # training objective always uses BatchTopK

@@ -326,6 +326,9 @@ def evaluate_held_out(sae: SAE, batches, scale: float, device) -> dict:
 
 def _finish(run, source, folder, cfg, scale, device, step, batch, elapsed) -> dict:
     sae = run["sae"]
+    if hasattr(sae, "estimate_threshold"):
+        sample = source.sample.to(device) / scale
+        sae.estimate_threshold(sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch))
     held = evaluate_held_out(sae, source.held_out(cfg.batch_size), scale, device)
     saved = make_sae(sae.cfg)
     saved.load_state_dict(sae.state_dict())
