@@ -70,7 +70,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--dataset", default=DEFAULT_DATASET)
-    p.add_argument("--sites", default=None, help="default: 4 sites spread over the model")
+    p.add_argument("--sites", default=None, help="default: 4 sites from layer 0 to the last layer")
     p.add_argument("--tokens", type=int, default=65536, help="N: runs use N and 2N tokens")
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -86,7 +86,8 @@ def main():
     model, tok = load_model(model_path, device=device)
     adapter = get_adapter(model)
     L = adapter.n_layers
-    sites = args.sites or ",".join([f"blocks.{L // 4}.resid_pre", f"blocks.{L // 2}.attn_out",
+    # blocks.0 first, so the harvest's backward runs through every layer, as the bare loop's does
+    sites = args.sites or ",".join(["blocks.0.resid_pre", f"blocks.{L // 2}.attn_out",
                                     f"blocks.{L // 2}.mlp_out", f"blocks.{L - 1}.resid_post"])
     corpus = resolve_dataset(args.dataset)
     ratios, harvest_rates, bare_rates, bpt = [], [], [], None

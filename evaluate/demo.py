@@ -44,7 +44,7 @@ def _done(folder: Path) -> bool:
 
 
 def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int | None = None,
-             eval_tokens: int = 16_384, console=None) -> list[dict]:
+             eval_tokens: int = 16_384, sweeps=None, console=None) -> list[dict]:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -59,7 +59,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
 
     say("[3/4] train SAEs at " + SITE)
     paths = []
-    for folder, arch, extra in SWEEPS:
+    for folder, arch, extra in sweeps or SWEEPS:
         target = out_dir / "saes" / folder
         if "init" in extra:
             extra = {**extra, "init": str(out_dir / "saes" / extra["init"])}

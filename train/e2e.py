@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,13 +21,13 @@ from harvest.errors import HarvestError
 from harvest.models import get_adapter, load_model
 from harvest.sites import Site, capture, record, splice
 from stores import StoreError, open_store
-from stores.progress import token_progress
 from train import state as train_state
 from train.checkpoint import save_sae
 from train.config import TrainConfig
 from train.errors import TrainError
 from train.feeds import TensorFeed, holdout_split
-from train.loop import TrainInterrupted, _build_runs, _device, _log, _wandb, lr_factor
+from train.driver import Driver
+from train.loop import _build_runs, _device
 from train.sae import make_sae
 
 MICRO_TOKENS = 8192    # tokens per forward; a step accumulates gradients (paper: 8 x 1024, twice)
@@ -262,7 +260,6 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     seqs_per_step = max(1, min(cfg.batch_size // ctx, env.n_train))
     tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
     total_steps = max(1, tokens // (seqs_per_step * ctx))
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
     runs = _build_runs(cfg, SimpleNamespace(sample=sample, d_in=env.d_in), device, scale, total_steps)
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
     downstream = downstream_sites(env.site, env.adapter.n_layers)
@@ -270,65 +267,22 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
                            dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)),
                            loss_kw=dict(scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
                                         downstream=downstream, include_bos=cfg.include_bos))
-    step, feed_state = 0, None
-    if resume and train_state.has_state(out):
-        meta = train_state.load_meta(out)
-        saved = TrainConfig.from_dict(meta["config"]).to_dict()
-        differ = [k for k, v in cfg.to_dict().items() if k not in ("device", "wandb", "out") and saved.get(k) != v]
-        if differ:
-            raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
-        step, feed_state, scale = meta["step"], meta["feed"], meta["scale"]
-        opts.loss_kw["scale"] = scale
-        for name, run in runs.items():
-            train_state.load_run(out, name, run, device)
-    elif overwrite and out.exists():
-        import shutil
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state)
-    wandb_run = _wandb(cfg)
-    for name, run in runs.items():
-        (out / name).mkdir(exist_ok=True)
-        run["log"] = open(out / name / "metrics.jsonl", "a")
-
-    def checkpoint():
-        train_state.save_state(out, meta={"step": step, "feed": feed.state(), "scale": scale,
-                                          "config": cfg.to_dict()}, runs=runs)
-
-    interrupted = []
-    old_handler = signal.getsignal(signal.SIGINT)
-    bar = token_progress(console=console, disable=not progress)
     batch_tokens = seqs_per_step * ctx
-    t0 = time.perf_counter()
-    try:
-        signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-        with bar:
-            task = bar.add_task(cfg.loss, total=total_steps * batch_tokens, completed=step * batch_tokens, info="")
-            for data in feed:
-                if step >= total_steps:
-                    break
-                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
-                factor = lr_factor(step, total_steps, warmup, cfg.lr_final_fraction)
-                ids = _read(env, data["acts"].numpy())   # the feed yields sequence indices
-                _train_step(env.model, env.site, runs, ids, opts, factor, log_now)
-                step += 1
-                bar.advance(task, batch_tokens)
-                if log_now:
-                    _log(runs, step, step * batch_tokens, wandb_run)
-                    bar.update(task, info=" | ".join(f"{n}: kl {r['last']['kl']:.3g} l0 {r['last']['l0']:.1f}"
-                                                     for n, r in list(runs.items())[:3]))
-                if step % cfg.checkpoint_every == 0 and step < total_steps:
-                    checkpoint()
-                if interrupted:
-                    checkpoint()
-                    raise TrainInterrupted(f"interrupted at step {step}: checkpoint saved in {out}; "
-                                           f"continue with --resume")
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-        for run in runs.values():
-            if run["log"]:
-                run["log"].close()
-    elapsed = time.perf_counter() - t0
+    driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
+                    label=cfg.loss)
+    feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
+    scale = driver.scale
+    opts.loss_kw["scale"] = scale
+    feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state)
+
+    def step_fn(data, factor, log_now):
+        ids = _read(env, data["acts"].numpy())   # the feed yields sequence indices
+        _train_step(env.model, env.site, runs, ids, opts, factor, log_now)
+
+    def info():
+        return " | ".join(f"{n}: kl {r['last']['kl']:.3g} l0 {r['last']['l0']:.1f}" for n, r in list(runs.items())[:3])
+
+    driver.run(feed, step_fn, info, progress=progress, console=console)
     held_idx = np.arange(env.n_train, env.n_train + env.n_held)
     held = evaluate_held_out(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
                              for i in range(0, len(held_idx), seqs_per_step)), opts)
@@ -337,18 +291,14 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         saved = make_sae(run["cfg"])
         saved.load_state_dict(run["sae"].state_dict())
         saved.fold_input_scale(scale)   # the saved SAE takes raw activations
-        summary = {"steps": step, "tokens": step * batch_tokens, "seconds": elapsed,
-                   "tokens_per_s": step * batch_tokens / elapsed if elapsed > 0 else None,
-                   "input_scale": scale, "held_out": held[name]}
+        summary = {**driver.summary(), "held_out": held[name]}
         extra = {**env.provenance, "training": cfg.to_dict(), "sweep_name": name, "lr": run["lr"],
                  "e2e": {"loss": cfg.loss, "kl_coeff": kl_coeff, "downstream_coeff": ds_coeff,
                          "downstream_sites": downstream}, "summary": summary}
         save_sae(saved, out / name, extra_cfg=extra)
         (out / name / "summary.json").write_text(json.dumps(summary, indent=2))
         summaries[name] = summary
-    checkpoint()
-    if wandb_run is not None:
-        wandb_run.finish()
+    driver.finish()
     if progress and console is not None:
         for name, s in summaries.items():
             h = s["held_out"]

@@ -10,27 +10,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stores import StoreError, open_store
-from stores.progress import token_progress
 
 from train import state as train_state
 from train.checkpoint import CheckpointError, load_sae, save_sae
 from train.config import TrainConfig, default_lr, sweep
+from train.driver import Driver, TrainInterrupted, lr_factor  # noqa: F401 (re-exported)
 from train.errors import TrainError
 from train.feeds import StoreFeed, TensorFeed, holdout_split, sample_rows
 from train.gtopk import calibrate_beta
 from train.sae import SAE, make_sae
-
-
-class TrainInterrupted(Exception):
-    pass
 
 
 def _device(name: str) -> torch.device:
@@ -39,13 +32,6 @@ def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError("--device cuda asked for, but no CUDA device is available")
     return torch.device(name)
-
-
-def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Source:
@@ -179,76 +165,25 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     tokens = cfg.tokens or epochs_tokens
     batch = min(cfg.batch_size, source.epoch_tokens)
     total_steps = max(1, tokens // batch)
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
     runs = _build_runs(cfg, source, device, scale, total_steps)
 
-    step, feed_state = 0, None
-    if resume and train_state.has_state(out):
-        meta = train_state.load_meta(out)
-        saved = TrainConfig.from_dict(meta["config"])
-        differ = [k for k, v in cfg.to_dict().items() if k not in ("device", "wandb", "out")
-                  and saved.to_dict().get(k) != v]
-        if differ:
-            raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
-        step, feed_state, scale = meta["step"], meta["feed"], meta["scale"]
-        for name, run in runs.items():
-            train_state.load_run(out, name, run, device)
-    elif overwrite and out.exists():
-        import shutil
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label="train")
+    feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
+    scale = driver.scale
     feed = source.feed(batch, feed_state)
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
-    wandb_run = _wandb(cfg)
-    for name, run in runs.items():
-        (out / name).mkdir(exist_ok=True)
-        run["log"] = open(out / name / "metrics.jsonl", "a")
 
-    def checkpoint():
-        train_state.save_state(out, meta={"step": step, "feed": feed.state(), "scale": scale,
-                                          "config": cfg.to_dict()}, runs=runs)
-
-    interrupted = []
-    old_handler = signal.getsignal(signal.SIGINT)
-    bar = token_progress(console=console, disable=not progress)
-    t0 = time.perf_counter()
-    try:
-        signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-        with bar:
-            task = bar.add_task("train", total=total_steps * batch, completed=step * batch, info="")
-            for data in feed:
-                if step >= total_steps:
-                    break
-                x = data["acts"].to(device, non_blocking=True) / scale
-                g = data["grads"].to(device, non_blocking=True) * scale if data["grads"] is not None else None
-                factor = lr_factor(step, total_steps, warmup, cfg.lr_final_fraction)
-                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
-                for name, run in runs.items():
-                    _step(run, x, g, factor, cfg, dead_after, autocast, log_now)
-                step += 1
-                bar.advance(task, batch)
-                if log_now:
-                    _log(runs, step, step * batch, wandb_run)
-                    bar.update(task, info=_info(runs))
-                if step % cfg.checkpoint_every == 0 and step < total_steps:
-                    checkpoint()
-                if interrupted:
-                    checkpoint()
-                    raise TrainInterrupted(f"interrupted at step {step}: checkpoint saved in {out}; "
-                                           f"continue with --resume")
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
+    def step_fn(data, factor, log_now):
+        x = data["acts"].to(device, non_blocking=True) / scale
+        g = data["grads"].to(device, non_blocking=True) * scale if data["grads"] is not None else None
         for run in runs.values():
-            if run["log"]:
-                run["log"].close()
-    elapsed = time.perf_counter() - t0
-    summaries = {}
-    for name, run in runs.items():
-        summaries[name] = _finish(run, source, out / name, cfg, scale, device, step, batch, elapsed)
-    checkpoint()
-    if wandb_run is not None:
-        wandb_run.finish()
+            _step(run, x, g, factor, cfg, dead_after, autocast, log_now)
+
+    driver.run(feed, step_fn, lambda: _info(runs), progress=progress, console=console)
+    summaries = {name: _finish(run, source, out / name, cfg, scale, device, driver)
+                 for name, run in runs.items()}
+    driver.finish()
     if progress and console is not None:
         _print_summary(console, summaries)
     return summaries
@@ -277,15 +212,6 @@ def _step(run, x, g, factor, cfg, dead_after, autocast, log_now):
         run["last"] = {"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()},
                        "nmse": nmse, "dead_fraction": float(dead.float().mean()),
                        "lr": run["lr"] * factor}
-
-
-def _log(runs, step, tokens, wandb_run):
-    for name, run in runs.items():
-        record = {"step": step, "tokens": tokens, **run["last"]}
-        run["log"].write(json.dumps(record) + "\n")
-        run["log"].flush()
-        if wandb_run is not None:
-            wandb_run.log({f"{name}/{k}": v for k, v in record.items() if k != "step"}, step=step)
 
 
 def _info(runs) -> str:
@@ -324,33 +250,21 @@ def evaluate_held_out(sae: SAE, batches, scale: float, device) -> dict:
             "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
 
 
-def _finish(run, source, folder, cfg, scale, device, step, batch, elapsed) -> dict:
+def _finish(run, source, folder, cfg, scale, device, driver) -> dict:
     sae = run["sae"]
     if hasattr(sae, "estimate_threshold"):
-        sample = source.sample.to(device) / scale
+        sample, batch = source.sample.to(device) / scale, driver.tokens_per_step
         sae.estimate_threshold(sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch))
     held = evaluate_held_out(sae, source.held_out(cfg.batch_size), scale, device)
     saved = make_sae(sae.cfg)
     saved.load_state_dict(sae.state_dict())
     saved.fold_input_scale(scale)
-    summary = {"steps": step, "tokens": step * batch, "seconds": elapsed,
-               "tokens_per_s": step * batch / elapsed if elapsed > 0 else None,
-               "input_scale": scale, "held_out": held}
+    summary = {**driver.summary(), "held_out": held}
     extra = {**source.provenance, "training": cfg.to_dict(), "sweep_name": folder.name,
              "lr": run["lr"], "summary": summary}
     save_sae(saved, folder, extra_cfg=extra)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _wandb(cfg):
-    if not cfg.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise TrainError("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project=cfg.wandb, config=cfg.to_dict())
 
 
 def _print_summary(console, summaries):

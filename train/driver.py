@@ -1,0 +1,134 @@
+"""The step loop shared by the local and end-to-end trainers: lr schedule, logging, progress,
+periodic checkpoints, Ctrl-C (save, then stop) and exact resume. Trainers supply the step."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+from stores.progress import token_progress
+
+from train import state as train_state
+from train.errors import TrainError
+
+
+class TrainInterrupted(Exception):
+    pass
+
+
+def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _wandb(cfg):
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise TrainError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=cfg.wandb, config=cfg.to_dict())
+
+
+def _log(runs, step, tokens, wandb_run):
+    for name, run in runs.items():
+        record = {"step": step, "tokens": tokens, **run["last"]}
+        run["log"].write(json.dumps(record) + "\n")
+        run["log"].flush()
+        if wandb_run is not None:
+            wandb_run.log({f"{name}/{k}": v for k, v in record.items() if k != "step"}, step=step)
+
+
+class Driver:
+    """Owns `out/`: metrics files, checkpoints, the progress bar and the SIGINT handler."""
+
+    def __init__(self, cfg, out: Path, runs: dict, *, scale: float, total_steps: int, tokens_per_step: int,
+                 label: str):
+        self.cfg, self.out, self.runs, self.scale = cfg, Path(out), runs, scale
+        self.total_steps, self.tokens_per_step, self.label = total_steps, tokens_per_step, label
+        self.step, self.feed, self.elapsed = 0, None, 0.0
+        self.warmup = max(1, int(cfg.warmup_fraction * total_steps))
+
+    def prepare(self, resume: bool, overwrite: bool, load_run) -> dict | None:
+        """Restore a checkpoint (returns the saved feed state) or start clean."""
+        out = self.out
+        if resume and train_state.has_state(out):
+            meta = train_state.load_meta(out)
+            saved = meta["config"]
+            differ = [k for k, v in self.cfg.to_dict().items() if k not in ("device", "wandb", "out")
+                      and _plain(saved.get(k)) != _plain(v)]
+            if differ:
+                raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
+            self.step, self.scale = meta["step"], meta["scale"]
+            for name, run in self.runs.items():
+                load_run(name, run)
+            return meta["feed"]
+        if overwrite and out.exists():
+            import shutil
+            shutil.rmtree(out)
+        return None
+
+    def checkpoint(self) -> None:
+        train_state.save_state(self.out, meta={"step": self.step, "feed": self.feed.state(), "scale": self.scale,
+                                               "config": self.cfg.to_dict()}, runs=self.runs)
+
+    def run(self, feed, step_fn, info_fn, *, progress: bool, console) -> None:
+        """step_fn(data, lr_factor, log_now) trains every run on one batch."""
+        self.feed = feed
+        self.out.mkdir(parents=True, exist_ok=True)
+        wandb_run = _wandb(self.cfg)
+        for name, run in self.runs.items():
+            (self.out / name).mkdir(exist_ok=True)
+            run["log"] = open(self.out / name / "metrics.jsonl", "a")
+        interrupted = []
+        old_handler = signal.getsignal(signal.SIGINT)
+        bar = token_progress(console=console, disable=not progress)
+        per = self.tokens_per_step
+        t0 = time.perf_counter()
+        try:
+            signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+            with bar:
+                task = bar.add_task(self.label, total=self.total_steps * per, completed=self.step * per, info="")
+                for data in feed:
+                    if self.step >= self.total_steps:
+                        break
+                    log_now = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
+                    step_fn(data, lr_factor(self.step, self.total_steps, self.warmup, self.cfg.lr_final_fraction),
+                            log_now)
+                    self.step += 1
+                    bar.advance(task, per)
+                    if log_now:
+                        _log(self.runs, self.step, self.step * per, wandb_run)
+                        bar.update(task, info=info_fn())
+                    if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                        self.checkpoint()
+                    if interrupted:
+                        self.checkpoint()
+                        raise TrainInterrupted(f"interrupted at step {self.step}: checkpoint saved in {self.out}; "
+                                               f"continue with --resume")
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+            for run in self.runs.values():
+                if run.get("log"):
+                    run["log"].close()
+        self.elapsed = time.perf_counter() - t0
+        self.wandb_run = wandb_run
+
+    def summary(self) -> dict:
+        tokens = self.step * self.tokens_per_step
+        return {"steps": self.step, "tokens": tokens, "seconds": self.elapsed,
+                "tokens_per_s": tokens / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale}
+
+    def finish(self) -> None:
+        self.checkpoint()
+        if getattr(self, "wandb_run", None) is not None:
+            self.wandb_run.finish()
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
