@@ -116,6 +116,9 @@ def write_plot(results: list[dict], path) -> None:
             ax.plot(*zip(*front), "o-", color=color, label=arch)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("CE increase (nats)")
+        ces = [r["ce_increase"] for r in results if _finite(r.get("ce_increase"))]
+        if ces and min(ces) > 0 and max(ces) / min(ces) > 20:   # fronts span decades: log shows them all
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     if results:

@@ -101,11 +101,12 @@ def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
 
 def _dataset_tokens(dataset: str, tokenizer, tokens: int, ctx_len: int | None, split, text_column):
     from harvest.data import open_dataset, packed_sequences
+    from harvest.default_model import resolve_dataset
 
     ctx_len = ctx_len or 128
     n = max(1, math.ceil(tokens / ctx_len))
     try:
-        ds = open_dataset(dataset, split, text_column)
+        ds = open_dataset(resolve_dataset(dataset), split, text_column)
         seqs = list(islice(packed_sequences(ds, tokenizer, ctx_len, text_column), n))
     except HarvestError as e:
         raise EvaluateError(str(e)) from None

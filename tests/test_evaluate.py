@@ -285,3 +285,12 @@ def test_cli_bad_input(assets, bad_saes, tmp_path, case, expect):
 def test_library_raises_evaluate_error(assets, bad_saes):
     with pytest.raises(EvaluateError, match="layer"):
         _eval(assets, "gpt2", [bad_saes["layer7"]])
+
+
+def test_offline_default_corpus_name_is_resolved(assets, tmp_path, monkeypatch):
+    """--dataset stdlib-py means the embedded corpus, never a hub lookup."""
+    monkeypatch.setenv("SAE_HARVEST_CACHE", str(tmp_path / "cache"))
+    sae = _save(_exact_sae(), tmp_path / "exact", "blocks.1.resid_pre")
+    (r,) = _eval(assets, "gpt2", [sae], dataset="stdlib-py")
+    assert r["ce_increase"] == pytest.approx(0, abs=1e-5)
+    assert (tmp_path / "cache").exists()
