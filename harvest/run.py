@@ -99,12 +99,17 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class _WindowWriter(threading.Thread):
-    """Writes finished windows in order; at most one waits while another is written."""
+    """Writes finished windows in order on a background thread.
+
+    One window is written while the next is computed; handing over a window waits until the
+    previous one is on disk, so host memory holds at most two windows.
+    """
 
     def __init__(self, writer: StoreWriter):
         super().__init__(daemon=True)
         self.writer = writer
-        self.jobs: queue.Queue = queue.Queue(maxsize=1)
+        self.jobs: queue.Queue = queue.Queue()
+        self.free = threading.Semaphore(1)
         self.error: BaseException | None = None
         self.written_rows = 0
 
@@ -116,8 +121,12 @@ class _WindowWriter(threading.Thread):
                     self.written_rows += len(job["rows_seq"])
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
+            del job
+            self.free.release()
 
     def put(self, job):
+        self._check()
+        self.free.acquire()
         self._check()
         self.jobs.put(job)
 
@@ -125,6 +134,10 @@ class _WindowWriter(threading.Thread):
         self.jobs.put(None)
         self.join()
         self._check()
+
+    def abort(self):
+        self.error = self.error or RuntimeError("harvest aborted")
+        self.jobs.put(None)
 
     def _check(self):
         if self.error is not None:
@@ -250,11 +263,7 @@ def _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, co
                     break
             out.close()
     except BaseException:
-        out.error = out.error or RuntimeError("harvest aborted")
-        try:
-            out.jobs.put_nowait(None)
-        except queue.Full:
-            pass
+        out.abort()
         raise
     elapsed = time.perf_counter() - t0
     truncated = seqs_done < n_seqs
