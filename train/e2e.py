@@ -27,7 +27,7 @@ from train.config import TrainConfig
 from train.errors import TrainError
 from train.feeds import TensorFeed, holdout_split
 from train.driver import Driver
-from train.loop import _build_runs, _device
+from train.loop import _build_runs, _device, check_output
 from train.sae import make_sae
 
 MICRO_TOKENS = 8192    # tokens per forward; a step accumulates gradients (paper: 8 x 1024, twice)
@@ -246,11 +246,8 @@ def _site_sample(env, cfg) -> torch.Tensor:
 def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
             console=None) -> dict:
     """Train every SAE of the sweep end to end; returns {name: summary}. TrainError on bad input."""
-    if cfg.batch_size <= 0:
-        raise TrainError("--batch-size must be positive")
+    check_output(cfg, resume, overwrite)
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
-        raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
     device = _device(cfg.device)
     env = _setup(cfg, device)
     ctx = env.store.ctx_len

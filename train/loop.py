@@ -144,17 +144,22 @@ def _build_runs(cfg, source, device, scale, total_steps):
     return runs
 
 
-def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        console=None) -> dict:
-    """Train every SAE of the sweep; returns {name: summary}. Raises TrainError on bad input."""
-    if cfg.loss != "local":
-        from train.e2e import fit_e2e
-        return fit_e2e(cfg, resume=resume, overwrite=overwrite, progress=progress, console=console)
+def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     if cfg.batch_size <= 0:
         raise TrainError("--batch-size must be positive")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not resume and not overwrite:
         raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        console=None) -> dict:
+    """Train every SAE of the sweep; returns {name: summary}. Raises TrainError on bad input."""
+    check_output(cfg, resume, overwrite)
+    if cfg.loss != "local":
+        from train.e2e import fit_e2e
+        return fit_e2e(cfg, resume=resume, overwrite=overwrite, progress=progress, console=console)
+    out = Path(cfg.out)
     device = _device(cfg.device)
     source = Source(cfg)
     if cfg.normalize and not cfg.decoder_of:
