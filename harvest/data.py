@@ -51,7 +51,13 @@ def open_dataset(name: str, split: str = "train", text_column: str = "text"):
             builder, files = _local_files(name)
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         else:
-            ds = datasets.load_dataset(name, split=split, streaming=True)
+            try:
+                ds = datasets.load_dataset(name, split=split, streaming=True)
+            except RuntimeError as e:
+                # datasets >= 4 runs no loading scripts; the hub keeps a parquet export of such repos
+                if "scripts are no longer supported" not in str(e):
+                    raise
+                ds = datasets.load_dataset(name, split=split, streaming=True, revision="refs/convert/parquet")
     except HarvestError:
         raise
     except FileNotFoundError as e:
