@@ -1,3 +1,3 @@
-from evaluate.cli import main
+from evaluate.cli import entry
 
-main()
+entry()

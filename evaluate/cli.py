@@ -14,6 +14,13 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def entry() -> None:
+    """Console-script entry point: usage errors are one line too."""
+    from stores.cli_util import run_cli
+
+    run_cli(main, fail)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """Evaluate sparse autoencoders against the live model."""

@@ -17,6 +17,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def entry() -> None:
+    """Console-script entry point: usage errors are one line too."""
+    from stores.cli_util import run_cli
+
+    run_cli(main, fail)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """Harvest activations (and loss gradients) from a HF causal LM into a Zarr v3 store."""

@@ -112,7 +112,7 @@ def test_deterministic(assets, tmp_path):
     assert not np.array_equal(_arrays(c)["seq"], x["seq"])
 
 
-def _cli_args(assets, out, tokens=16384):
+def _cli_args(assets, out, tokens=32768):
     return [sys.executable, "-m", "harvest", "run", "--model", assets["gpt2"], "--dataset", assets["corpus"],
             "--sites", "blocks.0.resid_pre,blocks.2.mlp_out", "--grads", "--tokens", str(tokens), "--ctx-len", "32",
             "--batch-size", "4", "--shuffle-window", "1024", "--device", "cpu", "--out", str(out), "--quiet"]

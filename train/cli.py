@@ -32,6 +32,13 @@ def _ints(ctx, param, value):
         raise click.BadParameter(f"expected a comma list of integers, got {value!r}") from None
 
 
+def entry() -> None:
+    """Console-script entry point: usage errors are one line too."""
+    from stores.cli_util import run_cli
+
+    run_cli(main, fail)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """Train sparse autoencoders offline from an activation store."""

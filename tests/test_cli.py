@@ -1,0 +1,37 @@
+"""Console entry points: usage mistakes are one `error:` line and exit status 2, help exits 0."""
+import sys
+
+import pytest
+
+import evaluate.cli
+import harvest.cli
+import train.cli
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (harvest.cli, ["harvest", "run", "--model", "x"], "Missing option '--out'"),
+    (harvest.cli, ["harvest", "run", "--out", "o", "--tokens", "many"], "'many' is not a valid integer"),
+    (train.cli, ["train", "fit", "--store", "s"], "Missing option '--out'"),
+    (train.cli, ["train", "fit", "--out", "o", "--k", "a,b"], "comma list of integers"),
+    (evaluate.cli, ["evaluate", "splice", "--store", "s"], "Missing option '--sae'"),
+    (evaluate.cli, ["evaluate", "nonsense"], "No such command"),
+])
+def test_usage_errors_are_one_line(module, argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.entry()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+
+
+@pytest.mark.parametrize("module, argv", [(harvest.cli, ["harvest", "run", "--help"]),
+                                          (train.cli, ["train", "fit", "--help"]),
+                                          (evaluate.cli, ["evaluate", "splice", "--help"])])
+def test_help_exits_zero(module, argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.entry()
+    assert exit_info.value.code == 0
+    assert "--help" in capsys.readouterr().out
