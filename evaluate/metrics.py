@@ -7,7 +7,6 @@ Sums stay tensors on the compute device (float64) so a GPU run never syncs per b
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -1,6 +1,5 @@
 """Store format: writer/reader round trip, encodings, geometry, the batch feed, S3."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -232,9 +232,9 @@ def _info(runs) -> str:
 def evaluate_held_out(sae: SAE, batches, scale: float, device) -> dict:
     """NMSE, explained variance, L0 and dead fraction of an SAE (training scale) on held-out rows."""
     sae.eval()
-    err = tot = norm2 = l0 = n = 0.0
+    err = norm2 = l0 = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    xs_sum, xs_sq, count = None, 0.0, 0
+    xs_sum, count = None, 0
     for x, g in batches:
         x = x.to(device) / scale
         g = g.to(device) * scale if g is not None else None
@@ -243,14 +243,13 @@ def evaluate_held_out(sae: SAE, batches, scale: float, device) -> dict:
         err += (x_hat - x).pow(2).sum().item()
         norm2 += x.pow(2).sum().item()
         xs_sum = x.sum(0) if xs_sum is None else xs_sum + x.sum(0)
-        xs_sq += x.pow(2).sum().item()
         l0 += (feats > 0).sum().item()
         fired |= (feats > 0).any(0)
         count += len(x)
     sae.train()
     if count == 0:
         return {}
-    tot = xs_sq - (xs_sum.pow(2).sum().item() / count)   # sum ||x - mean||^2
+    tot = norm2 - (xs_sum.pow(2).sum().item() / count)   # sum ||x - mean||^2
     return {"held_out_tokens": count, "nmse": err / norm2, "explained_variance": 1 - err / tot,
             "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
 
