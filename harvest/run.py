@@ -111,14 +111,12 @@ class _WindowWriter(threading.Thread):
         self.jobs: queue.Queue = queue.Queue()
         self.free = threading.Semaphore(1)
         self.error: BaseException | None = None
-        self.written_rows = 0
 
     def run(self):
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
                     self.writer.write_window(**job)
-                    self.written_rows += len(job["rows_seq"])
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
             del job
