@@ -68,17 +68,13 @@ class StoreWriter:
             raise StoreError(f"unknown compressor {compressor!r}; use none or zstd")
         group = zarr.open_group(store=fs.zarr_store(path), mode="w", zarr_format=3)
 
-        def rows_array(name, d, encoding):
-            dtype = layout.storage_dtype(encoding)
-            shape = (n_rows, d) if d else (n_rows,)
-            chunk, shard = layout.row_geometry(window_rows, dtype.itemsize * max(d, 1))
-            group.create_array(
-                name, shape=shape, dtype=dtype,
-                chunks=(chunk, d) if d else (chunk,), shards=(shard, d) if d else (shard,),
-                compressors=compressors, fill_value=0,
-                attributes={"encoding": encoding},
-                dimension_names=("row", "dim") if d else ("row",),
-            )
+        def rows_array(name, dtype, d=None, attributes=None):
+            """A [n_rows] or [n_rows, d] array whose chunks and shards both divide the window."""
+            width = (d,) if d else ()
+            chunk, shard = layout.row_geometry(window_rows, np.dtype(dtype).itemsize * (d or 1))
+            group.create_array(name, shape=(n_rows, *width), dtype=dtype, chunks=(chunk, *width),
+                               shards=(shard, *width), compressors=compressors, fill_value=0,
+                               attributes=attributes, dimension_names=("row", "dim")[:1 + len(width)])
 
         seq_bytes = 4 * ctx_len
         tok_chunk = max(1, min(window_seqs, -(-layout.CHUNK_MIN_BYTES // seq_bytes)))
@@ -87,14 +83,14 @@ class StoreWriter:
         group.create_array(layout.TOKENS, shape=(n_seqs, ctx_len), dtype=np.int32,
                            chunks=(tok_chunk, ctx_len), shards=(window_seqs, ctx_len),
                            compressors=compressors, fill_value=0, dimension_names=("seq", "pos"))
-        for name in (layout.ROWS_SEQ, layout.ROWS_POS):
-            chunk, shard = layout.row_geometry(window_rows, 4)
-            group.create_array(name, shape=(n_rows,), dtype=np.int32, chunks=(chunk,), shards=(shard,),
-                               compressors=compressors, fill_value=0, dimension_names=("row",))
+        rows_array(layout.ROWS_SEQ, np.int32)
+        rows_array(layout.ROWS_POS, np.int32)
         for name, s in sites.items():
-            rows_array(layout.acts_path(name), int(s["d"]), s["encoding"])
+            rows_array(layout.acts_path(name), layout.storage_dtype(s["encoding"]), int(s["d"]),
+                       {"encoding": s["encoding"]})
             if grads:
-                rows_array(layout.grads_path(name), int(s["d"]), grads["encoding"])
+                rows_array(layout.grads_path(name), layout.storage_dtype(grads["encoding"]), int(s["d"]),
+                           {"encoding": grads["encoding"]})
         # written last: a store whose root attrs exist has all its arrays
         group.attrs[layout.ROOT_ATTR] = attrs
         return cls(path, group)

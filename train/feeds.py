@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stores import open_store
-
 
 class StoreFeed:
     def __init__(self, store, site: str, batch_size: int, *, rows: tuple[int, int], seed: int,
@@ -73,7 +71,3 @@ def sample_rows(store, site: str, rows: tuple[int, int], n: int, seed: int, excl
     if exclude_pos0:
         idx = idx[store.rows_pos.get_orthogonal_selection((idx,)) != 0]
     return store.acts(site, idx), (store.grads(site, idx) if grads else None)
-
-
-def open_training_store(path: str):
-    return open_store(path)
