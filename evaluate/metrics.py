@@ -20,14 +20,20 @@ def log_probs(logits: Tensor) -> Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def kl_per_token(logp_ref: Tensor, logp_new: Tensor) -> Tensor:
+def kl_reference(logp_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """The clean side of KL(ref || new), computed once per batch and shared by every SAE."""
+    return logp_ref.exp(), logp_ref.clamp_min(_LOGP_FLOOR)
+
+
+def kl_per_token(logp_ref: Tensor, logp_new: Tensor, ref: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """KL(ref || new) = sum_v p_ref (log p_ref - log p_new) for each position, never NaN/inf.
 
-    Both arguments are log-probabilities [..., V]. Where p_ref is exactly 0 the term is 0 whatever
-    log p_new is; the floor keeps 0 * (-inf) from appearing.
+    Both arguments are log-probabilities [..., V]; `ref` = kl_reference(logp_ref) when it is
+    already at hand. Where p_ref is exactly 0 the term is 0 whatever log p_new is; the floor keeps
+    0 * (-inf) from appearing.
     """
-    p_ref = logp_ref.exp()
-    diff = logp_ref.clamp_min(_LOGP_FLOOR) - logp_new.clamp_min(_LOGP_FLOOR)
+    p_ref, logp_ref_floored = ref if ref is not None else kl_reference(logp_ref)
+    diff = logp_ref_floored - logp_new.clamp_min(_LOGP_FLOOR)
     # Rounding can make an exactly-zero KL come out as -1e-9; KL is never negative.
     return (p_ref * diff).sum(-1).clamp_min(0.0)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, log_probs, mse_per_token,
+from evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs, mse_per_token,
                               reconstruction_terms, result_metrics)
 from harvest.errors import HarvestError
 
@@ -157,16 +157,16 @@ def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, tor
     return {s: (acc[0] / acc[1], acc[2] / max(acc[3], 1)) for s, acc in sums.items()}
 
 
-def _ablate(model, ids, site, value_fn, logp_clean, site_sums: Sums, tag: str) -> None:
+def _ablate(model, ids, site, value_fn, clean: dict, site_sums: Sums, tag: str) -> None:
     from harvest.sites import splice
 
     with splice(model, site, value_fn):
         logp = log_probs(_forward(model, ids))
     site_sums.add(f"ce_{tag}", ce_from_log_probs(logp, ids))
-    site_sums.add(f"kl_{tag}", kl_per_token(logp_clean[:, :-1], logp[:, :-1]))
+    site_sums.add(f"kl_{tag}", kl_per_token(None, logp[:, :-1], ref=clean["kl_ref"]))
 
 
-def _spliced(model, ids, entry: Entry, grad, logp_clean, clean: dict, means, final_norm) -> None:
+def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm) -> None:
     """One forward with the SAE's reconstruction spliced in; adds every per-token metric."""
     from harvest.sites import record, splice
 
@@ -184,10 +184,10 @@ def _spliced(model, ids, entry: Entry, grad, logp_clean, clean: dict, means, fin
         logp = log_probs(_forward(model, ids))
     s = entry.sums
     s.add("ce", ce_from_log_probs(logp, ids))
-    s.add("kl", kl_per_token(logp_clean[:, :-1], logp[:, :-1]))
+    s.add("kl", kl_per_token(None, logp[:, :-1], ref=clean["kl_ref"]))
     for name in entry.downstream:
         s.add("ds:" + name, mse_per_token(rec[name], clean[name]))
-        s.add("dsln:" + name, mse_per_token(final_norm(rec[name]), final_norm(clean[name])))
+        s.add("dsln:" + name, mse_per_token(final_norm(rec[name]), clean["ln:" + name]))
     mean, mean_nobos = means[entry.site.name]
     terms = reconstruction_terms(seen["x"], seen["x_hat"], mean, mean_nobos)
     var_nobos = terms.pop("var_nobos")
@@ -205,6 +205,10 @@ def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> N
     with record(model, sites + posts) as rec:
         logp_clean = log_probs(_forward(model, ids))
     clean = dict(rec)
+    # the clean side of every comparison, computed once per batch for all SAEs and ablations
+    clean["kl_ref"] = kl_reference(logp_clean[:, :-1])
+    with torch.no_grad():
+        clean.update({"ln:" + name: adapter.final_norm(clean[name]) for name in posts})
     clean_sums.add("ce", ce_from_log_probs(logp_clean, ids))
 
     grad_sites = sorted({e.site for e in entries if e.use_grad})
@@ -215,13 +219,13 @@ def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> N
 
     for site in sites:
         mean = means[site.name][0]
-        _ablate(model, ids, site, torch.zeros_like, logp_clean, site_sums[site.name], "zero")
+        _ablate(model, ids, site, torch.zeros_like, clean, site_sums[site.name], "zero")
         _ablate(model, ids, site, lambda a: mean.to(a.dtype).expand_as(a).clone(),
-                logp_clean, site_sums[site.name], "mean")
+                clean, site_sums[site.name], "mean")
         for e in entries:
             if e.site == site:
                 grad = grads.get(site.name) if e.use_grad else None
-                _spliced(model, ids, e, grad, logp_clean, clean, means, adapter.final_norm)
+                _spliced(model, ids, e, grad, clean, means, adapter.final_norm)
 
 
 # --- entry point -------------------------------------------------------------------------------
