@@ -15,7 +15,7 @@ from harvest.models import load_model
 from harvest.run import HarvestConfig, harvest
 from harvest.sites import Site
 from stores import open_store
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, write_corpus
 from train.cli import main as train_cli
 from train.config import TrainConfig
 from train.errors import TrainError
@@ -29,12 +29,7 @@ CTX, SEQS = 32, 8   # 8 sequences of 32 tokens per step
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    corpus = root / "docs.jsonl"
-    rng = np.random.default_rng(0)
-    words = "the a model reads every token and layer of sparse features in stores".split()
-    with open(corpus, "w") as f:
-        for i in range(300):
-            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(5, 60))))}) + "\n")
+    corpus = write_corpus(root / "docs.jsonl", n_docs=300, max_words=60)
     model_path = make_tiny_model("gpt2", root / "gpt2")
     store = root / "s.zarr"
     harvest(HarvestConfig(out=str(store), model=model_path, dataset=str(corpus), sites="blocks.1.resid_pre",

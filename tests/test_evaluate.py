@@ -18,7 +18,7 @@ from harvest.models import load_model
 from harvest.sites import capture
 from train.checkpoint import save_sae
 from train.sae import SAEConfig, make_sae
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, write_corpus
 
 D = 64           # tiny models' d_model
 CTX, N_SEQS, BATCH = 32, 8, 4   # two batches, so accumulation across batches is exercised
@@ -27,12 +27,8 @@ CTX, N_SEQS, BATCH = 32, 8, 4   # two batches, so accumulation across batches is
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_assets")
-    corpus = root / "docs.jsonl"
-    rng = np.random.default_rng(0)
     words = "the quick brown fox reads every token of sparse features in a layer".split()
-    with open(corpus, "w") as f:
-        for i in range(200):
-            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(5, 60))))}) + "\n")
+    corpus = write_corpus(root / "docs.jsonl", n_docs=200, max_words=60, words=words)
     return {"gpt2": make_tiny_model("gpt2", root / "gpt2"),
             "gemma2": make_tiny_model("gemma2", root / "gemma2"),
             "corpus": str(corpus), "root": root}

@@ -17,7 +17,7 @@ from harvest.cli import main as harvest_cli
 from harvest.errors import HarvestError
 from harvest.run import HarvestConfig, harvest
 from stores import open_store
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,13 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("harvest_assets")
-    corpus = root / "docs.jsonl"
-    rng = np.random.default_rng(0)
-    words = "the a model reads every token and layer of sparse features in stores".split()
-    with open(corpus, "w") as f:
-        for i in range(400):
-            n = int(rng.integers(5, 80))
-            f.write(json.dumps({"text": " ".join(rng.choice(words, n)), "id": i}) + "\n")
+    corpus = write_corpus(root / "docs.jsonl", n_docs=400, max_words=80)
     return {"gpt2": make_tiny_model("gpt2", root / "gpt2"), "gemma2": make_tiny_model("gemma2", root / "gemma2"),
             "corpus": str(corpus), "root": root}
 

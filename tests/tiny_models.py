@@ -114,3 +114,19 @@ def make_tiny_model(family: str, path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+CORPUS_WORDS = "the a model reads every token and layer of sparse features in stores".split()
+
+
+def write_corpus(path, n_docs: int, max_words: int, words=CORPUS_WORDS, seed: int = 0) -> str:
+    """A seeded local JSONL corpus ({"text": ...} per line) of 5..max_words-word documents."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(5, max_words))))}) + "\n")
+    return str(path)
