@@ -14,22 +14,20 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in str(value).split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected a comma list of numbers, got {value!r}") from None
+def _comma_list(cast, kind: str):
+    """A click callback parsing "1,2,4" into a tuple (a sweep)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(cast(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected a comma list of {kind}, got {value!r}") from None
+    return parse
 
 
-def _ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in str(value).split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected a comma list of integers, got {value!r}") from None
+_floats = _comma_list(float, "numbers")
+_ints = _comma_list(int, "integers")
 
 
 def entry() -> None:
