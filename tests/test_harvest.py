@@ -198,7 +198,7 @@ def test_bad_input_one_clear_line(assets, tmp_path, extra, message):
     assert code != 0
     assert "Traceback" not in text
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error:") and message.lower() in " ".join(lines).lower(), text
+    assert len(lines) == 1 and lines[0].startswith("error:") and message.lower() in lines[0].lower(), text
     assert not out.exists()
 
 
