@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) -m evaluate demo --out demo-out
+	$(PYTHON) -m sae_harvest.evaluate demo --out demo-out
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -14,19 +14,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from evaluate.splice import evaluate_saes  # noqa: E402
-from harvest.default_model import DEFAULT_DATASET, DEFAULT_MODEL, resolve_model  # noqa: E402
-from harvest.models import get_adapter, load_model  # noqa: E402
-from train.checkpoint import save_sae  # noqa: E402
-from train.sae import SAEConfig, make_sae  # noqa: E402
+from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.splice import evaluate_saes
+from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, resolve_model
+from sae_harvest.harvest.models import get_adapter, load_model
+from sae_harvest.train.sae_io import save_sae
+from sae_harvest.train.registry import SAEConfig, make_sae
 
 
 def bare_forward(model, ids, batch, device) -> float:
@@ -42,8 +40,8 @@ def bare_forward(model, ids, batch, device) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dataset", default=DEFAULT_DATASET)
+    p.add_argument("--model", default=OFFLINE_MODEL)
+    p.add_argument("--dataset", default=OFFLINE_DATASET)
     p.add_argument("--site", default="blocks.2.resid_pre")
     p.add_argument("--n-saes", type=int, default=4)
     p.add_argument("--expansion", type=int, default=8)
@@ -57,7 +55,7 @@ def main():
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-eval-")
     if args.model == "gpt2-small-random":
-        from bench.harvest import gpt2_small_random
+        from common import gpt2_small_random
         model_path = gpt2_small_random(tmp)
     else:
         model_path = resolve_model(args.model)
@@ -77,8 +75,9 @@ def main():
 
     def evaluate(tokens):
         t0 = time.perf_counter()
-        evaluate_saes(model_path, paths, dataset=args.dataset, tokens=tokens, ctx_len=args.ctx_len,
-                      batch_size=args.batch_size, device=args.device, progress=False)
+        evaluate_saes(EvalConfig(model=model_path, saes=tuple(paths), dataset=args.dataset, tokens=tokens,
+                                 ctx_len=args.ctx_len, batch_size=args.batch_size, device=args.device),
+                      progress=False)
         return time.perf_counter() - t0
 
     eval_rates, bare_rates = [], []

@@ -14,31 +14,19 @@ import json
 import os
 import shutil
 import statistics
-import sys
+
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
+from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, resolve_dataset, resolve_model
+from sae_harvest.harvest.models import get_adapter, load_model
+from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.harvest.sites import next_token_loss_sum
+from sae_harvest.stores import fs
 
-from harvest.default_model import DEFAULT_DATASET, DEFAULT_MODEL, resolve_dataset, resolve_model  # noqa: E402
-from harvest.models import get_adapter, load_model  # noqa: E402
-from harvest.run import HarvestConfig, harvest  # noqa: E402
-from harvest.sites import next_token_loss_sum  # noqa: E402
-from stores import fs  # noqa: E402
-
-
-def gpt2_small_random(root: str) -> str:
-    """GPT-2 small's shape with random weights (the real one cannot be downloaded here)."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    path = os.path.join(root, "gpt2-small-random")
-    if not os.path.exists(path):
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
-        AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL)).save_pretrained(path)
-    return path
+from common import gpt2_small_random  # bench/ is the script directory
 
 
 def bare_loop(model, device, ctx, batch, tokens, vocab) -> float:
@@ -69,8 +57,8 @@ def harvest_seconds(cfg: HarvestConfig) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dataset", default=DEFAULT_DATASET)
+    p.add_argument("--model", default=OFFLINE_MODEL)
+    p.add_argument("--dataset", default=OFFLINE_DATASET)
     p.add_argument("--sites", default=None, help="default: 4 sites from layer 0 to the last layer")
     p.add_argument("--tokens", type=int, default=65536, help="N: runs use N and 2N tokens")
     p.add_argument("--ctx-len", type=int, default=128)

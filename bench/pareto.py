@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from evaluate.demo import run_demo  # noqa: E402
-from evaluate.report import series_label  # noqa: E402
+from sae_harvest.evaluate.demo import run_demo
+from sae_harvest.evaluate.report import series_label
 
 SWEEPS = [
     ("relu", "relu", {"l1": (10.0, 30.0, 100.0, 300.0, 1000.0)}),

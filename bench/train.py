@@ -15,19 +15,16 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from stores import StoreWriter  # noqa: E402
-from train.config import TrainConfig, default_lr  # noqa: E402
-from train.loop import fit  # noqa: E402
-from train.sae import SAEConfig, make_sae  # noqa: E402
+from sae_harvest.stores import StoreWriter
+from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.fit import fit
+from sae_harvest.train.registry import SAEConfig, make_sae
 
 
 def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
@@ -57,7 +54,7 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
     sae = make_sae(cfg).to(device)
     if device.type == "cuda" and k and k * 16 <= d_sae:
         sae.use_sparse_decode = True
-    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(arch, d_sae))
+    opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
     data = torch.randn(16 * batch, d, device=device)
     steps = max(1, tokens // batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

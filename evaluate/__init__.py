@@ -1,5 +1,5 @@
 """Evaluate SAEs by splicing their reconstructions into the live model (`evaluate splice`)."""
-from evaluate.report import pareto_front
-from evaluate.splice import EvaluateError, evaluate_saes
+from sae_harvest.evaluate.report import pareto_front
+from sae_harvest.evaluate.splice import EvaluateError, evaluate_saes
 
 __all__ = ["EvaluateError", "evaluate_saes", "pareto_front"]

@@ -1,3 +1,3 @@
-from evaluate.cli import entry
+from sae_harvest.evaluate.cli import entry
 
 entry()

@@ -10,13 +10,14 @@ import json
 import time
 from pathlib import Path
 
-from harvest.default_model import DEFAULT_DATASET, DEFAULT_MODEL, default_model_dir
-from harvest.run import HarvestConfig, harvest
-from train.config import TrainConfig
-from train.loop import fit
+from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, default_model_dir
+from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.fit import fit
 
-from evaluate.report import print_table, write_json, write_plot
-from evaluate.splice import evaluate_saes
+from sae_harvest.evaluate.report import print_table, write_json, write_plot
+from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.splice import evaluate_saes
 
 SITE = "blocks.2.resid_pre"
 SITES = "blocks.2.resid_pre,blocks.1.mlp_out"
@@ -53,7 +54,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     say(f"[1/4] offline default model (built once, cached): {default_model_dir()}")
     store = out_dir / "store.zarr"
     say(f"[2/4] harvest {tokens:,} tokens at {SITES} with gradients -> {store}")
-    harvest(HarvestConfig(out=str(store), model=DEFAULT_MODEL, dataset=DEFAULT_DATASET, sites=SITES, grads=True,
+    harvest(HarvestConfig(out=str(store), model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITES, grads=True,
                           tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto"),
             resume=True, console=console)
 
@@ -71,12 +72,13 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
         paths += sorted(str(p) for p in target.iterdir() if (p / "cfg.json").exists())
 
     say(f"[4/4] evaluate {len(paths)} SAEs spliced into the model on {eval_tokens:,} held-out tokens")
-    results = evaluate_saes(None, paths, store=str(store), tokens=eval_tokens, batch_size=16, console=console)
+    eval_cfg = EvalConfig(saes=tuple(paths), store=str(store), tokens=eval_tokens, batch_size=16)
+    results = evaluate_saes(eval_cfg, console=console)
     import sys
 
     from rich.console import Console
     print_table(results, Console(width=None if sys.stdout.isatty() else 180))
-    write_json(results, out_dir / "results.json")
+    write_json(results, out_dir / "results.json", config=eval_cfg.to_dict())
     write_plot(results, out_dir / "pareto.png")
     (out_dir / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
     say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "

@@ -38,14 +38,8 @@ def kl_per_token(logp_ref: Tensor, logp_new: Tensor, ref: tuple[Tensor, Tensor] 
     return (p_ref * diff).sum(-1).clamp_min(0.0)
 
 
-def ce_per_token(logits: Tensor, ids: Tensor) -> Tensor:
-    """Next-token CE in nats, float32, [B, T-1]: position t predicts token t+1."""
-    pred = logits[:, :-1].float()
-    return F.cross_entropy(pred.transpose(1, 2), ids[:, 1:], reduction="none")
-
-
 def ce_from_log_probs(logp: Tensor, ids: Tensor) -> Tensor:
-    """Same as ce_per_token, from log_probs(logits) [B, T, V] already computed."""
+    """Next-token CE in nats [B, T-1] from log_probs(logits) [B, T, V]: position t predicts token t+1."""
     return -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 

@@ -79,13 +79,15 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
 
 
 # --- files -------------------------------------------------------------------------------------
-def write_json(results: list[dict], path) -> None:
-    """{"results": [...]} in the order evaluated; undefined metrics are null (never NaN)."""
+def write_json(results: list[dict], path, config: dict | None = None) -> None:
+    """{"config": EvalConfig, "results": [...]} in the order evaluated; undefined metrics are null
+    (never NaN)."""
     path = Path(path)
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"results": results}, indent=2, allow_nan=False) + "\n")
+    doc = {"config": config, "results": results} if config is not None else {"results": results}
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

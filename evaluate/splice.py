@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs, mse_per_token,
-                              reconstruction_terms, result_metrics)
-from harvest.errors import HarvestError
+from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs,
+                                          mse_per_token, reconstruction_terms, result_metrics)
+from sae_harvest.harvest.errors import HarvestError
+from sae_harvest.stores.errors import UserError
 
 
-class EvaluateError(Exception):
-    """A user-facing problem (bad SAE file, unknown site, missing model/store); one line."""
-
-    def __str__(self) -> str:
-        return " ".join(super().__str__().split())
+class EvaluateError(UserError):
+    """A bad evaluation input (SAE that does not fit the model, unknown site, nothing to evaluate)."""
 
 
 @dataclass
@@ -46,12 +45,9 @@ class Entry:
 
 # --- inputs ------------------------------------------------------------------------------------
 def _load_entry(path: str, device) -> Entry:
-    from train.checkpoint import CFG_NAME, CheckpointError, load_sae
+    from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
-    try:
-        sae = load_sae(path, device=device)
-    except CheckpointError as e:
-        raise EvaluateError(str(e)) from None
+    sae = load_sae(path, device=device)
     d = Path(path)
     d = d.parent if d.is_file() else d
     return Entry(path=str(path), sae=sae, cfg=json.loads((d / CFG_NAME).read_text()))
@@ -59,7 +55,7 @@ def _load_entry(path: str, device) -> Entry:
 
 def _attach_site(entry: Entry, adapter, grad_select: bool) -> None:
     """Parse the SAE's hook_name and check the model has that site with the SAE's width."""
-    from harvest.sites import Site
+    from sae_harvest.harvest.sites import Site
 
     hook = entry.cfg.get("hook_name")
     if not hook or str(hook).startswith("meta:"):
@@ -77,7 +73,7 @@ def _attach_site(entry: Entry, adapter, grad_select: bool) -> None:
         raise EvaluateError(f"{entry.path}: SAE d_in {entry.sae.cfg.d_in} != width {width} of "
                             f"site {site.name} in this model")
     entry.site = site
-    entry.use_grad = entry.sae.cfg.arch == "gtopk" and grad_select
+    entry.use_grad = entry.sae.uses_grads and grad_select
     # resid_post of layer l is downstream of every site in block l except resid_post itself.
     first = site.layer + 1 if site.kind == "resid_post" else site.layer
     entry.downstream = [f"blocks.{l}.resid_post" for l in range(first, adapter.n_layers)]
@@ -86,12 +82,9 @@ def _attach_site(entry: Entry, adapter, grad_select: bool) -> None:
 def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
     """The last ceil(tokens / ctx_len) sequences of the store: the trainer holds out its last rows,
     which come from the last shuffle windows, i.e. from these sequences."""
-    from stores import StoreError, open_store
+    from sae_harvest.stores import open_store
 
-    try:
-        store = open_store(store_path)
-    except StoreError as e:
-        raise EvaluateError(str(e)) from None
+    store = open_store(store_path)
     if ctx_len is not None and ctx_len != store.ctx_len:
         raise EvaluateError(f"--ctx-len {ctx_len} differs from the store's ctx_len {store.ctx_len}")
     n = min(max(1, math.ceil(tokens / store.ctx_len)), store.n_seqs)
@@ -100,39 +93,16 @@ def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
 
 
 def _dataset_tokens(dataset: str, tokenizer, tokens: int, ctx_len: int | None, split, text_column):
-    from harvest.data import open_dataset, packed_sequences
-    from harvest.default_model import resolve_dataset
+    from sae_harvest.harvest.data import open_dataset, packed_sequences
+    from sae_harvest.harvest.default_model import resolve_dataset
 
     ctx_len = ctx_len or 128
     n = max(1, math.ceil(tokens / ctx_len))
-    try:
-        ds = open_dataset(resolve_dataset(dataset), split, text_column)
-        seqs = list(islice(packed_sequences(ds, tokenizer, ctx_len, text_column), n))
-    except HarvestError as e:
-        raise EvaluateError(str(e)) from None
+    ds = open_dataset(resolve_dataset(dataset), split, text_column)
+    seqs = list(islice(packed_sequences(ds, tokenizer, ctx_len, text_column), n))
     if not seqs:
         raise EvaluateError(f"dataset {dataset!r} holds less than one sequence of {ctx_len} tokens")
     return torch.from_numpy(np.stack(seqs).astype(np.int64))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise EvaluateError(f"bad --device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluateError(f"--device {name}: CUDA is not available here")
-    return dev
-
-
-def _quiet_transformers():
-    # Our progress bar is the one that matters; HF's weight-loading bars and warnings are noise.
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 # --- passes ------------------------------------------------------------------------------------
@@ -142,7 +112,7 @@ def _forward(model, ids):
 
 def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{site: (mean over all evaluated tokens, mean over positions >= 1)}, float64."""
-    from harvest.sites import capture
+    from sae_harvest.harvest.sites import capture
 
     sums = {s.name: [0, 0, 0, 0] for s in sites}   # sum all, count all, sum nobos, count nobos
     task = bar.add_task("site means", total=sum(b.numel() for b in batches), info="")
@@ -158,7 +128,7 @@ def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, tor
 
 
 def _ablate(model, ids, site, value_fn, clean: dict, site_sums: Sums, tag: str) -> None:
-    from harvest.sites import splice
+    from sae_harvest.harvest.sites import splice
 
     with splice(model, site, value_fn):
         logp = log_probs(_forward(model, ids))
@@ -168,7 +138,7 @@ def _ablate(model, ids, site, value_fn, clean: dict, site_sums: Sums, tag: str) 
 
 def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm) -> None:
     """One forward with the SAE's reconstruction spliced in; adds every per-token metric."""
-    from harvest.sites import record, splice
+    from sae_harvest.harvest.sites import record, splice
 
     sae, seen = entry.sae, {}
 
@@ -198,7 +168,7 @@ def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm) -> 
 
 
 def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> None:
-    from harvest.sites import capture, record
+    from sae_harvest.harvest.sites import capture, record
 
     sites = sorted({e.site for e in entries})
     posts = sorted({name for e in entries for name in e.downstream})
@@ -229,51 +199,47 @@ def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> N
 
 
 # --- entry point -------------------------------------------------------------------------------
-def evaluate_saes(model_name, sae_paths: list[str], *, store=None, dataset=None, text_column="text",
-                  split="train", tokens=65536, ctx_len=None, batch_size=8, device="auto",
-                  dtype="float32", grad_select=True, progress=True, console=None,
-                  revision=None) -> list[dict]:
+def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     """Splice each SAE into the model on the same held-out tokens; one metrics dict per SAE,
-    in the order given. Raises EvaluateError for any input problem."""
-    from harvest.default_model import resolve_model
-    from harvest.models import get_adapter, load_model
-    from stores.progress import token_progress
+    in the order given. Raises a UserError for any input problem."""
+    from sae_harvest.harvest.default_model import resolve_model
+    from sae_harvest.harvest.models import get_adapter, load_model, quiet_transformers
+    from sae_harvest.stores.cli import pick_device
+    from sae_harvest.stores.progress import token_progress
 
-    if not sae_paths:
+    if not cfg.saes:
         raise EvaluateError("no SAE given (--sae PATH)")
-    if (store is None) == (dataset is None):
+    if (cfg.store is None) == (cfg.dataset is None):
         raise EvaluateError("give exactly one of --store (its held-out sequences) or --dataset")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise EvaluateError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    if tokens <= 0 or batch_size <= 0:
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise EvaluateError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
+    if cfg.tokens <= 0 or cfg.batch_size <= 0:
         raise EvaluateError("--tokens and --batch-size must be positive")
-    dev = _device(device)
-    entries = [_load_entry(p, dev) for p in sae_paths]
+    dev = pick_device(cfg.device)
+    entries = [_load_entry(p, dev) for p in cfg.saes]
 
-    ids, store_obj = (None, None) if store is None else _store_tokens(store, tokens, ctx_len)
+    model_name, revision = cfg.model, cfg.revision
+    ids, store_obj = (None, None) if cfg.store is None else _store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
     if store_obj is not None:
         stored = store_obj.attrs.get("model", {})
         if model_name is None:
             model_name, revision = stored.get("name"), revision or stored.get("revision")
     if not model_name:
         raise EvaluateError("no model given (--model)")
-    _quiet_transformers()
-    try:
-        model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
-                                      dtype=getattr(torch, dtype))
-        adapter = get_adapter(model)
-    except HarvestError as e:
-        raise EvaluateError(str(e)) from None
+    quiet_transformers()
+    model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
+                                  dtype=getattr(torch, cfg.dtype))
+    adapter = get_adapter(model)
     for e in entries:
-        _attach_site(e, adapter, grad_select)
+        _attach_site(e, adapter, cfg.grad_select)
     if ids is None:
-        ids = _dataset_tokens(dataset, tokenizer, tokens, ctx_len, split, text_column)
+        ids = _dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column)
     if ids.shape[1] < 3:
         raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
     if ids.shape[1] > adapter.max_positions:
         raise EvaluateError(f"ctx_len {ids.shape[1]} exceeds the model's {adapter.max_positions} positions")
 
-    batches = [b.to(dev) for b in ids.split(batch_size)]
+    batches = [b.to(dev) for b in ids.split(cfg.batch_size)]
     sites = sorted({e.site for e in entries})
     site_sums = {s.name: Sums() for s in sites}
     clean_sums = Sums()
@@ -285,7 +251,7 @@ def evaluate_saes(model_name, sae_paths: list[str], *, store=None, dataset=None,
         for batch in batches:
             _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means)
             bar.update(task, advance=batch.numel())
-    return [_result(e, site_sums[e.site.name], clean_sums, ids, model_name, dtype)
+    return [_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype)
             for e in entries]
 
 
@@ -296,8 +262,8 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype)
     head = {
         "sae": e.path, "name": sweep or folder.name, "sweep_name": sweep,
         "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-        "k": cfg.k if cfg.arch in ("topk", "batchtopk", "gtopk") else None,
-        "l1": cfg.l1_coeff if cfg.arch in ("relu", "gated") else None,
+        "k": cfg.k if e.sae.sweep_field == "k" else None,
+        "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
         "grad_select": e.use_grad, "model": model_name, "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import HarvestError
 
-DEFAULT_DATASET = "Skylion007/openwebtext"
+OPENWEBTEXT = "Skylion007/openwebtext"
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 

@@ -7,8 +7,8 @@ as the corpus, train a byte-level BPE tokenizer and a 4-layer GPT-2 on it (about
 two minutes on two CPU cores), and cache the result as an ordinary HF model
 directory. After that, ``--model stdlib-gpt2`` is just another local checkpoint.
 
-    DEFAULT_MODEL   -> cache_root()/stdlib-gpt2-v1/       (built on first use)
-    DEFAULT_DATASET -> cache_root()/stdlib-py-v1.jsonl    (one {"text": ...} per file)
+    OFFLINE_MODEL   -> cache_root()/stdlib-gpt2-v1/       (built on first use)
+    OFFLINE_DATASET -> cache_root()/stdlib-py-v1.jsonl    (one {"text": ...} per file)
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ try:
 except ImportError:  # Windows: no advisory locks, builds just are not serialised
     fcntl = None
 
-DEFAULT_MODEL = "stdlib-gpt2"
-DEFAULT_DATASET = "stdlib-py"
+OFFLINE_MODEL = "stdlib-gpt2"
+OFFLINE_DATASET = "stdlib-py"
 MODEL_VERSION = "stdlib-gpt2-v1"  # bump when anything below changes the weights
 CORPUS_VERSION = "stdlib-py-v1"
 EOT = "<|endoftext|>"
@@ -139,11 +139,11 @@ def default_model_dir(build: bool = True, progress: bool = True) -> pathlib.Path
 
 
 def resolve_model(name: str) -> str:
-    return str(default_model_dir()) if name == DEFAULT_MODEL else name
+    return str(default_model_dir()) if name == OFFLINE_MODEL else name
 
 
 def resolve_dataset(name: str) -> str:
-    return str(default_corpus_path()) if name == DEFAULT_DATASET else name
+    return str(default_corpus_path()) if name == OFFLINE_DATASET else name
 
 
 def _train_tokenizer(texts: list[str]):
@@ -258,7 +258,7 @@ def build_default_model(out_dir, *, seed: int = 0, progress: bool = True,
     t_train = time.time()
     model.train()
     with bar:
-        task = bar.add_task(f"training {DEFAULT_MODEL}", total=steps, tps=0.0, loss=float("nan")) if progress else None
+        task = bar.add_task(f"training {OFFLINE_MODEL}", total=steps, tps=0.0, loss=float("nan")) if progress else None
         for it in range(steps):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(it)
@@ -303,7 +303,7 @@ def build_default_model(out_dir, *, seed: int = 0, progress: bool = True,
 
     tail = losses[-min(50, len(losses)):]
     report = {
-        "model": DEFAULT_MODEL, "version": MODEL_VERSION, "seed": seed,
+        "model": OFFLINE_MODEL, "version": MODEL_VERSION, "seed": seed,
         "unigram_entropy": unigram_entropy,  # nats/token, training tokens
         "train_loss": sum(tail) / len(tail),  # mean of the last <=50 steps, nats/token
         "val_ce": val_ce,  # nats/token, held-out files

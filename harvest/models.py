@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harvest.errors import HarvestError
+from sae_harvest.harvest.errors import HarvestError
 
 SUPPORTED_FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3")
 
@@ -97,6 +97,14 @@ def load_model(name_or_path: str, *, revision=None, device="cpu", dtype=torch.fl
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def quiet_transformers() -> None:
+    """Our progress bar is the one that matters; HF's per-load bars and warnings are noise here."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _first_line(err: Exception) -> str:

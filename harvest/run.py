@@ -19,14 +19,15 @@ from itertools import islice
 import numpy as np
 import torch
 
-from stores import StoreError, StoreWriter, fs, layout
-from stores.progress import token_progress
+from sae_harvest.stores import StoreWriter, fs, layout
+from sae_harvest.stores.cli import opt, pick_device
+from sae_harvest.stores.progress import token_progress
 
 from . import __version__
-from .data import DEFAULT_DATASET, open_dataset, packed_sequences, separator_and_bos
+from .data import OPENWEBTEXT, open_dataset, packed_sequences, separator_and_bos
 from .default_model import resolve_dataset, resolve_model
 from .errors import HarvestError
-from .models import get_adapter, load_model
+from .models import get_adapter, load_model, quiet_transformers
 from .sites import capture, parse_sites
 
 GRAD_DEFINITION = (
@@ -38,25 +39,30 @@ GRAD_DEFINITION = (
 
 @dataclass(frozen=True)
 class HarvestConfig:
-    out: str
-    model: str = "gpt2"
-    revision: str | None = None
-    dataset: str = DEFAULT_DATASET
-    split: str = "train"
-    text_column: str = "text"
-    sites: str = "blocks.6.resid_pre"
-    grads: bool = False
-    tokens: int = 1_000_000
-    ctx_len: int = 128
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    shuffle_window: int = 1 << 20
-    act_encoding: str = "auto"
-    grad_encoding: str = "bfloat16"
-    compressor: str = "none"
-    trust_remote_code: bool = False
+    """Everything that shapes a harvest; `harvest run`'s options are generated from these fields."""
+    out: str = opt(dataclasses.MISSING, "Store path or fsspec URL (s3://bucket/x.zarr, gs://..., file://...).")
+    model: str = opt("gpt2", "HF model id or local directory (GPT-2, Gemma 1/2/3); 'stdlib-gpt2' = the "
+                             "offline default.")
+    revision: str | None = opt(None, "Model revision (branch, tag or commit).")
+    dataset: str = opt(OPENWEBTEXT, "HF dataset id (streamed), a local jsonl/parquet/txt file or folder, or a "
+                                    "saved dataset; 'stdlib-py' = the offline default corpus.")
+    split: str = opt("train", "Dataset split.")
+    text_column: str = opt("text", "Column holding the text.")
+    sites: str = opt("blocks.6.resid_pre", "Comma list / globs of blocks.<L>.<kind>; kinds: resid_pre, resid_mid, "
+                                           "resid_post, attn_out, attn_z, mlp_out, mlp_act.")
+    grads: bool = opt(False, "Also store d(summed next-token CE)/d(activation) per token.", flag="--grads/--no-grads")
+    tokens: int = opt(1_000_000, "Tokens to harvest.")
+    ctx_len: int = opt(128, "Tokens per sequence.")
+    batch_size: int = opt(16, "Sequences per forward pass.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    dtype: str = opt("float32", "Model compute dtype.", choices=("float32", "bfloat16", "float16"))
+    seed: int = opt(0, "Seeds the row shuffle.")
+    shuffle_window: int = opt(1 << 20, "Tokens shuffled together (bounds host memory: ~2 windows of rows are held).")
+    act_encoding: str = opt("auto", "auto: float16 for GPT-2, bfloat16 for Gemma (fp16 overflows there).",
+                            choices=("auto", "float16", "bfloat16", "float32"))
+    grad_encoding: str = opt("bfloat16", "Encoding of the stored gradients.", choices=("bfloat16", "float32"))
+    compressor: str = opt("none", "Chunk compression.", choices=("none", "zstd"))
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (off by default).")
 
 
 # a resumed harvest must agree on everything that shapes the rows and their values
@@ -71,18 +77,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _scrub(text: str | None) -> str | None:
     """Drop user:password@ from URLs so no credential lands in a store."""
     return None if text is None else re.sub(r"://[^/@\s]+@", "://", str(text))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HarvestError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarvestError("--device cuda asked for, but no CUDA device is available")
-    return device
 
 
 def _to_storage(t: torch.Tensor, encoding: str) -> torch.Tensor:
@@ -142,24 +136,13 @@ class _WindowWriter(threading.Thread):
             raise self.error
 
 
-def _quiet_transformers():
-    """Our progress bar is the one that matters; HF's per-load bars and warnings are noise here."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def _identity(cfg: HarvestConfig) -> dict:
     return {k: getattr(cfg, k) for k in IDENTITY_KEYS}
 
 
 def _open_for_resume(cfg: HarvestConfig) -> StoreWriter:
-    try:
-        writer = StoreWriter.open(cfg.out)
-    except StoreError as e:
-        raise HarvestError(str(e)) from None
-    stored = writer.meta.get("harvest", {})
+    writer = StoreWriter.open(cfg.out)
+    stored = writer.attrs.get("harvest", {})
     differ = [k for k, v in _identity(cfg).items() if stored.get(k) != v]
     if differ:
         shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {getattr(cfg, k)!r})" for k in differ)
@@ -175,21 +158,21 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
             raise HarvestError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
     if cfg.dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
-    for opt, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
+    for flag, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
         if enc not in ("auto", *layout.ENCODINGS):
-            raise HarvestError(f"unknown --{opt} {enc!r}; use one of auto, {', '.join(layout.ENCODINGS)}")
+            raise HarvestError(f"unknown --{flag} {enc!r}; use one of auto, {', '.join(layout.ENCODINGS)}")
     writer = None
     if fs.anything_at(cfg.out):
         if resume:
             writer = _open_for_resume(cfg)
-            if writer.meta["complete"]:
+            if writer.attrs["complete"]:
                 return summarize(cfg.out, seconds=0.0, tokens_this_run=0, console=console, quiet=not progress)
         elif not overwrite:
             raise HarvestError(f"{cfg.out} already exists: pass --resume to continue it or --overwrite to replace it")
 
     # everything that can fail on bad input is checked before the output is touched
-    device = _device(cfg.device)
-    _quiet_transformers()
+    device = pick_device(cfg.device)
+    quiet_transformers()
     model, tokenizer = load_model(resolve_model(cfg.model), revision=cfg.revision, device=device,
                                   dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     adapter = get_adapter(model)
@@ -222,16 +205,13 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
                        "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
                       if cfg.grads else None)
         site_meta = {s.name: {"d": adapter.site_width(s.kind), "encoding": act_encoding} for s in sites}
-        try:
-            writer = StoreWriter.create(cfg.out, meta=meta, sites=site_meta, grads=grads_meta, ctx_len=ctx,
-                                        n_seqs=n_seqs, window_seqs=window_seqs, compressor=cfg.compressor)
-        except StoreError as e:
-            raise HarvestError(str(e)) from None
+        writer = StoreWriter.create(cfg.out, meta=meta, sites=site_meta, grads=grads_meta, ctx_len=ctx,
+                                    n_seqs=n_seqs, window_seqs=window_seqs, compressor=cfg.compressor)
     return _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console)
 
 
 def _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console) -> dict:
-    meta = writer.meta
+    meta = writer.attrs
     ctx, window_seqs = meta["ctx_len"], meta["window_seqs"]
     window_rows = window_seqs * ctx
     n_seqs = meta["n_seqs"]
@@ -319,7 +299,7 @@ def _scatter(buffers, name, values, encoding, dest, window_rows, what):
 
 
 def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, quiet=False) -> dict:
-    from stores import open_store
+    from sae_harvest.stores import open_store
 
     store = open_store(path)
     size = fs.du(path)
@@ -334,15 +314,10 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
 
         table = Table(title=f"store {path}", show_header=False)
         table.add_row("rows (tokens)", f"{store.n_rows:,} in {store.n_seqs:,} sequences of {store.ctx_len}")
-        table.add_row("sites", ", ".join(f"{s} (d={store.d(s)})" for s in store.sites))
+        table.add_row("sites", ", ".join(f"{s} (d={store.width(s)})" for s in store.sites))
         table.add_row("gradients", "yes" if store.has_grads else "no")
         table.add_row("on disk", f"{size / 2**20:,.1f} MiB ({summary['bytes_per_token']:,.0f} bytes/token)")
         if summary["tokens_per_s"]:
             table.add_row("speed", f"{summary['tokens_per_s']:,.0f} tokens/s over {seconds:,.1f} s")
         console.print(table)
     return summary
-
-
-def config_from_kwargs(**kwargs) -> HarvestConfig:
-    fields = {f.name for f in dataclasses.fields(HarvestConfig)}
-    return HarvestConfig(**{k: v for k, v in kwargs.items() if k in fields})

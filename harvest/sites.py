@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harvest.errors import HarvestError
-from harvest.models import get_adapter
+from sae_harvest.harvest.errors import HarvestError
+from sae_harvest.harvest.models import get_adapter
 
 # In forward-pass order within a block; Site sorts by (layer, this order).
 KINDS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post")

@@ -22,7 +22,7 @@ class BlockBatches:
         self.store = store
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         for site in self.sites:
-            store.d(site)  # raises a clear StoreError for an unknown site
+            store.width(site)  # raises a clear StoreError for an unknown site
         if grads and not store.has_grads:
             from .errors import StoreError
             raise StoreError(f"store {store.path} has no gradients (harvest with --grads)")
@@ -41,13 +41,6 @@ class BlockBatches:
         self.drop_last = drop_last
         s = state or {"epoch": 0, "block": 0, "offset": 0}
         self._state = (int(s["epoch"]), int(s["block"]), int(s["offset"]))
-
-    def __len__(self) -> int:
-        """Batches per epoch (approximate when exclude_pos0 drops rows)."""
-        n = sum(b - a for a, b in self.blocks)
-        if self.exclude_pos0:
-            n -= n // self.store.ctx_len
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def state(self) -> dict:
         epoch, block, offset = self._state

@@ -46,7 +46,7 @@ class Store:
     def has_grads(self) -> bool:
         return bool(self.attrs.get("grads"))
 
-    def d(self, site: str) -> int:
+    def width(self, site: str) -> int:
         return int(self.attrs["sites"][self._site(site)]["d"])
 
     @property

@@ -20,22 +20,22 @@ class StoreWriter:
     def __init__(self, path: str, group: zarr.Group):
         self.path = str(path)
         self.group = group
-        self.meta = dict(group.attrs[layout.ROOT_ATTR])
-        self.window_seqs = self.meta["window_seqs"]
-        self.ctx_len = self.meta["ctx_len"]
+        self.attrs = dict(group.attrs[layout.ROOT_ATTR])
+        self.window_seqs = self.attrs["window_seqs"]
+        self.ctx_len = self.attrs["ctx_len"]
         self.window_rows = self.window_seqs * self.ctx_len
         self._arrays = {name: group[name] for name in self._array_names()}
 
     def _array_names(self) -> list[str]:
         names = [layout.TOKENS, layout.ROWS_SEQ, layout.ROWS_POS]
-        names += [layout.acts_path(s) for s in self.meta["sites"]]
-        if self.meta.get("grads"):
-            names += [layout.grads_path(s) for s in self.meta["sites"]]
+        names += [layout.acts_path(s) for s in self.attrs["sites"]]
+        if self.attrs.get("grads"):
+            names += [layout.grads_path(s) for s in self.attrs["sites"]]
         return names
 
     @property
     def windows_done(self) -> int:
-        return int(self.meta["windows_done"])
+        return int(self.attrs["windows_done"])
 
     @classmethod
     def create(cls, path: str, *, meta: dict, sites: dict[str, dict], grads: dict | None,
@@ -115,24 +115,24 @@ class StoreWriter:
         self._arrays[layout.ROWS_SEQ][r0:r0 + n] = rows_seq.astype(np.int32, copy=False)
         self._arrays[layout.ROWS_POS][r0:r0 + n] = rows_pos.astype(np.int32, copy=False)
         for site, values in acts.items():
-            enc = self.meta["sites"][site]["encoding"]
+            enc = self.attrs["sites"][site]["encoding"]
             self._arrays[layout.acts_path(site)][r0:r0 + n] = layout.encode(values, enc)
         for site, values in (grads or {}).items():
-            enc = self.meta["grads"]["encoding"]
+            enc = self.attrs["grads"]["encoding"]
             self._arrays[layout.grads_path(site)][r0:r0 + n] = layout.encode(values, enc)
         self._set(windows_done=window + 1)
 
     def _set(self, **updates) -> None:
-        self.meta.update(updates)
-        self.group.attrs[layout.ROOT_ATTR] = self.meta
+        self.attrs.update(updates)
+        self.group.attrs[layout.ROOT_ATTR] = self.attrs
 
     def finish(self, n_seqs: int, **extra) -> dict:
         """Shrink to the sequences actually written and mark the store complete."""
         n_rows = n_seqs * self.ctx_len
-        if n_seqs != self.meta["n_seqs"]:
+        if n_seqs != self.attrs["n_seqs"]:
             self._arrays[layout.TOKENS].resize((n_seqs, self.ctx_len))
             for name, arr in self._arrays.items():
                 if name != layout.TOKENS:
                     arr.resize((n_rows,) + arr.shape[1:])
         self._set(n_seqs=n_seqs, n_rows=n_rows, complete=True, **extra)
-        return self.meta
+        return self.attrs

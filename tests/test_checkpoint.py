@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import train
-from train.checkpoint import CFG_NAME, WEIGHTS_NAME, CheckpointError, load_sae, save_sae
-from train.sae import ARCH_NAMES, SAEConfig, make_sae
+from sae_harvest import train
+from sae_harvest.train.sae_io import CFG_NAME, WEIGHTS_NAME, CheckpointError, load_sae, save_sae
+from sae_harvest.train.registry import ARCH_NAMES, SAEConfig, make_sae
 
 EXTRA = {"hook_name": "blocks.6.hook_resid_pre", "model_name": "gpt2", "train": {"lr": 3e-4}}
 SAELENS_ARCH = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu", "gtopk": "topk"}

@@ -3,18 +3,18 @@ import sys
 
 import pytest
 
-import evaluate.cli
-import harvest.cli
-import train.cli
+from sae_harvest.evaluate import cli as evaluate_cli
+from sae_harvest.harvest import cli as harvest_cli
+from sae_harvest.train import cli as train_cli
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    (harvest.cli, ["harvest", "run", "--model", "x"], "Missing option '--out'"),
-    (harvest.cli, ["harvest", "run", "--out", "o", "--tokens", "many"], "'many' is not a valid integer"),
-    (train.cli, ["train", "fit", "--store", "s"], "Missing option '--out'"),
-    (train.cli, ["train", "fit", "--out", "o", "--k", "a,b"], "comma list of integers"),
-    (evaluate.cli, ["evaluate", "splice", "--store", "s"], "Missing option '--sae'"),
-    (evaluate.cli, ["evaluate", "nonsense"], "No such command"),
+    (harvest_cli, ["harvest", "run", "--model", "x"], "Missing option '--out'"),
+    (harvest_cli, ["harvest", "run", "--out", "o", "--tokens", "many"], "'many' is not a valid integer"),
+    (train_cli, ["train", "fit", "--store", "s"], "Missing option '--out'"),
+    (train_cli, ["train", "fit", "--out", "o", "--k", "a,b"], "comma list of integers"),
+    (evaluate_cli, ["evaluate", "splice", "--store", "s"], "Missing option '--sae'"),
+    (evaluate_cli, ["evaluate", "nonsense"], "No such command"),
 ])
 def test_usage_errors_are_one_line(module, argv, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
@@ -26,9 +26,9 @@ def test_usage_errors_are_one_line(module, argv, message, monkeypatch, capsys):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
 
 
-@pytest.mark.parametrize("module, argv", [(harvest.cli, ["harvest", "run", "--help"]),
-                                          (train.cli, ["train", "fit", "--help"]),
-                                          (evaluate.cli, ["evaluate", "splice", "--help"])])
+@pytest.mark.parametrize("module, argv", [(harvest_cli, ["harvest", "run", "--help"]),
+                                          (train_cli, ["train", "fit", "--help"]),
+                                          (evaluate_cli, ["evaluate", "splice", "--help"])])
 def test_help_exits_zero(module, argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from harvest import default_model as dm
+from sae_harvest.harvest import default_model as dm
 
 SMALL_STEPS = 120
 SMALL_CORPUS_BYTES = 1_500_000
@@ -99,10 +99,10 @@ def test_tokenizer_round_trip(small_cache):
 def test_resolve_names(cache):
     path = cache / dm.MODEL_VERSION
     # the reduced model sits where the default one is cached, so this must not build
-    assert dm.resolve_model(dm.DEFAULT_MODEL) == str(path)
+    assert dm.resolve_model(dm.OFFLINE_MODEL) == str(path)
     assert dm.default_model_dir(build=False) == path
     assert dm.resolve_model("gpt2") == "gpt2"
-    assert dm.resolve_dataset(dm.DEFAULT_DATASET) == str(cache / f"{dm.CORPUS_VERSION}.jsonl")
+    assert dm.resolve_dataset(dm.OFFLINE_DATASET) == str(cache / f"{dm.CORPUS_VERSION}.jsonl")
     assert dm.resolve_dataset("roneneldan/TinyStories") == "roneneldan/TinyStories"
 
 
@@ -125,7 +125,7 @@ def test_corpus_deterministic(monkeypatch, tmp_path):
 def test_corpus_loads_with_datasets(cache, tmp_path):
     from datasets import load_dataset
 
-    ds = load_dataset("json", data_files=dm.resolve_dataset(dm.DEFAULT_DATASET), split="train",
+    ds = load_dataset("json", data_files=dm.resolve_dataset(dm.OFFLINE_DATASET), split="train",
                       cache_dir=str(tmp_path))
     assert ds.column_names == ["text"]
     assert ds[0]["text"] == dm.stdlib_texts()[0]

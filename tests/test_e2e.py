@@ -9,19 +9,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import train
-import train.e2e as e2e
-from harvest.models import load_model
-from harvest.run import HarvestConfig, harvest
-from harvest.sites import Site
-from stores import open_store
+from sae_harvest import train
+from sae_harvest.train import e2e as e2e
+from sae_harvest.harvest.models import load_model
+from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.harvest.sites import Site
+from sae_harvest.stores import open_store
 from tests.tiny_models import make_tiny_model, write_corpus
-from train.cli import main as train_cli
-from train.config import TrainConfig
-from train.errors import TrainError
-from train.feeds import holdout_split
-from train.loop import TrainInterrupted, fit
-from train.sae import SAEConfig, make_sae
+from sae_harvest.train.cli import main as train_cli
+from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.feeds import holdout_split
+from sae_harvest.train.driver import TrainInterrupted
+from sae_harvest.train.fit import fit
+from sae_harvest.train.registry import SAEConfig, make_sae
 
 CTX, SEQS = 32, 8   # 8 sequences of 32 tokens per step
 
@@ -135,11 +136,10 @@ def test_exact_reconstruction_gives_zero_kl_and_downstream(assets):
         assert float(t["ce"]) == pytest.approx(float(t["ce_clean"]), abs=1e-6)
 
 
-def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path, monkeypatch):
-    trained, real = [], e2e._train_step
-    monkeypatch.setattr(e2e, "_train_step", lambda m, s, r, ids, *a: trained.append(ids) or real(m, s, r, ids, *a))
+def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
+    trained = []
     out = tmp_path / "run"
-    summaries = fit(_cfg(assets, out), progress=False)
+    summaries = fit(_cfg(assets, out), progress=False, on_step=lambda event: trained.append(event.inputs))
     (name, summary), = summaries.items()
     assert name == "relu_l1-0.1"
     records = _metrics(out / name / "metrics.jsonl")
@@ -188,24 +188,18 @@ def test_e2e_ds_sweep_shares_batches(assets, tmp_path):
     assert [r["ce_clean"] for r in a] == [r["ce_clean"] for r in b]
 
 
-def test_resume_continues_exactly(assets, tmp_path, monkeypatch):
+def test_resume_continues_exactly(assets, tmp_path):
     kw = dict(arch="batchtopk", k=(8,), tokens=SEQS * CTX * 12, log_every=4)
     full = tmp_path / "full"
     fit(_cfg(assets, full, **kw), progress=False)
     part = tmp_path / "part"
-    real = e2e._train_step
-    calls = []
 
-    def interrupt_at_7(*a, **k):
-        calls.append(1)
-        if len(calls) == 7:
+    def interrupt_at_7(event):
+        if event.step == 6:
             signal.raise_signal(signal.SIGINT)   # Ctrl-C: the loop finishes the step, saves, stops
-        return real(*a, **k)
 
-    monkeypatch.setattr(e2e, "_train_step", interrupt_at_7)
     with pytest.raises(TrainInterrupted, match="--resume"):
-        fit(_cfg(assets, part, **kw), progress=False)
-    monkeypatch.setattr(e2e, "_train_step", real)
+        fit(_cfg(assets, part, **kw), progress=False, on_step=interrupt_at_7)
     with pytest.raises(TrainError, match="already exists"):
         fit(_cfg(assets, part, **kw), progress=False)
     with pytest.raises(TrainError, match="options differ.*lr"):
@@ -219,24 +213,22 @@ def test_resume_continues_exactly(assets, tmp_path, monkeypatch):
     assert steps == [4, 8, 12]
 
 
-def test_init_from_local_sae(assets, tmp_path, monkeypatch):
+def test_init_from_local_sae(assets, tmp_path):
     local = tmp_path / "local"
     fit(TrainConfig(store=assets["store"], out=str(local), arch="relu", l1=(0.1,), d_sae=128, batch_size=256,
                     tokens=256 * 5, device="cpu", holdout_fraction=0.1), progress=False)
     init = train.load_sae(local / "relu_l1-0.1")
     seen = {}
-    real = e2e._train_step
 
-    def spy(model, site, runs, ids, opts, *a, **k):
+    def spy(event):
         if not seen:
-            (run,) = runs.values()
-            seen["sae"] = make_sae(run["cfg"])
-            seen["sae"].load_state_dict(run["sae"].state_dict())
-            seen["scale"] = opts.loss_kw["scale"]
-        return real(model, site, runs, ids, opts, *a, **k)
+            (run,) = event.runs.values()
+            seen["sae"] = make_sae(run.cfg)
+            seen["sae"].load_state_dict(run.sae.state_dict())
+            seen["scale"] = event.scale
 
-    monkeypatch.setattr(e2e, "_train_step", spy)
-    fit(_cfg(assets, tmp_path / "e2e", init=str(local / "relu_l1-0.1"), tokens=SEQS * CTX * 2), progress=False)
+    fit(_cfg(assets, tmp_path / "e2e", init=str(local / "relu_l1-0.1"), tokens=SEQS * CTX * 2), progress=False,
+        on_step=spy)
     x = torch.randn(50, 64) * 5
     with torch.no_grad():   # the e2e run starts from the very same function of raw activations
         ours = seen["sae"](x / seen["scale"]) * seen["scale"]

@@ -10,14 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evaluate import EvaluateError, evaluate_saes, pareto_front
-from evaluate.cli import main as evaluate_cli
-from evaluate.metrics import kl_per_token, log_probs
-from harvest.data import open_dataset, packed_sequences
-from harvest.models import load_model
-from harvest.sites import capture
-from train.checkpoint import save_sae
-from train.sae import SAEConfig, make_sae
+from sae_harvest.evaluate import EvaluateError, evaluate_saes, pareto_front
+from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.cli import main as evaluate_cli
+from sae_harvest.evaluate.metrics import kl_per_token, log_probs
+from sae_harvest.harvest.data import open_dataset, packed_sequences
+from sae_harvest.harvest.models import load_model
+from sae_harvest.harvest.sites import capture
+from sae_harvest.train.sae_io import save_sae
+from sae_harvest.train.registry import SAEConfig, make_sae
 from tests.tiny_models import make_tiny_model, write_corpus
 
 D = 64           # tiny models' d_model
@@ -63,9 +64,9 @@ def _exact_sae(n_dead=0):
 
 
 def _eval(assets, family, saes, **kw):
-    args = dict(dataset=assets["corpus"], tokens=CTX * N_SEQS, ctx_len=CTX, batch_size=BATCH,
-                device="cpu", progress=False)
-    return evaluate_saes(assets[family], saes, **{**args, **kw})
+    args = dict(dataset=assets["corpus"], tokens=CTX * N_SEQS, ctx_len=CTX, batch_size=BATCH, device="cpu")
+    cfg = EvalConfig(model=assets[family], saes=tuple(map(str, saes)), **{**args, **kw})
+    return evaluate_saes(cfg, progress=False)
 
 
 def _ids(assets, family):
@@ -148,8 +149,8 @@ def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(asset
 
 
 def test_ce_clean_is_the_models_own_loss_on_held_out_store_rows(assets, tmp_path):
-    from harvest.run import HarvestConfig, harvest
-    from stores import open_store
+    from sae_harvest.harvest.run import HarvestConfig, harvest
+    from sae_harvest.stores import open_store
 
     out = tmp_path / "s.zarr"
     harvest(HarvestConfig(out=str(out), model=assets["gpt2"], dataset=assets["corpus"],
@@ -157,8 +158,8 @@ def test_ce_clean_is_the_models_own_loss_on_held_out_store_rows(assets, tmp_path
                           shuffle_window=256, device="cpu"), progress=False)
     path = _save(_exact_sae(), tmp_path / "exact", "blocks.1.resid_pre")
     # No --model: the store's. 3 sequences' worth rounds up to the last 3 rows of store.tokens.
-    (r,) = evaluate_saes(None, [path], store=str(out), tokens=2 * CTX + 1, batch_size=2,
-                         device="cpu", progress=False)
+    (r,) = evaluate_saes(EvalConfig(saes=(str(path),), store=str(out), tokens=2 * CTX + 1, batch_size=2,
+                                    device="cpu"), progress=False)
     ids = torch.from_numpy(open_store(str(out)).tokens[-3:]).long()
     model, _ = load_model(assets["gpt2"])
     with torch.no_grad():
@@ -229,7 +230,8 @@ def test_cli_json_order_and_png(assets, tmp_path):
     assert result.exit_code == 0, result.output
     assert "topk" in result.output and "Traceback" not in result.output
     data = json.loads(out_json.read_text())
-    assert list(data) == ["results"]
+    assert list(data) == ["config", "results"]   # the frozen EvalConfig, as cfg.json holds TrainConfig
+    assert data["config"]["saes"] == paths and data["config"]["tokens"] == 64 and data["config"]["ctx_len"] == 16
     assert [r["sae"] for r in data["results"]] == paths
     assert [r["name"] for r in data["results"]] == ["zero", "k4", "exact"]
     r = data["results"][1]

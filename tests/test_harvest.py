@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harvest.cli import main as harvest_cli
-from harvest.errors import HarvestError
-from harvest.run import HarvestConfig, harvest
-from stores import open_store
+from sae_harvest.harvest.cli import main as harvest_cli
+from sae_harvest.harvest.errors import HarvestError
+from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.stores import open_store
 from tests.tiny_models import make_tiny_model, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +107,7 @@ def test_deterministic(assets, tmp_path):
 
 
 def _cli_args(assets, out, tokens=32768):
-    return [sys.executable, "-m", "harvest", "run", "--model", assets["gpt2"], "--dataset", assets["corpus"],
+    return [sys.executable, "-m", "sae_harvest.harvest", "run", "--model", assets["gpt2"], "--dataset", assets["corpus"],
             "--sites", "blocks.0.resid_pre,blocks.2.mlp_out", "--grads", "--tokens", str(tokens), "--ctx-len", "32",
             "--batch-size", "4", "--shuffle-window", "1024", "--device", "cpu", "--out", str(out), "--quiet"]
 

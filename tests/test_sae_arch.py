@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.sae import ARCH_NAMES, SAEConfig, geometric_median, make_sae
-from train.gtopk import DEFAULT_BETA, calibrate_beta
+from sae_harvest.train.registry import ARCH_NAMES, SAEConfig, make_sae
+from sae_harvest.train.sae import geometric_median
+from sae_harvest.train.gtopk import DEFAULT_BETA, calibrate_beta
 
 ARCHS = list(ARCH_NAMES)
 

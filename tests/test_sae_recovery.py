@@ -8,7 +8,7 @@ directions of the max cosine to a learned decoder row > 0.9. A random decoder sc
 import pytest
 import torch
 
-from train.sae import SAEConfig, make_sae
+from sae_harvest.train.registry import SAEConfig, make_sae
 
 D_IN, N_FEAT, D_SAE, STEPS, BATCH = 32, 64, 128, 1200, 256
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harvest.errors import HarvestError
-from harvest.models import SUPPORTED_FAMILIES, get_adapter, load_model
-from harvest.sites import KINDS, Site, capture, parse_sites, record, splice
+from sae_harvest.harvest.errors import HarvestError
+from sae_harvest.harvest.models import SUPPORTED_FAMILIES, get_adapter, load_model
+from sae_harvest.harvest.sites import KINDS, Site, capture, parse_sites, record, splice
 from tests.tiny_models import make_tiny_model
 
 FAMILIES = ["gpt2", "gemma", "gemma2", "gemma3", "gemma3_mm"]

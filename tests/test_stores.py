@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import zarr
 
-from stores import StoreError, StoreWriter, open_store
-from stores import layout
+from sae_harvest.stores import StoreError, StoreWriter, open_store
+from sae_harvest.stores import layout
 
 
 def _write_store(path, *, n_seqs=12, ctx=8, window_seqs=4, d=16, grads=True, finish=True, windows=None):

@@ -7,13 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import train
-from stores import StoreWriter, open_store
-from train.cli import main as train_cli
-from train.config import TrainConfig
-from train.errors import TrainError
-from train.feeds import holdout_split
-from train.loop import TrainInterrupted, fit
+from sae_harvest import train
+from sae_harvest.stores import StoreWriter, open_store
+from sae_harvest.train.cli import main as train_cli
+from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.feeds import holdout_split
+from sae_harvest.train.driver import TrainInterrupted
+from sae_harvest.train.fit import fit
 
 D = 16
 
@@ -101,18 +102,10 @@ def test_saved_sae_takes_raw_activations(store, tmp_path):
     assert nmse < 0.5
 
 
-def test_held_out_rows_never_trained_on(store, tmp_path, monkeypatch):
+def test_held_out_rows_never_trained_on(store, tmp_path):
     seen = []
-    import train.loop as loop
-    real = loop._step
-
-    def spy(run, x, *a, **kw):
-        seen.append(x.clone())
-        return real(run, x, *a, **kw)
-
-    monkeypatch.setattr(loop, "_step", spy)
     cfg = _cfg(store, tmp_path / "r", tokens=256 * 200)    # several epochs over the training rows
-    fit(cfg, progress=False)
+    fit(cfg, progress=False, on_step=lambda event: seen.append(event.inputs[0].clone()))
     s = open_store(str(store))
     train_rows, held = holdout_split(s, 0.1)
     assert held[0] == train_rows[1] and held[1] == s.n_rows and held[1] - held[0] >= s.block_rows
@@ -129,24 +122,17 @@ def test_held_out_rows_never_trained_on(store, tmp_path, monkeypatch):
     assert (trained * scale).norm(dim=-1).max() < 3000
 
 
-def test_resume_continues_exactly(store, tmp_path, monkeypatch):
+def test_resume_continues_exactly(store, tmp_path):
     full = tmp_path / "full"
     fit(_cfg(store, full, arch="batchtopk", k=(4,), tokens=256 * 24), progress=False)
     part = tmp_path / "part"
-    import train.loop as loop
-    real = loop._step
-    calls = []
 
-    def interrupt_at_11(run, *a, **kw):
-        calls.append(1)
-        if len(calls) == 11:
+    def interrupt_at_11(event):
+        if event.step == 10:
             signal.raise_signal(signal.SIGINT)   # what Ctrl-C does: the loop saves and stops
-        return real(run, *a, **kw)
 
-    monkeypatch.setattr(loop, "_step", interrupt_at_11)
     with pytest.raises(TrainInterrupted, match="--resume"):
-        fit(_cfg(store, part, arch="batchtopk", k=(4,), tokens=256 * 24), progress=False)
-    monkeypatch.setattr(loop, "_step", real)
+        fit(_cfg(store, part, arch="batchtopk", k=(4,), tokens=256 * 24), progress=False, on_step=interrupt_at_11)
     with pytest.raises(TrainError, match="already exists"):
         fit(_cfg(store, part, arch="batchtopk", k=(4,), tokens=256 * 24), progress=False)
     fit(_cfg(store, part, arch="batchtopk", k=(4,), tokens=256 * 24), resume=True, progress=False)

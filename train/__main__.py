@@ -1,3 +1,3 @@
-from train.cli import entry
+from sae_harvest.train.cli import entry
 
 entry()

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from train.sae import LossOutput, register
-from train.topk import TopKSAE
+from sae_harvest.train.sae import LossOutput
+from sae_harvest.train.topk import TopKSAE
 
 
-@register("batchtopk")
 class BatchTopKSAE(TopKSAE):
+    arch = "batchtopk"
+    saelens_architecture = "jumprelu"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -43,6 +44,20 @@ class BatchTopKSAE(TopKSAE):
 
     def encode_sparse(self, x, grad=None):
         raise NotImplementedError("batchtopk has a variable number of active latents per token")
+
+    def enable_sparse_decode(self):
+        return False
+
+    def observe_training_latents(self, feats):
+        if self.training:
+            self.update_threshold(feats)
+
+    @torch.no_grad()
+    def finalize(self, batches):
+        self.estimate_threshold(batches)
+
+    def saelens_fields(self):
+        return {"inference": "jumprelu with the tracked BatchTopK threshold (batch-independent)"}
 
     @torch.no_grad()
     def update_threshold(self, feats: torch.Tensor) -> None:
@@ -77,6 +92,3 @@ class BatchTopKSAE(TopKSAE):
             self.update_threshold(feats)
         x_hat = self.decode(feats)
         return self._loss_terms(x, pre, feats, x_hat, dead_mask)
-
-    def saelens_architecture(self) -> str:
-        return "jumprelu"

@@ -1,79 +1,67 @@
-"""The training config: one frozen dataclass, serialised into every saved SAE."""
+"""The training config: one frozen dataclass, serialised into every saved SAE; `train fit`'s options
+are generated from its fields."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from train.sae import SAEConfig, TOPK_FAMILY
+from sae_harvest.stores.cli import opt
+from sae_harvest.train.registry import ARCH_NAMES, ARCHITECTURES, SAEConfig
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str
-    store: str | None = None
-    site: str | None = None
-    decoder_of: str | None = None     # meta-SAE: train on this SAE's decoder rows instead of a store
-    arch: str = "topk"
-    d_sae: int | None = None
-    expansion: int = 16
-    l1: tuple[float, ...] = (1.0,)    # sweep values; relu: phi = l1 / d_in; gated: lambda
-    k: tuple[int, ...] = (32,)        # sweep values for the TopK family
-    beta: float | None = None         # gtopk; None -> calibrated on the data (train.gtopk.calibrate_beta)
-    lr: float | None = None           # None -> 5e-4 (relu, gated), 2e-4 / sqrt(d_sae / 2^14) (TopK family)
-    batch_size: int = 4096            # tokens per step
-    tokens: int | None = None         # None -> one pass over the training rows
-    seed: int = 0
-    device: str = "auto"
-    include_bos: bool = False         # position-0 rows dwarf the rest (e2e paper app. B)
-    holdout_fraction: float = 0.02    # last blocks of the store, never trained on
-    warmup_fraction: float = 0.05
-    lr_final_fraction: float = 0.1    # cosine decay to 10% of lr (e2e paper)
-    grad_clip: float = 10.0
-    adam_betas: tuple[float, float] | None = None   # None -> (0, 0.999) gated, (0.9, 0.999) otherwise
-    dead_tokens: int = 10_000_000     # a latent is dead after this many tokens without firing
-    b_dec_init: str = "geometric_median"
-    normalize: bool = True            # divide inputs by one constant so E||x|| = sqrt(d_in)
-    checkpoint_every: int = 1000      # steps
-    log_every: int = 10
-    wandb: str | None = None
-    autocast: str = "auto"            # auto: bf16 autocast for the encoder on CUDA
-    sparse_decode: str = "auto"       # auto: gather the k decoder rows on CUDA when k <= d_sae / 16
-    epochs: int | None = None         # meta-SAE: passes over the decoder rows
-    loss: str = "local"               # local | e2e | e2e+ds
-    model: str | None = None          # live model for e2e losses
-    kl_coeff: float | None = None
-    downstream_coeff: float | None = None
-    init: str | None = None           # start from this checkpoint (e.g. a local SAE for e2e)
+    out: str = opt(dataclasses.MISSING, "Output folder: one sub-folder per swept SAE.")
+    store: str | None = opt(None, "Store path or fsspec URL (from `harvest run`).")
+    site: str | None = opt(None, "Site to train on (required when the store has several).")
+    decoder_of: str | None = opt(None, "Meta-SAE: train a BatchTopK SAE on this SAE checkpoint's decoder rows.")
+    arch: str = opt("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
+    d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")
+    expansion: int = opt(16, "Dictionary size as a multiple of d_in, when --d-sae is not given.")
+    l1: tuple[float, ...] = opt((1.0,), "Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda). "
+                                        "Comma list = sweep.")
+    k: tuple[int, ...] = opt((32,), "Active latents for topk/batchtopk/gtopk. Comma list = sweep.")
+    beta: float | None = opt(None, "gtopk gradient weight (default: calibrated so beta*|W_dec^T grad| ~ 2.4, "
+                                   "the paper's operating point).")
+    lr: float | None = opt(None, "Learning rate (default 5e-4 for relu/gated, 2e-4/sqrt(d_sae/2^14) for the "
+                                 "TopK family).")
+    batch_size: int = opt(4096, "Tokens per optimizer step.")
+    tokens: int | None = opt(None, "Training tokens (default: one pass; more than the store = epochs).")
+    seed: int = opt(0, "Seeds the initialisation and the batch order.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    include_bos: bool = opt(False, "Train on position-0 rows too (excluded by default: they dwarf the rest).")
+    holdout_fraction: float = opt(0.02, "Last blocks of the store held out for the final report.")
+    warmup_fraction: float = opt(0.05, "Fraction of the steps with a linear learning-rate warmup.")
+    lr_final_fraction: float = opt(0.1, "Cosine decay ends at this fraction of the learning rate.")
+    grad_clip: float = opt(10.0, "Gradient-norm clipping.")
+    adam_betas: tuple[float, float] | None = opt(None, "Adam betas (default: the architecture's).", cli=False)
+    dead_tokens: int = opt(10_000_000, "A latent is dead after this many tokens without firing.")
+    b_dec_init: str = opt("geometric_median", "Initial decoder bias.", choices=("geometric_median", "mean"))
+    normalize: bool = opt(True, "Divide inputs by one constant so E||x|| = sqrt(d_in) (folded back at save).")
+    checkpoint_every: int = opt(1000, "Steps between checkpoints.")
+    log_every: int = opt(10, "Steps between metrics.jsonl records.")
+    wandb: str | None = opt(None, "Log to this Weights & Biases project (needs wandb installed).")
+    autocast: str = opt("auto", "bf16 autocast of the SAE step (auto: on CUDA).", choices=("auto", "on", "off"))
+    sparse_decode: str = opt("auto", "Decode TopK by gathering the k rows (auto: on CUDA when k <= d_sae/16).",
+                             choices=("auto", "on", "off"))
+    epochs: int | None = opt(None, "Passes over the data when --tokens is not given (meta-SAE).")
+    loss: str = opt("local", "local: reconstruction; e2e / e2e+ds: through the live frozen --model.",
+                    choices=("local", "e2e", "e2e+ds"))
+    model: str | None = opt(None, "Live model for --loss e2e / e2e+ds (default: the store's model).")
+    kl_coeff: float | None = opt(None, "e2e KL weight (default 1, 0.5 for e2e+ds).")
+    downstream_coeff: float | None = opt(None, "e2e+ds downstream MSE weight beta (default 2.5).")
+    init: str | None = opt(None, "Start from this SAE checkpoint (e.g. a local SAE before e2e).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        return cls(**d)
-
-
-def default_lr(arch: str, d_sae: int) -> float:
-    if arch in TOPK_FAMILY:
-        return 2e-4 / math.sqrt(d_sae / 2**14)
-    return 5e-4
-
 
 def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
     """One (folder name, SAEConfig) per swept value; every SAE sees the same batches."""
+    cls = ARCHITECTURES[cfg.arch]
     d_sae = cfg.d_sae or cfg.expansion * d_in
-    beta = 0.0 if cfg.beta is None else cfg.beta   # None: the loop calibrates it on the data
-    out = []
-    if cfg.arch in TOPK_FAMILY:
-        for k in cfg.k:
-            out.append((f"{cfg.arch}_k{k}", SAEConfig(arch=cfg.arch, d_in=d_in, d_sae=d_sae, k=int(k),
-                                                      beta=beta if cfg.arch == "gtopk" else 0.0)))
-    else:
-        for l1 in cfg.l1:
-            out.append((f"{cfg.arch}_l1-{l1:g}", SAEConfig(arch=cfg.arch, d_in=d_in, d_sae=d_sae, l1_coeff=float(l1))))
-    if len(out) == 1:
-        out = [(out[0][0], out[0][1])]
-    return out
+    # beta 0 tells gtopk to calibrate itself on the data (its calibrate() hook)
+    common = dict(arch=cfg.arch, d_in=d_in, d_sae=d_sae, beta=cfg.beta or 0.0)
+    if cls.sweep_field == "k":
+        return [(f"{cfg.arch}_k{k}", SAEConfig(**common, k=int(k))) for k in cfg.k]
+    return [(f"{cfg.arch}_l1-{l1:g}", SAEConfig(**common, l1_coeff=float(l1))) for l1 in cfg.l1]

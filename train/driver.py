@@ -1,21 +1,34 @@
 """The step loop shared by the local and end-to-end trainers: lr schedule, logging, progress,
-periodic checkpoints, Ctrl-C (save, then stop) and exact resume. Trainers supply the step."""
+periodic checkpoints, Ctrl-C (save, then stop) and exact resume. Trainers supply the step.
+
+`on_step`, if given, is called before every step with a StepEvent: the public way to watch (or
+stop) training from outside, e.g. in tests."""
 from __future__ import annotations
 
 import json
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from stores.progress import token_progress
+from sae_harvest.stores.progress import token_progress
 
-from train import state as train_state
-from train.errors import TrainError
+from sae_harvest.train import resume as train_state
+from sae_harvest.stores.errors import UserError
+from sae_harvest.train.errors import TrainError
 
 
-class TrainInterrupted(Exception):
-    pass
+class TrainInterrupted(UserError):
+    """Training stopped by a signal after saving a resumable checkpoint."""
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int          # 0-based index of the step about to run
+    inputs: object     # what the step trains on (local: x / scale on the device; e2e: token ids)
+    runs: dict         # {name: train.runs.Run}
+    scale: float       # the input scale the SAEs train under
 
 
 def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
@@ -37,9 +50,9 @@ def _wandb(cfg):
 
 def _log(runs, step, tokens, wandb_run):
     for name, run in runs.items():
-        record = {"step": step, "tokens": tokens, **run["last"]}
-        run["log"].write(json.dumps(record) + "\n")
-        run["log"].flush()
+        record = {"step": step, "tokens": tokens, **run.last}
+        run.log.write(json.dumps(record) + "\n")
+        run.log.flush()
         if wandb_run is not None:
             wandb_run.log({f"{name}/{k}": v for k, v in record.items() if k != "step"}, step=step)
 
@@ -77,14 +90,15 @@ class Driver:
         train_state.save_state(self.out, meta={"step": self.step, "feed": self.feed.state(), "scale": self.scale,
                                                "config": self.cfg.to_dict()}, runs=self.runs)
 
-    def run(self, feed, step_fn, info_fn, *, progress: bool, console) -> None:
-        """step_fn(data, lr_factor, log_now) trains every run on one batch."""
+    def run(self, feed, prepare, step_fn, info_fn, *, progress: bool, console, on_step=None) -> None:
+        """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now)
+        trains every run on it."""
         self.feed = feed
         self.out.mkdir(parents=True, exist_ok=True)
         wandb_run = _wandb(self.cfg)
         for name, run in self.runs.items():
             (self.out / name).mkdir(exist_ok=True)
-            run["log"] = open(self.out / name / "metrics.jsonl", "a")
+            run.log = open(self.out / name / "metrics.jsonl", "a")
         interrupted = []
         old_handler = signal.getsignal(signal.SIGINT)
         bar = token_progress(console=console, disable=not progress)
@@ -98,7 +112,10 @@ class Driver:
                     if self.step >= self.total_steps:
                         break
                     log_now = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
-                    step_fn(data, lr_factor(self.step, self.total_steps, self.warmup, self.cfg.lr_final_fraction),
+                    inputs = prepare(data)
+                    if on_step is not None:
+                        on_step(StepEvent(self.step, inputs, self.runs, self.scale))
+                    step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup, self.cfg.lr_final_fraction),
                             log_now)
                     self.step += 1
                     bar.advance(task, per)
@@ -114,8 +131,8 @@ class Driver:
         finally:
             signal.signal(signal.SIGINT, old_handler)
             for run in self.runs.values():
-                if run.get("log"):
-                    run["log"].close()
+                if run.log:
+                    run.log.close()
         self.elapsed = time.perf_counter() - t0
         self.wandb_run = wandb_run
 

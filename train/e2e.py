@@ -7,7 +7,6 @@ which reaches only the SAE (model weights are frozen). Losses, defaults and sour
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,23 +15,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harvest.default_model import resolve_model
-from harvest.errors import HarvestError
-from harvest.models import get_adapter, load_model
-from harvest.sites import Site, capture, record, splice
-from stores import StoreError, open_store
-from train import state as train_state
-from train.checkpoint import save_sae
-from train.config import TrainConfig
-from train.errors import TrainError
-from train.feeds import TensorFeed, holdout_split
-from train.driver import Driver
-from train.loop import _build_runs, _device, check_output
-from train.sae import make_sae
+from sae_harvest.harvest.default_model import resolve_model
+from sae_harvest.harvest.models import get_adapter, load_model
+from sae_harvest.harvest.sites import Site, capture, record, splice
+from sae_harvest.stores import open_store
+from sae_harvest.stores.errors import UserError
+from sae_harvest.train import resume as train_state
+from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.driver import Driver
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.feeds import TensorFeed, holdout_split
+from sae_harvest.train.registry import ARCHITECTURES
+from sae_harvest.train.runs import build_runs, input_scale, optimizer_step, save_run
 
 MICRO_TOKENS = 8192    # tokens per forward; a step accumulates gradients (paper: 8 x 1024, twice)
 SAMPLE_TOKENS = 8192   # site activations for the input scale and the b_dec init
-E2E_ARCHS = ("relu", "topk", "batchtopk")   # gated/gtopk's extra terms are local reconstructions
+E2E_ARCHS = tuple(name for name, cls in ARCHITECTURES.items() if cls.trains_e2e)
 
 
 def default_coeffs(loss: str, kl_coeff, downstream_coeff) -> tuple[float, float]:
@@ -63,15 +61,14 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
              downstream_coeff: float = 0.0, downstream=(), include_bos: bool = False) -> dict:
     """One spliced forward. Returns {"loss": scalar with grad, "fired": bool [d_sae]} and detached
     scalars: kl, ds:<site> (MSE, mean over tokens and d), downstream_mse (mean over those sites),
-    l1, l0, sparsity (relu), ce, ce_clean. The SAE replaces the site at every position; the terms
+    l1, l0, sparsity (if the architecture has one), ce, ce_clean. The SAE replaces the site at every position; the terms
     average over positions >= 1 unless include_bos (GPT-2's position 0 has norm ~3000)."""
     seen = {}
 
     def replace(a):
         x = a.reshape(-1, a.shape[-1]).float() / scale
         feats = sae.encode(x)
-        if sae.training and hasattr(sae, "update_threshold"):   # batchtopk's inference threshold
-            sae.update_threshold(feats)
+        sae.observe_training_latents(feats)
         seen["feats"] = feats.view(*a.shape[:-1], -1)
         return (sae.decode(feats) * scale).view(a.shape).to(a.dtype)
 
@@ -91,9 +88,10 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     feats = seen["feats"][mask]
     terms["l1"] = feats.abs().sum(-1).mean()
     terms["l0"] = (feats > 0).float().sum(-1).mean()
-    if sae.cfg.arch == "relu":   # the TopK family has no sparsity penalty
-        terms["sparsity"] = sae.cfg.l1_coeff / sae.cfg.d_in * terms["l1"]
-        loss = loss + terms["sparsity"]
+    sparsity = sae.sparsity_penalty(feats)   # None for the TopK family
+    if sparsity is not None:
+        terms["sparsity"] = sparsity
+        loss = loss + sparsity
     target, pred = ids[:, 1:, None], mask[:, :-1]   # next-token CE, same positions as the KL
     terms["ce"] = -logp[:, :-1].gather(-1, target)[..., 0][pred].mean()
     terms["ce_clean"] = -clean["logp"][:, :-1].gather(-1, target)[..., 0][pred].mean()
@@ -107,17 +105,17 @@ def _pass(model, site, runs, ids, opts, train: bool):
     Returns ({name: mean of each term}, {name: latents that fired}); with train, gradients
     accumulate to those of the whole batch (each sequence counts the same number of tokens)."""
     sums = {name: {} for name in runs}
-    fired = {name: torch.zeros(run["cfg"].d_sae, dtype=torch.bool, device=ids.device) for name, run in runs.items()}
+    fired = {name: torch.zeros(run.cfg.d_sae, dtype=torch.bool, device=ids.device) for name, run in runs.items()}
     micro = max(1, MICRO_TOKENS // ids.shape[1])
     for lo in range(0, len(ids), micro):
         chunk = ids[lo:lo + micro]
         w = len(chunk) / len(ids)
         clean = clean_pass(model, chunk, opts.downstream)
         for name, run in runs.items():
-            run["sae"].train(train)   # batchtopk: batch top-k in training, its threshold otherwise
+            run.sae.train(train)   # batchtopk: batch top-k in training, its threshold otherwise
             with torch.set_grad_enabled(train):
-                t = e2e_loss(model, run["sae"], site, chunk, clean=clean, **opts.loss_kw)
-            run["sae"].train()
+                t = e2e_loss(model, run.sae, site, chunk, clean=clean, **opts.loss_kw)
+            run.sae.train()
             if train:
                 (t["loss"] * w).backward()
             t["loss"] = t["loss"].detach()
@@ -132,23 +130,14 @@ def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, lo
     sums, fired = _pass(model, site, runs, ids, opts, train=True)
     counted = ids.numel() - (0 if opts.loss_kw["include_bos"] else len(ids))
     for name, run in runs.items():
-        sae, opt = run["sae"], run["opt"]
-        for group in opt.param_groups:
-            group["lr"] = run["lr"] * factor
-        sae.remove_gradient_parallel_to_decoder_directions()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), opts.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sae.set_decoder_norm_to_unit_norm()
-        run["since_fired"] += counted
-        run["since_fired"][fired[name]] = 0
+        optimizer_step(run, factor, opts.grad_clip, fired=fired[name], tokens=counted)
         if log_now:
             m = {k: float(v) for k, v in sums[name].items()}
-            run["last"] = {**m, "ce_increase": m["ce"] - m["ce_clean"], "lr": run["lr"] * factor,
-                           "dead_fraction": float((run["since_fired"] >= opts.dead_after).float().mean())}
+            run.last = {**m, "ce_increase": m["ce"] - m["ce_clean"], "lr": run.lr * factor,
+                        "dead_fraction": float((run.since_fired >= opts.dead_after).float().mean())}
 
 
-def evaluate_held_out(model, site, runs, batches, opts) -> dict:
+def held_out_splice(model, site, runs, batches, opts) -> dict:
     """Per SAE on held-out sequences: mean KL, CE (clean, spliced, increase), downstream MSEs,
     L0, L1 and the fraction of latents that never fired."""
     totals, fired, n = {name: {} for name in runs}, {}, 0
@@ -177,11 +166,9 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
         raise TrainError(f"--loss {cfg.loss} needs --store (its token sequences), not --decoder-of")
     if cfg.loss == "e2e" and cfg.downstream_coeff:
         raise TrainError("--downstream-coeff applies to --loss e2e+ds only")
+    store = open_store(cfg.store)
     try:
-        store = open_store(cfg.store)
         tokens = store.tokens
-    except StoreError as e:
-        raise TrainError(str(e)) from None
     except KeyError:
         raise TrainError(f"store {cfg.store} has no token sequences, which --loss {cfg.loss} needs") from None
     name = cfg.site
@@ -192,13 +179,10 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     model_name = cfg.model or store.attrs.get("model", {}).get("name")
     if not model_name:
         raise TrainError(f"store {cfg.store} does not name its model: give --model")
-    try:
-        site = Site.parse(name)
-    except HarvestError as e:
-        raise TrainError(str(e)) from None
+    site = Site.parse(name)
     try:
         model, _ = load_model(resolve_model(model_name), device=device)
-    except HarvestError as e:
+    except UserError as e:   # say which step failed: the user may not have named a model at all
         raise TrainError(f"cannot load the model for --loss {cfg.loss}: {e}") from None
     adapter = get_adapter(model)
     if not 0 <= site.layer < adapter.n_layers:
@@ -244,20 +228,17 @@ def _site_sample(env, cfg) -> torch.Tensor:
 
 
 def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-            console=None) -> dict:
+            console=None, device=None, on_step=None) -> dict:
     """Train every SAE of the sweep end to end; returns {name: summary}. TrainError on bad input."""
-    check_output(cfg, resume, overwrite)
     out = Path(cfg.out)
-    device = _device(cfg.device)
     env = _setup(cfg, device)
     ctx = env.store.ctx_len
     sample = _site_sample(env, cfg)
-    # Same normalisation as the local trainer (E||x|| = sqrt(d)), folded back in at save.
-    scale = float(sample.norm(dim=-1).mean() / math.sqrt(env.d_in)) if cfg.normalize else 1.0
+    scale = input_scale(sample, cfg.normalize)   # as the local trainer; folded back in at save
     seqs_per_step = max(1, min(cfg.batch_size // ctx, env.n_train))
     tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
     total_steps = max(1, tokens // (seqs_per_step * ctx))
-    runs = _build_runs(cfg, SimpleNamespace(sample=sample, d_in=env.d_in), device, scale, total_steps)
+    runs = build_runs(cfg, env.d_in, sample, None, device, scale)
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
     downstream = downstream_sites(env.site, env.adapter.n_layers)
     opts = SimpleNamespace(downstream=downstream, grad_clip=cfg.grad_clip, device=device,
@@ -272,29 +253,28 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     opts.loss_kw["scale"] = scale
     feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state)
 
-    def step_fn(data, factor, log_now):
-        ids = _read(env, data["acts"].numpy())   # the feed yields sequence indices
+    def prepare(data):
+        return _read(env, data["acts"].numpy())   # the feed yields sequence indices
+
+    def step_fn(ids, factor, log_now):
         _train_step(env.model, env.site, runs, ids, opts, factor, log_now)
 
     def info():
-        return " | ".join(f"{n}: kl {r['last']['kl']:.3g} l0 {r['last']['l0']:.1f}" for n, r in list(runs.items())[:3])
+        return " | ".join(f"{n}: kl {r.last['kl']:.3g} l0 {r.last['l0']:.1f}" for n, r in list(runs.items())[:3])
 
-    driver.run(feed, step_fn, info, progress=progress, console=console)
+    driver.run(feed, prepare, step_fn, info, progress=progress, console=console, on_step=on_step)
+    x = sample.to(device) / scale
+    for run in runs.values():
+        run.sae.finalize(x[i:i + batch_tokens] for i in range(0, len(x) - batch_tokens + 1, batch_tokens))
     held_idx = np.arange(env.n_train, env.n_train + env.n_held)
-    held = evaluate_held_out(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
-                             for i in range(0, len(held_idx), seqs_per_step)), opts)
+    held = held_out_splice(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
+                           for i in range(0, len(held_idx), seqs_per_step)), opts)
+    e2e_meta = {"loss": cfg.loss, "kl_coeff": kl_coeff, "downstream_coeff": ds_coeff,
+                "downstream_sites": downstream}
     summaries = {}
     for name, run in runs.items():
-        saved = make_sae(run["cfg"])
-        saved.load_state_dict(run["sae"].state_dict())
-        saved.fold_input_scale(scale)   # the saved SAE takes raw activations
-        summary = {**driver.summary(), "held_out": held[name]}
-        extra = {**env.provenance, "training": cfg.to_dict(), "sweep_name": name, "lr": run["lr"],
-                 "e2e": {"loss": cfg.loss, "kl_coeff": kl_coeff, "downstream_coeff": ds_coeff,
-                         "downstream_sites": downstream}, "summary": summary}
-        save_sae(saved, out / name, extra_cfg=extra)
-        (out / name / "summary.json").write_text(json.dumps(summary, indent=2))
-        summaries[name] = summary
+        summaries[name] = summary = {**driver.summary(), "held_out": held[name]}
+        save_run(run, out / name, scale, {**env.provenance, "training": cfg.to_dict(), "e2e": e2e_meta}, summary)
     driver.finish()
     if progress and console is not None:
         for name, s in summaries.items():

@@ -1,2 +1,5 @@
-class TrainError(Exception):
-    """A user-facing training problem; str() is one line."""
+from sae_harvest.stores.errors import UserError
+
+
+class TrainError(UserError):
+    """A bad training option or input."""

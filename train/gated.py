@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.sae import SAE, LossOutput, recon_loss, register
+from sae_harvest.train.sae import SAE, LossOutput, recon_loss
 
 
-@register("gated")
 class GatedSAE(SAE):
+    arch = "gated"
+    saelens_architecture = "gated"
     apply_b_dec_to_input = True
+    trains_e2e = False          # its aux term is a local reconstruction
+    adam_betas = (0.0, 0.999)   # the paper's beta1 = 0
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -59,6 +62,3 @@ class GatedSAE(SAE):
         """
         scale = torch.exp(self.r_mag)
         return self.W_enc * scale, self.b_mag.clone(), self.b_mag - scale * self.b_gate
-
-    def saelens_architecture(self) -> str:
-        return "gated"

@@ -31,10 +31,11 @@ beta * mean|W_dec^T grad| over active latents equals the paper's ~2.4, whatever 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from train.sae import register
-from train.topk import TopKSAE
+from sae_harvest.train.topk import TopKSAE
 
 PAPER_BETA = 1e5
 PAPER_TOKENS_PER_MEAN = 32 * 255          # smol-sae: 32 sequences x 256 tokens, mean next-token CE
@@ -42,8 +43,14 @@ DEFAULT_BETA = 12.0                       # ~ PAPER_BETA / PAPER_TOKENS_PER_MEAN
 PAPER_OPERATING_POINT = 2.4               # beta * E|d_i . grad| in the paper (1e5 x Table 2's ~2.4e-5)
 
 
-@register("gtopk")
+GTOPK_INFERENCE = "topk without gradients; gradient-aware selection when a gradient is supplied"
+
+
 class GradTopKSAE(TopKSAE):
+    arch = "gtopk"
+    saelens_architecture = "topk"
+    uses_grads = True
+    trains_e2e = False   # selection needs the store's gradients, which a spliced forward has not got
 
     def attribution(self, grad: torch.Tensor) -> torch.Tensor:
         """|grad @ W_dec.T| [n, d_sae]: first-order loss change per unit of each latent."""
@@ -58,8 +65,13 @@ class GradTopKSAE(TopKSAE):
             idx = score.topk(self.cfg.k, dim=-1, sorted=False).indices
         return pre.gather(-1, idx), idx
 
-    def saelens_architecture(self) -> str:
-        return "topk"
+    def calibrate(self, x, grad):
+        """With no beta configured, match the paper's operating point on the data (see above)."""
+        if self.cfg.beta == 0.0 and grad is not None:
+            self.cfg = dataclasses.replace(self.cfg, beta=calibrate_beta(self, x, grad))
+
+    def saelens_fields(self):
+        return {"k": self.cfg.k, "inference": GTOPK_INFERENCE}
 
 
 @torch.no_grad()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from train.sae import SAE, LossOutput, recon_loss, register
+from sae_harvest.train.sae import SAE, LossOutput, recon_loss
 
 
-@register("relu")
 class ReLUSAE(SAE):
+    arch = "relu"
+    saelens_architecture = "standard"
     apply_b_dec_to_input = False
 
     def encode(self, x, grad=None):
@@ -25,9 +26,9 @@ class ReLUSAE(SAE):
         # Unweighted L1 is right because rows are kept at unit norm (otherwise the SAE could shrink f
         # and grow W_dec to dodge the penalty).
         l1 = feats.abs().sum(-1).mean()
-        sparsity = (self.cfg.l1_coeff / self.cfg.d_in) * l1
+        sparsity = self.sparsity_penalty(feats)
         terms = {"mse": mse, "sparsity": sparsity, "l1": l1, "l0": (feats > 0).float().sum(-1).mean()}
         return LossOutput(mse + sparsity, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
 
-    def saelens_architecture(self) -> str:
-        return "standard"
+    def sparsity_penalty(self, feats):
+        return (self.cfg.l1_coeff / self.cfg.d_in) * feats.abs().sum(-1).mean()

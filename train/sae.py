@@ -1,4 +1,5 @@
-"""Shared SAE base class, config and registry. One architecture per file (relu, gated, topk, ...).
+"""The SAE interface every architecture implements. One architecture per file (relu.py, gated.py,
+topk.py, ...); train/registry.py lists them and holds their shared config, SAEConfig.
 
 Conventions (all architectures, SAELens names and shapes):
     W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
@@ -9,50 +10,14 @@ LossOutput.loss == sum of the terms "mse", "sparsity", "aux" that are present; "
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
-ARCH_NAMES = ("relu", "gated", "topk", "batchtopk", "gtopk")
-TOPK_FAMILY = ("topk", "batchtopk", "gtopk")
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    arch: str
-    d_in: int
-    d_sae: int
-    l1_coeff: float = 0.0      # relu: phi = l1_coeff / d_in (e2e paper); gated: lambda on ||ReLU(pi_gate)||_1
-    k: int = 0                 # topk family: active latents per token (batchtopk: on average)
-    beta: float = 0.0          # gtopk gradient weight (see train/gtopk.py DEFAULT_BETA)
-    aux_k: int = 512           # AuxK: top aux_k dead latents, capped at d_sae // 2
-    aux_coeff: float = 1 / 32
-    threshold_ema: float = 0.99  # batchtopk: EMA decay of the per-batch min kept activation
-
-    def __post_init__(self):
-        if self.arch not in ARCH_NAMES:
-            raise ValueError(f"unknown SAE arch {self.arch!r}; expected one of {ARCH_NAMES}")
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
-        if self.arch in TOPK_FAMILY and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"{self.arch} needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
-        if not 0.0 <= self.threshold_ema < 1.0:
-            raise ValueError(f"threshold_ema must be in [0, 1), got {self.threshold_ema}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown SAEConfig keys {unknown}")
-        return cls(**d)
+if TYPE_CHECKING:   # the config lives with the registry, which imports this module
+    from sae_harvest.train.registry import SAEConfig
 
 
 class LossOutput(NamedTuple):
@@ -80,10 +45,28 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 
 
 class SAE(nn.Module):
-    """Base: standard parameters, decoder, decoder-norm constraint, b_dec init, scale folding."""
+    """Base: standard parameters, decoder, decoder-norm constraint, b_dec init, scale folding.
 
-    arch: str = ""
-    apply_b_dec_to_input: bool = True   # encoder sees x - b_dec (SAELens flag, exported to cfg.json)
+    A subclass sets the class attributes below and implements encode() and loss(); everything
+    else the trainers, the checkpoint writer and the evaluator need is a hook with a default here,
+    so a new architecture is one file plus a line in train/registry.py.
+    """
+
+    arch: str = ""                       # the registry key (--arch)
+    saelens_architecture: str = ""       # cfg.json "architecture" for SAELens
+    apply_b_dec_to_input: bool = True    # encoder sees x - b_dec (SAELens flag, exported to cfg.json)
+    sweep_field: str = "l1_coeff"        # the SAEConfig field a sweep varies: "l1_coeff" or "k"
+    uses_grads: bool = False             # encode() takes the store's loss gradients (g-SAE)
+    trains_e2e: bool = True              # can be trained through the live model (--loss e2e)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+
+    @classmethod
+    def check_config(cls, cfg: "SAEConfig") -> None:
+        """Raise ValueError for a config this architecture cannot use."""
+
+    @classmethod
+    def default_lr(cls, d_sae: int) -> float:
+        return 5e-4
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -114,8 +97,29 @@ class SAE(nn.Module):
     def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
         raise NotImplementedError
 
-    def saelens_architecture(self) -> str:
-        raise NotImplementedError
+    # ---- hooks with no-op defaults ----
+    def sparsity_penalty(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """The sparsity term a non-local loss (e2e) adds for latents `feats` [n, d_sae]; None: none."""
+        return None
+
+    def observe_training_latents(self, feats: torch.Tensor) -> None:
+        """Called with the latents of every training forward that does not go through loss()
+        (e2e splices encode() into the model)."""
+
+    def calibrate(self, x: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """Set data-dependent hyperparameters before training, from a sample in the training space."""
+
+    def enable_sparse_decode(self) -> bool:
+        """Switch to a sparse decode if the architecture has one that pays off; return whether it did."""
+        return False
+
+    @torch.no_grad()
+    def finalize(self, batches) -> None:
+        """After training, with the final weights: `batches` yields training-space inputs [n, d_in]."""
+
+    def saelens_fields(self) -> dict:
+        """Architecture-specific cfg.json keys besides architecture/d_in/d_sae (e.g. k)."""
+        return {}
 
     def _center(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.b_dec if self.apply_b_dec_to_input else x
@@ -162,25 +166,3 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         return f"arch={self.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}"
 
-
-ARCHITECTURES: dict[str, type[SAE]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        cls.arch = name
-        ARCHITECTURES[name] = cls
-        return cls
-    return deco
-
-
-def make_sae(cfg: SAEConfig) -> SAE:
-    return ARCHITECTURES[cfg.arch](cfg)
-
-
-# Import the architecture files last so their @register calls fill ARCHITECTURES (they import this module).
-import train.relu  # noqa: E402,F401
-import train.gated  # noqa: E402,F401
-import train.topk  # noqa: E402,F401
-import train.batchtopk  # noqa: E402,F401
-import train.gtopk  # noqa: E402,F401

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.sae import SAE, LossOutput, recon_loss, register
+import math
+
+from sae_harvest.train.sae import SAE, LossOutput, recon_loss
 
 
 def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
@@ -32,10 +34,29 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch
     return (e_hat - resid).pow(2).sum() / var
 
 
-@register("topk")
 class TopKSAE(SAE):
+    arch = "topk"
+    saelens_architecture = "topk"
     apply_b_dec_to_input = True
-    use_sparse_decode = False   # set by the loop (GPU, k << d_sae): decode by gathering the k rows
+    sweep_field = "k"
+    use_sparse_decode = False   # enable_sparse_decode() (GPU, k << d_sae): decode by gathering the k rows
+
+    @classmethod
+    def check_config(cls, cfg):
+        if not 0 < cfg.k <= cfg.d_sae:
+            raise ValueError(f"{cfg.arch} needs 0 < k <= d_sae, got k={cfg.k}, d_sae={cfg.d_sae}")
+
+    @classmethod
+    def default_lr(cls, d_sae):
+        return 2e-4 / math.sqrt(d_sae / 2**14)   # Gao et al.'s scaling law for the learning rate
+
+    def enable_sparse_decode(self):
+        # the gather beats the dense matmul once k is a small fraction of the dictionary
+        self.use_sparse_decode = self.cfg.k * 16 <= self.cfg.d_sae
+        return self.use_sparse_decode
+
+    def saelens_fields(self):
+        return {"k": self.cfg.k}
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self._center(x) @ self.W_enc + self.b_enc)
@@ -76,6 +97,3 @@ class TopKSAE(SAE):
         aux = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask)
         terms = {"mse": mse, "aux": aux, "l0": (feats > 0).float().sum(-1).mean()}
         return LossOutput(mse + aux, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
-
-    def saelens_architecture(self) -> str:
-        return "topk"

@@ -18,7 +18,7 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 def save_state(out: str | Path, *, meta: dict, runs: dict) -> None:
-    """runs: {name: {"sae": module, "opt": Adam, "since_fired": LongTensor}}."""
+    """runs: {name: train.runs.Run}."""
     out = Path(out)
     final = out / CHECKPOINT_DIR
     tmp = out / f".{CHECKPOINT_DIR}.tmp"
@@ -26,14 +26,14 @@ def save_state(out: str | Path, *, meta: dict, runs: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, run in runs.items():
-        tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in run["sae"].state_dict().items()}
-        params = dict(run["sae"].named_parameters())
-        opt_state = run["opt"].state
+        tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in run.sae.state_dict().items()}
+        params = dict(run.sae.named_parameters())
+        opt_state = run.opt.state
         for pname, p in params.items():
             for key, value in opt_state.get(p, {}).items():
                 value = value if torch.is_tensor(value) else torch.tensor(value)
                 tensors[f"opt.{pname}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        tensors["since_fired"] = run["since_fired"].detach().cpu()
+        tensors["since_fired"] = run.since_fired.detach().cpu()
         save_file(tensors, str(tmp / f"{name}.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     for f in tmp.iterdir():
@@ -57,12 +57,12 @@ def load_meta(out: str | Path) -> dict:
     return json.loads((Path(out) / CHECKPOINT_DIR / "state.json").read_text())
 
 
-def load_run(out: str | Path, name: str, run: dict, device) -> None:
+def load_run(out: str | Path, name: str, run, device) -> None:
     """Restore weights, optimizer moments and counters into an already built run."""
     tensors = load_file(str(Path(out) / CHECKPOINT_DIR / f"{name}.safetensors"))
-    sae = run["sae"]
+    sae = run.sae
     sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    opt = run["opt"]
+    opt = run.opt
     for pname, p in sae.named_parameters():
         state = {key.rsplit(".", 1)[1]: v.to(device) for key, v in tensors.items()
                  if key.startswith(f"opt.{pname}.") and key.count(".") == pname.count(".") + 2}
@@ -70,4 +70,4 @@ def load_run(out: str | Path, name: str, run: dict, device) -> None:
             if "step" in state:
                 state["step"] = state["step"].float().cpu() if state["step"].dim() == 0 else state["step"]
             opt.state[p] = state
-    run["since_fired"].copy_(tensors["since_fired"].to(run["since_fired"].device))
+    run.since_fired.copy_(tensors["since_fired"].to(run.since_fired.device))

@@ -15,14 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from train.sae import SAE, SAEConfig, make_sae
+from sae_harvest.stores.errors import UserError
+from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.sae import SAE
 
 WEIGHTS_NAME = "sae_weights.safetensors"
 CFG_NAME = "cfg.json"
-GTOPK_INFERENCE = "topk without gradients; gradient-aware selection when a gradient is supplied"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, truncated, corrupt, or inconsistent with its cfg.json."""
 
 
@@ -33,7 +34,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def saelens_cfg(sae: SAE, extra_cfg: dict) -> dict:
     cfg = sae.cfg
     out = {
-        "architecture": sae.saelens_architecture(),
+        "architecture": sae.saelens_architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": _dtype_name(sae.W_dec.dtype),
@@ -45,12 +46,7 @@ def saelens_cfg(sae: SAE, extra_cfg: dict) -> dict:
     for key in ("model_name", "hook_layer", "context_size", "prepend_bos", "dataset_path"):
         if key in extra_cfg:
             out[key] = extra_cfg[key]
-    if cfg.arch in ("topk", "gtopk"):
-        out["k"] = cfg.k
-    if cfg.arch == "gtopk":
-        out["inference"] = GTOPK_INFERENCE
-    if cfg.arch == "batchtopk":
-        out["inference"] = "jumprelu with the tracked BatchTopK threshold (batch-independent)"
+    out.update(sae.saelens_fields())
     out["sae_harvest"] = {"sae": cfg.to_dict(), **extra_cfg}
     return out
 

@@ -1,37 +1,26 @@
-"""`train fit`: train one SAE per swept value from a store, reading it once.
+"""Local training: SAEs that reconstruct the site's stored activations (`train fit --loss local`).
 
-Practice of the public trainers: inputs divided by one constant (E||x|| = sqrt(d))
-and the constant folded back into the saved weights; b_dec at the geometric median;
-unit-norm decoder rows with the parallel gradient removed; warmup + cosine decay;
-grad-norm clipping; dead-latent tracking feeding AuxK.
+Practice of the public trainers: inputs divided by one constant (E||x|| = sqrt(d)) and the
+constant folded back into the saved weights; b_dec at the geometric median; unit-norm decoder
+rows with the parallel gradient removed; warmup + cosine decay; grad-norm clipping; dead-latent
+tracking feeding AuxK. Every SAE of a sweep trains on the same batches, read once.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from pathlib import Path
 
 import torch
 
-from stores import StoreError, open_store
-
-from train import state as train_state
-from train.checkpoint import CheckpointError, load_sae, save_sae
-from train.config import TrainConfig, default_lr, sweep
-from train.driver import Driver, TrainInterrupted, lr_factor  # noqa: F401 (re-exported)
-from train.errors import TrainError
-from train.feeds import StoreFeed, TensorFeed, holdout_split, sample_rows
-from train.gtopk import calibrate_beta
-from train.sae import SAE, make_sae
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+from sae_harvest.stores import open_store
+from sae_harvest.train import resume as train_state
+from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.driver import Driver
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.feeds import StoreFeed, TensorFeed, holdout_split, sample_rows
+from sae_harvest.train.registry import ARCHITECTURES
+from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
+from sae_harvest.train.sae import SAE
+from sae_harvest.train.sae_io import load_sae
 
 
 class Source:
@@ -47,10 +36,7 @@ class Source:
     def _from_store(self, cfg):
         if not cfg.store:
             raise TrainError("give --store (or --decoder-of for a meta-SAE)")
-        try:
-            store = open_store(cfg.store)
-        except StoreError as e:
-            raise TrainError(str(e)) from None
+        store = open_store(cfg.store)
         sites = store.sites
         site = cfg.site
         if site is None:
@@ -59,10 +45,10 @@ class Source:
             site = sites[0]
         elif site not in sites:
             raise TrainError(f"site {site!r} is not in store {cfg.store}; it has: {', '.join(sites)}")
-        self.grads = cfg.arch == "gtopk"
+        self.grads = ARCHITECTURES[cfg.arch].uses_grads
         if self.grads and not store.has_grads:
             raise TrainError(f"--arch gtopk needs gradients, and store {cfg.store} has none (harvest with --grads)")
-        self.store, self.site, self.d_in = store, site, store.d(site)
+        self.store, self.site, self.d_in = store, site, store.width(site)
         self.exclude_pos0 = not cfg.include_bos
         self.train_rows, self.held_rows = holdout_split(store, cfg.holdout_fraction)
         if self.train_rows[1] <= 0:
@@ -80,14 +66,12 @@ class Source:
                            "dataset_path": attrs.get("dataset", {}).get("name")}
 
     def _from_decoder(self, cfg):
-        try:
-            parent = load_sae(cfg.decoder_of)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
+        parent = load_sae(cfg.decoder_of)
         rows = parent.W_dec.detach().float()
         # a saved SAE has its input scale folded into W_dec; meta-SAEs see directions only
         self.data = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         self.sample, self.d_in, self.grads, self.site = self.data, self.data.shape[1], False, None
+        self.grad_sample = None
         self.epoch_tokens = len(self.data)
         self.provenance = {"decoder_of": cfg.decoder_of, "hook_name": f"meta:{cfg.decoder_of}"}
 
@@ -109,69 +93,17 @@ class Source:
             yield torch.from_numpy(batch["acts"][self.site]), g
 
 
-def _build_runs(cfg, source, device, scale, total_steps):
-    runs = {}
-    for name, sae_cfg in sweep(cfg, source.d_in):
-        torch.manual_seed(cfg.seed)
-        sae = make_sae(sae_cfg)
-        if cfg.init:
-            try:
-                init = load_sae(cfg.init)
-            except CheckpointError as e:
-                raise TrainError(str(e)) from None
-            if (init.cfg.d_in, init.cfg.d_sae, init.cfg.arch) != (sae_cfg.d_in, sae_cfg.d_sae, sae_cfg.arch):
-                raise TrainError(f"--init {cfg.init} is a {init.cfg.arch} {init.cfg.d_in}->{init.cfg.d_sae} SAE; "
-                                 f"this run trains {sae_cfg.arch} {sae_cfg.d_in}->{sae_cfg.d_sae}")
-            init.fold_input_scale(1.0 / scale)   # saved weights take raw inputs; training sees x / scale
-            sae.load_state_dict(init.state_dict())
-        else:
-            sae.init_b_dec(source.sample / scale, cfg.b_dec_init)
-        if sae_cfg.arch == "gtopk" and cfg.beta is None:
-            # gradient scale depends on the loss reduction, the site and the input scale; match the
-            # paper's operating point (beta * |W_dec^T grad| ~ 2.4) instead of copying its number
-            beta = calibrate_beta(sae, source.sample / scale, source.grad_sample * scale)
-            sae.cfg = sae_cfg = dataclasses.replace(sae_cfg, beta=beta)
-        sae.to(device).train()
-        if cfg.sparse_decode == "on" or (cfg.sparse_decode == "auto" and device.type == "cuda"
-                                          and sae_cfg.k and sae_cfg.k * 16 <= sae_cfg.d_sae):
-            sae.use_sparse_decode = True
-        lr = cfg.lr or default_lr(cfg.arch, sae_cfg.d_sae)
-        betas = cfg.adam_betas or ((0.0, 0.999) if cfg.arch == "gated" else (0.9, 0.999))
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
-        runs[name] = {"sae": sae, "opt": opt, "lr": lr, "cfg": sae_cfg,
-                      "since_fired": torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device),
-                      "log": None, "last": {}}
-    return runs
-
-
-def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
-    if cfg.batch_size <= 0:
-        raise TrainError("--batch-size must be positive")
+def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+              console=None, device=None, on_step=None) -> dict:
+    """Train every SAE of the sweep on stored activations (or decoder rows); {name: summary}."""
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
-        raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-
-
-def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        console=None) -> dict:
-    """Train every SAE of the sweep; returns {name: summary}. Raises TrainError on bad input."""
-    check_output(cfg, resume, overwrite)
-    if cfg.loss != "local":
-        from train.e2e import fit_e2e
-        return fit_e2e(cfg, resume=resume, overwrite=overwrite, progress=progress, console=console)
-    out = Path(cfg.out)
-    device = _device(cfg.device)
     source = Source(cfg)
-    if cfg.normalize and not cfg.decoder_of:
-        scale = float(source.sample.norm(dim=-1).mean() / math.sqrt(source.d_in))
-    else:
-        scale = 1.0
-    epochs_tokens = source.epoch_tokens * (cfg.epochs or 1)
-    tokens = cfg.tokens or epochs_tokens
+    scale = input_scale(source.sample, cfg.normalize and not cfg.decoder_of)
+    tokens = cfg.tokens or source.epoch_tokens * (cfg.epochs or 1)
     batch = min(cfg.batch_size, source.epoch_tokens)
     total_steps = max(1, tokens // batch)
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
-    runs = _build_runs(cfg, source, device, scale, total_steps)
+    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale)
 
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label="train")
     feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
@@ -179,13 +111,18 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     feed = source.feed(batch, feed_state)
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
 
-    def step_fn(data, factor, log_now):
+    def prepare(data):
         x = data["acts"].to(device, non_blocking=True) / scale
         g = data["grads"].to(device, non_blocking=True) * scale if data["grads"] is not None else None
+        return x, g
+
+    def step_fn(inputs, factor, log_now):
+        x, g = inputs
         for run in runs.values():
             _step(run, x, g, factor, cfg, dead_after, autocast, log_now)
 
-    driver.run(feed, step_fn, lambda: _info(runs), progress=progress, console=console)
+    driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console,
+               on_step=on_step)
     summaries = {name: _finish(run, source, out / name, cfg, scale, device, driver)
                  for name, run in runs.items()}
     driver.finish()
@@ -194,42 +131,31 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     return summaries
 
 
-def _step(run, x, g, factor, cfg, dead_after, autocast, log_now):
-    sae: SAE = run["sae"]
-    opt = run["opt"]
-    for group in opt.param_groups:
-        group["lr"] = run["lr"] * factor
-    dead = run["since_fired"] >= dead_after
+def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now):
+    sae = run.sae
+    dead = run.since_fired >= dead_after
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = sae.loss(x, g, dead_mask=dead)
     out.loss.backward()
-    sae.remove_gradient_parallel_to_decoder_directions()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sae.set_decoder_norm_to_unit_norm()
-    fired = (out.feats > 0).any(0)
-    run["since_fired"] += len(x)
-    run["since_fired"][fired] = 0
+    optimizer_step(run, factor, cfg.grad_clip, fired=(out.feats > 0).any(0), tokens=len(x))
     if log_now:
         with torch.no_grad():
             nmse = ((out.x_hat.float() - x).pow(2).sum() / x.pow(2).sum()).item()
-        run["last"] = {"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()},
-                       "nmse": nmse, "dead_fraction": float(dead.float().mean()),
-                       "lr": run["lr"] * factor}
+        run.last = {"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()},
+                    "nmse": nmse, "dead_fraction": float(dead.float().mean()), "lr": run.lr * factor}
 
 
 def _info(runs) -> str:
     parts = []
     for name, run in list(runs.items())[:3]:
-        m = run["last"]
+        m = run.last
         parts.append(f"{name}: loss {m.get('loss', 0):.3g} l0 {m.get('l0', 0):.1f} "
                      f"nmse {m.get('nmse', 0):.3f} dead {m.get('dead_fraction', 0):.2f}")
     return " | ".join(parts) + (f" (+{len(runs) - 3})" if len(runs) > 3 else "")
 
 
 @torch.no_grad()
-def evaluate_held_out(sae: SAE, batches, scale: float, device) -> dict:
+def held_out_reconstruction(sae: SAE, batches, scale: float, device) -> dict:
     """NMSE, explained variance, L0 and dead fraction of an SAE (training scale) on held-out rows."""
     sae.eval()
     err = norm2 = l0 = 0.0
@@ -254,20 +180,13 @@ def evaluate_held_out(sae: SAE, batches, scale: float, device) -> dict:
             "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
 
 
-def _finish(run, source, folder, cfg, scale, device, driver) -> dict:
-    sae = run["sae"]
-    if hasattr(sae, "estimate_threshold"):
-        sample, batch = source.sample.to(device) / scale, driver.tokens_per_step
-        sae.estimate_threshold(sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch))
-    held = evaluate_held_out(sae, source.held_out(cfg.batch_size), scale, device)
-    saved = make_sae(sae.cfg)
-    saved.load_state_dict(sae.state_dict())
-    saved.fold_input_scale(scale)
+def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
+    sae = run.sae
+    sample, batch = source.sample.to(device) / scale, driver.tokens_per_step
+    sae.finalize(sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch))
+    held = held_out_reconstruction(sae, source.held_out(cfg.batch_size), scale, device)
     summary = {**driver.summary(), "held_out": held}
-    extra = {**source.provenance, "training": cfg.to_dict(), "sweep_name": folder.name,
-             "lr": run["lr"], "summary": summary}
-    save_sae(saved, folder, extra_cfg=extra)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_run(run, folder, scale, {**source.provenance, "training": cfg.to_dict()}, summary)
     return summary
 
 

@@ -1,0 +1,29 @@
+"""The evaluation config: one frozen dataclass, written into results.json; `evaluate splice`'s
+options are generated from its fields."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from sae_harvest.stores.cli import opt
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    saes: tuple[str, ...] = opt((), "SAE checkpoint folder (from `train fit`); repeat for several.", cli=False)
+    model: str | None = opt(None, "HF model id or local directory; 'stdlib-gpt2' = the offline default. "
+                                  "Default with --store: the store's model.")
+    revision: str | None = opt(None, "Model revision (branch, tag or commit).")
+    store: str | None = opt(None, "Evaluate on this store's held-out (last) sequences.")
+    dataset: str | None = opt(None, "Or evaluate on text: local jsonl/txt/parquet file or folder, or a hub id.")
+    split: str = opt("train", "Dataset split.")
+    text_column: str = opt("text", "Column holding the text.")
+    tokens: int = opt(65536, "Evaluation tokens (rounded up to whole sequences).")
+    ctx_len: int | None = opt(None, "Tokens per sequence for --dataset (default 128; with --store: the store's).")
+    batch_size: int = opt(8, "Sequences per forward pass.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    dtype: str = opt("float32", "Model compute dtype.", choices=("float32", "bfloat16", "float16"))
+    grad_select: bool = opt(True, "gtopk SAEs: gradient-aware selection (--no-grad-select: plain TopK).")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

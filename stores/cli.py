@@ -1,0 +1,126 @@
+"""What every command line shares: one-line errors, the entry point, device choice, the progress
+bar. It lives in the bottom package so harvest, train and evaluate all use one copy; nothing here
+knows of models."""
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from .errors import UserError
+
+console = Console(stderr=True)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def fail(message: str, code: int = 2):
+    """Print one `error:` line and exit (status 2 unless told otherwise)."""
+    console.print(f"[red]error:[/red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """A command group whose commands turn any UserError into one `error:` line (exit 2), also
+    when invoked from click's test runner rather than through entry()."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            fail(str(e))
+
+
+def entry(group: click.Group) -> None:
+    """Run a click group as a console script: usage errors, UserErrors and Ctrl-C are one line."""
+    try:
+        rv = group.main(standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        fail(e.format_message() + hint)
+    except click.exceptions.Abort:
+        fail("aborted")
+    except UserError as e:
+        fail(str(e))
+    else:
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def pick_device(name: str):
+    """torch.device for --device: "auto" is CUDA when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA device is available")
+    return device
+
+
+# ---- options generated from the frozen config dataclasses (one source of truth) ----------------
+def opt(default, help: str, **click_kw):
+    """A config field that is also a CLI option: `x: int = opt(3, "what x is")`. click_kw may hold
+    `choices`, `flag` (another option name), `cli=False` (config only), `show_default`."""
+    import dataclasses
+
+    return dataclasses.field(default=default, metadata={"help": help, **click_kw})
+
+
+def _comma_list(cast, kind: str):
+    def parse(ctx, param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return tuple(cast(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected a comma list of {kind}, got {value!r}") from None
+    return parse
+
+
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def config_options(config_cls, *, skip: tuple[str, ...] = ()):
+    """A decorator adding one click option per field of `config_cls` that has help metadata, in
+    field order; defaults and help text come from the dataclass, so nothing is written twice."""
+    import dataclasses
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(config_cls)):
+            meta = f.metadata
+            if "help" not in meta or not meta.get("cli", True) or f.name in skip:
+                continue
+            name = meta.get("flag", "--" + f.name.replace("_", "-"))
+            required = f.default is dataclasses.MISSING
+            default = None if required else f.default
+            kw = dict(help=meta["help"], required=required, show_default=meta.get("show_default", True))
+            kind = str(f.type).replace(" ", "")
+            base = kind.removesuffix("|None")
+            if kind == "bool":
+                decl = (name if not default else f"{name}/--no-{name[2:]}",)
+                kw.update(is_flag=True, default=default, show_default=bool(default))
+            elif base.startswith("tuple["):
+                cast = _SCALARS[base[6:].split(",")[0]]
+                kw.update(default=",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+                          if default is not None else None,
+                          callback=_comma_list(cast, "integers" if cast is int else "numbers"),
+                          multiple=False)
+                decl = (name,)
+            else:
+                decl = (name,)
+                if not required:   # click >= 8.3 takes an explicit default None as a value
+                    kw["default"] = default
+                if "choices" in meta:
+                    kw["type"] = click.Choice(list(meta["choices"]))
+                elif base in _SCALARS:
+                    kw["type"] = _SCALARS[base]
+                if default is None:
+                    kw["show_default"] = False
+            fn = click.option(*decl, f.name, **kw)(fn)
+        return fn
+    return decorate

@@ -1,0 +1,56 @@
+"""The architectures, listed once, and the config they share.
+
+Adding an architecture: write train/<name>.py (a subclass of train.sae.SAE), import it here and add
+it to ARCHITECTURES; add a field to SAEConfig only if it needs a hyperparameter no other one has.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from sae_harvest.train.batchtopk import BatchTopKSAE
+from sae_harvest.train.gated import GatedSAE
+from sae_harvest.train.gtopk import GradTopKSAE
+from sae_harvest.train.relu import ReLUSAE
+from sae_harvest.train.sae import SAE
+from sae_harvest.train.topk import TopKSAE
+
+ARCHITECTURES: dict[str, type[SAE]] = {cls.arch: cls for cls in (
+    ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, GradTopKSAE,
+)}
+ARCH_NAMES = tuple(ARCHITECTURES)
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    arch: str
+    d_in: int
+    d_sae: int
+    l1_coeff: float = 0.0      # relu: phi = l1_coeff / d_in (e2e paper); gated: lambda on ||ReLU(pi_gate)||_1
+    k: int = 0                 # topk family: active latents per token (batchtopk: on average)
+    beta: float = 0.0          # gtopk gradient weight (see train/gtopk.py DEFAULT_BETA)
+    aux_k: int = 512           # AuxK: top aux_k dead latents, capped at d_sae // 2
+    aux_coeff: float = 1 / 32
+    threshold_ema: float = 0.99  # batchtopk: EMA decay of the per-batch min kept activation
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE arch {self.arch!r}; expected one of {ARCH_NAMES}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+        ARCHITECTURES[self.arch].check_config(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown SAEConfig keys {unknown}")
+        return cls(**d)
+
+
+def make_sae(cfg: SAEConfig) -> SAE:
+    return ARCHITECTURES[cfg.arch](cfg)

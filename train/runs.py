@@ -1,0 +1,99 @@
+"""What the local and the end-to-end trainers share: the sweep's runs, the optimizer step, the
+input scale, the output check, and folding + saving the finished SAEs."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sae_harvest.train.config import TrainConfig, sweep
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.sae import SAE
+from sae_harvest.train.sae_io import load_sae, save_sae
+
+
+@dataclass
+class Run:
+    """One SAE of a sweep while it trains."""
+    name: str                     # folder under --out, e.g. topk_k32
+    sae: SAE
+    opt: torch.optim.Optimizer
+    lr: float                     # peak learning rate (the schedule multiplies it)
+    since_fired: torch.Tensor     # long [d_sae]: tokens since each latent was last active
+    log: object = None            # metrics.jsonl file while training
+    last: dict = field(default_factory=dict)   # latest logged metrics
+
+    @property
+    def cfg(self) -> SAEConfig:
+        return self.sae.cfg
+
+
+def input_scale(sample: torch.Tensor, normalize: bool) -> float:
+    """One constant with E||x / scale|| = sqrt(d_in) (1.0 without normalisation)."""
+    if not normalize:
+        return 1.0
+    return float(sample.norm(dim=-1).mean() / math.sqrt(sample.shape[-1]))
+
+
+def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: torch.Tensor | None,
+               device, scale: float) -> dict[str, Run]:
+    """One Run per swept value, each seeded alike; `sample` / `grad_sample` are raw rows."""
+    runs = {}
+    x = sample / scale
+    g = grad_sample * scale if grad_sample is not None else None   # gradient w.r.t. x / scale
+    for name, sae_cfg in sweep(cfg, d_in):
+        torch.manual_seed(cfg.seed)
+        sae = make_sae(sae_cfg)
+        if cfg.init:
+            init = load_sae(cfg.init)
+            if (init.cfg.d_in, init.cfg.d_sae, init.cfg.arch) != (sae_cfg.d_in, sae_cfg.d_sae, sae_cfg.arch):
+                raise TrainError(f"--init {cfg.init} is a {init.cfg.arch} {init.cfg.d_in}->{init.cfg.d_sae} SAE; "
+                                 f"this run trains {sae_cfg.arch} {sae_cfg.d_in}->{sae_cfg.d_sae}")
+            init.fold_input_scale(1.0 / scale)   # saved weights take raw inputs; training sees x / scale
+            sae.load_state_dict(init.state_dict())
+        else:
+            sae.init_b_dec(x, cfg.b_dec_init)
+        sae.calibrate(x, g)
+        sae.to(device).train()
+        if cfg.sparse_decode == "on" or (cfg.sparse_decode == "auto" and device.type == "cuda"):
+            sae.enable_sparse_decode()
+        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+    return runs
+
+
+def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Tensor, tokens: int) -> None:
+    """Apply the accumulated gradients: decoder-norm constraint, clipping, Adam, dead-latent counts."""
+    sae, opt = run.sae, run.opt
+    for group in opt.param_groups:
+        group["lr"] = run.lr * lr_factor
+    sae.remove_gradient_parallel_to_decoder_directions()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sae.set_decoder_norm_to_unit_norm()
+    run.since_fired += tokens
+    run.since_fired[fired] = 0
+
+
+def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    if cfg.batch_size <= 0:
+        raise TrainError("--batch-size must be positive")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
+        raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+
+
+def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -> None:
+    """Save the SAE so that it takes raw activations (the input scale folded in), plus summary.json."""
+    saved = make_sae(run.cfg)
+    saved.load_state_dict(run.sae.state_dict())
+    saved.fold_input_scale(scale)
+    save_sae(saved, folder, extra_cfg={**extra, "sweep_name": folder.name, "lr": run.lr, "summary": summary})
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
