@@ -47,13 +47,13 @@ def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
     w.finish(n_seqs)
 
 
-def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
+def bare_loop(arch, d, d_sae, k, batch, tokens, device, sparse_decode="auto") -> float:
     cfg = SAEConfig(arch=arch, d_in=d, d_sae=d_sae, k=k if arch in ("topk", "batchtopk", "gtopk") else 0,
                     l1_coeff=1.0)
     torch.manual_seed(0)
     sae = make_sae(cfg).to(device)
-    if device.type == "cuda" and k and k * 16 <= d_sae:
-        sae.use_sparse_decode = True
+    if sparse_decode == "on" or (sparse_decode == "auto" and device.type == "cuda"):
+        sae.enable_sparse_decode()
     opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
     data = torch.randn(16 * batch, d, device=device)
     steps = max(1, tokens // batch)
@@ -74,10 +74,11 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
     return time.perf_counter() - t0
 
 
-def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device) -> float:
+def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, sparse_decode="auto") -> float:
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(store=store, out=out, arch=arch, d_sae=d_sae, k=(k,), l1=(1.0,), batch_size=batch,
-                      tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9)
+                      tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9,
+                      sparse_decode=sparse_decode)
     t0 = time.perf_counter()
     fit(cfg, progress=False)
     return time.perf_counter() - t0
@@ -93,6 +94,8 @@ def main():
     p.add_argument("--tokens", type=int, default=4096 * 40, help="N: runs use N and 2N tokens")
     p.add_argument("--store-rows", type=int, default=None, help="default: 2N + 10%% (one epoch)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sparse-decode", default="auto", choices=("auto", "on", "off"),
+                   help="TopK decode by gathering the k rows (auto: on CUDA when k <= d_sae/16)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
@@ -105,21 +108,22 @@ def main():
     print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
     for arch in args.arch.split(","):
-        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device)  # warm-up
+        sd = args.sparse_decode
+        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device, sd)  # warm-up
         ratios, fit_rates, bare_rates = [], [], []
         for rep in range(args.repeats):
             out = os.path.join(tmp, "out")
-            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device)
-            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device)
-            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device)
-            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device)
+            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device, sd)
+            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device, sd)
+            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device, sd)
+            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device, sd)
             fr, br = N / max(f2 - f1, 1e-9), N / max(b2 - b1, 1e-9)
             fit_rates.append(fr)
             bare_rates.append(br)
             ratios.append(fr / br)
             print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}",
                   flush=True)
-        results.append({"arch": arch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
+        results.append({"arch": arch, "sparse_decode": sd, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
                         "batch_size": args.batch_size, "device": str(device), "tokens": [N, 2 * N],
                         "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
                         "ratio_median": statistics.median(ratios), "ratios": ratios,

@@ -11,13 +11,10 @@ LossOutput.loss == sum of the terms "mse", "sparsity", "aux" that are present; "
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:   # the config lives with the registry, which imports this module
-    from sae_harvest.train.registry import SAEConfig
 
 
 class LossOutput(NamedTuple):
@@ -61,14 +58,14 @@ class SAE(nn.Module):
     adam_betas: tuple[float, float] = (0.9, 0.999)
 
     @classmethod
-    def check_config(cls, cfg: "SAEConfig") -> None:
+    def check_config(cls, cfg) -> None:
         """Raise ValueError for a config this architecture cannot use."""
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
         return 5e-4
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))

@@ -1,0 +1,51 @@
+"""Collect bench/gpu.sh's JSON outputs into one markdown table (for docs/benchmarks.md)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PAPER_LOCAL_TOKENS = 410e6     # e2e paper's local SAE run: 4h45m on an A100
+PAPER_E2E_TOK_S = 411e6 / (11 * 3600 + 20 * 60)   # 411M tokens in 11h20m on an A100
+
+
+def main(out: Path) -> None:
+    rows = []
+
+    def load(name):
+        p = out / name
+        return json.loads(p.read_text()) if p.exists() else None
+
+    print((out / "device.txt").read_text().strip())
+    h = load("harvest.json")
+    if h:
+        rows.append(("harvest, 4 sites + grads, ctx %d" % h["ctx_len"],
+                     f"{h['harvest_tok_s']:,.0f} tok/s vs bare fwd+bwd {h['bare_tok_s']:,.0f} tok/s",
+                     f"{h['ratio_median']:.2f}x (repeats {', '.join(f'{r:.2f}' for r in h['ratios'])}); "
+                     f"{h['bytes_per_token']:,.0f} B/token"))
+    for sd in ("on", "off"):
+        t = load(f"train_{sd}.json")
+        if t:
+            t = t[0]
+            rows.append((f"train fit topk {t['d_in']}->{t['d_sae']} k={t['k']} batch {t['batch_size']}, "
+                         f"sparse decode {sd}",
+                         f"{t['fit_tok_s']:,.0f} tok/s vs bare loop {t['bare_tok_s']:,.0f} tok/s",
+                         f"{t['ratio_median']:.2f}x; 410M tokens in {PAPER_LOCAL_TOKENS / t['fit_tok_s'] / 60:.1f} min"))
+    for loss in ("e2e", "e2e+ds"):
+        p = out / f"train_{loss}.json"
+        if p.exists() and p.read_text().strip():
+            (name, s), = json.loads(p.read_text()).items()
+            rows.append((f"train fit --loss {loss} ({name})", f"{s['tokens_per_s']:,.0f} tok/s",
+                         f"{s['tokens_per_s'] / PAPER_E2E_TOK_S:.1f}x the paper's {PAPER_E2E_TOK_S:,.0f} tok/s"))
+    e = load("evaluate.json")
+    if e:
+        rows.append((f"evaluate splice, {e['n_saes']} SAEs d_sae={e['d_sae']}",
+                     f"{e['evaluate_tok_s']:,.0f} tok/s vs bare forward {e['bare_forward_tok_s']:,.0f} tok/s",
+                     f"{e['clean_forwards_per_sae']:.2f} clean forwards per SAE"))
+    print("| measurement | rate | ratio / derived |\n|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

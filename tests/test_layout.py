@@ -1,0 +1,131 @@
+"""The code's shape: one namespace, one-way layering, no import cycles, and coexistence with
+Hugging Face's own `evaluate` package."""
+import ast
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("stores", "harvest", "train", "evaluate")
+# what each package may import from the others (the brief's layering; train's e2e uses harvest's sites)
+ALLOWED = {"stores": set(), "harvest": {"stores"}, "train": {"stores", "harvest"},
+           "evaluate": {"stores", "harvest", "train"}}
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: modules of ours it imports, anywhere in its body (lazy imports count too)}."""
+    graph = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            mod = f"sae_harvest.{pkg}.{path.stem}".removesuffix(".__init__")
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    if node.level:   # relative: from .x import y / from . import x
+                        base = f"sae_harvest.{pkg}" + (f".{node.module}" if node.module else "")
+                        names = [base] if node.module else [f"{base}.{a.name}" for a in node.names]
+                    else:
+                        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                for name in names:
+                    if name and name.startswith("sae_harvest."):
+                        parts = name.split(".")
+                        target = ".".join(parts[:3])
+                        if (ROOT / parts[1] / f"{parts[2]}.py").exists() if len(parts) > 2 else False:
+                            deps.add(target)
+                        elif len(parts) >= 2:
+                            deps.add(".".join(parts[:2]))
+            graph[mod] = deps - {mod}
+    return graph
+
+
+def test_packages_import_only_downward():
+    bad = []
+    for mod, deps in _imports().items():
+        pkg = mod.split(".")[1]
+        for dep in deps:
+            other = dep.split(".")[1]
+            if other != pkg and other not in ALLOWED[pkg]:
+                bad.append(f"{mod} imports {dep}")
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    # a package's __init__ re-exports its modules: an edge into a package means its __init__
+    graph = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def strongconnect(v):   # Tarjan
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            # a package __init__ importing its own modules is not a cycle unless they import it back
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            strongconnect(v)
+    assert not cycles, cycles
+
+
+def test_no_top_level_modules_outside_the_namespace(tmp_path):
+    """From outside the repo, `import train` / `stores` / `harvest` find nothing of ours."""
+    code = ("import importlib.util, json; print(json.dumps({n: (s.origin if (s := importlib.util.find_spec(n)) "
+            "else None) for n in ['train', 'stores', 'harvest', 'evaluate']}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    import json
+    found = json.loads(out.stdout)
+    assert all(v is None or not v.startswith(str(ROOT)) for v in found.values()), found
+
+
+@pytest.mark.skipif(os.environ.get("SAE_HARVEST_SKIP_VENV") == "1", reason="SAE_HARVEST_SKIP_VENV=1")
+def test_coexists_with_huggingface_evaluate(tmp_path):
+    """A fresh venv with HF's `evaluate` installed next to ours: both import and work."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    # this interpreter's pip installs into the venv (--python): no ensurepip, which is slow
+    pip = [sys.executable, "-m", "pip", "--python", py, "install", "--quiet", "--no-deps",
+           "--disable-pip-version-check"]
+    hf = subprocess.run(pip + ["evaluate==0.4.6"], capture_output=True, text=True)
+    if hf.returncode != 0:
+        pytest.skip(f"cannot install Hugging Face evaluate here: {hf.stderr.strip().splitlines()[-1:]}")
+    ours = subprocess.run(pip + [str(ROOT)], capture_output=True, text=True)   # a regular, non-editable install
+    assert ours.returncode == 0, ours.stderr
+    check = (
+        "import evaluate, sae_harvest.evaluate as ours, sae_harvest.train, sae_harvest.harvest, sae_harvest.stores\n"
+        "assert 'site-packages' in evaluate.__file__ and hasattr(evaluate, 'EvaluationModule'), evaluate.__file__\n"
+        "assert hasattr(ours, 'evaluate_saes')\n"
+        "print(evaluate.__version__)\n")
+    out = subprocess.run([py, "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0.4.6", out.stderr
+    for argv in ([str(env_dir / "bin" / "evaluate"), "splice", "--help"],
+                 [py, "-m", "sae_harvest.evaluate", "splice", "--help"],
+                 [str(env_dir / "bin" / "train"), "fit", "--help"],
+                 [str(env_dir / "bin" / "harvest"), "run", "--help"]):
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0 and "--help" in run.stdout, (argv, run.stderr)
