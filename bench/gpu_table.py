@@ -32,7 +32,7 @@ def main(out: Path) -> None:
                          f"{t['fit_tok_s']:,.0f} tok/s vs bare loop {t['bare_tok_s']:,.0f} tok/s",
                          f"{t['ratio_median']:.2f}x; 410M tokens in {PAPER_LOCAL_TOKENS / t['fit_tok_s'] / 60:.1f} min"))
     for loss in ("e2e", "e2e+ds"):
-        p = out / f"train_{loss}.json"
+        p = out / f"train_{loss.replace('+', '_')}.json"
         if p.exists() and p.read_text().strip():
             (name, s), = json.loads(p.read_text()).items()
             rows.append((f"train fit --loss {loss} ({name})", f"{s['tokens_per_s']:,.0f} tok/s",
