@@ -31,13 +31,12 @@ class TrainConfig:
                                         f"estimators (default {SAE_DEFAULTS['bandwidth']:g}).")
     threshold_init: float | None = opt(None, f"jumprelu: initial threshold of every latent (default "
                                              f"{SAE_DEFAULTS['threshold_init']:g}).")
-    l0_penalty: str = opt(SAE_DEFAULTS["l0_penalty"], "jumprelu L0 penalty: step (straight-through) or tanh (SAELens).",
-                          choices=L0_PENALTIES)
-    prefixes: tuple[int, ...] = opt((), "matryoshka_batchtopk: nested dictionary sizes, e.g. 256,1024,4096 "
-                                        "(default d_sae/16,/8,/4,/2; d_sae is always the last).",
-                                    show_default=False)
-    lr: float | None = opt(None, "Learning rate (default 5e-4 for relu/gated, 2e-4/sqrt(d_sae/2^14) for the "
-                                 "TopK family).")
+    l0_penalty: str | None = opt(None, "jumprelu L0 penalty: step (straight-through) or tanh (SAELens) "
+                                       f"(default {SAE_DEFAULTS['l0_penalty']}).", choices=L0_PENALTIES)
+    prefixes: tuple[int, ...] | None = opt(None, "matryoshka_batchtopk: nested dictionary sizes, e.g. "
+                                                 "256,1024,4096 (default d_sae/16,/8,/4,/2; d_sae is always last).")
+    lr: float | None = opt(None, "Learning rate (default 5e-4 for relu/gated/jumprelu, 2e-4/sqrt(d_sae/2^14) "
+                                 "for the TopK family and matryoshka_batchtopk).")
     batch_size: int = opt(4096, "Tokens per optimizer step.")
     tokens: int | None = opt(None, "Training tokens (default: one pass; more than the store = epochs).")
     seed: int = opt(0, "Seeds the initialisation and the batch order.")
@@ -74,9 +73,10 @@ def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
     cls = ARCHITECTURES[cfg.arch]
     d_sae = cfg.d_sae or cfg.expansion * d_in
     # beta 0 tells gtopk to calibrate itself on the data (its calibrate() hook)
-    common = dict(arch=cfg.arch, d_in=d_in, d_sae=d_sae, beta=cfg.beta or 0.0, l0_penalty=cfg.l0_penalty,
-                  prefixes=cfg.prefixes)
-    common.update({f: getattr(cfg, f) for f in ("bandwidth", "threshold_init") if getattr(cfg, f) is not None})
+    common = dict(arch=cfg.arch, d_in=d_in, d_sae=d_sae, beta=cfg.beta or 0.0)
+    # unset (None): the SAEConfig default; so a run saved before these options existed still resumes
+    common.update({f: getattr(cfg, f) for f in ("bandwidth", "threshold_init", "l0_penalty", "prefixes")
+                   if getattr(cfg, f) is not None})
     if cls.sweep_field == "k":
         return [(f"{cfg.arch}_k{k}", SAEConfig(**common, k=int(k))) for k in cfg.k]
     return [(f"{cfg.arch}_l1-{l1:g}", SAEConfig(**common, l1_coeff=float(l1))) for l1 in cfg.l1]
