@@ -23,6 +23,8 @@ SWEEPS = [
     ("topk", "topk", {"k": (4, 8, 16, 32, 64)}),
     ("batchtopk", "batchtopk", {"k": (4, 8, 16, 32, 64)}),
     ("gtopk", "gtopk", {"k": (4, 8, 16, 32, 64)}),
+    ("jumprelu", "jumprelu", {"l1": (0.03, 0.1, 0.3, 1.0, 3.0), "threshold_init": 0.1}),
+    ("matryoshka", "matryoshka_batchtopk", {"k": (4, 8, 16, 32, 64)}),
     ("e2e", "relu", {"loss": "e2e", "l1": (0.1, 0.3, 1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
                      "init": "relu/relu_l1-30"}),
 ]
@@ -49,7 +51,8 @@ def main():
         series.setdefault(series_label(r), []).append((r["l0"], r["ce_increase"], r["alive"], r["name"]))
     pareto = {name: sorted(pts) for name, pts in series.items()}
     comparisons = {}
-    for a, b in (("e2e", "relu"), ("gated", "relu"), ("batchtopk", "topk"), ("gtopk+grad", "topk")):
+    for a, b in (("e2e", "relu"), ("gated", "relu"), ("batchtopk", "topk"), ("gtopk+grad", "topk"),
+                 ("jumprelu", "gated"), ("matryoshka_batchtopk", "batchtopk")):
         rows = []
         for l0 in (8, 16, 32, 64):
             ca = interp_ce([(x, y) for x, y, *_ in pareto.get(a, [])], l0)

@@ -1,6 +1,7 @@
 """The demo: the whole pipeline on the offline default model and corpus, on 2 CPU cores.
 
-harvest (two sites, with gradients) -> train relu, gated, topk, batchtopk, gtopk and e2e SAEs
+harvest (two sites, with gradients) -> train relu, gated, topk, batchtopk, gtopk, jumprelu,
+matryoshka_batchtopk and e2e SAEs
 (a small sweep each) -> evaluate them together in the live model -> table, JSON, Pareto plot.
 Re-running continues where a previous run stopped.
 """
@@ -30,6 +31,9 @@ SWEEPS = [
     ("topk", "topk", {"k": (8, 16, 32)}),
     ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
     ("gtopk", "gtopk", {"k": (8, 16, 32)}),
+    # jumprelu: lambda per active latent; theta starts at 0.1, since a short run cannot grow it far
+    ("jumprelu", "jumprelu", {"l1": (0.1, 0.3, 1.0), "threshold_init": 0.1}),
+    ("matryoshka", "matryoshka_batchtopk", {"k": (8, 16, 32)}),
     # e2e: the paper's 16 sequences per step; one pass over the store's training sequences
     # e2e: starts from the local relu_l1-30 SAE (--init), the paper's 16 sequences per step, one pass
     # over the store's training sequences; its lambda is on KL's scale (nats), far below local's

@@ -10,7 +10,8 @@ from sae_harvest.train.sae_io import CFG_NAME, WEIGHTS_NAME, CheckpointError, lo
 from sae_harvest.train.registry import ARCH_NAMES, SAEConfig, make_sae
 
 EXTRA = {"hook_name": "blocks.6.hook_resid_pre", "model_name": "gpt2", "train": {"lr": 3e-4}}
-SAELENS_ARCH = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu", "gtopk": "topk"}
+SAELENS_ARCH = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu", "gtopk": "topk",
+                "jumprelu": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
 
 
 def trained_like(arch, d_in=8, d_sae=24):
@@ -19,7 +20,7 @@ def trained_like(arch, d_in=8, d_sae=24):
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.threshold.fill_(0.05)
     return sae.eval()
 
@@ -57,8 +58,12 @@ def test_round_trip(tmp_path, arch):
         assert {"b_gate", "b_mag", "r_mag"} <= set(shapes) and "b_enc" not in shapes
     else:
         assert shapes["b_enc"] == (24,)
-    if arch == "batchtopk":
-        assert shapes["threshold"] == (24,)
+    if SAELENS_ARCH[arch] == "jumprelu":   # SAELens's JumpReLU: theta itself, not our log theta
+        assert shapes["threshold"] == (24,) and "log_threshold" not in shapes
+        with safe_open(str(tmp_path / "ck" / WEIGHTS_NAME), "pt") as f:
+            torch.testing.assert_close(f.get_tensor("threshold"), sae.threshold.detach(), rtol=0, atol=0)
+    if arch == "matryoshka_batchtopk":
+        assert cfg["matryoshka_widths"] == [1, 3, 6, 12, 24]
 
 
 def test_bfloat16_round_trip(tmp_path):

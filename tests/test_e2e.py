@@ -254,3 +254,55 @@ def test_bad_input(assets, tmp_path):
                                        "--out", str(tmp_path / "e")])
     assert r.exit_code != 0 and r.output.startswith("error:") and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_jumprelu_e2e_loss_adds_its_l0_penalty(assets):
+    """The e2e loss of a JumpReLU SAE is KL + lambda * mean L0 (positions >= 1), and its threshold
+    learns from both terms through the straight-through estimators."""
+    model, ids = assets["model"], _batch(assets)
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="jumprelu", d_in=64, d_sae=128, l1_coeff=0.02, bandwidth=0.5, threshold_init=0.5))
+    site = Site.parse("blocks.0.resid_pre")
+    with torch.no_grad():
+        ref_clean = model(input_ids=ids, output_hidden_states=True)
+        scale = float(ref_clean.hidden_states[0][:, 1:].norm(dim=-1).mean()) / 8   # E||x / scale|| = sqrt(64)
+        ref = _hf_spliced(model, sae, 0, ids, scale=scale)
+        x = ref_clean.hidden_states[0].reshape(-1, 64) / scale
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        l0 = (pre > sae.threshold).view(*ids.shape, -1)[:, 1:].sum(-1).double().mean()
+    kl = _kl_by_hand(ref_clean.logits, ref.logits, 1)
+    t = e2e.e2e_loss(model, sae, site, ids, clean=e2e.clean_pass(model, ids, []), scale=scale)
+    assert 0 < l0 < 128
+    torch.testing.assert_close(t["l0"].double(), l0)
+    torch.testing.assert_close(t["sparsity"].double(), 0.02 * l0, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(t["loss"].detach().double(), kl + 0.02 * l0, rtol=1e-4, atol=1e-7)
+    t["loss"].backward()
+    assert sae.log_threshold.grad.abs().sum() > 0 and sae.W_enc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch,kw", [("jumprelu", dict(l1=(0.3,), threshold_init=0.1)),
+                                     ("matryoshka_batchtopk", dict(k=(8,), prefixes=(16, 64)))])
+def test_new_architectures_train_locally_then_e2e(assets, tmp_path, arch, kw):
+    """Local training, then e2e fine-tuning from it (--init); both save SAELens jumprelu checkpoints."""
+    local = tmp_path / "local"
+    (name, summary), = fit(TrainConfig(store=assets["store"], out=str(local), arch=arch, d_sae=128, batch_size=256,
+                                       tokens=256 * 30, lr=3e-3, device="cpu", holdout_fraction=0.1, **kw),
+                           progress=False).items()
+    held = summary["held_out"]
+    assert held["nmse"] < 0.5 and 0 < held["l0"] < 64, held
+    e2e_kw = {**kw, "l1": (0.01,)} if arch == "jumprelu" else kw
+    out = tmp_path / "e2e"
+    (name2, summary2), = fit(_cfg(assets, out, arch=arch, init=str(local / name), tokens=SEQS * CTX * 20,
+                                  **e2e_kw), progress=False).items()
+    assert name2 == name or arch == "jumprelu"   # its lambda is on KL's scale in e2e
+    name = name2
+    records = _metrics(out / name / "metrics.jsonl")
+    assert records[-1]["kl"] < records[0]["kl"], [r["kl"] for r in records]
+    assert ("sparsity" in records[-1]) is (arch == "jumprelu")
+    cfg = json.loads((out / name / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["sae_harvest"]["sae"]["arch"] == arch
+    sae = train.load_sae(out / name)   # takes raw activations: reproduces the held-out KL
+    ids = torch.from_numpy(open_store(assets["store"]).tokens[96:].astype(np.int64))
+    t = e2e.e2e_loss(assets["model"], sae, Site.parse("blocks.1.resid_pre"), ids,
+                     clean=e2e.clean_pass(assets["model"], ids, []))
+    assert float(t["kl"]) == pytest.approx(summary2["held_out"]["kl"], rel=1e-4)

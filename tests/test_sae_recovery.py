@@ -18,6 +18,10 @@ CONFIGS = {
     "topk": SAEConfig("topk", D_IN, D_SAE, k=4),
     "batchtopk": SAEConfig("batchtopk", D_IN, D_SAE, k=4),
     "gtopk": SAEConfig("gtopk", D_IN, D_SAE, k=4, beta=10.0),
+    # this toy's inputs are not normalised (E||x|| ~ 2, not sqrt(32)): theta starts nearer its scale
+    "jumprelu": SAEConfig("jumprelu", D_IN, D_SAE, l1_coeff=0.1, threshold_init=0.1),
+    # the planted features are flat (no hierarchy), so the one inner prefix holds as many as there are
+    "matryoshka_batchtopk": SAEConfig("matryoshka_batchtopk", D_IN, D_SAE, k=4, prefixes=(N_FEAT,)),
 }
 
 

@@ -173,6 +173,8 @@ def _cli(args):
     (["--arch", "sparse-magic"], "unknown --arch"),
     (["--site", None], "pick one with --site"),
     (["--k", "100"], "k <= d_sae"),
+    (["--arch", "matryoshka_batchtopk", "--prefixes", "32,8"], "prefixes must be increasing"),
+    (["--arch", "jumprelu", "--bandwidth", "0"], "bandwidth > 0"),
 ])
 def test_bad_input_one_clear_line(store, tmp_path, args, message):
     base = {"--store": str(store), "--site": "blocks.0.resid_pre", "--d-sae": "64", "--out": str(tmp_path / "o")}

@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from sae_harvest.stores.cli import opt
+from sae_harvest.train.jumprelu import L0_PENALTIES
 from sae_harvest.train.registry import ARCH_NAMES, ARCHITECTURES, SAEConfig
+
+SAE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
 
 
 @dataclass(frozen=True)
@@ -18,13 +21,22 @@ class TrainConfig:
     arch: str = opt("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
     d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")
     expansion: int = opt(16, "Dictionary size as a multiple of d_in, when --d-sae is not given.")
-    l1: tuple[float, ...] = opt((1.0,), "Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda). "
-                                        "Comma list = sweep.")
-    k: tuple[int, ...] = opt((32,), "Active latents for topk/batchtopk/gtopk. Comma list = sweep.")
+    l1: tuple[float, ...] = opt((1.0,), "Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda; "
+                                        "jumprelu: lambda on the L0). Comma list = sweep.")
+    k: tuple[int, ...] = opt((32,), "Active latents for topk/batchtopk/gtopk/matryoshka_batchtopk. "
+                                    "Comma list = sweep.")
     beta: float | None = opt(None, "gtopk gradient weight (default: calibrated so beta*|W_dec^T grad| ~ 2.4, "
                                    "the paper's operating point).")
-    lr: float | None = opt(None, "Learning rate (default 5e-4 for relu/gated, 2e-4/sqrt(d_sae/2^14) for the "
-                                 "TopK family).")
+    bandwidth: float | None = opt(None, "jumprelu: bandwidth eps of the threshold's straight-through "
+                                        f"estimators (default {SAE_DEFAULTS['bandwidth']:g}).")
+    threshold_init: float | None = opt(None, f"jumprelu: initial threshold of every latent (default "
+                                             f"{SAE_DEFAULTS['threshold_init']:g}).")
+    l0_penalty: str | None = opt(None, "jumprelu L0 penalty: step (straight-through) or tanh (SAELens) "
+                                       f"(default {SAE_DEFAULTS['l0_penalty']}).", choices=L0_PENALTIES)
+    prefixes: tuple[int, ...] | None = opt(None, "matryoshka_batchtopk: nested dictionary sizes, e.g. "
+                                                 "256,1024,4096 (default d_sae/16,/8,/4,/2; d_sae is always last).")
+    lr: float | None = opt(None, "Learning rate (default 5e-4 for relu/gated/jumprelu, 2e-4/sqrt(d_sae/2^14) "
+                                 "for the TopK family and matryoshka_batchtopk).")
     batch_size: int = opt(4096, "Tokens per optimizer step.")
     tokens: int | None = opt(None, "Training tokens (default: one pass; more than the store = epochs).")
     seed: int = opt(0, "Seeds the initialisation and the batch order.")
@@ -62,6 +74,9 @@ def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
     d_sae = cfg.d_sae or cfg.expansion * d_in
     # beta 0 tells gtopk to calibrate itself on the data (its calibrate() hook)
     common = dict(arch=cfg.arch, d_in=d_in, d_sae=d_sae, beta=cfg.beta or 0.0)
+    # unset (None): the SAEConfig default; so a run saved before these options existed still resumes
+    common.update({f: getattr(cfg, f) for f in ("bandwidth", "threshold_init", "l0_penalty", "prefixes")
+                   if getattr(cfg, f) is not None})
     if cls.sweep_field == "k":
         return [(f"{cfg.arch}_k{k}", SAEConfig(**common, k=int(k))) for k in cfg.k]
     return [(f"{cfg.arch}_l1-{l1:g}", SAEConfig(**common, l1_coeff=float(l1))) for l1 in cfg.l1]

@@ -69,7 +69,7 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
         x = a.reshape(-1, a.shape[-1]).float() / scale
         feats = sae.encode(x)
         sae.observe_training_latents(feats)
-        seen["feats"] = feats.view(*a.shape[:-1], -1)
+        seen["feats"], seen["x"] = feats.view(*a.shape[:-1], -1), x.view(a.shape)
         return (sae.decode(feats) * scale).view(a.shape).to(a.dtype)
 
     with splice(model, site, replace), record(model, downstream) as rec:
@@ -88,7 +88,7 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     feats = seen["feats"][mask]
     terms["l1"] = feats.abs().sum(-1).mean()
     terms["l0"] = (feats > 0).float().sum(-1).mean()
-    sparsity = sae.sparsity_penalty(feats)   # None for the TopK family
+    sparsity = sae.sparsity_penalty(feats, seen["x"][mask])   # None for the TopK family
     if sparsity is not None:
         terms["sparsity"] = sparsity
         loss = loss + sparsity

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from sae_harvest.train.batchtopk import BatchTopKSAE
 from sae_harvest.train.gated import GatedSAE
 from sae_harvest.train.gtopk import GradTopKSAE
+from sae_harvest.train.jumprelu import JumpReLUSAE
+from sae_harvest.train.matryoshka import MatryoshkaBatchTopKSAE
 from sae_harvest.train.relu import ReLUSAE
 from sae_harvest.train.sae import SAE
 from sae_harvest.train.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {cls.arch: cls for cls in (
-    ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, GradTopKSAE,
+    ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, GradTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE,
 )}
 ARCH_NAMES = tuple(ARCHITECTURES)
 
@@ -26,14 +28,21 @@ class SAEConfig:
     arch: str
     d_in: int
     d_sae: int
-    l1_coeff: float = 0.0      # relu: phi = l1_coeff / d_in (e2e paper); gated: lambda on ||ReLU(pi_gate)||_1
+    l1_coeff: float = 0.0      # relu: phi = l1_coeff / d_in (e2e paper); gated: lambda on ||ReLU(pi_gate)||_1;
+                               # jumprelu: lambda on the L0
     k: int = 0                 # topk family: active latents per token (batchtopk: on average)
     beta: float = 0.0          # gtopk gradient weight (see train/gtopk.py DEFAULT_BETA)
     aux_k: int = 512           # AuxK: top aux_k dead latents, capped at d_sae // 2
     aux_coeff: float = 1 / 32
     threshold_ema: float = 0.99  # batchtopk: EMA decay of the per-batch min kept activation
+    bandwidth: float = 0.05    # jumprelu: width eps of the straight-through estimators' rectangle kernel
+    threshold_init: float = 0.01   # jumprelu: initial theta of every latent
+    l0_penalty: str = "step"   # jumprelu: "step" (lambda * ||f||_0 through the STE) or "tanh" (SAELens)
+    tanh_scale: float = 4.0    # jumprelu, l0_penalty "tanh": c in tanh(c * f * ||W_dec row||)
+    prefixes: tuple[int, ...] = ()   # matryoshka: nested dictionary sizes; () = d_sae/16, /8, /4, /2, d_sae
 
     def __post_init__(self):
+        object.__setattr__(self, "prefixes", tuple(int(m) for m in self.prefixes))   # JSON gives a list
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown SAE arch {self.arch!r}; expected one of {ARCH_NAMES}")
         if self.d_in <= 0 or self.d_sae <= 0:
@@ -41,7 +50,7 @@ class SAEConfig:
         ARCHITECTURES[self.arch].check_config(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "prefixes": list(self.prefixes)}   # as JSON reads it back
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":

@@ -30,5 +30,5 @@ class ReLUSAE(SAE):
         terms = {"mse": mse, "sparsity": sparsity, "l1": l1, "l0": (feats > 0).float().sum(-1).mean()}
         return LossOutput(mse + sparsity, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
 
-    def sparsity_penalty(self, feats):
+    def sparsity_penalty(self, feats, x=None):
         return (self.cfg.l1_coeff / self.cfg.d_in) * feats.abs().sum(-1).mean()

@@ -95,8 +95,9 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     # ---- hooks with no-op defaults ----
-    def sparsity_penalty(self, feats: torch.Tensor) -> torch.Tensor | None:
-        """The sparsity term a non-local loss (e2e) adds for latents `feats` [n, d_sae]; None: none."""
+    def sparsity_penalty(self, feats: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The sparsity term a non-local loss (e2e) adds for latents `feats` [n, d_sae] of the SAE
+        inputs `x` [n, d_in] (training space); None: none."""
         return None
 
     def observe_training_latents(self, feats: torch.Tensor) -> None:
@@ -117,6 +118,14 @@ class SAE(nn.Module):
     def saelens_fields(self) -> dict:
         """Architecture-specific cfg.json keys besides architecture/d_in/d_sae (e.g. k)."""
         return {}
+
+    def saelens_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of the saved SAELens checkpoint (e.g. jumprelu trains log theta, saves theta)."""
+        return self.state_dict()
+
+    def load_saelens_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of saelens_state_dict()."""
+        self.load_state_dict(tensors)
 
     def _center(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.b_dec if self.apply_b_dec_to_input else x

@@ -67,7 +67,7 @@ def save_sae(sae: SAE, out_dir, *, extra_cfg: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(saelens_cfg(sae, dict(extra_cfg)), indent=2)   # fail before touching any file
-    tensors = {n: t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in sae.saelens_state_dict().items()}
     _replace_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _replace_atomically(out_dir / CFG_NAME, lambda p: p.write_text(text))
 
@@ -99,7 +99,7 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
         raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({_one_line(e)})") from None
 
     sae = make_sae(cfg)
-    expected = {n: tuple(t.shape) for n, t in sae.state_dict().items()}
+    expected = {n: tuple(t.shape) for n, t in sae.saelens_state_dict().items()}
     got = {n: tuple(t.shape) for n, t in tensors.items()}
     if set(expected) != set(got):
         raise CheckpointError(f"{wpath}: tensors {sorted(got)} do not match {cfg.arch} tensors {sorted(expected)}")
@@ -111,5 +111,5 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
     if len(dtypes) != 1 or not all(t.dtype.is_floating_point for t in tensors.values()):
         raise CheckpointError(f"{wpath}: expected one floating dtype, got {sorted(map(str, dtypes))}")
     sae.to(dtype=dtypes.pop())
-    sae.load_state_dict(tensors)
+    sae.load_saelens_state_dict(tensors)
     return sae.to(device).eval()

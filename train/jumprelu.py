@@ -1,0 +1,138 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope; SAELens `jumprelu`).
+
+    z = (x - b_dec) @ W_enc + b_enc                       (pre-activations)
+    f = JumpReLU_theta(z) = z * H(z - theta)              theta = exp(log_threshold) > 0, per latent
+    loss = mean_n ||x - x_hat||^2 + lambda * mean_n sum_i H(z_i - theta_i)      (l0_penalty "step")
+H has no gradient, so theta learns through straight-through pseudo-derivatives with the rectangle
+kernel K(u) = 1[|u| < 1/2] of bandwidth eps (cfg.bandwidth):
+    d/dtheta JumpReLU_theta(z) := -(theta / eps) K((z - theta) / eps)
+    d/dtheta H(z - theta)      := -(1 / eps) K((z - theta) / eps)
+and z gets the exact gradient H(z - theta) from the reconstruction only (none from the L0 term).
+`l0_penalty="tanh"` (SAELens's alternative) replaces H(z - theta) in the penalty by
+tanh(c * f_i * ||W_dec,i||), c = cfg.tanh_scale, which is differentiable in f.
+lambda is cfg.l1_coeff (the sweep field, `--l1`): one active latent costs lambda; the reconstruction
+is summed over d_in on inputs normalised to E||x|| = sqrt(d_in).
+theta is trained in log space (log_threshold, as the paper and SAELens do) and saved as SAELens's
+`threshold` tensor; loading takes log(threshold).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+
+L0_PENALTIES = ("step", "tanh")
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """z * H(z - theta); gradients: z -> H(z - theta), theta -> -(theta/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth: float):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = (z > theta).to(grad_out.dtype) * grad_out
+        grad_theta = (-(theta / eps) * rectangle((z - theta) / eps) * grad_out).sum(0)
+        return grad_z, grad_theta.to(theta.dtype), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z - theta); gradients: z -> none, theta -> -(1/eps) K((z - theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth: float):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = (-(1.0 / eps) * rectangle((z - theta) / eps) * grad_out).sum(0)
+        return None, grad_theta.to(theta.dtype), None
+
+
+class JumpReLUSAE(SAE):
+    arch = "jumprelu"
+    saelens_architecture = "jumprelu"
+    apply_b_dec_to_input = True
+    adam_betas = (0.0, 0.999)   # the paper's (and Gemma Scope's) beta1 = 0
+
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.bandwidth <= 0 or cfg.threshold_init <= 0:
+            raise ValueError(f"jumprelu needs bandwidth > 0 and threshold_init > 0, got "
+                             f"{cfg.bandwidth}, {cfg.threshold_init}")
+        if cfg.l0_penalty not in L0_PENALTIES:
+            raise ValueError(f"unknown l0_penalty {cfg.l0_penalty!r}; expected one of {L0_PENALTIES}")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.threshold_init)).log())
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return self._center(x) @ self.W_enc + self.b_enc
+
+    def _jumprelu(self, pre: torch.Tensor) -> torch.Tensor:
+        return JumpReLUFunction.apply(pre, self.threshold.to(pre.dtype), self.cfg.bandwidth)
+
+    def encode(self, x, grad=None):
+        return self._jumprelu(self.pre_acts(x))
+
+    def l0_penalty(self, pre: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """lambda * mean_n of the differentiable stand-in for ||f||_0 (see the module docstring)."""
+        if self.cfg.l0_penalty == "tanh":
+            count = torch.tanh(self.cfg.tanh_scale * feats * self.W_dec.norm(dim=-1)).sum(-1)
+        else:
+            count = StepFunction.apply(pre, self.threshold.to(pre.dtype), self.cfg.bandwidth).sum(-1)
+        return self.cfg.l1_coeff * count.mean()
+
+    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+        pre = self.pre_acts(x)
+        feats = self._jumprelu(pre)
+        x_hat = self.decode(feats)
+        mse = recon_loss(x, x_hat)
+        sparsity = self.l0_penalty(pre, feats)
+        terms = {"mse": mse, "sparsity": sparsity, "l0": (feats > 0).float().sum(-1).mean()}
+        return LossOutput(mse + sparsity, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
+
+    def sparsity_penalty(self, feats, x=None):
+        # The step penalty needs the pre-activations just below theta too, which feats has zeroed:
+        # recompute them from the SAE's input (no gradient reaches z through H anyway).
+        if self.cfg.l0_penalty == "step":
+            if x is None:
+                raise ValueError("the jumprelu step L0 penalty needs the SAE input x")
+            with torch.no_grad():
+                pre = self.pre_acts(x.to(self.W_enc.dtype))
+            return self.l0_penalty(pre, feats)
+        return self.l0_penalty(None, feats)
+
+    def saelens_fields(self):
+        return {"jumprelu_bandwidth": self.cfg.bandwidth, "jumprelu_sparsity_loss_mode": self.cfg.l0_penalty}
+
+    # SAELens stores theta itself; we train log theta.
+    def saelens_state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.state_dict())
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors
+
+    def load_saelens_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        tensors["log_threshold"] = tensors.pop("threshold").log()
+        self.load_state_dict(tensors)
