@@ -25,6 +25,7 @@ from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token,
                                           mse_per_token, reconstruction_terms, result_metrics)
 from sae_harvest.harvest.errors import HarvestError
 from sae_harvest.stores.errors import UserError
+from sae_harvest.stores.urls import scrub
 
 
 class EvaluateError(UserError):
@@ -260,12 +261,12 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype)
     sweep = ours.get("sweep_name")
     folder = Path(e.path).parent if Path(e.path).is_file() else Path(e.path)
     head = {
-        "sae": e.path, "name": sweep or folder.name, "sweep_name": sweep,
+        "sae": scrub(e.path), "name": sweep or folder.name, "sweep_name": sweep,
         "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "k": cfg.k if e.sae.sweep_field == "k" else None,
         "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
-        "grad_select": e.use_grad, "model": model_name, "dtype": dtype,
+        "grad_select": e.use_grad, "model": scrub(model_name), "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),
     }

@@ -20,6 +20,7 @@ from sae_harvest.harvest.models import get_adapter, load_model
 from sae_harvest.harvest.sites import Site, capture, record, splice
 from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
+from sae_harvest.stores.urls import scrub
 from sae_harvest.train import resume as train_state
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import Driver
@@ -197,7 +198,7 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     if store.n_seqs - n_held <= 0:
         raise TrainError(f"store {cfg.store} has too few sequences to train on ({store.n_seqs})")
     attrs = store.attrs
-    provenance = {"store": cfg.store, "model_name": model_name, "hook_name": site.name,
+    provenance = {"store": scrub(cfg.store), "model_name": scrub(model_name), "hook_name": site.name,
                   "hook_layer": site.layer, "context_size": store.ctx_len,
                   "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
                   "dataset_path": attrs.get("dataset", {}).get("name")}
