@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -225,6 +226,10 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
         stored = store_obj.attrs.get("model", {})
         if model_name is None:
             model_name, revision = stored.get("name"), revision or stored.get("revision")
+            if model_name:   # a store from someone else picks what gets loaded: say what it is
+                print(f"loading model {scrub(model_name)!r}"
+                      f"{f' at revision {revision!r}' if revision else ''}, named by store "
+                      f"{scrub(cfg.store)} (--model chooses another)", file=sys.stderr, flush=True)
     if not model_name:
         raise EvaluateError("no model given (--model)")
     quiet_transformers()

@@ -8,6 +8,7 @@ which reaches only the SAE (model weights are frozen). Losses, defaults and sour
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,6 +181,9 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     model_name = cfg.model or store.attrs.get("model", {}).get("name")
     if not model_name:
         raise TrainError(f"store {cfg.store} does not name its model: give --model")
+    if not cfg.model:   # a store from someone else picks what gets loaded: say what it is
+        print(f"loading model {scrub(model_name)!r}, named by store {scrub(cfg.store)} (--model chooses another)",
+              file=sys.stderr, flush=True)
     site = Site.parse(name)
     try:
         model, _ = load_model(resolve_model(model_name), device=device)
