@@ -145,3 +145,146 @@ def test_harvest_summary_and_store_attrs_hold_no_credential(tmp_path):
     r = CliRunner().invoke(harvest_cli, ["run", "--model", model, "--dataset", corpus, "--out", url])
     one_error_line(r, "already exists", "memory://hb/s.zarr")
     mem.rm("/", recursive=True)
+
+
+# ---- 2. no pickle through model loading -------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny GPT-2, a .bin-only copy of it, a corpus and a small harvested store."""
+    import shutil
+
+    import torch
+
+    from sae_harvest.harvest.run import HarvestConfig, harvest
+
+    root = tmp_path_factory.mktemp("lm")
+    model = make_tiny_model("gpt2", root / "gpt2")
+    pickled = root / "gpt2-bin"
+    shutil.copytree(model, pickled)
+    from safetensors.torch import load_file
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    corpus = write_corpus(root / "docs.jsonl", n_docs=60, max_words=40)
+    store = root / "s.zarr"
+    harvest(HarvestConfig(out=str(store), model=model, dataset=corpus, sites="blocks.0.resid_pre", tokens=512,
+                          ctx_len=32, batch_size=8, shuffle_window=256, device="cpu"), progress=False)
+    return {"model": model, "pickled": str(pickled), "corpus": corpus, "store": store, "root": root}
+
+
+def edit_root_attrs(store, fn):
+    """Rewrite a store's root attributes in place (what a hostile or careless colleague could do)."""
+    from sae_harvest.stores import layout
+
+    meta_path = Path(store) / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    fn(meta["attributes"][layout.ROOT_ATTR])
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_pickled_model_refused_with_how_to_convert(lm, tmp_path, monkeypatch):
+    import torch
+
+    from sae_harvest.harvest.cli import main as harvest_cli
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (unpickling) used"))
+    before = tree_hash(lm["pickled"])
+    out = tmp_path / "o.zarr"
+    args = ["run", "--dataset", lm["corpus"], "--tokens", "256", "--ctx-len", "32", "--device", "cpu",
+            "--sites", "blocks.0.resid_pre", "--out", str(out)]
+    one_error_line(CliRunner().invoke(harvest_cli, [*args, "--model", lm["pickled"]]),
+                   "pickled", "save_pretrained(", "safe_serialization=True")
+    assert not out.exists() and tree_hash(lm["pickled"]) == before
+    # a stray safetensors file beside the .bin: transformers itself is asked for safetensors only
+    import shutil
+    mixed = tmp_path / "mixed"
+    shutil.copytree(lm["pickled"], mixed)
+    (mixed / "unrelated.safetensors").write_bytes(b"")
+    one_error_line(CliRunner().invoke(harvest_cli, [*args, "--model", str(mixed)]),
+                   "no safetensors weights", "safe_serialization=True")
+    assert not out.exists()
+
+
+def test_store_named_model_is_shown_before_loading(lm, tmp_path):
+    """evaluate without --model loads the model a store names: it says which, then refuses pickle."""
+    import shutil
+
+    import torch
+
+    from sae_harvest.evaluate.cli import main as evaluate_cli
+    from sae_harvest.train.registry import SAEConfig, make_sae
+    from sae_harvest.train.sae_io import save_sae
+
+    store = tmp_path / "named.zarr"
+    shutil.copytree(lm["store"], store)
+    edit_root_attrs(store, lambda a: a["model"].update(name=lm["pickled"]))
+    sae_dir = tmp_path / "sae"
+    torch.manual_seed(0)
+    save_sae(make_sae(SAEConfig(arch="topk", d_in=64, d_sae=128, k=4)), sae_dir,
+             extra_cfg={"hook_name": "blocks.0.resid_pre"})
+    before = {**tree_hash(store), **tree_hash(sae_dir)}
+    r = CliRunner().invoke(evaluate_cli, ["splice", "--sae", str(sae_dir), "--store", str(store), "--tokens", "64",
+                                          "--device", "cpu", "--quiet"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 2 and "Traceback" not in r.output, r.output
+    assert lines[0].startswith("loading model") and lm["pickled"] in lines[0] and "named by store" in lines[0]
+    assert lines[1].startswith("error:") and "pickled" in lines[1]
+    assert {**tree_hash(store), **tree_hash(sae_dir)} == before
+
+
+# ---- 3. hostile cfg.json ----------------------------------------------------------------------
+def _small_checkpoint(folder):
+    import torch
+
+    from sae_harvest.train.registry import SAEConfig, make_sae
+    from sae_harvest.train.sae_io import save_sae
+
+    torch.manual_seed(0)
+    save_sae(make_sae(SAEConfig(arch="topk", d_in=16, d_sae=64, k=4)), folder,
+             extra_cfg={"hook_name": "blocks.0.resid_pre"})
+    return folder
+
+
+def _claim(folder, **values):
+    path = Path(folder) / "cfg.json"
+    cfg = json.loads(path.read_text())
+    for k, v in values.items():
+        cfg[k] = v
+        cfg["sae_harvest"]["sae"][k] = v
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("claim, message", [
+    ({"d_sae": 4_000_000}, "shapes disagree with cfg.json"),
+    ({"d_sae": 2**40}, "d_sae = 1099511627776 is out of range"),
+    ({"d_sae": 256.0}, "d_sae must be an integer, got 256.0"),
+    ({"d_in": "16"}, "d_in must be an integer"),
+    ({"k": True}, "k must be an integer"),
+    ({"d_sae": -5}, "out of range"),
+    ({"arch": ["topk"]}, "arch must be a string"),
+])
+def test_hostile_cfg_refused_before_allocating(store, tmp_path, claim, message):
+    ckpt = _claim(_small_checkpoint(tmp_path / "evil"), **claim) or tmp_path / "evil"
+    before = tree_hash(ckpt)
+    out = tmp_path / "o"
+    line = one_error_line(fit_cli("--store", store, *FIT, "--init", ckpt, "--out", out), message)
+    assert str(ckpt) in line
+    assert tree_hash(ckpt) == before and not (out / "topk_k4").exists()
+
+
+def test_hostile_cfg_peak_memory(tmp_path):
+    """The issue's case: a small file claiming d_sae = 4e6 once took 2.2 GB; now the refusal costs
+    no more memory than reading the small file (peak RSS measured in a fresh process)."""
+    import subprocess
+
+    ckpt = _small_checkpoint(tmp_path / "evil")
+    _claim(ckpt, d_sae=4_000_000)     # 2 x 4e6 x 16 float32 = 512 MB if allocated
+    code = ("import resource, sys\n"
+            "from sae_harvest.train.sae_io import load_sae, CheckpointError\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    load_sae(sys.argv[1])\nexcept CheckpointError as e:\n    print('refused', e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    refused, grew_kb = r.stdout.strip().splitlines()
+    assert refused.startswith("refused") and "shapes disagree" in refused
+    assert int(grew_kb) < 50 * 1024, f"peak RSS grew {int(grew_kb) / 1024:.0f} MB"
