@@ -89,6 +89,8 @@ def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
     store = open_store(store_path)
     if ctx_len is not None and ctx_len != store.ctx_len:
         raise EvaluateError(f"--ctx-len {ctx_len} differs from the store's ctx_len {store.ctx_len}")
+    if store.n_seqs == 0:
+        raise EvaluateError(f"store {store_path} holds 0 sequences: nothing to evaluate on")
     n = min(max(1, math.ceil(tokens / store.ctx_len)), store.n_seqs)
     ids = np.asarray(store.tokens[store.n_seqs - n:store.n_seqs])
     return torch.from_numpy(ids.astype(np.int64)), store

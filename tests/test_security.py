@@ -164,7 +164,7 @@ def lm(tmp_path_factory):
     from safetensors.torch import load_file
     torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    corpus = write_corpus(root / "docs.jsonl", n_docs=60, max_words=40)
+    corpus = write_corpus(root / "docs.jsonl", n_docs=300, max_words=60)
     store = root / "s.zarr"
     harvest(HarvestConfig(out=str(store), model=model, dataset=corpus, sites="blocks.0.resid_pre", tokens=512,
                           ctx_len=32, batch_size=8, shuffle_window=256, device="cpu"), progress=False)
@@ -288,3 +288,259 @@ def test_hostile_cfg_peak_memory(tmp_path):
     refused, grew_kb = r.stdout.strip().splitlines()
     assert refused.startswith("refused") and "shapes disagree" in refused
     assert int(grew_kb) < 50 * 1024, f"peak RSS grew {int(grew_kb) / 1024:.0f} MB"
+
+
+# ---- 4. one line, exit 2, nothing already written lost ----------------------------------------
+HARVEST = ("--tokens", "4096", "--ctx-len", "32", "--batch-size", "8", "--shuffle-window", "1024",
+           "--sites", "blocks.0.resid_pre", "--device", "cpu")
+
+
+def harvest_cli(*args):
+    from sae_harvest.harvest.cli import main
+    return CliRunner().invoke(main, [*map(str, args)])
+
+
+def test_non_string_text_partway_through_corpus(lm, tmp_path):
+    from sae_harvest.stores import open_store
+
+    (tmp_path / "c").mkdir()
+    corpus = Path(write_corpus(tmp_path / "c" / "docs.jsonl", n_docs=120, max_words=40))   # ~2.5k tokens
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": 12345}) + "\n" + json.dumps({"text": "more words here"}) + "\n")
+        f.writelines(json.dumps({"text": "the model reads every token " * 5}) + "\n" for _ in range(200))
+    before = tree_hash(corpus.parent)
+    out = tmp_path / "o.zarr"
+    one_error_line(harvest_cli("run", "--model", lm["model"], "--dataset", corpus, *HARVEST, "--out", out,
+                               "--quiet"), "document 120", "holds a int")
+    assert tree_hash(corpus.parent) == before
+    assert not open_store(str(out), allow_partial=True).complete    # kept, incomplete, resumable
+
+
+def test_write_failure_is_one_line_and_resumable(lm, tmp_path):
+    """A file-size limit (what a full disk looks like to the writer: EFBIG/ENOSPC) mid-harvest."""
+    import resource
+    import signal
+    import subprocess
+
+    from sae_harvest.stores import open_store
+
+    out = tmp_path / "o.zarr"
+    args = [sys.executable, "-m", "sae_harvest.harvest", "run", "--model", lm["model"], "--dataset", lm["corpus"],
+            *HARVEST, "--out", str(out), "--quiet"]
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG from write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))   # one window's acts is 128 KiB
+
+    before = {**tree_hash(lm["model"]), **tree_hash(lm["corpus"])}
+    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    lines = [line for line in (r.stdout + r.stderr).strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
+    assert lines[0].startswith("error: cannot write store") and "--resume" in lines[0], lines
+    assert {**tree_hash(lm["model"]), **tree_hash(lm["corpus"])} == before
+    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    store = open_store(str(out))
+    assert store.complete and store.n_rows == 4096
+
+
+def test_train_out_naming_a_file(store, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    one_error_line(fit_cli("--store", store, *FIT, "--out", target), "is a file")
+    assert target.read_text() == "precious"
+
+
+def test_truncated_zarr_json_on_resume(lm, tmp_path):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(lm["store"], store)
+    meta = store / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    before = tree_hash(store)
+    one_error_line(harvest_cli("run", "--model", lm["model"], "--dataset", lm["corpus"], *HARVEST,
+                               "--out", store, "--resume"), "metadata is unreadable")
+    one_error_line(fit_cli("--store", store, *FIT, "--out", tmp_path / "t"), "cannot open store")
+    assert tree_hash(store) == before
+
+
+def test_truncated_training_state_on_resume(store, tmp_path):
+    out = tmp_path / "o"
+    assert fit_cli("--store", store, *FIT, "--tokens", 2560, "--out", out).exit_code == 0
+    state = out / "checkpoint" / "state.json"
+    state.write_text(state.read_text()[:50])
+    before = tree_hash(out)
+    one_error_line(fit_cli("--store", store, *FIT, "--tokens", 5120, "--out", out, "--resume"),
+                   "unreadable training state")
+    assert tree_hash(out) == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.update(format_version="1"), "format_version = '1' must be a positive integer"),
+    (lambda a: a.update(format_version=1.5), "format_version = 1.5 must be a positive integer"),
+    (lambda a: a.pop("n_rows"), "root attributes lack 'n_rows'"),
+    (lambda a: a.pop("sites"), "root attributes lack 'sites'"),
+    (lambda a: a.update(ctx_len=True), "ctx_len = True must be a positive integer"),
+    (lambda a: a["sites"]["blocks.0.resid_pre"].update(d="16"), "needs a positive integer d"),
+])
+def test_damaged_root_attributes(store, tmp_path, edit, message):
+    import shutil
+
+    damaged = tmp_path / "d.zarr"
+    shutil.copytree(store, damaged)
+    edit_root_attrs(damaged, edit)
+    before = tree_hash(damaged)
+    one_error_line(fit_cli("--store", damaged, *FIT, "--out", tmp_path / "o"), message)
+    one_error_line(harvest_cli("info", damaged), message)
+    assert tree_hash(damaged) == before and not (tmp_path / "o" / "topk_k4").exists()
+
+
+def test_evaluate_on_a_store_with_zero_rows(lm, tmp_path):
+    import torch
+
+    from sae_harvest.evaluate.cli import main as evaluate_cli
+    from sae_harvest.stores import StoreWriter
+    from sae_harvest.train.registry import SAEConfig, make_sae
+    from sae_harvest.train.sae_io import save_sae
+
+    empty = tmp_path / "e.zarr"
+    w = StoreWriter.create(str(empty), meta={"model": {"name": lm["model"]}},
+                           sites={"blocks.0.resid_pre": {"d": 64, "encoding": "float32"}}, grads=None,
+                           ctx_len=32, n_seqs=8, window_seqs=8)
+    w.finish(0)
+    sae_dir = tmp_path / "sae"
+    torch.manual_seed(0)
+    save_sae(make_sae(SAEConfig(arch="topk", d_in=64, d_sae=128, k=4)), sae_dir,
+             extra_cfg={"hook_name": "blocks.0.resid_pre"})
+    before = {**tree_hash(empty), **tree_hash(sae_dir)}
+    json_out = tmp_path / "r.json"
+    r = CliRunner().invoke(evaluate_cli, ["splice", "--sae", str(sae_dir), "--store", str(empty), "--model",
+                                          lm["model"], "--device", "cpu", "--quiet", "--json", str(json_out)])
+    one_error_line(r, "0 sequences")
+    assert {**tree_hash(empty), **tree_hash(sae_dir)} == before and not json_out.exists()
+
+
+# ---- 5. no URL becomes a local folder ---------------------------------------------------------
+def test_train_out_url_refused(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3://bucket/x", "gs://b/run", "file:///tmp/x"):
+        one_error_line(fit_cli("--store", store, *FIT, "--out", url), "is a URL")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- 6. degenerate inputs ---------------------------------------------------------------------
+def test_degenerate_harvest_inputs(lm, tmp_path):
+    short = Path(tmp_path / "short.jsonl")
+    short.write_text(json.dumps({"text": "too short"}) + "\n")
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    write_corpus(corpus_dir / "docs.jsonl", n_docs=60, max_words=40)
+    before = {**tree_hash(short), **tree_hash(corpus_dir)}
+    base = ("--model", lm["model"], "--tokens", "256", "--sites", "blocks.0.resid_pre", "--device", "cpu")
+    cases = [
+        (("--dataset", lm["corpus"], "--ctx-len", "1", "--out", tmp_path / "a.zarr"), "at least 2 tokens"),
+        (("--dataset", short, "--ctx-len", "32", "--out", tmp_path / "b.zarr"), "less than one sequence"),
+        (("--dataset", corpus_dir, "--ctx-len", "32", "--out", corpus_dir / "sub" / "c.zarr"),
+         "inside the corpus folder"),
+    ]
+    for args, message in cases:
+        one_error_line(harvest_cli("run", *base, *args), message)
+        assert not Path(args[-1]).exists()
+    assert {**tree_hash(short), **tree_hash(corpus_dir)} == before
+
+
+# ---- 7. training faults -----------------------------------------------------------------------
+def _fit(store, out, **kw):
+    from tests.test_train_loop import _cfg
+    return _cfg(store, out, **{**dict(arch="batchtopk", k=(4,), tokens=256 * 24, log_every=5, checkpoint_every=5),
+                               **kw})
+
+
+def _steps(out):
+    return [json.loads(line)["step"] for line in (out / "batchtopk_k4" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a, b):
+    import torch
+
+    from sae_harvest import train
+    sa, sb = train.load_sae(a / "batchtopk_k4").state_dict(), train.load_sae(b / "batchtopk_k4").state_dict()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store, tmp_path_factory):
+    from sae_harvest.train.fit import fit
+    out = tmp_path_factory.mktemp("full") / "run"
+    fit(_fit(store, out), progress=False)
+    return out
+
+
+def test_sigterm_saves_and_exits_with_one_line(store, uninterrupted, tmp_path, monkeypatch):
+    import signal
+
+    from sae_harvest.train import fit as fit_module
+
+    def sigterm_at_13(event):
+        if event.step == 12:
+            signal.raise_signal(signal.SIGTERM)   # what Slurm / Kubernetes send before a kill
+
+    real = fit_module.fit_local
+    monkeypatch.setattr(fit_module, "fit_local", lambda *a, **kw: real(*a, **{**kw, "on_step": sigterm_at_13}))
+    out = tmp_path / "run"
+    args = ["--store", store, "--site", "blocks.0.resid_pre", "--arch", "batchtopk", "--k", "4", "--d-sae", "64",
+            "--batch-size", "256", "--tokens", 256 * 24, "--holdout-fraction", "0.1", "--log-every", "5",
+            "--checkpoint-every", "5", "--device", "cpu", "--quiet", "--out", out]
+    one_error_line(fit_cli(*args), "stopped by SIGTERM at step 13", "--resume", code=128 + signal.SIGTERM)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 13
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    monkeypatch.setattr(fit_module, "fit_local", real)
+    assert fit_cli(*args, "--resume").exit_code == 0
+    _same_weights(uninterrupted, out)
+    assert _steps(out) == [5, 10, 15, 20, 24]
+
+
+def test_exception_in_loop_saves_checkpoint_first(store, uninterrupted, tmp_path):
+    """An S3-style read error at step 7: checkpoint at 7 with the feed before that batch, one line;
+    --resume then ends exactly where an uninterrupted run does."""
+    from sae_harvest.train.errors import TrainError
+    from sae_harvest.train.fit import fit
+
+    def s3_fails_at_7(event):
+        if event.step == 7:
+            raise OSError(5, "Input/output error reading s3://bucket/s.zarr/acts/c/3")
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainError) as e:
+        fit(_fit(store, out), progress=False, on_step=s3_fails_at_7)
+    msg = str(e.value)
+    assert "stopped at step 7" in msg and "OSError" in msg and "checkpoint saved" in msg and "\n" not in msg
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 7
+    fit(_fit(store, out), resume=True, progress=False)
+    _same_weights(uninterrupted, out)
+    assert _steps(out) == [5, 10, 15, 20, 24]
+
+
+def test_resume_after_kill_logs_each_step_once(store, uninterrupted, tmp_path):
+    """Killed (no chance to save) after logging step 15 with the last checkpoint at 10: the resumed
+    run logs 15 again, and metrics.jsonl must still hold it once (and drop a torn last line)."""
+    from sae_harvest.train.fit import fit
+
+    class Killed(BaseException):   # like SIGKILL: nothing in the loop gets to run
+        pass
+
+    def kill_at_17(event):
+        if event.step == 17:
+            raise Killed
+
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        fit(_fit(store, out, checkpoint_every=10), progress=False, on_step=kill_at_17)
+    assert _steps(out) == [5, 10, 15]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 10
+    with open(out / "batchtopk_k4" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "tok')             # a record torn by the kill
+    fit(_fit(store, out, checkpoint_every=10), resume=True, progress=False)
+    assert _steps(out) == [5, 10, 15, 20, 24]

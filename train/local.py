@@ -60,7 +60,7 @@ class Source:
         n_train = self.train_rows[1] - self.train_rows[0]
         self.epoch_tokens = n_train - (n_train // store.ctx_len if self.exclude_pos0 else 0)
         attrs = store.attrs
-        self.provenance = {"store": scrub(cfg.store), "model_name": attrs["model"]["name"], "hook_name": site,
+        self.provenance = {"store": scrub(cfg.store), "model_name": (attrs.get("model") or {}).get("name"), "hook_name": site,
                            "hook_layer": int(site.split(".")[1]) if site.startswith("blocks.") else None,
                            "context_size": store.ctx_len,
                            "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
