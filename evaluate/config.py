@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from sae_harvest.stores.cli import opt
+from sae_harvest.stores.urls import scrub_tree
 
 
 @dataclass(frozen=True)
@@ -26,4 +27,5 @@ class EvalConfig:
     grad_select: bool = opt(True, "gtopk SAEs: gradient-aware selection (--no-grad-select: plain TopK).")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """As written into results.json: paths and URLs scrubbed of credentials."""
+        return scrub_tree(dataclasses.asdict(self))

@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from sae_harvest.stores.urls import scrub_tree
+
 
 def series_label(r: dict) -> str:
     """One Pareto series per training method: e2e-trained relu SAEs are not local relu SAEs."""
@@ -87,6 +89,7 @@ def write_json(results: list[dict], path, config: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     doc = {"config": config, "results": results} if config is not None else {"results": results}
+    doc = scrub_tree(doc)   # no credential in a file that gets shared
     tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 

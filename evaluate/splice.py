@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -25,6 +26,7 @@ from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token,
                                           mse_per_token, reconstruction_terms, result_metrics)
 from sae_harvest.harvest.errors import HarvestError
 from sae_harvest.stores.errors import UserError
+from sae_harvest.stores.urls import scrub
 
 
 class EvaluateError(UserError):
@@ -87,6 +89,8 @@ def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
     store = open_store(store_path)
     if ctx_len is not None and ctx_len != store.ctx_len:
         raise EvaluateError(f"--ctx-len {ctx_len} differs from the store's ctx_len {store.ctx_len}")
+    if store.n_seqs == 0:
+        raise EvaluateError(f"store {store_path} holds 0 sequences: nothing to evaluate on")
     n = min(max(1, math.ceil(tokens / store.ctx_len)), store.n_seqs)
     ids = np.asarray(store.tokens[store.n_seqs - n:store.n_seqs])
     return torch.from_numpy(ids.astype(np.int64)), store
@@ -224,6 +228,10 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
         stored = store_obj.attrs.get("model", {})
         if model_name is None:
             model_name, revision = stored.get("name"), revision or stored.get("revision")
+            if model_name:   # a store from someone else picks what gets loaded: say what it is
+                print(f"loading model {scrub(model_name)!r}"
+                      f"{f' at revision {revision!r}' if revision else ''}, named by store "
+                      f"{scrub(cfg.store)} (--model chooses another)", file=sys.stderr, flush=True)
     if not model_name:
         raise EvaluateError("no model given (--model)")
     quiet_transformers()
@@ -260,12 +268,12 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype)
     sweep = ours.get("sweep_name")
     folder = Path(e.path).parent if Path(e.path).is_file() else Path(e.path)
     head = {
-        "sae": e.path, "name": sweep or folder.name, "sweep_name": sweep,
+        "sae": scrub(e.path), "name": sweep or folder.name, "sweep_name": sweep,
         "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
         "k": cfg.k if e.sae.sweep_field == "k" else None,
         "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
-        "grad_select": e.use_grad, "model": model_name, "dtype": dtype,
+        "grad_select": e.use_grad, "model": scrub(model_name), "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),
     }

@@ -6,6 +6,7 @@ import json
 import click
 
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
+from sae_harvest.stores.urls import scrub_tree
 
 from .run import HarvestConfig
 
@@ -46,7 +47,7 @@ def info_cmd(store, partial):
     """Print a store's metadata as JSON."""
     from sae_harvest.stores import open_store
 
-    click.echo(json.dumps(open_store(store, allow_partial=partial).attrs, indent=2))
+    click.echo(json.dumps(scrub_tree(open_store(store, allow_partial=partial).attrs), indent=2))
 
 
 if __name__ == "__main__":

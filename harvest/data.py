@@ -91,12 +91,29 @@ def packed_sequences(ds, tokenizer, ctx_len: int, text_column: str = "text",
     buffer: list[int] = []
     produced = 0
 
+    def examples():
+        it, i = iter(ds), 0
+        while True:
+            try:
+                example = next(it)
+            except StopIteration:
+                return
+            except Exception as e:   # a file that goes bad partway (arrow cast errors, I/O errors)
+                msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise HarvestError(f"cannot read the dataset past document {i}: {msg}") from None
+            yield i, example
+            i += 1
+
     def docs():
         texts = []
-        for example in ds:
-            text = example[text_column]
-            if text:
-                texts.append(text)
+        for i, example in examples():
+            text = example.get(text_column)
+            if text is None or text == "":
+                continue
+            if not isinstance(text, str):
+                raise HarvestError(f"dataset document {i}: column {text_column!r} holds a {type(text).__name__} "
+                                   f"({str(text)[:40]!r}), not text")
+            texts.append(text)
             if len(texts) == doc_batch:
                 yield texts
                 texts = []

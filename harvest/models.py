@@ -68,15 +68,33 @@ def _as_dtype(dtype) -> torch.dtype:
     return value
 
 
+CONVERT_HINT = ("convert it once, where you trust its source: load it with transformers and "
+                "save_pretrained(folder, safe_serialization=True), then pass that folder")
+
+
+def _pickle_only(folder: str) -> bool:
+    """A local model folder with pickled weights (pytorch_model*.bin, *.pt, *.pth) and no safetensors."""
+    names = os.listdir(folder)
+    has_safe = any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for n in names)
+    return has_pickle and not has_safe
+
+
 def load_model(name_or_path: str, *, revision=None, device="cpu", dtype=torch.float32,
                trust_remote_code=False):
-    """Load (model, tokenizer) for inference: eval mode, every parameter frozen."""
+    """Load (model, tokenizer) for inference: eval mode, every parameter frozen.
+
+    Weights load from safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when
+    unpickled, and a store or SAE from someone else chooses which model gets loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
     if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         raise HarvestError(f"model '{name}' not found: no such local path")
     name = os.path.expanduser(name)
+    if os.path.isdir(name) and _pickle_only(name):
+        raise HarvestError(f"model '{name}' has only pickled weights (pytorch_model.bin), which this tool "
+                           f"never loads; {CONVERT_HINT}")
     # The config first: it is small, and it tells us the family before we pay for the weights.
     try:
         config = AutoConfig.from_pretrained(name, revision=revision,
@@ -88,10 +106,15 @@ def load_model(name_or_path: str, *, revision=None, device="cpu", dtype=torch.fl
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, dtype=_as_dtype(dtype), trust_remote_code=trust_remote_code)
+            name, revision=revision, dtype=_as_dtype(dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision,
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        text = str(err).lower()
+        if "file named" in text and "safetensors" in text:   # a hub repo with pickled weights only
+            raise HarvestError(f"model '{name}' has no safetensors weights and this tool never loads "
+                               f"pickled ones; {CONVERT_HINT}") from None
         raise HarvestError(f"could not load model '{name}': {_first_line(err)}") from err
     model.to(device)
     model.eval()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,9 +18,12 @@ from itertools import islice
 import numpy as np
 import torch
 
-from sae_harvest.stores import StoreWriter, fs, layout
+from sae_harvest.stores import StoreError, StoreWriter, fs, layout
+from sae_harvest.stores.check import check_root_attrs
+from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.cli import opt, pick_device
 from sae_harvest.stores.progress import token_progress
+from sae_harvest.stores.urls import scrub, scrub_tree
 
 from . import __version__
 from .data import OPENWEBTEXT, open_dataset, packed_sequences, separator_and_bos
@@ -72,11 +74,6 @@ IDENTITY_KEYS = ("model", "revision", "dataset", "split", "text_column", "sites"
 _MAX = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _scrub(text: str | None) -> str | None:
-    """Drop user:password@ from URLs so no credential lands in a store."""
-    return None if text is None else re.sub(r"://[^/@\s]+@", "://", str(text))
 
 
 def _to_storage(t: torch.Tensor, encoding: str) -> torch.Tensor:
@@ -137,15 +134,38 @@ class _WindowWriter(threading.Thread):
 
 
 def _identity(cfg: HarvestConfig) -> dict:
-    return {k: getattr(cfg, k) for k in IDENTITY_KEYS}
+    """What a resume must agree on, as stored: paths and URLs scrubbed of credentials."""
+    return scrub_tree({k: getattr(cfg, k) for k in IDENTITY_KEYS})
+
+
+def _check_out_not_in_corpus(cfg: HarvestConfig) -> None:
+    """A store inside a local corpus folder would be read back as corpus (its .json files) next time."""
+    import os
+
+    corpus = resolve_dataset(cfg.dataset)
+    if fs.is_url(cfg.out) or not os.path.isdir(corpus):
+        return
+    out, corpus = os.path.realpath(fs._local(cfg.out)), os.path.realpath(corpus)
+    if os.path.commonpath([out, corpus]) == corpus:
+        raise HarvestError(f"--out {cfg.out} is inside the corpus folder {cfg.dataset}: its files would be read "
+                           f"as text next time; write the store elsewhere")
 
 
 def _open_for_resume(cfg: HarvestConfig) -> StoreWriter:
-    writer = StoreWriter.open(cfg.out)
+    try:
+        writer = StoreWriter.open(cfg.out)
+        check_root_attrs(writer.attrs, cfg.out)
+    except UserError:
+        raise
+    except Exception as e:   # a truncated or hand-edited zarr.json: say so, touch nothing
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise StoreError(f"cannot resume {cfg.out}: its metadata is unreadable ({type(e).__name__}: {msg}); "
+                         f"the store is left as it is") from None
     stored = writer.attrs.get("harvest", {})
     differ = [k for k, v in _identity(cfg).items() if stored.get(k) != v]
     if differ:
-        shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {getattr(cfg, k)!r})" for k in differ)
+        now = _identity(cfg)
+        shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {now[k]!r})" for k in differ)
         raise HarvestError(f"cannot resume {cfg.out}: arguments differ from the harvest that made it: {shown}")
     return writer
 
@@ -156,6 +176,9 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
     for name in ("tokens", "ctx_len", "batch_size", "shuffle_window"):
         if getattr(cfg, name) <= 0:
             raise HarvestError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    if cfg.ctx_len < 2:   # one position is BOS alone: nothing predicted, every gradient zero
+        raise HarvestError(f"--ctx-len {cfg.ctx_len} is too short: a sequence needs at least 2 tokens")
+    _check_out_not_in_corpus(cfg)
     if cfg.dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     for flag, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
@@ -181,6 +204,9 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
         raise HarvestError(f"--ctx-len {cfg.ctx_len} is longer than the model's context ({adapter.max_positions})")
     ds = open_dataset(resolve_dataset(cfg.dataset), cfg.split, cfg.text_column)
     sep, bos = separator_and_bos(tokenizer)
+    if writer is None and next(packed_sequences(ds, tokenizer, cfg.ctx_len, cfg.text_column), None) is None:
+        raise HarvestError(f"dataset {cfg.dataset!r} holds less than one sequence of {cfg.ctx_len} tokens; "
+                           f"nothing to harvest")
     act_encoding = cfg.act_encoding
     if act_encoding == "auto":  # fp16 overflows on Gemma's residual stream
         act_encoding = "float16" if adapter.family == "gpt2" else "bfloat16"
@@ -192,22 +218,34 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
         if overwrite:
             fs.remove(cfg.out)
         meta = {
-            "model": {"name": _scrub(cfg.model), "revision": cfg.revision, "family": adapter.family,
+            "model": {"name": scrub(cfg.model), "revision": cfg.revision, "family": adapter.family,
                       "n_layers": adapter.n_layers, "d_model": adapter.d_model},
-            "tokenizer": {"name": _scrub(cfg.model), "vocab_size": len(tokenizer), "separator_id": sep,
+            "tokenizer": {"name": scrub(cfg.model), "vocab_size": len(tokenizer), "separator_id": sep,
                           "bos_id": bos, "bos_prepended": bos is not None},
-            "dataset": {"name": _scrub(cfg.dataset), "split": cfg.split, "text_column": cfg.text_column},
+            "dataset": {"name": scrub(cfg.dataset), "split": cfg.split, "text_column": cfg.text_column},
             "seed": cfg.seed,
-            "harvest": {**_identity(cfg), "model": _scrub(cfg.model), "dataset": _scrub(cfg.dataset)},
+            "harvest": _identity(cfg),
             "tool_version": __version__,
         }
         grads_meta = ({"encoding": cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16",
                        "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
                       if cfg.grads else None)
         site_meta = {s.name: {"d": adapter.site_width(s.kind), "encoding": act_encoding} for s in sites}
-        writer = StoreWriter.create(cfg.out, meta=meta, sites=site_meta, grads=grads_meta, ctx_len=ctx,
-                                    n_seqs=n_seqs, window_seqs=window_seqs, compressor=cfg.compressor)
-    return _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console)
+        try:
+            writer = StoreWriter.create(cfg.out, meta=scrub_tree(meta), sites=site_meta, grads=grads_meta,
+                                        ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs,
+                                        compressor=cfg.compressor)
+        except OSError as e:
+            raise HarvestError(f"cannot create store {cfg.out}: {_os_reason(e)}") from None
+    try:
+        return _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console)
+    except OSError as e:   # disk full, a file-size limit, a bucket that refuses: windows done are kept
+        raise HarvestError(f"cannot write store {cfg.out}: {_os_reason(e)}; the {writer.windows_done} shuffle "
+                           f"windows written so far are kept: make room and continue with --resume") from None
+
+
+def _os_reason(e: OSError) -> str:
+    return f"{e.strerror} (errno {e.errno})" if e.strerror else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console) -> dict:
@@ -304,7 +342,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
     store = open_store(path)
     size = fs.du(path)
     summary = {
-        "store": path, "rows": store.n_rows, "seqs": store.n_seqs, "ctx_len": store.ctx_len,
+        "store": scrub(path), "rows": store.n_rows, "seqs": store.n_seqs, "ctx_len": store.ctx_len,
         "sites": store.sites, "grads": store.has_grads, "bytes": size,
         "bytes_per_token": size / max(store.n_rows, 1), "seconds": seconds,
         "tokens_per_s": tokens_this_run / seconds if seconds > 0 else None,
@@ -312,7 +350,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
     if not quiet and console is not None:
         from rich.table import Table
 
-        table = Table(title=f"store {path}", show_header=False)
+        table = Table(title=f"store {scrub(path)}", show_header=False)
         table.add_row("rows (tokens)", f"{store.n_rows:,} in {store.n_seqs:,} sequences of {store.ctx_len}")
         table.add_row("sites", ", ".join(f"{s} (d={store.width(s)})" for s in store.sites))
         table.add_row("gradients", "yes" if store.has_grads else "no")

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from .errors import UserError
+from .urls import scrub_text
 
 console = Console(stderr=True)
 
@@ -17,7 +18,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def fail(message: str, code: int = 2):
     """Print one `error:` line and exit (status 2 unless told otherwise)."""
-    console.print(f"[red]error:[/red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {' '.join(scrub_text(str(message)).split())}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

@@ -6,7 +6,8 @@ class UserError(Exception):
     """A problem the user can act on; str() is one line, whatever the message held."""
 
     def __str__(self) -> str:
-        return " ".join(super().__str__().split())
+        from .urls import scrub_text   # a message may quote a URL; its credentials never print
+        return " ".join(scrub_text(super().__str__()).split())
 
 
 class StoreError(UserError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import fs, layout
+from .check import check_root_attrs
 from .errors import StoreError
 
 
@@ -121,6 +122,7 @@ def open_store(path: str, allow_partial: bool = False) -> Store:
         raise StoreError(f"{path} is a zarr group but not a sae_store (no attrs['{layout.ROOT_ATTR}'])") from None
     except Exception as e:  # corrupt metadata
         raise StoreError(f"cannot open store {path}: {e}") from None
+    check_root_attrs(attrs, path)   # every key below is there, of the right type
     if attrs.get("format_version", 0) > layout.FORMAT_VERSION:
         raise StoreError(f"store {path} has format {attrs['format_version']}; this tool reads up to "
                          f"{layout.FORMAT_VERSION}: upgrade")

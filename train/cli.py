@@ -38,7 +38,7 @@ def fit_cmd(resume, overwrite, quiet, **fields):
         cfg = TrainConfig(**fields)
         summaries = fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet, console=console)
     except TrainInterrupted as e:
-        fail(str(e), code=130)
+        fail(str(e), code=e.code)
     except ValueError as e:   # config validation (e.g. k > d_sae)
         fail(str(e).splitlines()[0])
     if quiet:

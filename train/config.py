@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sae_harvest.stores.cli import opt
 from sae_harvest.train.jumprelu import L0_PENALTIES
+from sae_harvest.stores.urls import scrub_tree
 from sae_harvest.train.registry import ARCH_NAMES, ARCHITECTURES, SAEConfig
 
 SAE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
@@ -65,7 +66,9 @@ class TrainConfig:
     init: str | None = opt(None, "Start from this SAE checkpoint (e.g. a local SAE before e2e).")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as stored (cfg.json, checkpoint/state.json) and logged (wandb): every path
+        and URL scrubbed of credentials, so a resume compares like with like."""
+        return scrub_tree(dataclasses.asdict(self))
 
 
 def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:

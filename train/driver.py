@@ -1,5 +1,11 @@
 """The step loop shared by the local and end-to-end trainers: lr schedule, logging, progress,
-periodic checkpoints, Ctrl-C (save, then stop) and exact resume. Trainers supply the step.
+periodic checkpoints, Ctrl-C and SIGTERM (save, then stop), faults (save, then stop) and exact
+resume. Trainers supply the step.
+
+A fault (any exception in the loop: a store read that fails, a full disk) saves a checkpoint at
+the last completed step with the feed position from before the failing batch, so --resume redoes
+exactly that batch. A fault inside the optimizer step itself may have updated some SAEs of the
+sweep for that batch already; their resume then sees the batch twice.
 
 `on_step`, if given, is called before every step with a StepEvent: the public way to watch (or
 stop) training from outside, e.g. in tests."""
@@ -20,7 +26,15 @@ from sae_harvest.train.errors import TrainError
 
 
 class TrainInterrupted(UserError):
-    """Training stopped by a signal after saving a resumable checkpoint."""
+    """Training stopped by a signal after saving a resumable checkpoint; `code` is the exit status
+    a shell gives that signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C; what Slurm and Kubernetes send before a kill
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,26 @@ def _wandb(cfg):
     except ImportError:
         raise TrainError("--wandb needs the wandb package: pip install wandb") from None
     return wandb.init(project=cfg.wandb, config=cfg.to_dict())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= step (the checkpoint's): a resumed run logs the later ones again.
+    A torn last line (killed mid-write) goes too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line + "\n")
+    text = "".join(keep)
+    if text != path.read_text():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def _log(runs, step, tokens, wandb_run):
@@ -86,9 +120,28 @@ class Driver:
             shutil.rmtree(out)
         return None
 
-    def checkpoint(self) -> None:
-        train_state.save_state(self.out, meta={"step": self.step, "feed": self.feed.state(), "scale": self.scale,
+    def checkpoint(self, feed_state: dict | None = None) -> None:
+        feed_state = self.feed.state() if feed_state is None else feed_state
+        train_state.save_state(self.out, meta={"step": self.step, "feed": feed_state, "scale": self.scale,
                                                "config": self.cfg.to_dict()}, runs=self.runs)
+
+    def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:
+        """Checkpoint at the last completed step; the error to stop with (one line)."""
+        what = err if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+        try:
+            self.checkpoint(feed_state)
+        except Exception as save_err:   # e.g. the disk is full: the previous checkpoint is still there
+            return TrainError(f"training stopped at step {self.step} ({what}) and the checkpoint could not be "
+                              f"saved ({type(save_err).__name__}: {_first_line(save_err)}); the last periodic "
+                              f"checkpoint in {self.out} is kept")
+        if isinstance(err, UserError):   # keep its class: a StoreError stays a StoreError
+            try:
+                return type(err)(f"{err} (training stopped at step {self.step}: checkpoint saved in {self.out}; "
+                                 f"continue with --resume)")
+            except TypeError:
+                return err
+        return TrainError(f"training stopped at step {self.step} ({what}): checkpoint saved in {self.out}; "
+                          f"fix the cause and continue with --resume")
 
     def run(self, feed, prepare, step_fn, info_fn, *, progress: bool, console, on_step=None) -> None:
         """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now)
@@ -98,25 +151,33 @@ class Driver:
         wandb_run = _wandb(self.cfg)
         for name, run in self.runs.items():
             (self.out / name).mkdir(exist_ok=True)
+            _truncate_metrics(self.out / name / "metrics.jsonl", self.step)
             run.log = open(self.out / name / "metrics.jsonl", "a")
         interrupted = []
-        old_handler = signal.getsignal(signal.SIGINT)
+        old_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         bar = token_progress(console=console, disable=not progress)
         per = self.tokens_per_step
         t0 = time.perf_counter()
         try:
-            signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+            for s in STOP_SIGNALS:
+                signal.signal(s, lambda signum, _frame: interrupted.append(signum))
             with bar:
                 task = bar.add_task(self.label, total=self.total_steps * per, completed=self.step * per, info="")
-                for data in feed:
-                    if self.step >= self.total_steps:
-                        break
-                    log_now = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
-                    inputs = prepare(data)
-                    if on_step is not None:
-                        on_step(StepEvent(self.step, inputs, self.runs, self.scale))
-                    step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup, self.cfg.lr_final_fraction),
-                            log_now)
+                batches = iter(feed)
+                while self.step < self.total_steps:
+                    before = feed.state()   # the feed position a fault in this step resumes from
+                    try:
+                        data = next(batches, None)
+                        if data is None:
+                            break
+                        log_now = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
+                        inputs = prepare(data)
+                        if on_step is not None:
+                            on_step(StepEvent(self.step, inputs, self.runs, self.scale))
+                        step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup,
+                                                  self.cfg.lr_final_fraction), log_now)
+                    except Exception as e:
+                        raise self._save_after_fault(e, before) from e
                     self.step += 1
                     bar.advance(task, per)
                     if log_now:
@@ -126,10 +187,13 @@ class Driver:
                         self.checkpoint()
                     if interrupted:
                         self.checkpoint()
-                        raise TrainInterrupted(f"interrupted at step {self.step}: checkpoint saved in {self.out}; "
-                                               f"continue with --resume")
+                        name = signal.Signals(interrupted[0]).name
+                        raise TrainInterrupted(f"stopped by {name} at step {self.step}: checkpoint saved in "
+                                               f"{self.out}; continue with --resume",
+                                               code=128 + int(interrupted[0]))
         finally:
-            signal.signal(signal.SIGINT, old_handler)
+            for s, handler in old_handlers.items():
+                signal.signal(s, handler)
             for run in self.runs.values():
                 if run.log:
                     run.log.close()
@@ -145,6 +209,11 @@ class Driver:
         self.checkpoint()
         if getattr(self, "wandb_run", None) is not None:
             self.wandb_run.finish()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _plain(v):

@@ -8,6 +8,7 @@ which reaches only the SAE (model weights are frozen). Losses, defaults and sour
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from sae_harvest.harvest.models import get_adapter, load_model
 from sae_harvest.harvest.sites import Site, capture, record, splice
 from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
+from sae_harvest.stores.urls import scrub
 from sae_harvest.train import resume as train_state
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import Driver
@@ -179,6 +181,9 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     model_name = cfg.model or store.attrs.get("model", {}).get("name")
     if not model_name:
         raise TrainError(f"store {cfg.store} does not name its model: give --model")
+    if not cfg.model:   # a store from someone else picks what gets loaded: say what it is
+        print(f"loading model {scrub(model_name)!r}, named by store {scrub(cfg.store)} (--model chooses another)",
+              file=sys.stderr, flush=True)
     site = Site.parse(name)
     try:
         model, _ = load_model(resolve_model(model_name), device=device)
@@ -197,7 +202,7 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     if store.n_seqs - n_held <= 0:
         raise TrainError(f"store {cfg.store} has too few sequences to train on ({store.n_seqs})")
     attrs = store.attrs
-    provenance = {"store": cfg.store, "model_name": model_name, "hook_name": site.name,
+    provenance = {"store": scrub(cfg.store), "model_name": scrub(model_name), "hook_name": site.name,
                   "hook_layer": site.layer, "context_size": store.ctx_len,
                   "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
                   "dataset_path": attrs.get("dataset", {}).get("name")}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from sae_harvest.stores import open_store
+from sae_harvest.stores.urls import scrub
 from sae_harvest.train import resume as train_state
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import Driver
@@ -59,7 +60,7 @@ class Source:
         n_train = self.train_rows[1] - self.train_rows[0]
         self.epoch_tokens = n_train - (n_train // store.ctx_len if self.exclude_pos0 else 0)
         attrs = store.attrs
-        self.provenance = {"store": cfg.store, "model_name": attrs["model"]["name"], "hook_name": site,
+        self.provenance = {"store": scrub(cfg.store), "model_name": (attrs.get("model") or {}).get("name"), "hook_name": site,
                            "hook_layer": int(site.split(".")[1]) if site.startswith("blocks.") else None,
                            "context_size": store.ctx_len,
                            "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
@@ -73,7 +74,7 @@ class Source:
         self.sample, self.d_in, self.grads, self.site = self.data, self.data.shape[1], False, None
         self.grad_sample = None
         self.epoch_tokens = len(self.data)
-        self.provenance = {"decoder_of": cfg.decoder_of, "hook_name": f"meta:{cfg.decoder_of}"}
+        self.provenance = {"decoder_of": scrub(cfg.decoder_of), "hook_name": f"meta:{scrub(cfg.decoder_of)}"}
 
     def feed(self, batch_size: int, state: dict | None):
         if self.cfg.decoder_of:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_harvest.stores.urls import scrub_tree
+
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -35,7 +37,7 @@ def save_state(out: str | Path, *, meta: dict, runs: dict) -> None:
                 tensors[f"opt.{pname}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
         tensors["since_fired"] = run.since_fired.detach().cpu()
         save_file(tensors, str(tmp / f"{name}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "state.json").write_text(json.dumps(scrub_tree(meta), indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -54,12 +56,30 @@ def has_state(out: str | Path) -> bool:
 
 
 def load_meta(out: str | Path) -> dict:
-    return json.loads((Path(out) / CHECKPOINT_DIR / "state.json").read_text())
+    from sae_harvest.train.sae_io import CheckpointError
+
+    path = Path(out) / CHECKPOINT_DIR / "state.json"
+    try:
+        meta = json.loads(path.read_text())
+        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("config"), dict)
+                and isinstance(meta.get("scale"), (int, float)) and "feed" in meta):
+            raise ValueError("needs step, scale, feed and config")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing was changed") from None
+    return meta
 
 
 def load_run(out: str | Path, name: str, run, device) -> None:
     """Restore weights, optimizer moments and counters into an already built run."""
-    tensors = load_file(str(Path(out) / CHECKPOINT_DIR / f"{name}.safetensors"))
+    from sae_harvest.train.sae_io import CheckpointError
+
+    path = Path(out) / CHECKPOINT_DIR / f"{name}.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:   # missing, truncated or corrupt: safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     sae = run.sae
     sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
     opt = run.opt

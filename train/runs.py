@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sae_harvest.stores.urls import scrub
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.registry import SAEConfig, make_sae
@@ -85,7 +86,12 @@ def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Te
 def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     if cfg.batch_size <= 0:
         raise TrainError("--batch-size must be positive")
+    if "://" in str(cfg.out):
+        raise TrainError(f"--out {scrub(cfg.out)} is a URL; SAEs are written to a local folder (copy it to "
+                         f"the bucket afterwards)")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; give a folder (it is left as it is)")
     if out.exists() and any(out.iterdir()) and not resume and not overwrite:
         raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
 

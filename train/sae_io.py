@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae_harvest.stores.errors import UserError
+from sae_harvest.stores.urls import scrub_tree
 from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.sae import SAE
 
@@ -66,7 +67,7 @@ def _replace_atomically(path: Path, write) -> None:
 def save_sae(sae: SAE, out_dir, *, extra_cfg: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(saelens_cfg(sae, dict(extra_cfg)), indent=2)   # fail before touching any file
+    text = json.dumps(scrub_tree(saelens_cfg(sae, dict(extra_cfg))), indent=2)   # fail before touching any file
     tensors = {n: t.detach().cpu().contiguous() for n, t in sae.saelens_state_dict().items()}
     _replace_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _replace_atomically(out_dir / CFG_NAME, lambda p: p.write_text(text))
@@ -77,19 +78,104 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else ''}"
 
 
+# A cfg.json or safetensors header beyond these is not an SAE checkpoint, and widths beyond
+# MAX_WIDTH would not fit in memory anyway: refuse before reading or allocating anything big.
+MAX_CFG_BYTES = 16 << 20
+MAX_HEADER_BYTES = 100 << 20
+MAX_WIDTH = 1 << 31
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+             "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+def checked_sae_config(raw, where) -> SAEConfig:
+    """SAEConfig from cfg.json's sae_harvest.sae after checking every value's type and range, so a
+    hostile or careless file (d_sae = 2**40, d_sae = 256.0, k = "8") is one CheckpointError."""
+    import dataclasses
+
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: sae_harvest.sae is a {type(raw).__name__}, not an object")
+    for f in dataclasses.fields(SAEConfig):
+        if f.name not in raw:
+            continue
+        v, kind = raw[f.name], str(f.type)
+        if kind == "str" and not isinstance(v, str):
+            raise CheckpointError(f"{where}: {f.name} must be a string, got {v!r}")
+        if kind == "int":
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise CheckpointError(f"{where}: {f.name} must be an integer, got {v!r}")
+            if not 0 <= v < MAX_WIDTH:
+                raise CheckpointError(f"{where}: {f.name} = {v} is out of range (0 to {MAX_WIDTH - 1})")
+        if kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != v
+                                or abs(v) == float("inf")):
+            raise CheckpointError(f"{where}: {f.name} must be a finite number, got {v!r}")
+    try:
+        return SAEConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid SAE config ({_one_line(e)})") from None
+
+
+def safetensors_header(wpath: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from the file's header alone (8-byte length + JSON), after
+    checking that every tensor's bytes lie inside the file: nothing the header claims is allocated."""
+    try:
+        size = wpath.stat().st_size
+        with open(wpath, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        out, data = {}, size - 8 - n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in _ITEMSIZE or not all(isinstance(s, int) and s >= 0 for s in shape) \
+                    or not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data):
+                raise ValueError(f"bad entry for {name}")
+            numel = 1
+            for s in shape:
+                numel *= s
+            if numel * _ITEMSIZE[dtype] != end - begin:
+                raise ValueError(f"{name}: shape {shape} does not match its {end - begin} bytes")
+            out[name] = (dtype, tuple(shape))
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({_one_line(e)})") from None
+
+
+def check_shapes(cfg: SAEConfig, header: dict, wpath: Path) -> None:
+    """The tensors the config implies (built on the meta device: no memory) against the header."""
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in make_sae(cfg).saelens_state_dict().items()}
+    got = {n: shape for n, (_, shape) in header.items()}
+    if set(expected) != set(got):
+        raise CheckpointError(f"{wpath}: tensors {sorted(got)} do not match {cfg.arch} tensors {sorted(expected)}")
+    bad = [f"{n} {got[n]} != {expected[n]}" for n in expected if got[n] != expected[n]]
+    if bad:
+        raise CheckpointError(f"{wpath}: shapes disagree with cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
+                              + "; ".join(bad))
+
+
 def load_sae(path, device: str | torch.device = "cpu") -> SAE:
-    """Load a checkpoint directory (or its sae_weights.safetensors). Returns the SAE in eval mode."""
+    """Load a checkpoint directory (or its sae_weights.safetensors). Returns the SAE in eval mode.
+    The config's types and the tensor shapes are checked against the file before anything is allocated."""
     path = Path(path)
     d = path.parent if path.name == WEIGHTS_NAME else path
     try:
+        if (d / CFG_NAME).stat().st_size > MAX_CFG_BYTES:
+            raise ValueError(f"larger than {MAX_CFG_BYTES} bytes")
         cfg_json = json.loads((d / CFG_NAME).read_text())
-        cfg = SAEConfig.from_dict(cfg_json["sae_harvest"]["sae"])
+        raw = cfg_json["sae_harvest"]["sae"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{d / CFG_NAME}: unreadable SAE config ({_one_line(e)})") from None
+    cfg = checked_sae_config(raw, d / CFG_NAME)
     if (cfg_json.get("d_in"), cfg_json.get("d_sae")) != (cfg.d_in, cfg.d_sae):
         raise CheckpointError(f"{d / CFG_NAME}: top-level d_in/d_sae {cfg_json.get('d_in')}/"
                               f"{cfg_json.get('d_sae')} disagree with sae_harvest.sae {cfg.d_in}/{cfg.d_sae}")
     wpath = d / WEIGHTS_NAME
+    check_shapes(cfg, safetensors_header(wpath), wpath)
     try:
         tensors = {}
         with safe_open(str(wpath), framework="pt", device="cpu") as f:
@@ -99,14 +185,6 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
         raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({_one_line(e)})") from None
 
     sae = make_sae(cfg)
-    expected = {n: tuple(t.shape) for n, t in sae.saelens_state_dict().items()}
-    got = {n: tuple(t.shape) for n, t in tensors.items()}
-    if set(expected) != set(got):
-        raise CheckpointError(f"{wpath}: tensors {sorted(got)} do not match {cfg.arch} tensors {sorted(expected)}")
-    bad = [f"{n} {got[n]} != {expected[n]}" for n in expected if got[n] != expected[n]]
-    if bad:
-        raise CheckpointError(f"{wpath}: shapes disagree with cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}): "
-                              + "; ".join(bad))
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not all(t.dtype.is_floating_point for t in tensors.values()):
         raise CheckpointError(f"{wpath}: expected one floating dtype, got {sorted(map(str, dtypes))}")

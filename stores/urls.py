@@ -1,0 +1,98 @@
+"""The one credential scrubber. Every path or URL that is stored (store attributes, cfg.json,
+checkpoint/state.json, results.json), logged (wandb) or printed (error lines, summaries) goes
+through scrub() or scrub_text() first.
+
+What goes: user:password@ in the netloc (and a bare user@, which for http(s) and most object
+stores is a token: https://hf_xxx@host), and the values of query parameters that carry secrets
+(signed URLs, SAS tokens, access tokens), which are masked as `***` with the key kept so the URL
+still says what it was. What stays: Azure's `container@account` (abfs://, az://, wasb://), which
+names a place, not a secret; local paths, which are returned unchanged.
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit
+
+MASK = "***"
+
+# Azure object-store URLs put the container where other URLs put a user name.
+_AZURE_SCHEMES = {"abfs", "abfss", "az", "adl", "wasb", "wasbs"}
+
+# Query keys (lower case) whose values are secrets, or (SAS) let anyone holding them sign requests.
+_SECRET_KEYS = {
+    "token", "access_token", "id_token", "refresh_token", "auth", "authorization", "key", "api_key",
+    "apikey", "password", "passwd", "pass", "pwd", "secret", "client_secret", "sig", "signature",
+    "credential", "credentials", "session_token", "security_token",
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+    "x-goog-signature", "x-goog-credential",
+    # Azure SAS: sig is the signature; the others scope it and together form the token
+    "se", "sp", "sv", "st", "sr", "ss", "srt", "spr", "si", "skoid", "sktid", "skt", "ske", "sks", "skv",
+}
+# ...and any key that merely contains one of these words
+_SECRET_WORDS = ("token", "secret", "passw", "signature", "credential", "apikey", "api_key", "private")
+
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+
+
+def _secret_key(key: str) -> bool:
+    k = key.lower()
+    return k in _SECRET_KEYS or any(w in k for w in _SECRET_WORDS)
+
+
+def _mask_params(text: str) -> str:
+    """k=v&k2=v2 with the values of secret keys masked (order, separators and other values kept)."""
+    parts = re.split(r"([&;])", text)
+    for i in range(0, len(parts), 2):
+        key, eq, value = parts[i].partition("=")
+        if eq and value and _secret_key(unquote(key)):
+            parts[i] = f"{key}={MASK}"
+    return "".join(parts)
+
+
+def _netloc(scheme: str, netloc: str) -> str:
+    if "@" not in netloc:
+        return netloc
+    userinfo, _, host = netloc.rpartition("@")
+    if scheme.lower() in _AZURE_SCHEMES:
+        container = userinfo.split(":", 1)[0]    # container@account names a place; a :part is not
+        return f"{container}@{host}" if container else host
+    return host
+
+
+def scrub(path_or_url):
+    """The path or URL with every credential removed or masked; local paths (and None) unchanged."""
+    if path_or_url is None:
+        return None
+    text = str(path_or_url)
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:   # e.g. an unbalanced [ in the netloc: drop everything between :// and @
+        return re.sub(r"://[^/]*@", "://", text)
+    if not parts.scheme or not text.startswith(parts.scheme + "://"):
+        return re.sub(r"://[^/]*@", "://", text)
+    out = f"{parts.scheme}://{_netloc(parts.scheme, parts.netloc)}{parts.path}"
+    if "?" in text.split("#", 1)[0]:
+        out += "?" + _mask_params(parts.query)
+    if "#" in text:
+        out += "#" + _mask_params(parts.fragment)
+    return out
+
+
+def scrub_text(text):
+    """Free text (an error message, a JSON document) with every URL in it scrubbed."""
+    if text is None:
+        return None
+    return _URL_IN_TEXT.sub(lambda m: scrub(m.group(0)), str(text))
+
+
+def scrub_tree(value):
+    """A JSON-like value with every string in it passed through scrub_text (dicts, lists, tuples)."""
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, dict):
+        return {k: scrub_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub_tree(v) for v in value)
+    return value
