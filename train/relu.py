@@ -3,18 +3,35 @@
     f = ReLU(x @ W_enc + b_enc)          (no pre-encoder bias: the paper's Enc takes a directly)
     x_hat = f @ W_dec + b_dec            (unit-norm dictionary rows)
     loss = mean_n ||x - x_hat||^2 + (lambda / d_in) * mean_n ||f||_1
+
+Initialisation: unit-norm Kaiming decoder rows, W_enc = (d_in / d_sae) W_dec^T, b_enc = 0. With the
+plain tie W_enc = W_dec^T about half the F latents fire and x_hat ~ (F / 2 d) x: an 8x dictionary
+starts 4x too large and a short run can end worse than predicting the mean. The d/F factor makes the
+first reconstruction ~ x / 2 (the role of SAELens's small decoder-init norm and of Anthropic's
+April-2024 update, here with the decoder kept at unit norm, so the encoder carries the factor).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+
+
+def init_encoder_scale(cfg) -> float:
+    """d_in / d_sae: with half of F unit-norm random directions active, x_hat ~ x / 2 at init."""
+    return cfg.d_in / cfg.d_sae
 
 
 class ReLUSAE(SAE):
     arch = "relu"
     saelens_architecture = "standard"
     apply_b_dec_to_input = False
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.W_enc.mul_(init_encoder_scale(self.cfg))
 
     def encode(self, x, grad=None):
         return F.relu(x @ self.W_enc + self.b_enc)
