@@ -66,7 +66,9 @@ def _attach_site(entry: Entry, adapter) -> None:
     """Parse the SAE's hook_name and check the model has that site with the SAE's width."""
     from sae_harvest.harvest.sites import Site
 
-    hook = entry.cfg.get("hook_name")
+    from sae_harvest.train.saelens_format import hook_name_of
+
+    hook = hook_name_of(entry.cfg)   # ours, or a TransformerLens / HF name mapped to our site
     if not hook or str(hook).startswith("meta:"):
         raise EvaluateError(f"{entry.path}: hook_name {hook!r} is not a model site; "
                             f"only SAEs on blocks.<layer>.<kind> can be spliced")
@@ -290,11 +292,12 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
 def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype, splice_bos) -> dict:
     cfg, ours = e.sae.cfg, e.cfg.get("sae_harvest", {})
     sweep = ours.get("sweep_name")
+    arch = cfg.arch if "sae_harvest" in e.cfg else f"saelens-{e.cfg.get('architecture')}"
     folder = Path(e.path).parent if Path(e.path).is_file() else Path(e.path)
     head = {
         "sae": e.path, "name": sweep or folder.name, "sweep_name": sweep,
-        "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-        "k": cfg.k if e.sae.sweep_field == "k" else None,
+        "site": e.site.name, "arch": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "k": cfg.k if e.sae.sweep_field == "k" and arch != "saelens-jumprelu" else None,
         "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
         "grad_select": e.grad_mode in GRAD_MODES, "grad_mode": e.grad_mode,

@@ -179,7 +179,8 @@ def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
             "ds:blocks.1.resid_post"} <= set(records[-1])
     assert records[-1]["kl"] < 0.5 * records[0]["kl"], [r["kl"] for r in records]
     cfg = json.loads((out / name / "cfg.json").read_text())
-    assert cfg["hook_name"] == "blocks.1.resid_pre" and cfg["model_name"] == assets["model_path"]
+    assert cfg["hook_name"] == "blocks.1.hook_resid_pre" and cfg["model_name"] == assets["model_path"]
+    assert cfg["sae_harvest"]["hook_name"] == "blocks.1.resid_pre"
     assert cfg["sae_harvest"]["e2e"] == {"loss": "e2e", "kl_coeff": 1.0, "downstream_coeff": 0.0,
                                          "downstream_sites": ["blocks.1.resid_post"]}
     held = summary["held_out"]
