@@ -374,3 +374,27 @@ def test_offline_default_corpus_name_is_resolved(assets, tmp_path, monkeypatch):
     (r,) = _eval(assets, "gpt2", [sae], dataset="stdlib-py")
     assert r["ce_increase"] == pytest.approx(0, abs=1e-5)
     assert (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("hook,site", [("blocks.1.hook_resid_pre", "blocks.1.resid_pre"),
+                                       ("transformer.h.0", "blocks.0.resid_post")])
+def test_checkpoint_saelens_wrote_is_scored_as_our_copy(assets, tmp_path, hook, site):
+    try:
+        import sae_lens as sl
+    except Exception as e:   # noqa: BLE001
+        pytest.skip(f"sae-lens is not installed ({type(e).__name__}); pip install sae-lens to run this test")
+    torch.manual_seed(3)
+    theirs = sl.JumpReLUSAE(sl.JumpReLUSAEConfig(d_in=D, d_sae=96))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        theirs.threshold.copy_(torch.rand(96) * 0.3)
+    theirs.cfg.metadata.hook_name = hook
+    theirs.save_model(str(tmp_path / "theirs"))
+    from sae_harvest.train.sae_io import load_sae
+    copy = _save(load_sae(tmp_path / "theirs"), tmp_path / "ours", site)
+    a, b = _eval(assets, "gpt2", [tmp_path / "theirs", copy])
+    assert a["site"] == b["site"] == site and a["arch"] == "saelens-jumprelu" and b["arch"] == "batchtopk"
+    assert a["l0"] > 0 and a["ce_increase"] > 0
+    for key in ("ce_spliced", "kl", "nmse", "l0", "alive", "downstream_mse", "explained_variance_nobos"):
+        assert a[key] == b[key], key
