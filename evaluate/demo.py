@@ -45,14 +45,17 @@ def _done(folder: Path) -> bool:
 
 
 def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int | None = None,
-             eval_tokens: int = 16_384, sweeps=None, console=None) -> list[dict]:
+             eval_tokens: int = 16_384, sweeps=None, console=None, seed: int = 0, store: str | None = None,
+             local: dict | None = None, d_sae: int = D_SAE) -> list[dict]:
+    """`seed` seeds every SAE's initialisation and batch order; `store` reuses a harvested store
+    (several seeds, one harvest); `local` overrides the local trainers' budget (LOCAL)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say = console.print if console is not None else print
 
     say(f"[1/4] offline default model (built once, cached): {default_model_dir()}")
-    store = out_dir / "store.zarr"
+    store = Path(store) if store else out_dir / "store.zarr"
     say(f"[2/4] harvest {tokens:,} tokens at {SITES} with gradients -> {store}")
     harvest(HarvestConfig(out=str(store), model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITES, grads=True,
                           tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto"),
@@ -64,8 +67,9 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
         target = out_dir / "saes" / folder
         if "init" in extra:
             extra = {**extra, "init": str(out_dir / "saes" / extra["init"])}
-        cfg = TrainConfig(store=str(store), site=SITE, arch=arch, d_sae=D_SAE, out=str(target),
-                          tokens=train_tokens, checkpoint_every=10**9, log_every=5, **{**LOCAL, **extra})
+        cfg = TrainConfig(store=str(store), site=SITE, arch=arch, d_sae=d_sae, out=str(target), seed=seed,
+                          tokens=train_tokens, checkpoint_every=10**9, log_every=5,
+                          **{**(local or LOCAL), **extra})
         if not _done(target):
             say(f"  {folder}: {arch} {extra}")
             fit(cfg, overwrite=True, console=console)
