@@ -444,3 +444,28 @@ def test_short_run_clearly_beats_predicting_the_mean(arch):
 
 def test_plain_tied_relu_init_would_fail_the_short_run():
     assert _short_run_fvu("relu", plain_tie=True) > 0.5   # the old init: the test above has teeth
+
+
+def test_l1_conversions_give_proportional_losses():
+    """Our relu loss with l1_from_e2e_paper / l1_from_saelens is a constant multiple of the paper's /
+    SAELens's loss for the same SAE, so the optimum (and L0) is the same (docs/e2e.md)."""
+    from sae_harvest.train.relu import l1_from_e2e_paper, l1_from_saelens
+
+    torch.manual_seed(0)
+    d, s, lam = 8, 3.7, 4.0
+    x_raw = torch.randn(32, d) * 5
+    sae = make_sae(SAEConfig("relu", d, 24, l1_coeff=l1_from_e2e_paper(lam, d, s)))
+    ours = sae.loss(x_raw / s).loss.item()
+    # the same SAE on raw activations with unit-norm rows: latents s times larger, output s times
+    f_raw = torch.relu(x_raw @ sae.W_enc + s * sae.b_enc)
+    x_hat_raw = f_raw @ sae.W_dec + s * sae.b_dec
+    paper = ((x_hat_raw - x_raw).pow(2).mean(-1) + lam / d * f_raw.abs().sum(-1)).mean().item()
+    assert paper == pytest.approx(s * s / d * ours, rel=1e-5)
+    assert l1_from_e2e_paper(lam, d, s, loss="e2e") == pytest.approx(lam * s)
+    # SAELens, inputs normalised like ours: sum over d + l1_coefficient * sum |f| ||W_dec||
+    c = 0.3
+    sae2 = make_sae(SAEConfig("relu", d, 24, l1_coeff=l1_from_saelens(c, d)))
+    xn = x_raw / s
+    f = sae2.encode(xn)
+    saelens = ((sae2.decode(f) - xn).pow(2).sum(-1) + c * (f * sae2.W_dec.norm(dim=-1)).sum(-1)).mean()
+    assert sae2.loss(xn).loss.item() == pytest.approx(saelens.item(), rel=1e-5)

@@ -23,6 +23,23 @@ def init_encoder_scale(cfg) -> float:
     return cfg.d_in / cfg.d_sae
 
 
+def l1_from_e2e_paper(lam: float, d_in: int, scale: float, loss: str = "local") -> float:
+    """Our --l1 for the e2e paper's lambda (docs/e2e.md, "Sparsity coefficients"). `scale` is the
+    trainer's input scale s = E||a|| / sqrt(d_in) (summary.json's input_scale).
+    local: the paper's MSE is a mean over d on raw activations (e2e_sae's F.mse_loss):
+           (1/d) sum err_raw^2 + (lam/d) ||f_raw||_1 = (s^2/d) [sum err^2 + (lam/s) ||f||_1] -> lam d / s.
+    e2e / e2e+ds: KL is scale-free: KL + (lam/d) s ||f||_1 -> lam * s."""
+    return lam * d_in / scale if loss == "local" else lam * scale
+
+
+def l1_from_saelens(l1_coefficient: float, d_in: int, scale: float | None = None) -> float:
+    """Our --l1 for SAELens's standard-SAE l1_coefficient. SAELens sums the squared error over d and
+    weights |f_i| by ||W_dec_i|| (1 here). With normalize_activations="expected_average_only_in" it
+    trains on x / s exactly as we do (scale=None): l1 = l1_coefficient * d_in; on raw activations
+    (normalize "none") give s: l1 = l1_coefficient * d_in / s."""
+    return l1_coefficient * d_in / (scale or 1.0)
+
+
 class ReLUSAE(SAE):
     arch = "relu"
     saelens_architecture = "standard"
