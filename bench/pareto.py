@@ -21,14 +21,14 @@ from sae_harvest.evaluate.demo import run_demo
 from sae_harvest.evaluate.report import series_label
 
 SWEEPS = [
-    ("relu", "relu", {"l1": (300.0, 1000.0, 3000.0)}),
-    ("gated", "gated", {"l1": (3.0, 10.0, 30.0)}),
+    ("relu", "relu", {"l1": (100.0, 300.0, 1000.0)}),
+    ("gated", "gated", {"l1": (1.0, 3.0, 10.0)}),
     ("topk", "topk", {"k": (8, 16, 32)}),
     ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
     ("gtopk", "gtopk", {"k": (8, 16, 32)}),
     # e2e from the middle local relu SAE (--init): its lambda is on KL's scale (docs/e2e.md)
     ("e2e", "relu", {"loss": "e2e", "l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
-                     "init": "relu/relu_l1-1000"}),
+                     "init": "relu/relu_l1-300"}),
 ]
 LOCAL = {"batch_size": 1024, "epochs": 1}
 CLAIMS = (("e2e", "relu"), ("gated", "relu"), ("batchtopk", "topk"), ("gtopk+causal", "topk"),
@@ -58,10 +58,10 @@ def verdict(ratios: list[float]) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-out/pareto")
-    p.add_argument("--tokens", type=int, default=150_000)
-    p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--tokens", type=int, default=80_000)
+    p.add_argument("--eval-tokens", type=int, default=8_192)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--d-sae", type=int, default=512)
+    p.add_argument("--d-sae", type=int, default=256)
     args = p.parse_args()
     t0 = time.perf_counter()
     store = os.path.join(args.out, "store.zarr")
@@ -76,6 +76,10 @@ def main():
                  "alive": r["alive"], "nmse_nobos": r["nmse_nobos"], "grad_mode": r.get("grad_mode"),
                  "downstream_mse": r["downstream_mse"], "downstream_mse_ln": r["downstream_mse_ln"]})
         per_seed.append({k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()})
+        report(args, per_seed, t0)   # after every seed, so a cut-off run still leaves its data
+
+
+def report(args, per_seed, t0):
     comparisons = {}
     for a, b in CLAIMS:
         rows = []
@@ -86,22 +90,20 @@ def main():
                 cb = interp_ce([(q["l0"], q["ce_increase"]) for q in series.get(b, [])], l0)
                 if ca is not None and cb is not None and cb > 0:
                     ratios.append(ca / cb)
-            if len(ratios) == len(per_seed):
+            if ratios and len(ratios) == len(per_seed):
                 rows.append({"l0": l0, "ratios": ratios, "mean": float(np.mean(ratios)),
                              "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios)})
         comparisons[f"{a} vs {b}"] = rows
-    out = {"seeds": args.seeds, "tokens": args.tokens, "eval_tokens": args.eval_tokens, "d_sae": args.d_sae,
-           "local": LOCAL, "sweeps": [[f, a, {k: v for k, v in e.items()}] for f, a, e in SWEEPS],
-           "series_per_seed": per_seed, "comparisons": comparisons,
-           "seconds": time.perf_counter() - t0}
+    out = {"seeds_done": len(per_seed), "tokens": args.tokens, "eval_tokens": args.eval_tokens,
+           "d_sae": args.d_sae, "local": LOCAL, "sweeps": [[f, a, e] for f, a, e in SWEEPS],
+           "series_per_seed": per_seed, "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(out, f, indent=2)
+    print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s")
     for claim, rows in comparisons.items():
         print(claim)
         for r in rows:
             print(f"  L0 {r['l0']:>3}: CE ratio {r['mean']:.2f} [{r['min']:.2f}, {r['max']:.2f}]  {r['verdict']}")
-    print(f"{time.perf_counter() - t0:.0f} s")
-
 
 if __name__ == "__main__":
     main()

@@ -469,3 +469,11 @@ def test_l1_conversions_give_proportional_losses():
     f = sae2.encode(xn)
     saelens = ((sae2.decode(f) - xn).pow(2).sum(-1) + c * (f * sae2.W_dec.norm(dim=-1)).sum(-1)).mean()
     assert sae2.loss(xn).loss.item() == pytest.approx(saelens.item(), rel=1e-5)
+
+
+def test_l1_default_is_the_architectures():
+    from sae_harvest.train.config import TrainConfig, sweep
+
+    assert sweep(TrainConfig(out="o", arch="relu"), 64) == [("relu_l1-300", SAEConfig("relu", 64, 1024, l1_coeff=300.0))]
+    assert sweep(TrainConfig(out="o", arch="gated"), 64)[0][1].l1_coeff == 3.0
+    assert [n for n, _ in sweep(TrainConfig(out="o", arch="relu", l1=(1.0, 2.0)), 64)] == ["relu_l1-1", "relu_l1-2"]

@@ -29,6 +29,7 @@ class GatedSAE(SAE):
     apply_b_dec_to_input = True
     trains_e2e = False          # its aux term is a local reconstruction
     adam_betas = (0.0, 0.999)   # the paper's beta1 = 0
+    default_l1 = 3.0            # see docs/results.md for the L0 it gives on the default model
 
     def __init__(self, cfg):
         super().__init__(cfg)
