@@ -25,6 +25,13 @@ class EvalConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = opt("float32", "Model compute dtype.", choices=("float32", "bfloat16", "float16"))
     grad_select: bool = opt(True, "gtopk SAEs: gradient-aware selection (--no-grad-select: plain TopK).")
+    grad_modes: tuple[str, ...] = opt(("causal", "paper"),
+                                      "gtopk SAEs: the gradient modes to evaluate, one result row each. "
+                                      "causal: label-free, d CE(own argmax prediction)_t / d a[t] "
+                                      "(the spliced model stays causal; the headline); paper: "
+                                      "d(sum_s CE_s)/d a[t], uses the tokens being scored.")
+    splice_bos: bool = opt(False, "Splice position 0 too (default: it keeps its clean activation, as "
+                                  "SAEs are trained without it; ablations likewise).")
 
     def to_dict(self) -> dict:
         """As written into results.json: paths and URLs scrubbed of credentials."""

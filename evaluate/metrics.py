@@ -7,8 +7,9 @@ Sums stay tensors on the compute device (float64) so a GPU run never syncs per b
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # Log-probabilities are floored here before differences are taken: exp(-1e4) is 0 in float32,
 # so the floor never changes a finite KL, but it turns -inf - -inf (NaN) into 0.
@@ -103,6 +104,19 @@ def reconstruction_terms(x: Tensor, x_hat: Tensor, mean: Tensor, mean_nobos: Ten
         "hat_norm2": x_hat.pow(2).sum(-1),
         "hat_dot_x": (x_hat * x).sum(-1),
     }
+
+
+def normalize_without_affine(norm, x: Tensor) -> Tensor:
+    """The model's final norm without its learned affine part, as the e2e paper normalises downstream
+    activations (its fig. 12): LayerNorm -> (x - mean) / sqrt(var + eps); RMSNorm (Gemma, whose
+    weight enters as 1 + w) -> x / sqrt(mean(x^2) + eps). eps is the module's own."""
+    x32 = x.float()
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", 1e-6)
+    if isinstance(norm, nn.LayerNorm) or hasattr(norm, "bias") and getattr(norm, "bias") is not None:
+        return F.layer_norm(x32, x32.shape[-1:], eps=eps)
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def mse_per_token(a: Tensor, b: Tensor) -> Tensor:

@@ -14,10 +14,14 @@ from sae_harvest.stores.urls import scrub_tree
 
 
 def series_label(r: dict) -> str:
-    """One Pareto series per training method: e2e-trained relu SAEs are not local relu SAEs."""
+    """One Pareto series per training method: e2e-trained relu SAEs are not local relu SAEs, and a
+    g-SAE is one series per gradient mode of its selection: gtopk+causal, gtopk+paper, gtopk (none)."""
     if r.get("loss") not in (None, "local"):
         return r["loss"] + (f" ({r['arch']})" if r["arch"] != "relu" else "")
-    return r["arch"] + ("+grad" if r.get("grad_select") else "")
+    mode = r.get("grad_mode")
+    if mode is None and r.get("grad_select"):   # results.json written before grad_mode existed
+        mode = "paper"
+    return r["arch"] + (f"+{mode}" if mode not in (None, "none") else "")
 
 
 def _finite(v) -> bool:
@@ -63,8 +67,10 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
                   ("" if several_sites else f", {r0['site']}"),
                   caption=f"clean CE {_fmt(r0['ce_clean'], '.4f')} nats "
                           f"({_fmt(r0['ce_clean_nobos'], '.4f')} without position 0) on "
-                          f"{r0['tokens']:,} tokens. ≥1: position 0 excluded. LR0 / LRμ: loss "
-                          f"recovered vs zero / mean ablation. EV: explained variance.")
+                          f"{r0['tokens']:,} tokens; position 0 "
+                          f"{'spliced' if r0.get('splice_bos') else 'kept clean'}. ≥1: position 0 "
+                          f"excluded. LR0 / LRμ: loss recovered vs zero / mean ablation. EV: explained "
+                          f"variance. gtopk+causal / +paper: gradient mode of the selection.")
     table.add_column("SAE", overflow="fold")
     table.add_column("arch")
     if several_sites:

@@ -2,10 +2,16 @@
 
 Per batch of evaluation sequences:
   1. one clean forward records every SAE site, the downstream resid_posts and the logits;
-  2. gtopk SAEs with gradient selection: one clean forward+backward gives dL/dx at their sites;
+  2. gtopk SAEs with gradient selection: the clean gradients at their sites, per mode
+     (evaluate/gradients.py: "causal", label-free, and "paper", the gradient paper's protocol);
   3. per site: a zero-ablation and a mean-ablation forward (shared by all SAEs at the site);
-  4. per SAE: one spliced forward (reconstruction in place of the site activation).
-The site means for mean-ablation come from a first pass over the same tokens (stopped early).
+  4. per SAE (per gradient mode for gtopk): one spliced forward (reconstruction in place of the
+     site activation).
+Position 0 keeps its clean activation in 3 and 4 unless cfg.splice_bos: SAEs are trained without
+it, and in GPT-2 it is the attention sink (norm in the thousands) whose damage would spread to every
+later token. The SAE still encodes it, so the reconstruction metrics' all-positions view covers it.
+The site means for mean-ablation come from a first pass over the same tokens (stopped early) and
+never include position 0.
 Metrics are in evaluate/metrics.py and docs/evaluate.md.
 """
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -22,8 +29,10 @@ import torch
 from rich.console import Console
 
 from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.gradients import GRAD_MODES, causal_site_grads, paper_site_grads
 from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs,
-                                          mse_per_token, reconstruction_terms, result_metrics)
+                                          mse_per_token, normalize_without_affine, reconstruction_terms,
+                                          result_metrics)
 from sae_harvest.harvest.errors import HarvestError
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub
@@ -40,7 +49,7 @@ class Entry:
     sae: torch.nn.Module
     cfg: dict                      # cfg.json
     site: object = None            # harvest.sites.Site
-    use_grad: bool = False         # gtopk with gradient-aware selection
+    grad_mode: str | None = None   # gtopk: "causal" / "paper" gradient-aware selection, "none"; else None
     downstream: list[str] = field(default_factory=list)  # resid_post sites after the SAE's site
     sums: Sums = field(default_factory=Sums)
 
@@ -55,11 +64,13 @@ def _load_entry(path: str, device) -> Entry:
     return Entry(path=str(path), sae=sae, cfg=json.loads((d / CFG_NAME).read_text()))
 
 
-def _attach_site(entry: Entry, adapter, grad_select: bool) -> None:
+def _attach_site(entry: Entry, adapter) -> None:
     """Parse the SAE's hook_name and check the model has that site with the SAE's width."""
     from sae_harvest.harvest.sites import Site
 
-    hook = entry.cfg.get("hook_name")
+    from sae_harvest.train.saelens_format import hook_name_of
+
+    hook = hook_name_of(entry.cfg)   # ours, or a TransformerLens / HF name mapped to our site
     if not hook or str(hook).startswith("meta:"):
         raise EvaluateError(f"{entry.path}: hook_name {hook!r} is not a model site; "
                             f"only SAEs on blocks.<layer>.<kind> can be spliced")
@@ -75,7 +86,6 @@ def _attach_site(entry: Entry, adapter, grad_select: bool) -> None:
         raise EvaluateError(f"{entry.path}: SAE d_in {entry.sae.cfg.d_in} != width {width} of "
                             f"site {site.name} in this model")
     entry.site = site
-    entry.use_grad = entry.sae.uses_grads and grad_select
     # resid_post of layer l is downstream of every site in block l except resid_post itself.
     first = site.layer + 1 if site.kind == "resid_post" else site.layer
     entry.downstream = [f"blocks.{l}.resid_post" for l in range(first, adapter.n_layers)]
@@ -131,16 +141,27 @@ def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, tor
     return {s: (acc[0] / acc[1], acc[2] / max(acc[3], 1)) for s, acc in sums.items()}
 
 
-def _ablate(model, ids, site, value_fn, clean: dict, site_sums: Sums, tag: str) -> None:
+def _keep_pos0(fn, splice_bos: bool):
+    """fn applied to the site activation [B, T, d], position 0 left clean unless splice_bos."""
+    if splice_bos:
+        return fn
+
+    def replace(a):
+        out = fn(a)
+        return torch.cat([a[:, :1], out[:, 1:]], 1)
+    return replace
+
+
+def _ablate(model, ids, site, value_fn, clean: dict, site_sums: Sums, tag: str, splice_bos: bool) -> None:
     from sae_harvest.harvest.sites import splice
 
-    with splice(model, site, value_fn):
+    with splice(model, site, _keep_pos0(value_fn, splice_bos)):
         logp = log_probs(_forward(model, ids))
     site_sums.add(f"ce_{tag}", ce_from_log_probs(logp, ids))
     site_sums.add(f"kl_{tag}", kl_per_token(None, logp[:, :-1], ref=clean["kl_ref"]))
 
 
-def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm) -> None:
+def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm, splice_bos: bool) -> None:
     """One forward with the SAE's reconstruction spliced in; adds every per-token metric."""
     from sae_harvest.harvest.sites import record, splice
 
@@ -154,14 +175,15 @@ def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm) -> 
         seen.update(x=a, x_hat=x_hat, feats=feats.view(*a.shape[:-1], -1))
         return x_hat.to(a.dtype)
 
-    with splice(model, entry.site, replace), record(model, entry.downstream) as rec:
+    with splice(model, entry.site, _keep_pos0(replace, splice_bos)), record(model, entry.downstream) as rec:
         logp = log_probs(_forward(model, ids))
     s = entry.sums
     s.add("ce", ce_from_log_probs(logp, ids))
     s.add("kl", kl_per_token(None, logp[:, :-1], ref=clean["kl_ref"]))
     for name in entry.downstream:
         s.add("ds:" + name, mse_per_token(rec[name], clean[name]))
-        s.add("dsln:" + name, mse_per_token(final_norm(rec[name]), clean["ln:" + name]))
+        s.add("dsln:" + name, mse_per_token(normalize_without_affine(final_norm, rec[name]),
+                                            clean["ln:" + name]))
     mean, mean_nobos = means[entry.site.name]
     terms = reconstruction_terms(seen["x"], seen["x_hat"], mean, mean_nobos)
     var_nobos = terms.pop("var_nobos")
@@ -171,8 +193,8 @@ def _spliced(model, ids, entry: Entry, grad, clean: dict, means, final_norm) -> 
     s.add_fired(seen["feats"])
 
 
-def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> None:
-    from sae_harvest.harvest.sites import capture, record
+def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means, splice_bos: bool) -> None:
+    from sae_harvest.harvest.sites import record
 
     sites = sorted({e.site for e in entries})
     posts = sorted({name for e in entries for name in e.downstream})
@@ -182,24 +204,25 @@ def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means) -> N
     # the clean side of every comparison, computed once per batch for all SAEs and ablations
     clean["kl_ref"] = kl_reference(logp_clean[:, :-1])
     with torch.no_grad():
-        clean.update({"ln:" + name: adapter.final_norm(clean[name]) for name in posts})
+        clean.update({"ln:" + name: normalize_without_affine(adapter.final_norm, clean[name]) for name in posts})
     clean_sums.add("ce", ce_from_log_probs(logp_clean, ids))
 
-    grad_sites = sorted({e.site for e in entries if e.use_grad})
-    grads = {}
-    if grad_sites:
-        with torch.enable_grad():
-            grads = capture(model, ids, grad_sites, grads=True).grads
+    grads = {"paper": {}, "causal": {}}
+    paper_sites = sorted({e.site for e in entries if e.grad_mode == "paper"})
+    if paper_sites:
+        grads["paper"] = paper_site_grads(model, ids, paper_sites)
+    for site in sorted({e.site for e in entries if e.grad_mode == "causal"}):
+        grads["causal"][site.name] = causal_site_grads(model, ids, site)
 
     for site in sites:
-        mean = means[site.name][0]
-        _ablate(model, ids, site, torch.zeros_like, clean, site_sums[site.name], "zero")
+        mean = means[site.name][1]   # the mean over positions >= 1, whether or not position 0 is spliced
+        _ablate(model, ids, site, torch.zeros_like, clean, site_sums[site.name], "zero", splice_bos)
         _ablate(model, ids, site, lambda a: mean.to(a.dtype).expand_as(a).clone(),
-                clean, site_sums[site.name], "mean")
+                clean, site_sums[site.name], "mean", splice_bos)
         for e in entries:
             if e.site == site:
-                grad = grads.get(site.name) if e.use_grad else None
-                _spliced(model, ids, e, grad, clean, means, adapter.final_norm)
+                grad = grads[e.grad_mode][site.name] if e.grad_mode in grads else None
+                _spliced(model, ids, e, grad, clean, means, adapter.final_norm, splice_bos)
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -219,8 +242,19 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
         raise EvaluateError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
     if cfg.tokens <= 0 or cfg.batch_size <= 0:
         raise EvaluateError("--tokens and --batch-size must be positive")
+    bad = sorted(set(cfg.grad_modes) - set(GRAD_MODES))
+    if bad or not cfg.grad_modes:
+        raise EvaluateError(f"--grad-modes: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(GRAD_MODES)}")
     dev = pick_device(cfg.device)
-    entries = [_load_entry(p, dev) for p in cfg.saes]
+    entries = []
+    for p in cfg.saes:
+        e = _load_entry(p, dev)
+        if not e.sae.uses_grads:
+            entries.append(e)
+        elif not cfg.grad_select:
+            entries.append(dataclasses.replace(e, grad_mode="none"))
+        else:   # one row per gradient mode, the causal (headline) one first
+            entries += [dataclasses.replace(e, grad_mode=m, sums=Sums()) for m in GRAD_MODES if m in cfg.grad_modes]
 
     model_name, revision = cfg.model, cfg.revision
     ids, store_obj = (None, None) if cfg.store is None else _store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
@@ -239,7 +273,7 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
                                   dtype=getattr(torch, cfg.dtype))
     adapter = get_adapter(model)
     for e in entries:
-        _attach_site(e, adapter, cfg.grad_select)
+        _attach_site(e, adapter)
     if ids is None:
         ids = _dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column)
     if ids.shape[1] < 3:
@@ -257,23 +291,25 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
         means = _site_means(model, batches, sites, bar)
         task = bar.add_task("splicing", total=ids.numel(), info=f"{len(entries)} SAEs")
         for batch in batches:
-            _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means)
+            _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means, cfg.splice_bos)
             bar.update(task, advance=batch.numel())
-    return [_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype)
+    return [_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype, cfg.splice_bos)
             for e in entries]
 
 
-def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype) -> dict:
+def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype, splice_bos) -> dict:
     cfg, ours = e.sae.cfg, e.cfg.get("sae_harvest", {})
     sweep = ours.get("sweep_name")
+    arch = cfg.arch if "sae_harvest" in e.cfg else f"saelens-{e.cfg.get('architecture')}"
     folder = Path(e.path).parent if Path(e.path).is_file() else Path(e.path)
     head = {
         "sae": scrub(e.path), "name": sweep or folder.name, "sweep_name": sweep,
-        "site": e.site.name, "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-        "k": cfg.k if e.sae.sweep_field == "k" else None,
+        "site": e.site.name, "arch": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+        "k": cfg.k if e.sae.sweep_field == "k" and arch != "saelens-jumprelu" else None,
         "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
-        "grad_select": e.use_grad, "model": scrub(model_name), "dtype": dtype,
+        "grad_select": e.grad_mode in GRAD_MODES, "grad_mode": e.grad_mode,
+        "splice_bos": splice_bos, "model": scrub(model_name), "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),
     }

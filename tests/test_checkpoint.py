@@ -6,10 +6,11 @@ import torch
 from safetensors import safe_open
 
 from sae_harvest import train
+from sae_harvest.train.saelens_format import tl_hook_name
 from sae_harvest.train.sae_io import CFG_NAME, WEIGHTS_NAME, CheckpointError, load_sae, save_sae
 from sae_harvest.train.registry import ARCH_NAMES, SAEConfig, make_sae
 
-EXTRA = {"hook_name": "blocks.6.hook_resid_pre", "model_name": "gpt2", "train": {"lr": 3e-4}}
+EXTRA = {"hook_name": "blocks.6.resid_pre", "model_name": "gpt2", "train": {"lr": 3e-4}}
 SAELENS_ARCH = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu", "gtopk": "topk",
                 "jumprelu": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
 
@@ -43,7 +44,8 @@ def test_round_trip(tmp_path, arch):
     assert cfg["architecture"] == SAELENS_ARCH[arch]
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (8, 24, "float32")
     assert cfg["apply_b_dec_to_input"] is (arch != "relu")
-    assert cfg["hook_name"] == EXTRA["hook_name"]
+    assert cfg["hook_name"] == tl_hook_name(EXTRA["hook_name"]) == "blocks.6.hook_resid_pre"
+    assert cfg["sae_harvest"]["hook_name"] == EXTRA["hook_name"]
     assert cfg["sae_harvest"]["sae"] == sae.cfg.to_dict()
     assert cfg["sae_harvest"]["train"] == {"lr": 3e-4}
     if arch in ("topk", "gtopk"):

@@ -65,11 +65,14 @@ def _sae(seed=0, d_sae=128):
     return sae
 
 
-def _hf_spliced(model, sae, layer, ids, scale=1.0):
+def _hf_spliced(model, sae, layer, ids, scale=1.0, keep_pos0=False):
     """Independent reference: a plain forward pre-hook on block `layer` and output_hidden_states."""
     def pre_hook(_mod, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         x_hat = sae.decode(sae.encode(x.reshape(-1, 64) / scale)).view(x.shape) * scale
+        if keep_pos0:
+            x_hat = x_hat.clone()
+            x_hat[:, 0] = x[:, 0]
         return ((x_hat, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x_hat})
     handle = model.transformer.h[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
@@ -95,7 +98,7 @@ def test_loss_terms_match_independent_computation(assets, include_bos):
                      downstream=downstream, include_bos=include_bos)
     with torch.no_grad():
         ref_clean = model(input_ids=ids, output_hidden_states=True)
-        ref = _hf_spliced(model, sae, 0, ids, scale=1.7)
+        ref = _hf_spliced(model, sae, 0, ids, scale=1.7, keep_pos0=not include_bos)
         start = 0 if include_bos else 1
         kl = _kl_by_hand(ref_clean.logits, ref.logits, start)
         ds = [(ref.hidden_states[k] - ref_clean.hidden_states[k]).double().pow(2).mean(-1)[:, start:].mean()
@@ -136,6 +139,34 @@ def test_exact_reconstruction_gives_zero_kl_and_downstream(assets):
         assert float(t["ce"]) == pytest.approx(float(t["ce_clean"]), abs=1e-6)
 
 
+def test_position0_is_neither_spliced_nor_in_the_batch_topk(assets):
+    """Like local training: position 0 keeps its clean activation and BatchTopK's batch top-k runs
+    over positions >= 1 only; with include_bos both change (so the test can fail)."""
+    model, ids = assets["model"], _batch(assets)
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="batchtopk", d_in=64, d_sae=128, k=4)).train()
+    seen, final = [], []
+    encode = sae.encode
+    sae.encode = lambda x, grad=None: (seen.append(len(x)), encode(x))[1]
+    handle = model.transformer.ln_f.register_forward_hook(lambda m, i, o: final.append(o.detach()))
+    site = Site.parse("blocks.1.resid_pre")
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+            clean_final = final.pop()
+            clean = e2e.clean_pass(model, ids, [])
+            final.clear()
+            for include_bos, rows in ((False, ids.numel() - len(ids)), (True, ids.numel())):
+                seen.clear()
+                t = e2e.e2e_loss(model, sae, site, ids, clean=clean, include_bos=include_bos)
+                assert seen == [rows]                           # encoded rows: pos 0 only with include_bos
+                assert float(t["l0"]) == pytest.approx(4.0)     # batch top-k over exactly those rows
+                same = torch.allclose(final.pop()[:, 0], clean_final[:, 0])
+                assert same == (not include_bos)                # pos 0 attends only to itself
+    finally:
+        handle.remove()
+
+
 def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
     trained = []
     out = tmp_path / "run"
@@ -148,7 +179,8 @@ def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
             "ds:blocks.1.resid_post"} <= set(records[-1])
     assert records[-1]["kl"] < 0.5 * records[0]["kl"], [r["kl"] for r in records]
     cfg = json.loads((out / name / "cfg.json").read_text())
-    assert cfg["hook_name"] == "blocks.1.resid_pre" and cfg["model_name"] == assets["model_path"]
+    assert cfg["hook_name"] == "blocks.1.hook_resid_pre" and cfg["model_name"] == assets["model_path"]
+    assert cfg["sae_harvest"]["hook_name"] == "blocks.1.resid_pre"
     assert cfg["sae_harvest"]["e2e"] == {"loss": "e2e", "kl_coeff": 1.0, "downstream_coeff": 0.0,
                                          "downstream_sites": ["blocks.1.resid_post"]}
     held = summary["held_out"]

@@ -30,7 +30,16 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_assets")
     words = "the quick brown fox reads every token of sparse features in a layer".split()
     corpus = write_corpus(root / "docs.jsonl", n_docs=200, max_words=60, words=words)
-    return {"gpt2": make_tiny_model("gpt2", root / "gpt2"),
+    gpt2 = make_tiny_model("gpt2", root / "gpt2")
+    # the same model with a final norm whose affine weights are not the identity
+    shutil.copytree(gpt2, root / "gpt2_affine")
+    model, _ = load_model(gpt2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.uniform_(0.5, 2.0)
+        model.transformer.ln_f.bias.normal_()
+    model.save_pretrained(root / "gpt2_affine")
+    return {"gpt2": gpt2, "gpt2_affine": str(root / "gpt2_affine"),
             "gemma2": make_tiny_model("gemma2", root / "gemma2"),
             "corpus": str(corpus), "root": root}
 
@@ -106,33 +115,47 @@ def test_exact_reconstruction_changes_nothing(assets, tmp_path, family, hook):
     assert r["alive_tokens"] == CTX * N_SEQS and r["alive_tokens_nobos"] == (CTX - 1) * N_SEQS
 
 
-def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(assets, tmp_path):
+@pytest.mark.parametrize("splice_bos", [False, True])
+def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(assets, tmp_path, splice_bos):
+    """Default: position 0 keeps its clean activation in every splice and ablation; --splice-bos
+    replaces it too. The mean of mean-ablation never includes position-0 rows."""
     hook = "blocks.1.resid_pre"
-    (r,) = _eval(assets, "gpt2", [_save(_relu_sae(2 * D), tmp_path / "zero", hook)])
+    (r,) = _eval(assets, "gpt2_affine", [_save(_relu_sae(2 * D), tmp_path / "zero", hook)],
+                 splice_bos=splice_bos)
+    assert r["splice_bos"] is splice_bos
     assert r["ce_spliced"] == r["ce_zero_ablation"]
     assert r["loss_recovered_zero"] == 0 and r["loss_recovered_zero_nobos"] == 0
     assert r["kl"] == r["kl_zero_ablation"] and r["kl"] > 0
     assert (r["l0"], r["alive"], r["nmse"], r["cosine"], r["l2_ratio"]) == (0, 0, 1, 0, 0)
     assert r["relative_reconstruction_bias"] is None   # 0 / 0: undefined, never NaN
 
-    # Independent reference: HF output_hidden_states with the block-1 input replaced by hand.
-    model, _ = load_model(assets["gpt2"])
+    # Independent reference: HF output_hidden_states with the block-1 input replaced by hand,
+    # and the input of the final norm, normalised by hand without its affine weights.
+    model, _ = load_model(assets["gpt2_affine"])
     ids = _ids(assets, "gpt2")
 
     def run(replacement=None):
         def pre_hook(_mod, args, kwargs):
-            return (replacement(args[0]), *args[1:]), kwargs
+            new = replacement(args[0])
+            if not splice_bos:
+                new = torch.cat([args[0][:, :1], new[:, 1:]], 1)
+            return (new, *args[1:]), kwargs
         handle = model.transformer.h[1].register_forward_pre_hook(pre_hook, with_kwargs=True) \
             if replacement else None
+        seen = {}
+        ln = model.transformer.ln_f.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
         try:
             with torch.no_grad():
-                return model(ids, labels=ids, output_hidden_states=True)
+                out = model(ids, labels=ids, output_hidden_states=True)
+                out.final_in = seen["x"]
+                return out
         finally:
+            ln.remove()
             if handle:
                 handle.remove()
 
     clean = run()
-    mean = clean.hidden_states[1].reshape(-1, D).double().mean(0).float()
+    mean = clean.hidden_states[1][:, 1:].reshape(-1, D).double().mean(0).float()   # positions >= 1
     zero, meaned = run(torch.zeros_like), run(lambda a: mean.expand_as(a))
     # Every batch has the same size, so the mean of HF's per-batch losses is the token mean.
     assert r["ce_clean"] == pytest.approx(clean.loss.item(), abs=1e-5)
@@ -141,9 +164,12 @@ def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(asset
     mse = lambda a, b: (a - b).pow(2).mean().item()  # noqa: E731
     ds = r["downstream_mse_by_layer"]
     assert ds["blocks.1.resid_post"] == pytest.approx(mse(zero.hidden_states[2], clean.hidden_states[2]), rel=1e-4)
-    # GPT-2's last hidden state already has ln_f applied: it is the "ln" view of the last layer.
-    assert r["downstream_mse_ln_by_layer"]["blocks.2.resid_post"] == pytest.approx(
-        mse(zero.hidden_states[3], clean.hidden_states[3]), rel=1e-4)
+    assert ds["blocks.2.resid_post"] == pytest.approx(mse(zero.final_in, clean.final_in), rel=1e-4)
+    plain = lambda a: torch.nn.functional.layer_norm(a, (D,), eps=model.transformer.ln_f.eps)  # noqa: E731
+    ln_ref = mse(plain(zero.final_in), plain(clean.final_in))
+    assert r["downstream_mse_ln_by_layer"]["blocks.2.resid_post"] == pytest.approx(ln_ref, rel=1e-4)
+    # ... which is not what the affine norm (HF's last hidden state) gives: the check has teeth
+    assert mse(zero.hidden_states[3], clean.hidden_states[3]) != pytest.approx(ln_ref, rel=1e-2)
     logp_clean, logp_zero = log_probs(clean.logits[:, :-1]), log_probs(zero.logits[:, :-1])
     assert r["kl_zero_ablation"] == pytest.approx(kl_per_token(logp_clean, logp_zero).mean().item(), rel=1e-4)
 
@@ -192,21 +218,77 @@ def test_gtopk_gradient_selection(assets, tmp_path):
     t = make_sae(SAEConfig("topk", D, 128, k=2))
     t.load_state_dict(g.state_dict())
     paths = [_save(g, tmp_path / "g", hook), _save(t, tmp_path / "t", hook)]
-    with_grad, topk = _eval(assets, "gpt2", paths)
+    causal, with_grad, topk = _eval(assets, "gpt2", paths)   # every g-SAE in both modes, causal first
+    assert (causal["grad_mode"], with_grad["grad_mode"], topk["grad_mode"]) == ("causal", "paper", None)
     (without,) = _eval(assets, "gpt2", paths[:1], grad_select=False)
     assert (with_grad["grad_select"], without["grad_select"], topk["grad_select"]) == (True, False, False)
+    assert without["grad_mode"] == "none"
     # Without gradients gtopk is plain TopK; with them it picks other latents.
     for key in ("ce_spliced", "nmse", "kl", "alive"):
         assert without[key] == pytest.approx(topk[key], rel=1e-9, abs=1e-12), key
     assert with_grad["nmse"] != pytest.approx(without["nmse"], rel=1e-3)
+    assert causal["nmse"] != pytest.approx(without["nmse"], rel=1e-3)
+    assert causal["nmse"] != pytest.approx(with_grad["nmse"], rel=1e-3)
 
-    # The selection used the clean gradient of the summed next-token CE at the site, per token.
+    # paper: the selection used the clean gradient of the summed next-token CE at the site, per token.
     model, _ = load_model(assets["gpt2"])
-    cap = capture(model, _ids(assets, "gpt2"), [hook], grads=True)
+    ids = _ids(assets, "gpt2")
+    cap = capture(model, ids, [hook], grads=True)
     x, grad = cap.acts[hook].reshape(-1, D), cap.grads[hook].reshape(-1, D)
     with torch.no_grad():
         err = (x - g(x, grad)).pow(2).sum() / x.pow(2).sum()
     assert with_grad["nmse"] == pytest.approx(err.item(), rel=1e-4)
+    # causal: d L_t / d a[t], L_t = CE of position t against the model's own argmax, by hand
+    own = _own_prediction_grads_by_hand(model, ids).reshape(-1, D)
+    with torch.no_grad():
+        err = (x - g(x, own)).pow(2).sum() / x.pow(2).sum()
+    assert causal["nmse"] == pytest.approx(err.item(), rel=1e-4)
+
+
+def _own_prediction_grads_by_hand(model, ids, layer=1):
+    """One backward per (sequence, position), through a plain forward pre-hook on block `layer`."""
+    out = torch.zeros(*ids.shape, D)
+    for b in range(len(ids)):
+        for t in range(ids.shape[1]):
+            held = {}
+
+            def pre_hook(_mod, args, kwargs):
+                held["a"] = args[0].detach().requires_grad_(True)
+                return (held["a"], *args[1:]), kwargs
+            h = model.transformer.h[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+            try:
+                logp = torch.log_softmax(model(ids[b:b + 1]).logits[0, t].float(), -1)
+            finally:
+                h.remove()
+            (grad,) = torch.autograd.grad(-logp.max(), held["a"])
+            out[b, t] = grad[0, t]
+    return out
+
+
+def test_causal_gradients_use_no_later_token(assets):
+    """Changing tokens t+1.. leaves the causal gradients (and so a g-SAE's selection) at positions
+    <= t unchanged; the paper's gradients change (the test can fail)."""
+    from sae_harvest.evaluate.gradients import causal_site_grads, paper_site_grads
+    from sae_harvest.harvest.sites import Site
+
+    model, _ = load_model(assets["gpt2"])
+    site = Site.parse("blocks.1.resid_pre")
+    ids = _ids(assets, "gpt2")[:3]
+    t = 12
+    other = ids.clone()
+    other[:, t + 1:] = torch.randint(0, 50, other[:, t + 1:].shape)
+    causal = causal_site_grads(model, ids, site), causal_site_grads(model, other, site)
+    paper = [paper_site_grads(model, i, [site])[site.name] for i in (ids, other)]
+    torch.testing.assert_close(causal[0][:, :t + 1], causal[1][:, :t + 1], rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(paper[0][:, :t + 1], paper[1][:, :t + 1], rtol=1e-3, atol=1e-9)
+    assert not torch.allclose(causal[0][:, t + 1:], causal[1][:, t + 1:])
+    assert causal[0].abs().sum() > 0
+    # the selection of a g-SAE follows: positions <= t choose the same latents
+    torch.manual_seed(0)
+    g = make_sae(SAEConfig("gtopk", D, 128, k=2, beta=1e4))
+    x = capture(model, ids, [site]).acts[site.name][:, :t + 1].reshape(-1, D)
+    sel = [g.encode(x, c[:, :t + 1].reshape(-1, D)) != 0 for c in causal]
+    assert torch.equal(sel[0], sel[1])
 
 
 def test_pareto_front():
@@ -292,3 +374,27 @@ def test_offline_default_corpus_name_is_resolved(assets, tmp_path, monkeypatch):
     (r,) = _eval(assets, "gpt2", [sae], dataset="stdlib-py")
     assert r["ce_increase"] == pytest.approx(0, abs=1e-5)
     assert (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("hook,site", [("blocks.1.hook_resid_pre", "blocks.1.resid_pre"),
+                                       ("transformer.h.0", "blocks.0.resid_post")])
+def test_checkpoint_saelens_wrote_is_scored_as_our_copy(assets, tmp_path, hook, site):
+    try:
+        import sae_lens as sl
+    except Exception as e:   # noqa: BLE001
+        pytest.skip(f"sae-lens is not installed ({type(e).__name__}); pip install sae-lens to run this test")
+    torch.manual_seed(3)
+    theirs = sl.JumpReLUSAE(sl.JumpReLUSAEConfig(d_in=D, d_sae=96))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        theirs.threshold.copy_(torch.rand(96) * 0.3)
+    theirs.cfg.metadata.hook_name = hook
+    theirs.save_model(str(tmp_path / "theirs"))
+    from sae_harvest.train.sae_io import load_sae
+    copy = _save(load_sae(tmp_path / "theirs"), tmp_path / "ours", site)
+    a, b = _eval(assets, "gpt2", [tmp_path / "theirs", copy])
+    assert a["site"] == b["site"] == site and a["arch"] == "saelens-jumprelu" and b["arch"] == "batchtopk"
+    assert a["l0"] > 0 and a["ce_increase"] > 0
+    for key in ("ce_spliced", "kl", "nmse", "l0", "alive", "downstream_mse", "explained_variance_nobos"):
+        assert a[key] == b[key], key

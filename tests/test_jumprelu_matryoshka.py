@@ -1,6 +1,5 @@
 """JumpReLU and Matryoshka BatchTopK against hand-computed losses and gradients, numpy references
 and calculus (the straight-through estimators are kernel density estimates of true derivatives)."""
-import math
 
 import numpy as np
 import pytest

@@ -1,4 +1,6 @@
 """Each SAE architecture against independent numpy references on small hand-set tensors."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -333,7 +335,10 @@ def test_gtopk_default_beta_and_calibration():
 def test_init_tied_unit_norm_and_loss_is_sum_of_terms(arch):
     sae = make_sae(cfg_for(arch, d_in=8, d_sae=24))
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(24))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    # relu: the tie carries the d_in / d_sae init scale (see train/relu.py); gated: in r_mag
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T * (8 / 24 if arch == "relu" else 1.0))
+    if arch == "gated":
+        torch.testing.assert_close(sae.r_mag, torch.full((24,), math.log(8 / 24)))
     assert sae.W_enc.shape == (8, 24) and sae.W_dec.shape == (24, 8) and sae.b_dec.shape == (8,)
     x = torch.randn(16, 8)
     out = sae.loss(x, grad=torch.randn(16, 8), dead_mask=torch.arange(24) % 2 == 0)
@@ -400,3 +405,75 @@ def test_fold_input_scale(arch):
     torch.testing.assert_close(f_new, f_old)
     torch.testing.assert_close(sae.decode(f_new), s * x_hat_old)
     torch.testing.assert_close(sae(x, g_raw), s * x_hat_old)
+
+
+def _short_run_fvu(arch, plain_tie=False):
+    """64 -> 256 on ~200k tokens (48 steps of 4096), the trainer's defaults; held-out FVU."""
+    torch.manual_seed(0)
+    d, n_feat = 64, 512
+    D = torch.nn.functional.normalize(torch.randn(n_feat, d), dim=-1)
+    offset = torch.randn(d) * 2
+    sample = lambda n: ((torch.rand(n, n_feat) < 0.02) * torch.rand(n, n_feat) * 3) @ D + offset  # noqa: E731
+    x0 = sample(8192)
+    s = float(x0.norm(dim=-1).mean() / math.sqrt(d))
+    torch.manual_seed(1)
+    sae = make_sae(SAEConfig(arch, d, 256, l1_coeff=1.0))
+    if plain_tie:
+        with torch.no_grad():
+            sae.W_enc.copy_(sae.W_dec.T)
+    sae.init_b_dec(x0 / s)
+    opt = torch.optim.Adam(sae.parameters(), lr=5e-4, betas=sae.adam_betas)
+    for _ in range(48):
+        out = sae.loss(sample(4096) / s)
+        opt.zero_grad()
+        out.loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+    x = sample(8192) / s
+    with torch.no_grad():
+        return ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_short_run_clearly_beats_predicting_the_mean(arch):
+    """Fraction of variance unexplained well below 1 (the mean predictor's) after a short run."""
+    assert _short_run_fvu(arch) < 0.35
+
+
+def test_plain_tied_relu_init_would_fail_the_short_run():
+    assert _short_run_fvu("relu", plain_tie=True) > 0.5   # the old init: the test above has teeth
+
+
+def test_l1_conversions_give_proportional_losses():
+    """Our relu loss with l1_from_e2e_paper / l1_from_saelens is a constant multiple of the paper's /
+    SAELens's loss for the same SAE, so the optimum (and L0) is the same (docs/e2e.md)."""
+    from sae_harvest.train.relu import l1_from_e2e_paper, l1_from_saelens
+
+    torch.manual_seed(0)
+    d, s, lam = 8, 3.7, 4.0
+    x_raw = torch.randn(32, d) * 5
+    sae = make_sae(SAEConfig("relu", d, 24, l1_coeff=l1_from_e2e_paper(lam, d, s)))
+    ours = sae.loss(x_raw / s).loss.item()
+    # the same SAE on raw activations with unit-norm rows: latents s times larger, output s times
+    f_raw = torch.relu(x_raw @ sae.W_enc + s * sae.b_enc)
+    x_hat_raw = f_raw @ sae.W_dec + s * sae.b_dec
+    paper = ((x_hat_raw - x_raw).pow(2).mean(-1) + lam / d * f_raw.abs().sum(-1)).mean().item()
+    assert paper == pytest.approx(s * s / d * ours, rel=1e-5)
+    assert l1_from_e2e_paper(lam, d, s, loss="e2e") == pytest.approx(lam * s)
+    # SAELens, inputs normalised like ours: sum over d + l1_coefficient * sum |f| ||W_dec||
+    c = 0.3
+    sae2 = make_sae(SAEConfig("relu", d, 24, l1_coeff=l1_from_saelens(c, d)))
+    xn = x_raw / s
+    f = sae2.encode(xn)
+    saelens = ((sae2.decode(f) - xn).pow(2).sum(-1) + c * (f * sae2.W_dec.norm(dim=-1)).sum(-1)).mean()
+    assert sae2.loss(xn).loss.item() == pytest.approx(saelens.item(), rel=1e-5)
+
+
+def test_l1_default_is_the_architectures():
+    from sae_harvest.train.config import TrainConfig, sweep
+
+    assert sweep(TrainConfig(out="o", arch="relu"), 64) == [("relu_l1-300", SAEConfig("relu", 64, 1024, l1_coeff=300.0))]
+    assert sweep(TrainConfig(out="o", arch="gated"), 64)[0][1].l1_coeff == 3.0
+    assert [n for n, _ in sweep(TrainConfig(out="o", arch="relu", l1=(1.0, 2.0)), 64)] == ["relu_l1-1", "relu_l1-2"]

@@ -2,7 +2,6 @@
 inputs refused with one `error:` line (exit 2) that leaves what is on disk unchanged."""
 import hashlib
 import json
-import os
 import sys
 import types
 from pathlib import Path

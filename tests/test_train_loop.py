@@ -69,7 +69,8 @@ def test_sweep_saves_saelens_checkpoints_and_metrics(store, tmp_path):
     for name, k in (("topk_k2", 2), ("topk_k4", 4), ("topk_k8", 8)):
         cfg = json.loads((out / name / "cfg.json").read_text())
         assert cfg["architecture"] == "topk" and cfg["k"] == k and cfg["d_in"] == D and cfg["d_sae"] == 64
-        assert cfg["hook_name"] == "blocks.0.resid_pre" and cfg["sae_harvest"]["store"] == str(store)
+        assert cfg["hook_name"] == "blocks.0.hook_resid_pre" and cfg["sae_harvest"]["store"] == str(store)
+        assert cfg["sae_harvest"]["hook_name"] == "blocks.0.resid_pre"   # TransformerLens name on top, ours kept
         assert cfg["sae_harvest"]["training"]["batch_size"] == 256
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [20, 40, 60, 80, 100]

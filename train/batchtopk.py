@@ -2,10 +2,13 @@
 
 Training: pre = ReLU((x - b_dec) @ W_enc + b_enc); keep the n*k largest entries of pre over the whole
 batch of n tokens (average L0 == k, per-token L0 varies). AuxK as in TopK.
-Inference must not depend on the batch: f = pre * (pre > threshold) (JumpReLU). The paper's threshold
-is E_batch[min positive kept activation]; we track it as an exponential moving average
-(decay cfg.threshold_ema) of that per-batch minimum, updated by every training-mode loss() call, so
-estimates from the random-init phase are forgotten rather than averaged in forever.
+Inference must not depend on the batch: f = pre * (pre > threshold) (JumpReLU). During training we
+track the paper's threshold, E_batch[min positive kept activation], as an exponential moving average
+(decay cfg.threshold_ema), updated by every training-mode loss() call (a running diagnostic only).
+At the end the trainer calls finalize() with >= THRESHOLD_ROWS training rows: the saved threshold is
+the cutoff of BatchTopK over all of them at once (the (N*k)-th largest pre-activation of N rows), so
+the inference L0 on those rows is k whatever the training batch size was, and the lagging EMA is
+replaced.
 `threshold` is a [d_sae] buffer (one scalar broadcast, SAELens JumpReLU layout); -1 means "not yet
 estimated" (then inference is plain ReLU, since pre >= 0 > -1).
 encode() uses BatchTopK while self.training, JumpReLU otherwise (call .eval() for inference).
@@ -17,6 +20,9 @@ import torch
 
 from sae_harvest.train.sae import LossOutput
 from sae_harvest.train.topk import TopKSAE
+
+THRESHOLD_ROWS = 100_000   # rows the final threshold is estimated from (fewer only if the data has fewer)
+_CANDIDATE_FACTOR = 4      # per chunk, keep 4x its share of the n*k kept values as candidates
 
 
 class BatchTopKSAE(TopKSAE):
@@ -72,18 +78,32 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.mul_(d).add_((1 - d) * batch_min)
 
     @torch.no_grad()
-    def estimate_threshold(self, batches) -> None:
-        """Re-estimate the threshold with the final weights: the mean over training batches of the
-        smallest activation BatchTopK keeps. The EMA lags behind while the weights still move (on
-        short runs it stays far too high), this does not; the trainer calls it at the end."""
-        mins = []
+    def estimate_threshold(self, batches) -> int:
+        """Set the threshold to BatchTopK's cutoff over every row of `batches` taken together: the
+        (N*k)-th largest pre-activation of the N rows, so JumpReLU keeps on average k per row there.
+        Streams: each chunk contributes its top 4*n*k values as candidates; that is exact unless a
+        chunk holds more than 4x its share of the global top N*k (checked: then it raises).
+        Returns N (0: no rows, threshold unchanged)."""
+        cands, cutoffs, n_rows = [], [], 0
         for x in batches:
-            feats = self.batch_topk(self.pre_acts(x))
-            pos = feats[feats > 0]
-            if pos.numel():
-                mins.append(pos.min().float())
-        if mins:
-            self.threshold.fill_(torch.stack(mins).mean().to(self.threshold.dtype))
+            pre = self.pre_acts(x).flatten().float()
+            m = min(_CANDIDATE_FACTOR * len(x) * self.cfg.k, pre.numel())
+            vals = pre.topk(m, sorted=False).values
+            cands.append(vals[vals > 0])
+            cutoffs.append(vals.min() if m < pre.numel() else pre.new_tensor(-1.0))
+            n_rows += len(x)
+        if n_rows == 0:
+            return 0
+        allv = torch.cat(cands)
+        want = n_rows * self.cfg.k
+        if allv.numel() == 0:
+            return n_rows   # nothing ever fires: leave the threshold as it is
+        theta = allv.topk(want).values.min() if allv.numel() > want else allv.new_zeros(())
+        if allv.numel() > want and max(float(c) for c in cutoffs) > float(theta):
+            raise RuntimeError("batchtopk threshold estimate: one chunk held over 4x its share of the "
+                               "kept activations; use more, smaller chunks")
+        self.threshold.fill_(float(theta))
+        return n_rows
 
     def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
         pre = self.pre_acts(x)

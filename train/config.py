@@ -22,8 +22,10 @@ class TrainConfig:
     arch: str = opt("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
     d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")
     expansion: int = opt(16, "Dictionary size as a multiple of d_in, when --d-sae is not given.")
-    l1: tuple[float, ...] = opt((1.0,), "Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda; "
-                                        "jumprelu: lambda on the L0). Comma list = sweep.")
+    l1: tuple[float, ...] = opt((), "Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda; jumprelu: "
+                                    "lambda on the L0), on normalised inputs; the e2e paper's / SAELens's scales: "
+                                    "docs/e2e.md. Comma list = sweep. Default: the architecture's (relu 300, "
+                                    "gated 3: L0 16-128 on the default model).")
     k: tuple[int, ...] = opt((32,), "Active latents for topk/batchtopk/gtopk/matryoshka_batchtopk. "
                                     "Comma list = sweep.")
     beta: float | None = opt(None, "gtopk gradient weight (default: calibrated so beta*|W_dec^T grad| ~ 2.4, "
@@ -82,4 +84,5 @@ def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
                    if getattr(cfg, f) is not None})
     if cls.sweep_field == "k":
         return [(f"{cfg.arch}_k{k}", SAEConfig(**common, k=int(k))) for k in cfg.k]
-    return [(f"{cfg.arch}_l1-{l1:g}", SAEConfig(**common, l1_coeff=float(l1))) for l1 in cfg.l1]
+    return [(f"{cfg.arch}_l1-{l1:g}", SAEConfig(**common, l1_coeff=float(l1)))
+            for l1 in (cfg.l1 or (cls.default_l1,))]

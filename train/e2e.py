@@ -23,6 +23,7 @@ from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub
 from sae_harvest.train import resume as train_state
+from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
@@ -63,16 +64,21 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
              downstream_coeff: float = 0.0, downstream=(), include_bos: bool = False) -> dict:
     """One spliced forward. Returns {"loss": scalar with grad, "fired": bool [d_sae]} and detached
     scalars: kl, ds:<site> (MSE, mean over tokens and d), downstream_mse (mean over those sites),
-    l1, l0, sparsity (if the architecture has one), ce, ce_clean. The SAE replaces the site at every position; the terms
-    average over positions >= 1 unless include_bos (GPT-2's position 0 has norm ~3000)."""
+    l1, l0, sparsity (if the architecture has one), ce, ce_clean. As in local training and in
+    `evaluate splice`, position 0 keeps its clean activation and is not encoded (so it never enters
+    BatchTopK's batch top-k) unless include_bos; the terms average over the same positions (GPT-2's
+    position 0 has norm ~3000)."""
     seen = {}
+    first = 0 if include_bos else 1
 
     def replace(a):
-        x = a.reshape(-1, a.shape[-1]).float() / scale
+        part = a[:, first:]
+        x = part.reshape(-1, a.shape[-1]).float() / scale
         feats = sae.encode(x)
         sae.observe_training_latents(feats)
-        seen["feats"], seen["x"] = feats.view(*a.shape[:-1], -1), x.view(a.shape)
-        return (sae.decode(feats) * scale).view(a.shape).to(a.dtype)
+        seen["feats"], seen["x"] = feats, x   # only the positions the loss terms average over
+        x_hat = (sae.decode(feats) * scale).view(part.shape).to(a.dtype)
+        return torch.cat([a[:, :first], x_hat], 1) if first else x_hat
 
     with splice(model, site, replace), record(model, downstream) as rec:
         logits = model(input_ids=ids, use_cache=False).logits
@@ -87,10 +93,10 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
             terms[f"ds:{k}"] = (rec[k].float() - clean[k].float()).pow(2).mean(-1)[mask].mean()
         terms["downstream_mse"] = torch.stack([terms[f"ds:{k}"] for k in downstream]).mean()
         loss = loss + downstream_coeff * terms["downstream_mse"]
-    feats = seen["feats"][mask]
+    feats = seen["feats"]   # already only the positions the mask keeps
     terms["l1"] = feats.abs().sum(-1).mean()
     terms["l0"] = (feats > 0).float().sum(-1).mean()
-    sparsity = sae.sparsity_penalty(feats, seen["x"][mask])   # None for the TopK family
+    sparsity = sae.sparsity_penalty(feats, seen["x"])   # None for the TopK family
     if sparsity is not None:
         terms["sparsity"] = sparsity
         loss = loss + sparsity
@@ -220,16 +226,21 @@ def _read(env, idx) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64)).to(env.device)
 
 
-def _site_sample(env, cfg) -> torch.Tensor:
-    """Site activations of a seeded sample of training sequences, from the live model."""
-    n = min(env.n_train, max(1, math.ceil(SAMPLE_TOKENS / env.store.ctx_len)))
-    ids = _read(env, np.random.default_rng(cfg.seed).choice(env.n_train, n, replace=False))
-    parts = []
+def _site_rows(env, cfg, n_tokens: int, seed: int):
+    """Site activations [n, d_in] (raw, float32, CPU) of a seeded sample of training sequences from
+    the live model, one micro-batch at a time; position 0 only with --include-bos. Lazy."""
+    per_seq = env.store.ctx_len - (0 if cfg.include_bos else 1)
+    n = min(env.n_train, max(1, math.ceil(n_tokens / per_seq)))
+    ids = _read(env, np.random.default_rng(seed).choice(env.n_train, n, replace=False))
     micro = max(1, MICRO_TOKENS // ids.shape[1])
     for lo in range(0, len(ids), micro):
         a = capture(env.model, ids[lo:lo + micro], [env.site]).acts[env.site.name]
-        parts.append((a if cfg.include_bos else a[:, 1:]).reshape(-1, env.d_in).float().cpu())
-    return torch.cat(parts)
+        yield (a if cfg.include_bos else a[:, 1:]).reshape(-1, env.d_in).float().cpu()
+
+
+def _site_sample(env, cfg) -> torch.Tensor:
+    """Site activations of a seeded sample of training sequences, from the live model."""
+    return torch.cat(list(_site_rows(env, cfg, SAMPLE_TOKENS, cfg.seed)))
 
 
 def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -268,9 +279,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         return " | ".join(f"{n}: kl {r.last['kl']:.3g} l0 {r.last['l0']:.1f}" for n, r in list(runs.items())[:3])
 
     driver.run(feed, prepare, step_fn, info, progress=progress, console=console, on_step=on_step)
-    x = sample.to(device) / scale
-    for run in runs.values():
-        run.sae.finalize(x[i:i + batch_tokens] for i in range(0, len(x) - batch_tokens + 1, batch_tokens))
+    for run in runs.values():   # batch-independent: >= THRESHOLD_ROWS training rows (batchtopk)
+        run.sae.finalize(x.to(device) / scale for x in _site_rows(env, cfg, THRESHOLD_ROWS, cfg.seed + 1))
     held_idx = np.arange(env.n_train, env.n_train + env.n_held)
     held = held_out_splice(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
                            for i in range(0, len(held_idx), seqs_per_step)), opts)

@@ -6,14 +6,20 @@
     loss = ||x - x_hat(f)||^2 + lambda ||ReLU(pi_gate)||_1 + ||x - x_hat_frozen(ReLU(pi_gate))||^2
 The last term uses the decoder (W_dec, b_dec) with gradients stopped, so only the gate learns from it.
 The L1 is *not* weighted by decoder row norms: rows are kept at unit norm, where both agree.
+Initialisation: W_enc = W_dec^T (unit-norm rows) and r_mag = log(d_in / d_sae), so the magnitude
+path starts like the ReLU SAE's scaled encoder (first x_hat ~ x / 2 rather than F / 2d times x,
+see train/relu.py); the gate only needs the sign, which the scale does not change.
 Parameters follow SAELens's gated naming: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec (no b_enc).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae_harvest.train.relu import init_encoder_scale
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
 
 
@@ -23,12 +29,13 @@ class GatedSAE(SAE):
     apply_b_dec_to_input = True
     trains_e2e = False          # its aux term is a local reconstruction
     adam_betas = (0.0, 0.999)   # the paper's beta1 = 0
+    default_l1 = 3.0            # see docs/results.md for the L0 it gives on the default model
 
     def __init__(self, cfg):
         super().__init__(cfg)
         del self.b_enc  # gated has two encoder biases instead
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = nn.Parameter(torch.full((cfg.d_sae,), math.log(init_encoder_scale(cfg))))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
     def _pre(self, x):

@@ -14,6 +14,7 @@ import torch
 from sae_harvest.stores import open_store
 from sae_harvest.stores.urls import scrub
 from sae_harvest.train import resume as train_state
+from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
@@ -81,6 +82,22 @@ class Source:
             return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state)
         return StoreFeed(self.store, self.site, batch_size, rows=self.train_rows, seed=self.cfg.seed,
                          grads=self.grads, exclude_pos0=self.exclude_pos0, state=state)
+
+    def threshold_rows(self, n_rows: int, chunk: int = 8192):
+        """Up to n_rows raw training rows in chunks (one seeded pass over whole blocks): what
+        sae.finalize() estimates batch-independent quantities (BatchTopK's threshold) from. Lazy:
+        nothing is read unless the SAE's finalize() asks for it."""
+        if self.cfg.decoder_of:
+            yield from self.data[:n_rows].split(chunk)
+            return
+        it = self.store.batches(self.site, chunk, rows=self.train_rows, seed=self.cfg.seed + 1,
+                                exclude_pos0=self.exclude_pos0, epochs=1, drop_last=False)
+        for batch in it:
+            x = torch.from_numpy(batch["acts"][self.site])[:n_rows]
+            n_rows -= len(x)
+            yield x
+            if n_rows <= 0:
+                return
 
     def held_out(self, batch_size: int):
         if self.cfg.decoder_of:
@@ -183,8 +200,8 @@ def held_out_reconstruction(sae: SAE, batches, scale: float, device) -> dict:
 
 def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
     sae = run.sae
-    sample, batch = source.sample.to(device) / scale, driver.tokens_per_step
-    sae.finalize(sample[i:i + batch] for i in range(0, len(sample) - batch + 1, batch))
+    # batch-independent: >= THRESHOLD_ROWS training rows, whatever --batch-size was
+    sae.finalize(x.to(device) / scale for x in source.threshold_rows(THRESHOLD_ROWS))
     held = held_out_reconstruction(sae, source.held_out(cfg.batch_size), scale, device)
     summary = {**driver.summary(), "held_out": held}
     save_run(run, folder, scale, {**source.provenance, "training": cfg.to_dict()}, summary)

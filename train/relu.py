@@ -3,18 +3,55 @@
     f = ReLU(x @ W_enc + b_enc)          (no pre-encoder bias: the paper's Enc takes a directly)
     x_hat = f @ W_dec + b_dec            (unit-norm dictionary rows)
     loss = mean_n ||x - x_hat||^2 + (lambda / d_in) * mean_n ||f||_1
+
+Initialisation: unit-norm Kaiming decoder rows, W_enc = (d_in / d_sae) W_dec^T, b_enc = 0. With the
+plain tie W_enc = W_dec^T about half the F latents fire and x_hat ~ (F / 2 d) x: an 8x dictionary
+starts 4x too large and a short run can end worse than predicting the mean. The d/F factor makes the
+first reconstruction ~ x / 2 (the role of SAELens's small decoder-init norm and of Anthropic's
+April-2024 update, here with the decoder kept at unit norm, so the encoder carries the factor).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+
+
+def init_encoder_scale(cfg) -> float:
+    """d_in / d_sae: with half of F unit-norm random directions active, x_hat ~ x / 2 at init."""
+    return cfg.d_in / cfg.d_sae
+
+
+def l1_from_e2e_paper(lam: float, d_in: int, scale: float, loss: str = "local") -> float:
+    """Our --l1 for the e2e paper's lambda (docs/e2e.md, "Sparsity coefficients"). `scale` is the
+    trainer's input scale s = E||a|| / sqrt(d_in) (summary.json's input_scale).
+    local: the paper's MSE is a mean over d on raw activations (e2e_sae's F.mse_loss):
+           (1/d) sum err_raw^2 + (lam/d) ||f_raw||_1 = (s^2/d) [sum err^2 + (lam/s) ||f||_1] -> lam d / s.
+    e2e / e2e+ds: KL is scale-free: KL + (lam/d) s ||f||_1 -> lam * s."""
+    return lam * d_in / scale if loss == "local" else lam * scale
+
+
+def l1_from_saelens(l1_coefficient: float, d_in: int, scale: float | None = None) -> float:
+    """Our --l1 for SAELens's standard-SAE l1_coefficient. SAELens sums the squared error over d and
+    weights |f_i| by ||W_dec_i|| (1 here). With normalize_activations="expected_average_only_in" it
+    trains on x / s exactly as we do (scale=None): l1 = l1_coefficient * d_in; on raw activations
+    (normalize "none") give s: l1 = l1_coefficient * d_in / s."""
+    return l1_coefficient * d_in / (scale or 1.0)
 
 
 class ReLUSAE(SAE):
     arch = "relu"
     saelens_architecture = "standard"
     apply_b_dec_to_input = False
+    # measured: default model, blocks.2.resid_pre, 256 latents, 80k tokens: --l1 100 / 300 / 1000 gave
+    # held-out L0 94 / 47 / 9 (docs/results.md)
+    default_l1 = 300.0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.W_enc.mul_(init_encoder_scale(self.cfg))
 
     def encode(self, x, grad=None):
         return F.relu(x @ self.W_enc + self.b_enc)

@@ -53,6 +53,7 @@ class SAE(nn.Module):
     saelens_architecture: str = ""       # cfg.json "architecture" for SAELens
     apply_b_dec_to_input: bool = True    # encoder sees x - b_dec (SAELens flag, exported to cfg.json)
     sweep_field: str = "l1_coeff"        # the SAEConfig field a sweep varies: "l1_coeff" or "k"
+    default_l1: float = 0.0              # --l1 when none is given (L1 architectures)
     uses_grads: bool = False             # encode() takes the store's loss gradients (g-SAE)
     trains_e2e: bool = True              # can be trained through the live model (--loss e2e)
     adam_betas: tuple[float, float] = (0.9, 0.999)

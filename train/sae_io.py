@@ -1,7 +1,9 @@
 """Save / load an SAE as SAELens-style `sae_weights.safetensors` + `cfg.json` (no pickle anywhere).
 
-cfg.json top level: SAELens keys (architecture, d_in, d_sae, dtype, apply_b_dec_to_input, hook_name,
-k for topk, ...); our full config lives under "sae_harvest": {"sae": SAEConfig.to_dict(), **extra_cfg}.
+cfg.json top level: SAELens keys (architecture, d_in, d_sae, dtype, apply_b_dec_to_input, hook_name as
+the TransformerLens name, k for topk, ...); our full config lives under "sae_harvest":
+{"sae": SAEConfig.to_dict(), **extra_cfg}, with our site name in its "hook_name". load_sae also reads
+checkpoints SAELens wrote (train/saelens_format.py).
 Both files are written to temporaries and os.replace()d, weights first, so a crash never leaves a
 cfg.json pointing at half-written weights.
 """
@@ -18,6 +20,8 @@ from safetensors.torch import save_file
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub_tree
 from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.saelens_format import (ForeignCheckpointError, convert_saelens, is_saelens_checkpoint,
+                                              tl_hook_name)
 from sae_harvest.train.sae import SAE
 
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -40,7 +44,7 @@ def saelens_cfg(sae: SAE, extra_cfg: dict) -> dict:
         "d_sae": cfg.d_sae,
         "dtype": _dtype_name(sae.W_dec.dtype),
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-        "hook_name": extra_cfg.get("hook_name"),
+        "hook_name": tl_hook_name(extra_cfg.get("hook_name")),   # ours stays in "sae_harvest"
         # The saved weights take raw activations (the loop folds its normalisation in before saving).
         "normalize_activations": extra_cfg.get("normalize_activations", "none"),
     }
@@ -163,6 +167,9 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
     The config's types and the tensor shapes are checked against the file before anything is allocated."""
     path = Path(path)
     d = path.parent if path.name == WEIGHTS_NAME else path
+    foreign = _saelens_cfg(d)
+    if foreign is not None:
+        return _load_saelens(d, foreign, device)
     try:
         if (d / CFG_NAME).stat().st_size > MAX_CFG_BYTES:
             raise ValueError(f"larger than {MAX_CFG_BYTES} bytes")
@@ -175,7 +182,11 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
         raise CheckpointError(f"{d / CFG_NAME}: top-level d_in/d_sae {cfg_json.get('d_in')}/"
                               f"{cfg_json.get('d_sae')} disagree with sae_harvest.sae {cfg.d_in}/{cfg.d_sae}")
     wpath = d / WEIGHTS_NAME
-    check_shapes(cfg, safetensors_header(wpath), wpath)
+    check_shapes(cfg, safetensors_header(wpath), wpath)   # before reading or allocating anything
+    return _build(cfg, _read_tensors(wpath), wpath, device)
+
+
+def _read_tensors(wpath: Path) -> dict:
     try:
         tensors = {}
         with safe_open(str(wpath), framework="pt", device="cpu") as f:
@@ -183,7 +194,35 @@ def load_sae(path, device: str | torch.device = "cpu") -> SAE:
                 tensors[name] = f.get_tensor(name)
     except Exception as e:  # safetensors raises its own SafetensorError / OSError on bad files
         raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({_one_line(e)})") from None
+    return tensors
 
+
+def _saelens_cfg(d: Path) -> dict | None:
+    """cfg.json if SAELens (not this tool) wrote it; None otherwise, or when unreadable (load_sae says)."""
+    try:
+        cfg_json = json.loads((d / CFG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg_json if isinstance(cfg_json, dict) and is_saelens_checkpoint(cfg_json) else None
+
+
+def _load_saelens(d: Path, cfg_json: dict, device) -> SAE:
+    """A checkpoint SAELens wrote: converted exactly to our equivalent architecture."""
+    wpath = d / WEIGHTS_NAME
+    tensors = _read_tensors(wpath)
+    try:
+        fields, tensors = convert_saelens(cfg_json, tensors)
+        cfg = SAEConfig.from_dict(fields)
+    except ForeignCheckpointError as e:
+        raise CheckpointError(f"{d / CFG_NAME}: {e}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{d / CFG_NAME}: unreadable SAELens config ({_one_line(e)})") from None
+    return _build(cfg, tensors, wpath, device)
+
+
+def _build(cfg: SAEConfig, tensors: dict, wpath: Path, device) -> SAE:
+    # converted SAELens tensors are checked here; ours were checked against the header already
+    check_shapes(cfg, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, wpath)
     sae = make_sae(cfg)
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not all(t.dtype.is_floating_point for t in tensors.values()):
