@@ -9,6 +9,7 @@ from rich.console import Console
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
+from .stitch import StitchConfig
 
 
 def entry() -> None:
@@ -63,6 +64,46 @@ def demo_cmd(out, tokens):
         run_demo(out, tokens=tokens, console=console)
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to continue")
+
+
+
+def _wide_console() -> Console:
+    # A pipe or file gets the whole table rather than rich's 80-column default.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
+    from .analysis_report import write_doc
+
+    try:
+        if json_path:
+            write_doc(doc, json_path)
+            console.print(f"wrote {json_path}", highlight=False)
+        if plot_path:
+            for written in plot_fn(doc, plot_path) or [plot_path]:
+                console.print(f"wrote {written}", highlight=False)
+    except OSError as e:
+        fail(f"cannot write output: {e}")
+
+
+@main.command("stitch")
+@config_options(StitchConfig)
+@click.option("--json", "json_path", default=None, help="Write the latent classes, groups and path to this JSON file.")
+@click.option("--plot", "plot_path", default=None, help="Write the cosine, per-latent and path plots to this PNG.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def stitch_cmd(json_path, plot_path, quiet, **fields):
+    """SAE stitching (meta-SAE paper sec. 4): classify the larger SAE's latents as novel or
+    reconstruction by decoder cosine, and walk the path from the small SAE to the large one
+    (add novel latents, then swap groups), with MSE, L0 and CE increase along it."""
+    from .analysis_report import plot_stitch, print_stitch
+    from .stitch import run_stitch
+
+    try:
+        doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console)
+    except KeyboardInterrupt:
+        fail("interrupted")
+    print_stitch(doc, _wide_console())
+    _write_outputs(doc, json_path, plot_stitch, plot_path)
 
 
 if __name__ == "__main__":

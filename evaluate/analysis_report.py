@@ -1,0 +1,106 @@
+"""Tables, JSON and plots of the analyses (`evaluate stitch`, `evaluate meta`, `evaluate geometry`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sae_harvest.evaluate.report import _fmt
+
+
+def write_doc(doc: dict, path) -> None:
+    """JSON, written to a temporary and renamed (a crash never leaves half a file); no NaN."""
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> None:
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    _pyplot().close(fig)
+
+
+# --- stitch ------------------------------------------------------------------------------------
+def print_stitch(doc: dict, console: Console) -> None:
+    s = doc["summary"]
+    t = Table(title=f"SAE stitching {doc['small']['d_sae']} -> {doc['large']['d_sae']} latents at "
+                    f"{doc['site']}, theta {doc['threshold']:g}",
+              caption=f"{s['n_novel']} novel and {s['n_reconstruction']} reconstruction latents in "
+                      f"{s['n_groups']} swap groups; {s['n_orphans']} small latents without a partner. "
+                      f"MSE: squared error summed over d, mean over {doc['tokens']:,} tokens (position >= 1).")
+    for col in ("point", "latents", "L0", "MSE", "ΔCE"):
+        t.add_column(col, justify="right" if col != "point" else "left")
+    path = doc["path"]
+    n_novel = s["n_novel"]
+    ends = [("small SAE", path[0]), ("+ novel latents", path[n_novel]),
+            ("+ swapped groups", path[n_novel + s["n_groups"]]), ("large SAE", path[-1])]
+    for label, p in ends:
+        t.add_row(label, str(p["latents"]), _fmt(p["l0"], ".2f"), _fmt(p["mse"], ".5g"),
+                  _fmt(p["ce_increase"], ".4f"))
+    console.print(t)
+    console.print(f"novel latents added one by one lowered MSE at {_pct(s['novel_steps_lowering_mse'])} of "
+                  f"steps; group swaps at {_pct(s['swap_steps_lowering_mse'])}; largest single-step MSE rise "
+                  f"{_fmt(s['largest_step_mse_increase_rel'], '.2%')} of the small SAE's MSE. Added alone: "
+                  f"{_pct(s['novel_alone_lowering_mse'])} of novel latents lower MSE, "
+                  f"{_pct(s['reconstruction_alone_raising_mse'])} of reconstruction latents raise it.",
+                  highlight=False)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
+def plot_stitch(doc: dict, path) -> None:
+    """Fig. 10 (max cosine), fig. 4 (dMSE of each latent added alone), fig. 5 (the path), CE."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    theta, cos = doc["threshold"], doc["max_cosine"]
+    ax[0, 0].hist(cos, bins=50, range=(min(0.0, min(cos)), 1.0), color="C0")
+    ax[0, 0].axvline(theta, color="k", ls="--", label=f"theta {theta:g}")
+    ax[0, 0].set(xlabel="max decoder cosine to the small SAE", ylabel="large SAE latents")
+    ax[0, 0].legend()
+    novel = set(doc["novel"])
+    for label, color, pick in (("novel", "C1", True), ("reconstruction", "C0", False)):
+        pts = [(c, d) for i, (c, d) in enumerate(zip(cos, doc["alone_delta_mse"])) if (i in novel) == pick]
+        if pts:
+            ax[0, 1].scatter(*zip(*pts), s=6, color=color, label=label, alpha=0.6)
+    ax[0, 1].axhline(0, color="k", lw=0.8)
+    ax[0, 1].axvline(theta, color="k", ls="--")
+    ax[0, 1].set(xlabel="max decoder cosine", ylabel="MSE change, latent added alone")
+    ax[0, 1].legend()
+    steps = doc["path"]
+    for phase, color in (("start", "k"), ("novel", "C1"), ("swap", "C0"), ("drop", "C2")):
+        rows = [s for s in steps if s["phase"] == phase]
+        if rows:
+            ax[1, 0].plot([s["latents"] for s in rows], [s["mse"] for s in rows], ".", ms=3, color=color,
+                          label=phase)
+    twin = ax[1, 0].twinx()
+    twin.plot([s["latents"] for s in steps], [s["l0"] for s in steps], "-", color="gray", lw=0.8)
+    twin.set_ylabel("L0 (gray)")
+    ax[1, 0].set(xlabel="latents in the stitched SAE", ylabel="MSE")
+    ax[1, 0].legend()
+    ce = [(s["latents"], s["ce_increase"]) for s in steps if s["ce_increase"] is not None]
+    if ce:
+        ax[1, 1].plot(*zip(*ce), "o-", color="C3")
+    ax[1, 1].set(xlabel="latents in the stitched SAE", ylabel="CE increase (nats)")
+    for a in ax.flat:
+        a.grid(alpha=0.3)
+    fig.suptitle(f"stitching {doc['small']['d_sae']} -> {doc['large']['d_sae']} at {doc['site']}")
+    _save(fig, path)
