@@ -104,3 +104,26 @@ def plot_stitch(doc: dict, path) -> None:
         a.grid(alpha=0.3)
     fig.suptitle(f"stitching {doc['small']['d_sae']} -> {doc['large']['d_sae']} at {doc['site']}")
     _save(fig, path)
+
+
+# --- meta --------------------------------------------------------------------------------------
+def print_meta(doc: dict, console: Console) -> None:
+    m = doc["meta"]
+    warn = "" if m["trained_on_this_sae"] is not False else f" (it was trained on {m['trained_on']})"
+    console.print(f"meta-SAE {m['path']}{warn}: {m['d_sae']} meta-latents ({m['arch']}) on the "
+                  f"{doc['sae']['d_sae']} unit decoder rows of {doc['sae']['path']}\n"
+                  f"meta-L0 {doc['meta_l0']:.2f}, explained variance {_fmt(doc['explained_variance'], '.2%')}, "
+                  f"mean cosine(row, meta reconstruction) {doc['mean_cosine']:.3f}, "
+                  f"{doc['alive_meta_latents']}/{m['d_sae']} meta-latents used, "
+                  f"{doc['latents_without_meta']} latents with none", highlight=False)
+    t = Table(title="meta-latent decompositions",
+              caption="meta-latent (value, SAE latents using it: the top ones); sharing: latents with "
+                      "the most meta-latents in common (how many, decoder cosine)")
+    for col in ("latent", "cos", "meta-latents", "sharing"):
+        t.add_column(col, justify="right" if col in ("latent", "cos") else "left", overflow="fold")
+    for s in doc["samples"]:
+        parts = "\n".join(f"m{p['meta_latent']} ({p['value']:.2f}, {p['used_by']}: "
+                          f"{', '.join(str(u['latent']) for u in p['top_users'])})" for p in s["decomposition"])
+        sharing = "\n".join(f"{j['latent']} ({len(j['shared'])}, {j['cosine']:.2f})" for j in s["sharing"])
+        t.add_row(str(s["latent"]), f"{s['reconstruction_cosine']:.2f}", parts or "-", sharing or "-")
+    console.print(t)

@@ -9,6 +9,7 @@ from rich.console import Console
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
+from .meta import MetaConfig
 from .stitch import StitchConfig
 
 
@@ -104,6 +105,21 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
         fail("interrupted")
     print_stitch(doc, _wide_console())
     _write_outputs(doc, json_path, plot_stitch, plot_path)
+
+
+
+@main.command("meta")
+@config_options(MetaConfig)
+@click.option("--json", "json_path", default=None, help="Write the report to this JSON file.")
+def meta_cmd(json_path, **fields):
+    """Meta-SAE report (meta-SAE paper sec. 5): meta-L0, explained variance of the unit decoder
+    rows, and sample latents' meta-latent decompositions with the latents sharing them."""
+    from .analysis_report import print_meta
+    from .meta import run_meta
+
+    doc = run_meta(MetaConfig(**fields))
+    print_meta(doc, _wide_console())
+    _write_outputs(doc, json_path)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,67 @@ def test_stitch_cli_json_png_and_bad_input(assets, live_pair, tmp_path):
         assert r.exit_code == 2, r.output
         assert r.output.strip().splitlines()[0].startswith("error:") and expect in r.output
         assert "Traceback" not in r.output and not (tmp_path / "bad.json").exists()
+
+
+# --- meta --------------------------------------------------------------------------------------
+PLANTED = [(0, 1), (0, 2), (1, 2, 3), (4,), (0, 1), (5, 6, 7), (3,), (2, 6)]   # meta-latents of each latent
+
+
+@pytest.fixture(scope="module")
+def meta_pair(tmp_path_factory):
+    """An SAE whose unit decoder rows are planted sums of e0..e7 (plus one row half outside their
+    span), scaled by arbitrary norms, and a BatchTopK meta-SAE whose dictionary is exactly e0..e7."""
+    root = tmp_path_factory.mktemp("meta")
+    rows = [sum(e(m) for m in ms) / math.sqrt(len(ms)) for ms in PLANTED] + [(e(5) + e(30)) / math.sqrt(2)]
+    norms = torch.linspace(0.5, 4.0, len(rows))
+    sae = tied_relu([r * s for r, s in zip(rows, norms)])
+    meta = make_sae(SAEConfig("batchtopk", D, 8, k=2))
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.zero_()
+        meta.W_dec.copy_(torch.eye(D)[:8])
+        meta.W_enc.copy_(torch.eye(D)[:, :8])
+        meta.threshold.fill_(0.05)
+    p_sae = save(sae, root / "sae")
+    p_meta = save(meta, root / "meta", hook=f"meta:{p_sae}", decoder_of=p_sae)
+    return p_sae, p_meta, torch.stack(rows)
+
+
+def test_meta_report_recovers_the_planted_decomposition(meta_pair):
+    from sae_harvest.evaluate.meta import MetaConfig, run_meta
+
+    p_sae, p_meta, rows = meta_pair
+    doc = run_meta(MetaConfig(sae=p_sae, meta=p_meta, latents=(0, 2, 8), neighbours=3, device="cpu"))
+    sizes = [len(ms) for ms in PLANTED] + [1]
+    assert doc["meta_l0"] == pytest.approx(sum(sizes) / len(sizes))
+    # only the last row is not reconstructed: it misses e30 / sqrt2, squared error 1/2
+    var = (rows - rows.mean(0)).pow(2).sum().item()
+    assert doc["explained_variance"] == pytest.approx(1 - 0.5 / var, rel=1e-5)
+    assert doc["meta"]["trained_on_this_sae"] is True and doc["alive_meta_latents"] == 8
+    assert doc["meta_latent_usage"] == [sum(m in ms for ms in PLANTED + [(5,)]) for m in range(8)]
+    s0, s2, s8 = doc["samples"]
+    assert [p["meta_latent"] for p in s0["decomposition"]] in ([0, 1], [1, 0])
+    assert all(p["value"] == pytest.approx(1 / math.sqrt(2), rel=1e-5) for p in s0["decomposition"])
+    assert sorted(p["meta_latent"] for p in s2["decomposition"]) == [1, 2, 3]
+    assert s8["reconstruction_cosine"] == pytest.approx(1 / math.sqrt(2), rel=1e-5)
+    # latent 4 has exactly latent 0's meta-latents: it shares both and comes first
+    assert s0["sharing"][0] == {"latent": 4, "shared": s0["sharing"][0]["shared"], "cosine": pytest.approx(1.0)}
+    assert sorted(s0["sharing"][0]["shared"]) == [0, 1]
+    users_of_0 = next(p for p in s0["decomposition"] if p["meta_latent"] == 0)
+    assert users_of_0["used_by"] == 3 and {u["latent"] for u in users_of_0["top_users"]} == {1, 4}
+
+
+def test_meta_cli_table_json_and_bad_input(meta_pair, tmp_path):
+    p_sae, p_meta, _ = meta_pair
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(evaluate_cli, ["meta", "--sae", p_sae, "--meta", p_meta, "--samples", "3",
+                                          "--device", "cpu", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "meta-L0" in r.output and "explained variance" in r.output
+    doc = json.loads(out.read_text())
+    assert len(doc["samples"]) == 3 and doc["config"]["samples"] == 3
+    for args, expect in ((["--meta", p_sae], "not a meta-SAE"), (["--meta", p_meta, "--latents", "99"], "99"),
+                         (["--meta", str(tmp_path / "none")], "none")):
+        r = CliRunner().invoke(evaluate_cli, ["meta", "--sae", p_sae, "--device", "cpu", *args])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines()[0].startswith("error:") and expect in r.output
