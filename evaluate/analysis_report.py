@@ -127,3 +127,70 @@ def print_meta(doc: dict, console: Console) -> None:
         sharing = "\n".join(f"{j['latent']} ({len(j['shared'])}, {j['cosine']:.2f})" for j in s["sharing"])
         t.add_row(str(s["latent"]), f"{s['reconstruction_cosine']:.2f}", parts or "-", sharing or "-")
     console.print(t)
+
+
+# --- geometry ----------------------------------------------------------------------------------
+def print_geometry(doc: dict, console: Console) -> None:
+    t = Table(title="dictionary geometry",
+              caption="NN cos: each latent's max decoder cosine to another latent of the same SAE "
+                      "(mean / median). Frequency: fraction of held-out tokens a latent fires on.")
+    for col in ("SAE", "site", "arch", "latents", "NN cos mean", "NN cos median", "dead", "freq median",
+                ">1%", ">10%"):
+        t.add_column(col, justify="left" if col in ("SAE", "site", "arch") else "right", overflow="fold")
+    for s in doc["saes"]:
+        f = s.get("frequency") or {}
+        t.add_row(s["name"], str(s["site"]), s["arch"] + ("" if s["loss"] == "local" else f" ({s['loss']})"),
+                  str(s["d_sae"]), f"{s['nn_cosine']['mean']:.3f}", f"{s['nn_cosine']['median']:.3f}",
+                  _fmt(f.get("dead")), _fmt(f.get("median"), ".3%"), _fmt(f.get("above_1pct"), ".1%"),
+                  _fmt(f.get("above_10pct"), ".1%"))
+    console.print(t)
+    if doc["cross"]:
+        c = Table(title="cross-SAE max decoder cosine (each latent of A to its closest latent of B)")
+        for col in ("A", "B", "mean", "median", "p10"):
+            c.add_column(col, justify="left" if col in ("A", "B") else "right", overflow="fold")
+        for x in doc["cross"]:
+            c.add_row(x["a"], x["b"], f"{x['mean']:.3f}", f"{x['median']:.3f}", f"{x['p10']:.3f}")
+        console.print(c)
+
+
+def _step_hist(ax, dist, label, color):
+    edges, counts = dist["hist"]["edges"], dist["hist"]["counts"]
+    total = sum(counts) or 1
+    ax.stairs([n / total for n in counts], edges, label=label, color=color)
+
+
+def plot_geometry(doc: dict, prefix) -> list[str]:
+    """PREFIX-nn.png, PREFIX-cross.png (2+ SAEs), PREFIX-freq.png (with a store); the paths written."""
+    plt = _pyplot()
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, s in enumerate(doc["saes"]):
+        _step_hist(ax, s["nn_cosine"], f"{s['name']} (mean {s['nn_cosine']['mean']:.3f})", f"C{i % 10}")
+    ax.set(xlabel="max cosine to another latent of the same SAE", ylabel="fraction of latents")
+    ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    _save(fig, f"{prefix}-nn.png")
+    written.append(f"{prefix}-nn.png")
+    if doc["cross"]:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, x in enumerate(doc["cross"]):
+            _step_hist(ax, x, f"{x['a']} -> {x['b']} (mean {x['mean']:.3f})", f"C{i % 10}")
+        ax.set(xlabel="max cosine of a latent of A to the latents of B", ylabel="fraction of A's latents")
+        ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        _save(fig, f"{prefix}-cross.png")
+        written.append(f"{prefix}-cross.png")
+    with_freq = [s for s in doc["saes"] if s.get("frequency")]
+    if with_freq:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, s in enumerate(with_freq):
+            f = s["frequency"]
+            floor = 0.5 / f["tokens"]   # dead latents drawn at the left edge
+            vals = sorted(max(v, floor) for v in f["values"])
+            ys = [(k + 1) / len(vals) for k in range(len(vals))]
+            ax.step(vals, ys, where="post", color=f"C{i % 10}",
+                    label=f"{s['name']} (median {f['median']:.2%}, {f['dead']} dead)")
+        ax.set_xscale("log")
+        ax.set(xlabel="latent activation frequency (fraction of held-out tokens)", ylabel="CDF over latents")
+        ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        _save(fig, f"{prefix}-freq.png")
+        written.append(f"{prefix}-freq.png")
+    return written

@@ -9,6 +9,7 @@ from rich.console import Console
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
+from .geometry import GeometryConfig
 from .meta import MetaConfig
 from .stitch import StitchConfig
 
@@ -120,6 +121,25 @@ def meta_cmd(json_path, **fields):
     doc = run_meta(MetaConfig(**fields))
     print_meta(doc, _wide_console())
     _write_outputs(doc, json_path)
+
+
+
+@main.command("geometry")
+@click.option("--sae", "saes", multiple=True, required=True, help="SAE checkpoint folder; repeat for several.")
+@config_options(GeometryConfig)
+@click.option("--json", "json_path", default=None, help="Write every distribution to this JSON file.")
+@click.option("--plot", "plot_prefix", default=None,
+              help="Write PREFIX-nn.png, PREFIX-cross.png (2+ SAEs) and PREFIX-freq.png (with --store).")
+def geometry_cmd(saes, json_path, plot_prefix, **fields):
+    """Dictionary geometry (e2e paper sec. 3.3, g-SAE paper sec. 4.3-4.4): nearest-neighbour decoder
+    cosine within each SAE, max cosine between every two SAEs, and with --store the CDF of latent
+    activation frequency on held-out rows."""
+    from .analysis_report import plot_geometry, print_geometry
+    from .geometry import run_geometry
+
+    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields))
+    print_geometry(doc, _wide_console())
+    _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 
 
 if __name__ == "__main__":

@@ -289,3 +289,85 @@ def test_meta_cli_table_json_and_bad_input(meta_pair, tmp_path):
         r = CliRunner().invoke(evaluate_cli, ["meta", "--sae", p_sae, "--device", "cpu", *args])
         assert r.exit_code == 2, r.output
         assert r.output.strip().splitlines()[0].startswith("error:") and expect in r.output
+
+
+# --- geometry ----------------------------------------------------------------------------------
+def test_nearest_neighbour_and_cross_cosines_of_known_dictionaries():
+    from sae_harvest.evaluate.geometry import distribution, max_cosines, nearest_neighbour_cosines
+
+    a = torch.stack([e(i) for i in range(16)]) * 2.5                          # orthogonal
+    b = torch.stack([e(i) for i in range(8)] + [(e(0) + e(1)) / math.sqrt(2), -e(40), e(40) * 0.5 + e(41)])
+    assert torch.equal(nearest_neighbour_cosines(a), torch.zeros(16))
+    nn_b = nearest_neighbour_cosines(b, chunk=3)                                 # chunks cross the diagonal
+    s = 1 / math.sqrt(2)
+    # -e40 and 0.5 e40 + e41 (cos -0.447) each have orthogonal rows closer: max cosine 0
+    assert nn_b.tolist() == pytest.approx([s, s, 0, 0, 0, 0, 0, 0, s, 0, 0], abs=1e-6)
+    assert nearest_neighbour_cosines(torch.stack([e(0), -3 * e(0)])).tolist() == [-1.0, -1.0]   # signed
+    assert max_cosines(a, b).tolist() == pytest.approx([1.0] * 8 + [0.0] * 8, abs=1e-6)
+    assert max_cosines(b, a).tolist() == pytest.approx([1.0] * 8 + [s, 0.0, 0.0], abs=1e-6)
+    d = distribution(torch.tensor([0.0, 0.5, 1.0, 1.0]), bins=4, lo=0.0, hi=1.0)
+    assert d["hist"]["counts"] == [1, 0, 1, 2] and d["mean"] == pytest.approx(0.625) and d["median"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def store(assets, tmp_path_factory):
+    from sae_harvest.harvest.run import HarvestConfig, harvest
+
+    out = tmp_path_factory.mktemp("geom") / "s.zarr"
+    harvest(HarvestConfig(out=str(out), model=assets["gpt2"], dataset=assets["corpus"], sites=HOOK, tokens=2048,
+                          ctx_len=CTX, batch_size=8, shuffle_window=512, device="cpu"), progress=False)
+    return str(out)
+
+
+def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
+    from sae_harvest.evaluate.geometry import GeometryConfig, run_geometry
+    from sae_harvest.stores import open_store
+    from sae_harvest.train.feeds import holdout_split
+
+    # latent 0 always fires, latent 1 never, latent 2 + j fires when coordinate j > 0
+    sae = tied_relu([e(j) for j in range(D)] + [e(0), e(1)])
+    with torch.no_grad():
+        sae.W_enc[:, :2] = 0
+        sae.b_enc[:2] = torch.tensor([1e4, -1e4])
+        sae.W_enc[:, 2:] = torch.eye(D)
+        sae.W_dec[:2] = torch.stack([e(0), e(1)])
+        sae.W_dec[2:] = torch.eye(D)
+    path = save(sae, tmp_path / "freq", training={"holdout_fraction": 0.5})
+    other = save(tied_relu([e(j) for j in range(D)]), tmp_path / "eye")
+    doc = run_geometry(GeometryConfig(saes=(path, other), store=store, tokens=10**6, device="cpu"))
+
+    s = open_store(store)
+    _, (lo, hi) = holdout_split(s, 0.5)
+    x = s.acts(HOOK, slice(lo, hi))[np.asarray(s.rows_pos[lo:hi]) != 0]
+    f = doc["saes"][0]["frequency"]
+    assert (f["tokens"], f["rows"], f["dead"]) == (len(x), [lo, hi], 1)
+    assert f["values"][:2] == [1.0, 0.0]
+    assert f["values"][2:] == pytest.approx((x > 0).mean(0).tolist(), abs=1e-12)
+    assert doc["saes"][1]["frequency"]["rows"] != [lo, hi]     # the default holdout fraction, 0.02
+    # within "freq", latents 0/1 duplicate e0/e1: nearest-neighbour cosine 1 for those four, else 0
+    assert doc["saes"][0]["nn_cosine"]["mean"] == pytest.approx(4 / (D + 2))
+    assert [(c["a"], c["b"], c["mean"]) for c in doc["cross"]] == [("freq", "eye", pytest.approx(1.0)),
+                                                                   ("eye", "freq", pytest.approx(1.0))]
+    # a cap on tokens reads only that many rows
+    capped = run_geometry(GeometryConfig(saes=(path,), store=store, tokens=50, device="cpu"))
+    assert capped["saes"][0]["frequency"]["tokens"] == 50
+
+
+def test_geometry_cli_pngs_and_bad_input(store, tmp_path):
+    p1 = save(tied_relu([e(j) for j in range(8)]), tmp_path / "a")
+    p2 = save(make_sae(SAEConfig("topk", D, 32, k=4)), tmp_path / "b")
+    out = tmp_path / "g.json"
+    r = CliRunner().invoke(evaluate_cli, ["geometry", "--sae", p1, "--sae", p2, "--store", store, "--device", "cpu",
+                                          "--json", str(out), "--plot", str(tmp_path / "fig" / "g")])
+    assert r.exit_code == 0, r.output
+    for suffix in ("nn", "cross", "freq"):
+        assert (tmp_path / "fig" / f"g-{suffix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(out.read_text())
+    assert [s["name"] for s in doc["saes"]] == ["a", "b"] and len(doc["cross"]) == 2
+    wrong_site = save(tied_relu([e(j) for j in range(8)]), tmp_path / "c", hook="blocks.2.resid_pre")
+    for args, expect in ((["--sae", wrong_site, "--store", store], "not in store"),
+                         (["--sae", p1, "--store", str(tmp_path / "nope.zarr")], "no store"),
+                         (["--sae", str(tmp_path / "missing")], "missing")):
+        r = CliRunner().invoke(evaluate_cli, ["geometry", "--device", "cpu", *args])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines()[0].startswith("error:") and expect in r.output
