@@ -117,7 +117,8 @@ class Columns:
     """The latents of an SAE on tokens x, stored per latent (CSR): the tokens it fires on and its
     values, so adding or removing one latent touches only those tokens."""
 
-    def __init__(self, sae, x: torch.Tensor, chunk: int = 4096):
+    def __init__(self, sae, x: torch.Tensor):
+        chunk = max(256, (1 << 22) // sae.cfg.d_sae)   # dense latents of one chunk: ~16 MB
         toks, lats, vals = [], [], []
         with torch.no_grad():
             for lo in range(0, len(x), chunk):
