@@ -94,9 +94,11 @@ def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
 @click.option("--plot", "plot_path", default=None, help="Write the cosine, per-latent and path plots to this PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def stitch_cmd(json_path, plot_path, quiet, **fields):
-    """SAE stitching (meta-SAE paper sec. 4): classify the larger SAE's latents as novel or
-    reconstruction by decoder cosine, and walk the path from the small SAE to the large one
-    (add novel latents, then swap groups), with MSE, L0 and CE increase along it."""
+    """SAE stitching: novel vs reconstruction latents, and the path from a small SAE to a large one.
+
+    Classifies the larger SAE's latents by decoder cosine (meta-SAE paper, section 4) and walks
+    the path from the small SAE to the large one (add novel latents, then swap groups), with MSE,
+    L0 and CE increase along it."""
     from .analysis_report import plot_stitch, print_stitch
     from .stitch import run_stitch
 
@@ -113,8 +115,11 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
 @config_options(MetaConfig)
 @click.option("--json", "json_path", default=None, help="Write the report to this JSON file.")
 def meta_cmd(json_path, **fields):
-    """Meta-SAE report (meta-SAE paper sec. 5): meta-L0, explained variance of the unit decoder
-    rows, and sample latents' meta-latent decompositions with the latents sharing them."""
+    """Meta-SAE report: meta-L0, explained variance, sample latents' decompositions.
+
+    For an SAE and a meta-SAE trained on its decoder rows (meta-SAE paper, section 5): meta-L0,
+    explained variance of the unit decoder rows, and sample latents' meta-latent decompositions
+    with the latents sharing them."""
     from .analysis_report import print_meta
     from .meta import run_meta
 
@@ -131,9 +136,11 @@ def meta_cmd(json_path, **fields):
 @click.option("--plot", "plot_prefix", default=None,
               help="Write PREFIX-nn.png, PREFIX-cross.png (2+ SAEs) and PREFIX-freq.png (with --store).")
 def geometry_cmd(saes, json_path, plot_prefix, **fields):
-    """Dictionary geometry (e2e paper sec. 3.3, g-SAE paper sec. 4.3-4.4): nearest-neighbour decoder
-    cosine within each SAE, max cosine between every two SAEs, and with --store the CDF of latent
-    activation frequency on held-out rows."""
+    """Dictionary geometry: decoder cosines within and between SAEs, latent frequencies.
+
+    Nearest-neighbour decoder cosine within each SAE, max cosine between every two SAEs (e2e
+    paper, section 3.3), and with --store the CDF of latent activation frequency on held-out rows
+    (g-SAE paper, sections 4.3-4.4)."""
     from .analysis_report import plot_geometry, print_geometry
     from .geometry import run_geometry
 
