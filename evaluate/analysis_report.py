@@ -68,7 +68,8 @@ def _pct(v) -> str:
 
 
 def plot_stitch(doc: dict, path) -> None:
-    """Fig. 10 (max cosine), fig. 4 (dMSE of each latent added alone), fig. 5 (the path), CE."""
+    """Fig. 10 (max cosine), fig. 4 (dMSE of each latent added alone), fig. 5 (the path, here by
+    step: a swap keeps the number of latents about the same), CE."""
     plt = _pyplot()
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
     theta, cos = doc["threshold"], doc["max_cosine"]
@@ -89,17 +90,17 @@ def plot_stitch(doc: dict, path) -> None:
     for phase, color in (("start", "k"), ("novel", "C1"), ("swap", "C0"), ("drop", "C2")):
         rows = [s for s in steps if s["phase"] == phase]
         if rows:
-            ax[1, 0].plot([s["latents"] for s in rows], [s["mse"] for s in rows], ".", ms=3, color=color,
+            ax[1, 0].plot([s["step"] for s in rows], [s["mse"] for s in rows], ".", ms=3, color=color,
                           label=phase)
     twin = ax[1, 0].twinx()
-    twin.plot([s["latents"] for s in steps], [s["l0"] for s in steps], "-", color="gray", lw=0.8)
+    twin.plot([s["step"] for s in steps], [s["l0"] for s in steps], "-", color="gray", lw=0.8)
     twin.set_ylabel("L0 (gray)")
-    ax[1, 0].set(xlabel="latents in the stitched SAE", ylabel="MSE")
+    ax[1, 0].set(xlabel="step along the path (novel adds, then group swaps, then drops)", ylabel="MSE")
     ax[1, 0].legend()
-    ce = [(s["latents"], s["ce_increase"]) for s in steps if s["ce_increase"] is not None]
+    ce = [(s["step"], s["ce_increase"]) for s in steps if s["ce_increase"] is not None]
     if ce:
         ax[1, 1].plot(*zip(*ce), "o-", color="C3")
-    ax[1, 1].set(xlabel="latents in the stitched SAE", ylabel="CE increase (nats)")
+    ax[1, 1].set(xlabel="step along the path", ylabel="CE increase (nats)")
     for a in ax.flat:
         a.grid(alpha=0.3)
     fig.suptitle(f"stitching {doc['small']['d_sae']} -> {doc['large']['d_sae']} at {doc['site']}")
