@@ -9,6 +9,9 @@ from rich.console import Console
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
+from .geometry import GeometryConfig
+from .meta import MetaConfig
+from .stitch import StitchConfig
 
 
 def entry() -> None:
@@ -63,6 +66,87 @@ def demo_cmd(out, tokens):
         run_demo(out, tokens=tokens, console=console)
     except KeyboardInterrupt:
         fail("interrupted: run the same command again to continue")
+
+
+
+def _wide_console() -> Console:
+    # A pipe or file gets the whole table rather than rich's 80-column default.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
+    from .analysis_report import write_doc
+
+    try:
+        if json_path:
+            write_doc(doc, json_path)
+            console.print(f"wrote {json_path}", highlight=False)
+        if plot_path:
+            for written in plot_fn(doc, plot_path) or [plot_path]:
+                console.print(f"wrote {written}", highlight=False)
+    except OSError as e:
+        fail(f"cannot write output: {e}")
+
+
+@main.command("stitch")
+@config_options(StitchConfig)
+@click.option("--json", "json_path", default=None, help="Write the latent classes, groups and path to this JSON file.")
+@click.option("--plot", "plot_path", default=None, help="Write the cosine, per-latent and path plots to this PNG.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def stitch_cmd(json_path, plot_path, quiet, **fields):
+    """SAE stitching: novel vs reconstruction latents, and the path from a small SAE to a large one.
+
+    Classifies the larger SAE's latents by decoder cosine (meta-SAE paper, section 4) and walks
+    the path from the small SAE to the large one (add novel latents, then swap groups), with MSE,
+    L0 and CE increase along it."""
+    from .analysis_report import plot_stitch, print_stitch
+    from .stitch import run_stitch
+
+    try:
+        doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console)
+    except KeyboardInterrupt:
+        fail("interrupted")
+    print_stitch(doc, _wide_console())
+    _write_outputs(doc, json_path, plot_stitch, plot_path)
+
+
+
+@main.command("meta")
+@config_options(MetaConfig)
+@click.option("--json", "json_path", default=None, help="Write the report to this JSON file.")
+def meta_cmd(json_path, **fields):
+    """Meta-SAE report: meta-L0, explained variance, sample latents' decompositions.
+
+    For an SAE and a meta-SAE trained on its decoder rows (meta-SAE paper, section 5): meta-L0,
+    explained variance of the unit decoder rows, and sample latents' meta-latent decompositions
+    with the latents sharing them."""
+    from .analysis_report import print_meta
+    from .meta import run_meta
+
+    doc = run_meta(MetaConfig(**fields))
+    print_meta(doc, _wide_console())
+    _write_outputs(doc, json_path)
+
+
+
+@main.command("geometry")
+@click.option("--sae", "saes", multiple=True, required=True, help="SAE checkpoint folder; repeat for several.")
+@config_options(GeometryConfig)
+@click.option("--json", "json_path", default=None, help="Write every distribution to this JSON file.")
+@click.option("--plot", "plot_prefix", default=None,
+              help="Write PREFIX-nn.png, PREFIX-cross.png (2+ SAEs) and PREFIX-freq.png (with --store).")
+def geometry_cmd(saes, json_path, plot_prefix, **fields):
+    """Dictionary geometry: decoder cosines within and between SAEs, latent frequencies.
+
+    Nearest-neighbour decoder cosine within each SAE, max cosine between every two SAEs (e2e
+    paper, section 3.3), and with --store the CDF of latent activation frequency on held-out rows
+    (g-SAE paper, sections 4.3-4.4)."""
+    from .analysis_report import plot_geometry, print_geometry
+    from .geometry import run_geometry
+
+    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields))
+    print_geometry(doc, _wide_console())
+    _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""Dictionary geometry (`evaluate geometry`): e2e paper sec. 3.3 (fig. 3) and g-SAE paper sec. 4.3-4.4
+(fig. 8) (../shared/papers/).
+
+  - within one SAE, each latent's nearest-neighbour decoder cosine, max_{j != i} cos(W_i, W_j): the
+    e2e paper's proxy for feature splitting (local SAEs' mean is 0.04 above e2e+ds's, 0.166 above
+    e2e's); the g-SAE paper finds g-SAEs' histogram has a higher mean than TopK's;
+  - between two SAEs, each latent's max cosine to the other dictionary (e2e fig. 3b/3c: across seeds
+    and across training methods at the same site), in both directions;
+  - with --store, the CDF of latent activation frequency on the store's held-out rows at each SAE's
+    site (g-SAE fig. 8: median frequency 0.24% g-SAE, 0.43% TopK, 1.10% e2e at L0 32).
+Cosines are signed (the papers' max cosine); dead latents are kept, they make the left spike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_harvest.stores.cli import opt
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    saes: tuple[str, ...] = opt((), "SAE checkpoint folder; repeat for several.", cli=False)
+    store: str | None = opt(None, "Store whose held-out rows give the latent activation frequencies "
+                                  "(at each SAE's site).")
+    tokens: int = opt(65536, "Held-out rows read per site for the frequencies (position 0 excluded).")
+    bins: int = opt(50, "Histogram bins.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _unit(w: torch.Tensor) -> torch.Tensor:
+    w = w.detach().float()
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def nearest_neighbour_cosines(dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """[F] max_{j != i} cos(W_i, W_j), in chunks so a large dictionary never needs F x F memory."""
+    u = _unit(dec)
+    out = []
+    for lo in range(0, len(u), chunk):
+        cos = u[lo:lo + chunk] @ u.T
+        idx = torch.arange(lo, min(lo + chunk, len(u)), device=u.device)
+        cos[idx - lo, idx] = -float("inf")
+        out.append(cos.max(1).values)
+    return torch.cat(out).cpu()
+
+
+def max_cosines(dec_a: torch.Tensor, dec_b: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """[F_a] max_j cos(A_i, B_j)."""
+    a, b = _unit(dec_a), _unit(dec_b)
+    return torch.cat([(a[lo:lo + chunk] @ b.T).max(1).values for lo in range(0, len(a), chunk)]).cpu()
+
+
+def distribution(values: torch.Tensor, bins: int, lo: float = -1.0, hi: float = 1.0) -> dict:
+    v = values.double()
+    counts, edges = np.histogram(v.numpy(), bins=bins, range=(lo, hi))
+    return {"mean": float(v.mean()), "median": float(v.median()), "p10": float(v.quantile(0.1)),
+            "p90": float(v.quantile(0.9)), "hist": {"edges": edges.tolist(), "counts": counts.tolist()}}
+
+
+def activation_frequencies(sae, store, site: str, rows: tuple[int, int], tokens: int, chunk: int = 16384):
+    """(fires [F] / tokens, tokens, selection) on the store's rows [lo, hi) at the site, position 0
+    excluded (as in training); gtopk selects with the store's gradients when it has them."""
+    lo, hi = rows
+    use_grads = sae.uses_grads and store.has_grads
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    n, dev = 0, sae.W_dec.device
+    for start in range(lo, hi, chunk):
+        if n >= tokens:
+            break
+        sl = slice(start, min(start + chunk, hi))
+        keep = np.asarray(store.rows_pos[sl]) != 0
+        x = torch.from_numpy(store.acts(site, sl)[keep][:tokens - n]).to(dev, sae.W_dec.dtype)
+        g = torch.from_numpy(store.grads(site, sl)[keep][:tokens - n]).to(dev, sae.W_dec.dtype) if use_grads else None
+        with torch.no_grad():
+            fires += (sae.encode(x, g) != 0).sum(0).double().cpu()
+        n += len(x)
+    selection = ("store gradients" if use_grads else "plain TopK (store has no gradients)") if sae.uses_grads \
+        else None
+    return fires / max(n, 1), n, selection
+
+
+def frequency_summary(freq: torch.Tensor, tokens: int) -> dict:
+    alive = freq[freq > 0]
+    return {"tokens": tokens, "dead": int((freq == 0).sum()),
+            "median": float(freq.median()), "median_alive": float(alive.median()) if len(alive) else None,
+            "above_1pct": float((freq > 0.01).double().mean()), "above_10pct": float((freq > 0.1).double().mean()),
+            "values": [float(f) for f in freq.tolist()]}
+
+
+def run_geometry(cfg: GeometryConfig) -> dict:
+    """The whole JSON document of `evaluate geometry`."""
+    from sae_harvest.evaluate.splice import EvaluateError
+    from sae_harvest.stores import open_store
+    from sae_harvest.stores.cli import pick_device
+    from sae_harvest.train.feeds import holdout_split
+    from sae_harvest.train.sae_io import CFG_NAME, load_sae
+
+    if not cfg.saes:
+        raise EvaluateError("no SAE given (--sae PATH)")
+    if cfg.bins <= 0 or cfg.tokens <= 0:
+        raise EvaluateError("--bins and --tokens must be positive")
+    dev = pick_device(cfg.device)
+    store = open_store(cfg.store) if cfg.store else None
+    saes, out = [], []
+    for path in cfg.saes:
+        sae = load_sae(path, device=dev)
+        if sae.cfg.d_sae < 2:
+            raise EvaluateError(f"{path}: a dictionary of {sae.cfg.d_sae} latent has no nearest neighbour")
+        folder = Path(path).parent if Path(path).is_file() else Path(path)
+        saved = json.loads((folder / CFG_NAME).read_text())
+        ours = saved.get("sae_harvest") or {}
+        name = ours.get("sweep_name") or folder.name
+        if name in {r["name"] for r in out}:
+            name = str(path)
+        entry = {"path": str(path), "name": name, "site": saved.get("hook_name"), "arch": sae.cfg.arch,
+                 "loss": (ours.get("training") or {}).get("loss", "local"), "d_in": sae.cfg.d_in,
+                 "d_sae": sae.cfg.d_sae,
+                 "nn_cosine": distribution(nearest_neighbour_cosines(sae.W_dec), cfg.bins)}
+        if store is not None:
+            site = entry["site"]
+            if site not in store.sites:
+                raise EvaluateError(f"{path}: its site {site!r} is not in store {cfg.store} "
+                                    f"(it has: {', '.join(store.sites)})")
+            if store.width(site) != sae.cfg.d_in:
+                raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of "
+                                    f"{site} in store {cfg.store}")
+            fraction = (ours.get("training") or {}).get("holdout_fraction", 0.02)
+            _, held = holdout_split(store, fraction)
+            freq, n, selection = activation_frequencies(sae, store, site, held, cfg.tokens)
+            if n == 0:
+                raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
+            entry["frequency"] = {**frequency_summary(freq, n), "rows": list(held), "selection": selection}
+        saes.append(sae)
+        out.append(entry)
+    cross = []
+    for i, a in enumerate(saes):
+        for j, b in enumerate(saes):
+            if i != j and a.cfg.d_in == b.cfg.d_in:
+                cross.append({"a": out[i]["name"], "b": out[j]["name"],
+                              **distribution(max_cosines(a.W_dec, b.W_dec), cfg.bins)})
+    return {"config": cfg.to_dict(), "saes": out, "cross": cross}
