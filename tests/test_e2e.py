@@ -298,7 +298,7 @@ def test_jumprelu_e2e_loss_adds_its_l0_penalty(assets):
     with torch.no_grad():
         ref_clean = model(input_ids=ids, output_hidden_states=True)
         scale = float(ref_clean.hidden_states[0][:, 1:].norm(dim=-1).mean()) / 8   # E||x / scale|| = sqrt(64)
-        ref = _hf_spliced(model, sae, 0, ids, scale=scale)
+        ref = _hf_spliced(model, sae, 0, ids, scale=scale, keep_pos0=True)
         x = ref_clean.hidden_states[0].reshape(-1, 64) / scale
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         l0 = (pre > sae.threshold).view(*ids.shape, -1)[:, 1:].sum(-1).double().mean()
