@@ -31,15 +31,23 @@ SWEEPS = [
     # e2e from the middle local relu SAE (--init): its lambda is on KL's scale (docs/e2e.md)
     ("e2e", "relu", {"loss": "e2e", "l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
                      "init": "relu/relu_l1-300"}),
+    ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
+                        "init": "relu/relu_l1-300"}),
 ]
 LOCAL = {"batch_size": 1024, "epochs": 1}
-CLAIMS = (("e2e", "relu"), ("gated", "relu"), ("batchtopk", "topk"), ("gtopk+causal", "topk"),
-          ("gtopk+paper", "topk"), ("jumprelu", "gated"), ("matryoshka_batchtopk", "batchtopk"))
+# (A, B, metric, expected): the papers' claims as ratios metric(A) / metric(B) at equal L0.
+# "<": A is lower; ">": A is higher; "~": A is near B (ratio within [0.5, 2]).
+CLAIMS = (("e2e", "relu", "ce_increase", "<"), ("gated", "relu", "ce_increase", "<"),
+          ("batchtopk", "topk", "ce_increase", "<"), ("gtopk+causal", "topk", "ce_increase", "<"),
+          ("gtopk+paper", "topk", "ce_increase", "<"), ("jumprelu", "gated", "ce_increase", "<"),
+          ("matryoshka_batchtopk", "batchtopk", "ce_increase", "<"),
+          ("e2e", "relu", "downstream_mse", ">"), ("e2e+ds", "relu", "downstream_mse", "~"),
+          ("e2e+ds", "relu", "ce_increase", "<"))
 L0_GRID = (8, 16, 32, 64)
 
 
 def interp_ce(points, l0):
-    """CE increase of a series at a given L0, by log-linear interpolation (None outside its range)."""
+    """A metric (CE increase, downstream MSE) of a series at a given L0, by log-linear interpolation (None outside its range)."""
     pts = sorted(p for p in points if p[0] > 0)
     if not pts:
         return None
@@ -49,11 +57,12 @@ def interp_ce(points, l0):
     return float(np.interp(np.log(l0), xs, ys))
 
 
-def verdict(ratios: list[float]) -> str:
-    if all(r < 1 for r in ratios):
-        return "agrees"
-    if all(r > 1 for r in ratios):
-        return "disagrees"
+def verdict(ratios: list[float], expected: str = "<") -> str:
+    if expected == "~":
+        return "agrees" if all(0.5 <= r <= 2 for r in ratios) else "disagrees"
+    lower, higher = all(r < 1 for r in ratios), all(r > 1 for r in ratios)
+    if lower or higher:
+        return "agrees" if lower == (expected == "<") else "disagrees"
     return "tie (within seed spread)"
 
 
@@ -83,19 +92,19 @@ def main():
 
 def report(args, per_seed, t0):
     comparisons = {}
-    for a, b in CLAIMS:
+    for a, b, metric, expected in CLAIMS:
         rows = []
         for l0 in L0_GRID:
             ratios = []
             for series in per_seed:
-                ca = interp_ce([(q["l0"], q["ce_increase"]) for q in series.get(a, [])], l0)
-                cb = interp_ce([(q["l0"], q["ce_increase"]) for q in series.get(b, [])], l0)
+                ca = interp_ce([(q["l0"], q[metric]) for q in series.get(a, [])], l0)
+                cb = interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], l0)
                 if ca is not None and cb is not None and cb > 0:
                     ratios.append(ca / cb)
             if ratios and len(ratios) == len(per_seed):
                 rows.append({"l0": l0, "ratios": ratios, "mean": float(np.mean(ratios)),
-                             "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios)})
-        comparisons[f"{a} vs {b}"] = rows
+                             "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios, expected)})
+        comparisons[f"{a} vs {b}: {metric} {expected}"] = rows
     out = {"seeds_done": len(per_seed), "tokens": args.tokens, "eval_tokens": args.eval_tokens,
            "d_sae": args.d_sae, "local": LOCAL, "sweeps": [[f, a, e] for f, a, e in SWEEPS],
            "series_per_seed": per_seed, "comparisons": comparisons, "seconds": time.perf_counter() - t0}
@@ -105,7 +114,7 @@ def report(args, per_seed, t0):
     for claim, rows in comparisons.items():
         print(claim)
         for r in rows:
-            print(f"  L0 {r['l0']:>3}: CE ratio {r['mean']:.2f} [{r['min']:.2f}, {r['max']:.2f}]  {r['verdict']}")
+            print(f"  L0 {r['l0']:>3}: ratio {r['mean']:.2f} [{r['min']:.2f}, {r['max']:.2f}]  {r['verdict']}")
 
 if __name__ == "__main__":
     main()
