@@ -7,6 +7,7 @@ always BOS and the trainer can drop it.
 """
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import os
@@ -112,7 +113,7 @@ def stream_fingerprint(ds, text_column: str, n_docs: int = 8) -> str:
 
 def _state(ds):
     try:
-        return ds.state_dict()
+        return copy.deepcopy(ds.state_dict())
     except Exception:   # not every iterable supports it; resume then skips documents unread
         return None
 
@@ -131,17 +132,18 @@ def packed_sequences(ds, tokenizer, ctx_len: int, text_column: str = "text", sta
     sep, bos = separator_and_bos(tokenizer)
     body = ctx_len - (1 if bos is not None else 0)
     index, skip_tokens, expect = 0, 0, None
+    # (state, document it points at): the state of a fresh iterator is not trustworthy before
+    # its first example, so the first batch reuses the state this run started from
+    state, state_doc, first = None, 0, 0
     if start is not None:
         index, skip_tokens, expect = int(start["doc"]), int(start["offset"]), start["doc_sha"]
-        first = 0
         if start.get("hf_state") is not None:
             try:
-                ds.load_state_dict(start["hf_state"])
-                first = int(start["batch_doc"])
+                ds.load_state_dict(copy.deepcopy(start["hf_state"]))
+                state, state_doc = start["hf_state"], int(start["batch_doc"])
+                first = state_doc
             except Exception:
-                first = 0
-    else:
-        first = 0
+                state, state_doc, first = None, 0, 0
     examples = iter(ds)
     for _ in range(index - first):     # read, not tokenized: at most one tokenizer batch
         if next(examples, None) is None:
@@ -149,16 +151,21 @@ def packed_sequences(ds, tokenizer, ctx_len: int, text_column: str = "text", sta
                                f"document {index}, where the store's last window stopped")
     buffer: list[int] = []
     docs: deque = deque()     # [doc index, tokens left in buffer, tokens in total, text sha, batch doc, state]
+    pulled = False
     while True:
-        batch_doc, state = index, _state(ds)
+        if pulled:
+            state, state_doc = _state(ds), index
+        batch_doc = state_doc
+        pulled = True
         texts, metas = [], []
+        before = index
         for example in islice(examples, doc_batch):
             text = example[text_column]
             if text:
                 texts.append(text)
                 metas.append(index)
             index += 1
-        if not texts and index == batch_doc:
+        if index == before:      # the stream has ended
             return
         for text, doc, ids in zip(texts, metas, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
             ids = ids + [sep]

@@ -156,11 +156,6 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
     n_seqs = -(-cfg.tokens // ctx)
     window_seqs = min(layout.window_seqs_for(cfg.shuffle_window, ctx), n_seqs)
     # rank 0 holds the lease for the whole job; the other ranks learn its owner id
-    lease = None
-    if dist.rank == 0 and target.resume_attrs is not None:
-        lease = dist.agree(lambda: Lease(target.build).acquire(takeover=True))
-    else:
-        dist.agree(lambda: None)
 
     def create_store():
         meta = {
@@ -187,7 +182,7 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
 
     site_enc = {s.name: act_encoding for s in sites}
     grad_enc = (cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16") if cfg.grads else None
-    return _harvest_loop(cfg, dist, target, lease, create_store, model, tokenizer, ds, sites, site_enc,
+    return _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, site_enc,
                          grad_enc, device, progress, console)
 
 
@@ -201,7 +196,24 @@ class _SharedLease:
         Lease(self.path, self.owner).check()
 
 
-def _harvest_loop(cfg, dist, target, lease, create_store, model, tokenizer, ds, sites, site_enc, grad_enc,
+class _Prepended:
+    def __init__(self, first, rest):
+        self.first, self.rest = first, rest
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.first is not None:
+            item, self.first = self.first, None
+            return item
+        return next(self.rest)
+
+    def close(self):
+        self.rest.close()
+
+
+def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, site_enc, grad_enc,
                   device, progress, console):
     ctx = cfg.ctx_len
     n_seqs = -(-cfg.tokens // ctx)
@@ -219,8 +231,31 @@ def _harvest_loop(cfg, dist, target, lease, create_store, model, tokenizer, ds, 
             break
         resume_from = done[w]
     exhausted = resume_from is not None and resume_from["seqs"] < min(window_seqs, n_seqs - resume_from["window"] * window_seqs)
-    stream = Background(packed_sequences(rank_stream(ds, dist.rank, dist.world), tokenizer, ctx, cfg.text_column,
-                                         start=resume_from["position"] if resume_from else None))
+    todo = [w for w in mine if w not in done] and not exhausted
+
+    def open_stream():
+        """This rank's stream at its recorded position; the first sequence is taken here so a
+        stream that differs from the store's is refused before anything is shown or written."""
+        stream = Background(packed_sequences(rank_stream(ds, dist.rank, dist.world), tokenizer, ctx,
+                                             cfg.text_column, start=resume_from["position"] if resume_from else None))
+        if not todo:
+            return stream
+        try:
+            first = next(stream)
+        except StopIteration:
+            return iter(())
+        except BaseException:
+            stream.close()
+            raise
+        return _Prepended(first, stream)
+
+    stream = dist.agree(open_stream)
+    # rank 0 holds the lease for the whole job, taken only once every check has passed
+    lease = None
+    if dist.rank == 0 and target.resume_attrs is not None:
+        lease = dist.agree(lambda: Lease(target.build).acquire(takeover=True))
+    else:
+        dist.agree(lambda: None)
     writer = out = None
     t0 = time.perf_counter()
     tokens_run = 0
@@ -277,10 +312,10 @@ def _harvest_loop(cfg, dist, target, lease, create_store, model, tokenizer, ds, 
         if out is not None:
             out.abort()
         if lease is not None and dist.rank == 0:
-            lease._stop.set()
-        stream.close()
+            lease.release()     # the store stays incomplete; the next --resume needs no takeover
+        getattr(stream, "close", lambda: None)()
         raise
-    stream.close()
+    getattr(stream, "close", lambda: None)()
     elapsed = time.perf_counter() - t0
     dist.barrier()          # every rank's windows are recorded
     if dist.rank != 0:

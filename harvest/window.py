@@ -8,7 +8,9 @@ of batch i are scattered into the window while the device runs batch i + 1.
 from __future__ import annotations
 
 import math
+import os
 import queue
+import signal
 import threading
 
 import numpy as np
@@ -143,10 +145,17 @@ class WindowWriter(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self):
+        # fault injection for the kill tests: SIGKILL this process after it wrote N window records
+        die_after = int(os.environ.get("SAE_HARVEST_TEST_KILL_AFTER_RECORDS", "-1"))
+        die_rank = int(os.environ.get("SAE_HARVEST_TEST_KILL_RANK", str(self.writer.rank)))
+        written = 0
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
                     self.writer.write_window(**job)
+                    written += 1
+                    if written == die_after and die_rank == self.writer.rank:
+                        os.kill(os.getpid(), signal.SIGKILL)
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
             del job
