@@ -118,8 +118,16 @@ def _state(ds):
         return None
 
 
-def packed_sequences(ds, tokenizer, ctx_len: int, text_column: str = "text", start: dict | None = None,
-                     doc_batch: int = 64) -> Iterator[tuple[np.ndarray, dict]]:
+def packed_sequences(ds, tokenizer, ctx_len: int, text_column: str = "text", skip: int = 0,
+                     doc_batch: int = 64) -> Iterator[np.ndarray]:
+    """Yield int32 [ctx_len] sequences, skipping the first `skip`."""
+    for i, (seq, _) in enumerate(positioned_sequences(ds, tokenizer, ctx_len, text_column, doc_batch=doc_batch)):
+        if i >= skip:
+            yield seq
+
+
+def positioned_sequences(ds, tokenizer, ctx_len: int, text_column: str = "text", start: dict | None = None,
+                         doc_batch: int = 64) -> Iterator[tuple[np.ndarray, dict]]:
     """Yield (int32 [ctx_len] sequence, stream position after it).
 
     A position is the document holding the sequence's last token (`doc`, counted in this

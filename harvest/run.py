@@ -24,7 +24,7 @@ from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
 
 from . import __version__
-from .data import (OPENWEBTEXT, Background, open_dataset, packed_sequences, rank_stream, separator_and_bos,
+from .data import (OPENWEBTEXT, Background, open_dataset, positioned_sequences, rank_stream, separator_and_bos,
                    stream_fingerprint)
 from .default_model import resolve_dataset, resolve_model
 from .distributed import Dist
@@ -236,7 +236,7 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     def open_stream():
         """This rank's stream at its recorded position; the first sequence is taken here so a
         stream that differs from the store's is refused before anything is shown or written."""
-        stream = Background(packed_sequences(rank_stream(ds, dist.rank, dist.world), tokenizer, ctx,
+        stream = Background(positioned_sequences(rank_stream(ds, dist.rank, dist.world), tokenizer, ctx,
                                              cfg.text_column, start=resume_from["position"] if resume_from else None))
         if not todo:
             return stream

@@ -114,7 +114,8 @@ def _cli_args(assets, out, tokens=32768):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path):
     full, killed = tmp_path / "full.zarr", tmp_path / "killed.zarr"
-    env = {**os.environ, "PYTHONPATH": REPO}
+    # keep an inherited PYTHONPATH (a worktree's .shim) ahead of the repo root
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), REPO) if p)}
     subprocess.run(_cli_args(assets, full), check=True, env=env, capture_output=True)
     proc = subprocess.Popen(_cli_args(assets, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

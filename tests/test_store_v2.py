@@ -146,7 +146,7 @@ def test_resume_reads_from_recorded_position_not_from_the_start(assets, referenc
     monkeypatch.setattr(fs, "write_atomic", real)
     _expire_lease(out)
     tokenized = []
-    real_packed = run.packed_sequences
+    real_packed = run.positioned_sequences
 
     def packed(ds, tokenizer, *a, **k):
         class Counting:
@@ -157,7 +157,7 @@ def test_resume_reads_from_recorded_position_not_from_the_start(assets, referenc
                 return getattr(tokenizer, name)
         return real_packed(ds, Counting(), *a, **k)
 
-    monkeypatch.setattr(run, "packed_sequences", packed)
+    monkeypatch.setattr(run, "positioned_sequences", packed)
     harvest(_cfg(assets, out), resume=True, progress=False)
     _assert_same(reference / "full.zarr", out)
     first = json.loads(open(out / "windows" / "00000003.json").read())["position"]
