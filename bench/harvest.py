@@ -6,15 +6,23 @@ Repeats alternate between the two and the median ratio is reported (these machin
 
     python bench/harvest.py                       # offline default model, CPU
     python bench/harvest.py --model gpt2-small-random --device cuda --tokens 2000000
+    python bench/harvest.py --nproc 2              # harvest under torchrun, 2 processes
+
+With --nproc N the harvest runs as `torchrun --nproc-per-node N -m sae_harvest.harvest run`; its
+marginal rate (store tokens over the wall-time difference of N and 2N tokens, so launcher start-up
+cancels out) is compared with N bare loops' rate (one bare loop's rate times N: the ideal).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import statistics
-
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -48,10 +56,28 @@ def bare_loop(model, device, ctx, batch, tokens, vocab) -> float:
     return time.perf_counter() - t0
 
 
-def harvest_seconds(cfg: HarvestConfig) -> float:
+def harvest_seconds(cfg: HarvestConfig, nproc: int = 1) -> float:
     shutil.rmtree(cfg.out, ignore_errors=True)
     t0 = time.perf_counter()
-    harvest(cfg, progress=False)
+    if nproc == 1:
+        harvest(cfg, progress=False)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sae_harvest.harvest", "run",
+                "--quiet"]
+        for field in dataclasses.fields(cfg):
+            value = getattr(cfg, field.name)
+            flag = "--" + field.name.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    args.append(flag)
+            elif value is not None:
+                args += [flag, str(value)]
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     return time.perf_counter() - t0
 
 
@@ -66,6 +92,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-grads", action="store_true")
+    p.add_argument("--nproc", type=int, default=1, help="harvest under torchrun with this many processes")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args()
 
@@ -89,21 +116,21 @@ def main():
                              grads=not args.no_grads, tokens=tokens, ctx_len=args.ctx_len,
                              batch_size=args.batch_size, device=args.device, shuffle_window=N // 2)
 
-    harvest_seconds(cfg(N // 4, "warmup.zarr"))   # first-call costs (dataset cache, allocator) out of the figures
+    harvest_seconds(cfg(N // 4, "warmup.zarr"), args.nproc)   # first-call costs (dataset cache, allocator) out of the figures
     for rep in range(args.repeats):
-        h1 = harvest_seconds(cfg(N, "a.zarr"))
-        h2 = harvest_seconds(cfg(2 * N, "b.zarr"))
+        h1 = harvest_seconds(cfg(N, "a.zarr"), args.nproc)
+        h2 = harvest_seconds(cfg(2 * N, "b.zarr"), args.nproc)
         bpt = fs.du(os.path.join(tmp, "b.zarr")) / (2 * N)
         b1 = bare_loop(model, device, args.ctx_len, args.batch_size, N, len(tok))
         b2 = bare_loop(model, device, args.ctx_len, args.batch_size, 2 * N, len(tok))
-        h_rate, b_rate = N / max(h2 - h1, 1e-9), N / max(b2 - b1, 1e-9)
+        h_rate, b_rate = N / max(h2 - h1, 1e-9), args.nproc * N / max(b2 - b1, 1e-9)
         harvest_rates.append(h_rate)
         bare_rates.append(b_rate)
         ratios.append(h_rate / b_rate)
         print(f"repeat {rep}: harvest {h_rate:,.0f} tok/s, bare fwd+bwd {b_rate:,.0f} tok/s, ratio {h_rate / b_rate:.3f}",
               flush=True)
     result = {
-        "model": args.model, "device": str(device), "sites": sites, "grads": not args.no_grads,
+        "model": args.model, "device": str(device), "nproc": args.nproc, "sites": sites, "grads": not args.no_grads,
         "ctx_len": args.ctx_len, "batch_size": args.batch_size, "tokens": [N, 2 * N],
         "harvest_tok_s": statistics.median(harvest_rates), "bare_tok_s": statistics.median(bare_rates),
         "ratio_median": statistics.median(ratios), "ratios": ratios, "bytes_per_token": bpt,

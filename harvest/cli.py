@@ -36,7 +36,7 @@ def run_cmd(resume, overwrite, quiet, **fields):
                           progress=not quiet, console=console)
     except KeyboardInterrupt:
         fail("interrupted: the store is incomplete; run again with --resume to finish it")
-    if quiet:
+    if quiet and summary is not None:     # under torchrun only rank 0 reports
         click.echo(json.dumps(summary))
 
 
@@ -48,6 +48,21 @@ def info_cmd(store, partial):
     from sae_harvest.stores import open_store
 
     click.echo(json.dumps(scrub_tree(open_store(store, allow_partial=partial).attrs), indent=2))
+
+
+@main.command("verify")
+@click.argument("store")
+@click.option("--quick", is_flag=True, help="Check shard presence and sizes only (no checksums).")
+def verify_cmd(store, quick):
+    """Check a store against its window records; one line per problem, exit 0 only when sound."""
+    from sae_harvest.stores.verify import verify_store
+
+    problems = verify_store(store, quick=quick)
+    for line in problems:
+        click.echo(line)
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"ok: {store} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
 
 
 if __name__ == "__main__":

@@ -4,33 +4,36 @@ One forward pass per batch serves every site (and one backward pass every
 gradient). Rows are scattered into a shuffle window at seeded random positions as
 they are computed; a full window goes to a writer thread while the model computes
 the next, so writes overlap compute and host memory is bounded by two windows.
+
+Under torchrun every rank runs this: window w belongs to rank w % world, each rank
+reads its own share of the documents, rank 0 creates and finishes the store.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import queue
-import threading
+import os
 import time
 from dataclasses import dataclass
 from itertools import islice
 
-import numpy as np
 import torch
 
-from sae_harvest.stores import StoreError, StoreWriter, fs, layout
-from sae_harvest.stores.check import check_root_attrs
-from sae_harvest.stores.errors import UserError
+from sae_harvest.stores import StoreWriter, fs, layout
 from sae_harvest.stores.cli import opt, pick_device
+from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
 from sae_harvest.stores.urls import scrub, scrub_tree
 
 from . import __version__
-from .data import OPENWEBTEXT, open_dataset, packed_sequences, separator_and_bos
+from .data import (OPENWEBTEXT, Background, open_dataset, positioned_sequences, rank_stream, separator_and_bos,
+                   stream_fingerprint)
 from .default_model import resolve_dataset, resolve_model
+from .distributed import Dist
 from .errors import HarvestError
 from .models import get_adapter, load_model, quiet_transformers
-from .sites import capture, parse_sites
+from .outpath import Target, plan_target
+from .sites import parse_sites
+from .window import WindowWriter, compute_window
 
 GRAD_DEFINITION = (
     "grad[t] = d(sum_{s=0}^{T-2} CE_s)/d(act[t]) per sequence, CE_s = -log p(token[s+1] | tokens[:s+1]) "
@@ -71,66 +74,7 @@ class HarvestConfig:
 IDENTITY_KEYS = ("model", "revision", "dataset", "split", "text_column", "sites", "grads", "tokens", "ctx_len",
                  "batch_size", "dtype", "seed", "shuffle_window", "act_encoding", "grad_encoding", "compressor")
 
-_MAX = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _to_storage(t: torch.Tensor, encoding: str) -> torch.Tensor:
-    """Encode on the device (halves the copy to host for 16-bit encodings)."""
-    if encoding == "bfloat16":
-        return t.to(torch.bfloat16)
-    return t.to(torch.float16 if encoding == "float16" else torch.float32)
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.cpu().numpy()
-
-
-class _WindowWriter(threading.Thread):
-    """Writes finished windows in order on a background thread.
-
-    One window is written while the next is computed; handing over a window waits until the
-    previous one is on disk, so host memory holds at most two windows.
-    """
-
-    def __init__(self, writer: StoreWriter):
-        super().__init__(daemon=True)
-        self.writer = writer
-        self.jobs: queue.Queue = queue.Queue()
-        self.free = threading.Semaphore(1)
-        self.error: BaseException | None = None
-
-    def run(self):
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write_window(**job)
-                except BaseException as e:  # surfaced in the main thread
-                    self.error = e
-            del job
-            self.free.release()
-
-    def put(self, job):
-        self._check()
-        self.free.acquire()
-        self._check()
-        self.jobs.put(job)
-
-    def close(self):
-        self.jobs.put(None)
-        self.join()
-        self._check()
-
-    def abort(self):
-        self.error = self.error or RuntimeError("harvest aborted")
-        self.jobs.put(None)
-
-    def _check(self):
-        if self.error is not None:
-            raise self.error
 
 
 def _identity(cfg: HarvestConfig) -> dict:
@@ -140,8 +84,6 @@ def _identity(cfg: HarvestConfig) -> dict:
 
 def _check_out_not_in_corpus(cfg: HarvestConfig) -> None:
     """A store inside a local corpus folder would be read back as corpus (its .json files) next time."""
-    import os
-
     corpus = resolve_dataset(cfg.dataset)
     if fs.is_url(cfg.out) or not os.path.isdir(corpus):
         return
@@ -151,28 +93,7 @@ def _check_out_not_in_corpus(cfg: HarvestConfig) -> None:
                            f"as text next time; write the store elsewhere")
 
 
-def _open_for_resume(cfg: HarvestConfig) -> StoreWriter:
-    try:
-        writer = StoreWriter.open(cfg.out)
-        check_root_attrs(writer.attrs, cfg.out)
-    except UserError:
-        raise
-    except Exception as e:   # a truncated or hand-edited zarr.json: say so, touch nothing
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise StoreError(f"cannot resume {cfg.out}: its metadata is unreadable ({type(e).__name__}: {msg}); "
-                         f"the store is left as it is") from None
-    stored = writer.attrs.get("harvest", {})
-    differ = [k for k, v in _identity(cfg).items() if stored.get(k) != v]
-    if differ:
-        now = _identity(cfg)
-        shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {now[k]!r})" for k in differ)
-        raise HarvestError(f"cannot resume {cfg.out}: arguments differ from the harvest that made it: {shown}")
-    return writer
-
-
-def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-            console=None) -> dict:
-    """Run a harvest; returns the summary dict. Raises HarvestError on bad input."""
+def _check_config(cfg: HarvestConfig) -> None:
     for name in ("tokens", "ctx_len", "batch_size", "shuffle_window"):
         if getattr(cfg, name) <= 0:
             raise HarvestError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
@@ -184,46 +105,80 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
     for flag, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
         if enc not in ("auto", *layout.ENCODINGS):
             raise HarvestError(f"unknown --{flag} {enc!r}; use one of auto, {', '.join(layout.ENCODINGS)}")
-    writer = None
-    if fs.anything_at(cfg.out):
-        if resume:
-            writer = _open_for_resume(cfg)
-            if writer.attrs["complete"]:
-                return summarize(cfg.out, seconds=0.0, tokens_this_run=0, console=console, quiet=not progress)
-        elif not overwrite:
-            raise HarvestError(f"{cfg.out} already exists: pass --resume to continue it or --overwrite to replace it")
 
+
+def _check_resumable(cfg: HarvestConfig, attrs: dict, dist: Dist, fingerprint: str) -> None:
+    """Everything that shapes the rows must match the store being resumed."""
+    stored = attrs.get("harvest", {})
+    now = _identity(cfg)
+    differ = [k for k, v in now.items() if stored.get(k) != v]
+    if differ:
+        shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {now[k]!r})" for k in differ)
+        raise HarvestError(f"cannot resume {cfg.out}: arguments differ from the harvest that made it: {shown}")
+    if attrs.get("world_size", 1) != dist.world:
+        raise HarvestError(f"cannot resume {cfg.out} with {dist.world} process(es): it was written by "
+                           f"{attrs.get('world_size', 1)}, and the row order depends on the world size; "
+                           f"resume with the same torchrun --nnodes x --nproc-per-node")
+    if attrs.get("stream", {}).get("fingerprint") != fingerprint:
+        raise HarvestError(f"cannot resume {cfg.out}: the data stream differs from the one that made the store "
+                           f"(its first documents changed)")
+
+
+def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+            console=None) -> dict | None:
+    """Run a harvest; returns the summary dict (None on ranks other than 0). Raises HarvestError
+    (or StoreError) on bad input, before anything at --out is changed."""
+    _check_config(cfg)
+    dist = Dist.from_env(cfg.device)
+    try:
+        return _harvest(cfg, dist, resume, overwrite, progress and dist.rank == 0, console)
+    finally:
+        dist.close()
+
+
+def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
     # everything that can fail on bad input is checked before the output is touched
-    device = pick_device(cfg.device)
-    quiet_transformers()
-    model, tokenizer = load_model(resolve_model(cfg.model), revision=cfg.revision, device=device,
-                                  dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
-    adapter = get_adapter(model)
-    sites = parse_sites(cfg.sites, adapter.n_layers)
-    if cfg.ctx_len > adapter.max_positions:
-        raise HarvestError(f"--ctx-len {cfg.ctx_len} is longer than the model's context ({adapter.max_positions})")
-    ds = open_dataset(resolve_dataset(cfg.dataset), cfg.split, cfg.text_column)
+    target: Target = dist.agree(lambda: plan_target(cfg.out, resume=resume, overwrite=overwrite))
+
+    def load():
+        device = pick_device(dist.device_name(cfg.device))
+        quiet_transformers()
+        model, tokenizer = load_model(resolve_model(cfg.model), revision=cfg.revision, device=device,
+                                      dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+        adapter = get_adapter(model)
+        sites = parse_sites(cfg.sites, adapter.n_layers)
+        if cfg.ctx_len > adapter.max_positions:
+            raise HarvestError(f"--ctx-len {cfg.ctx_len} is longer than the model's context ({adapter.max_positions})")
+        ds = open_dataset(resolve_dataset(cfg.dataset), cfg.split, cfg.text_column)
+        fingerprint = stream_fingerprint(ds, cfg.text_column)
+        if target.resume_attrs is not None:
+            _check_resumable(cfg, target.resume_attrs, dist, fingerprint)
+        return device, model, tokenizer, adapter, sites, ds, fingerprint
+
+    device, model, tokenizer, adapter, sites, ds, fingerprint = dist.agree(load)
+    if target.complete:
+        return summarize(target.final, seconds=0.0, tokens_this_run=0, console=console, quiet=not progress) \
+            if dist.rank == 0 else None
     sep, bos = separator_and_bos(tokenizer)
-    if writer is None and next(packed_sequences(ds, tokenizer, cfg.ctx_len, cfg.text_column), None) is None:
-        raise HarvestError(f"dataset {cfg.dataset!r} holds less than one sequence of {cfg.ctx_len} tokens; "
-                           f"nothing to harvest")
     act_encoding = cfg.act_encoding
     if act_encoding == "auto":  # fp16 overflows on Gemma's residual stream
         act_encoding = "float16" if adapter.family == "gpt2" else "bfloat16"
-
     ctx = cfg.ctx_len
     n_seqs = -(-cfg.tokens // ctx)
     window_seqs = min(layout.window_seqs_for(cfg.shuffle_window, ctx), n_seqs)
-    if writer is None:
-        if overwrite:
-            fs.remove(cfg.out)
+    # rank 0 holds the lease for the whole job; the other ranks learn its owner id
+
+    def create_store():
         meta = {
             "model": {"name": scrub(cfg.model), "revision": cfg.revision, "family": adapter.family,
                       "n_layers": adapter.n_layers, "d_model": adapter.d_model},
             "tokenizer": {"name": scrub(cfg.model), "vocab_size": len(tokenizer), "separator_id": sep,
                           "bos_id": bos, "bos_prepended": bos is not None},
             "dataset": {"name": scrub(cfg.dataset), "split": cfg.split, "text_column": cfg.text_column},
+            "stream": {"fingerprint": fingerprint, "split": "split_dataset_by_node" if dist.active else "none"},
             "seed": cfg.seed,
+            "world_size": dist.world,
+            "nodes": dist.nodes,
             "harvest": _identity(cfg),
             "tool_version": __version__,
         }
@@ -231,109 +186,174 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
                        "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
                       if cfg.grads else None)
         site_meta = {s.name: {"d": adapter.site_width(s.kind), "encoding": act_encoding} for s in sites}
+        target.clear_for_build()
         try:
-            writer = StoreWriter.create(cfg.out, meta=scrub_tree(meta), sites=site_meta, grads=grads_meta,
-                                        ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs,
-                                        compressor=cfg.compressor)
+            StoreWriter.create(target.build, meta=scrub_tree(meta), sites=site_meta, grads=grads_meta,
+                               ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs, compressor=cfg.compressor)
         except OSError as e:
-            raise HarvestError(f"cannot create store {cfg.out}: {_os_reason(e)}") from None
+            raise HarvestError(f"cannot create store {scrub(cfg.out)}: {_os_reason(e)}") from None
+        return Lease(target.build).acquire(takeover=False)
+
+    site_enc = {s.name: act_encoding for s in sites}
+    grad_enc = (cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16") if cfg.grads else None
     try:
-        return _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console)
-    except OSError as e:   # disk full, a file-size limit, a bucket that refuses: windows done are kept
-        raise HarvestError(f"cannot write store {cfg.out}: {_os_reason(e)}; the {writer.windows_done} shuffle "
-                           f"windows written so far are kept: make room and continue with --resume") from None
+        return _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, site_enc,
+                             grad_enc, device, progress, console)
+    except OSError as e:   # disk full, a file-size limit, a bucket that refuses: recorded windows are kept
+        raise HarvestError(f"cannot write store {scrub(cfg.out)}: {_os_reason(e)}; the windows recorded so far "
+                           f"are kept: make room and continue with --resume") from None
 
 
 def _os_reason(e: OSError) -> str:
     return f"{e.strerror} (errno {e.errno})" if e.strerror else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
-def _harvest_loop(cfg, writer, model, tokenizer, ds, sites, device, progress, console) -> dict:
-    meta = writer.attrs
-    ctx, window_seqs = meta["ctx_len"], meta["window_seqs"]
-    window_rows = window_seqs * ctx
-    n_seqs = meta["n_seqs"]
+class _SharedLease:
+    """What ranks other than 0 check before each record: that the job still holds the lease."""
+
+    def __init__(self, path: str, owner: str):
+        self.path, self.owner = path, owner
+
+    def check(self):
+        Lease(self.path, self.owner).check()
+
+
+class _Prepended:
+    def __init__(self, first, rest):
+        self.first, self.rest = first, rest
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.first is not None:
+            item, self.first = self.first, None
+            return item
+        return next(self.rest)
+
+    def close(self):
+        self.rest.close()
+
+
+def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, site_enc, grad_enc,
+                  device, progress, console):
+    ctx = cfg.ctx_len
+    n_seqs = -(-cfg.tokens // ctx)
+    window_seqs = min(layout.window_seqs_for(cfg.shuffle_window, ctx), n_seqs)
     n_windows = -(-n_seqs // window_seqs)
-    start = writer.windows_done
-    site_enc = {s.name: meta["sites"][s.name]["encoding"] for s in sites}
-    grad_enc = meta["grads"]["encoding"] if meta.get("grads") else None
-    seqs_iter = packed_sequences(ds, tokenizer, ctx, cfg.text_column, skip=start * window_seqs)
-    out = _WindowWriter(writer)
-    out.start()
-    seqs_done = start * window_seqs
+    done: dict[int, dict] = {}
+    if target.resume_attrs is not None:
+        from sae_harvest.stores.writer import load_records
+        done = load_records(target.build)
+    mine = [w for w in range(dist.rank, n_windows, dist.world)]
+    # this rank writes its windows in order, so its records are a prefix of `mine`
+    resume_from = None
+    for w in mine:
+        if w not in done:
+            break
+        resume_from = done[w]
+    exhausted = resume_from is not None and resume_from["seqs"] < min(window_seqs, n_seqs - resume_from["window"] * window_seqs)
+    todo = [w for w in mine if w not in done] and not exhausted
+
+    def open_stream():
+        """This rank's stream at its recorded position; the first sequence is taken here so a
+        stream that differs from the store's is refused before anything is shown or written."""
+        stream = Background(positioned_sequences(rank_stream(ds, dist.rank, dist.world), tokenizer, ctx,
+                                             cfg.text_column, start=resume_from["position"] if resume_from else None))
+        if not todo:
+            return stream
+        try:
+            first = next(stream)
+        except StopIteration:
+            if resume_from is None:   # nothing harvested yet: refuse rather than write an empty store
+                stream.close()
+                raise HarvestError(f"dataset {cfg.dataset!r} holds less than one sequence of {ctx} tokens"
+                                   + (f" for rank {dist.rank}" if dist.active else "") + "; nothing to harvest")
+            return iter(())
+        except BaseException:
+            stream.close()
+            raise
+        return _Prepended(first, stream)
+
+    stream = dist.agree(open_stream)
+    # rank 0 holds the lease for the whole job, taken only once every check has passed
+    lease = None
+    if dist.rank == 0 and target.resume_attrs is not None:
+        lease = dist.agree(lambda: Lease(target.build).acquire(takeover=True))
+    else:
+        dist.agree(lambda: None)
+    writer = out = None
     t0 = time.perf_counter()
+    tokens_run = 0
     bar = token_progress(console=console, disable=not progress)
+    rounds = -(-n_windows // dist.world)
     try:
         with bar:
-            task = bar.add_task("harvest", total=n_seqs * ctx, completed=seqs_done * ctx, info="")
-            for window in range(start, n_windows):
-                want = min(window_seqs, n_seqs - window * window_seqs)
-                seqs = list(islice(seqs_iter, want))
-                if not seqs:
-                    break
-                job = _compute_window(cfg, model, seqs, window, window_seqs, window_rows, sites, site_enc,
-                                      grad_enc, device, lambda n: bar.advance(task, n))
-                out.put(job)
-                seqs_done = window * window_seqs + len(seqs)
-                if len(seqs) < want:
-                    break
-            out.close()
+            task = bar.add_task("harvest", total=n_seqs * ctx,
+                                completed=sum(r["seqs"] for r in done.values()) * ctx, info="")
+            local = (lambda n: bar.advance(task, n)) if not dist.active else (lambda n: None)
+            for k in range(rounds):
+                w = k * dist.world + dist.rank
+                job, error = None, None
+                if w < n_windows and w not in done and not exhausted:
+                    want = min(window_seqs, n_seqs - w * window_seqs)
+                    try:
+                        pairs = list(islice(stream, want))
+                        job = compute_window(cfg, model, [p[0] for p in pairs], [p[1] for p in pairs], w,
+                                             window_seqs, sites, site_enc, grad_enc, device, local)
+                    except HarvestError as e:
+                        error = e
+                    if job is not None and len(job["tokens"]) < want:
+                        exhausted = True
+                if writer is None:   # first round: the store exists before anyone writes
+                    if error is None and dist.rank == 0 and target.resume_attrs is None:
+                        try:
+                            lease = create_store()
+                        except HarvestError as e:
+                            error = e
+                    failed = dist.all_sum([1 if error else 0])[0]
+                    if failed:
+                        raise error or HarvestError("another rank stopped (see its error)")
+                    if dist.rank == 0:
+                        lease.start_heartbeat()
+                    owner = dist.broadcast(lease.owner if lease is not None else None)
+                    shared = lease if dist.rank == 0 else _SharedLease(target.build, owner)
+                    writer = StoreWriter.open(target.build, rank=dist.rank, world=dist.world, lease=shared)
+                    out = WindowWriter(writer)
+                    out.start()
+                n = 0
+                if job is not None and error is None:
+                    n = len(job["tokens"]) * ctx
+                    out.put(job)
+                    job = None
+                counts = dist.all_sum([n, 1 if error else 0])
+                if counts[1]:
+                    raise error or HarvestError("another rank stopped (see its error)")
+                tokens_run += counts[0]
+                if dist.active:
+                    bar.advance(task, counts[0])
+            if out is not None:
+                out.close()
     except BaseException:
-        out.abort()
+        if out is not None:
+            out.abort()
+        if lease is not None and dist.rank == 0:
+            lease.release()     # the store stays incomplete; the next --resume needs no takeover
+        getattr(stream, "close", lambda: None)()
         raise
+    getattr(stream, "close", lambda: None)()
     elapsed = time.perf_counter() - t0
-    truncated = seqs_done < n_seqs
-    writer.finish(seqs_done)
-    summary = summarize(cfg.out, seconds=elapsed, tokens_this_run=(seqs_done - start * window_seqs) * ctx,
-                        console=console, quiet=not progress)
-    if truncated and progress and console is not None:
-        console.print(f"[yellow]dataset ran out: {seqs_done * ctx:,} of {cfg.tokens:,} tokens harvested")
+    dist.barrier()          # every rank's windows are recorded
+    if dist.rank != 0:
+        return None
+    attrs = StoreWriter.open(target.build).finish()
+    lease.release()
+    target.swap()
+    summary = summarize(target.final, seconds=elapsed, tokens_this_run=tokens_run, console=console,
+                        quiet=not progress)
+    if attrs["n_seqs"] < n_seqs and progress and console is not None:
+        console.print(f"[yellow]dataset ran out: {attrs['n_rows']:,} of {cfg.tokens:,} tokens harvested")
     return summary
-
-
-def _compute_window(cfg, model, seqs, window, window_seqs, window_rows, sites, site_enc, grad_enc,
-                    device, advance) -> dict:
-    ctx = cfg.ctx_len
-    n_rows = len(seqs) * ctx
-    perm = np.random.default_rng([cfg.seed, window]).permutation(window_rows)
-    first_seq = window * window_seqs
-    acts = {s.name: None for s in sites}
-    grads = {s.name: None for s in sites} if grad_enc else None
-    rows_seq = np.empty(window_rows, np.int32)
-    rows_pos = np.empty(window_rows, np.int32)
-    for b0 in range(0, len(seqs), cfg.batch_size):
-        batch = np.stack(seqs[b0:b0 + cfg.batch_size])
-        dest = perm[b0 * ctx:(b0 + len(batch)) * ctx]
-        ids = torch.from_numpy(batch).to(device=device, dtype=torch.long)
-        captured = capture(model, ids, sites, grads=grad_enc is not None, stop_early=grad_enc is None)
-        for s in sites:
-            _scatter(acts, s.name, captured.acts[s.name], site_enc[s.name], dest, window_rows, "activations")
-            if grads is not None:
-                _scatter(grads, s.name, captured.grads[s.name], grad_enc, dest, window_rows, "gradients")
-        rows_seq[dest] = np.repeat(np.arange(first_seq + b0, first_seq + b0 + len(batch), dtype=np.int32), ctx)
-        rows_pos[dest] = np.tile(np.arange(ctx, dtype=np.int32), len(batch))
-        advance(len(batch) * ctx)
-    if n_rows < window_rows:  # last, short window: keep the filled slots, still in shuffled order
-        keep = np.sort(perm[:n_rows])
-        acts = {k: v[keep] for k, v in acts.items()}
-        grads = {k: v[keep] for k, v in grads.items()} if grads is not None else None
-        rows_seq, rows_pos = rows_seq[keep], rows_pos[keep]
-    return {"window": window, "tokens": np.stack(seqs), "rows_seq": rows_seq, "rows_pos": rows_pos,
-            "acts": acts, "grads": grads}
-
-
-def _scatter(buffers, name, values, encoding, dest, window_rows, what):
-    values = values.reshape(-1, values.shape[-1])
-    # one reduction catches NaN/inf from the model and values the encoding would turn into inf
-    peak = float(values.detach().abs().amax())
-    if not math.isfinite(peak) or peak > _MAX[encoding]:
-        raise HarvestError(
-            f"non-finite {what} at {name} (in {encoding}): the model overflowed or the encoding can't hold "
-            f"the values; use --dtype float32/bfloat16 and --act-encoding bfloat16/float32")
-    array = _to_numpy(_to_storage(values, encoding))
-    if buffers[name] is None:
-        buffers[name] = np.empty((window_rows, array.shape[1]), array.dtype)
-    buffers[name][dest] = array
 
 
 def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, quiet=False) -> dict:

@@ -15,7 +15,6 @@ _REQUIRED = {
     "window_seqs": (_INT, lambda v: v >= 1, "a positive integer"),
     "n_rows": (_INT, lambda v: v >= 0, "a non-negative integer"),
     "n_seqs": (_INT, lambda v: v >= 0, "a non-negative integer"),
-    "windows_done": (_INT, lambda v: v >= 0, "a non-negative integer"),
     "complete": ((bool,), lambda v: True, "true or false"),
     "sites": ((dict,), lambda v: len(v) > 0, "a non-empty object"),
 }
@@ -27,13 +26,21 @@ def _ok(value, types) -> bool:
     return isinstance(value, types)
 
 
+_V1_ONLY = {"windows_done": (_INT, lambda v: v >= 0, "a non-negative integer")}   # v2 keeps per-window records
+
+
 def check_root_attrs(attrs, path) -> None:
-    """Raise StoreError unless attrs has every key a reader or a resumed writer relies on, each
-    of the right type and range."""
+    """Raise StoreError unless attrs is of a format this tool reads and has every key a reader or a
+    resumed writer relies on, each of the right type and range."""
     where = f"store {scrub(path)}"
     if not isinstance(attrs, dict):
         raise StoreError(f"{where}: attrs['{layout.ROOT_ATTR}'] is a {type(attrs).__name__}, not an object")
-    for key, (types, valid, what) in _REQUIRED.items():
+    version = attrs.get("format_version")
+    if type(version) is not int or version not in layout.READABLE_VERSIONS:
+        raise StoreError(f"{where} has format {version!r}; this tool reads formats "
+                         f"{', '.join(map(str, layout.READABLE_VERSIONS))}")
+    required = {**_REQUIRED, **(_V1_ONLY if version == 1 else {})}
+    for key, (types, valid, what) in required.items():
         if key not in attrs:
             raise StoreError(f"{where}: root attributes lack {key!r} (damaged or hand-edited zarr.json)")
         value = attrs[key]
@@ -47,6 +54,3 @@ def check_root_attrs(attrs, path) -> None:
     grads = attrs.get("grads")
     if grads is not None and (not isinstance(grads, dict) or grads.get("encoding") not in layout.ENCODINGS):
         raise StoreError(f"{where}: root attribute grads = {grads!r} must be null or name an encoding")
-    if attrs["format_version"] > layout.FORMAT_VERSION:
-        raise StoreError(f"store {scrub(path)} has format {attrs['format_version']}; this tool reads up to "
-                         f"{layout.FORMAT_VERSION}: upgrade")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import zarr
 from zarr.storage import FsspecStore, LocalStore
@@ -73,3 +74,120 @@ def du(path: str) -> int:
         for name in files:
             total += os.path.getsize(os.path.join(dirpath, name))
     return total
+
+
+# ---- single objects inside a store (records, lease, shards), addressed by key -----------------
+def _key_path(path: str, key: str) -> str:
+    return str(path).rstrip("/") + "/" + key
+
+
+def read_bytes(path: str, key: str) -> bytes | None:
+    """The object at path/key, or None when there is none."""
+    target = _key_path(path, key)
+    if is_url(path):
+        fs, root = _fs(target)
+        try:
+            return fs.cat_file(root)
+        except FileNotFoundError:
+            return None
+    try:
+        with open(_local(target), "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def write_atomic(path: str, key: str, data: bytes) -> None:
+    """Readers see the old object or the whole new one, never a part: a local file is written
+    beside its target and renamed over it; an object store PUT is atomic by itself."""
+    target = _key_path(path, key)
+    if is_url(path):
+        fs, root = _fs(target)
+        fs.pipe_file(root, data)
+        return
+    target = _local(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def create_exclusive(path: str, key: str, data: bytes) -> bool:
+    """Create path/key only if absent (O_EXCL locally; check-then-put on object storage, which
+    has no portable conditional PUT). False when something is already there."""
+    target = _key_path(path, key)
+    if is_url(path):
+        if read_bytes(path, key) is not None:
+            return False
+        write_atomic(path, key, data)
+        return True
+    target = _local(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def size(path: str, key: str) -> int | None:
+    """Bytes of the object at path/key, None when missing."""
+    target = _key_path(path, key)
+    if is_url(path):
+        fs, root = _fs(target)
+        try:
+            return int(fs.size(root))
+        except FileNotFoundError:
+            return None
+    try:
+        return os.stat(_local(target)).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def list_keys(path: str, prefix: str) -> list[str]:
+    """Keys (relative to path) of every object under path/prefix."""
+    base = str(path).rstrip("/")
+    if is_url(path):
+        fs, root = _fs(base)
+        try:
+            found = fs.find(root + "/" + prefix)
+        except FileNotFoundError:
+            return []
+        return sorted(f[len(root) + 1:] for f in found)
+    base = _local(base)
+    out = []
+    for dirpath, _, files in os.walk(os.path.join(base, prefix)):
+        for name in files:
+            out.append(os.path.relpath(os.path.join(dirpath, name), base).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def remove_key(path: str, key: str) -> None:
+    target = _key_path(path, key)
+    if is_url(path):
+        fs, root = _fs(target)
+        try:
+            fs.rm_file(root)
+        except FileNotFoundError:
+            pass
+    else:
+        try:
+            os.remove(_local(target))
+        except FileNotFoundError:
+            pass
+
+
+def is_bucket_root(path: str) -> bool:
+    """s3://bucket (or gs://bucket/): a whole bucket, which this tool never removes."""
+    return is_url(path) and "/" not in str(path).split("://", 1)[1].strip("/")
+
+
+def rename(src: str, dst: str) -> None:
+    """Local paths only: object storage has no rename."""
+    os.replace(_local(src), _local(dst))

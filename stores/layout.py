@@ -10,8 +10,19 @@ import math
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)      # a version-1 store is read as before and never written to
 ROOT_ATTR = "sae_store"
+
+# format 2: completion lives in small JSON objects written atomically, one per window, not in a
+# counter that several writers would share (docs/store-format.md)
+WINDOWS_PREFIX = "windows"
+FINAL_KEY = "final.json"        # written once every window record is present and arrays are sized
+LEASE_KEY = "lease.json"        # who is writing the store now (stores/lease.py)
+
+
+def window_key(window: int) -> str:
+    return f"{WINDOWS_PREFIX}/{window:08d}.json"
 
 TOKENS = "tokens"
 ROWS_SEQ = "rows/seq"
@@ -95,3 +106,15 @@ def window_seqs_for(shuffle_window_tokens: int, ctx_len: int) -> int:
     """Sequences per shuffle window: at least the requested tokens, a multiple of 8 for divisors."""
     seqs = max(1, math.ceil(shuffle_window_tokens / ctx_len))
     return seqs if seqs < 8 else math.ceil(seqs / 8) * 8
+
+
+def shard_span(first: int, count: int, shard: int) -> range:
+    """Indices of the shards (of `shard` rows each) that rows [first, first + count) touch."""
+    if count <= 0:
+        return range(0)
+    return range(first // shard, (first + count - 1) // shard + 1)
+
+
+def shard_key(name: str, index: int, ndim: int) -> str:
+    """Store key of shard `index` along the rows of array `name` (default v3 chunk keys)."""
+    return "/".join([name, "c", str(index)] + ["0"] * (ndim - 1))

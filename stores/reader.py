@@ -1,4 +1,10 @@
-"""Read a store: metadata, random access by row, and the training batch iterator."""
+"""Read a store: metadata, random access by row, and the training batch iterator.
+
+Format 2: the rows a reader returns are those of the window records; before the first read of a
+shard the reader checks that the shard exists with the size its record gives, so a missing,
+empty or truncated shard raises a StoreError naming the array and window instead of reading as
+zeros. Flipped bits inside a chunk are caught by the chunks' crc32c codec.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -6,21 +12,95 @@ import numpy as np
 from . import fs, layout
 from .check import check_root_attrs
 from .errors import StoreError
+from .writer import complete_prefix, load_final, load_records
+
+
+class _CheckedArray:
+    """A zarr array whose reads first check the shards they touch against the window records."""
+
+    def __init__(self, store: "Store", name: str, arr):
+        self.store, self.name, self.arr = store, name, arr
+
+    def __getattr__(self, attr):
+        return getattr(self.arr, attr)
+
+    def __len__(self):
+        return len(self.arr)
+
+    def _check(self, first: int, stop: int) -> None:
+        self.store._check_rows(self.name, self.arr, first, stop)
+
+    def __getitem__(self, sel):
+        first = sel[0] if isinstance(sel, tuple) else sel
+        if isinstance(first, slice):
+            # rows past the records (a partial store, a store not yet shrunk) are not data
+            limit = self.store.n_seqs if self.name == layout.TOKENS else self.store.n_rows
+            a, b, step = first.indices(min(self.arr.shape[0], limit))
+            first = slice(a, b, step)
+            sel = (first, *sel[1:]) if isinstance(sel, tuple) else first
+            self._check(a, b)
+        elif isinstance(first, (int, np.integer)):
+            i = int(first) % max(self.arr.shape[0], 1)
+            self._check(i, i + 1)
+        else:
+            idx = np.asarray(first)
+            if idx.size:
+                self._check(int(idx.min()), int(idx.max()) + 1)
+        return self.store._guard(self.name, lambda: self.arr[sel])
+
+    def get_orthogonal_selection(self, sel):
+        idx = np.asarray(sel[0])
+        if idx.size:
+            self._check(int(idx.min()), int(idx.max()) + 1)
+        return self.store._guard(self.name, lambda: self.arr.get_orthogonal_selection(sel))
 
 
 class Store:
     """An opened store. Arrays are read lazily; values come back as float32 numpy."""
 
-    def __init__(self, path: str, group, attrs: dict):
+    def __init__(self, path: str, group, attrs: dict, records: dict[int, dict] | None = None):
         self.path = str(path)
         self.group = group
         self.attrs = attrs
+        self.records = records          # None for a format-1 store (no per-window records)
         self._cache: dict[str, object] = {}
+        self._checked: set[str] = set()
 
     def _array(self, name: str):
         if name not in self._cache:
-            self._cache[name] = self.group[name]
+            arr = self.group[name]
+            self._cache[name] = arr if self.records is None else _CheckedArray(self, name, arr)
         return self._cache[name]
+
+    def _check_rows(self, name: str, arr, first: int, stop: int) -> None:
+        """Raise unless every shard holding rows [first, stop) of `name` is as its record says."""
+        per_window = self.attrs["window_seqs"] * (1 if name == layout.TOKENS else self.attrs["ctx_len"])
+        shard = arr.shards[0]
+        for i in layout.shard_span(first, stop - first, shard):
+            key = layout.shard_key(name, i, arr.ndim)
+            if key in self._checked:
+                continue
+            window = i * shard // per_window
+            record = self.records.get(window)
+            expected = None if record is None else {k: n for k, n, _ in record["shards"].get(name, [])}.get(key)
+            if expected is None:
+                raise StoreError(f"store {self.path}: array {name} window {window}: no record for shard {key}")
+            size = fs.size(self.path, key)
+            if size is None:
+                raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is missing")
+            if size != expected:
+                what = "empty" if size == 0 else f"{size} bytes, its record says {expected}"
+                raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is {what}")
+            self._checked.add(key)
+
+    def _guard(self, name: str, read):
+        try:
+            return read()
+        except StoreError:
+            raise
+        except Exception as e:     # crc32c mismatch or undecodable shard
+            raise StoreError(f"store {self.path}: array {name}: corrupt data "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
     # metadata
     @property
@@ -83,6 +163,8 @@ class Store:
             raise ValueError("rows must be a slice or a 1-d index array")
         # zarr reads sorted unique indices chunk by chunk; restore the caller's order after
         uniq, inverse = np.unique(rows, return_inverse=True)
+        if len(uniq) and (uniq[0] < 0 or uniq[-1] >= self.n_rows):
+            raise IndexError(f"row index out of range [0, {self.n_rows})")
         values = arr.get_orthogonal_selection((uniq, slice(None)))
         return layout.decode(values, encoding)[inverse]
 
@@ -109,8 +191,8 @@ class Store:
 def open_store(path: str, allow_partial: bool = False) -> Store:
     """Open a store at a local path or fsspec URL.
 
-    A store whose `complete` flag is false (a harvest still running or killed) is
-    refused unless allow_partial=True; then only `windows_done` windows are valid.
+    An incomplete store (a harvest still running or killed) is refused unless
+    allow_partial=True; then only the leading windows that have records are exposed.
     """
     path = str(path)
     if not fs.exists(path):
@@ -122,10 +204,9 @@ def open_store(path: str, allow_partial: bool = False) -> Store:
         raise StoreError(f"{path} is a zarr group but not a sae_store (no attrs['{layout.ROOT_ATTR}'])") from None
     except Exception as e:  # corrupt metadata
         raise StoreError(f"cannot open store {path}: {e}") from None
-    check_root_attrs(attrs, path)   # every key below is there, of the right type
-    if attrs.get("format_version", 0) > layout.FORMAT_VERSION:
-        raise StoreError(f"store {path} has format {attrs['format_version']}; this tool reads up to "
-                         f"{layout.FORMAT_VERSION}: upgrade")
+    check_root_attrs(attrs, path)   # every key below is there, of the right type, in a readable format
+    if attrs["format_version"] >= 2:
+        return _open_v2(path, group, attrs, allow_partial)
     if not attrs.get("complete"):
         if not allow_partial:
             raise StoreError(f"store {path} is incomplete (harvest still running or interrupted; "
@@ -135,3 +216,21 @@ def open_store(path: str, allow_partial: bool = False) -> Store:
         attrs = {**attrs, "n_rows": min(rows, attrs["n_rows"]),
                  "n_seqs": min(attrs["windows_done"] * attrs["window_seqs"], attrs["n_seqs"])}
     return Store(path, group, attrs)
+
+
+def _open_v2(path: str, group, attrs: dict, allow_partial: bool) -> Store:
+    records = load_records(path)
+    final = load_final(path)
+    if final is not None:
+        missing = [w for w in range(final["windows"]) if w not in records]
+        if missing:
+            raise StoreError(f"store {path} is damaged: window record(s) {missing[:5]} missing "
+                             f"(run `harvest verify {path}`)")
+        n_seqs = int(final["seqs"])
+    else:
+        if not allow_partial:
+            raise StoreError(f"store {path} is incomplete (harvest still running or interrupted; "
+                             f"finish it with `harvest run --resume`)")
+        _, n_seqs, _ = complete_prefix(records, attrs["window_seqs"], attrs["n_seqs"])
+    attrs = {**attrs, "n_seqs": n_seqs, "n_rows": n_seqs * attrs["ctx_len"], "complete": final is not None}
+    return Store(path, group, attrs, records)

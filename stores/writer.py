@@ -1,13 +1,19 @@
-"""Write a store one shuffle window at a time.
+"""Write a format-2 store one shuffle window at a time, from one process or many.
 
-A window is `window_seqs` whole sequences; its rows are already permuted by the
-caller. Each window covers whole shards of every array, and progress
-(`windows_done`) is recorded only after all of a window's arrays are written, so a
-writer killed at any moment leaves a store that `--resume` completes exactly.
+A window is `window_seqs` whole sequences whose rows the caller already permuted; it covers
+whole shards of every array, so the process writing a window is the only one touching those
+shards. After a window's arrays are written, its *record* (`windows/<w>.json`: the sha256 and
+size of every shard it wrote, its row and sequence counts, the data-stream position after it) is
+written atomically. There is no counter shared between writers: a window is done when its record
+exists, and the store is complete when `final.json` exists (written by `finish`, after the arrays
+are sized to the windows recorded). Killed at any moment, a store is completed by rewriting the
+windows that have no record.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 
 import numpy as np
 import zarr
@@ -16,30 +22,78 @@ from . import fs, layout
 from .errors import StoreError
 
 
+def load_records(path: str) -> dict[int, dict]:
+    """{window: record} for every window record in the store."""
+    out = {}
+    for key in fs.list_keys(path, layout.WINDOWS_PREFIX):
+        if not key.endswith(".json") or ".tmp-" in key:
+            continue
+        raw = fs.read_bytes(path, key)
+        try:
+            record = json.loads(raw)
+            out[int(record["window"])] = record
+        except (TypeError, ValueError, KeyError):
+            continue    # a record is written atomically; an unreadable one was made by hand: not done
+    return out
+
+
+def load_final(path: str) -> dict | None:
+    raw = fs.read_bytes(path, layout.FINAL_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def complete_prefix(records: dict[int, dict], window_seqs: int, n_seqs: int) -> tuple[int, int, bool]:
+    """(windows, seqs, ended) of the leading run of recorded windows, stopping after the first
+    short one (a stream that ran out): the rows a reader may use and `finish` keeps. `ended` is
+    true when nothing is missing before the end (planned or short window)."""
+    n_windows = -(-n_seqs // window_seqs)
+    seqs = 0
+    for w in range(n_windows):
+        rec = records.get(w)
+        if rec is None:
+            return w, seqs, False
+        seqs += int(rec["seqs"])
+        if int(rec["seqs"]) < min(window_seqs, n_seqs - w * window_seqs):
+            return w + 1, seqs, True
+    return n_windows, seqs, True
+
+
 class StoreWriter:
-    def __init__(self, path: str, group: zarr.Group):
+    """Writes windows of a store; `rank`/`world` say which windows this process owns
+    (window w belongs to rank w % world), so several processes fill one store together."""
+
+    def __init__(self, path: str, group: zarr.Group, *, rank: int = 0, world: int = 1, lease=None):
         self.path = str(path)
         self.group = group
         self.attrs = dict(group.attrs[layout.ROOT_ATTR])
         self.window_seqs = self.attrs["window_seqs"]
         self.ctx_len = self.attrs["ctx_len"]
         self.window_rows = self.window_seqs * self.ctx_len
-        self._arrays = {name: group[name] for name in self._array_names()}
+        self.rank, self.world = rank, world
+        self.lease = lease
+        self._arrays = {name: group[name] for name in self.array_names(self.attrs)}
+        self.records = load_records(self.path)
 
-    def _array_names(self) -> list[str]:
+    @staticmethod
+    def array_names(attrs: dict) -> list[str]:
         names = [layout.TOKENS, layout.ROWS_SEQ, layout.ROWS_POS]
-        names += [layout.acts_path(s) for s in self.attrs["sites"]]
-        if self.attrs.get("grads"):
-            names += [layout.grads_path(s) for s in self.attrs["sites"]]
+        names += [layout.acts_path(s) for s in attrs["sites"]]
+        if attrs.get("grads"):
+            names += [layout.grads_path(s) for s in attrs["sites"]]
         return names
 
     @property
-    def windows_done(self) -> int:
-        return int(self.attrs["windows_done"])
+    def n_windows(self) -> int:
+        return -(-self.attrs["n_seqs"] // self.window_seqs)
+
+    @property
+    def complete(self) -> bool:
+        return load_final(self.path) is not None
 
     @classmethod
     def create(cls, path: str, *, meta: dict, sites: dict[str, dict], grads: dict | None,
-               ctx_len: int, n_seqs: int, window_seqs: int, compressor: str | None = None) -> "StoreWriter":
+               ctx_len: int, n_seqs: int, window_seqs: int, compressor: str | None = None,
+               lease=None) -> "StoreWriter":
         """Create an empty store sized for `n_seqs` sequences.
 
         sites: {name: {"d": width, "encoding": "float16"|"bfloat16"|"float32"}}
@@ -58,12 +112,12 @@ class StoreWriter:
             "n_rows": n_rows,
             "n_seqs": n_seqs,
             "complete": False,
-            "windows_done": 0,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        compressors = None
+        # crc32c on every chunk (and every shard index): any Zarr v3 reader detects a flipped bit
+        codecs = [zarr.codecs.Crc32cCodec()]
         if compressor == "zstd":
-            compressors = zarr.codecs.ZstdCodec(level=3)
+            codecs = [zarr.codecs.ZstdCodec(level=3), *codecs]
         elif compressor not in (None, "none"):
             raise StoreError(f"unknown compressor {compressor!r}; use none or zstd")
         group = zarr.open_group(store=fs.zarr_store(path), mode="w", zarr_format=3)
@@ -73,7 +127,7 @@ class StoreWriter:
             width = (d,) if d else ()
             chunk, shard = layout.row_geometry(window_rows, np.dtype(dtype).itemsize * (d or 1))
             group.create_array(name, shape=(n_rows, *width), dtype=dtype, chunks=(chunk, *width),
-                               shards=(shard, *width), compressors=compressors, fill_value=0,
+                               shards=(shard, *width), compressors=codecs, fill_value=0,
                                attributes=attributes, dimension_names=("row", "dim")[:1 + len(width)])
 
         seq_bytes = 4 * ctx_len
@@ -82,7 +136,7 @@ class StoreWriter:
             tok_chunk += 1
         group.create_array(layout.TOKENS, shape=(n_seqs, ctx_len), dtype=np.int32,
                            chunks=(tok_chunk, ctx_len), shards=(window_seqs, ctx_len),
-                           compressors=compressors, fill_value=0, dimension_names=("seq", "pos"))
+                           compressors=codecs, fill_value=0, dimension_names=("seq", "pos"))
         rows_array(layout.ROWS_SEQ, np.int32)
         rows_array(layout.ROWS_POS, np.int32)
         for name, s in sites.items():
@@ -93,21 +147,47 @@ class StoreWriter:
                            {"encoding": grads["encoding"]})
         # written last: a store whose root attrs exist has all its arrays
         group.attrs[layout.ROOT_ATTR] = attrs
-        return cls(path, group)
+        return cls(path, group, lease=lease)
 
     @classmethod
-    def open(cls, path: str) -> "StoreWriter":
+    def open(cls, path: str, *, rank: int = 0, world: int = 1, lease=None) -> "StoreWriter":
+        """Open a format-2 store to add windows; any other version is refused, never written."""
         try:
             group = fs.open_group(path, mode="r+")
-            return cls(path, group)
+            attrs = group.attrs[layout.ROOT_ATTR]
         except (KeyError, FileNotFoundError) as e:
             raise StoreError(f"{path} is not a sae_store (missing {e})") from None
+        except Exception as e:
+            raise StoreError(f"cannot open store {path}: {str(e).splitlines()[0][:200]}") from None
+        version = attrs.get("format_version") if isinstance(attrs, dict) else None
+        if type(version) is not int or version != layout.FORMAT_VERSION:
+            raise StoreError(f"store {path} has format_version {version!r}; this tool writes only format "
+                             f"{layout.FORMAT_VERSION} and never changes a store of another version")
+        return cls(path, group, rank=rank, world=world, lease=lease)
+
+    def owns(self, window: int) -> bool:
+        return window % self.world == self.rank
+
+    def shard_keys(self, name: str, window: int, n_seqs: int) -> list[str]:
+        """Keys of the shards of array `name` that window `window` (holding n_seqs) writes."""
+        arr = self._arrays[name]
+        if name == layout.TOKENS:
+            first, count = window * self.window_seqs, n_seqs
+        else:
+            first, count = window * self.window_rows, n_seqs * self.ctx_len
+        return [layout.shard_key(name, i, arr.ndim) for i in layout.shard_span(first, count, arr.shards[0])]
 
     def write_window(self, window: int, tokens: np.ndarray, rows_seq: np.ndarray, rows_pos: np.ndarray,
-                     acts: dict[str, np.ndarray], grads: dict[str, np.ndarray] | None = None) -> None:
-        """Write window `window` (rows already shuffled). Windows must come in order."""
-        if window != self.windows_done:
-            raise StoreError(f"window {window} written out of order (next is {self.windows_done})")
+                     acts: dict[str, np.ndarray], grads: dict[str, np.ndarray] | None = None,
+                     position: dict | None = None) -> dict:
+        """Write window `window` (rows already shuffled), then its record. A process writes its own
+        windows in order; the record is what marks the window done."""
+        if not self.owns(window):
+            raise StoreError(f"window {window} belongs to rank {window % self.world}, not rank {self.rank}")
+        prev = window - self.world
+        if prev >= 0 and prev not in self.records:
+            raise StoreError(f"window {window} written out of order (window {prev} of this writer is not "
+                             f"written yet)")
         s0 = window * self.window_seqs
         r0 = window * self.window_rows
         n = len(rows_seq)
@@ -120,19 +200,55 @@ class StoreWriter:
         for site, values in (grads or {}).items():
             enc = self.attrs["grads"]["encoding"]
             self._arrays[layout.grads_path(site)][r0:r0 + n] = layout.encode(values, enc)
-        self._set(windows_done=window + 1)
+        # the checksums are of the bytes as stored (read back), so they also catch a bad write
+        shards = {}
+        for name in self._arrays:
+            shards[name] = []
+            for key in self.shard_keys(name, window, len(tokens)):
+                data = fs.read_bytes(self.path, key)
+                if not data:
+                    raise StoreError(f"store {self.path}: shard {key} of window {window} did not reach storage")
+                shards[name].append([key, len(data), hashlib.sha256(data).hexdigest()])
+        record = {"window": window, "rank": self.rank, "seqs": int(len(tokens)), "rows": int(n),
+                  "first_seq": s0, "first_row": r0, "position": position, "shards": shards,
+                  "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if self.lease is not None:
+            self.lease.check()
+        fs.write_atomic(self.path, layout.window_key(window), json.dumps(record).encode())
+        self.records[window] = record
+        return record
 
-    def _set(self, **updates) -> None:
-        self.attrs.update(updates)
+    def finish(self, n_seqs: int | None = None, **extra) -> dict:
+        """Size the arrays to the recorded windows and write the final record (one process only).
+
+        The sequence count comes from the window records, never from a counter: the leading run
+        of recorded windows up to the first short one (a stream that ran out). Records and shards
+        past it are removed. Idempotent, so a process killed inside it is simply run again.
+        """
+        self.records = load_records(self.path)
+        final = load_final(self.path)
+        if final is not None:   # killed after the final record: only the root attributes may lag
+            n_windows, seqs, ended = final["windows"], final["seqs"], True
+        else:
+            n_windows, seqs, ended = complete_prefix(self.records, self.window_seqs, self.attrs["n_seqs"])
+        if not ended:
+            raise StoreError(f"store {self.path}: window {n_windows} has no record; cannot finish "
+                             f"(run again with --resume)")
+        if n_seqs is not None and n_seqs != seqs:
+            raise StoreError(f"store {self.path}: records hold {seqs} sequences, not {n_seqs}")
+        n_rows = seqs * self.ctx_len
+        for name, arr in self._arrays.items():
+            want = (seqs, self.ctx_len) if name == layout.TOKENS else (n_rows,) + arr.shape[1:]
+            if arr.shape != want:
+                arr.resize(want)
+        for w in [w for w in self.records if w >= n_windows]:
+            fs.remove_key(self.path, layout.window_key(w))
+            del self.records[w]
+        if final is None:
+            final = {"windows": n_windows, "seqs": seqs, "rows": n_rows, **extra,
+                     "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            fs.write_atomic(self.path, layout.FINAL_KEY, json.dumps(final).encode())
+        # the root attributes follow for readers that look only there; final.json is authoritative
+        self.attrs.update(n_seqs=seqs, n_rows=n_rows, complete=True)
         self.group.attrs[layout.ROOT_ATTR] = self.attrs
-
-    def finish(self, n_seqs: int, **extra) -> dict:
-        """Shrink to the sequences actually written and mark the store complete."""
-        n_rows = n_seqs * self.ctx_len
-        if n_seqs != self.attrs["n_seqs"]:
-            self._arrays[layout.TOKENS].resize((n_seqs, self.ctx_len))
-            for name, arr in self._arrays.items():
-                if name != layout.TOKENS:
-                    arr.resize((n_rows,) + arr.shape[1:])
-        self._set(n_seqs=n_seqs, n_rows=n_rows, complete=True, **extra)
         return self.attrs

@@ -67,7 +67,8 @@ def sample_rows(store, site: str, rows: tuple[int, int], n: int, seed: int, excl
     scale, b_dec init and gtopk's beta calibration."""
     lo, hi = rows
     rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(np.arange(lo, hi), size=min(n, hi - lo), replace=False))
+    # choice over the count, not over np.arange: memory follows n, not the store's row count
+    idx = lo + np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False))
     if exclude_pos0:
         idx = idx[store.rows_pos.get_orthogonal_selection((idx,)) != 0]
     return store.acts(site, idx), (store.grads(site, idx) if grads else None)

@@ -1,0 +1,181 @@
+"""One shuffle window: compute its rows on the device, hand it to a writer thread.
+
+The hot path never waits on the device per batch: the overflow/NaN check accumulates a running
+peak on the device and reads it once per window (before the window can be written, so bad values
+never get a record), and device-to-host copies go into pinned buffers without blocking; the rows
+of batch i are scattered into the window while the device runs batch i + 1.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import signal
+import threading
+
+import numpy as np
+import torch
+
+from .errors import HarvestError
+from .sites import capture
+
+_MAX = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
+
+
+def _to_storage(t: torch.Tensor, encoding: str) -> torch.Tensor:
+    """Encode on the device (halves the copy to host for 16-bit encodings)."""
+    if encoding == "bfloat16":
+        return t.to(torch.bfloat16)
+    return t.to(torch.float16 if encoding == "float16" else torch.float32)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+class _Copies:
+    """Device-to-host copies in flight for one batch, drained after the next batch is queued."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.items: list = []
+        self.event = None
+
+    def add(self, buffers: dict, key: str, values: torch.Tensor, dest: np.ndarray, window_rows: int):
+        if self.cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+        else:
+            host = values
+        self.items.append((buffers, key, host, dest, window_rows))
+
+    def seal(self):
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return self
+
+    def drain(self):
+        if self.event is not None:
+            self.event.synchronize()
+        for buffers, key, host, dest, window_rows in self.items:
+            array = _numpy(host)
+            if buffers[key] is None:
+                buffers[key] = np.empty((window_rows, array.shape[1]), array.dtype)
+            buffers[key][dest] = array
+        self.items = []
+
+
+def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site_enc, grad_enc,
+                   device, advance) -> dict:
+    ctx = cfg.ctx_len
+    window_rows = window_seqs * ctx
+    n_rows = len(seqs) * ctx
+    perm = np.random.default_rng([cfg.seed, window]).permutation(window_rows)
+    first_seq = window * window_seqs
+    acts = {s.name: None for s in sites}
+    grads = {s.name: None for s in sites} if grad_enc else None
+    rows_seq = np.empty(window_rows, np.int32)
+    rows_pos = np.empty(window_rows, np.int32)
+    # running max |value| per (kind, site), on the device: one host read per window
+    peaks = {}
+    pending = None
+    for b0 in range(0, len(seqs), cfg.batch_size):
+        batch = np.stack(seqs[b0:b0 + cfg.batch_size])
+        dest = perm[b0 * ctx:(b0 + len(batch)) * ctx]
+        ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
+        captured = capture(model, ids, sites, grads=grad_enc is not None, stop_early=grad_enc is None)
+        copies = _Copies(device)
+        for s in sites:
+            parts = [("activations", acts, captured.acts[s.name], site_enc[s.name])]
+            if grads is not None:
+                parts.append(("gradients", grads, captured.grads[s.name], grad_enc))
+            for what, buffers, values, enc in parts:
+                values = values.detach().reshape(-1, values.shape[-1])
+                peak = values.abs().amax()
+                key = (what, s.name, enc)
+                peaks[key] = peak if key not in peaks else torch.maximum(peaks[key], peak)
+                copies.add(buffers, s.name, _to_storage(values, enc), dest, window_rows)
+        copies.seal()
+        if pending is not None:
+            pending.drain()      # batch i - 1's copies, while the device works on batch i
+        pending = copies
+        rows_seq[dest] = np.repeat(np.arange(first_seq + b0, first_seq + b0 + len(batch), dtype=np.int32), ctx)
+        rows_pos[dest] = np.tile(np.arange(ctx, dtype=np.int32), len(batch))
+        advance(len(batch) * ctx)
+    if pending is not None:
+        pending.drain()
+    _check_peaks(peaks)
+    if n_rows < window_rows:  # last, short window: keep the filled slots, still in shuffled order
+        keep = np.sort(perm[:n_rows])
+        acts = {k: v[keep] for k, v in acts.items() if v is not None}
+        grads = {k: v[keep] for k, v in grads.items() if v is not None} if grads is not None else None
+        rows_seq, rows_pos = rows_seq[keep], rows_pos[keep]
+    tokens = np.stack(seqs) if seqs else np.zeros((0, ctx), np.int32)
+    return {"window": window, "tokens": tokens, "rows_seq": rows_seq, "rows_pos": rows_pos,
+            "acts": acts, "grads": grads, "position": positions[-1] if positions else None}
+
+
+def _check_peaks(peaks: dict) -> None:
+    if not peaks:
+        return
+    keys = list(peaks)
+    values = torch.stack([peaks[k].float() for k in keys]).cpu().tolist()
+    for (what, name, encoding), peak in zip(keys, values):
+        if not math.isfinite(peak) or peak > _MAX[encoding]:
+            raise HarvestError(
+                f"non-finite {what} at {name} (in {encoding}): the model overflowed or the encoding can't hold "
+                f"the values; use --dtype float32/bfloat16 and --act-encoding bfloat16/float32")
+
+
+class WindowWriter(threading.Thread):
+    """Writes finished windows in order on a background thread.
+
+    One window is written while the next is computed; handing over a window waits until the
+    previous one is on disk, so host memory holds at most two windows.
+    """
+
+    def __init__(self, writer):
+        super().__init__(daemon=True, name="store-writer")
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue()
+        self.free = threading.Semaphore(1)
+        self.error: BaseException | None = None
+
+    def run(self):
+        # fault injection for the kill tests: SIGKILL this process after it wrote N window records
+        die_after = int(os.environ.get("SAE_HARVEST_TEST_KILL_AFTER_RECORDS", "-1"))
+        die_rank = int(os.environ.get("SAE_HARVEST_TEST_KILL_RANK", str(self.writer.rank)))
+        written = 0
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_window(**job)
+                    written += 1
+                    if written == die_after and die_rank == self.writer.rank:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                except BaseException as e:  # surfaced in the main thread
+                    self.error = e
+            del job
+            self.free.release()
+
+    def put(self, job):
+        self._check()
+        self.free.acquire()
+        self._check()
+        self.jobs.put(job)
+
+    def close(self):
+        self.jobs.put(None)
+        self.join()
+        self._check()
+
+    def abort(self):
+        self.error = self.error or RuntimeError("harvest aborted")
+        self.jobs.put(None)
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
