@@ -150,12 +150,14 @@ def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the n*k largest entries of pre [n, d] over the batch: over the global batch of n x ranks
     rows inside a data-parallel step. Exact: each rank offers its own top n_global*k values (no
     more can win), the n_global*k-th largest of all offers is the global threshold, and each rank
-    keeps its entries at or above it (ties at a positive value have probability zero; ties at 0
-    keep zeros, which change nothing)."""
+    keeps its entries at or above it. Entries tied with the threshold are all kept, in one process
+    too: identical rows (every sequence's position 0 in e2e) would otherwise leave which copy wins
+    to torch.topk's order, which differs between one process and several. Ties at 0 keep zeros,
+    which change nothing."""
     flat = pre.flatten()
     if not _active:
-        vals, idx = flat.topk(min(pre.shape[0] * k, flat.numel()), sorted=False)
-        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        threshold = flat.detach().topk(min(pre.shape[0] * k, flat.numel()), sorted=False).values.min()
+        return pre * (pre >= threshold)
     want = pre.shape[0] * ranks() * k
     offer = flat.detach().topk(min(want, flat.numel()), sorted=False).values
     offers = [torch.empty_like(offer) for _ in range(ranks())]
