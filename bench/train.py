@@ -21,30 +21,11 @@ import time
 import numpy as np
 import torch
 
-from sae_harvest.stores import StoreWriter
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import SAEConfig, make_sae
 
-
-def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
-    """Sparse combinations of a random dictionary (so the SAE's work is realistic), fp16 like GPT-2."""
-    rng = np.random.default_rng(0)
-    n_seqs = rows // ctx
-    window_seqs = min(n_seqs, 2048)
-    dictionary = rng.normal(size=(4 * d, d)).astype(np.float32) / math.sqrt(d)
-    w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
-                           sites={"blocks.0.resid_pre": {"d": d, "encoding": "float16"}}, grads=None,
-                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
-    for win in range(-(-n_seqs // window_seqs)):
-        seqs = np.arange(win * window_seqs, min((win + 1) * window_seqs, n_seqs))
-        n = len(seqs) * ctx
-        codes = (rng.random((n, 4 * d), dtype=np.float32) < 0.02) * rng.random((n, 4 * d), dtype=np.float32)
-        acts = codes @ dictionary * 10
-        perm = rng.permutation(n)
-        w.write_window(win, np.zeros((len(seqs), ctx)), np.repeat(seqs, ctx)[perm],
-                       np.tile(np.arange(ctx), len(seqs))[perm], {"blocks.0.resid_pre": acts[perm]})
-    w.finish(n_seqs)
+from common import synthetic_store
 
 
 def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
