@@ -5,7 +5,8 @@ Rates are marginal (N and 2N tokens, rate = N / time difference), so store openi
 for the normalisation constant and b_dec init cancel out. Repeats alternate; medians reported.
 
     python bench/train.py                                   # TopK d=256 -> 4096, k=32, 4096-token batches
-    python bench/train.py --device cuda --d-in 768 --d-sae 24576 --tokens 20000000 --arch topk,relu
+    python bench/train.py --device cuda --dtype bf16 --d-in 768 --d-sae 24576 --k 32 --tokens 20000000
+    python bench/train.py --dtype bf16 --decode sparse --d-in 64 --d-sae 1024 --tokens 40960 --repeats 1  # CPU dry run
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ from sae_harvest.train.registry import SAEConfig, make_sae
 from common import synthetic_store
 
 
-def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
+def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
     cfg = SAEConfig(arch=arch, d_in=d, d_sae=d_sae, k=k if arch in ("topk", "batchtopk", "gtopk") else 0,
                     l1_coeff=1.0)
     torch.manual_seed(0)
     sae = make_sae(cfg).to(device)
-    if device.type == "cuda" and k and k * 16 <= d_sae:
-        sae.use_sparse_decode = True
+    if sparse:
+        sae.enable_sparse_decode()
     opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
     data = torch.randn(16 * batch, d, device=device)
     steps = max(1, tokens // batch)
@@ -43,7 +44,7 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
     t0 = time.perf_counter()
     for i in range(steps):
         x = data[(i % 16) * batch:(i % 16 + 1) * batch]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = sae.loss(x)
         out.loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -55,10 +56,11 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device) -> float:
     return time.perf_counter() - t0
 
 
-def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device) -> float:
+def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(store=store, out=out, arch=arch, d_sae=d_sae, k=(k,), l1=(1.0,), batch_size=batch,
-                      tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9)
+                      tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9,
+                      autocast="on" if bf16 else "off", sparse_decode="on" if sparse else "off")
     t0 = time.perf_counter()
     fit(cfg, progress=False)
     return time.perf_counter() - t0
@@ -74,10 +76,17 @@ def main():
     p.add_argument("--tokens", type=int, default=4096 * 40, help="N: runs use N and 2N tokens")
     p.add_argument("--store-rows", type=int, default=None, help="default: 2N + 10%% (one epoch)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
+                   help="SAE step precision (default: bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--decode", default="auto", choices=("auto", "sparse", "dense"),
+                   help="TopK decode (auto: sparse on CUDA when k <= d_sae/16)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
     device = torch.device(args.device)
+    bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    sparse = args.decode == "sparse" or (args.decode == "auto" and device.type == "cuda")
+    setting = (bf16, sparse)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     store = os.path.join(tmp, "s.zarr")
     N = args.tokens
@@ -86,14 +95,14 @@ def main():
     print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
     for arch in args.arch.split(","):
-        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device)  # warm-up
+        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device, *setting)  # warm-up
         ratios, fit_rates, bare_rates = [], [], []
         for rep in range(args.repeats):
             out = os.path.join(tmp, "out")
-            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device)
-            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device)
-            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device)
-            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device)
+            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device, *setting)
+            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device, *setting)
+            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device, *setting)
+            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device, *setting)
             fr, br = N / max(f2 - f1, 1e-9), N / max(b2 - b1, 1e-9)
             fit_rates.append(fr)
             bare_rates.append(br)
@@ -101,7 +110,8 @@ def main():
             print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}",
                   flush=True)
         results.append({"arch": arch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
-                        "batch_size": args.batch_size, "device": str(device), "tokens": [N, 2 * N],
+                        "batch_size": args.batch_size, "device": str(device),
+                        "dtype": "bf16" if bf16 else "fp32", "decode": "sparse" if sparse else "dense", "tokens": [N, 2 * N],
                         "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
                         "ratio_median": statistics.median(ratios), "ratios": ratios,
                         "torch_threads": torch.get_num_threads()})
