@@ -59,7 +59,9 @@ def test_store_shares_cover_the_global_batch(store):
         assert len(a) == len(b) == 128
         np.testing.assert_array_equal(np.concatenate([a, b]), w)
     it = s.batches("blocks.1.resid_pre", 256, part=(1, 2), decode=False, **kw)
-    batch = next(iter(it))
+    batches = iter(it)
+    batch = next(batches)
+    batches.close()   # stop the read-ahead threads now, not at interpreter exit
     assert batch["acts"]["blocks.1.resid_pre"].dtype == np.float16   # shipped as stored
     np.testing.assert_array_equal(batch["acts"]["blocks.1.resid_pre"].astype(np.float32),
                                   s.acts("blocks.1.resid_pre", batch["rows"]))
@@ -137,3 +139,19 @@ def test_e2e_two_ranks_split_the_sequences(assets, tmp_path):
         m1, m2 = ((tmp_path / side / name / sub / "metrics.jsonl").read_text().splitlines() for side in ("one", "two"))
         last1, last2 = json.loads(m1[-1]), json.loads(m2[-1])
         assert last2["kl"] == pytest.approx(last1["kl"], rel=1e-4)
+
+
+def test_background_feed_keeps_order_and_raises():
+    """The CUDA feed pins batches in a thread: items arrive in order, errors reach the trainer."""
+    from sae_harvest.train.feeds import _background
+
+    assert list(_background(iter(range(50)))) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("shard unreadable")
+
+    it = _background(broken())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="unreadable"):
+        next(it)
