@@ -63,20 +63,32 @@ class BlockBatches:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
 
-    def _plan(self):
+    def _kept(self, index: int):
+        """Raw rows of a block that are not position 0 (None: all rows are kept)."""
+        if not self.exclude_pos0:
+            return None
+        a, b = self.blocks[index]
+        return np.flatnonzero(self.store.rows_pos[a:b] != 0) + a
+
+    def _plan(self, pool):
         """Cut the blocks into batches from row counts alone (no values read yet). Per block yields
         (block index, kept raw rows or None for all, steps): a step is ("rows", lo, hi), a range of
-        the block's kept rows in this rank's share, or ("end", state), a batch complete."""
+        the block's kept rows in this rank's share, or ("end", state), a batch complete. The
+        position arrays of the next blocks are fetched ahead on `pool` (object-store latency)."""
         epoch, block, offset = self._state
         size = self.batch_size
         mine = (self.rank * size // self.world, (self.rank + 1) * size // self.world)
         have = 0
         while self.epochs is None or epoch < self.epochs:
             order = self._order(epoch)
+            kept = {}
             for pos in range(block, len(order)):
+                for ahead in range(pos, min(pos + self.prefetch, len(order))):
+                    if ahead not in kept:
+                        kept[ahead] = pool.submit(self._kept, int(order[ahead]))
                 index = int(order[pos])
                 a, b = self.blocks[index]
-                keep = np.flatnonzero(self.store.rows_pos[a:b] != 0) + a if self.exclude_pos0 else None
+                keep = kept.pop(pos).result()
                 n = len(keep) if keep is not None else b - a
                 steps = []
                 while offset < n:
@@ -127,9 +139,9 @@ class BlockBatches:
         return result
 
     def _ahead(self):
-        with ThreadPoolExecutor(self.prefetch) as pool:
+        with ThreadPoolExecutor(2 * self.prefetch) as pool:   # block reads + position lookups
             ahead = deque()
-            for index, keep, steps in self._plan():
+            for index, keep, steps in self._plan(pool):
                 ahead.append((steps, pool.submit(self._read, index, keep, steps)))
                 if len(ahead) >= self.prefetch:
                     yield ahead.popleft()
