@@ -1,11 +1,14 @@
 """Helpers shared by the bench scripts (run as `python bench/<name>.py`, so bench/ is on sys.path)."""
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import torch
 
 from sae_harvest.harvest.default_model import OFFLINE_MODEL, resolve_model
+from sae_harvest.stores import StoreWriter
 
 
 def gpt2_small_random(root: str) -> str:
@@ -18,3 +21,23 @@ def gpt2_small_random(root: str) -> str:
         GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
         AutoTokenizer.from_pretrained(resolve_model(OFFLINE_MODEL)).save_pretrained(path)
     return path
+
+
+def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
+    """Sparse combinations of a random dictionary (so the SAE's work is realistic), fp16 like GPT-2."""
+    rng = np.random.default_rng(0)
+    n_seqs = rows // ctx
+    window_seqs = min(n_seqs, 2048)
+    dictionary = rng.normal(size=(4 * d, d)).astype(np.float32) / math.sqrt(d)
+    w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
+                           sites={"blocks.0.resid_pre": {"d": d, "encoding": "float16"}}, grads=None,
+                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
+    for win in range(-(-n_seqs // window_seqs)):
+        seqs = np.arange(win * window_seqs, min((win + 1) * window_seqs, n_seqs))
+        n = len(seqs) * ctx
+        codes = (rng.random((n, 4 * d), dtype=np.float32) < 0.02) * rng.random((n, 4 * d), dtype=np.float32)
+        acts = codes @ dictionary * 10
+        perm = rng.permutation(n)
+        w.write_window(win, np.zeros((len(seqs), ctx)), np.repeat(seqs, ctx)[perm],
+                       np.tile(np.arange(ctx), len(seqs))[perm], {"blocks.0.resid_pre": acts[perm]})
+    w.finish(n_seqs)

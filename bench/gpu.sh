@@ -33,10 +33,10 @@ py bench/harvest.py --model "$MPATH" --device $DEV --ctx-len $CTX --batch-size $
 fi
 
 if want train; then
-for SD in on off; do
-  echo "== train fit: TopK $TD_IN -> $TD_SAE, k=32, batch 4096, sparse decode $SD, vs bare in-memory loop"
+for SD in sparse dense; do
+  echo "== train fit: TopK $TD_IN -> $TD_SAE, k=32, batch 4096, bf16, $SD decode, vs bare in-memory loop"
   py bench/train.py --device $DEV --d-in $TD_IN --d-sae $TD_SAE --k 32 --batch-size 4096 --tokens $TN \
-     --store-rows $TROWS --sparse-decode $SD --repeats $REP --json "$OUT/train_$SD.json"
+     --store-rows $TROWS --dtype bf16 --decode $SD --repeats $REP --json "$OUT/train_$SD.json"
 done
 fi
 

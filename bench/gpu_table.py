@@ -23,12 +23,12 @@ def main(out: Path) -> None:
                      f"{h['harvest_tok_s']:,.0f} tok/s vs bare fwd+bwd {h['bare_tok_s']:,.0f} tok/s",
                      f"{h['ratio_median']:.2f}x (repeats {', '.join(f'{r:.2f}' for r in h['ratios'])}); "
                      f"{h['bytes_per_token']:,.0f} B/token"))
-    for sd in ("on", "off"):
+    for sd in ("sparse", "dense"):
         t = load(f"train_{sd}.json")
         if t:
             t = t[0]
             rows.append((f"train fit topk {t['d_in']}->{t['d_sae']} k={t['k']} batch {t['batch_size']}, "
-                         f"sparse decode {sd}",
+                         f"bf16, {sd} decode",
                          f"{t['fit_tok_s']:,.0f} tok/s vs bare loop {t['bare_tok_s']:,.0f} tok/s",
                          f"{t['ratio_median']:.2f}x; 410M tokens in {PAPER_LOCAL_TOKENS / t['fit_tok_s'] / 60:.1f} min"))
     for loss in ("e2e", "e2e+ds"):

@@ -5,7 +5,8 @@ Rates are marginal (N and 2N tokens, rate = N / time difference), so store openi
 for the normalisation constant and b_dec init cancel out. Repeats alternate; medians reported.
 
     python bench/train.py                                   # TopK d=256 -> 4096, k=32, 4096-token batches
-    python bench/train.py --device cuda --d-in 768 --d-sae 24576 --tokens 20000000 --arch topk,relu
+    python bench/train.py --device cuda --dtype bf16 --d-in 768 --d-sae 24576 --k 32 --tokens 20000000
+    python bench/train.py --dtype bf16 --decode sparse --d-in 64 --d-sae 1024 --tokens 40960 --repeats 1  # CPU dry run
 """
 from __future__ import annotations
 
@@ -21,38 +22,19 @@ import time
 import numpy as np
 import torch
 
-from sae_harvest.stores import StoreWriter
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import SAEConfig, make_sae
 
-
-def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
-    """Sparse combinations of a random dictionary (so the SAE's work is realistic), fp16 like GPT-2."""
-    rng = np.random.default_rng(0)
-    n_seqs = rows // ctx
-    window_seqs = min(n_seqs, 2048)
-    dictionary = rng.normal(size=(4 * d, d)).astype(np.float32) / math.sqrt(d)
-    w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
-                           sites={"blocks.0.resid_pre": {"d": d, "encoding": "float16"}}, grads=None,
-                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
-    for win in range(-(-n_seqs // window_seqs)):
-        seqs = np.arange(win * window_seqs, min((win + 1) * window_seqs, n_seqs))
-        n = len(seqs) * ctx
-        codes = (rng.random((n, 4 * d), dtype=np.float32) < 0.02) * rng.random((n, 4 * d), dtype=np.float32)
-        acts = codes @ dictionary * 10
-        perm = rng.permutation(n)
-        w.write_window(win, np.zeros((len(seqs), ctx)), np.repeat(seqs, ctx)[perm],
-                       np.tile(np.arange(ctx), len(seqs))[perm], {"blocks.0.resid_pre": acts[perm]})
-    w.finish(n_seqs)
+from common import synthetic_store
 
 
-def bare_loop(arch, d, d_sae, k, batch, tokens, device, sparse_decode="auto") -> float:
+def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
     cfg = SAEConfig(arch=arch, d_in=d, d_sae=d_sae, k=k if arch in ("topk", "batchtopk", "gtopk") else 0,
                     l1_coeff=1.0)
     torch.manual_seed(0)
     sae = make_sae(cfg).to(device)
-    if sparse_decode == "on" or (sparse_decode == "auto" and device.type == "cuda"):
+    if sparse:
         sae.enable_sparse_decode()
     opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
     data = torch.randn(16 * batch, d, device=device)
@@ -62,7 +44,7 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device, sparse_decode="auto") ->
     t0 = time.perf_counter()
     for i in range(steps):
         x = data[(i % 16) * batch:(i % 16 + 1) * batch]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = sae.loss(x)
         out.loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -74,11 +56,11 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device, sparse_decode="auto") ->
     return time.perf_counter() - t0
 
 
-def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, sparse_decode="auto") -> float:
+def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(store=store, out=out, arch=arch, d_sae=d_sae, k=(k,), l1=(1.0,), batch_size=batch,
                       tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9,
-                      sparse_decode=sparse_decode)
+                      autocast="on" if bf16 else "off", sparse_decode="on" if sparse else "off")
     t0 = time.perf_counter()
     fit(cfg, progress=False)
     return time.perf_counter() - t0
@@ -94,12 +76,17 @@ def main():
     p.add_argument("--tokens", type=int, default=4096 * 40, help="N: runs use N and 2N tokens")
     p.add_argument("--store-rows", type=int, default=None, help="default: 2N + 10%% (one epoch)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sparse-decode", default="auto", choices=("auto", "on", "off"),
-                   help="TopK decode by gathering the k rows (auto: on CUDA when k <= d_sae/16)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
+                   help="SAE step precision (default: bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--decode", default="auto", choices=("auto", "sparse", "dense"),
+                   help="TopK decode (auto: sparse on CUDA when k <= d_sae/16)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
     device = torch.device(args.device)
+    bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    sparse = args.decode == "sparse" or (args.decode == "auto" and device.type == "cuda")
+    setting = (bf16, sparse)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     store = os.path.join(tmp, "s.zarr")
     N = args.tokens
@@ -108,23 +95,23 @@ def main():
     print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
     for arch in args.arch.split(","):
-        sd = args.sparse_decode
-        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device, sd)  # warm-up
+        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device, *setting)  # warm-up
         ratios, fit_rates, bare_rates = [], [], []
         for rep in range(args.repeats):
             out = os.path.join(tmp, "out")
-            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device, sd)
-            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device, sd)
-            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device, sd)
-            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device, sd)
+            f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device, *setting)
+            f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device, *setting)
+            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device, *setting)
+            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device, *setting)
             fr, br = N / max(f2 - f1, 1e-9), N / max(b2 - b1, 1e-9)
             fit_rates.append(fr)
             bare_rates.append(br)
             ratios.append(fr / br)
             print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}",
                   flush=True)
-        results.append({"arch": arch, "sparse_decode": sd, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
-                        "batch_size": args.batch_size, "device": str(device), "tokens": [N, 2 * N],
+        results.append({"arch": arch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
+                        "batch_size": args.batch_size, "device": str(device),
+                        "dtype": "bf16" if bf16 else "fp32", "decode": "sparse" if sparse else "dense", "tokens": [N, 2 * N],
                         "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
                         "ratio_median": statistics.median(ratios), "ratios": ratios,
                         "torch_threads": torch.get_num_threads()})

@@ -154,10 +154,10 @@ class Store:
             raise StoreError(f"site {site!r} is not in store {self.path}; it has: {', '.join(self.sites)}")
         return site
 
-    def _read(self, name: str, encoding: str, rows) -> np.ndarray:
+    def _read(self, name: str, encoding: str, rows, decode: bool = True) -> np.ndarray:
         arr = self._array(name)
         if isinstance(rows, slice):
-            return layout.decode(arr[rows], encoding)
+            return layout.decode(arr[rows], encoding) if decode else arr[rows]
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise ValueError("rows must be a slice or a 1-d index array")
@@ -166,17 +166,22 @@ class Store:
         if len(uniq) and (uniq[0] < 0 or uniq[-1] >= self.n_rows):
             raise IndexError(f"row index out of range [0, {self.n_rows})")
         values = arr.get_orthogonal_selection((uniq, slice(None)))
-        return layout.decode(values, encoding)[inverse]
+        return (layout.decode(values, encoding) if decode else values)[inverse]
 
-    def acts(self, site: str, rows) -> np.ndarray:
+    def encoding(self, site: str, grads: bool = False) -> str:
+        """How the values are stored: float16, float32 or bfloat16 (as uint16 bits)."""
+        return self.attrs["grads"]["encoding"] if grads else self.attrs["sites"][self._site(site)]["encoding"]
+
+    def acts(self, site: str, rows, decode: bool = True) -> np.ndarray:
+        """float32 values, or as stored with decode=False (see encoding())."""
         site = self._site(site)
-        return self._read(layout.acts_path(site), self.attrs["sites"][site]["encoding"], rows)
+        return self._read(layout.acts_path(site), self.encoding(site), rows, decode)
 
-    def grads(self, site: str, rows) -> np.ndarray:
+    def grads(self, site: str, rows, decode: bool = True) -> np.ndarray:
         site = self._site(site)
         if not self.has_grads:
             raise StoreError(f"store {self.path} has no gradients (harvest with --grads)")
-        return self._read(layout.grads_path(site), self.attrs["grads"]["encoding"], rows)
+        return self._read(layout.grads_path(site), self.encoding(site, grads=True), rows, decode)
 
     def batches(self, sites, batch_size: int, **kwargs):
         """A BlockBatches iterator; see stores.batches.BlockBatches."""

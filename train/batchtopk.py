@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_harvest.train import distributed
 from sae_harvest.train.sae import LossOutput
 from sae_harvest.train.topk import TopKSAE
 
@@ -34,9 +35,7 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.full((cfg.d_sae,), -1.0))
 
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        flat = pre.flatten()
-        vals, idx = flat.topk(min(pre.shape[0] * self.cfg.k, flat.numel()), sorted=False)
-        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+        return distributed.batch_topk(pre, self.cfg.k)   # over the global batch under torchrun
 
     def jumprelu(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
@@ -68,9 +67,10 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def update_threshold(self, feats: torch.Tensor) -> None:
         pos = feats[feats > 0]
-        if pos.numel() == 0:
+        batch_min = distributed.global_min(pos.min() if pos.numel() else feats.new_tensor(float("inf")))
+        if torch.isinf(batch_min):
             return
-        batch_min = pos.min().to(self.threshold.dtype)
+        batch_min = batch_min.to(self.threshold.dtype)
         if self.threshold[0] < 0:
             self.threshold.fill_(batch_min)
         else:

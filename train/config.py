@@ -66,6 +66,7 @@ class TrainConfig:
     kl_coeff: float | None = opt(None, "e2e KL weight (default 1, 0.5 for e2e+ds).")
     downstream_coeff: float | None = opt(None, "e2e+ds downstream MSE weight beta (default 2.5).")
     init: str | None = opt(None, "Start from this SAE checkpoint (e.g. a local SAE before e2e).")
+    dist_timeout: int = opt(600, "Under torchrun: seconds a rank waits for the others before the job fails.")
 
     def to_dict(self) -> dict:
         """The config as stored (cfg.json, checkpoint/state.json) and logged (wandb): every path

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sae_harvest.stores.progress import token_progress
 
+from sae_harvest.train import distributed
 from sae_harvest.train import resume as train_state
 from sae_harvest.stores.errors import UserError
 from sae_harvest.train.errors import TrainError
@@ -92,11 +93,13 @@ def _log(runs, step, tokens, wandb_run):
 
 
 class Driver:
-    """Owns `out/`: metrics files, checkpoints, the progress bar and the SIGINT handler."""
+    """Owns `out/`: metrics files, checkpoints, the progress bar and the SIGINT handler.
+    Under torchrun only rank 0 writes; every rank steps, and a stop on any rank stops them all."""
 
     def __init__(self, cfg, out: Path, runs: dict, *, scale: float, total_steps: int, tokens_per_step: int,
-                 label: str):
+                 label: str, world: distributed.World = distributed.World()):
         self.cfg, self.out, self.runs, self.scale = cfg, Path(out), runs, scale
+        self.world = world
         self.total_steps, self.tokens_per_step, self.label = total_steps, tokens_per_step, label
         self.step, self.feed, self.elapsed = 0, None, 0.0
         self.warmup = max(1, int(cfg.warmup_fraction * total_steps))
@@ -104,10 +107,16 @@ class Driver:
     def prepare(self, resume: bool, overwrite: bool, load_run) -> dict | None:
         """Restore a checkpoint (returns the saved feed state) or start clean."""
         out = self.out
+        if self.world.main:   # has_state may repair a checkpoint killed mid-swap: one writer
+            has = resume and train_state.has_state(out)
+            if overwrite and not has and out.exists():
+                import shutil
+                shutil.rmtree(out)
+        distributed.barrier()
         if resume and train_state.has_state(out):
             meta = train_state.load_meta(out)
             saved = meta["config"]
-            differ = [k for k, v in self.cfg.to_dict().items() if k not in ("device", "wandb", "out")
+            differ = [k for k, v in self.cfg.to_dict().items() if k not in ("device", "wandb", "out", "dist_timeout")
                       and _plain(saved.get(k)) != _plain(v)]
             if differ:
                 raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
@@ -115,12 +124,11 @@ class Driver:
             for name, run in self.runs.items():
                 load_run(name, run)
             return meta["feed"]
-        if overwrite and out.exists():
-            import shutil
-            shutil.rmtree(out)
         return None
 
     def checkpoint(self, feed_state: dict | None = None) -> None:
+        if not self.world.main:
+            return
         feed_state = self.feed.state() if feed_state is None else feed_state
         train_state.save_state(self.out, meta={"step": self.step, "feed": feed_state, "scale": self.scale,
                                                "config": self.cfg.to_dict()}, runs=self.runs)
@@ -147,15 +155,18 @@ class Driver:
         """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now)
         trains every run on it."""
         self.feed = feed
-        self.out.mkdir(parents=True, exist_ok=True)
-        wandb_run = _wandb(self.cfg)
-        for name, run in self.runs.items():
-            (self.out / name).mkdir(exist_ok=True)
-            _truncate_metrics(self.out / name / "metrics.jsonl", self.step)
-            run.log = open(self.out / name / "metrics.jsonl", "a")
+        main = self.world.main
+        wandb_run = _wandb(self.cfg) if main else None
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name, run in self.runs.items():
+                (self.out / name).mkdir(exist_ok=True)
+                _truncate_metrics(self.out / name / "metrics.jsonl", self.step)
+                run.log = open(self.out / name / "metrics.jsonl", "a")
         interrupted = []
         old_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        bar = token_progress(console=console, disable=not progress)
+        bar = token_progress(console=console, disable=not progress or not main)
+        parallel = self.world.size > 1
         per = self.tokens_per_step
         t0 = time.perf_counter()
         try:
@@ -174,23 +185,25 @@ class Driver:
                         inputs = prepare(data)
                         if on_step is not None:
                             on_step(StepEvent(self.step, inputs, self.runs, self.scale))
-                        step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup,
-                                                  self.cfg.lr_final_fraction), log_now)
+                        with distributed.data_parallel(parallel):
+                            step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup,
+                                                      self.cfg.lr_final_fraction), log_now)
                     except Exception as e:
                         raise self._save_after_fault(e, before) from e
                     self.step += 1
                     bar.advance(task, per)
-                    if log_now:
+                    if log_now and main:
                         _log(self.runs, self.step, self.step * per, wandb_run)
                         bar.update(task, info=info_fn())
                     if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
                         self.checkpoint()
-                    if interrupted:
+                    stop = distributed.anywhere(bool(interrupted)) if parallel else bool(interrupted)
+                    if stop:
                         self.checkpoint()
-                        name = signal.Signals(interrupted[0]).name
+                        signum = interrupted[0] if interrupted else signal.SIGTERM   # or another rank's
+                        name = signal.Signals(signum).name
                         raise TrainInterrupted(f"stopped by {name} at step {self.step}: checkpoint saved in "
-                                               f"{self.out}; continue with --resume",
-                                               code=128 + int(interrupted[0]))
+                                               f"{self.out}; continue with --resume", code=128 + int(signum))
         finally:
             for s, handler in old_handlers.items():
                 signal.signal(s, handler)
@@ -203,7 +216,8 @@ class Driver:
     def summary(self) -> dict:
         tokens = self.step * self.tokens_per_step
         return {"steps": self.step, "tokens": tokens, "seconds": self.elapsed,
-                "tokens_per_s": tokens / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale}
+                "tokens_per_s": tokens / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale,
+                "world_size": self.world.size}
 
     def finish(self) -> None:
         self.checkpoint()

@@ -22,6 +22,7 @@ from sae_harvest.harvest.sites import Site, capture, record, splice
 from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub
+from sae_harvest.train import distributed
 from sae_harvest.train import resume as train_state
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig
@@ -136,11 +137,11 @@ def _pass(model, site, runs, ids, opts, train: bool):
 def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, log_now: bool) -> None:
     """One optimiser step of every SAE of the sweep on the sequences `ids`."""
     sums, fired = _pass(model, site, runs, ids, opts, train=True)
-    counted = ids.numel() - (0 if opts.loss_kw["include_bos"] else len(ids))
+    counted = (ids.numel() - (0 if opts.loss_kw["include_bos"] else len(ids))) * distributed.ranks()
     for name, run in runs.items():
         optimizer_step(run, factor, opts.grad_clip, fired=fired[name], tokens=counted)
         if log_now:
-            m = {k: float(v) for k, v in sums[name].items()}
+            m = distributed.global_mean({k: float(v) for k, v in sums[name].items()})   # equal shares
             run.last = {**m, "ce_increase": m["ce"] - m["ce_clean"], "lr": run.lr * factor,
                         "dead_fraction": float((run.since_fired >= opts.dead_after).float().mean())}
 
@@ -244,14 +245,18 @@ def _site_sample(env, cfg) -> torch.Tensor:
 
 
 def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-            console=None, device=None, on_step=None) -> dict:
-    """Train every SAE of the sweep end to end; returns {name: summary}. TrainError on bad input."""
+            console=None, device=None, on_step=None, world=distributed.World()) -> dict:
+    """Train every SAE of the sweep end to end; returns {name: summary}. TrainError on bad input.
+    Under torchrun each rank takes its share of every step's sequences; rank 0 evaluates and saves."""
     out = Path(cfg.out)
     env = _setup(cfg, device)
     ctx = env.store.ctx_len
     sample = _site_sample(env, cfg)
     scale = input_scale(sample, cfg.normalize)   # as the local trainer; folded back in at save
     seqs_per_step = max(1, min(cfg.batch_size // ctx, env.n_train))
+    if seqs_per_step % world.size:
+        raise TrainError(f"a step of {seqs_per_step} sequences does not divide over {world.size} ranks: "
+                         f"make --batch-size a multiple of {world.size} x {ctx}")
     tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
     total_steps = max(1, tokens // (seqs_per_step * ctx))
     runs = build_runs(cfg, env.d_in, sample, None, device, scale)
@@ -263,11 +268,12 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
                                         downstream=downstream, include_bos=cfg.include_bos))
     batch_tokens = seqs_per_step * ctx
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
-                    label=cfg.loss)
+                    label=cfg.loss, world=world)
     feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
     scale = driver.scale
     opts.loss_kw["scale"] = scale
-    feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state)
+    feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state,
+                      part=(world.rank, world.size))
 
     def prepare(data):
         return _read(env, data["acts"].numpy())   # the feed yields sequence indices
@@ -279,6 +285,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         return " | ".join(f"{n}: kl {r.last['kl']:.3g} l0 {r.last['l0']:.1f}" for n, r in list(runs.items())[:3])
 
     driver.run(feed, prepare, step_fn, info, progress=progress, console=console, on_step=on_step)
+    if not world.main:
+        return {}
     for run in runs.values():   # batch-independent: >= THRESHOLD_ROWS training rows (batchtopk)
         run.sae.finalize(x.to(device) / scale for x in _site_rows(env, cfg, THRESHOLD_ROWS, cfg.seed + 1))
     held_idx = np.arange(env.n_train, env.n_train + env.n_held)

@@ -1,37 +1,101 @@
 """Where training batches come from: a store (the normal case) or a tensor (meta-SAEs).
 
-A feed yields {"acts": float32 tensor [n, d], "grads": tensor or None} and can
-report and restore its position, so `--resume` continues on exactly the next batch.
+A feed yields {"acts": tensor [n, d], "grads": tensor or None} and can report and restore its
+position, so `--resume` continues on exactly the next batch. A store feed yields the values as
+stored (float16, bfloat16 or float32 tensors): the trainer converts them to float32 on the device,
+so the host never spends a pass over the batch decoding it. On CUDA the batches are copied into
+pinned memory by a background thread, so the host-to-device copy is asynchronous.
+Under torchrun (part = (rank, world)) each rank gets its own share of every global batch.
 """
 from __future__ import annotations
+
+import queue
+import threading
 
 import numpy as np
 import torch
 
 
+def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
+    """Stored values as a tensor of their own 16/32-bit type, without a copy (bfloat16: its bits)."""
+    if encoding == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
 class StoreFeed:
     def __init__(self, store, site: str, batch_size: int, *, rows: tuple[int, int], seed: int,
-                 grads: bool, exclude_pos0: bool, state: dict | None = None):
+                 grads: bool, exclude_pos0: bool, state: dict | None = None, part: tuple[int, int] = (0, 1),
+                 pin: bool = False):
         self.iter = store.batches(site, batch_size, rows=rows, seed=seed, grads=grads,
-                                  exclude_pos0=exclude_pos0, state=state)
+                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False)
         self.site = site
         self.grads = grads
+        self.pin = pin
+        self._state = self.iter.state()
+
+    def _tensors(self):
+        enc = self.iter.encodings
+        for batch in self.iter:
+            acts = as_tensor(batch["acts"][self.site], enc["acts/" + self.site])
+            grads = as_tensor(batch["grads"][self.site], enc["grads/" + self.site]) if self.grads else None
+            if self.pin:
+                acts = acts.pin_memory()
+                grads = grads.pin_memory() if grads is not None else None
+            yield {"acts": acts, "grads": grads}, self.iter.state()
 
     def __iter__(self):
-        for batch in self.iter:
-            acts = torch.from_numpy(batch["acts"][self.site])
-            grads = torch.from_numpy(batch["grads"][self.site]) if self.grads else None
-            yield {"acts": acts, "grads": grads}
+        batches = _background(self._tensors()) if self.pin else self._tensors()
+        for batch, state in batches:
+            self._state = state    # the position after the batch the trainer now holds
+            yield batch
 
     def state(self) -> dict:
-        return self.iter.state()
+        return self._state
+
+
+def _background(it, depth: int = 2):
+    """Run a generator in a thread, `depth` items ahead (for pinning batches off the step's path)."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:   # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class TensorFeed:
     """Seeded reshuffle every epoch; used for the meta-SAE's few thousand decoder rows."""
 
-    def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int, state: dict | None = None):
+    def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int, state: dict | None = None,
+                 part: tuple[int, int] = (0, 1)):
         self.data = data
+        self.part = part
         self.batch_size = min(batch_size, len(data))
         self.seed = seed
         s = state or {"epoch": 0, "offset": 0}
@@ -43,6 +107,8 @@ class TensorFeed:
             while self.offset + self.batch_size <= len(order):
                 idx = order[self.offset:self.offset + self.batch_size]
                 self.offset += self.batch_size
+                rank, world = self.part   # this rank's share of the global batch
+                idx = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]
                 yield {"acts": self.data[idx], "grads": None}
             self.epoch, self.offset = self.epoch + 1, 0
 

@@ -13,6 +13,7 @@ import torch
 
 from sae_harvest.stores import open_store
 from sae_harvest.stores.urls import scrub
+from sae_harvest.train import distributed
 from sae_harvest.train import resume as train_state
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig
@@ -77,11 +78,11 @@ class Source:
         self.epoch_tokens = len(self.data)
         self.provenance = {"decoder_of": scrub(cfg.decoder_of), "hook_name": f"meta:{scrub(cfg.decoder_of)}"}
 
-    def feed(self, batch_size: int, state: dict | None):
+    def feed(self, batch_size: int, state: dict | None, part=(0, 1), pin=False):
         if self.cfg.decoder_of:
-            return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state)
+            return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state, part=part)
         return StoreFeed(self.store, self.site, batch_size, rows=self.train_rows, seed=self.cfg.seed,
-                         grads=self.grads, exclude_pos0=self.exclude_pos0, state=state)
+                         grads=self.grads, exclude_pos0=self.exclude_pos0, state=state, part=part, pin=pin)
 
     def threshold_rows(self, n_rows: int, chunk: int = 8192):
         """Up to n_rows raw training rows in chunks (one seeded pass over whole blocks): what
@@ -112,26 +113,31 @@ class Source:
 
 
 def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-              console=None, device=None, on_step=None) -> dict:
-    """Train every SAE of the sweep on stored activations (or decoder rows); {name: summary}."""
+              console=None, device=None, on_step=None, world=distributed.World()) -> dict:
+    """Train every SAE of the sweep on stored activations (or decoder rows); {name: summary}
+    (under torchrun, rank 0 returns it and the other ranks {})."""
     out = Path(cfg.out)
     source = Source(cfg)
     scale = input_scale(source.sample, cfg.normalize and not cfg.decoder_of)
     tokens = cfg.tokens or source.epoch_tokens * (cfg.epochs or 1)
     batch = min(cfg.batch_size, source.epoch_tokens)
+    if batch % world.size:
+        raise TrainError(f"the global batch of {batch} rows does not divide over {world.size} ranks")
     total_steps = max(1, tokens // batch)
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
     runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale)
 
-    driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label="train")
+    driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label="train",
+                    world=world)
     feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
     scale = driver.scale
-    feed = source.feed(batch, feed_state)
+    feed = source.feed(batch, feed_state, part=(world.rank, world.size), pin=device.type == "cuda")
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
 
     def prepare(data):
-        x = data["acts"].to(device, non_blocking=True) / scale
-        g = data["grads"].to(device, non_blocking=True) * scale if data["grads"] is not None else None
+        # the feed ships the stored 16-bit values; widen to float32 on the device
+        x = data["acts"].to(device, non_blocking=True).float() / scale
+        g = data["grads"].to(device, non_blocking=True).float() * scale if data["grads"] is not None else None
         return x, g
 
     def step_fn(inputs, factor, log_now):
@@ -141,6 +147,8 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console,
                on_step=on_step)
+    if not world.main:   # rank 0 finalises, evaluates and saves (the weights are the same everywhere)
+        return {}
     summaries = {name: _finish(run, source, out / name, cfg, scale, device, driver)
                  for name, run in runs.items()}
     driver.finish()
@@ -155,12 +163,13 @@ def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now):
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = sae.loss(x, g, dead_mask=dead)
     out.loss.backward()
-    optimizer_step(run, factor, cfg.grad_clip, fired=(out.feats > 0).any(0), tokens=len(x))
-    if log_now:
+    optimizer_step(run, factor, cfg.grad_clip, fired=(out.feats > 0).any(0), tokens=len(x) * distributed.ranks())
+    if log_now:   # every term is a mean over the rank's equal share: averaging gives the global batch's
         with torch.no_grad():
-            nmse = ((out.x_hat.float() - x).pow(2).sum() / x.pow(2).sum()).item()
-        run.last = {"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()},
-                    "nmse": nmse, "dead_fraction": float(dead.float().mean()), "lr": run.lr * factor}
+            sums = distributed.all_sum(torch.stack([(out.x_hat.float() - x).pow(2).sum(), x.pow(2).sum()]))
+        terms = distributed.global_mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()}})
+        run.last = {**terms, "nmse": float(sums[0] / sums[1]), "dead_fraction": float(dead.float().mean()),
+                    "lr": run.lr * factor}
 
 
 def _info(runs) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sae_harvest.stores.urls import scrub
+from sae_harvest.train import distributed
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.registry import SAEConfig, make_sae
@@ -70,8 +71,11 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
 
 
 def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Tensor, tokens: int) -> None:
-    """Apply the accumulated gradients: decoder-norm constraint, clipping, Adam, dead-latent counts."""
+    """Apply the accumulated gradients: decoder-norm constraint, clipping, Adam, dead-latent counts.
+    Data parallel: gradients and `fired` are reduced over the ranks first; `tokens` is global."""
     sae, opt = run.sae, run.opt
+    distributed.average_gradients(sae)
+    fired = distributed.any_rank(fired)
     for group in opt.param_groups:
         group["lr"] = run.lr * lr_factor
     sae.remove_gradient_parallel_to_decoder_directions()
@@ -101,5 +105,6 @@ def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -
     saved = make_sae(run.cfg)
     saved.load_state_dict(run.sae.state_dict())
     saved.fold_input_scale(scale)
-    save_sae(saved, folder, extra_cfg={**extra, "sweep_name": folder.name, "lr": run.lr, "summary": summary})
+    save_sae(saved, folder, extra_cfg={**extra, "sweep_name": folder.name, "lr": run.lr, "summary": summary,
+                                       "world_size": summary.get("world_size", 1)})
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import math
 
+from sae_harvest.train import distributed
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
 
 
@@ -30,8 +31,9 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch
     masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
     vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
     e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum")
-    var = (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return (e_hat - resid).pow(2).sum() / var
+    var = distributed.residual_variance(resid).clamp_min(1e-12)
+    # data parallel: the ratio of global sums; x ranks because the ranks' gradients are averaged
+    return (e_hat - resid).pow(2).sum() / var * distributed.ranks()
 
 
 class TopKSAE(SAE):

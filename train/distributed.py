@@ -1,0 +1,172 @@
+"""Training on several processes: `torchrun --nproc-per-node N -m sae_harvest.train fit ...`.
+
+Data parallel (the default under torchrun): `--batch-size` is the global batch. Every rank reads the
+same seeded block order and keeps its own contiguous share of the rows of every global batch, so N
+ranks see exactly the rows one process would. While a step runs (`data_parallel()`), the few places
+whose result depends on the whole batch reduce across ranks through the helpers below:
+gradients (averaged: each rank's loss is a mean over its equal share), dead-latent masks (OR),
+AuxK's residual variance, BatchTopK's batch-wide top-k and its threshold (global min), and the
+logged metrics. Outside a step (finalising, held-out evaluation) every call is local again.
+
+Without torchrun (no RANK / WORLD_SIZE in the environment) nothing here does anything.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_active = False   # True while a data-parallel step runs
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets the torch.distributed environment)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
+    """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank),
+    gloo on CPU. A collective that waits longer than timeout_s (a rank died) fails the job."""
+    if not launched():
+        return World(), device
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+    return world, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def anywhere(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (e.g. Ctrl-C reached only some of them)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextmanager
+def data_parallel(on: bool = True):
+    """Within this block the helpers below reduce across all ranks."""
+    global _active
+    old, _active = _active, bool(on) and dist.is_initialized() and dist.get_world_size() > 1
+    try:
+        yield
+    finally:
+        _active = old
+
+
+def ranks() -> int:
+    """How many ranks share the current batch (1 outside a data-parallel step)."""
+    return dist.get_world_size() if _active else 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if _active:
+        dist.all_reduce(t)
+    return t
+
+
+def global_min(t: torch.Tensor) -> torch.Tensor:
+    if _active:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def any_rank(mask: torch.Tensor) -> torch.Tensor:
+    """Elementwise OR of a bool tensor over the ranks."""
+    if not _active:
+        return mask
+    m = mask.to(torch.uint8)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return m.bool()
+
+
+def global_mean(values: dict) -> dict:
+    """Average logged scalars over the ranks (each is a mean over an equal share of the batch)."""
+    if not _active or not values:
+        return values
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Gradients of the global batch from each rank's gradient of its local mean: one all_reduce."""
+    if not _active:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def residual_variance(resid: torch.Tensor) -> torch.Tensor:
+    """sum ||r - mean(r)||^2 over the global batch (AuxK's normaliser)."""
+    if not _active:
+        return (resid - resid.mean(0)).pow(2).sum()
+    mean = all_sum(resid.sum(0)) / (len(resid) * ranks())
+    return all_sum((resid - mean).pow(2).sum())
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the n*k largest entries of pre [n, d] over the batch: over the global batch of n x ranks
+    rows inside a data-parallel step. Exact: each rank offers its own top n_global*k values (no
+    more can win), the n_global*k-th largest of all offers is the global threshold, and each rank
+    keeps its entries at or above it. Entries tied with the threshold are all kept, in one process
+    too: identical rows (every sequence's position 0 in e2e) would otherwise leave which copy wins
+    to torch.topk's order, which differs between one process and several. Ties at 0 keep zeros,
+    which change nothing."""
+    flat = pre.flatten()
+    if not _active:
+        threshold = flat.detach().topk(min(pre.shape[0] * k, flat.numel()), sorted=False).values.min()
+        return pre * (pre >= threshold)
+    want = pre.shape[0] * ranks() * k
+    offer = flat.detach().topk(min(want, flat.numel()), sorted=False).values
+    offers = [torch.empty_like(offer) for _ in range(ranks())]
+    dist.all_gather(offers, offer)
+    offers = torch.cat(offers)
+    threshold = offers.topk(min(want, offers.numel()), sorted=False).values.min()
+    return pre * (pre >= threshold)
+
+
+def share(n: int, world: World) -> slice:
+    """This rank's contiguous part of a global batch of n items."""
+    return slice(world.rank * n // world.size, (world.rank + 1) * n // world.size)
