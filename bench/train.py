@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from sae_harvest.train.config import TrainConfig
