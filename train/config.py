@@ -56,7 +56,7 @@ class TrainConfig:
     checkpoint_every: int = opt(1000, "Steps between checkpoints.")
     log_every: int = opt(10, "Steps between metrics.jsonl records.")
     wandb: str | None = opt(None, "Log to this Weights & Biases project (needs wandb installed).")
-    autocast: str = opt("auto", "bf16 autocast of the SAE step (auto: on CUDA).", choices=("auto", "on", "off"))
+    autocast: str = opt("auto", "bf16 autocast of the SAE step, and of the model forwards for --loss e2e (auto: on CUDA).", choices=("auto", "on", "off"))
     sparse_decode: str = opt("auto", "Decode TopK by gathering the k rows (auto: on CUDA when k <= d_sae/16).",
                              choices=("auto", "on", "off"))
     epochs: int | None = opt(None, "Passes over the data when --tokens is not given (meta-SAE).")

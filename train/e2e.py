@@ -116,13 +116,16 @@ def _pass(model, site, runs, ids, opts, train: bool):
     sums = {name: {} for name in runs}
     fired = {name: torch.zeros(run.cfg.d_sae, dtype=torch.bool, device=ids.device) for name, run in runs.items()}
     micro = max(1, MICRO_TOKENS // ids.shape[1])
+    # bf16 autocast covers the clean and the spliced forwards alike, so the KL compares like with like
+    amp = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=getattr(opts, "autocast", False))
     for lo in range(0, len(ids), micro):
         chunk = ids[lo:lo + micro]
         w = len(chunk) / len(ids)
-        clean = clean_pass(model, chunk, opts.downstream)
+        with amp:
+            clean = clean_pass(model, chunk, opts.downstream)
         for name, run in runs.items():
             run.sae.train(train)   # batchtopk: batch top-k in training, its threshold otherwise
-            with torch.set_grad_enabled(train):
+            with torch.set_grad_enabled(train), amp:
                 t = e2e_loss(model, run.sae, site, chunk, clean=clean, **opts.loss_kw)
             run.sae.train()
             if train:
@@ -263,6 +266,7 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
     downstream = downstream_sites(env.site, env.adapter.n_layers)
     opts = SimpleNamespace(downstream=downstream, grad_clip=cfg.grad_clip, device=device,
+                           autocast=cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda"),
                            dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)),
                            loss_kw=dict(scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
                                         downstream=downstream, include_bos=cfg.include_bos))
