@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_harvest.evaluate.splice import (Entry, EvaluateError, _attach_site, _dataset_tokens, _load_entry,
-                                         _store_tokens)
+from sae_harvest.evaluate.splice import (Entry, EvaluateError, attach_site, dataset_tokens, load_entry,
+                                         store_tokens)
 
 
 @dataclass
@@ -36,8 +36,8 @@ def open_live(paths, *, model=None, revision=None, store=None, dataset=None, spl
     if tokens <= 0:
         raise EvaluateError("--tokens must be positive")
     dev = pick_device(device)
-    entries = [_load_entry(p, dev) for p in paths]
-    ids, store_obj = (None, None) if store is None else _store_tokens(store, tokens, ctx_len)
+    entries = [load_entry(p, dev) for p in paths]
+    ids, store_obj = (None, None) if store is None else store_tokens(store, tokens, ctx_len)
     if store_obj is not None and model is None:
         stored = store_obj.attrs.get("model", {})
         model, revision = stored.get("name"), revision or stored.get("revision")
@@ -47,9 +47,9 @@ def open_live(paths, *, model=None, revision=None, store=None, dataset=None, spl
     net, tokenizer = load_model(resolve_model(model), revision=revision, device=dev, dtype=getattr(torch, dtype))
     adapter = get_adapter(net)
     for e in entries:
-        _attach_site(e, adapter, grad_select=False)
+        attach_site(e, adapter)
     if ids is None:
-        ids = _dataset_tokens(dataset, tokenizer, tokens, ctx_len, split, text_column)
+        ids = dataset_tokens(dataset, tokenizer, tokens, ctx_len, split, text_column)
     if ids.shape[1] < 3:
         raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
     if ids.shape[1] > adapter.max_positions:

@@ -55,7 +55,7 @@ class Entry:
 
 
 # --- inputs ------------------------------------------------------------------------------------
-def _load_entry(path: str, device) -> Entry:
+def load_entry(path: str, device) -> Entry:
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
     sae = load_sae(path, device=device)
@@ -64,7 +64,7 @@ def _load_entry(path: str, device) -> Entry:
     return Entry(path=str(path), sae=sae, cfg=json.loads((d / CFG_NAME).read_text()))
 
 
-def _attach_site(entry: Entry, adapter) -> None:
+def attach_site(entry: Entry, adapter) -> None:
     """Parse the SAE's hook_name and check the model has that site with the SAE's width."""
     from sae_harvest.harvest.sites import Site
 
@@ -91,7 +91,7 @@ def _attach_site(entry: Entry, adapter) -> None:
     entry.downstream = [f"blocks.{l}.resid_post" for l in range(first, adapter.n_layers)]
 
 
-def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
+def store_tokens(store_path: str, tokens: int, ctx_len: int | None):
     """The last ceil(tokens / ctx_len) sequences of the store: the trainer holds out its last rows,
     which come from the last shuffle windows, i.e. from these sequences."""
     from sae_harvest.stores import open_store
@@ -106,7 +106,7 @@ def _store_tokens(store_path: str, tokens: int, ctx_len: int | None):
     return torch.from_numpy(ids.astype(np.int64)), store
 
 
-def _dataset_tokens(dataset: str, tokenizer, tokens: int, ctx_len: int | None, split, text_column):
+def dataset_tokens(dataset: str, tokenizer, tokens: int, ctx_len: int | None, split, text_column):
     from sae_harvest.harvest.data import open_dataset, packed_sequences
     from sae_harvest.harvest.default_model import resolve_dataset
 
@@ -248,7 +248,7 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
     dev = pick_device(cfg.device)
     entries = []
     for p in cfg.saes:
-        e = _load_entry(p, dev)
+        e = load_entry(p, dev)
         if not e.sae.uses_grads:
             entries.append(e)
         elif not cfg.grad_select:
@@ -257,7 +257,7 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
             entries += [dataclasses.replace(e, grad_mode=m, sums=Sums()) for m in GRAD_MODES if m in cfg.grad_modes]
 
     model_name, revision = cfg.model, cfg.revision
-    ids, store_obj = (None, None) if cfg.store is None else _store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
+    ids, store_obj = (None, None) if cfg.store is None else store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
     if store_obj is not None:
         stored = store_obj.attrs.get("model", {})
         if model_name is None:
@@ -273,9 +273,9 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
                                   dtype=getattr(torch, cfg.dtype))
     adapter = get_adapter(model)
     for e in entries:
-        _attach_site(e, adapter)
+        attach_site(e, adapter)
     if ids is None:
-        ids = _dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column)
+        ids = dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column)
     if ids.shape[1] < 3:
         raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
     if ids.shape[1] > adapter.max_positions:
