@@ -12,10 +12,10 @@ OUT=${OUT:-$(mktemp -d)}
 T=$(mktemp -d)
 if [ "${1:-}" = "--dry-run" ]; then
   DEV=cpu; MODEL=stdlib-gpt2; CTX=64; HN=4096; TD_IN=64; TD_SAE=1024; TN=16384; TROWS=20000
-  E2E_TOKENS=2048; E2E_DSAE=256; E2E_SITE=blocks.2.resid_pre; EN=2048; REP=1; HBATCH=4
+  E2E_TOKENS=2048; E2E_DSAE=256; E2E_SITE=blocks.2.resid_pre; EN=2048; REP=${REP:-1}; HBATCH=4
 else
   DEV=cuda; MODEL=gpt2-small-random; CTX=1024; HN=131072; TD_IN=768; TD_SAE=24576; TN=4096000; TROWS=600000
-  E2E_TOKENS=2097152; E2E_DSAE=46080; E2E_SITE=blocks.6.resid_pre; EN=131072; REP=2; HBATCH=16
+  E2E_TOKENS=2097152; E2E_DSAE=46080; E2E_SITE=blocks.6.resid_pre; EN=131072; REP=${REP:-2}; HBATCH=16
 fi
 ONLY=${ONLY:-harvest train e2e evaluate}
 want() { [[ " $ONLY " == *" $1 "* ]]; }

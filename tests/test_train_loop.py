@@ -200,3 +200,29 @@ def test_incomplete_store_and_width_mismatch(tmp_path, store):
     code, text = _cli(["--store", str(store), "--site", "blocks.0.resid_pre", "--d-sae", "64",
                        "--init", str(tmp_path / "small" / "topk_k4"), "--out", str(tmp_path / "o2")])
     assert code != 0 and "16->32" in text and "Traceback" not in text
+
+
+def test_overwrite_removes_only_what_train_fit_wrote(store, tmp_path):
+    """--overwrite replaces a previous `train fit` folder, and refuses a folder holding anything else
+    (one line, exit 2, every file left as it was)."""
+    import hashlib
+
+    ours = tmp_path / "ours"
+    fit(_cfg(store, ours, tokens=256 * 4), progress=False)
+    fit(_cfg(store, ours, tokens=256 * 4, seed=1), overwrite=True, progress=False)
+    assert json.loads((ours / "topk_k4" / "cfg.json").read_text())["sae_harvest"]["training"]["seed"] == 1
+    foreign = tmp_path / "foreign"
+    (foreign / "topk_k4").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("my notes")
+    (foreign / "topk_k4" / "analysis.ipynb").write_text("{}")
+
+    def digest():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in foreign.rglob("*") if p.is_file()}
+
+    before = digest()
+    with pytest.raises(TrainError, match="did not write"):
+        fit(_cfg(store, foreign, tokens=256 * 4), overwrite=True, progress=False)
+    r = CliRunner().invoke(train_cli, ["fit", "--store", str(store), "--site", "blocks.0.resid_pre",
+                                       "--out", str(foreign), "--overwrite", "--device", "cpu"])
+    assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1
+    assert digest() == before

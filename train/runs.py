@@ -98,6 +98,25 @@ def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
         raise TrainError(f"--out {out} is a file; give a folder (it is left as it is)")
     if out.exists() and any(out.iterdir()) and not resume and not overwrite:
         raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    if overwrite and out.exists() and not made_by_train(out):
+        raise TrainError(f"--overwrite: {out} holds files `train fit` did not write; refusing to remove it "
+                         f"(choose another --out)")
+
+
+def made_by_train(out: Path) -> bool:
+    """True for an empty folder or one holding only what `train fit` writes: the checkpoint/ folder
+    (and its temporaries) and one folder per SAE with nothing but cfg.json, weights, metrics and
+    summary. Only such a folder is ever removed by --overwrite."""
+    ours = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json"}
+    for entry in out.iterdir():
+        if entry.name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
+            continue
+        if not entry.is_dir() or entry.is_symlink():
+            return False
+        if any(f.name not in ours and not f.name.startswith((".sae_weights.safetensors.tmp-", ".cfg.json.tmp-"))
+               for f in entry.iterdir()):
+            return False
+    return True
 
 
 def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -> None:
