@@ -71,7 +71,10 @@ class StoreWriter:
         self.window_rows = self.window_seqs * self.ctx_len
         self.rank, self.world = rank, world
         self.lease = lease
-        self._arrays = {name: group[name] for name in self.array_names(self.attrs)}
+        # every chunk is written, all-zero ones included (zarr skips chunks equal to the fill value by
+        # default): a window's record lists every one of its shards, and a missing shard is damage
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
+                        for name in self.array_names(self.attrs)}
         self.records = load_records(self.path)
 
     @staticmethod

@@ -463,3 +463,22 @@ def test_resume_refuses_changed_stream_other_version_and_live_writer(assets, tmp
     code, text = _run_cli(args)
     assert code == 0, text
     assert open_store(str(out)).complete and verify_store(str(out)) == []
+
+
+def test_all_zero_chunks_are_written_and_verify(tmp_path):
+    """zarr skips chunks equal to the fill value by default; a store must still hold every shard its
+    records list (all-zero gradients at the last position, all-zero token ids in synthetic stores)."""
+    import numpy as np
+
+    from sae_harvest.stores import StoreWriter, open_store
+    from sae_harvest.stores.verify import verify_store
+
+    path = str(tmp_path / "zeros.zarr")
+    w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
+                           sites={"blocks.0.resid_pre": {"d": 8, "encoding": "float16"}}, grads=None,
+                           ctx_len=4, n_seqs=8, window_seqs=8)
+    w.write_window(0, np.zeros((8, 4)), np.repeat(np.arange(8), 4), np.tile(np.arange(4), 8),
+                   {"blocks.0.resid_pre": np.zeros((32, 8), np.float32)})
+    w.finish(8)
+    assert verify_store(path) == []
+    assert open_store(path).acts("blocks.0.resid_pre", slice(0, 32)).sum() == 0
