@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_harvest.train.saelens_format import hook_name_of
 from sae_harvest.stores.cli import opt
 
 
@@ -121,7 +122,7 @@ def run_geometry(cfg: GeometryConfig) -> dict:
         name = ours.get("sweep_name") or folder.name
         if name in {r["name"] for r in out}:
             name = str(path)
-        entry = {"path": str(path), "name": name, "site": saved.get("hook_name"), "arch": sae.cfg.arch,
+        entry = {"path": str(path), "name": name, "site": hook_name_of(saved), "arch": sae.cfg.arch,
                  "loss": (ours.get("training") or {}).get("loss", "local"), "d_in": sae.cfg.d_in,
                  "d_sae": sae.cfg.d_sae,
                  "nn_cosine": distribution(nearest_neighbour_cosines(sae.W_dec), cfg.bins)}

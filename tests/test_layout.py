@@ -16,8 +16,19 @@ ALLOWED = {"stores": set(), "harvest": {"stores"}, "train": {"stores", "harvest"
            "evaluate": {"stores", "harvest", "train"}}
 
 
+def _module(name: str) -> str | None:
+    """`name` if it is one of our modules (sae_harvest.<pkg>.<module> or a package __init__)."""
+    parts = name.split(".")
+    if len(parts) == 2 and parts[1] in PACKAGES:
+        return name
+    if len(parts) == 3 and parts[1] in PACKAGES and (ROOT / parts[1] / f"{parts[2]}.py").exists():
+        return name
+    return None
+
+
 def _imports() -> dict[str, set[str]]:
-    """{module: modules of ours it imports, anywhere in its body (lazy imports count too)}."""
+    """{module: modules of ours it imports, anywhere in its body (lazy imports count too)}.
+    `from pkg import mod` is an edge to mod, not to pkg's __init__."""
     graph = {}
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).glob("*.py")):
@@ -25,23 +36,17 @@ def _imports() -> dict[str, set[str]]:
             deps = set()
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom):
-                    if node.level:   # relative: from .x import y / from . import x
-                        base = f"sae_harvest.{pkg}" + (f".{node.module}" if node.module else "")
-                        names = [base] if node.module else [f"{base}.{a.name}" for a in node.names]
-                    else:
-                        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                else:
-                    continue
-                for name in names:
-                    if name and name.startswith("sae_harvest."):
-                        parts = name.split(".")
-                        target = ".".join(parts[:3])
-                        if (ROOT / parts[1] / f"{parts[2]}.py").exists() if len(parts) > 2 else False:
+                    base = (f"sae_harvest.{pkg}" + (f".{node.module}" if node.module else "")) if node.level \
+                        else node.module or ""
+                    for alias in node.names:
+                        target = _module(f"{base}.{alias.name}") or _module(base)
+                        if target:
                             deps.add(target)
-                        elif len(parts) >= 2:
-                            deps.add(".".join(parts[:2]))
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        target = _module(alias.name)
+                        if target:
+                            deps.add(target)
             graph[mod] = deps - {mod}
     return graph
 
