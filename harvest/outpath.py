@@ -76,6 +76,9 @@ def plan_target(out: str, *, resume: bool, overwrite: bool) -> Target:
             return _resume(out, side)
         return Target(final=out, build=out)
     attrs = store_attrs(out)
+    if attrs is None and fs.exists(out) and resume:   # zarr.json there but unreadable (truncated, edited)
+        raise StoreError(f"cannot resume {out}: its metadata is unreadable (a truncated or edited zarr.json); "
+                         f"the store is left as it is")
     if attrs is None:
         raise HarvestError(f"{out} exists and is not a sae_store; refusing to touch it (choose another --out)")
     if resume:

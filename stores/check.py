@@ -36,10 +36,12 @@ def check_root_attrs(attrs, path) -> None:
     if not isinstance(attrs, dict):
         raise StoreError(f"{where}: attrs['{layout.ROOT_ATTR}'] is a {type(attrs).__name__}, not an object")
     version = attrs.get("format_version")
-    if type(version) is not int or version not in layout.READABLE_VERSIONS:
+    if "format_version" in attrs and (type(version) is not int or version < 1):
+        raise StoreError(f"{where}: root attribute format_version = {version!r} must be a positive integer")
+    if version is not None and version not in layout.READABLE_VERSIONS:
         raise StoreError(f"{where} has format {version!r}; this tool reads formats "
                          f"{', '.join(map(str, layout.READABLE_VERSIONS))}")
-    required = {**_REQUIRED, **(_V1_ONLY if version == 1 else {})}
+    required = {**_REQUIRED, **(_V1_ONLY if version == 1 else {})}   # a missing version: said below
     for key, (types, valid, what) in required.items():
         if key not in attrs:
             raise StoreError(f"{where}: root attributes lack {key!r} (damaged or hand-edited zarr.json)")
