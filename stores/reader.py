@@ -193,6 +193,24 @@ class Store:
                 f"sites={self.sites}, grads={self.has_grads}, complete={self.complete})")
 
 
+def read_root(path: str) -> tuple[object, dict]:
+    """(zarr group, root attributes) of the store at path; StoreError when there is none or its
+    metadata cannot be read."""
+    if not fs.exists(path):
+        raise StoreError(f"no store at {path}")
+    try:
+        group = fs.open_group(path, mode="r")
+        attrs = group.attrs[layout.ROOT_ATTR]
+    except KeyError:
+        raise StoreError(f"{path} is a zarr group but not a sae_store (no attrs['{layout.ROOT_ATTR}'])") from None
+    except Exception as e:  # corrupt metadata
+        raise StoreError(f"cannot open store {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") \
+            from None
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{path}: attrs['{layout.ROOT_ATTR}'] is a {type(attrs).__name__}, not an object")
+    return group, dict(attrs)
+
+
 def open_store(path: str, allow_partial: bool = False) -> Store:
     """Open a store at a local path or fsspec URL.
 
@@ -200,15 +218,7 @@ def open_store(path: str, allow_partial: bool = False) -> Store:
     allow_partial=True; then only the leading windows that have records are exposed.
     """
     path = str(path)
-    if not fs.exists(path):
-        raise StoreError(f"no store at {path}")
-    try:
-        group = fs.open_group(path, mode="r")
-        attrs = dict(group.attrs[layout.ROOT_ATTR])
-    except KeyError:
-        raise StoreError(f"{path} is a zarr group but not a sae_store (no attrs['{layout.ROOT_ATTR}'])") from None
-    except Exception as e:  # corrupt metadata
-        raise StoreError(f"cannot open store {path}: {e}") from None
+    group, attrs = read_root(path)
     check_root_attrs(attrs, path)   # every key below is there, of the right type, in a readable format
     if attrs["format_version"] >= 2:
         return _open_v2(path, group, attrs, allow_partial)

@@ -9,20 +9,14 @@ from __future__ import annotations
 import hashlib
 
 from . import fs, layout
-from .errors import StoreError
+from .reader import read_root
 from .writer import StoreWriter, complete_prefix, load_final, load_records
 
 
 def verify_store(path: str, quick: bool = False) -> list[str]:
     """Problems found (empty for a sound store). Raises StoreError when path holds no store."""
     path = str(path)
-    if not fs.exists(path):
-        raise StoreError(f"no store at {path}")
-    try:
-        group = fs.open_group(path, mode="r")
-        attrs = dict(group.attrs[layout.ROOT_ATTR])
-    except KeyError:
-        raise StoreError(f"{path} is a zarr group but not a sae_store") from None
+    group, attrs = read_root(path)
     version = attrs.get("format_version")
     if version != layout.FORMAT_VERSION:
         return [f"store has format_version {version!r}: only format {layout.FORMAT_VERSION} stores carry "
