@@ -69,6 +69,7 @@ class JumpReLUSAE(SAE):
     saelens_architecture = "jumprelu"
     apply_b_dec_to_input = True
     adam_betas = (0.0, 0.999)   # the paper's (and Gemma Scope's) beta1 = 0
+    default_l1 = 1.0            # lambda per active latent; provisional: short runs barely move theta
 
     @classmethod
     def check_config(cls, cfg):
