@@ -17,22 +17,15 @@ import time
 
 import numpy as np
 
-from sae_harvest.evaluate.demo import run_demo
+from sae_harvest.evaluate.demo import SWEEPS as DEMO_SWEEPS, run_demo
 from sae_harvest.evaluate.report import series_label
 
-SWEEPS = [
-    ("relu", "relu", {"l1": (100.0, 300.0, 1000.0)}),
-    ("gated", "gated", {"l1": (1.0, 3.0, 10.0)}),
-    ("topk", "topk", {"k": (8, 16, 32)}),
-    ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
-    ("gtopk", "gtopk", {"k": (8, 16, 32)}),
-    ("jumprelu", "jumprelu", {"l1": (0.1, 0.3, 1.0), "threshold_init": 0.1}),
-    ("matryoshka", "matryoshka_batchtopk", {"k": (8, 16, 32)}),
-    # e2e from the middle local relu SAE (--init): its lambda is on KL's scale (docs/e2e.md)
-    ("e2e", "relu", {"loss": "e2e", "l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
-                     "init": "relu/relu_l1-300"}),
-    ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
-                        "init": "relu/relu_l1-300"}),
+# the demo's local sweeps (one source), and e2e / e2e+ds from its middle local relu SAE (--init);
+# e2e's lambda is on KL's scale (docs/e2e.md)
+_E2E = {"l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None, "init": "relu/relu_l1-300"}
+SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local"] + [
+    ("e2e", "relu", {"loss": "e2e", **_E2E}),
+    ("e2e_ds", "relu", {"loss": "e2e+ds", **_E2E}),
 ]
 LOCAL = {"batch_size": 1024, "epochs": 1}
 # (A, B, metric, expected): the papers' claims as ratios metric(A) / metric(B) at equal L0.
