@@ -79,6 +79,25 @@ class _Killed(BaseException):
     pass
 
 
+def _harvest_killed_at_record(monkeypatch, n: int, cfg, *, before_kill=lambda: None, **kw) -> None:
+    """Run a harvest that dies (like a SIGKILL, no cleanup) as it writes its n-th window record."""
+    real = fs.write_atomic
+    count = {"n": 0}
+
+    def write(path, key, data):
+        if key.startswith("windows/"):
+            count["n"] += 1
+            if count["n"] == n:
+                before_kill()
+                raise _Killed()
+        return real(path, key, data)
+
+    monkeypatch.setattr(fs, "write_atomic", write)
+    with pytest.raises(_Killed):
+        harvest(cfg, progress=False, **kw)
+    monkeypatch.setattr(fs, "write_atomic", real)
+
+
 @pytest.fixture(scope="module")
 def reference(assets, tmp_path_factory):
     """Uninterrupted single-process stores: full, and one whose corpus runs out."""
@@ -130,20 +149,7 @@ def test_killed_anywhere_then_resumed_is_bitwise_equal(assets, reference, tmp_pa
 def test_resume_reads_from_recorded_position_not_from_the_start(assets, reference, tmp_path, monkeypatch):
     import sae_harvest.harvest.run as run
     out = tmp_path / "r.zarr"
-    real = fs.write_atomic
-    count = {"n": 0}
-
-    def write(path, key, data):
-        if key.startswith("windows/"):
-            count["n"] += 1
-            if count["n"] == 5:
-                raise _Killed()
-        return real(path, key, data)
-
-    monkeypatch.setattr(fs, "write_atomic", write)
-    with pytest.raises(_Killed):
-        harvest(_cfg(assets, out), progress=False)
-    monkeypatch.setattr(fs, "write_atomic", real)
+    _harvest_killed_at_record(monkeypatch, 5, _cfg(assets, out))
     _expire_lease(out)
     tokenized = []
     real_packed = run.positioned_sequences
@@ -378,21 +384,11 @@ def test_overwrite_keeps_old_store_until_new_one_is_complete(assets, reference, 
     _one_error_line(code, text, "no column")
     assert _tree_hash(out) == before
     # killed midway: the old store is still complete and readable at --out
-    real = fs.write_atomic
-    count = {"n": 0}
+    def old_store_still_complete():
+        assert open_store(str(out)).complete
 
-    def write(path, key, data):
-        if key.startswith("windows/"):
-            count["n"] += 1
-            if count["n"] == 3:
-                assert open_store(str(out)).complete
-                raise _Killed()
-        return real(path, key, data)
-
-    monkeypatch.setattr(fs, "write_atomic", write)
-    with pytest.raises(_Killed):
-        harvest(_cfg(assets, out), overwrite=True, progress=False)
-    monkeypatch.setattr(fs, "write_atomic", real)
+    _harvest_killed_at_record(monkeypatch, 3, _cfg(assets, out), before_kill=old_store_still_complete,
+                              overwrite=True)
     np.testing.assert_array_equal(_arrays(out)["acts/blocks.0.resid_pre"], old["acts/blocks.0.resid_pre"])
     _expire_lease(str(out) + ".new")
     harvest(_cfg(assets, out), overwrite=True, progress=False)
@@ -404,20 +400,7 @@ def test_resume_refuses_changed_stream_other_version_and_live_writer(assets, tmp
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(open(assets["corpus"]).read())
     out = tmp_path / "s.zarr"
-    real = fs.write_atomic
-    count = {"n": 0}
-
-    def write(path, key, data):
-        if key.startswith("windows/"):
-            count["n"] += 1
-            if count["n"] == 3:
-                raise _Killed()
-        return real(path, key, data)
-
-    monkeypatch.setattr(fs, "write_atomic", write)
-    with pytest.raises(_Killed):
-        harvest(_cfg(assets, out, dataset=str(corpus)), progress=False)
-    monkeypatch.setattr(fs, "write_atomic", real)
+    _harvest_killed_at_record(monkeypatch, 3, _cfg(assets, out, dataset=str(corpus)))
     args = ["--model", assets["gpt2"], "--dataset", str(corpus), "--tokens", "4000", "--ctx-len", "32",
             "--sites", "blocks.0.resid_pre", "--grads", "--batch-size", "8", "--shuffle-window", "512",
             "--device", "cpu", "--out", str(out), "--resume"]
