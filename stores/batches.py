@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import layout
 
 
 class BlockBatches:
@@ -68,7 +69,7 @@ class BlockBatches:
         if not self.exclude_pos0:
             return None
         a, b = self.blocks[index]
-        return np.flatnonzero(self.store.rows_pos[a:b] != 0) + a
+        return np.flatnonzero(self.store.read_rows(layout.ROWS_POS, a, b) != 0) + a
 
     def _plan(self, pool):
         """Cut the blocks into batches from row counts alone (no values read yet). Per block yields
@@ -110,63 +111,76 @@ class BlockBatches:
                 offset = 0
             epoch, block = epoch + 1, 0
 
-    def _read(self, index: int, keep, steps) -> list[dict]:
-        """The values of the block's "rows" steps; adjacent ranges are read as one."""
-        a, _ = self.blocks[index]
-        ranges = [(lo, hi) for kind, lo, hi in (s for s in steps if s[0] == "rows")] if steps else []
-        merged = []
-        for lo, hi in ranges:
-            if merged and merged[-1][1] == lo:
-                merged[-1][1] = hi
+    def _new_batch(self) -> dict:
+        """Empty arrays for one batch (this rank's share); the block reads write straight into them."""
+        n = self.batch_size // self.world
+        out = {"rows": np.empty(n, dtype=np.int64)}
+        for name, enc in self.encodings.items():
+            d = self.store.width(name.split("/", 1)[1])
+            out[name] = np.empty((n, d), dtype=np.float32 if self.decode else layout.storage_dtype(enc))
+        return out
+
+    def _targets(self, steps: list, current: list) -> list:
+        """Give every "rows" step its place in a batch: ("rows", lo, hi, batch, at); an "end" step
+        becomes ("end", state, batch, filled). `current` = [batch arrays or None, rows filled]."""
+        out = []
+        for step in steps:
+            if current[0] is None:
+                current[:] = [self._new_batch(), 0]
+            if step[0] == "rows":
+                out.append(("rows", step[1], step[2], current[0], current[1]))
+                current[1] += step[2] - step[1]
             else:
-                merged.append([lo, hi])
-        pieces = []
-        for lo, hi in merged:
+                out.append(("end", step[1], current[0], current[1]))
+                current[:] = [None, 0]
+        return out
+
+    def _read(self, index: int, keep, ops: list) -> None:
+        """Read the block's "rows" ops into their batches: one read per op and array, only the
+        kept rows copied out of the chunks (nothing is gathered or concatenated afterwards)."""
+        a, _ = self.blocks[index]
+        for op in ops:
+            if op[0] != "rows":
+                continue
+            _, lo, hi, batch, at = op
             rows = keep[lo:hi] if keep is not None else np.arange(a + lo, a + hi, dtype=np.int64)
-            span = slice(int(rows[0]), int(rows[-1]) + 1)
-            pick = rows - span.start if keep is not None else slice(None)
-            out = {"rows": rows.astype(np.int64)}
-            for site in self.sites:
-                out["acts/" + site] = self.store.acts(site, span, decode=self.decode)[pick]
-                if self.grads:
-                    out["grads/" + site] = self.store.grads(site, span, decode=self.decode)[pick]
-            pieces.append((lo, out))
-        # split the merged reads back into the steps' ranges
-        result = []
-        for lo, hi in ranges:
-            start, values = next((s, v) for s, v in reversed(pieces) if s <= lo)
-            result.append({k: v[lo - start:hi - start] for k, v in values.items()})
-        return result
+            first, stop = int(rows[0]), int(rows[-1]) + 1
+            batch["rows"][at:at + len(rows)] = rows
+            for name, enc in self.encodings.items():
+                if self.decode:
+                    values = self.store.read_rows(name, first, stop, keep=rows if keep is not None else None)
+                    batch[name][at:at + len(rows)] = layout.decode(values, enc)
+                else:
+                    self.store.read_rows(name, first, stop, keep=rows if keep is not None else None,
+                                         out=batch[name][at:at + len(rows)])
 
     def _ahead(self):
+        current = [None, 0]
         with ThreadPoolExecutor(2 * self.prefetch) as pool:   # block reads + position lookups
             ahead = deque()
             for index, keep, steps in self._plan(pool):
-                ahead.append((steps, pool.submit(self._read, index, keep, steps)))
+                ops = self._targets(steps, current)
+                ahead.append((ops, pool.submit(self._read, index, keep, ops)))
                 if len(ahead) >= self.prefetch:
                     yield ahead.popleft()
             while ahead:
                 yield ahead.popleft()
 
-    def _batch(self, parts: list[dict]) -> dict:
-        keys = parts[0].keys()
-        cat = {k: (parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])) for k in keys}
-        batch = {"rows": cat["rows"], "acts": {}, "grads": {}}
+    def _batch(self, arrays: dict, filled: int) -> dict:
+        batch = {"rows": arrays["rows"][:filled], "acts": {}, "grads": {}}
         for site in self.sites:
-            batch["acts"][site] = cat["acts/" + site]
+            batch["acts"][site] = arrays["acts/" + site][:filled]
             if self.grads:
-                batch["grads"][site] = cat["grads/" + site]
+                batch["grads"][site] = arrays["grads/" + site][:filled]
         return batch
 
     def __iter__(self):
-        """Yield batches of batch_size rows (this rank's batch_size / world)."""
-        parts = []
-        for steps, fut in self._ahead():
-            values = iter(fut.result())
-            for step in steps:
-                if step[0] == "rows":
-                    parts.append(next(values))
-                else:
-                    self._state = step[1]
-                    yield self._batch(parts)
-                    parts = []
+        """Yield batches of batch_size rows (this rank's batch_size / world). A batch's rows come
+        from the blocks up to the one holding its end, whose reads are all done when it is yielded
+        (futures are taken in order)."""
+        for ops, fut in self._ahead():
+            fut.result()
+            for op in ops:
+                if op[0] == "end":
+                    self._state = op[1]
+                    yield self._batch(op[2], op[3])

@@ -97,6 +97,21 @@ def read_bytes(path: str, key: str) -> bytes | None:
         return None
 
 
+def write_pieces(path: str, key: str, pieces: list) -> None:
+    """Write the concatenation of `pieces` (bytes-like) as the object path/key. Not atomic on
+    local disk, like zarr's own chunk writes: what marks data done is the record written after."""
+    target = _key_path(path, key)
+    if is_url(path):
+        fs, root = _fs(target)
+        fs.pipe_file(root, b"".join(pieces))
+        return
+    target = _local(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        for piece in pieces:
+            f.write(piece)
+
+
 def write_atomic(path: str, key: str, data: bytes) -> None:
     """Readers see the old object or the whole new one, never a part: a local file is written
     beside its target and renamed over it; an object store PUT is atomic by itself."""

@@ -86,15 +86,19 @@ def _divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-def row_geometry(window_rows: int, row_bytes: int) -> tuple[int, int]:
+def row_geometry(window_rows: int, row_bytes: int, chunk_rows: int | None = None) -> tuple[int, int]:
     """(chunk_rows, shard_rows) for a [n_rows, d] array written one window at a time.
 
     Both divide `window_rows`, so each window covers whole shards: the writer never
     rewrites part of a shard another write owns (zarr-python #3682), and a killed
-    window is simply rewritten on resume.
+    window is simply rewritten on resume. `chunk_rows` (a divisor of window_rows) fixes the
+    chunk: the per-row int32 arrays take the activations' chunk rows, so the training feed's
+    read of a block's positions touches only that block's rows, not a 1 MB chunk of them.
     """
     divisors = _divisors(window_rows)
-    chunk = next((c for c in divisors if c * row_bytes >= CHUNK_MIN_BYTES), window_rows)
+    chunk = chunk_rows or next((c for c in divisors if c * row_bytes >= CHUNK_MIN_BYTES), window_rows)
+    if window_rows % chunk:
+        raise ValueError(f"chunk of {chunk} rows does not divide the window's {window_rows}")
     shard = chunk
     for s in divisors:
         if s % chunk == 0 and s * row_bytes <= SHARD_MAX_BYTES:

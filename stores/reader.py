@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fs, layout
+from . import fs, layout, shards
 from .check import check_root_attrs
 from .errors import StoreError
 from .writer import complete_prefix, load_final, load_records
@@ -33,9 +33,9 @@ class _CheckedArray:
     def __getitem__(self, sel):
         first = sel[0] if isinstance(sel, tuple) else sel
         if isinstance(first, slice):
-            # rows past the records (a partial store, a store not yet shrunk) are not data
-            limit = self.store.n_seqs if self.name == layout.TOKENS else self.store.n_rows
-            a, b, step = first.indices(min(self.arr.shape[0], limit))
+            a, b, step = first.indices(min(self.arr.shape[0], self.store._limit(self.name)))
+            if step == 1 and not isinstance(sel, tuple) and self.store._shard_reader(self.name) is not None:
+                return self.store.read_rows(self.name, a, max(a, b))
             first = slice(a, b, step)
             sel = (first, *sel[1:]) if isinstance(sel, tuple) else first
             self._check(a, b)
@@ -65,12 +65,42 @@ class Store:
         self.records = records          # None for a format-1 store (no per-window records)
         self._cache: dict[str, object] = {}
         self._checked: set[str] = set()
+        self._readers: dict[str, object] = {}
 
     def _array(self, name: str):
         if name not in self._cache:
             arr = self.group[name]
             self._cache[name] = arr if self.records is None else _CheckedArray(self, name, arr)
         return self._cache[name]
+
+    def _shard_reader(self, name: str):
+        """The direct reader of a format-2 array in the plain layout (stores/shards.py), else None."""
+        if name not in self._readers:
+            layout_ = shards.plain(name, self.group[name]) if self.records is not None else None
+            self._readers[name] = None if layout_ is None else shards.ShardReader(self.path, layout_)
+        return self._readers[name]
+
+    def _limit(self, name: str) -> int:
+        # rows past the records (a partial store, a store not yet shrunk) are not data
+        return self.n_seqs if name == layout.TOKENS else self.n_rows
+
+    def read_rows(self, name: str, a: int, b: int, keep: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Values as stored of rows [a, b) of array `name`, or of the sorted absolute rows `keep`
+        within them, into `out` when given: the training feed's read."""
+        if not 0 <= a <= b <= self._limit(name):
+            raise IndexError(f"rows [{a}, {b}) outside [0, {self._limit(name)}) of {name}")
+        arr = self._array(name)
+        reader = self._shard_reader(name)
+        if reader is None:
+            values = arr[a:b]
+            values = values if keep is None else values[np.asarray(keep) - a]
+            if out is None:
+                return values
+            out[...] = values
+            return out
+        self._check_rows(name, arr.arr, a, b)
+        return self._guard(name, lambda: reader.read(a, b, out=out, keep=keep))
 
     def _check_rows(self, name: str, arr, first: int, stop: int) -> None:
         """Raise unless every shard holding rows [first, stop) of `name` is as its record says."""
@@ -157,7 +187,9 @@ class Store:
     def _read(self, name: str, encoding: str, rows, decode: bool = True) -> np.ndarray:
         arr = self._array(name)
         if isinstance(rows, slice):
-            return layout.decode(arr[rows], encoding) if decode else arr[rows]
+            a, b, step = rows.indices(min(arr.shape[0], self._limit(name)))
+            values = self.read_rows(name, a, max(a, b)) if step == 1 else arr[rows]
+            return layout.decode(values, encoding) if decode else values
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1:
             raise ValueError("rows must be a slice or a 1-d index array")

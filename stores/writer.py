@@ -14,11 +14,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
 
-from . import fs, layout
+from . import fs, layout, shards
 from .errors import StoreError
 
 
@@ -75,7 +77,41 @@ class StoreWriter:
         # default): a window's record lists every one of its shards, and a missing shard is damage
         self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
                         for name in self.array_names(self.attrs)}
+        self._plain = {name: shards.plain(name, arr) for name, arr in self._arrays.items()}
+        self._executor = None
         self.records = load_records(self.path)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="shard-writer")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def _step(self, name: str) -> int:
+        """Rows per write job: one shard of the plain layout, the whole window through zarr."""
+        plain = self._plain[name]
+        return plain.shard_rows if plain is not None else self.window_rows
+
+    def _write_array(self, name: str, first: int, values: np.ndarray) -> list[list]:
+        """[[key, bytes, sha256], ...] of the shards holding `values` from row `first` on."""
+        plain = self._plain[name]
+        if plain is not None:
+            return shards.write_shards(self.path, plain, first, values)
+        # another codec pipeline (zstd): zarr writes it, and the hashes are of the bytes read back
+        arr = self._arrays[name]
+        arr[first:first + len(values)] = values
+        out = []
+        for i in layout.shard_span(first, len(values), arr.shards[0]):
+            key = layout.shard_key(name, i, arr.ndim)
+            data = fs.read_bytes(self.path, key)
+            if not data:
+                raise StoreError(f"store {self.path}: shard {key} did not reach storage")
+            out.append([key, len(data), hashlib.sha256(data).hexdigest()])
+        return out
 
     @staticmethod
     def array_names(attrs: dict) -> list[str]:
@@ -125,10 +161,10 @@ class StoreWriter:
             raise StoreError(f"unknown compressor {compressor!r}; use none or zstd")
         group = zarr.open_group(store=fs.zarr_store(path), mode="w", zarr_format=3)
 
-        def rows_array(name, dtype, d=None, attributes=None):
+        def rows_array(name, dtype, d=None, attributes=None, chunk_rows=None):
             """A [n_rows] or [n_rows, d] array whose chunks and shards both divide the window."""
             width = (d,) if d else ()
-            chunk, shard = layout.row_geometry(window_rows, np.dtype(dtype).itemsize * (d or 1))
+            chunk, shard = layout.row_geometry(window_rows, np.dtype(dtype).itemsize * (d or 1), chunk_rows)
             group.create_array(name, shape=(n_rows, *width), dtype=dtype, chunks=(chunk, *width),
                                shards=(shard, *width), compressors=codecs, fill_value=0,
                                attributes=attributes, dimension_names=("row", "dim")[:1 + len(width)])
@@ -140,8 +176,10 @@ class StoreWriter:
         group.create_array(layout.TOKENS, shape=(n_seqs, ctx_len), dtype=np.int32,
                            chunks=(tok_chunk, ctx_len), shards=(window_seqs, ctx_len),
                            compressors=codecs, fill_value=0, dimension_names=("seq", "pos"))
-        rows_array(layout.ROWS_SEQ, np.int32)
-        rows_array(layout.ROWS_POS, np.int32)
+        site_chunk = min(layout.row_geometry(window_rows, layout.storage_dtype(s["encoding"]).itemsize * int(s["d"]))[0]
+                         for s in sites.values())
+        rows_array(layout.ROWS_SEQ, np.int32, chunk_rows=site_chunk)
+        rows_array(layout.ROWS_POS, np.int32, chunk_rows=site_chunk)
         for name, s in sites.items():
             rows_array(layout.acts_path(name), layout.storage_dtype(s["encoding"]), int(s["d"]),
                        {"encoding": s["encoding"]})
@@ -194,26 +232,23 @@ class StoreWriter:
         s0 = window * self.window_seqs
         r0 = window * self.window_rows
         n = len(rows_seq)
-        self._arrays[layout.TOKENS][s0:s0 + len(tokens)] = tokens.astype(np.int32, copy=False)
-        self._arrays[layout.ROWS_SEQ][r0:r0 + n] = rows_seq.astype(np.int32, copy=False)
-        self._arrays[layout.ROWS_POS][r0:r0 + n] = rows_pos.astype(np.int32, copy=False)
-        for site, values in acts.items():
-            enc = self.attrs["sites"][site]["encoding"]
-            self._arrays[layout.acts_path(site)][r0:r0 + n] = layout.encode(values, enc)
-        for site, values in (grads or {}).items():
-            enc = self.attrs["grads"]["encoding"]
-            self._arrays[layout.grads_path(site)][r0:r0 + n] = layout.encode(values, enc)
-        # the checksums are of the bytes as stored (read back), so they also catch a bad write
-        shards = {}
-        for name in self._arrays:
-            shards[name] = []
-            for key in self.shard_keys(name, window, len(tokens)):
-                data = fs.read_bytes(self.path, key)
-                if not data:
-                    raise StoreError(f"store {self.path}: shard {key} of window {window} did not reach storage")
-                shards[name].append([key, len(data), hashlib.sha256(data).hexdigest()])
+        values = {layout.TOKENS: (s0, tokens.astype(np.int32, copy=False)),
+                  layout.ROWS_SEQ: (r0, rows_seq.astype(np.int32, copy=False)),
+                  layout.ROWS_POS: (r0, rows_pos.astype(np.int32, copy=False))}
+        for site, v in acts.items():
+            values[layout.acts_path(site)] = (r0, layout.encode(v, self.attrs["sites"][site]["encoding"]))
+        for site, v in (grads or {}).items():
+            values[layout.grads_path(site)] = (r0, layout.encode(v, self.attrs["grads"]["encoding"]))
+        missing = [name for name in self._arrays if name not in values]
+        if missing:
+            raise StoreError(f"window {window} has no values for {', '.join(missing)}")
+        # shards are encoded, hashed and written in parallel: one thread cannot keep up with a GPU
+        jobs = {name: [self._pool().submit(self._write_array, name, first + i, v[i:i + step])
+                       for i in range(0, len(v), step)]
+                for name, (first, v) in values.items() for step in [self._step(name)]}
+        written = {name: [s for job in jobs[name] for s in job.result()] for name in self._arrays}
         record = {"window": window, "rank": self.rank, "seqs": int(len(tokens)), "rows": int(n),
-                  "first_seq": s0, "first_row": r0, "position": position, "shards": shards,
+                  "first_seq": s0, "first_row": r0, "position": position, "shards": written,
                   "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if self.lease is not None:
             self.lease.check()

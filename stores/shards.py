@@ -1,0 +1,272 @@
+"""The plain shard layout this tool writes, encoded and read without zarr's per-chunk machinery.
+
+Every array of a store is a Zarr v3 `sharding_indexed` array split along its first axis, with
+inner codecs [bytes(little), crc32c] and index codecs [bytes(little), crc32c] at the end. Such a
+shard is: each inner chunk's bytes followed by their crc32c, in order, then the index (offset and
+length of every chunk, little-endian uint64, C order) and the index's crc32c. zarr-python writes
+exactly these bytes (tests/test_shards.py compares them), so any Zarr v3 reader still reads what
+`encode_shard` writes. Going around zarr here is what keeps the harvest's writer and the
+training feed near disk speed: one write or one ranged read per shard span instead of a task per
+chunk. Every chunk's crc32c is still checked on read. Arrays with any other pipeline (zstd, a
+store another tool wrote) are read and written through zarr.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+
+from . import fs
+from .errors import StoreError
+
+_EMPTY = np.uint64(2**64 - 1)       # an index entry for a chunk that was never written
+_PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+def _crc(buf) -> bytes:
+    """crc32c as the codec stores it (4 bytes, little-endian). google_crc32c takes numpy arrays
+    and bytes but not memoryviews, so buffers go in as a uint8 view (no copy)."""
+    return struct.pack("<I", google_crc32c.value(np.frombuffer(buf, dtype=np.uint8)))
+
+
+@dataclass(frozen=True)
+class Plain:
+    """Geometry of an array in the plain layout: shards and chunks cut along axis 0 only."""
+    name: str
+    shape: tuple
+    shard_rows: int
+    chunk_rows: int
+    dtype: np.dtype
+
+    @property
+    def row_shape(self) -> tuple:
+        return tuple(self.shape[1:])
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.row_shape) * self.dtype.itemsize
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.row_bytes
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    @property
+    def shard_bytes(self) -> int:
+        return self.chunks_per_shard * (self.chunk_bytes + 4) + self.index_bytes
+
+    def key(self, shard: int) -> str:
+        return "/".join([self.name, "c", str(shard)] + ["0"] * (len(self.shape) - 1))
+
+
+def plain(name: str, arr) -> Plain | None:
+    """The array's Plain geometry, or None when its codecs or grid are anything else."""
+    try:
+        meta = json.loads(json.dumps(arr.metadata.to_dict(), default=str))   # tuples -> lists
+    except (AttributeError, TypeError, ValueError):
+        return None
+    codecs = meta.get("codecs") or []
+    if meta.get("zarr_format") != 3 or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    if meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}:
+        return None
+    conf = codecs[0].get("configuration", {})
+    if conf.get("codecs") != _PLAIN_CODECS or conf.get("index_codecs") != _PLAIN_CODECS \
+            or conf.get("index_location", "end") != "end":
+        return None
+    shape = tuple(meta["shape"])
+    shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    chunk = tuple(conf["chunk_shape"])
+    dtype = np.dtype(meta["data_type"]) if isinstance(meta["data_type"], str) else None
+    if dtype is None or dtype.kind not in "iuf" or not shape or shard[1:] != shape[1:] \
+            or chunk[1:] != shape[1:] or shard[0] % chunk[0]:
+        return None
+    return Plain(name, shape, int(shard[0]), int(chunk[0]), dtype.newbyteorder("<"))
+
+
+def encode_shard(layout: Plain, values: np.ndarray) -> list:
+    """The bytes of one shard holding `values` (at most shard_rows rows; the rest are zeros, as
+    zarr fills a partly written shard), as a list of buffers to write in order."""
+    values = np.ascontiguousarray(values, dtype=layout.dtype)
+    if values.shape[1:] != layout.row_shape or len(values) > layout.shard_rows:
+        raise ValueError(f"{layout.name}: {values.shape} does not fit a shard of "
+                         f"{(layout.shard_rows, *layout.row_shape)}")
+    pieces, index = [], np.empty((layout.chunks_per_shard, 2), dtype="<u8")
+    offset = 0
+    for c in range(layout.chunks_per_shard):
+        rows = values[c * layout.chunk_rows:(c + 1) * layout.chunk_rows]
+        if len(rows) < layout.chunk_rows:
+            full = np.zeros((layout.chunk_rows, *layout.row_shape), dtype=layout.dtype)
+            full[:len(rows)] = rows
+            rows = full
+        data = memoryview(rows).cast("B")
+        pieces += [data, _crc(data)]
+        index[c] = (offset, len(data) + 4)
+        offset += len(data) + 4
+    index_bytes = index.tobytes()
+    pieces += [index_bytes, _crc(index_bytes)]
+    return pieces
+
+
+def _runs(index: np.ndarray, first: int, last: int, nbytes: int) -> list[list[int]]:
+    """Chunks first..last grouped into runs stored back to back (one read each)."""
+    runs = [[first]]
+    for c in range(first + 1, last + 1):
+        if int(index[c, 0]) == int(index[runs[-1][-1], 0]) + nbytes:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs
+
+
+class ShardReader:
+    """Rows of a plain-layout array: per shard, its index (read once) and one ranged read of the
+    chunks the rows touch, each chunk's crc32c checked, rows copied straight into the caller's
+    array. Local reads go into a per-thread buffer that is reused, so steady reads touch no
+    fresh memory but the output."""
+
+    def __init__(self, path: str, layout: Plain):
+        self.path, self.layout = str(path), layout
+        self._index: dict[int, np.ndarray] = {}
+        self._local = None if fs.is_url(path) else fs._local(path)
+        self._buffers = threading.local()
+
+    def _corrupt(self, shard: int, what: str) -> StoreError:
+        return StoreError(f"store {self.path}: array {self.layout.name}: corrupt data in shard "
+                          f"{self.layout.key(shard)} ({what})")
+
+    def _buffer(self, n: int) -> memoryview:
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._buffers.buf = bytearray(n)
+        return memoryview(buf)[:n]
+
+    def _range(self, shard: int, start: int, stop: int, into: memoryview | None = None) -> memoryview:
+        """Bytes [start, stop) of the shard (start < 0: its last -start bytes), read into `into`
+        when given (local files; object storage returns its own buffer)."""
+        key = self.layout.key(shard)
+        if self._local is not None:
+            with open(os.path.join(self._local, key), "rb", buffering=0) as f:
+                f.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
+                view = into if into is not None else memoryview(bytearray(stop - start if start >= 0 else -start))
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                return view[:got]
+        fsys, root = fs._fs(fs._key_path(self.path, key))
+        if start < 0:
+            size = fsys.size(root)
+            start, stop = max(0, size + start), size
+        return memoryview(fsys.cat_file(root, start=start, end=stop))
+
+    def index(self, shard: int) -> np.ndarray:
+        """[chunks_per_shard, 2] (offset, nbytes) of the shard's chunks, its crc checked."""
+        if shard not in self._index:
+            lay = self.layout
+            try:
+                raw = bytes(self._range(shard, -lay.index_bytes, 0))
+            except OSError as e:
+                raise self._corrupt(shard, f"cannot read its index: {e}") from None
+            if len(raw) != lay.index_bytes or _crc(raw[:-4]) != raw[-4:]:
+                raise self._corrupt(shard, "shard index checksum mismatch")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            written = index[:, 0] != _EMPTY     # zarr leaves chunks a partial write never touched
+            if (index[written, 1] != lay.chunk_bytes + 4).any():
+                raise self._corrupt(shard, "chunk lengths differ from the array's geometry")
+            self._index[shard] = index
+        return self._index[shard]
+
+    def _chunks(self, a: int, b: int) -> dict[int, np.ndarray]:
+        """{global chunk number: its rows as [chunk_rows, row_bytes] uint8} for every chunk rows
+        [a, b) touch, each read in as few reads as the shard's layout allows and crc-checked."""
+        lay = self.layout
+        plan = []          # (shard, chunks stored back to back)
+        for shard in range(a // lay.shard_rows, (b - 1) // lay.shard_rows + 1):
+            base = shard * lay.shard_rows
+            first = (max(a, base) - base) // lay.chunk_rows
+            last = (min(b, base + lay.shard_rows) - 1 - base) // lay.chunk_rows
+            index = self.index(shard)
+            if (index[first:last + 1, 0] == _EMPTY).any():
+                raise self._corrupt(shard, "a chunk holding recorded rows was never written")
+            plan += [(shard, run) for run in _runs(index, first, last, lay.chunk_bytes + 4)]
+        step = lay.chunk_bytes + 4
+        buf = self._buffer(sum(len(run) for _, run in plan) * step) if self._local is not None else None
+        chunks, at = {}, 0
+        for shard, run in plan:
+            lo = int(self._index[shard][run[0], 0])
+            raw = self._range(shard, lo, lo + len(run) * step,
+                              into=None if buf is None else buf[at:at + len(run) * step])
+            at += len(run) * step
+            if len(raw) != len(run) * step:
+                raise self._corrupt(shard, f"{len(raw)} bytes where the index says {len(run) * step}")
+            for i, c in enumerate(run):
+                data = raw[i * step:i * step + lay.chunk_bytes]
+                if _crc(data) != raw[i * step + lay.chunk_bytes:(i + 1) * step]:
+                    raise self._corrupt(shard, f"chunk {c} checksum mismatch")
+                chunks[shard * lay.chunks_per_shard + c] = \
+                    np.frombuffer(data, dtype=np.uint8).reshape(lay.chunk_rows, lay.row_bytes)
+        return chunks
+
+    def read(self, a: int, b: int, out: np.ndarray | None = None, keep: np.ndarray | None = None) -> np.ndarray:
+        """Rows [a, b) as stored (no decoding), or only the sorted absolute rows `keep` within
+        them; written into `out` when given (len(out) rows: b - a, or len(keep))."""
+        lay = self.layout
+        if keep is not None and len(keep) and (keep.min() < a or keep.max() >= b):
+            raise ValueError(f"keep rows outside [{a}, {b})")
+        n = b - a if keep is None else len(keep)
+        if out is None:
+            out = np.empty((n, *lay.row_shape), dtype=lay.dtype)
+        if len(out) != n:
+            raise ValueError(f"out has {len(out)} rows for {n}")
+        if n == 0:
+            return out
+        chunks = self._chunks(a, b)
+        dest = out.reshape(n, -1).view(np.uint8)
+        if keep is None:
+            runs = [(a, 0, n)]
+        else:    # kept rows come in long consecutive runs (only position-0 rows are left out)
+            breaks = (np.flatnonzero(np.diff(keep) != 1) + 1).tolist()
+            runs = [(int(keep[s]), s, e) for s, e in zip([0] + breaks, breaks + [n])]
+        size = lay.chunk_rows
+        for row, s, e in runs:      # copy rows row.. into dest[s:e], chunk by chunk
+            while s < e:
+                c, r = divmod(row, size)
+                take = min(e - s, size - r)
+                dest[s:s + take] = chunks[c][r:r + take]
+                s, row = s + take, row + take
+        return out
+
+
+def write_shards(path: str, layout: Plain, first_row: int, values: np.ndarray) -> list[list]:
+    """Write rows [first_row, first_row + len(values)) as whole shards (first_row on a shard
+    boundary) and return [[key, bytes, sha256], ...] of each: the hash of exactly the bytes handed
+    to storage, computed as they are written (no read-back; `harvest verify` re-reads them)."""
+    if first_row % layout.shard_rows:
+        raise ValueError(f"{layout.name}: row {first_row} is not on a shard boundary")
+    written = []
+    for i in range(0, len(values), layout.shard_rows):
+        key = layout.key((first_row + i) // layout.shard_rows)
+        pieces = encode_shard(layout, values[i:i + layout.shard_rows])
+        digest = hashlib.sha256()
+        for piece in pieces:
+            digest.update(piece)
+        fs.write_pieces(path, key, pieces)
+        written.append([key, sum(len(p) for p in pieces), digest.hexdigest()])
+    return written
