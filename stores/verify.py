@@ -1,14 +1,14 @@
 """Check a format-2 store against its window records: `harvest verify STORE [--quick]`.
 
 Every problem is one line. Quick mode checks that every recorded shard exists with its recorded
-size; the full check also hashes every shard (sha256 of the stored bytes). Both check that the
+size; the full check also checksums every shard (crc32c of the stored bytes, or the sha256 of
+early format-2 records). Both check that the
 window records cover the store without gaps and that no shard lies beyond the records.
 """
 from __future__ import annotations
 
-import hashlib
 
-from . import fs, layout
+from . import fs, layout, shards
 from .reader import read_root
 from .writer import StoreWriter, complete_prefix, load_final, load_records
 
@@ -81,6 +81,6 @@ def _check_shard(path, name, window, key, size, digest, quick) -> list[str]:
         return [f"{where} empty"]
     if len(data) != size:
         return [f"{where} truncated or resized ({len(data)} bytes, record says {size})"]
-    if hashlib.sha256(data).hexdigest() != digest:
+    if not shards.checksum_matches(data, digest):
         return [f"{where} checksum mismatch"]
     return []

@@ -2,7 +2,7 @@
 
 A window is `window_seqs` whole sequences whose rows the caller already permuted; it covers
 whole shards of every array, so the process writing a window is the only one touching those
-shards. After a window's arrays are written, its *record* (`windows/<w>.json`: the sha256 and
+shards. After a window's arrays are written, its *record* (`windows/<w>.json`: the checksum and
 size of every shard it wrote, its row and sequence counts, the data-stream position after it) is
 written atomically. There is no counter shared between writers: a window is done when its record
 exists, and the store is complete when `final.json` exists (written by `finish`, after the arrays
@@ -12,7 +12,6 @@ windows that have no record.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -97,11 +96,11 @@ class StoreWriter:
         return plain.shard_rows if plain is not None else self.window_rows
 
     def _write_array(self, name: str, first: int, values: np.ndarray) -> list[list]:
-        """[[key, bytes, sha256], ...] of the shards holding `values` from row `first` on."""
+        """[[key, bytes, checksum], ...] of the shards holding `values` from row `first` on."""
         plain = self._plain[name]
         if plain is not None:
             return shards.write_shards(self.path, plain, first, values)
-        # another codec pipeline (zstd): zarr writes it, and the hashes are of the bytes read back
+        # another codec pipeline (zstd): zarr writes it, and the checksums are of the bytes read back
         arr = self._arrays[name]
         arr[first:first + len(values)] = values
         out = []
@@ -110,7 +109,7 @@ class StoreWriter:
             data = fs.read_bytes(self.path, key)
             if not data:
                 raise StoreError(f"store {self.path}: shard {key} did not reach storage")
-            out.append([key, len(data), hashlib.sha256(data).hexdigest()])
+            out.append([key, len(data), shards.checksum([data])])
         return out
 
     @staticmethod

@@ -17,6 +17,31 @@ from sae_harvest.stores.writer import StoreWriter
 CODECS = [zarr.codecs.Crc32cCodec()]
 
 
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        table.append(c)
+    return table
+
+
+_TABLE = _crc_table()
+
+
+def crc32c(data: bytes) -> int:
+    """Castagnoli CRC computed bytewise in Python: the reference for the checksums we record."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_reference_crc32c_check_value():
+    assert crc32c(b"123456789") == 0xE3069283     # the standard check value (RFC 3720)
+
+
 def zarr_array(path, shape, chunk, shard, dtype, compressors=CODECS):
     group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
     arr = group.create_array("a", shape=shape, dtype=dtype, chunks=chunk, shards=shard,
@@ -59,7 +84,7 @@ def test_partial_shard_matches_zarr_and_zarr_reads_ours(tmp_path):
     assert [k for k, _, _ in written] == ["a/c/0/0", "a/c/1/0"]
     for key, size, digest in written:
         data = (tmp_path / "y" / key).read_bytes()
-        assert len(data) == size and hashlib.sha256(data).hexdigest() == digest
+        assert len(data) == size and digest == f"crc32c:{crc32c(data):08x}"
     back = zarr.open_array(store=str(tmp_path / "y"), path="a", mode="r")
     np.testing.assert_array_equal(back[:40], values)
     np.testing.assert_array_equal(back[40:], 0)
@@ -121,7 +146,7 @@ def test_store_reads_fast_path_equal_zarr_and_records_hash_the_files(tmp_path, c
     for record in store.records.values():
         for key, size, digest in record["shards"]["acts/s"]:
             data = (tmp_path / "s" / key).read_bytes()
-            assert len(data) == size and hashlib.sha256(data).hexdigest() == digest
+            assert len(data) == size and digest == f"crc32c:{crc32c(data):08x}"
 
 
 def test_flipped_bits_anywhere_raise(tmp_path):
@@ -152,3 +177,20 @@ def test_position_arrays_take_the_activations_chunk(tmp_path):
     inner = lambda m: m["codecs"][0]["configuration"]["chunk_shape"][0]   # noqa: E731
     assert inner(meta) == inner(acts)
     assert os.path.exists(tmp_path / "s" / "rows" / "pos" / "c" / "0")
+
+
+def test_verify_reads_sha256_records_of_early_format_2_stores(tmp_path):
+    from sae_harvest.stores.verify import verify_store
+    make_store(tmp_path / "s")
+    for rec_path in (tmp_path / "s" / "windows").iterdir():
+        record = json.loads(rec_path.read_text())
+        for name, entries in record["shards"].items():
+            for entry in entries:
+                entry[2] = hashlib.sha256((tmp_path / "s" / entry[0]).read_bytes()).hexdigest()
+        rec_path.write_text(json.dumps(record))
+    assert verify_store(str(tmp_path / "s")) == []
+    shard = tmp_path / "s" / "rows" / "seq" / "c" / "0"
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 1
+    shard.write_bytes(bytes(data))
+    assert any("checksum mismatch" in p for p in verify_store(str(tmp_path / "s")))
