@@ -14,8 +14,26 @@ lambda is cfg.l1_coeff (the sweep field, `--l1`): one active latent costs lambda
 is summed over d_in on inputs normalised to E||x|| = sqrt(d_in).
 theta is trained in log space (log_threshold, as the paper and SAELens do) and saved as SAELens's
 `threshold` tensor; loading takes log(threshold).
+
+Where theta starts (calibrate()): at the fixed point of its own pseudo-gradient, theta_0 = sqrt(lambda).
+Why: Adam moves log theta by at most ~lr per step whatever the gradient's size, so over T steps theta
+can only change by a factor ~exp(lr * T). The paper (lr 7e-5 over 10^5+ steps) has tens of log-units
+of travel; a short run here has ~0.04 (lr 5e-4, ~80 steps), so theta stayed where it started and
+lambda only chose the sign of an update too small to matter: every lambda gave the same L0
+(docs/results.md). The expected-loss derivative the estimators target is
+    d/dtheta_i E[loss] = p_i(theta_i) * (lambda - E[gain_i | z_i = theta_i]),
+gain_i = the squared error saved by keeping activation z_i = theta_i; for a latent whose decoder row
+(unit norm here) alone explains its direction, gain = theta^2, so theta* = sqrt(lambda) in the space
+the SAE trains in (inputs with E||x|| = sqrt(d_in), reconstruction summed over d_in). Measured: run
+long enough to get there from theta_0 = 0.01 (2000 steps at lr 5e-3, tests' store), the median
+learned theta is 1.1-1.3 sqrt(lambda) for lambda = 0.1, 0.3, 1 (docs/results.md). `threshold_init`
+stays a floor (theta_0 = max(threshold_init, sqrt(lambda))); a theta loaded with --init is kept; the
+tanh penalty (gradient through f, not theta alone) starts at threshold_init as before.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -69,7 +87,7 @@ class JumpReLUSAE(SAE):
     saelens_architecture = "jumprelu"
     apply_b_dec_to_input = True
     adam_betas = (0.0, 0.999)   # the paper's (and Gemma Scope's) beta1 = 0
-    default_l1 = 1.0            # lambda per active latent; provisional: short runs barely move theta
+    default_l1 = 1.0            # lambda per active latent; theta starts at sqrt(lambda) (see calibrate)
 
     @classmethod
     def check_config(cls, cfg):
@@ -82,6 +100,17 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.threshold_init)).log())
+
+    @torch.no_grad()
+    def calibrate(self, x, grad=None):
+        """Start theta at sqrt(lambda), the L0 penalty's fixed point (module docstring), unless theta
+        was loaded (--init) or threshold_init is larger; cfg.threshold_init records the start."""
+        fresh = torch.equal(self.log_threshold, torch.full_like(self.log_threshold, math.log(self.cfg.threshold_init)))
+        if not fresh or self.cfg.l0_penalty != "step" or self.cfg.l1_coeff <= 0:
+            return
+        theta0 = max(self.cfg.threshold_init, math.sqrt(self.cfg.l1_coeff))
+        self.log_threshold.fill_(math.log(theta0))
+        self.cfg = dataclasses.replace(self.cfg, threshold_init=theta0)
 
     @property
     def threshold(self) -> torch.Tensor:
