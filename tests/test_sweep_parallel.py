@@ -71,7 +71,7 @@ def test_each_rank_trains_its_share_of_the_sweep_like_one_process(store, assets,
         assert not (two / "checkpoint" / "state.json").exists()
 
     assert results[3] == {"error": "--sweep-parallel deals the sweep's 1 SAE over 2 ranks, so some rank would "
-                                   "idle: launch at most 1 ranks, or train data parallel (without --sweep-parallel)"}
+                                   "idle: launch at most 1 rank, or train data parallel (without --sweep-parallel)"}
     assert not (tmp_path / "two" / "lonely").exists()
 
     # a sweep-parallel checkpoint resumes only the way it was saved: one process is refused, nothing changes

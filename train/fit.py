@@ -26,7 +26,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
             n = sweep_size(cfg)
             if n < world.size:
                 raise TrainError(f"--sweep-parallel deals the sweep's {n} SAE{'s' * (n != 1)} over {world.size} "
-                                 f"ranks, so some rank would idle: launch at most {n} ranks, or train data "
+                                 f"ranks, so some rank would idle: launch at most {n} rank{'s' * (n != 1)}, or train data "
                                  f"parallel (without --sweep-parallel)")
             world = distributed.split_sweep(world)
         elif cfg.batch_size % world.size:
