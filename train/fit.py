@@ -25,8 +25,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
         if cfg.sweep_parallel and world.size > 1:
             n = sweep_size(cfg)
             if n < world.size:
-                raise TrainError(f"--sweep-parallel deals the sweep's {n} SAE{'s' * (n != 1)} over {world.size} "
-                                 f"ranks, so some rank would idle: launch at most {n} rank{'s' * (n != 1)}, or train data "
+                plural = "s" * (n != 1)
+                raise TrainError(f"--sweep-parallel deals the sweep's {n} SAE{plural} over {world.size} ranks, "
+                                 f"so some rank would idle: launch at most {n} rank{plural}, or train data "
                                  f"parallel (without --sweep-parallel)")
             world = distributed.split_sweep(world)
         elif cfg.batch_size % world.size:
