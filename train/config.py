@@ -67,11 +67,22 @@ class TrainConfig:
     downstream_coeff: float | None = opt(None, "e2e+ds downstream MSE weight beta (default 2.5).")
     init: str | None = opt(None, "Start from this SAE checkpoint (e.g. a local SAE before e2e).")
     dist_timeout: int = opt(600, "Under torchrun: seconds a rank waits for the others before the job fails.")
+    sweep_parallel: bool = opt(False, "Under torchrun: spread the sweep's SAEs over the ranks (SAE i on rank i "
+                                      "mod N; each reads every whole batch and trains its SAEs alone) instead "
+                                      "of training every SAE data parallel: for sweeps too large for one GPU's "
+                                      "memory. Needs at least N SAEs. Without torchrun it changes nothing.")
 
     def to_dict(self) -> dict:
         """The config as stored (cfg.json, checkpoint/state.json) and logged (wandb): every path
         and URL scrubbed of credentials, so a resume compares like with like."""
         return scrub_tree(dataclasses.asdict(self))
+
+
+def sweep_size(cfg: TrainConfig) -> int:
+    """How many SAEs the sweep trains (known before the data's width is)."""
+    if ARCHITECTURES[cfg.arch].sweep_field == "k":
+        return len(cfg.k)
+    return len(cfg.l1 or (None,))
 
 
 def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:

@@ -8,10 +8,17 @@ gradients (averaged: each rank's loss is a mean over its equal share), dead-late
 AuxK's residual variance, BatchTopK's batch-wide top-k and its threshold (global min), and the
 logged metrics. Outside a step (finalising, held-out evaluation) every call is local again.
 
+Sweep parallel (`--sweep-parallel`): the sweep's SAEs are dealt over the ranks (SAE i of the sweep
+on rank i mod N); every rank reads every whole batch and trains its own SAEs exactly as one process
+would, with no collective inside the loop. The ranks meet only at the start and once at the end,
+where rank 0 gathers every rank's summaries as JSON (`all_gather_json`) in a gloo group that waits
+as long as the slowest rank trains.
+
 Without torchrun (no RANK / WORLD_SIZE in the environment) nothing here does anything.
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,10 +35,21 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sweep_parallel: bool = False   # each rank trains its own SAEs of the sweep (split_sweep)
+    results_group: object = None   # sweep parallel: the gloo group the final gather waits in
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def owner(self, index: int) -> int:
+        """The rank that trains the sweep's SAE number `index` (every rank, data parallel: -1)."""
+        return index % self.size if self.sweep_parallel else -1
+
+
+# A rank that ends its SAEs early waits this long for the others at the final gather: its share of
+# the sweep may be far lighter. A rank that dies still ends the job at once (torchrun stops the rest).
+RESULTS_WAIT = timedelta(days=7)
 
 
 def launched() -> bool:
@@ -52,6 +70,32 @@ def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
     return world, device
+
+
+def split_sweep(world: World) -> World:
+    """The world of a sweep-parallel fit (collective: every rank calls it once, at the start)."""
+    return World(world.rank, world.size, world.local_rank, sweep_parallel=True,
+                 results_group=dist.new_group(backend="gloo", timeout=RESULTS_WAIT))
+
+
+def close(world: World) -> None:
+    if world.results_group is not None:
+        dist.destroy_process_group(world.results_group)
+
+
+def all_gather_json(obj, group=None) -> list:
+    """Every rank's JSON-able `obj`, in rank order, on every rank: sent as UTF-8 JSON bytes in
+    tensors (nothing is pickled). `group` must be a gloo group (CPU tensors)."""
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    size = dist.get_world_size(group)
+    lengths = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([len(data)]), group=group)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:len(data)] = data
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return [json.loads(bytes(p[:int(n)].numpy()).decode()) for p, n in zip(parts, lengths)]
 
 
 def barrier() -> None:

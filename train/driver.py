@@ -53,14 +53,16 @@ def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _wandb(cfg):
+def _wandb(cfg, world):
     if not cfg.wandb:
         return None
     try:
         import wandb
     except ImportError:
         raise TrainError("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project=cfg.wandb, config=cfg.to_dict())
+    # sweep parallel: one wandb run per rank, each logging its own SAEs
+    name = f"{Path(cfg.out).name}-rank{world.rank}" if world.sweep_parallel else None
+    return wandb.init(project=cfg.wandb, config=cfg.to_dict(), name=name)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -94,44 +96,78 @@ def _log(runs, step, tokens, wandb_run):
 
 class Driver:
     """Owns `out/`: metrics files, checkpoints, the progress bar and the SIGINT handler.
-    Under torchrun only rank 0 writes; every rank steps, and a stop on any rank stops them all."""
+    Under torchrun, data parallel: only rank 0 writes; every rank steps, and a stop on any rank
+    stops them all. Sweep parallel: each rank runs this loop alone over its own SAEs and writes
+    their files and its own checkpoint (checkpoint/rank<r>/), at its own pace."""
 
     def __init__(self, cfg, out: Path, runs: dict, *, scale: float, total_steps: int, tokens_per_step: int,
                  label: str, world: distributed.World = distributed.World()):
         self.cfg, self.out, self.runs, self.scale = cfg, Path(out), runs, scale
         self.world = world
+        self.writes = world.main or world.sweep_parallel          # this rank saves its runs
+        self.lockstep = world.size > 1 and not world.sweep_parallel   # ranks share every step
+        self.where = train_state.rank_dir(world.rank) if world.sweep_parallel else train_state.CHECKPOINT_DIR
         self.total_steps, self.tokens_per_step, self.label = total_steps, tokens_per_step, label
         self.step, self.feed, self.elapsed = 0, None, 0.0
         self.warmup = max(1, int(cfg.warmup_fraction * total_steps))
 
-    def prepare(self, resume: bool, overwrite: bool, load_run) -> dict | None:
+    def prepare(self, resume: bool, overwrite: bool, device) -> dict | None:
         """Restore a checkpoint (returns the saved feed state) or start clean."""
         out = self.out
-        if self.world.main:   # has_state may repair a checkpoint killed mid-swap: one writer
-            has = resume and train_state.has_state(out)
-            if overwrite and not has and out.exists():
-                import shutil
-                shutil.rmtree(out)
+        if self.writes and resume:   # repairs a checkpoint killed mid-swap: by its one writer
+            train_state.has_state(out, self.where)
         distributed.barrier()
-        if resume and train_state.has_state(out):
-            meta = train_state.load_meta(out)
-            saved = meta["config"]
-            differ = [k for k, v in self.cfg.to_dict().items() if k not in ("device", "wandb", "out", "dist_timeout")
-                      and _plain(saved.get(k)) != _plain(v)]
-            if differ:
-                raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
-            self.step, self.scale = meta["step"], meta["scale"]
-            for name, run in self.runs.items():
-                load_run(name, run)
-            return meta["feed"]
-        return None
+        if self.world.main and overwrite and out.exists() and not (resume and train_state.saved_layout(out)):
+            import shutil
+            shutil.rmtree(out)
+        distributed.barrier()
+        if not resume:
+            return None
+        self._check_layout(train_state.saved_layout(out))
+        if not train_state.has_state(out, self.where):
+            return None   # sweep parallel: this rank died before its first checkpoint
+        meta = train_state.load_meta(out, self.where)
+        saved = meta["config"]
+        differ = [k for k, v in self.cfg.to_dict().items()
+                  if k not in ("device", "wandb", "out", "dist_timeout", "sweep_parallel")
+                  and _plain(saved.get(k)) != _plain(v)]
+        if differ:
+            raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
+        if self.world.sweep_parallel and meta.get("runs") != list(self.runs):
+            raise TrainError(f"cannot resume {out}: {self.where} holds {', '.join(meta.get('runs') or [])}, but "
+                             f"rank {self.world.rank} of {self.world.size} trains {', '.join(self.runs)}")
+        self.step, self.scale = meta["step"], meta["scale"]
+        for name, run in self.runs.items():
+            train_state.load_run(out, name, run, device, self.where)
+        return meta["feed"]
+
+    def _check_layout(self, saved: list[str]) -> None:
+        """A sweep-parallel checkpoint resumes only as sweep parallel on as many ranks (each rank's
+        SAEs and step are its own); one process's or a data-parallel one only as either of those."""
+        if not saved:
+            return
+        if self.world.sweep_parallel:
+            mine = {train_state.rank_dir(r) for r in range(self.world.size)}
+            sizes = {train_state.load_meta(self.out, where).get("world_size") for where in saved if where in mine}
+            if set(saved) <= mine and sizes == {self.world.size}:
+                return
+        elif saved == [train_state.CHECKPOINT_DIR]:
+            return
+        if saved == [train_state.CHECKPOINT_DIR]:
+            how = "by one process or data parallel: resume without --sweep-parallel (or with one process)"
+        else:
+            sizes = {train_state.load_meta(self.out, where).get("world_size") for where in saved}
+            n = sizes.pop() if len(sizes) == 1 else "?"
+            how = f"with --sweep-parallel on {n} ranks: resume the same way (torchrun --nproc-per-node {n})"
+        raise TrainError(f"cannot resume {self.out}: its checkpoint was saved {how}")
 
     def checkpoint(self, feed_state: dict | None = None) -> None:
-        if not self.world.main:
+        if not self.writes:
             return
         feed_state = self.feed.state() if feed_state is None else feed_state
-        train_state.save_state(self.out, meta={"step": self.step, "feed": feed_state, "scale": self.scale,
-                                               "config": self.cfg.to_dict()}, runs=self.runs)
+        meta = {"step": self.step, "feed": feed_state, "scale": self.scale, "config": self.cfg.to_dict(),
+                "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel, "runs": list(self.runs)}
+        train_state.save_state(self.out, meta=meta, runs=self.runs, where=self.where)
 
     def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:
         """Checkpoint at the last completed step; the error to stop with (one line)."""
@@ -155,9 +191,9 @@ class Driver:
         """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now)
         trains every run on it."""
         self.feed = feed
-        main = self.world.main
-        wandb_run = _wandb(self.cfg) if main else None
-        if main:
+        main, writes = self.world.main, self.writes
+        wandb_run = _wandb(self.cfg, self.world) if writes else None
+        if writes:
             self.out.mkdir(parents=True, exist_ok=True)
             for name, run in self.runs.items():
                 (self.out / name).mkdir(exist_ok=True)
@@ -166,7 +202,7 @@ class Driver:
         interrupted = []
         old_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
         bar = token_progress(console=console, disable=not progress or not main)
-        parallel = self.world.size > 1
+        parallel = self.lockstep
         per = self.tokens_per_step
         t0 = time.perf_counter()
         try:
@@ -192,7 +228,7 @@ class Driver:
                         raise self._save_after_fault(e, before) from e
                     self.step += 1
                     bar.advance(task, per)
-                    if log_now and main:
+                    if log_now and writes:
                         _log(self.runs, self.step, self.step * per, wandb_run)
                         bar.update(task, info=info_fn())
                     if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
@@ -203,7 +239,8 @@ class Driver:
                         signum = interrupted[0] if interrupted else signal.SIGTERM   # or another rank's
                         name = signal.Signals(signum).name
                         raise TrainInterrupted(f"stopped by {name} at step {self.step}: checkpoint saved in "
-                                               f"{self.out}; continue with --resume", code=128 + int(signum))
+                                               f"{self.out / self.where}; continue with --resume",
+                                               code=128 + int(signum))
         finally:
             for s, handler in old_handlers.items():
                 signal.signal(s, handler)
@@ -217,7 +254,18 @@ class Driver:
         tokens = self.step * self.tokens_per_step
         return {"steps": self.step, "tokens": tokens, "seconds": self.elapsed,
                 "tokens_per_s": tokens / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale,
-                "world_size": self.world.size}
+                "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel,
+                "rank": self.world.rank if self.world.sweep_parallel else None}   # the one rank that trained it
+
+    def gather(self, summaries: dict, order: list[str]) -> dict:
+        """Sweep parallel: every rank's {name: summary}, in sweep order, on rank 0 ({} elsewhere);
+        otherwise `summaries` as they are. Each rank has saved its own SAEs before it waits here."""
+        if not self.world.sweep_parallel:
+            return summaries
+        merged = {}
+        for part in distributed.all_gather_json(summaries, self.world.results_group):
+            merged.update(part)
+        return {name: merged[name] for name in order} if self.world.main else {}
 
     def finish(self) -> None:
         self.checkpoint()

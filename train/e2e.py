@@ -23,9 +23,8 @@ from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub
 from sae_harvest.train import distributed
-from sae_harvest.train import resume as train_state
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
-from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import TensorFeed, holdout_split
@@ -250,19 +249,21 @@ def _site_sample(env, cfg) -> torch.Tensor:
 def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
             console=None, device=None, on_step=None, world=distributed.World()) -> dict:
     """Train every SAE of the sweep end to end; returns {name: summary}. TrainError on bad input.
-    Under torchrun each rank takes its share of every step's sequences; rank 0 evaluates and saves."""
+    Under torchrun each rank takes its share of every step's sequences; rank 0 evaluates and saves.
+    Sweep parallel: each rank trains, evaluates and saves its own SAEs on every step's sequences."""
     out = Path(cfg.out)
     env = _setup(cfg, device)
     ctx = env.store.ctx_len
     sample = _site_sample(env, cfg)
     scale = input_scale(sample, cfg.normalize)   # as the local trainer; folded back in at save
     seqs_per_step = max(1, min(cfg.batch_size // ctx, env.n_train))
-    if seqs_per_step % world.size:
+    if seqs_per_step % world.size and not world.sweep_parallel:
         raise TrainError(f"a step of {seqs_per_step} sequences does not divide over {world.size} ranks: "
                          f"make --batch-size a multiple of {world.size} x {ctx}")
     tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
     total_steps = max(1, tokens // (seqs_per_step * ctx))
-    runs = build_runs(cfg, env.d_in, sample, None, device, scale)
+    order = [name for name, _ in sweep(cfg, env.d_in)]
+    runs = build_runs(cfg, env.d_in, sample, None, device, scale, world)   # sweep parallel: this rank's
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
     downstream = downstream_sites(env.site, env.adapter.n_layers)
     opts = SimpleNamespace(downstream=downstream, grad_clip=cfg.grad_clip, device=device,
@@ -273,11 +274,12 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     batch_tokens = seqs_per_step * ctx
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
                     label=cfg.loss, world=world)
-    feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
+    feed_state = driver.prepare(resume, overwrite, device)
     scale = driver.scale
     opts.loss_kw["scale"] = scale
+    # sweep parallel: every rank runs the model on every step's whole batch, for its own SAEs
     feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state,
-                      part=(world.rank, world.size))
+                      part=(0, 1) if world.sweep_parallel else (world.rank, world.size))
 
     def prepare(data):
         return _read(env, data["acts"].numpy())   # the feed yields sequence indices
@@ -289,7 +291,7 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         return " | ".join(f"{n}: kl {r.last['kl']:.3g} l0 {r.last['l0']:.1f}" for n, r in list(runs.items())[:3])
 
     driver.run(feed, prepare, step_fn, info, progress=progress, console=console, on_step=on_step)
-    if not world.main:
+    if not driver.writes:
         return {}
     for run in runs.values():   # batch-independent: >= THRESHOLD_ROWS training rows (batchtopk)
         run.sae.finalize(x.to(device) / scale for x in _site_rows(env, cfg, THRESHOLD_ROWS, cfg.seed + 1))
@@ -303,6 +305,7 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         summaries[name] = summary = {**driver.summary(), "held_out": held[name]}
         save_run(run, out / name, scale, {**env.provenance, "training": cfg.to_dict(), "e2e": e2e_meta}, summary)
     driver.finish()
+    summaries = driver.gather(summaries, order)
     if progress and console is not None:
         for name, s in summaries.items():
             h = s["held_out"]

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from sae_harvest.stores.cli import pick_device
 from sae_harvest.train import distributed
-from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.config import TrainConfig, sweep_size
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.e2e import fit_e2e
 from sae_harvest.train.local import fit_local
@@ -22,7 +22,15 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     world, device = distributed.init(pick_device(cfg.device), cfg.dist_timeout)
     try:
         check_output(cfg, resume, overwrite)
-        if cfg.batch_size % world.size:
+        if cfg.sweep_parallel and world.size > 1:
+            n = sweep_size(cfg)
+            if n < world.size:
+                plural = "s" * (n != 1)
+                raise TrainError(f"--sweep-parallel deals the sweep's {n} SAE{plural} over {world.size} ranks, "
+                                 f"so some rank would idle: launch at most {n} rank{plural}, or train data "
+                                 f"parallel (without --sweep-parallel)")
+            world = distributed.split_sweep(world)
+        elif cfg.batch_size % world.size:
             raise TrainError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly "
                              f"over the {world.size} ranks")
         distributed.barrier()   # every rank has checked --out before rank 0 writes to it
@@ -34,5 +42,6 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
         raise TrainError(f"cannot write under {cfg.out}: {reason}; checkpoints already saved there are "
                          f"kept (continue with --resume)") from None
     finally:
+        distributed.close(world)
         if own_group:
             distributed.shutdown()

@@ -14,9 +14,8 @@ import torch
 from sae_harvest.stores import open_store
 from sae_harvest.stores.urls import scrub
 from sae_harvest.train import distributed
-from sae_harvest.train import resume as train_state
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
-from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import StoreFeed, TensorFeed, holdout_split, sample_rows
@@ -121,17 +120,21 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     scale = input_scale(source.sample, cfg.normalize and not cfg.decoder_of)
     tokens = cfg.tokens or source.epoch_tokens * (cfg.epochs or 1)
     batch = min(cfg.batch_size, source.epoch_tokens)
-    if batch % world.size:
+    if batch % world.size and not world.sweep_parallel:
         raise TrainError(f"the global batch of {batch} rows does not divide over {world.size} ranks")
     total_steps = max(1, tokens // batch)
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
-    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale)
+    order = [name for name, _ in sweep(cfg, source.d_in)]
+    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale, world)
 
-    driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label="train",
+    label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
+    driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
                     world=world)
-    feed_state = driver.prepare(resume, overwrite, lambda name, run: train_state.load_run(out, name, run, device))
+    feed_state = driver.prepare(resume, overwrite, device)
     scale = driver.scale
-    feed = source.feed(batch, feed_state, part=(world.rank, world.size), pin=device.type == "cuda")
+    # sweep parallel: every rank reads every whole batch, as one process would
+    part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
+    feed = source.feed(batch, feed_state, part=part, pin=device.type == "cuda")
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
 
     def prepare(data):
@@ -147,11 +150,12 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console,
                on_step=on_step)
-    if not world.main:   # rank 0 finalises, evaluates and saves (the weights are the same everywhere)
+    if not driver.writes:   # data parallel: rank 0 finalises, evaluates and saves (same weights everywhere)
         return {}
     summaries = {name: _finish(run, source, out / name, cfg, scale, device, driver)
                  for name, run in runs.items()}
     driver.finish()
+    summaries = driver.gather(summaries, order)
     if progress and console is not None:
         _print_summary(console, summaries)
     return summaries

@@ -3,6 +3,8 @@
 `out/checkpoint/` holds state.json plus one <sae>.safetensors per swept SAE with its
 weights, Adam moments and dead-latent counters. It is written to a temporary folder
 and swapped in with renames, so a kill mid-save leaves the previous checkpoint.
+Under `--sweep-parallel` each rank saves its own SAEs, at its own step, in
+`out/checkpoint/rank<r>/` (same contents), so no two ranks ever write the same file.
 """
 from __future__ import annotations
 
@@ -19,12 +21,29 @@ from sae_harvest.stores.urls import scrub_tree
 CHECKPOINT_DIR = "checkpoint"
 
 
-def save_state(out: str | Path, *, meta: dict, runs: dict) -> None:
-    """runs: {name: train.runs.Run}."""
+def rank_dir(rank: int) -> str:
+    """Where a sweep-parallel rank keeps its checkpoint, relative to --out."""
+    return f"{CHECKPOINT_DIR}/rank{rank}"
+
+
+def saved_layout(out: str | Path) -> list[str]:
+    """The checkpoints under out: ["checkpoint"] (one process or data parallel), the sweep-parallel
+    ranks' ["checkpoint/rank0", ...] (those saved so far), or [] (none)."""
+    folder = Path(out) / CHECKPOINT_DIR
+    found = [CHECKPOINT_DIR] if (folder / "state.json").exists() else []
+    if folder.is_dir():
+        found += sorted((f"{CHECKPOINT_DIR}/{p.name}" for p in folder.iterdir()
+                         if p.name.startswith("rank") and p.name[4:].isdigit() and (p / "state.json").exists()),
+                        key=lambda name: int(name.rsplit("rank", 1)[1]))
+    return found
+
+
+def save_state(out: str | Path, *, meta: dict, runs: dict, where: str = CHECKPOINT_DIR) -> None:
+    """runs: {name: train.runs.Run}; where: the checkpoint's folder relative to out."""
     out = Path(out)
-    final = out / CHECKPOINT_DIR
-    tmp = out / f".{CHECKPOINT_DIR}.tmp"
-    old = out / f".{CHECKPOINT_DIR}.old"
+    final = out / where
+    tmp = final.with_name(f".{final.name}.tmp")
+    old = final.with_name(f".{final.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, run in runs.items():
@@ -48,17 +67,20 @@ def save_state(out: str | Path, *, meta: dict, runs: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def has_state(out: str | Path) -> bool:
-    out = Path(out)
-    if not (out / CHECKPOINT_DIR / "state.json").exists() and (out / f".{CHECKPOINT_DIR}.old").exists():
-        (out / f".{CHECKPOINT_DIR}.old").rename(out / CHECKPOINT_DIR)   # killed between the two renames
-    return (out / CHECKPOINT_DIR / "state.json").exists()
+def has_state(out: str | Path, where: str = CHECKPOINT_DIR) -> bool:
+    """Whether a checkpoint is saved there; repairs one killed between the two renames (call it
+    from the checkpoint's one writer)."""
+    final = Path(out) / where
+    old = final.with_name(f".{final.name}.old")
+    if not (final / "state.json").exists() and old.exists():
+        old.rename(final)
+    return (final / "state.json").exists()
 
 
-def load_meta(out: str | Path) -> dict:
+def load_meta(out: str | Path, where: str = CHECKPOINT_DIR) -> dict:
     from sae_harvest.train.sae_io import CheckpointError
 
-    path = Path(out) / CHECKPOINT_DIR / "state.json"
+    path = Path(out) / where / "state.json"
     try:
         meta = json.loads(path.read_text())
         if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("config"), dict)
@@ -70,11 +92,11 @@ def load_meta(out: str | Path) -> dict:
     return meta
 
 
-def load_run(out: str | Path, name: str, run, device) -> None:
+def load_run(out: str | Path, name: str, run, device, where: str = CHECKPOINT_DIR) -> None:
     """Restore weights, optimizer moments and counters into an already built run."""
     from sae_harvest.train.sae_io import CheckpointError
 
-    path = Path(out) / CHECKPOINT_DIR / f"{name}.safetensors"
+    path = Path(out) / where / f"{name}.safetensors"
     try:
         tensors = load_file(str(path))
     except Exception as e:   # missing, truncated or corrupt: safetensors raises its own error types

@@ -42,12 +42,15 @@ def input_scale(sample: torch.Tensor, normalize: bool) -> float:
 
 
 def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: torch.Tensor | None,
-               device, scale: float) -> dict[str, Run]:
-    """One Run per swept value, each seeded alike; `sample` / `grad_sample` are raw rows."""
+               device, scale: float, world: distributed.World = distributed.World()) -> dict[str, Run]:
+    """One Run per swept value, each seeded alike; `sample` / `grad_sample` are raw rows. Sweep
+    parallel: only the runs this rank trains (SAE i on rank i mod N), each built as one process would."""
     runs = {}
     x = sample / scale
     g = grad_sample * scale if grad_sample is not None else None   # gradient w.r.t. x / scale
-    for name, sae_cfg in sweep(cfg, d_in):
+    for index, (name, sae_cfg) in enumerate(sweep(cfg, d_in)):
+        if world.sweep_parallel and world.owner(index) != world.rank:
+            continue
         torch.manual_seed(cfg.seed)
         sae = make_sae(sae_cfg)
         if cfg.init:
@@ -125,5 +128,7 @@ def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -
     saved.load_state_dict(run.sae.state_dict())
     saved.fold_input_scale(scale)
     save_sae(saved, folder, extra_cfg={**extra, "sweep_name": folder.name, "lr": run.lr, "summary": summary,
-                                       "world_size": summary.get("world_size", 1)})
+                                       "world_size": summary.get("world_size", 1),
+                                       "sweep_parallel": summary.get("sweep_parallel", False),
+                                       "rank": summary.get("rank")})
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
