@@ -32,8 +32,8 @@ class TrainConfig:
                                    "the paper's operating point).")
     bandwidth: float | None = opt(None, "jumprelu: bandwidth eps of the threshold's straight-through "
                                         f"estimators (default {SAE_DEFAULTS['bandwidth']:g}).")
-    threshold_init: float | None = opt(None, f"jumprelu: initial threshold of every latent (default "
-                                             f"{SAE_DEFAULTS['threshold_init']:g}).")
+    threshold_init: float | None = opt(None, f"jumprelu: floor of the initial threshold; theta starts at "
+                                             f"max(this, sqrt(lambda)) (default {SAE_DEFAULTS['threshold_init']:g}).")
     l0_penalty: str | None = opt(None, "jumprelu L0 penalty: step (straight-through) or tanh (SAELens) "
                                        f"(default {SAE_DEFAULTS['l0_penalty']}).", choices=L0_PENALTIES)
     prefixes: tuple[int, ...] | None = opt(None, "matryoshka_batchtopk: nested dictionary sizes, e.g. "

@@ -36,7 +36,7 @@ class SAEConfig:
     aux_coeff: float = 1 / 32
     threshold_ema: float = 0.99  # batchtopk: EMA decay of the per-batch min kept activation
     bandwidth: float = 0.05    # jumprelu: width eps of the straight-through estimators' rectangle kernel
-    threshold_init: float = 0.01   # jumprelu: initial theta of every latent
+    threshold_init: float = 0.01   # jumprelu: floor of the initial theta (theta starts at max(this, sqrt(lambda)))
     l0_penalty: str = "step"   # jumprelu: "step" (lambda * ||f||_0 through the STE) or "tanh" (SAELens)
     tanh_scale: float = 4.0    # jumprelu, l0_penalty "tanh": c in tanh(c * f * ||W_dec row||)
     prefixes: tuple[int, ...] = ()   # matryoshka: nested dictionary sizes; () = d_sae/16, /8, /4, /2, d_sae
