@@ -26,7 +26,9 @@ def _local(path: str) -> str:
 
 def _fs(url: str):
     from fsspec import url_to_fs
-    return url_to_fs(url)
+    # no listings cache: other processes (ranks, a running harvest) add objects to a prefix this
+    # process listed before, and s3fs answers size/cat_file from a stale listing with "not found"
+    return url_to_fs(url, use_listings_cache=False)
 
 
 def zarr_store(path: str, read_only: bool = False):

@@ -132,12 +132,31 @@ def test_lease_on_s3_refuses_a_live_holder_and_takes_over_a_stale_one(bucket):
     assert fs.read_bytes(url, "lease.json") is None
 
 
+def test_objects_written_by_another_process_are_seen(bucket):
+    """A process that listed a prefix (s3fs caches listings) still reads objects another process
+    (here: boto3 directly) adds later: a reader opened on a running harvest, rank 0 finishing a
+    store whose last windows another rank wrote."""
+    import boto3
+    url = f"{bucket}/listed"
+    fs.write_atomic(url, "windows/00000000.json", b"{}")
+    assert fs.list_keys(url, "windows") == ["windows/00000000.json"]
+    assert fs.size(url, "windows/00000000.json") == 2
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(
+        Bucket=bucket.split("://")[1], Key="listed/windows/00000001.json", Body=b'{"x": 1}')
+    assert fs.list_keys(url, "windows") == ["windows/00000000.json", "windows/00000001.json"]
+    assert fs.read_bytes(url, "windows/00000001.json") == b'{"x": 1}'
+    assert fs.size(url, "windows/00000001.json") == 8
+    assert fs.exists(url) is False and fs.anything_at(url)
+
+
 # ---- killed, resumed, verified ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3_reference(assets, bucket):
-    """An uninterrupted S3 harvest."""
+    """An uninterrupted S3 harvest; --resume where nothing is yet starts a new store (so a job
+    script may always pass --resume: docs/slurm-harvest.md)."""
     url = f"{bucket}/ref.zarr"
-    harvest(_cfg(assets, url, **SMALL), progress=False)
+    harvest(_cfg(assets, url, **SMALL), resume=True, progress=False)
+    assert open_store(url).complete
     return url
 
 
@@ -228,3 +247,24 @@ def test_s3_overwrite_keeps_old_store_until_first_window_and_leaves_nothing_of_i
     # everything outside the store is as it was
     outside = lambda objs: {k: v for k, v in objs.items() if not k.startswith("ow.zarr/")}  # noqa: E731
     assert outside(after) == outside(before)
+
+
+@pytest.mark.slow
+def test_s3_two_torchrun_processes_killed_and_resumed(assets, bucket):
+    """torchrun (c10d rendezvous) on S3: rank 1 SIGKILLed after its 2nd record, the same launch
+    with --resume completes it bitwise equal to an uninterrupted launch; verify passes."""
+    from tests.test_store_v2 import _torchrun
+    full, killed = f"{bucket}/tr-full.zarr", f"{bucket}/tr-killed.zarr"
+    r = _torchrun(assets, full, rdzv_id="s3-full")
+    assert r.returncode == 0, r.stdout[-3000:]
+    r = _torchrun(assets, killed, rdzv_id="s3-kill",
+                  env={"SAE_HARVEST_TEST_KILL_AFTER_RECORDS": "2", "SAE_HARVEST_TEST_KILL_RANK": "1"})
+    assert r.returncode != 0
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(killed)
+    r = _torchrun(assets, killed, extra=["--resume"], rdzv_id="s3-resume")
+    assert r.returncode == 0, r.stdout[-3000:]
+    _assert_same(full, killed)
+    assert open_store(killed).attrs["world_size"] == 2
+    code, text = _cli("verify", killed)
+    assert code == 0, text
