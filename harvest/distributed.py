@@ -17,6 +17,16 @@ from sae_harvest.stores.errors import UserError
 from .errors import HarvestError
 
 
+def _node_count(env, world: int) -> int:
+    """torchrun launchers (nodes) in the job. GROUP_WORLD_SIZE is the agent count torchrun sets
+    under every rendezvous (c10d included); world // LOCAL_WORLD_SIZE is only right when every
+    node runs the same number of processes, so it is the fallback for launchers that lack it."""
+    if env.get("GROUP_WORLD_SIZE"):
+        return int(env["GROUP_WORLD_SIZE"])
+    local = int(env.get("LOCAL_WORLD_SIZE", world))
+    return max(1, -(-world // max(local, 1)))
+
+
 class Dist:
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, nodes: int = 1, group=None,
                  owns_group: bool = False):
@@ -31,7 +41,7 @@ class Dist:
             return cls()
         world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
         local_rank = int(env.get("LOCAL_RANK", 0))
-        nodes = max(1, world // int(env.get("LOCAL_WORLD_SIZE", world)))
+        nodes = _node_count(env, world)
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         owns = not dist.is_initialized()
         if owns:

@@ -6,6 +6,7 @@ written into a store.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -25,7 +26,9 @@ def _local(path: str) -> str:
 
 def _fs(url: str):
     from fsspec import url_to_fs
-    return url_to_fs(url)
+    # no listings cache: other processes (ranks, a running harvest) add objects to a prefix this
+    # process listed before, and s3fs answers size/cat_file from a stale listing with "not found"
+    return url_to_fs(url, use_listings_cache=False)
 
 
 def zarr_store(path: str, read_only: bool = False):
@@ -131,14 +134,19 @@ def write_atomic(path: str, key: str, data: bytes) -> None:
 
 
 def create_exclusive(path: str, key: str, data: bytes) -> bool:
-    """Create path/key only if absent (O_EXCL locally; check-then-put on object storage, which
-    has no portable conditional PUT). False when something is already there."""
+    """Create path/key only if absent; False when something is already there.
+
+    Local disk: O_EXCL. Object storage: a look, then a conditional PUT (`If-None-Match: *`, which
+    AWS S3 and moto honour: of two writers racing, exactly one PUT succeeds). The look first keeps
+    an existing object safe on a server that ignores the header; a server (or fsspec filesystem)
+    that rejects the condition gets a plain PUT after the look: check-then-put, where two writers
+    starting in the same instant could both pass (the lease's read-back catches all but that)."""
     target = _key_path(path, key)
     if is_url(path):
         if read_bytes(path, key) is not None:
             return False
-        write_atomic(path, key, data)
-        return True
+        fs, root = _fs(target)
+        return _put_if_absent(fs, root, data)
     target = _local(target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
@@ -147,6 +155,29 @@ def create_exclusive(path: str, key: str, data: bytes) -> bool:
         return False
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    return True
+
+
+# S3 error codes of a server that does not do conditional writes (rather than of a failed condition)
+_NO_CONDITIONAL_PUT = {"NotImplemented", "InvalidArgument", "InvalidRequest", "NotSupported"}
+
+
+def _put_if_absent(fs, root: str, data: bytes) -> bool:
+    """One conditional PUT; falls back to a plain PUT where the condition is not supported."""
+    try:
+        fs.pipe_file(root, data, mode="create")
+        return True
+    except FileExistsError:     # 412 PreconditionFailed: the object appeared since our look
+        return False
+    except (TypeError, NotImplementedError, ValueError):   # a filesystem without mode="create"
+        pass
+    except OSError as e:
+        code = (getattr(e.__cause__, "response", None) or {}).get("Error", {}).get("Code")
+        if code == "ConditionalRequestConflict":      # 409: another conditional PUT of it is in flight
+            return False
+        if code not in _NO_CONDITIONAL_PUT and e.errno != errno.ENOSYS:
+            raise
+    fs.pipe_file(root, data)
     return True
 
 

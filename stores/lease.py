@@ -3,9 +3,11 @@
 `lease.json` names the job writing the store (owner id, host, pid, heartbeat time). The writer
 refreshes the heartbeat from a background thread; a second writer is refused while the heartbeat
 is fresh. A lease whose heartbeat is older than STALE_S, or whose pid is gone on this very host,
-is stale and `--resume` may take it over. Creation is exclusive on local disk (O_EXCL); object
-storage has no portable conditional PUT, so there the lease is check-then-put followed by a
-read-back, which catches all but writers starting within the same second.
+is stale and `--resume` may take it over. Creation is exclusive: O_EXCL on local disk, a
+conditional PUT (`If-None-Match: *`) on object storage, where a server that rejects the condition
+gets check-then-put instead (fs.create_exclusive). Taking over a stale lease is a plain PUT followed
+by a read-back: two jobs taking over the same stale lease in the same instant could both pass,
+and the one overwritten stops at its next record (its check sees the other owner).
 """
 from __future__ import annotations
 

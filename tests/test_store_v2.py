@@ -179,10 +179,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(assets, out, *, nproc=2, extra=(), env=None, nnodes=None, node_rank=None, port=None, wait=True):
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(port or _free_port())]
-    if nnodes:
+def _torchrun(assets, out, *, nproc=2, extra=(), env=None, nnodes=None, node_rank=None, port=None, wait=True,
+              rdzv_id=None):
+    """One torchrun launcher: --master-addr/--master-port (static), or with rdzv_id a c10d
+    rendezvous on 127.0.0.1:port, where the rendezvous assigns the node ranks."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if rdzv_id:
+        args += ["--nnodes", str(nnodes or 1), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                 f"127.0.0.1:{port or _free_port()}", "--rdzv-id", rdzv_id]
+    else:
+        args += ["--master-addr", "127.0.0.1", "--master-port", str(port or _free_port())]
+    if nnodes and not rdzv_id:
         args += ["--nnodes", str(nnodes), "--node-rank", str(node_rank)]
     args += ["-m", "sae_harvest.harvest", "run", "--model", assets["gpt2"], "--dataset", assets["corpus"],
              "--sites", "blocks.0.resid_pre,blocks.1.mlp_out", "--grads", "--tokens", "4000", "--ctx-len", "32",
@@ -222,14 +229,18 @@ def test_two_torchrun_processes_match_hf_and_resume_bitwise(assets, tmp_path):
     assert len(set(zip(store.rows_seq[:].tolist(), store.rows_pos[:].tolist()))) == store.n_rows
     _check_against_hf(assets, full)
     assert verify_store(str(full)) == []
-    # rank 1 dies after its second window record; the same launch with --resume completes it
-    r = _torchrun(assets, killed, env={"SAE_HARVEST_TEST_KILL_AFTER_RECORDS": "2", "SAE_HARVEST_TEST_KILL_RANK": "1"})
+    # rank 1 dies after its second window record; the same launch with --resume completes it. These
+    # two launches use a c10d rendezvous (the Slurm recipe's) instead of --master-addr: the store
+    # they make equals the one above bitwise
+    r = _torchrun(assets, killed, env={"SAE_HARVEST_TEST_KILL_AFTER_RECORDS": "2", "SAE_HARVEST_TEST_KILL_RANK": "1"},
+                  rdzv_id="kill")
     assert r.returncode != 0
     with pytest.raises(StoreError, match="incomplete"):
         open_store(str(killed))
-    r = _torchrun(assets, killed, extra=["--resume"])
+    r = _torchrun(assets, killed, extra=["--resume"], rdzv_id="resume")
     assert r.returncode == 0, r.stdout[-3000:]
     _assert_same(full, killed)
+    assert open_store(str(killed)).attrs["world_size"] == 2 and open_store(str(killed)).attrs["nodes"] == 1
     # another world size is refused with one line, nothing changed
     before = _tree_hash(killed)
     code, text = _run_cli(["--model", assets["gpt2"], "--dataset", assets["corpus"], "--sites",
@@ -263,6 +274,40 @@ def test_two_nodes_on_loopback_equal_one_node_same_world(assets, tmp_path):
     assert store.attrs["world_size"] == 2 and store.attrs["nodes"] == 2
     _assert_same(one, two)
     _check_against_hf(assets, two)
+    # the same two nodes joined by a c10d rendezvous (node ranks assigned by it): bitwise equal
+    c10d = tmp_path / "c10d.zarr"
+    port = _free_port()
+    procs = [_torchrun(assets, c10d, nproc=1, nnodes=2, port=port, rdzv_id="two-nodes", wait=False) for _ in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    store = open_store(str(c10d))
+    assert store.attrs["world_size"] == 2 and store.attrs["nodes"] == 2
+    _assert_same(one, c10d)
+    assert verify_store(str(c10d)) == []
+
+
+def test_node_count_comes_from_the_rendezvous():
+    from sae_harvest.harvest.distributed import _node_count
+    # torchrun's variables on rank 0 of 2 nodes running 2 + 1 processes (c10d rendezvous)
+    assert _node_count({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2"}, 3) == 2
+    assert _node_count({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, 4) == 2     # no GROUP_WORLD_SIZE
+    assert _node_count({"WORLD_SIZE": "2"}, 2) == 1
+
+
+@pytest.mark.slow
+def test_c10d_nodes_with_different_process_counts(assets, tmp_path):
+    """2 + 1 processes on two c10d nodes: world 3, 2 nodes recorded (not world // LOCAL_WORLD_SIZE)."""
+    out = tmp_path / "hetero.zarr"
+    port = _free_port()
+    procs = [_torchrun(assets, out, nproc=n, nnodes=2, port=port, rdzv_id="hetero", wait=False) for n in (2, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    store = open_store(str(out))
+    assert store.attrs["world_size"] == 3 and store.attrs["nodes"] == 2
+    records = [json.loads(open(p).read()) for p in sorted((out / "windows").glob("*.json"))]
+    assert [rec["rank"] for rec in records] == [w % 3 for w in range(len(records))]
+    assert len(set(zip(store.rows_seq[:].tolist(), store.rows_pos[:].tolist()))) == store.n_rows
+    assert verify_store(str(out)) == []
 
 
 # ---- damage: verify and the reader ---------------------------------------------------------
