@@ -160,6 +160,7 @@ class WindowWriter(threading.Thread):
                     self.error = e
             del job
             self.free.release()
+        self.writer.close()     # its shard-writing threads end with this one
 
     def put(self, job):
         self._check()
