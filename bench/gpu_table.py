@@ -17,6 +17,20 @@ def main(out: Path) -> None:
         return json.loads(p.read_text()) if p.exists() else None
 
     print((out / "device.txt").read_text().strip())
+    w = load("write.json")
+    if w:
+        a = w["args"]
+        rows.append((f"store writer, {a['sites']} sites x {a['d']} acts+grads fp16, windows of {a['window_rows']} rows",
+                     f"{w['GiB_s']['store writer']:.2f} GiB/s vs raw writes {w['GiB_s']['raw write']:.2f} GiB/s",
+                     f"{w['ratio_to_raw']['store writer']:.2f}x (previous writer "
+                     f"{w['ratio_to_raw']['zarr + read-back (old)']:.2f}x)"))
+    r = load("read.json")
+    if r:
+        loc = r["local"]
+        rows.append((f"store feed, {r['rows']} rows x {r['d']} fp16, batch {r['batch_size']}",
+                     f"{loc['GiB_s']['feed (stored 16-bit)']:.2f} GiB/s vs raw reads {loc['GiB_s']['raw']:.2f} GiB/s",
+                     f"{loc['ratio_to_raw']['feed (stored 16-bit)']:.2f}x (+ fp32 on the GPU: "
+                     f"{loc['ratio_to_raw']['feed + float32 on device']:.2f}x)"))
     h = load("harvest.json")
     if h:
         rows.append(("harvest, 4 sites + grads, ctx %d" % h["ctx_len"],
