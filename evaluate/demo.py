@@ -27,7 +27,7 @@ D_SAE = 1024
 # (folder, arch, extra TrainConfig fields): each row is one sweep, one Pareto series
 SWEEPS = [
     ("relu", "relu", {"l1": (100.0, 300.0, 1000.0)}),   # L0 ~94 / 47 / 9 (docs/results.md)
-    ("gated", "gated", {"l1": (1.0, 3.0, 10.0)}),
+    ("gated", "gated", {"l1": (0.3, 1.0, 3.0)}),
     ("topk", "topk", {"k": (8, 16, 32)}),
     ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
     ("gtopk", "gtopk", {"k": (8, 16, 32)}),

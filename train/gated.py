@@ -9,6 +9,13 @@ The L1 is *not* weighted by decoder row norms: rows are kept at unit norm, where
 Initialisation: W_enc = W_dec^T (unit-norm rows) and r_mag = log(d_in / d_sae), so the magnitude
 path starts like the ReLU SAE's scaled encoder (first x_hat ~ x / 2 rather than F / 2d times x,
 see train/relu.py); the gate only needs the sign, which the scale does not change.
+Where the gate starts (calibrate()): b_gate = -lambda/2. For a latent whose unit decoder row w
+alone explains x's component c along it, the gate's own terms, (c - pi)^2 + lambda*pi for pi > 0,
+are smallest at pi = c - lambda/2: the gate is a soft threshold at lambda/2, and with W_enc = W_dec^T
+at init pi_gate = c + b_gate. Adam moves b_gate by ~lr per step whatever the gradient (0.04 over an
+80-step CPU run), so a gate started at 0 never reaches that point on short runs and every lambda
+gave the same L0 (docs/results.md); started there, lambda sets the L0 from the first step. A gate
+loaded with --init is kept.
 Parameters follow SAELens's gated naming: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec (no b_enc).
 """
 from __future__ import annotations
@@ -37,6 +44,13 @@ class GatedSAE(SAE):
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = nn.Parameter(torch.full((cfg.d_sae,), math.log(init_encoder_scale(cfg))))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    @torch.no_grad()
+    def calibrate(self, x, grad=None):
+        """Start the gate at its soft threshold, b_gate = -lambda/2 (module docstring), unless
+        b_gate was loaded (--init: not all zeros)."""
+        if self.cfg.l1_coeff > 0 and not torch.count_nonzero(self.b_gate):
+            self.b_gate.fill_(-self.cfg.l1_coeff / 2)
 
     def _pre(self, x):
         xc = self._center(x) @ self.W_enc
