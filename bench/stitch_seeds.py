@@ -5,6 +5,12 @@ then `evaluate stitch` runs for each adjacent pair (small -> 2x larger) at each 
 the summaries are collected and reported as mean ± standard deviation over seeds.
 
     python bench/stitch_seeds.py --store STORE.zarr --out bench-out/stitch   # ~10 min on 2 CPU cores
+
+The defaults reproduce the first run (docs/results.md), where the larger SAEs came out worse; the
+fair rerun (a 600k-token store, one lr for all sizes, 3 epochs, 64 -> 128 -> 256) is
+
+    python bench/stitch_seeds.py --store STORE600K.zarr --out bench-out/stitch-fair --sizes 64,128,256 \
+        --lr 8e-3 --epochs 3
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ def main():
     p.add_argument("--sizes", default="128,256,512")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every size (default: TopK's, "
+                                                           "2e-4/sqrt(d_sae/2^14), lower for larger SAEs)")
+    p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--thresholds", default="0.7,0.4")
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
@@ -47,7 +56,8 @@ def main():
             out = os.path.join(args.out, f"seed{seed}", f"topk-{d_sae}")
             if not os.path.exists(os.path.join(out, f"topk_k{args.k}", "cfg.json")):
                 fit(TrainConfig(out=out, store=args.store, site=SITE, arch="topk", k=(args.k,), d_sae=d_sae,
-                                batch_size=1024, epochs=args.epochs, seed=seed, device="cpu",
+                                batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, seed=seed,
+                                device="cpu",
                                 checkpoint_every=10**9, log_every=50), overwrite=True, progress=False)
         for small, large in zip(sizes, sizes[1:]):
             for theta in thresholds:
@@ -63,6 +73,12 @@ def main():
         with open(os.path.join(args.out, "stitch_seeds.json"), "w") as f:
             json.dump({"args": vars(args), "runs": runs, "seconds": time.perf_counter() - t0}, f, indent=2)
     print(f"--- {args.seeds} seed(s), {time.perf_counter() - t0:.0f} s; mean ± sd over seeds")
+    # the experiment's premise: the larger SAE of each pair reconstructs better, in every seed
+    for small, large in zip(sizes, sizes[1:]):
+        rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == thresholds[0]]
+        ratio = np.array([r["mse_large"] / r["mse_small"] for r in rows])
+        print(f"premise {small}->{large}: MSE(large) / MSE(small) per seed {np.round(ratio, 3).tolist()}: "
+              + ("holds in every seed" if (ratio < 1).all() else "FAILS in at least one seed"))
     for small, large in zip(sizes, sizes[1:]):
         for theta in thresholds:
             rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == theta]
