@@ -100,6 +100,29 @@ def read_bytes(path: str, key: str) -> bytes | None:
         return None
 
 
+def read_range(path: str, key: str, start: int, stop: int, into: memoryview | None = None) -> memoryview:
+    """Bytes [start, stop) of the object path/key (start < 0: its last -start bytes), read into
+    `into` when given and the object is a local file (object storage returns its own buffer).
+    Fewer bytes than asked means the object is shorter: the caller decides what that is."""
+    target = _key_path(path, key)
+    if is_url(path):
+        fsys, root = _fs(target)
+        if start < 0:
+            size = fsys.size(root)
+            start, stop = max(0, size + start), size
+        return memoryview(fsys.cat_file(root, start=start, end=stop))
+    with open(_local(target), "rb", buffering=0) as f:
+        f.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
+        view = into if into is not None else memoryview(bytearray(stop - start if start >= 0 else -start))
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return view[:got]
+
+
 def write_pieces(path: str, key: str, pieces: list) -> None:
     """Write the concatenation of `pieces` (bytes-like) as the object path/key. Not atomic on
     local disk, like zarr's own chunk writes: what marks data done is the record written after."""

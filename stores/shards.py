@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -64,10 +63,6 @@ class Plain:
     @property
     def index_bytes(self) -> int:
         return 16 * self.chunks_per_shard + 4
-
-    @property
-    def shard_bytes(self) -> int:
-        return self.chunks_per_shard * (self.chunk_bytes + 4) + self.index_bytes
 
     def key(self, shard: int) -> str:
         return "/".join([self.name, "c", str(shard)] + ["0"] * (len(self.shape) - 1))
@@ -142,7 +137,7 @@ class ShardReader:
     def __init__(self, path: str, layout: Plain):
         self.path, self.layout = str(path), layout
         self._index: dict[int, np.ndarray] = {}
-        self._local = None if fs.is_url(path) else fs._local(path)
+        self._local = not fs.is_url(path)   # local reads go into a reused per-thread buffer
         self._buffers = threading.local()
 
     def _corrupt(self, shard: int, what: str) -> StoreError:
@@ -155,33 +150,12 @@ class ShardReader:
             buf = self._buffers.buf = bytearray(n)
         return memoryview(buf)[:n]
 
-    def _range(self, shard: int, start: int, stop: int, into: memoryview | None = None) -> memoryview:
-        """Bytes [start, stop) of the shard (start < 0: its last -start bytes), read into `into`
-        when given (local files; object storage returns its own buffer)."""
-        key = self.layout.key(shard)
-        if self._local is not None:
-            with open(os.path.join(self._local, key), "rb", buffering=0) as f:
-                f.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
-                view = into if into is not None else memoryview(bytearray(stop - start if start >= 0 else -start))
-                got = 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                return view[:got]
-        fsys, root = fs._fs(fs._key_path(self.path, key))
-        if start < 0:
-            size = fsys.size(root)
-            start, stop = max(0, size + start), size
-        return memoryview(fsys.cat_file(root, start=start, end=stop))
-
     def index(self, shard: int) -> np.ndarray:
         """[chunks_per_shard, 2] (offset, nbytes) of the shard's chunks, its crc checked."""
         if shard not in self._index:
             lay = self.layout
             try:
-                raw = bytes(self._range(shard, -lay.index_bytes, 0))
+                raw = bytes(fs.read_range(self.path, lay.key(shard), -lay.index_bytes, 0))
             except OSError as e:
                 raise self._corrupt(shard, f"cannot read its index: {e}") from None
             if len(raw) != lay.index_bytes or _crc(raw[:-4]) != raw[-4:]:
@@ -207,12 +181,12 @@ class ShardReader:
                 raise self._corrupt(shard, "a chunk holding recorded rows was never written")
             plan += [(shard, run) for run in _runs(index, first, last, lay.chunk_bytes + 4)]
         step = lay.chunk_bytes + 4
-        buf = self._buffer(sum(len(run) for _, run in plan) * step) if self._local is not None else None
+        buf = self._buffer(sum(len(run) for _, run in plan) * step) if self._local else None
         chunks, at = {}, 0
         for shard, run in plan:
             lo = int(self._index[shard][run[0], 0])
-            raw = self._range(shard, lo, lo + len(run) * step,
-                              into=None if buf is None else buf[at:at + len(run) * step])
+            raw = fs.read_range(self.path, lay.key(shard), lo, lo + len(run) * step,
+                                into=None if buf is None else buf[at:at + len(run) * step])
             at += len(run) * step
             if len(raw) != len(run) * step:
                 raise self._corrupt(shard, f"{len(raw)} bytes where the index says {len(run) * step}")
