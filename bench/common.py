@@ -1,6 +1,7 @@
 """Helpers shared by the bench scripts (run as `python bench/<name>.py`, so bench/ is on sys.path)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -41,3 +42,11 @@ def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
         w.write_window(win, np.zeros((len(seqs), ctx)), np.repeat(seqs, ctx)[perm],
                        np.tile(np.arange(ctx), len(seqs))[perm], {"blocks.0.resid_pre": acts[perm]})
     w.finish(n_seqs)
+
+
+def report(result: dict, json_path: str | None) -> None:
+    """Print a bench's result as JSON, and write it to json_path when given (bench/gpu.sh reads it)."""
+    print(json.dumps(result, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)

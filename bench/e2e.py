@@ -14,7 +14,6 @@ backward passes (the SAE's matmuls, logging, feed, dead-latent tracking). Rates 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,6 +30,8 @@ from sae_harvest.harvest.sites import Site, splice
 from sae_harvest.stores import open_store
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
+
+from common import report  # bench/ is the script directory
 
 
 def bare_loop(model, site, ids, seqs_per_step, device) -> float:
@@ -114,10 +115,7 @@ def main():
                         "expansion": args.expansion, "ctx_len": args.ctx_len, "batch_size": args.batch_size,
                         "device": str(device), "fit_tok_s": fr, "bare_tok_s": br, "ratio": fr / br,
                         "fit_rates": fit_rates, "bare_rates": bare_rates})
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

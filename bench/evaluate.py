@@ -11,7 +11,6 @@ units of clean forwards (ideal: ~1 forward + the SAE's own matmuls), all in the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,6 +24,8 @@ from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, re
 from sae_harvest.harvest.models import get_adapter, load_model
 from sae_harvest.train.sae_io import save_sae
 from sae_harvest.train.registry import SAEConfig, make_sae
+
+from common import report  # bench/ is the script directory
 
 
 def bare_forward(model, ids, batch, device) -> float:
@@ -96,10 +97,7 @@ def main():
               "d_sae": args.expansion * d, "k": args.k, "ctx_len": args.ctx_len, "batch_size": args.batch_size,
               "evaluate_tok_s": er, "bare_forward_tok_s": br, "ratio": er / br,
               "clean_forwards_per_sae": per_sae, "eval_rates": eval_rates, "bare_rates": bare_rates}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from sae_harvest.harvest.run import HarvestConfig, harvest
 from sae_harvest.harvest.sites import next_token_loss_sum
 from sae_harvest.stores import fs
 
-from common import gpt2_small_random  # bench/ is the script directory
+from common import gpt2_small_random, report  # bench/ is the script directory
 
 
 def bare_loop(model, device, ctx, batch, tokens, vocab) -> float:
@@ -136,10 +135,7 @@ def main():
         "ratio_median": statistics.median(ratios), "ratios": ratios, "bytes_per_token": bpt,
         "torch_threads": torch.get_num_threads(),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

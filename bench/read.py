@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import synthetic_store
+from common import synthetic_store, report
 from sae_harvest.stores import open_store
 from sae_harvest.train.feeds import StoreFeed
 
@@ -116,10 +116,7 @@ def main():
             fs = s3fs.S3FileSystem()
             fs.put(store, f"{bucket}/s.zarr", recursive=True)
             results["s3"] = measure(f"{bucket}/s.zarr", args.batch_size, args.repeats, fs)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -13,7 +13,6 @@ the sweep trains on, per second of wall time). Repeats alternate; medians report
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -23,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from common import synthetic_store
+from common import synthetic_store, report
 
 
 def _port() -> int:
@@ -88,10 +87,7 @@ def main():
     med = {m: statistics.median(v) for m, v in rates.items()}
     result = {"args": vars(args), "cpus": os.cpu_count(), "sweep_tok_s": med,
               "ratio_to_one_process": {m: v / med["one process"] for m, v in med.items()}, "repeats": rates}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ for the normalisation constant and b_dec init cancel out. Repeats alternate; med
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -24,7 +23,7 @@ from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import SAEConfig, make_sae
 
-from common import synthetic_store
+from common import synthetic_store, report
 
 
 def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
@@ -113,10 +112,7 @@ def main():
                         "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
                         "ratio_median": statistics.median(ratios), "ratios": ratios,
                         "torch_threads": torch.get_num_threads()})
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(results, args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -14,7 +14,6 @@ Throughput is bytes of activations+gradients per second; repeats alternate; medi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -24,6 +23,8 @@ import time
 import numpy as np
 
 from sae_harvest.stores import StoreWriter, layout
+
+from common import report  # bench/ is the script directory
 
 
 def windows(args):
@@ -99,10 +100,7 @@ def main():
     result = {"args": vars(args), "cpus": os.cpu_count(), "GiB_s": med,
               "ratio_to_raw": {k: v / med["raw write"] for k, v in med.items()},
               "repeats": {k: [x / 2**30 for x in v] for k, v in sides.items()}}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":
