@@ -82,7 +82,9 @@ class StoreWriter:
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="shard-writer")
+            # half the cores at most: on a CPU-only harvest the other half computes the model
+            workers = min(8, max(1, (os.cpu_count() or 2) // 2))
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="shard-writer")
         return self._executor
 
     def close(self) -> None:
