@@ -55,11 +55,15 @@ def bare_loop(model, device, ctx, batch, tokens, vocab) -> float:
     return time.perf_counter() - t0
 
 
+WAITED: list = []   # the one-process runs' summaries say where the loop stood waiting
+
+
 def harvest_seconds(cfg: HarvestConfig, nproc: int = 1) -> float:
     shutil.rmtree(cfg.out, ignore_errors=True)
     t0 = time.perf_counter()
     if nproc == 1:
-        harvest(cfg, progress=False)
+        summary = harvest(cfg, progress=False)
+        WAITED.append({"tokens": cfg.tokens, **summary["waited"]})
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -126,14 +130,15 @@ def main():
         harvest_rates.append(h_rate)
         bare_rates.append(b_rate)
         ratios.append(h_rate / b_rate)
-        print(f"repeat {rep}: harvest {h_rate:,.0f} tok/s, bare fwd+bwd {b_rate:,.0f} tok/s, ratio {h_rate / b_rate:.3f}",
-              flush=True)
+        waited = f", waited {WAITED[-1]}" if args.nproc == 1 else ""
+        print(f"repeat {rep}: harvest {h_rate:,.0f} tok/s, bare fwd+bwd {b_rate:,.0f} tok/s, ratio {h_rate / b_rate:.3f}"
+              f"{waited}", flush=True)
     result = {
         "model": args.model, "device": str(device), "nproc": args.nproc, "sites": sites, "grads": not args.no_grads,
         "ctx_len": args.ctx_len, "batch_size": args.batch_size, "tokens": [N, 2 * N],
         "harvest_tok_s": statistics.median(harvest_rates), "bare_tok_s": statistics.median(bare_rates),
         "ratio_median": statistics.median(ratios), "ratios": ratios, "bytes_per_token": bpt,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "waited": WAITED,
     }
     report(result, args.json)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -36,14 +36,20 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool
     opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
     data = torch.randn(16 * batch, d, device=device)
     steps = max(1, tokens // batch)
+    # the trainer's dead-latent bookkeeping (AuxK for the TopK family once latents can be dead)
+    since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+    dead_after = max(batch, min(10_000_000, tokens // 4))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
         x = data[(i % 16) * batch:(i % 16 + 1) * batch]
+        dead = since_fired >= dead_after if i * batch >= dead_after else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sae.loss(x)
+            out = sae.loss(x, dead_mask=dead)
         out.loss.backward()
+        since_fired += batch
+        since_fired.masked_fill_((out.feats > 0).any(0), 0)
         sae.remove_gradient_parallel_to_decoder_directions()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
         opt.step()
@@ -59,8 +65,13 @@ def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, s
                       tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9,
                       autocast="on" if bf16 else "off", sparse_decode="on" if sparse else "off")
     t0 = time.perf_counter()
-    fit(cfg, progress=False)
-    return time.perf_counter() - t0
+    summaries = fit(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    FEED_WAIT.append(sum(s.get("feed_wait_s", 0.0) for s in summaries.values()))
+    return seconds
+
+
+FEED_WAIT: list = []   # seconds each fit's step loop waited on the store feed
 
 
 def main():
@@ -104,14 +115,14 @@ def main():
             fit_rates.append(fr)
             bare_rates.append(br)
             ratios.append(fr / br)
-            print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}",
-                  flush=True)
+            print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}, "
+                  f"feed waits {FEED_WAIT[-2]:.2f} s / {FEED_WAIT[-1]:.2f} s", flush=True)
         results.append({"arch": arch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
                         "batch_size": args.batch_size, "device": str(device),
                         "dtype": "bf16" if bf16 else "fp32", "decode": "sparse" if sparse else "dense", "tokens": [N, 2 * N],
                         "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
                         "ratio_median": statistics.median(ratios), "ratios": ratios,
-                        "torch_threads": torch.get_num_threads()})
+                        "feed_wait_s": FEED_WAIT[-2:], "torch_threads": torch.get_num_threads()})
     report(results, args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 

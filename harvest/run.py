@@ -285,6 +285,8 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     writer = out = None
     t0 = time.perf_counter()
     tokens_run = 0
+    # where the loop stood still (rank 0's): tokenization behind, or the store writes behind
+    waits = {"data_s": 0.0, "writer_s": 0.0}
     bar = token_progress(console=console, disable=not progress)
     rounds = -(-n_windows // dist.world)
     try:
@@ -298,7 +300,9 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 if w < n_windows and w not in done and not exhausted:
                     want = min(window_seqs, n_seqs - w * window_seqs)
                     try:
+                        t = time.perf_counter()
                         pairs = list(islice(stream, want))
+                        waits["data_s"] += time.perf_counter() - t
                         job = compute_window(cfg, model, [p[0] for p in pairs], [p[1] for p in pairs], w,
                                              window_seqs, sites, site_enc, grad_enc, device, local)
                     except HarvestError as e:
@@ -324,7 +328,9 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 n = 0
                 if job is not None and error is None:
                     n = len(job["tokens"]) * ctx
-                    out.put(job)
+                    t = time.perf_counter()
+                    out.put(job)      # waits while the previous window is still being written
+                    waits["writer_s"] += time.perf_counter() - t
                     job = None
                 counts = dist.all_sum([n, 1 if error else 0])
                 if counts[1]:
@@ -333,7 +339,9 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 if dist.active:
                     bar.advance(task, counts[0])
             if out is not None:
+                t = time.perf_counter()
                 out.close()
+                waits["writer_s"] += time.perf_counter() - t
     except BaseException:
         if out is not None:
             out.abort()
@@ -350,13 +358,14 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     lease.release()
     target.swap()
     summary = summarize(target.final, seconds=elapsed, tokens_this_run=tokens_run, console=console,
-                        quiet=not progress)
+                        quiet=not progress, waits=waits)
     if attrs["n_seqs"] < n_seqs and progress and console is not None:
         console.print(f"[yellow]dataset ran out: {attrs['n_rows']:,} of {cfg.tokens:,} tokens harvested")
     return summary
 
 
-def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, quiet=False) -> dict:
+def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, quiet=False,
+              waits: dict | None = None) -> dict:
     from sae_harvest.stores import open_store
 
     store = open_store(path)
@@ -366,6 +375,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
         "sites": store.sites, "grads": store.has_grads, "bytes": size,
         "bytes_per_token": size / max(store.n_rows, 1), "seconds": seconds,
         "tokens_per_s": tokens_this_run / seconds if seconds > 0 else None,
+        "waited": waits or {},
     }
     if not quiet and console is not None:
         from rich.table import Table
@@ -377,5 +387,8 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
         table.add_row("on disk", f"{size / 2**20:,.1f} MiB ({summary['bytes_per_token']:,.0f} bytes/token)")
         if summary["tokens_per_s"]:
             table.add_row("speed", f"{summary['tokens_per_s']:,.0f} tokens/s over {seconds:,.1f} s")
+        if waits:
+            table.add_row("stood waiting", f"{waits['data_s']:,.1f} s for text, {waits['writer_s']:,.1f} s for the "
+                                           f"store writes")
         console.print(table)
     return summary

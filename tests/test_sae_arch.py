@@ -163,6 +163,19 @@ def test_topk_matches_numpy_and_auxk():
     assert out3.terms["aux"].item() == pytest.approx(0.25 * auxk_np(p, pre, xn - x_hat, dead3, 6))
     for mask in (None, torch.zeros(12, dtype=torch.bool)):
         assert sae.loss(x, dead_mask=mask).terms["aux"].item() == 0.0
+    # fewer dead than aux_k (the -inf picks get weight 0) and none dead: finite gradients, and the
+    # same gradients as the loss without its aux term
+    for mask in (torch.from_numpy(dead2), torch.zeros(12, dtype=torch.bool)):
+        sae.zero_grad()
+        out = sae.loss(x, dead_mask=mask)
+        aux_only = out.loss - (out.x_hat - x).pow(2).sum(-1).mean()
+        aux_only.backward()
+        grads = torch.cat([p.grad.flatten() for p in sae.parameters() if p.grad is not None])
+        assert torch.isfinite(grads).all()
+        if not mask.any():
+            assert grads.abs().max() == 0
+        else:
+            assert sae.W_dec.grad[~mask].abs().max() == 0 and sae.W_dec.grad[mask].abs().max() > 0
 
 
 def test_auxk_residual_is_detached():

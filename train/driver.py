@@ -109,6 +109,7 @@ class Driver:
         self.where = train_state.rank_dir(world.rank) if world.sweep_parallel else train_state.CHECKPOINT_DIR
         self.total_steps, self.tokens_per_step, self.label = total_steps, tokens_per_step, label
         self.step, self.feed, self.elapsed = 0, None, 0.0
+        self.feed_wait = 0.0   # seconds the step loop waited for the next batch: > 0 means the feed binds
         self.warmup = max(1, int(cfg.warmup_fraction * total_steps))
 
     def prepare(self, resume: bool, overwrite: bool, device) -> dict | None:
@@ -214,7 +215,9 @@ class Driver:
                 while self.step < self.total_steps:
                     before = feed.state()   # the feed position a fault in this step resumes from
                     try:
+                        waited = time.perf_counter()
                         data = next(batches, None)
+                        self.feed_wait += time.perf_counter() - waited
                         if data is None:
                             break
                         log_now = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
@@ -252,7 +255,7 @@ class Driver:
 
     def summary(self) -> dict:
         tokens = self.step * self.tokens_per_step
-        return {"steps": self.step, "tokens": tokens, "seconds": self.elapsed,
+        return {"steps": self.step, "tokens": tokens, "seconds": self.elapsed, "feed_wait_s": self.feed_wait,
                 "tokens_per_s": tokens / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale,
                 "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel,
                 "rank": self.world.rank if self.world.sweep_parallel else None}   # the one rank that trained it

@@ -163,7 +163,8 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
 def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now):
     sae = run.sae
-    dead = run.since_fired >= dead_after
+    # while no latent can be dead yet (the host knows a bound), AuxK is skipped rather than computed as 0
+    dead = run.since_fired >= dead_after if run.idle_bound >= dead_after else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = sae.loss(x, g, dead_mask=dead)
     out.loss.backward()
@@ -172,8 +173,9 @@ def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now):
         with torch.no_grad():
             sums = distributed.all_sum(torch.stack([(out.x_hat.float() - x).pow(2).sum(), x.pow(2).sum()]))
         terms = distributed.global_mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()}})
-        run.last = {**terms, "nmse": float(sums[0] / sums[1]), "dead_fraction": float(dead.float().mean()),
-                    "lr": run.lr * factor}
+        dead_fraction = float(dead.float().mean()) if dead is not None else 0.0
+        run.last = {**terms, "nmse": float(sums[0] / sums[1]), "dead_fraction": dead_fraction, "lr": run.lr * factor}
+        run.idle_bound = int(run.since_fired.max())   # the step syncs here anyway: tighten the bound
 
 
 def _info(runs) -> str:

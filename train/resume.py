@@ -113,3 +113,4 @@ def load_run(out: str | Path, name: str, run, device, where: str = CHECKPOINT_DI
                 state["step"] = state["step"].float().cpu() if state["step"].dim() == 0 else state["step"]
             opt.state[p] = state
     run.since_fired.copy_(tensors["since_fired"].to(run.since_fired.device))
+    run.idle_bound = int(tensors["since_fired"].max()) if tensors["since_fired"].numel() else 0

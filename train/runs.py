@@ -26,6 +26,7 @@ class Run:
     opt: torch.optim.Optimizer
     lr: float                     # peak learning rate (the schedule multiplies it)
     since_fired: torch.Tensor     # long [d_sae]: tokens since each latent was last active
+    idle_bound: int = 0           # host-side upper bound on since_fired.max(), so no step reads the GPU for it
     log: object = None            # metrics.jsonl file while training
     last: dict = field(default_factory=dict)   # latest logged metrics
 
@@ -87,7 +88,8 @@ def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Te
     opt.zero_grad(set_to_none=True)
     sae.set_decoder_norm_to_unit_norm()
     run.since_fired += tokens
-    run.since_fired[fired] = 0
+    run.idle_bound += tokens
+    run.since_fired.masked_fill_(fired, 0)   # not since_fired[fired] = 0: a boolean index syncs the GPU
 
 
 def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
