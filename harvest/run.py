@@ -305,9 +305,13 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                         waits["data_s"] += time.perf_counter() - t
                         job = compute_window(cfg, model, [p[0] for p in pairs], [p[1] for p in pairs], w,
                                              window_seqs, sites, site_enc, grad_enc, device, local)
+                        if writer is None:
+                            # the first window is checked here, before an old store is replaced; later
+                            # ones on the writer thread, while the device runs the next window
+                            job.finish()
                     except HarvestError as e:
                         error = e
-                    if job is not None and len(job["tokens"]) < want:
+                    if job is not None and job.n_seqs < want:
                         exhausted = True
                 if writer is None:   # first round: the store exists before anyone writes
                     if error is None and dist.rank == 0 and target.resume_attrs is None:
@@ -326,12 +330,13 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                     out = WindowWriter(writer)
                     out.start()
                 n = 0
-                if job is not None and error is None:
-                    n = len(job["tokens"]) * ctx
+                if job is not None and error is None and out.error is None:
+                    n = job.n_seqs * ctx
                     t = time.perf_counter()
                     out.put(job)      # waits while the previous window is still being written
                     waits["writer_s"] += time.perf_counter() - t
                     job = None
+                error = error or out.error    # a window refused or not written on the writer thread
                 counts = dist.all_sum([n, 1 if error else 0])
                 if counts[1]:
                     raise error or HarvestError("another rank stopped (see its error)")

@@ -3,7 +3,8 @@
 The hot path never waits on the device per batch: the overflow/NaN check accumulates a running
 peak on the device and reads it once per window (before the window can be written, so bad values
 never get a record), and device-to-host copies go into pinned buffers without blocking; the rows
-of batch i are scattered into the window while the device runs batch i + 1.
+of batch i are scattered into the window while the device runs batch i + 1. A window's last batch
+is drained and its values checked on the writer thread, so the device never idles between windows.
 """
 from __future__ import annotations
 
@@ -69,10 +70,11 @@ class _Copies:
 
 
 def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site_enc, grad_enc,
-                   device, advance) -> dict:
+                   device, advance) -> "PendingWindow":
+    """Run the window's batches. Its last batch may still be on the device when this returns, so
+    the next window's first batch is queued before anyone waits on it (PendingWindow.finish)."""
     ctx = cfg.ctx_len
     window_rows = window_seqs * ctx
-    n_rows = len(seqs) * ctx
     perm = np.random.default_rng([cfg.seed, window]).permutation(window_rows)
     first_seq = window * window_seqs
     acts = {s.name: None for s in sites}
@@ -105,29 +107,71 @@ def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site
         rows_seq[dest] = np.repeat(np.arange(first_seq + b0, first_seq + b0 + len(batch), dtype=np.int32), ctx)
         rows_pos[dest] = np.tile(np.arange(ctx, dtype=np.int32), len(batch))
         advance(len(batch) * ctx)
-    if pending is not None:
-        pending.drain()
-    _check_peaks(peaks)
-    if n_rows < window_rows:  # last, short window: keep the filled slots, still in shuffled order
-        keep = np.sort(perm[:n_rows])
-        acts = {k: v[keep] for k, v in acts.items() if v is not None}
-        grads = {k: v[keep] for k, v in grads.items() if v is not None} if grads is not None else None
-        rows_seq, rows_pos = rows_seq[keep], rows_pos[keep]
-    tokens = np.stack(seqs) if seqs else np.zeros((0, ctx), np.int32)
-    return {"window": window, "tokens": tokens, "rows_seq": rows_seq, "rows_pos": rows_pos,
-            "acts": acts, "grads": grads, "position": positions[-1] if positions else None}
+    return PendingWindow(window, seqs, positions, ctx, perm, acts, grads, rows_seq, rows_pos, pending,
+                         _Peaks(peaks, device))
 
 
-def _check_peaks(peaks: dict) -> None:
-    if not peaks:
-        return
-    keys = list(peaks)
-    values = torch.stack([peaks[k].float() for k in keys]).cpu().tolist()
-    for (what, name, encoding), peak in zip(keys, values):
-        if not math.isfinite(peak) or peak > _MAX[encoding]:
-            raise HarvestError(
-                f"non-finite {what} at {name} (in {encoding}): the model overflowed or the encoding can't hold "
-                f"the values; use --dtype float32/bfloat16 and --act-encoding bfloat16/float32")
+class _Peaks:
+    """The window's peak |values|, copied to the host behind its last batch (no wait here)."""
+
+    def __init__(self, peaks: dict, device: torch.device):
+        self.keys = list(peaks)
+        self.event = None
+        self.host = None
+        if self.keys:
+            stacked = torch.stack([peaks[k].float() for k in self.keys])
+            if device.type == "cuda":
+                self.host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                self.host.copy_(stacked, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.host = stacked
+
+    def check(self) -> None:
+        """Refuse the window (before it can be written) if any value overflowed its encoding."""
+        if not self.keys:
+            return
+        if self.event is not None:
+            self.event.synchronize()
+        for (what, name, encoding), peak in zip(self.keys, self.host.tolist()):
+            if not math.isfinite(peak) or peak > _MAX[encoding]:
+                raise HarvestError(
+                    f"non-finite {what} at {name} (in {encoding}): the model overflowed or the encoding can't hold "
+                    f"the values; use --dtype float32/bfloat16 and --act-encoding bfloat16/float32")
+
+
+class PendingWindow:
+    """A computed window whose last batch may still be copying off the device. finish() waits for
+    it, checks the values and gives write_window's arguments; the writer thread calls it, so the
+    device starts the next window meanwhile."""
+
+    def __init__(self, window, seqs, positions, ctx, perm, acts, grads, rows_seq, rows_pos, pending, peaks: _Peaks):
+        self.window, self.n_seqs, self._ctx = window, len(seqs), ctx
+        self._seqs, self._positions, self._perm = seqs, positions, perm
+        self._acts, self._grads, self._rows_seq, self._rows_pos = acts, grads, rows_seq, rows_pos
+        self._pending, self._peaks = pending, peaks
+        self._job = None
+
+    def finish(self) -> dict:
+        if self._job is not None:
+            return self._job
+        if self._pending is not None:
+            self._pending.drain()
+        self._peaks.check()
+        acts, grads, rows_seq, rows_pos = self._acts, self._grads, self._rows_seq, self._rows_pos
+        seqs, ctx = self._seqs, self._ctx
+        n_rows = len(seqs) * ctx
+        if n_rows < len(self._perm):  # last, short window: keep the filled slots, still in shuffled order
+            keep = np.sort(self._perm[:n_rows])
+            acts = {k: v[keep] for k, v in acts.items() if v is not None}
+            grads = {k: v[keep] for k, v in grads.items() if v is not None} if grads is not None else None
+            rows_seq, rows_pos = rows_seq[keep], rows_pos[keep]
+        tokens = np.stack(seqs) if seqs else np.zeros((0, ctx), np.int32)
+        self._job = {"window": self.window, "tokens": tokens, "rows_seq": rows_seq, "rows_pos": rows_pos,
+                     "acts": acts, "grads": grads, "position": self._positions[-1] if self._positions else None}
+        self._acts = self._grads = self._pending = None
+        return self._job
 
 
 class WindowWriter(threading.Thread):
@@ -152,7 +196,7 @@ class WindowWriter(threading.Thread):
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
-                    self.writer.write_window(**job)
+                    self.writer.write_window(**job.finish())
                     written += 1
                     if written == die_after and die_rank == self.writer.rank:
                         os.kill(os.getpid(), signal.SIGKILL)

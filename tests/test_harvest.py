@@ -225,3 +225,31 @@ def test_fp16_overflow_is_a_clear_error(assets, tmp_path):
                            "--sites", "blocks.1.resid_pre", "--device", "cpu", "--out", str(tmp_path / "o.zarr"),
                            "--act-encoding", "float16"])
     assert code != 0 and "non-finite" in text and "Traceback" not in text
+
+
+def test_overflow_in_a_later_window_is_refused_before_its_record(assets, tmp_path, monkeypatch):
+    """Windows after the first are checked on the writer thread (while the device runs the next
+    window): an overflow there must still stop the harvest with no record for that window."""
+    from sae_harvest.harvest import window as window_mod
+    from sae_harvest.stores.writer import load_records
+
+    real_capture, calls = window_mod.capture, []
+
+    def capture(*a, **k):
+        got = real_capture(*a, **k)
+        calls.append(1)
+        if len(calls) == 5:   # window 2 (2 batches of 4 sequences per 256-row window)
+            for name in got.acts:
+                got.acts[name] = got.acts[name] * 1e6
+        return got
+
+    monkeypatch.setattr(window_mod, "capture", capture)
+    out = tmp_path / "s.zarr"
+    cfg = HarvestConfig(out=str(out), model=assets["gpt2"], dataset=assets["corpus"], sites="blocks.1.resid_pre",
+                        tokens=2048, ctx_len=32, batch_size=4, shuffle_window=256, device="cpu",
+                        act_encoding="float16")
+    with pytest.raises(HarvestError, match="non-finite activations at blocks.1.resid_pre"):
+        harvest(cfg, progress=False)
+    records = load_records(str(out))
+    assert 2 not in records and {0, 1} <= set(records)
+    assert all(w < 2 for w in records)   # nothing after the refused window was written either
