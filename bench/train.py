@@ -36,20 +36,23 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool
     opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
     data = torch.randn(16 * batch, d, device=device)
     steps = max(1, tokens // batch)
-    # the trainer's dead-latent bookkeeping (AuxK for the TopK family once latents can be dead)
+    # the trainer's dead-latent bookkeeping: AuxK (TopK family) runs once a latent can be dead, which
+    # the host knows from a bound it tightens every 10 steps (train fit's log_every, where it syncs)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     dead_after = max(batch, min(10_000_000, tokens // 4))
+    bound = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
         x = data[(i % 16) * batch:(i % 16 + 1) * batch]
-        dead = since_fired >= dead_after if i * batch >= dead_after else None
+        dead = since_fired >= dead_after if bound >= dead_after else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = sae.loss(x, dead_mask=dead)
         out.loss.backward()
         since_fired += batch
         since_fired.masked_fill_((out.feats > 0).any(0), 0)
+        bound = int(since_fired.max()) if (i + 1) % 10 == 0 else bound + batch
         sae.remove_gradient_parallel_to_decoder_directions()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 10.0)
         opt.step()
