@@ -33,7 +33,7 @@ from .errors import HarvestError
 from .models import get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
 from .sites import parse_sites
-from .window import WindowWriter, compute_window
+from .window import BufferPool, WindowWriter, compute_window
 
 GRAD_DEFINITION = (
     "grad[t] = d(sum_{s=0}^{T-2} CE_s)/d(act[t]) per sequence, CE_s = -log p(token[s+1] | tokens[:s+1]) "
@@ -287,6 +287,7 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     tokens_run = 0
     # where the loop stood still (rank 0's): tokenization behind, or the store writes behind
     waits = {"data_s": 0.0, "writer_s": 0.0}
+    pool = BufferPool()   # window arrays, reused once written
     bar = token_progress(console=console, disable=not progress)
     rounds = -(-n_windows // dist.world)
     try:
@@ -304,7 +305,7 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                         pairs = list(islice(stream, want))
                         waits["data_s"] += time.perf_counter() - t
                         job = compute_window(cfg, model, [p[0] for p in pairs], [p[1] for p in pairs], w,
-                                             window_seqs, sites, site_enc, grad_enc, device, local)
+                                             window_seqs, sites, site_enc, grad_enc, device, local, pool)
                         if writer is None:
                             # the first window is checked here, before an old store is replaced; later
                             # ones on the writer thread, while the device runs the next window

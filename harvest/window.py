@@ -36,15 +36,37 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+class BufferPool:
+    """Window-sized host arrays, handed back after their window is written and reused: a fresh
+    array costs a page fault per 4 KiB on the thread that first writes it, here the compute thread."""
+
+    def __init__(self):
+        self._free: dict = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple, dtype) -> np.ndarray:
+        with self._lock:
+            free = self._free.get((shape, np.dtype(dtype)))
+            if free:
+                return free.pop()
+        return np.empty(shape, dtype)
+
+    def give(self, arrays) -> None:
+        with self._lock:
+            for a in arrays:
+                self._free.setdefault((a.shape, a.dtype), []).append(a)
+
+
 class _Copies:
     """Device-to-host copies in flight for one batch, drained after the next batch is queued."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, pool: BufferPool):
         self.cuda = device.type == "cuda"
+        self.pool = pool
         self.items: list = []
         self.event = None
 
-    def add(self, buffers: dict, key: str, values: torch.Tensor, dest: np.ndarray, window_rows: int):
+    def add(self, buffers: dict, key: str, values: torch.Tensor, dest: slice, window_rows: int):
         if self.cuda:
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
@@ -64,18 +86,20 @@ class _Copies:
         for buffers, key, host, dest, window_rows in self.items:
             array = _numpy(host)
             if buffers[key] is None:
-                buffers[key] = np.empty((window_rows, array.shape[1]), array.dtype)
-            buffers[key][dest] = array
+                buffers[key] = self.pool.take((window_rows, array.shape[1]), array.dtype)
+            buffers[key][dest] = array     # rows in harvest order: a plain copy (the writer shuffles)
         self.items = []
 
 
 def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site_enc, grad_enc,
-                   device, advance) -> "PendingWindow":
+                   device, advance, pool: BufferPool | None = None) -> "PendingWindow":
     """Run the window's batches. Its last batch may still be on the device when this returns, so
     the next window's first batch is queued before anyone waits on it (PendingWindow.finish)."""
     ctx = cfg.ctx_len
     window_rows = window_seqs * ctx
+    # row h of the window (in harvest order) is stored at slot perm[h]
     perm = np.random.default_rng([cfg.seed, window]).permutation(window_rows)
+    pool = pool or BufferPool()
     first_seq = window * window_seqs
     acts = {s.name: None for s in sites}
     grads = {s.name: None for s in sites} if grad_enc else None
@@ -86,10 +110,10 @@ def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site
     pending = None
     for b0 in range(0, len(seqs), cfg.batch_size):
         batch = np.stack(seqs[b0:b0 + cfg.batch_size])
-        dest = perm[b0 * ctx:(b0 + len(batch)) * ctx]
+        dest = slice(b0 * ctx, (b0 + len(batch)) * ctx)
         ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
         captured = capture(model, ids, sites, grads=grad_enc is not None, stop_early=grad_enc is None)
-        copies = _Copies(device)
+        copies = _Copies(device, pool)
         for s in sites:
             parts = [("activations", acts, captured.acts[s.name], site_enc[s.name])]
             if grads is not None:
@@ -108,7 +132,7 @@ def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site
         rows_pos[dest] = np.tile(np.arange(ctx, dtype=np.int32), len(batch))
         advance(len(batch) * ctx)
     return PendingWindow(window, seqs, positions, ctx, perm, acts, grads, rows_seq, rows_pos, pending,
-                         _Peaks(peaks, device))
+                         _Peaks(peaks, device), pool)
 
 
 class _Peaks:
@@ -146,11 +170,12 @@ class PendingWindow:
     it, checks the values and gives write_window's arguments; the writer thread calls it, so the
     device starts the next window meanwhile."""
 
-    def __init__(self, window, seqs, positions, ctx, perm, acts, grads, rows_seq, rows_pos, pending, peaks: _Peaks):
+    def __init__(self, window, seqs, positions, ctx, perm, acts, grads, rows_seq, rows_pos, pending, peaks: _Peaks,
+                 pool: BufferPool):
         self.window, self.n_seqs, self._ctx = window, len(seqs), ctx
         self._seqs, self._positions, self._perm = seqs, positions, perm
         self._acts, self._grads, self._rows_seq, self._rows_pos = acts, grads, rows_seq, rows_pos
-        self._pending, self._peaks = pending, peaks
+        self._pending, self._peaks, self._pool = pending, peaks, pool
         self._job = None
 
     def finish(self) -> dict:
@@ -159,19 +184,24 @@ class PendingWindow:
         if self._pending is not None:
             self._pending.drain()
         self._peaks.check()
-        acts, grads, rows_seq, rows_pos = self._acts, self._grads, self._rows_seq, self._rows_pos
         seqs, ctx = self._seqs, self._ctx
-        n_rows = len(seqs) * ctx
-        if n_rows < len(self._perm):  # last, short window: keep the filled slots, still in shuffled order
-            keep = np.sort(self._perm[:n_rows])
-            acts = {k: v[keep] for k, v in acts.items() if v is not None}
-            grads = {k: v[keep] for k, v in grads.items() if v is not None} if grads is not None else None
-            rows_seq, rows_pos = rows_seq[keep], rows_pos[keep]
+        # stored row i is harvest row order[i]: the slots in use, in slot order (a short last
+        # window keeps only its filled slots, still in shuffled order)
+        order = np.argsort(self._perm[:len(seqs) * ctx])
         tokens = np.stack(seqs) if seqs else np.zeros((0, ctx), np.int32)
-        self._job = {"window": self.window, "tokens": tokens, "rows_seq": rows_seq, "rows_pos": rows_pos,
-                     "acts": acts, "grads": grads, "position": self._positions[-1] if self._positions else None}
-        self._acts = self._grads = self._pending = None
+        acts = {k: v for k, v in self._acts.items() if v is not None}
+        grads = {k: v for k, v in self._grads.items() if v is not None} if self._grads is not None else None
+        self._job = {"window": self.window, "tokens": tokens, "rows_seq": self._rows_seq, "rows_pos": self._rows_pos,
+                     "acts": acts, "grads": grads, "order": order,
+                     "position": self._positions[-1] if self._positions else None}
+        self._pending = None
         return self._job
+
+    def release(self) -> None:
+        """After the window is written: its arrays go back to the pool for a later window."""
+        if self._job is not None:
+            self._pool.give([*self._job["acts"].values(), *(self._job["grads"] or {}).values()])
+        self._job = self._acts = self._grads = None
 
 
 class WindowWriter(threading.Thread):
@@ -197,6 +227,7 @@ class WindowWriter(threading.Thread):
             if self.error is None:
                 try:
                     self.writer.write_window(**job.finish())
+                    job.release()
                     written += 1
                     if written == die_after and die_rank == self.writer.rank:
                         os.kill(os.getpid(), signal.SIGKILL)

@@ -221,9 +221,11 @@ class StoreWriter:
 
     def write_window(self, window: int, tokens: np.ndarray, rows_seq: np.ndarray, rows_pos: np.ndarray,
                      acts: dict[str, np.ndarray], grads: dict[str, np.ndarray] | None = None,
-                     position: dict | None = None) -> dict:
-        """Write window `window` (rows already shuffled), then its record. A process writes its own
-        windows in order; the record is what marks the window done."""
+                     position: dict | None = None, order: np.ndarray | None = None) -> dict:
+        """Write window `window`, then its record. A process writes its own windows in order; the
+        record is what marks the window done. Rows are stored as given, or with `order` the stored
+        row i is row order[i] of rows_seq, rows_pos, acts and grads (the shuffle, gathered shard by
+        shard on the writing threads, so the caller never permutes a whole window)."""
         if not self.owns(window):
             raise StoreError(f"window {window} belongs to rank {window % self.world}, not rank {self.rank}")
         prev = window - self.world
@@ -232,6 +234,8 @@ class StoreWriter:
                              f"written yet)")
         s0 = window * self.window_seqs
         r0 = window * self.window_rows
+        if order is not None:
+            rows_seq, rows_pos = rows_seq[order], rows_pos[order]
         n = len(rows_seq)
         values = {layout.TOKENS: (s0, tokens.astype(np.int32, copy=False)),
                   layout.ROWS_SEQ: (r0, rows_seq.astype(np.int32, copy=False)),
@@ -240,12 +244,21 @@ class StoreWriter:
             values[layout.acts_path(site)] = (r0, layout.encode(v, self.attrs["sites"][site]["encoding"]))
         for site, v in (grads or {}).items():
             values[layout.grads_path(site)] = (r0, layout.encode(v, self.attrs["grads"]["encoding"]))
+        if order is None and any(len(v) != n for name, (_, v) in values.items() if name != layout.TOKENS):
+            raise StoreError(f"window {window}: arrays of unequal row counts")
         missing = [name for name in self._arrays if name not in values]
         if missing:
             raise StoreError(f"window {window} has no values for {', '.join(missing)}")
-        # shards are encoded, hashed and written in parallel: one thread cannot keep up with a GPU
-        jobs = {name: [self._pool().submit(self._write_array, name, first + i, v[i:i + step])
-                       for i in range(0, len(v), step)]
+        shuffled = set(values) - {layout.TOKENS, layout.ROWS_SEQ, layout.ROWS_POS} if order is not None else set()
+
+        def rows(name, v, i, step):
+            # one shard's rows; the shuffle's gather runs here, on the writing thread
+            return v[order[i:i + step]] if name in shuffled else v[i:i + step]
+
+        # shards are gathered, encoded, hashed and written in parallel: one thread cannot keep up with a GPU
+        jobs = {name: [self._pool().submit(lambda name=name, first=first, v=v, i=i, step=step:
+                                           self._write_array(name, first + i, rows(name, v, i, step)))
+                       for i in range(0, len(v) if name == layout.TOKENS else n, step)]
                 for name, (first, v) in values.items() for step in [self._step(name)]}
         written = {name: [s for job in jobs[name] for s in job.result()] for name in self._arrays}
         record = {"window": window, "rank": self.rank, "seqs": int(len(tokens)), "rows": int(n),
