@@ -226,3 +226,37 @@ def test_overwrite_removes_only_what_train_fit_wrote(store, tmp_path):
                                        "--out", str(foreign), "--overwrite", "--device", "cpu"])
     assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1
     assert digest() == before
+
+
+def test_auxk_runs_exactly_when_latents_are_dead(store, tmp_path, monkeypatch):
+    """The trainer skips AuxK (no GPU sync) only while the host's bound proves no latent dead: the
+    bound never falls below the true longest gap, and AuxK gets a dead mask at every step that has
+    a dead latent (a dictionary much wider than the data's 48 directions leaves some dead)."""
+    from sae_harvest.train import topk
+
+    masks, real = [], topk.auxk_loss
+
+    def spy(sae, pre, resid, dead_mask):
+        masks.append(None if dead_mask is None else dead_mask.clone())
+        return real(sae, pre, resid, dead_mask)
+
+    monkeypatch.setattr(topk, "auxk_loss", spy)
+    checked = []
+
+    def check(event):
+        run = next(iter(event.runs.values()))
+        assert run.idle_bound >= int(run.since_fired.max())
+        checked.append(int((run.since_fired >= 256 * 3).sum()))   # dead_tokens below
+
+    out = tmp_path / "o"
+    fit(_cfg(store, out, d_sae=256, k=(2,), tokens=256 * 40, dead_tokens=256 * 3), progress=False, on_step=check)
+    assert len(masks) == len(checked) == 40
+    for dead_count, mask in zip(checked, masks):
+        if dead_count:
+            assert mask is not None and int(mask.sum()) == dead_count
+        elif mask is not None:
+            assert not mask.any()
+    assert any(checked), "no latent went dead: the test does not exercise AuxK"
+    assert any(m is None for m in masks), "AuxK was never skipped"
+    aux = [json.loads(line)["aux"] for line in (out / "topk_k2" / "metrics.jsonl").read_text().splitlines()]
+    assert max(aux) > 0

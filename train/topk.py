@@ -21,22 +21,24 @@ from sae_harvest.train.sae import SAE, LossOutput, recon_loss
 def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
     """pre: [n, d_sae] post-ReLU pre-activations; resid: x - x_hat (detached).
 
-    No host read of the dead count (it would stall the GPU every step): the top aux_k of pre with
-    live latents at -inf are taken, and picks that land on a live latent (fewer than aux_k dead)
-    get weight 0, which is the top min(aux_k, n_dead) of the dead latents exactly."""
+    Reads the dead count on the host (a GPU sync): padding to a fixed aux_k instead would gather
+    aux_k decoder rows per token every step, which costs more than the SAE step itself on a GPU
+    (measured in docs/benchmarks.md). The trainer passes dead_mask=None while no latent can be
+    dead, so this runs (and syncs) only once some may be."""
     zero = pre.new_zeros(())
-    k_aux = min(sae.cfg.aux_k, sae.cfg.d_sae // 2)
-    if dead_mask is None or k_aux == 0:
+    if dead_mask is None:
         return zero
     dead_mask = dead_mask.to(pre.device, torch.bool)
+    n_dead = int(dead_mask.sum())
+    k_aux = min(sae.cfg.aux_k, sae.cfg.d_sae // 2, n_dead)
+    if k_aux == 0:
+        return zero
     masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
     vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-    vals = torch.where(vals > -torch.inf, vals, torch.zeros_like(vals))
     e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum")
     var = distributed.residual_variance(resid).clamp_min(1e-12)
     # data parallel: the ratio of global sums; x ranks because the ranks' gradients are averaged
-    aux = (e_hat - resid).pow(2).sum() / var * distributed.ranks()
-    return torch.where(dead_mask.any(), aux, zero)
+    return (e_hat - resid).pow(2).sum() / var * distributed.ranks()
 
 
 class TopKSAE(SAE):
