@@ -194,3 +194,41 @@ def test_verify_reads_sha256_records_of_early_format_2_stores(tmp_path):
     data[3] ^= 1
     shard.write_bytes(bytes(data))
     assert any("checksum mismatch" in p for p in verify_store(str(tmp_path / "s")))
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_write_window_order_equals_writing_the_gathered_rows(tmp_path, compressor):
+    """write_window(order=...) (the harvest's shuffle, gathered shard by shard on the writing
+    threads) stores exactly what writing the rows already gathered does: same files, same bytes,
+    including a short last window whose buffers are longer than its rows."""
+    ctx, d, window_seqs, n_seqs = 8, 16, 32, 56       # windows of 32 and 24 sequences
+    rng = np.random.default_rng(5)
+    paths = {how: tmp_path / how for how in ("gathered", "order")}
+    writers = {how: StoreWriter.create(str(p), meta={"model": {"name": "t"}},
+                                       sites={"s": {"d": d, "encoding": "float16"}},
+                                       grads={"encoding": "bfloat16", "definition": "t"}, ctx_len=ctx,
+                                       n_seqs=n_seqs, window_seqs=window_seqs, compressor=compressor)
+               for how, p in paths.items()}
+    for window, seqs in ((0, 32), (1, 24)):
+        n, buffer_rows = seqs * ctx, window_seqs * ctx
+        acts = rng.standard_normal((buffer_rows, d)).astype(np.float16)
+        grads = rng.standard_normal((buffer_rows, d)).astype(np.float32)
+        rows_seq = np.repeat(np.arange(seqs, dtype=np.int32) + window * window_seqs, ctx)
+        rows_pos = np.tile(np.arange(ctx, dtype=np.int32), seqs)
+        order = rng.permutation(n)
+        tokens = rng.integers(0, 50, (seqs, ctx)).astype(np.int32)
+        writers["gathered"].write_window(window, tokens, rows_seq[order], rows_pos[order], {"s": acts[order]},
+                                         {"s": grads[order]})
+        writers["order"].write_window(window, tokens, rows_seq, rows_pos, {"s": acts}, {"s": grads}, order=order)
+    for w in writers.values():
+        w.finish()
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+                if p.is_file() and p.suffix != ".json"}
+
+    a, b = files(paths["gathered"]), files(paths["order"])
+    assert a.keys() == b.keys() and len(a) > 4
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    store = open_store(str(paths["order"]))
+    assert store.n_rows == n_seqs * ctx
