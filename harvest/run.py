@@ -315,7 +315,10 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                     if job is not None and job.n_seqs < want:
                         exhausted = True
                 if writer is None:   # first round: the store exists before anyone writes
-                    if error is None and dist.rank == 0 and target.resume_attrs is None:
+                    # every rank's first window has passed its checks before rank 0 replaces an old store
+                    if dist.all_sum([1 if error else 0])[0]:
+                        raise error or HarvestError("another rank stopped (see its error)")
+                    if dist.rank == 0 and target.resume_attrs is None:
                         try:
                             lease = create_store()
                         except HarvestError as e:
@@ -334,7 +337,10 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 if job is not None and error is None and out.error is None:
                     n = job.n_seqs * ctx
                     t = time.perf_counter()
-                    out.put(job)      # waits while the previous window is still being written
+                    try:
+                        out.put(job)      # waits while the previous window is still being written
+                    except BaseException as e:   # the writer thread failed: every rank hears of it below
+                        error, n = e, 0
                     waits["writer_s"] += time.perf_counter() - t
                     job = None
                 error = error or out.error    # a window refused or not written on the writer thread
@@ -344,10 +350,18 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 tokens_run += counts[0]
                 if dist.active:
                     bar.advance(task, counts[0])
+            # the last window is checked and written after the last round: its failure must reach
+            # every rank before the barrier below, or the others would wait there for a dead peer
+            error = None
             if out is not None:
                 t = time.perf_counter()
-                out.close()
+                try:
+                    out.close()
+                except BaseException as e:
+                    error = e
                 waits["writer_s"] += time.perf_counter() - t
+            if dist.all_sum([1 if error else 0])[0]:
+                raise error or HarvestError("another rank stopped (see its error)")
     except BaseException:
         if out is not None:
             out.abort()

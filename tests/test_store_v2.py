@@ -510,3 +510,40 @@ def test_all_zero_chunks_are_written_and_verify(tmp_path):
     w.finish(8)
     assert verify_store(path) == []
     assert open_store(path).acts("blocks.0.resid_pre", slice(0, 32)).sum() == 0
+
+
+def _overflow_worker(assets, out, which):
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harvest_overflow_worker.py")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), worker, str(out), assets["gpt2"], assets["corpus"], which]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), REPO) if p)}
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "rank 1: HarvestError: non-finite activations at blocks.1.resid_pre" in text, text[-3000:]
+    assert "rank 0: HarvestError: another rank stopped" in text, text[-3000:]
+
+
+def test_overflow_in_a_ranks_last_window_stops_every_rank_cleanly(assets, tmp_path):
+    """Rank 1's last window is checked on its writer thread after the last round: its refusal must
+    reach rank 0 before the final barrier (one clear line on each rank, no record for the window)."""
+    out = tmp_path / "s.zarr"
+    _overflow_worker(assets, out, "last")
+    records = {int(p.stem) for p in (out / "windows").glob("*.json")}
+    assert 3 not in records and {0, 1, 2} <= records
+
+
+def test_overflow_in_another_ranks_first_window_keeps_the_old_store(assets, tmp_path):
+    """--overwrite under torchrun: rank 0 replaces the old store only once every rank's first window
+    passed its checks."""
+    out = tmp_path / "s.zarr"
+    harvest(_cfg(assets, out, sites="blocks.1.resid_pre", tokens=1024, batch_size=4, shuffle_window=256,
+                 grads=False), progress=False)
+    before = _tree_hash(out)
+    _overflow_worker(assets, out, "first")
+    assert _tree_hash(out) == before
+    assert open_store(str(out)).complete
+    # not even the new store beside it was started (on object storage there is no "beside": the
+    # old store itself would have been cleared)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
