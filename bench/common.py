@@ -44,6 +44,13 @@ def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
     w.finish(n_seqs)
 
 
+def four_sites(n_layers: int) -> str:
+    """The harvest benches' 4 sites: blocks.0 first, so the backward runs through every layer as
+    the bare loop's does, then the middle block's attention and MLP outputs and the last residual."""
+    mid = n_layers // 2
+    return f"blocks.0.resid_pre,blocks.{mid}.attn_out,blocks.{mid}.mlp_out,blocks.{n_layers - 1}.resid_post"
+
+
 def report(result: dict, json_path: str | None) -> None:
     """Print a bench's result as JSON, and write it to json_path when given (bench/gpu.sh reads it)."""
     print(json.dumps(result, indent=2))

@@ -33,7 +33,7 @@ from sae_harvest.harvest.run import HarvestConfig, harvest
 from sae_harvest.harvest.sites import next_token_loss_sum
 from sae_harvest.stores import fs
 
-from common import gpt2_small_random, report  # bench/ is the script directory
+from common import four_sites, gpt2_small_random, report  # bench/ is the script directory
 
 
 def bare_loop(model, device, ctx, batch, tokens, vocab) -> float:
@@ -104,10 +104,7 @@ def main():
     device = torch.device(args.device)
     model, tok = load_model(model_path, device=device)
     adapter = get_adapter(model)
-    L = adapter.n_layers
-    # blocks.0 first, so the harvest's backward runs through every layer, as the bare loop's does
-    sites = args.sites or ",".join(["blocks.0.resid_pre", f"blocks.{L // 2}.attn_out",
-                                    f"blocks.{L // 2}.mlp_out", f"blocks.{L - 1}.resid_post"])
+    sites = args.sites or four_sites(adapter.n_layers)
     corpus = resolve_dataset(args.dataset)
     ratios, harvest_rates, bare_rates, bpt = [], [], [], None
     N = args.tokens

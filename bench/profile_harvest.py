@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import time
 from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, resolve_dataset, resolve_model
 from sae_harvest.harvest.run import HarvestConfig, harvest
 
-from common import gpt2_small_random
+from common import four_sites, gpt2_small_random
 
 
 def where(frame) -> str:
@@ -50,15 +51,14 @@ def main():
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-profile-")
     model = gpt2_small_random(tmp) if args.model == "gpt2-small-random" else resolve_model(args.model)
-    probe = HarvestConfig(out=os.path.join(tmp, "warm.zarr"), model=model, dataset=resolve_dataset(args.dataset),
-                          sites=None, grads=True, tokens=args.tokens // 4, ctx_len=args.ctx_len,
-                          batch_size=args.batch_size, device=args.device, shuffle_window=args.tokens // 8)
     from transformers import AutoConfig
-    L = AutoConfig.from_pretrained(model).num_hidden_layers
-    sites = f"blocks.0.resid_pre,blocks.{L // 2}.attn_out,blocks.{L // 2}.mlp_out,blocks.{L - 1}.resid_post"
-    harvest(HarvestConfig(**{**probe.__dict__, "sites": sites}), progress=False)   # warm-up
-    cfg = HarvestConfig(**{**probe.__dict__, "sites": sites, "out": os.path.join(tmp, "s.zarr"),
-                           "tokens": args.tokens, "shuffle_window": args.shuffle_window or args.tokens // 4})
+    warm = HarvestConfig(out=os.path.join(tmp, "warm.zarr"), model=model, dataset=resolve_dataset(args.dataset),
+                         sites=four_sites(AutoConfig.from_pretrained(model).num_hidden_layers), grads=True,
+                         tokens=args.tokens // 4, ctx_len=args.ctx_len, batch_size=args.batch_size,
+                         device=args.device, shuffle_window=args.tokens // 8)
+    harvest(warm, progress=False)   # first-call costs (dataset cache, allocator) out of the profile
+    cfg = dataclasses.replace(warm, out=os.path.join(tmp, "s.zarr"), tokens=args.tokens,
+                              shuffle_window=args.shuffle_window or args.tokens // 4)
     samples: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     stop = threading.Event()
     def sample():

@@ -36,6 +36,16 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _host_copy(values: torch.Tensor) -> torch.Tensor:
+    """A pinned host tensor the device copies `values` into without the host waiting (CPU
+    tensors are returned as they are); the copy is done once a later recorded event is."""
+    if values.device.type != "cuda":
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    return host
+
+
 class BufferPool:
     """Window-sized host arrays, handed back after their window is written and reused: a fresh
     array costs a page fault per 4 KiB on the thread that first writes it, here the compute thread."""
@@ -67,12 +77,7 @@ class _Copies:
         self.event = None
 
     def add(self, buffers: dict, key: str, values: torch.Tensor, dest: slice, window_rows: int):
-        if self.cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-        else:
-            host = values
-        self.items.append((buffers, key, host, dest, window_rows))
+        self.items.append((buffers, key, _host_copy(values), dest, window_rows))
 
     def seal(self):
         if self.cuda:
@@ -143,14 +148,10 @@ class _Peaks:
         self.event = None
         self.host = None
         if self.keys:
-            stacked = torch.stack([peaks[k].float() for k in self.keys])
+            self.host = _host_copy(torch.stack([peaks[k].float() for k in self.keys]))
             if device.type == "cuda":
-                self.host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-                self.host.copy_(stacked, non_blocking=True)
                 self.event = torch.cuda.Event()
                 self.event.record()
-            else:
-                self.host = stacked
 
     def check(self) -> None:
         """Refuse the window (before it can be written) if any value overflowed its encoding."""

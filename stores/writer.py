@@ -97,8 +97,10 @@ class StoreWriter:
         plain = self._plain[name]
         return plain.shard_rows if plain is not None else self.window_rows
 
-    def _write_array(self, name: str, first: int, values: np.ndarray) -> list[list]:
-        """[[key, bytes, checksum], ...] of the shards holding `values` from row `first` on."""
+    def _write_array(self, name: str, first: int, values: np.ndarray, rows: slice | np.ndarray) -> list[list]:
+        """[[key, bytes, checksum], ...] of the shards holding values[rows] (a view for a slice, a
+        gather, on this writing thread, for indices) from row `first` on."""
+        values = values[rows]
         plain = self._plain[name]
         if plain is not None:
             return shards.write_shards(self.path, plain, first, values)
@@ -249,15 +251,10 @@ class StoreWriter:
         missing = [name for name in self._arrays if name not in values]
         if missing:
             raise StoreError(f"window {window} has no values for {', '.join(missing)}")
-        shuffled = set(values) - {layout.TOKENS, layout.ROWS_SEQ, layout.ROWS_POS} if order is not None else set()
-
-        def rows(name, v, i, step):
-            # one shard's rows; the shuffle's gather runs here, on the writing thread
-            return v[order[i:i + step]] if name in shuffled else v[i:i + step]
-
+        gathered = set(values) - {layout.TOKENS, layout.ROWS_SEQ, layout.ROWS_POS} if order is not None else set()
         # shards are gathered, encoded, hashed and written in parallel: one thread cannot keep up with a GPU
-        jobs = {name: [self._pool().submit(lambda name=name, first=first, v=v, i=i, step=step:
-                                           self._write_array(name, first + i, rows(name, v, i, step)))
+        jobs = {name: [self._pool().submit(self._write_array, name, first + i, v,
+                                           order[i:i + step] if name in gathered else slice(i, i + step))
                        for i in range(0, len(v) if name == layout.TOKENS else n, step)]
                 for name, (first, v) in values.items() for step in [self._step(name)]}
         written = {name: [s for job in jobs[name] for s in job.result()] for name in self._arrays}

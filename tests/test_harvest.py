@@ -245,11 +245,12 @@ def test_overflow_in_a_later_window_is_refused_before_its_record(assets, tmp_pat
 
     monkeypatch.setattr(window_mod, "capture", capture)
     out = tmp_path / "s.zarr"
-    cfg = HarvestConfig(out=str(out), model=assets["gpt2"], dataset=assets["corpus"], sites="blocks.1.resid_pre",
-                        tokens=2048, ctx_len=32, batch_size=4, shuffle_window=256, device="cpu",
-                        act_encoding="float16")
-    with pytest.raises(HarvestError, match="non-finite activations at blocks.1.resid_pre"):
-        harvest(cfg, progress=False)
+    code, text = _run_cli(["--model", assets["gpt2"], "--dataset", assets["corpus"], "--sites", "blocks.1.resid_pre",
+                           "--tokens", "2048", "--ctx-len", "32", "--batch-size", "4", "--shuffle-window", "256",
+                           "--device", "cpu", "--act-encoding", "float16", "--out", str(out), "--quiet"])
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in text, text
+    assert len(lines) == 1 and "non-finite activations at blocks.1.resid_pre" in lines[0], text
     records = load_records(str(out))
     assert 2 not in records and {0, 1} <= set(records)
     assert all(w < 2 for w in records)   # nothing after the refused window was written either
