@@ -10,6 +10,7 @@ reads its own share of the documents, rank 0 creates and finishes the store.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -208,6 +209,16 @@ def _os_reason(e: OSError) -> str:
     return f"{e.strerror} (errno {e.errno})" if e.strerror else (str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+@contextlib.contextmanager
+def _waiting(waits: dict, key: str):
+    """Add the block's wall time to waits[key] (where the harvest loop stood still)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        waits[key] += time.perf_counter() - t
+
+
 class _SharedLease:
     """What ranks other than 0 check before each record: that the job still holds the lease."""
 
@@ -301,9 +312,8 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 if w < n_windows and w not in done and not exhausted:
                     want = min(window_seqs, n_seqs - w * window_seqs)
                     try:
-                        t = time.perf_counter()
-                        pairs = list(islice(stream, want))
-                        waits["data_s"] += time.perf_counter() - t
+                        with _waiting(waits, "data_s"):
+                            pairs = list(islice(stream, want))
                         job = compute_window(cfg, model, [p[0] for p in pairs], [p[1] for p in pairs], w,
                                              window_seqs, sites, site_enc, grad_enc, device, local, pool)
                         if writer is None:
@@ -336,12 +346,11 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                 n = 0
                 if job is not None and error is None and out.error is None:
                     n = job.n_seqs * ctx
-                    t = time.perf_counter()
-                    try:
-                        out.put(job)      # waits while the previous window is still being written
-                    except BaseException as e:   # the writer thread failed: every rank hears of it below
-                        error, n = e, 0
-                    waits["writer_s"] += time.perf_counter() - t
+                    with _waiting(waits, "writer_s"):
+                        try:
+                            out.put(job)      # waits while the previous window is still being written
+                        except BaseException as e:   # the writer thread failed: every rank hears of it below
+                            error, n = e, 0
                     job = None
                 error = error or out.error    # a window refused or not written on the writer thread
                 counts = dist.all_sum([n, 1 if error else 0])
@@ -354,12 +363,11 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
             # every rank before the barrier below, or the others would wait there for a dead peer
             error = None
             if out is not None:
-                t = time.perf_counter()
-                try:
-                    out.close()
-                except BaseException as e:
-                    error = e
-                waits["writer_s"] += time.perf_counter() - t
+                with _waiting(waits, "writer_s"):
+                    try:
+                        out.close()
+                    except BaseException as e:
+                        error = e
             if dist.all_sum([1 if error else 0])[0]:
                 raise error or HarvestError("another rank stopped (see its error)")
     except BaseException:
