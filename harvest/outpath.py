@@ -1,15 +1,24 @@
 """What is at --out, and what a harvest may do to it.
 
-Only a sae_store is ever removed; anything else at --out is refused and left alone. With
---overwrite on local disk the new store is built beside the old one (`<out>.new`) and swapped in
-by two renames once it is complete, so the old store stays readable the whole time. Object
-storage has no rename: there the old store's objects are removed only after the new run has
-passed every input check and computed its first window, just before that window is written.
-A whole bucket is never a valid --out.
+Only this tool's own stores are ever removed or cleared, and only when proven so: a sae_store at
+--out under --overwrite; a build beside it whose name no user would pick and whose root
+attributes (or lease) carry this tool's creation id; the old store moved aside at a swap, whose
+name carries the creation id of the new store that replaced it. Anything else is refused with one
+line and left alone, as is any location that is empty, the root, the current directory (or one
+holding it), the home directory or a whole bucket (checked again by fs.remove itself).
+
+The lease is taken before anything is created (a fresh --out too, and the build beside it): of two
+writers, whatever the timing, one is refused with one line naming the holder. With --overwrite on
+local disk the new store is built beside the old one (`<out>.sae-harvest-build`) and swapped in
+by two renames once complete, the lease still held; `--resume` finishes a swap it finds half
+done. Object storage has no rename: there the old store's objects are removed only after the new
+run has passed every input check and computed its first window, just before that window is written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import uuid
+from dataclasses import dataclass, field
 
 from sae_harvest.stores import fs, layout
 from sae_harvest.stores import lease as leases
@@ -17,6 +26,12 @@ from sae_harvest.stores.errors import StoreError
 from sae_harvest.stores.writer import load_final
 
 from .errors import HarvestError
+
+BUILD_SUFFIX = ".sae-harvest-build"    # <out><this>: where --overwrite builds on local disk
+OLD_INFIX = ".sae-harvest-old-"        # <out><this><creation id of the new store>: the old one at the swap
+# what a store (or an interrupted creation of one) holds at its top level
+_STORE_ENTRIES = {"zarr.json", layout.TOKENS, "rows", "acts", "grads", layout.WINDOWS_PREFIX,
+                  layout.FINAL_KEY, layout.LEASE_KEY}
 
 
 def store_attrs(path: str) -> dict | None:
@@ -30,34 +45,82 @@ def store_attrs(path: str) -> dict | None:
     return dict(attrs) if isinstance(attrs, dict) else None
 
 
+def normalize_out(out: str) -> str:
+    """--out as this tool uses it, or one HarvestError line: `file://` forms become local paths;
+    empty, root and current-directory paths, a whole bucket and a link's dangerous target are refused
+    before anything is touched; a symlink is resolved (the store is built at its target)."""
+    raw = str(out)
+    shown = raw if raw.strip() else repr(raw)
+    if raw.startswith("file://"):
+        raw = raw[len("file://"):]
+    if fs.is_url(raw):
+        raw = raw.rstrip("/")
+        if fs.is_bucket_root(raw):
+            raise HarvestError(f"--out {shown} is a whole bucket; give a path inside it (e.g. {raw}/run.zarr)")
+        return raw
+    why = fs.dangerous_location(raw)
+    if why is None and os.path.islink(raw.rstrip("/")):
+        raw = os.path.realpath(raw.rstrip("/"))
+        why = fs.dangerous_location(raw)
+    if why is not None:
+        raise HarvestError(f"--out {shown} is {why}; give the path of a store to write (e.g. ./run.zarr)")
+    return raw.rstrip("/")
+
+
 @dataclass
 class Target:
     final: str                      # where the store ends up (--out)
     build: str                      # where this run writes
     resume_attrs: dict | None = None
-    complete: bool = False
+    complete: bool = False          # the build is complete: only a swap (if beside) is left
     replace: bool = False           # an old store at `final` is replaced
+    leftover: bool = False          # the build holds this tool's proven leftover: take its stale lease, clear it
+    creation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def take_lease(self) -> leases.Lease:
+        """The build's lease, taken before anything there is created or cleared: exclusively for a
+        fresh location, by takeover of a stale lease for a proven leftover (a live one: refused)."""
+        return leases.Lease(self.build, creation_id=self.creation_id).acquire(takeover=self.leftover)
 
     def clear_for_build(self) -> None:
-        """Remove what planning found to be a sae_store in the way of the build (rank 0)."""
+        """Clear what planning proved to be this tool's in the way of the build (rank 0, lease held):
+        a leftover build, or on object storage the old store being replaced. The lease stays."""
         if self.build != self.final:
-            if fs.anything_at(self.build):
-                fs.remove(self.build)
-        elif self.replace and fs.anything_at(self.final):
-            fs.remove(self.final)
+            if self.leftover:
+                fs.clear_except(self.build, layout.LEASE_KEY)
+        elif self.replace or self.leftover:
+            fs.clear_except(self.final, layout.LEASE_KEY)
 
-    def swap(self) -> None:
-        """Put a store built beside --out in its place (local disk only)."""
+    def swap(self, lease: leases.Lease | None = None) -> None:
+        """Put a complete store built beside --out in its place (local disk only), the build's lease
+        still held so no other run takes the build for a leftover; the old store goes aside under
+        a name carrying the new store's creation id, then is removed."""
         if self.build == self.final:
             return
-        old = self.final + ".old"
+        attrs = store_attrs(self.build) or {}
+        new_id = attrs.get("creation_id")
+        if lease is not None:
+            lease.stop_heartbeat()
+        old = self.final + OLD_INFIX + str(new_id)
         if fs.anything_at(self.final):
             if fs.anything_at(old):
-                fs.remove(old)
+                raise StoreError(f"cannot swap: {old} is in the way; nothing was moved")
             fs.rename(self.final, old)
         fs.rename(self.build, self.final)
-        if fs.anything_at(old):
-            fs.remove(old)
+        if lease is not None:
+            lease.path = self.final
+            lease.release()
+        _remove_old_sides(self.final, new_id)
+
+
+def _remove_old_sides(final: str, new_id) -> None:
+    """Remove an old store moved aside by the swap that put the store with creation id new_id at
+    `final`: the only old sibling proven to be this tool's leftover."""
+    if new_id is None or (store_attrs(final) or {}).get("creation_id") != new_id:
+        return
+    old = final + OLD_INFIX + str(new_id)
+    if fs.anything_at(old):
+        fs.remove(old)
 
 
 def _refuse_live_lease(path: str) -> None:
@@ -66,35 +129,59 @@ def _refuse_live_lease(path: str) -> None:
         raise StoreError(f"store {path} is being written by {leases.describe(held)}; one writer at a time")
 
 
+def _interrupted_creation(path: str) -> bool:
+    """path holds this tool's stale lease from a creation killed before the root attributes were
+    written, and nothing but store entries: a leftover only this tool can have made."""
+    held = leases.read(path)
+    if held is None or not held.get("creation_id") or not leases.is_stale(held) or store_attrs(path) is not None:
+        return False
+    if fs.is_url(path):
+        names = {k.split("/", 1)[0] for k in fs.list_keys(path, "")}
+    else:
+        names = set(os.listdir(fs._local(path)))
+    return names <= _STORE_ENTRIES
+
+
+def _own_build(side: str) -> bool:
+    """`side` (named <out>.sae-harvest-build) holds a build this tool made and no live writer."""
+    attrs = store_attrs(side)
+    if attrs is not None:
+        return bool(attrs.get("creation_id"))
+    return _interrupted_creation(side)
+
+
 def plan_target(out: str, *, resume: bool, overwrite: bool) -> Target:
-    out = str(out).rstrip("/")
-    if fs.is_bucket_root(out):
-        raise HarvestError(f"--out {out} is a whole bucket; give a path inside it (e.g. {out}/run.zarr)")
-    side = out + ".new"
+    out = normalize_out(out)
+    local = not fs.is_url(out)
+    side = out + BUILD_SUFFIX
+    if local and fs.anything_at(side):
+        _refuse_live_lease(side)         # a build in progress is leased like a store
+    if fs.anything_at(out):
+        _refuse_live_lease(out)          # a second writer, even of a store still being created
     if not fs.anything_at(out):
-        if resume and not fs.is_url(out) and store_attrs(side) is not None:
-            return _resume(out, side)
+        if resume and local and store_attrs(side) is not None:
+            return _resume(out, side)    # killed inside a swap: the old store is aside, the new one beside
         return Target(final=out, build=out)
     attrs = store_attrs(out)
+    if attrs is None and _interrupted_creation(out) and (resume or overwrite):
+        return Target(final=out, build=out, leftover=True)
     if attrs is None and fs.exists(out) and resume:   # zarr.json there but unreadable (truncated, edited)
         raise StoreError(f"cannot resume {out}: its metadata is unreadable (a truncated or edited zarr.json); "
                          f"the store is left as it is")
     if attrs is None:
         raise HarvestError(f"{out} exists and is not a sae_store; refusing to touch it (choose another --out)")
     if resume:
-        if not fs.is_url(out) and store_attrs(side) is not None and load_final(side) is None:
-            return _resume(out, side)    # an interrupted --overwrite: finish the new store, then swap
+        if local and store_attrs(side) is not None:
+            return _resume(out, side)    # an interrupted --overwrite: finish the new store, or its swap
         return _resume(out, out)
     if not overwrite:
         raise HarvestError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-    _refuse_live_lease(out)
-    if fs.is_url(out):
+    if not local:
         return Target(final=out, build=out, replace=True)
-    for aside, role in ((side, "builds the new store"), (out + ".old", "moves the old store at the swap")):
-        if fs.anything_at(aside) and store_attrs(aside) is None:
-            raise HarvestError(f"{aside} exists and is not a sae_store; refusing to touch it (it is where "
-                               f"--overwrite {role})")
-    return Target(final=out, build=side, replace=True)
+    if fs.anything_at(side) and not _own_build(side):
+        raise HarvestError(f"{side} exists and is not a build of this tool; refusing to touch it (it is where "
+                           f"--overwrite builds the new store)")
+    return Target(final=out, build=side, replace=True, leftover=fs.anything_at(side))
 
 
 def _resume(final: str, build: str) -> Target:
@@ -104,7 +191,6 @@ def _resume(final: str, build: str) -> Target:
         raise StoreError(f"store {build} has format_version {version!r}; this tool resumes only format "
                          f"{layout.FORMAT_VERSION} stores and never changes another version")
     complete = load_final(build) is not None
-    if not complete:
-        _refuse_live_lease(build)
-    return Target(final=final, build=build, resume_attrs=attrs, complete=complete and build == final,
-                  replace=build != final)
+    _refuse_live_lease(build)
+    return Target(final=final, build=build, resume_attrs=attrs, complete=complete, replace=build != final,
+                  creation_id=attrs.get("creation_id") or uuid.uuid4().hex)

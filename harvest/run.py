@@ -19,7 +19,7 @@ from itertools import islice
 
 import torch
 
-from sae_harvest.stores import StoreWriter, fs, layout
+from sae_harvest.stores import StoreError, StoreWriter, fs, layout
 from sae_harvest.stores.cli import opt, pick_device
 from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
@@ -157,9 +157,12 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
         return device, model, tokenizer, adapter, sites, ds, fingerprint
 
     device, model, tokenizer, adapter, sites, ds, fingerprint = dist.agree(load)
-    if target.complete:
-        return summarize(target.final, seconds=0.0, tokens_this_run=0, console=console, quiet=not progress) \
-            if dist.rank == 0 else None
+    if target.complete:   # nothing to harvest; a store complete beside --out is swapped in (a kill before)
+        if dist.rank != 0:
+            return None
+        if target.build != target.final:
+            target.swap(Lease(target.build, creation_id=target.creation_id).acquire(takeover=True))
+        return summarize(target.final, seconds=0.0, tokens_this_run=0, console=console, quiet=not progress)
     sep, bos = separator_and_bos(tokenizer)
     act_encoding = cfg.act_encoding
     if act_encoding == "auto":  # fp16 overflows on Gemma's residual stream
@@ -187,13 +190,19 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
                        "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
                       if cfg.grads else None)
         site_meta = {s.name: {"d": adapter.site_width(s.kind), "encoding": act_encoding} for s in sites}
-        target.clear_for_build()
+        lease = target.take_lease()    # before anything is created or cleared: one writer, whatever the timing
         try:
+            target.clear_for_build()
             StoreWriter.create(target.build, meta=scrub_tree(meta), sites=site_meta, grads=grads_meta,
-                               ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs, compressor=cfg.compressor)
+                               ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs, compressor=cfg.compressor,
+                               creation_id=target.creation_id)
         except OSError as e:
+            lease.release()
             raise HarvestError(f"cannot create store {scrub(cfg.out)}: {_os_reason(e)}") from None
-        return Lease(target.build).acquire(takeover=False)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     site_enc = {s.name: act_encoding for s in sites}
     grad_enc = (cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16") if cfg.grads else None
@@ -290,7 +299,7 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     # rank 0 holds the lease for the whole job, taken only once every check has passed
     lease = None
     if dist.rank == 0 and target.resume_attrs is not None:
-        lease = dist.agree(lambda: Lease(target.build).acquire(takeover=True))
+        lease = dist.agree(lambda: Lease(target.build, creation_id=target.creation_id).acquire(takeover=True))
     else:
         dist.agree(lambda: None)
     writer = out = None
@@ -331,7 +340,7 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
                     if dist.rank == 0 and target.resume_attrs is None:
                         try:
                             lease = create_store()
-                        except HarvestError as e:
+                        except (HarvestError, StoreError) as e:
                             error = e
                     failed = dist.all_sum([1 if error else 0])[0]
                     if failed:
@@ -383,8 +392,10 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     if dist.rank != 0:
         return None
     attrs = StoreWriter.open(target.build).finish()
-    lease.release()
-    target.swap()
+    if target.build != target.final:
+        target.swap(lease)      # with the lease held; released at --out after the renames
+    else:
+        lease.release()
     summary = summarize(target.final, seconds=elapsed, tokens_this_run=tokens_run, console=console,
                         quiet=not progress, waits=waits)
     if attrs["n_seqs"] < n_seqs and progress and console is not None:

@@ -49,10 +49,48 @@ def check_root_attrs(attrs, path) -> None:
         if not _ok(value, types) or not valid(value):
             raise StoreError(f"{where}: root attribute {key} = {value!r} must be {what}")
     for name, site in attrs["sites"].items():
-        if not isinstance(site, dict) or not _ok(site.get("d"), _INT) or site["d"] < 1 \
+        if not isinstance(site, dict) or not _ok(site.get("d"), _INT) or not 1 <= site["d"] < 2**31 \
                 or site.get("encoding") not in layout.ENCODINGS:
-            raise StoreError(f"{where}: site {name!r} needs a positive integer d and an encoding in "
+            raise StoreError(f"{where}: site {name!r} needs an integer d in [1, 2^31) and an encoding in "
                              f"{', '.join(layout.ENCODINGS)}; it has {site!r}")
     grads = attrs.get("grads")
     if grads is not None and (not isinstance(grads, dict) or grads.get("encoding") not in layout.ENCODINGS):
         raise StoreError(f"{where}: root attribute grads = {grads!r} must be null or name an encoding")
+
+
+def check_arrays(group, attrs: dict, path, rows: int | None = None, seqs: int | None = None) -> list[str]:
+    """Problems (one line each) between the root attributes and the arrays' own metadata: every
+    array the attributes imply exists, with the width `d`, the storage dtype of its encoding, the
+    same `encoding` attribute, and at least the rows (`rows`, `seqs`) a reader will use. A hand
+    edit of `d` or an encoding then stops a reader before it allocates or decodes anything."""
+    import numpy as np
+
+    expect = {layout.TOKENS: ((attrs["ctx_len"],), np.int32, None),
+              layout.ROWS_SEQ: ((), np.int32, None), layout.ROWS_POS: ((), np.int32, None)}
+    grads = attrs.get("grads")
+    for site, meta in attrs["sites"].items():
+        expect[layout.acts_path(site)] = ((meta["d"],), layout.storage_dtype(meta["encoding"]), meta["encoding"])
+        if grads:
+            expect[layout.grads_path(site)] = ((meta["d"],), layout.storage_dtype(grads["encoding"]),
+                                               grads["encoding"])
+    problems = []
+    for name, (width, dtype, encoding) in expect.items():
+        try:
+            arr = group[name]
+            shape, stored, arr_encoding = tuple(arr.shape), np.dtype(arr.dtype), arr.attrs.get("encoding")
+        except KeyError:
+            problems.append(f"array {name}: missing (no zarr.json)")
+            continue
+        except Exception as e:     # unreadable array metadata
+            problems.append(f"array {name}: unreadable metadata ({type(e).__name__})")
+            continue
+        if shape[1:] != tuple(width):
+            problems.append(f"array {name}: shape {list(shape)}, the root attributes say rows of {list(width)}")
+        if stored != np.dtype(dtype):
+            problems.append(f"array {name}: stored as {stored}, the root attributes' encoding needs {np.dtype(dtype)}")
+        if encoding is not None and arr_encoding != encoding:
+            problems.append(f"array {name}: encoding attribute {arr_encoding!r}, the root attributes say {encoding!r}")
+        need = seqs if name == layout.TOKENS else rows
+        if need is not None and shape and shape[0] < need:
+            problems.append(f"array {name}: {shape[0]} rows, the records hold {need}")
+    return problems

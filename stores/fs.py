@@ -52,7 +52,33 @@ def anything_at(path: str) -> bool:
     return os.path.exists(_local(path))
 
 
+def dangerous_location(path: str) -> str | None:
+    """Why removing or clearing `path` could destroy what is not a store, or None: empty, the
+    root, the current directory or one above it, the home directory (local disk); a whole bucket
+    (object storage). Checked by every remove here, whatever the caller proved before."""
+    if is_url(path):
+        rest = str(path).split("://", 1)[1].strip("/")
+        return "a whole bucket" if not rest or "/" not in rest else None
+    local = _local(path)
+    if not local.strip() or not local.strip("/") or local.strip("/") in (".", ".."):
+        return "empty, the root or the current directory"
+    real, cwd = os.path.realpath(local), os.path.realpath(os.getcwd())
+    if real == os.path.dirname(real):
+        return "the root directory"
+    if os.path.commonpath([real, cwd]) == real:
+        return "the current directory or a folder holding it"
+    if real == os.path.realpath(os.path.expanduser("~")):
+        return "the home directory"
+    return None
+
+
 def remove(path: str) -> None:
+    """Remove what is at path. Callers prove first that it is this tool's own store (or leftover);
+    this refuses a dangerous location (dangerous_location) whatever they proved."""
+    why = dangerous_location(path)
+    if why is not None:
+        from .errors import StoreError
+        raise StoreError(f"refusing to remove {path}: it is {why}")
     if is_url(path):
         fs, root = _fs(path)
         if fs.exists(root):
@@ -61,6 +87,29 @@ def remove(path: str) -> None:
         shutil.rmtree(_local(path))
     elif os.path.exists(_local(path)):
         os.remove(_local(path))
+
+
+def clear_except(path: str, keep: str) -> None:
+    """Remove every object under path but path/keep (the caller's lease), path itself kept. Only
+    for a location the caller proved to be its own store or leftover, lease held."""
+    why = dangerous_location(path)
+    if why is not None:
+        from .errors import StoreError
+        raise StoreError(f"refusing to clear {path}: it is {why}")
+    if is_url(path):
+        for key in list_keys(path, ""):
+            if key != keep:
+                remove_key(path, key)
+        return
+    root = _local(path)
+    for name in os.listdir(root):
+        if name == keep:
+            continue
+        target = os.path.join(root, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.remove(target)
 
 
 def open_group(path: str, mode: str = "r"):
@@ -250,6 +299,43 @@ def remove_key(path: str, key: str) -> None:
             os.remove(_local(target))
         except FileNotFoundError:
             pass
+
+
+def confined_key(key) -> bool:
+    """A record's key names an object inside the store: relative, no `..`, no empty parts."""
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\0" in key:
+        return False
+    return all(part not in ("", ".", "..") for part in key.split("/"))
+
+
+def local_escape(path: str, key: str) -> str | None:
+    """Local disk: why path/key is not a regular file inside the store (a link that leaves it,
+    a device, a fifo), or None. Object storage has no links: None."""
+    if is_url(path):
+        return None
+    root = os.path.realpath(_local(path))
+    target = os.path.realpath(_local(_key_path(path, key)))
+    if os.path.commonpath([root, target]) != root:
+        return "a link that leaves the store"
+    try:
+        mode = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    import stat
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def read_pieces(path: str, key: str, piece: int = 16 << 20):
+    """The object at path/key in pieces of at most `piece` bytes (bounded memory)."""
+    target = _key_path(path, key)
+    if is_url(path):
+        fsys, root = _fs(target)
+        opened = fsys.open(root, "rb", block_size=piece)
+    else:
+        opened = open(_local(target), "rb")
+    with opened as f:
+        while data := f.read(piece):
+            yield data
 
 
 def is_bucket_root(path: str) -> bool:

@@ -40,8 +40,10 @@ def read(path: str) -> dict | None:
     if raw is None:
         return None
     try:
-        return json.loads(raw)
-    except ValueError:
+        held = json.loads(raw)
+        float(held.get("heartbeat", 0)), int(held.get("pid", -1))
+        return held
+    except (ValueError, TypeError, AttributeError):
         return {"owner": "?", "host": "?", "pid": -1, "heartbeat": 0.0}   # torn by hand: stale
 
 
@@ -59,15 +61,21 @@ def describe(lease: dict) -> str:
 
 
 class Lease:
-    def __init__(self, path: str, owner: str | None = None):
+    """`creation_id` is the store's (or the build's) this lease is taken for: a lease left by a
+    creation killed before the root attributes were written proves whose leftover that is."""
+
+    def __init__(self, path: str, owner: str | None = None, creation_id: str | None = None):
         self.path = str(path)
         self.owner = owner or uuid.uuid4().hex[:12]
+        self.creation_id = creation_id
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "heartbeat": time.time()}).encode()
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        if self.creation_id:
+            record["creation_id"] = self.creation_id
+        return json.dumps(record).encode()
 
     def acquire(self, takeover: bool) -> "Lease":
         """Take the lease; a live holder is refused, a stale one only with takeover=True."""
@@ -109,6 +117,12 @@ class Lease:
         self._thread.start()
         return self
 
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def check(self) -> None:
         """Raise if someone else holds the lease now (called before each window record)."""
         held = read(self.path)
@@ -116,9 +130,7 @@ class Lease:
             raise StoreError(f"store {self.path}: lost the lease to {describe(held or {})}")
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.stop_heartbeat()
         held = read(self.path)
         if held is not None and held.get("owner") == self.owner:
             fs.remove_key(self.path, layout.LEASE_KEY)

@@ -7,11 +7,15 @@ zeros. Flipped bits inside a chunk are caught by the chunks' crc32c codec.
 """
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 
 from . import fs, layout, shards
-from .check import check_root_attrs
+from .check import check_arrays, check_root_attrs
 from .errors import StoreError
+from .urls import scrub
 from .writer import complete_prefix, load_final, load_records
 
 
@@ -46,13 +50,17 @@ class _CheckedArray:
             idx = np.asarray(first)
             if idx.size:
                 self._check(int(idx.min()), int(idx.max()) + 1)
-        return self.store._guard(self.name, lambda: self.arr[sel])
+        values = self.store._guard(self.name, lambda: self.arr[sel])
+        self.store.confirm_same_store()
+        return values
 
     def get_orthogonal_selection(self, sel):
         idx = np.asarray(sel[0])
         if idx.size:
             self._check(int(idx.min()), int(idx.max()) + 1)
-        return self.store._guard(self.name, lambda: self.arr.get_orthogonal_selection(sel))
+        values = self.store._guard(self.name, lambda: self.arr.get_orthogonal_selection(sel))
+        self.store.confirm_same_store()
+        return values
 
 
 class Store:
@@ -66,6 +74,31 @@ class Store:
         self._cache: dict[str, object] = {}
         self._checked: set[str] = set()
         self._readers: dict[str, object] = {}
+        # the store this object opened; None for stores made before creation ids (not re-checked)
+        self.creation_id = attrs.get("creation_id")
+        self._confirmed_at = time.monotonic()
+        self._digests = {key: digest for rec in (records or {}).values()
+                         for entries in rec["shards"].values() for key, _, digest in entries}
+
+    def confirm_same_store(self, force: bool = False) -> None:
+        """Raise StoreError when the store at self.path is no longer the one opened (replaced by
+        `--overwrite`, or deleted). Called after every read, so the rows a read returned came from
+        the store opened: a swap is a rename, and this look comes after the read's file opens.
+        Local disk: every read (one small file); object storage: at most every 2 s, and on damage."""
+        if self.creation_id is None:
+            return
+        if not force and fs.is_url(self.path) and time.monotonic() - self._confirmed_at < 2.0:
+            return
+        raw = fs.read_bytes(self.path, "zarr.json")
+        try:
+            now = json.loads(raw)["attributes"][layout.ROOT_ATTR]["creation_id"]
+        except (TypeError, ValueError, KeyError):
+            now = None
+        if now != self.creation_id:
+            raise StoreError(f"store {scrub(self.path)} was replaced or removed while this reader had it open "
+                             f"(creation id {self.creation_id}, now {now}); its rows would mix two stores: "
+                             f"open it again")
+        self._confirmed_at = time.monotonic()
 
     def _array(self, name: str):
         if name not in self._cache:
@@ -77,7 +110,7 @@ class Store:
         """The direct reader of a format-2 array in the plain layout (stores/shards.py), else None."""
         if name not in self._readers:
             layout_ = shards.plain(name, self.group[name]) if self.records is not None else None
-            self._readers[name] = None if layout_ is None else shards.ShardReader(self.path, layout_)
+            self._readers[name] = None if layout_ is None else shards.ShardReader(self.path, layout_, self._digests)
         return self._readers[name]
 
     def _limit(self, name: str) -> int:
@@ -100,7 +133,9 @@ class Store:
             out[...] = values
             return out
         self._check_rows(name, arr.arr, a, b)
-        return self._guard(name, lambda: reader.read(a, b, out=out, keep=keep))
+        values = self._guard(name, lambda: reader.read(a, b, out=out, keep=keep))
+        self.confirm_same_store()
+        return values
 
     def _check_rows(self, name: str, arr, first: int, stop: int) -> None:
         """Raise unless every shard holding rows [first, stop) of `name` is as its record says."""
@@ -116,6 +151,8 @@ class Store:
             if expected is None:
                 raise StoreError(f"store {self.path}: array {name} window {window}: no record for shard {key}")
             size = fs.size(self.path, key)
+            if size != expected:
+                self.confirm_same_store(force=True)     # replaced rather than damaged: say so
             if size is None:
                 raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is missing")
             if size != expected:
@@ -127,8 +164,10 @@ class Store:
         try:
             return read()
         except StoreError:
+            self.confirm_same_store(force=True)
             raise
         except Exception as e:     # crc32c mismatch or undecodable shard
+            self.confirm_same_store(force=True)
             raise StoreError(f"store {self.path}: array {name}: corrupt data "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
@@ -279,5 +318,9 @@ def _open_v2(path: str, group, attrs: dict, allow_partial: bool) -> Store:
             raise StoreError(f"store {path} is incomplete (harvest still running or interrupted; "
                              f"finish it with `harvest run --resume`)")
         _, n_seqs, _ = complete_prefix(records, attrs["window_seqs"], attrs["n_seqs"])
+    problems = check_arrays(group, attrs, path, rows=n_seqs * attrs["ctx_len"], seqs=n_seqs)
+    if problems:
+        raise StoreError(f"store {path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more; "
+                         f"`harvest verify` lists them)" if len(problems) > 1 else ""))
     attrs = {**attrs, "n_seqs": n_seqs, "n_rows": n_seqs * attrs["ctx_len"], "complete": final is not None}
     return Store(path, group, attrs, records)

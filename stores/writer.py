@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,10 +22,40 @@ import zarr
 
 from . import fs, layout, shards
 from .errors import StoreError
+from .urls import scrub
+
+_INTS = ("window", "seqs", "rows", "first_seq", "first_row")
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _check_record(path: str, key: str, record) -> dict:
+    """A window record as a reader may use it, or a StoreError naming what is wrong. Records are
+    written atomically, so a malformed one is damage (or a hand edit), never a torn write."""
+    where = f"store {scrub(path)}: window record {key}"
+    if not isinstance(record, dict):
+        raise StoreError(f"{where} is not a JSON object")
+    for name in _INTS:
+        if not _is_count(record.get(name)):
+            raise StoreError(f"{where}: {name} = {record.get(name)!r} must be a non-negative integer")
+    if key != layout.window_key(record["window"]):
+        raise StoreError(f"{where} names window {record['window']}")
+    shard_lists = record.get("shards")
+    if not isinstance(shard_lists, dict):
+        raise StoreError(f"{where}: shards must be an object")
+    for name, entries in shard_lists.items():
+        if not isinstance(entries, list) or not all(
+                isinstance(e, list) and len(e) == 3 and fs.confined_key(e[0]) and e[0].startswith(name + "/c/")
+                and _is_count(e[1]) and isinstance(e[2], str) for e in entries):
+            raise StoreError(f"{where}: the shard list of {name!r} must hold [key inside {name}/c/, bytes, "
+                             f"checksum] entries")
+    return record
 
 
 def load_records(path: str) -> dict[int, dict]:
-    """{window: record} for every window record in the store."""
+    """{window: record} for every window record in the store; StoreError for a malformed one."""
     out = {}
     for key in fs.list_keys(path, layout.WINDOWS_PREFIX):
         if not key.endswith(".json") or ".tmp-" in key:
@@ -32,15 +63,27 @@ def load_records(path: str) -> dict[int, dict]:
         raw = fs.read_bytes(path, key)
         try:
             record = json.loads(raw)
-            out[int(record["window"])] = record
-        except (TypeError, ValueError, KeyError):
-            continue    # a record is written atomically; an unreadable one was made by hand: not done
+        except (TypeError, ValueError):
+            raise StoreError(f"store {scrub(path)}: window record {key} is not valid JSON (damaged or "
+                             f"hand-edited; `harvest verify` lists every problem)") from None
+        record = _check_record(path, key, record)
+        out[record["window"]] = record
     return out
 
 
 def load_final(path: str) -> dict | None:
+    """final.json ({windows, seqs, rows}), None when absent, StoreError when malformed."""
     raw = fs.read_bytes(path, layout.FINAL_KEY)
-    return None if raw is None else json.loads(raw)
+    if raw is None:
+        return None
+    try:
+        final = json.loads(raw)
+    except (TypeError, ValueError):
+        final = None
+    if not isinstance(final, dict) or not all(_is_count(final.get(k)) for k in ("windows", "seqs", "rows")):
+        raise StoreError(f"store {scrub(path)}: {layout.FINAL_KEY} is damaged (truncated, empty or lacking "
+                         f"integer windows, seqs and rows); the store is left as it is")
+    return final
 
 
 def complete_prefix(records: dict[int, dict], window_seqs: int, n_seqs: int) -> tuple[int, int, bool]:
@@ -74,8 +117,13 @@ class StoreWriter:
         self.lease = lease
         # every chunk is written, all-zero ones included (zarr skips chunks equal to the fill value by
         # default): a window's record lists every one of its shards, and a missing shard is damage
-        self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
-                        for name in self.array_names(self.attrs)}
+        self._arrays = {}
+        for name in self.array_names(self.attrs):
+            try:
+                self._arrays[name] = group[name].with_config({"write_empty_chunks": True})
+            except KeyError:
+                raise StoreError(f"store {scrub(path)}: array {name} is missing (no zarr.json); the store "
+                                 f"is damaged and left as it is") from None
         self._plain = {name: shards.plain(name, arr) for name, arr in self._arrays.items()}
         self._executor = None
         self.records = load_records(self.path)
@@ -135,8 +183,9 @@ class StoreWriter:
     @classmethod
     def create(cls, path: str, *, meta: dict, sites: dict[str, dict], grads: dict | None,
                ctx_len: int, n_seqs: int, window_seqs: int, compressor: str | None = None,
-               lease=None) -> "StoreWriter":
-        """Create an empty store sized for `n_seqs` sequences.
+               lease=None, creation_id: str | None = None) -> "StoreWriter":
+        """Create an empty store sized for `n_seqs` sequences, at a location that is empty or holds
+        only this writer's lease (taken first, stores/lease.py). Nothing is ever cleared here.
 
         sites: {name: {"d": width, "encoding": "float16"|"bfloat16"|"float32"}}
         grads: None, or {"encoding": ..., "definition": ...} for grads of every site.
@@ -155,6 +204,9 @@ class StoreWriter:
             "n_seqs": n_seqs,
             "complete": False,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            # which store this is: a reader re-checks it, so a store replaced underneath it fails
+            # that reader instead of mixing two stores (stores/reader.py)
+            "creation_id": creation_id or uuid.uuid4().hex,
         }
         # crc32c on every chunk (and every shard index): any Zarr v3 reader detects a flipped bit
         codecs = [zarr.codecs.Crc32cCodec()]
@@ -162,7 +214,12 @@ class StoreWriter:
             codecs = [zarr.codecs.ZstdCodec(level=3), *codecs]
         elif compressor not in (None, "none"):
             raise StoreError(f"unknown compressor {compressor!r}; use none or zstd")
-        group = zarr.open_group(store=fs.zarr_store(path), mode="w", zarr_format=3)
+        others = [k for k in fs.list_keys(path, "") if k != layout.LEASE_KEY] if fs.anything_at(path) else []
+        if others:
+            raise StoreError(f"cannot create a store at {scrub(path)}: it already holds {others[0]}"
+                             f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}; nothing was changed")
+        # mode "a": create, never clear (mode "w" empties the location first)
+        group = zarr.open_group(store=fs.zarr_store(path), mode="a", zarr_format=3)
 
         def rows_array(name, dtype, d=None, attributes=None, chunk_rows=None):
             """A [n_rows] or [n_rows, d] array whose chunks and shards both divide the window."""

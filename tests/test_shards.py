@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import xxhash
 import pytest
 import zarr
 
@@ -84,7 +85,7 @@ def test_partial_shard_matches_zarr_and_zarr_reads_ours(tmp_path):
     assert [k for k, _, _ in written] == ["a/c/0/0", "a/c/1/0"]
     for key, size, digest in written:
         data = (tmp_path / "y" / key).read_bytes()
-        assert len(data) == size and digest == f"crc32c:{crc32c(data):08x}"
+        assert len(data) == size and digest == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
     back = zarr.open_array(store=str(tmp_path / "y"), path="a", mode="r")
     np.testing.assert_array_equal(back[:40], values)
     np.testing.assert_array_equal(back[40:], 0)
@@ -146,7 +147,7 @@ def test_store_reads_fast_path_equal_zarr_and_records_hash_the_files(tmp_path, c
     for record in store.records.values():
         for key, size, digest in record["shards"]["acts/s"]:
             data = (tmp_path / "s" / key).read_bytes()
-            assert len(data) == size and digest == f"crc32c:{crc32c(data):08x}"
+            assert len(data) == size and digest == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def test_flipped_bits_anywhere_raise(tmp_path):
