@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from sae_harvest.stores import fs, layout
 from sae_harvest.stores import lease as leases
+from sae_harvest.stores.check import check_arrays, check_root_attrs
 from sae_harvest.stores.errors import StoreError
 from sae_harvest.stores.writer import load_final
 
@@ -95,6 +96,7 @@ class Target:
         """Put a complete store built beside --out in its place (local disk only), the build's lease
         still held so no other run takes the build for a leftover; the old store goes aside under
         a name carrying the new store's creation id, then is removed."""
+        _remove_old_sides(self.final, (store_attrs(self.final) or {}).get("creation_id"))
         if self.build == self.final:
             return
         attrs = store_attrs(self.build) or {}
@@ -190,6 +192,10 @@ def _resume(final: str, build: str) -> Target:
     if type(version) is not int or version != layout.FORMAT_VERSION:
         raise StoreError(f"store {build} has format_version {version!r}; this tool resumes only format "
                          f"{layout.FORMAT_VERSION} stores and never changes another version")
+    check_root_attrs(attrs, build)
+    problems = check_arrays(fs.open_group(build, mode="r"), attrs, build)
+    if problems:
+        raise StoreError(f"cannot resume {build}: {problems[0]}; the store is left as it is")
     complete = load_final(build) is not None
     _refuse_live_lease(build)
     return Target(final=final, build=build, resume_attrs=attrs, complete=complete, replace=build != final,

@@ -160,8 +160,8 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
     if target.complete:   # nothing to harvest; a store complete beside --out is swapped in (a kill before)
         if dist.rank != 0:
             return None
-        if target.build != target.final:
-            target.swap(Lease(target.build, creation_id=target.creation_id).acquire(takeover=True))
+        target.swap(Lease(target.build, creation_id=target.creation_id).acquire(takeover=True)
+                    if target.build != target.final else None)
         return summarize(target.final, seconds=0.0, tokens_this_run=0, console=console, quiet=not progress)
     sep, bos = separator_and_bos(tokenizer)
     act_encoding = cfg.act_encoding
@@ -392,10 +392,9 @@ def _harvest_loop(cfg, dist, target, create_store, model, tokenizer, ds, sites, 
     if dist.rank != 0:
         return None
     attrs = StoreWriter.open(target.build).finish()
-    if target.build != target.final:
-        target.swap(lease)      # with the lease held; released at --out after the renames
-    else:
+    if target.build == target.final:
         lease.release()
+    target.swap(lease if target.build != target.final else None)   # the lease held through the renames
     summary = summarize(target.final, seconds=elapsed, tokens_this_run=tokens_run, console=console,
                         quiet=not progress, waits=waits)
     if attrs["n_seqs"] < n_seqs and progress and console is not None:

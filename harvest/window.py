@@ -9,9 +9,7 @@ is drained and its values checked on the writer thread, so the device never idle
 from __future__ import annotations
 
 import math
-import os
 import queue
-import signal
 import threading
 
 import numpy as np
@@ -205,6 +203,11 @@ class PendingWindow:
         self._job = self._acts = self._grads = None
 
 
+# A test's fault injection (tests/kill_launcher.py): called on the writer thread as
+# after_record(rank, records written so far by this process) after each window record. None in use.
+after_record = None
+
+
 class WindowWriter(threading.Thread):
     """Writes finished windows in order on a background thread.
 
@@ -220,9 +223,6 @@ class WindowWriter(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self):
-        # fault injection for the kill tests: SIGKILL this process after it wrote N window records
-        die_after = int(os.environ.get("SAE_HARVEST_TEST_KILL_AFTER_RECORDS", "-1"))
-        die_rank = int(os.environ.get("SAE_HARVEST_TEST_KILL_RANK", str(self.writer.rank)))
         written = 0
         while (job := self.jobs.get()) is not None:
             if self.error is None:
@@ -230,8 +230,8 @@ class WindowWriter(threading.Thread):
                     self.writer.write_window(**job.finish())
                     job.release()
                     written += 1
-                    if written == die_after and die_rank == self.writer.rank:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    if after_record is not None:
+                        after_record(self.writer.rank, written)
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
             del job

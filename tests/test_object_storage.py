@@ -258,7 +258,7 @@ def test_s3_two_torchrun_processes_killed_and_resumed(assets, bucket):
     r = _torchrun(assets, full, rdzv_id="s3-full")
     assert r.returncode == 0, r.stdout[-3000:]
     r = _torchrun(assets, killed, rdzv_id="s3-kill",
-                  env={"SAE_HARVEST_TEST_KILL_AFTER_RECORDS": "2", "SAE_HARVEST_TEST_KILL_RANK": "1"})
+                  kill=(2, 1))
     assert r.returncode != 0
     with pytest.raises(StoreError, match="incomplete"):
         open_store(killed)

@@ -180,9 +180,10 @@ def _free_port():
 
 
 def _torchrun(assets, out, *, nproc=2, extra=(), env=None, nnodes=None, node_rank=None, port=None, wait=True,
-              rdzv_id=None):
+              rdzv_id=None, kill=None):
     """One torchrun launcher: --master-addr/--master-port (static), or with rdzv_id a c10d
-    rendezvous on 127.0.0.1:port, where the rendezvous assigns the node ranks."""
+    rendezvous on 127.0.0.1:port, where the rendezvous assigns the node ranks. kill=(K, R): rank R
+    is SIGKILLed after its K-th window record (tests/kill_launcher.py)."""
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if rdzv_id:
         args += ["--nnodes", str(nnodes or 1), "--rdzv-backend", "c10d", "--rdzv-endpoint",
@@ -191,7 +192,10 @@ def _torchrun(assets, out, *, nproc=2, extra=(), env=None, nnodes=None, node_ran
         args += ["--master-addr", "127.0.0.1", "--master-port", str(port or _free_port())]
     if nnodes and not rdzv_id:
         args += ["--nnodes", str(nnodes), "--node-rank", str(node_rank)]
-    args += ["-m", "sae_harvest.harvest", "run", "--model", assets["gpt2"], "--dataset", assets["corpus"],
+    launcher = os.path.join(REPO, "tests", "kill_launcher.py")
+    args += [launcher, "--after-records", str(kill[0]), "--rank", str(kill[1]), "--"] if kill else \
+        ["-m", "sae_harvest.harvest"]
+    args += ["run", "--model", assets["gpt2"], "--dataset", assets["corpus"],
              "--sites", "blocks.0.resid_pre,blocks.1.mlp_out", "--grads", "--tokens", "4000", "--ctx-len", "32",
              "--batch-size", "8", "--shuffle-window", "512", "--device", "cpu", "--act-encoding", "float32",
              "--grad-encoding", "float32", "--out", str(out), "--quiet", *extra]
@@ -232,7 +236,7 @@ def test_two_torchrun_processes_match_hf_and_resume_bitwise(assets, tmp_path):
     # rank 1 dies after its second window record; the same launch with --resume completes it. These
     # two launches use a c10d rendezvous (the Slurm recipe's) instead of --master-addr: the store
     # they make equals the one above bitwise
-    r = _torchrun(assets, killed, env={"SAE_HARVEST_TEST_KILL_AFTER_RECORDS": "2", "SAE_HARVEST_TEST_KILL_RANK": "1"},
+    r = _torchrun(assets, killed, kill=(2, 1),
                   rdzv_id="kill")
     assert r.returncode != 0
     with pytest.raises(StoreError, match="incomplete"):
