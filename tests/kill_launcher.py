@@ -22,8 +22,9 @@ from sae_harvest.stores import fs  # noqa: E402
 MUTATIONS = ("write_pieces", "write_atomic", "create_exclusive", "remove", "remove_key", "rename", "clear_except")
 
 
-def count_mutations(at: int | None, on_count=None):
-    """Wrap every storage change; call die() before the at-th. Returns the counter."""
+def count_mutations(on_change, set_attr=setattr):
+    """Wrap every storage change so on_change(n) runs just before the n-th (n from 1); `set_attr`
+    may be a pytest monkeypatch's setattr, which undoes it. Returns the counter {"n": ...}."""
     from zarr.storage import LocalStore
 
     lock, counter = threading.Lock(), {"n": 0}
@@ -32,8 +33,7 @@ def count_mutations(at: int | None, on_count=None):
         with lock:
             counter["n"] += 1
             n = counter["n"]
-        if at is not None and n == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        on_change(n)
 
     for name in MUTATIONS:
         real = getattr(fs, name)
@@ -41,14 +41,14 @@ def count_mutations(at: int | None, on_count=None):
         def wrapped(*a, _real=real, **k):
             tick()
             return _real(*a, **k)
-        setattr(fs, name, wrapped)
+        set_attr(fs, name, wrapped)
     for name in ("set", "delete"):
         real = getattr(LocalStore, name)
 
         async def wrapped_async(self, *a, _real=real, **k):
             tick()
             return await _real(self, *a, **k)
-        setattr(LocalStore, name, wrapped_async)
+        set_attr(LocalStore, name, wrapped_async)
     return counter
 
 
@@ -68,7 +68,10 @@ def main():
             if written == opts.after_records and opts.rank in (None, rank):
                 os.kill(os.getpid(), signal.SIGKILL)
         window.after_record = after_record
-    counter = count_mutations(opts.at_mutation)
+    def die_at(n):
+        if n == opts.at_mutation:
+            os.kill(os.getpid(), signal.SIGKILL)
+    counter = count_mutations(die_at)
     if opts.count:
         atexit.register(lambda: open(opts.count, "w").write(str(counter["n"])))
     import torch
