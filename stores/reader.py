@@ -8,7 +8,6 @@ zeros. Flipped bits inside a chunk are caught by the chunks' crc32c codec.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
@@ -76,18 +75,15 @@ class Store:
         self._readers: dict[str, object] = {}
         # the store this object opened; None for stores made before creation ids (not re-checked)
         self.creation_id = attrs.get("creation_id")
-        self._confirmed_at = time.monotonic()
         self._digests = {key: digest for rec in (records or {}).values()
                          for entries in rec["shards"].values() for key, _, digest in entries}
 
-    def confirm_same_store(self, force: bool = False) -> None:
+    def confirm_same_store(self) -> None:
         """Raise StoreError when the store at self.path is no longer the one opened (replaced by
         `--overwrite`, or deleted). Called after every read, so the rows a read returned came from
-        the store opened: a swap is a rename, and this look comes after the read's file opens.
-        Local disk: every read (one small file); object storage: at most every 2 s, and on damage."""
+        the store opened: a swap is a rename (on object storage the old objects go first), and
+        this look comes after the read's. Costs one small read of zarr.json per read."""
         if self.creation_id is None:
-            return
-        if not force and fs.is_url(self.path) and time.monotonic() - self._confirmed_at < 2.0:
             return
         raw = fs.read_bytes(self.path, "zarr.json")
         try:
@@ -98,7 +94,6 @@ class Store:
             raise StoreError(f"store {scrub(self.path)} was replaced or removed while this reader had it open "
                              f"(creation id {self.creation_id}, now {now}); its rows would mix two stores: "
                              f"open it again")
-        self._confirmed_at = time.monotonic()
 
     def _array(self, name: str):
         if name not in self._cache:
@@ -152,7 +147,7 @@ class Store:
                 raise StoreError(f"store {self.path}: array {name} window {window}: no record for shard {key}")
             size = fs.size(self.path, key)
             if size != expected:
-                self.confirm_same_store(force=True)     # replaced rather than damaged: say so
+                self.confirm_same_store()     # replaced rather than damaged: say so
             if size is None:
                 raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is missing")
             if size != expected:
@@ -164,10 +159,10 @@ class Store:
         try:
             return read()
         except StoreError:
-            self.confirm_same_store(force=True)
+            self.confirm_same_store()
             raise
         except Exception as e:     # crc32c mismatch or undecodable shard
-            self.confirm_same_store(force=True)
+            self.confirm_same_store()
             raise StoreError(f"store {self.path}: array {name}: corrupt data "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 

@@ -449,3 +449,55 @@ def test_attributes_that_disagree_with_the_arrays(stores, tmp_path, edit):
     code, text = _cli("info", str(path))
     _one_error_line(code, text, "")
     assert snapshot(tmp_path) == before
+
+
+# ---- the same on object storage (moto on loopback) --------------------------------------------
+@pytest.fixture(scope="module")
+def bucket():
+    pytest.importorskip("moto.server")
+    from tests.s3server import s3_server
+    with s3_server("safety-bucket") as url:
+        yield url
+
+
+def test_s3_lease_before_create_checksums_and_replaced_reader(assets, stores, bucket, monkeypatch):
+    from tests.test_object_storage import _objects
+    url, late = f"{bucket}/s.zarr", f"{bucket}/late.zarr"
+    no_lease = lambda objs: {k: v for k, v in objs.items() if not k.endswith("lease.json")}   # noqa: E731
+    planned_early = outpath.plan_target(late, resume=False, overwrite=False)
+    real_create = StoreWriter.create.__func__
+
+    def create(cls, path, **kw):
+        if path == url:       # a second writer while the first creates: refused, no object changed
+            before = no_lease(_objects(bucket))
+            code, text = _cli(*_args(assets, url))
+            _one_error_line(code, text, "being written by")
+            assert no_lease(_objects(bucket)) == before
+            held = outpath.plan_target(late, resume=False, overwrite=False).take_lease()
+            with pytest.raises(StoreError, match="being written by"):    # planned before, leased after
+                planned_early.take_lease()
+            held.release()
+        return real_create(cls, path, **kw)
+
+    monkeypatch.setattr(StoreWriter, "create", classmethod(create))
+    harvest(_cfg(assets, url, seed=5), progress=False)
+    monkeypatch.undo()
+    _assert_same(stores["other"], url)
+    # a reader of the old store fails once --overwrite replaced it (objects deleted, then rewritten)
+    store = open_store(url)
+    store.acts(SITE, slice(0, 64))
+    harvest(_cfg(assets, url), overwrite=True, progress=False)
+    with pytest.raises(StoreError, match="replaced or removed"):
+        store.acts(SITE, slice(0, 64))
+    _assert_same(stores["ref"], url)
+    assert verify_store(url) == []
+    # two shards swapped: every chunk crc32c still holds; verify and a full read catch it
+    name = "acts/" + SITE
+    keys = sorted(k for k in fs.list_keys(url, name + "/c"))
+    a, b = fs.read_bytes(url, keys[0]), fs.read_bytes(url, keys[1])
+    fs.write_atomic(url, keys[0], b)
+    fs.write_atomic(url, keys[1], a)
+    problems = verify_store(url)
+    assert len(problems) == 2 and all("checksum mismatch" in p for p in problems), problems
+    with pytest.raises(StoreError, match="checksum differs from its window record"):
+        open_store(url).acts(SITE, slice(None))
