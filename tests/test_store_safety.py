@@ -280,6 +280,8 @@ def test_records_checksum_is_xxh3_of_the_shard_and_legacy_crc32c_records_still_v
         rec_path.write_text(json.dumps(record))
     assert len(digests) > 10            # one per shard, not a constant
     assert verify_store(str(path)) == []
+    code, text = _cli("verify", str(path))
+    assert code == 0 and text.startswith("ok:") and "old constant crc32c record" in text, text
     shard = path / "rows" / "pos" / "c" / "1"
     data = bytearray(shard.read_bytes())
     data[5] ^= 1                         # legacy records: each chunk's own crc32c is checked instead
