@@ -32,6 +32,8 @@ class GeometryConfig:
     tokens: int = opt(65536, "Held-out rows read per site for the frequencies (position 0 excluded).")
     bins: int = opt(50, "Histogram bins.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
+                                         "initial rows (same seed stream): their latents then pair up by index.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,12 +105,16 @@ def run_geometry(cfg: GeometryConfig) -> dict:
     from sae_harvest.stores import open_store
     from sae_harvest.stores.cli import pick_device
     from sae_harvest.train.feeds import holdout_split
+    from sae_harvest.train.init_streams import first_shared
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
     if not cfg.saes:
         raise EvaluateError("no SAE given (--sae PATH)")
     if cfg.bins <= 0 or cfg.tokens <= 0:
         raise EvaluateError("--bins and --tokens must be positive")
+    shared = None if cfg.allow_shared_init else first_shared(cfg.saes)
+    if shared:
+        raise EvaluateError(shared)
     dev = pick_device(cfg.device)
     store = open_store(cfg.store) if cfg.store else None
     saes, out = [], []

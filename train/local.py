@@ -125,7 +125,8 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     total_steps = max(1, tokens // batch)
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
     order = [name for name, _ in sweep(cfg, source.d_in)]
-    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale, world)
+    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale, world,
+                      site=source.provenance["hook_name"])
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
