@@ -111,6 +111,8 @@ def config_options(config_cls, *, skip: tuple[str, ...] = ()):
                           if default is not None else None,
                           callback=_comma_list(cast, "integers" if cast is int else "numbers"),
                           multiple=False)
+                if not default:   # an empty list means "see the help": never `[default: ""]`
+                    kw["show_default"] = False
                 decl = (name,)
             else:
                 decl = (name,)
