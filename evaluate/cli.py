@@ -6,7 +6,7 @@ import sys
 import click
 from rich.console import Console
 
-from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
+from sae_harvest.stores.cli import CONTEXT, EXIT_SIGINT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
 from .geometry import GeometryConfig
@@ -40,7 +40,7 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     try:
         results = evaluate_saes(cfg, progress=not quiet, console=console)
     except KeyboardInterrupt:
-        fail("interrupted")
+        fail("interrupted", EXIT_SIGINT)
     # A pipe or file gets the whole table rather than rich's 80-column default.
     print_table(results, Console(width=None if sys.stdout.isatty() else 160))
     try:
@@ -65,7 +65,7 @@ def demo_cmd(out, tokens):
     try:
         run_demo(out, tokens=tokens, console=console)
     except KeyboardInterrupt:
-        fail("interrupted: run the same command again to continue")
+        fail("interrupted: run the same command again to continue", EXIT_SIGINT)
 
 
 
@@ -105,7 +105,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     try:
         doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console)
     except KeyboardInterrupt:
-        fail("interrupted")
+        fail("interrupted", EXIT_SIGINT)
     print_stitch(doc, _wide_console())
     _write_outputs(doc, json_path, plot_stitch, plot_path)
 
