@@ -154,27 +154,35 @@ def print_geometry(doc: dict, console: Console) -> None:
         console.print(c)
 
 
-def _step_hist(ax, dist, label, color):
+def _step_hist(ax, dist, label, style):
     edges, counts = dist["hist"]["edges"], dist["hist"]["counts"]
     total = sum(counts) or 1
-    ax.stairs([n / total for n in counts], edges, label=label, color=color)
+    ax.stairs([n / total for n in counts], edges, label=label, **style)
+
+
+def series_styles(n: int) -> list[dict]:
+    """n distinguishable line styles: 10 colours, then the same colours dashed, dotted, dash-dotted
+    (12 cross series of 4 SAEs used to repeat C0 and C1)."""
+    dashes = ("-", "--", ":", "-.")
+    return [{"color": f"C{i % 10}", "linestyle": dashes[(i // 10) % len(dashes)]} for i in range(n)]
 
 
 def plot_geometry(doc: dict, prefix) -> list[str]:
-    """PREFIX-nn.png, PREFIX-cross.png (2+ SAEs), PREFIX-freq.png (with a store); the paths written."""
+    """PREFIX-nn.png, PREFIX-cross.png (2+ SAEs), PREFIX-freq.png (with a store); the paths written.
+    The x axis spans the data (the histograms' shared range), not a fixed [-1, 1]."""
     plt = _pyplot()
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, s in enumerate(doc["saes"]):
-        _step_hist(ax, s["nn_cosine"], f"{s['name']} (mean {s['nn_cosine']['mean']:.3f})", f"C{i % 10}")
+    for s, style in zip(doc["saes"], series_styles(len(doc["saes"]))):
+        _step_hist(ax, s["nn_cosine"], f"{s['name']} (mean {s['nn_cosine']['mean']:.3f})", style)
     ax.set(xlabel="max cosine to another latent of the same SAE", ylabel="fraction of latents")
     ax.legend(fontsize=8), ax.grid(alpha=0.3)
     _save(fig, f"{prefix}-nn.png")
     written.append(f"{prefix}-nn.png")
     if doc["cross"]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, x in enumerate(doc["cross"]):
-            _step_hist(ax, x, f"{x['a']} -> {x['b']} (mean {x['mean']:.3f})", f"C{i % 10}")
+        for x, style in zip(doc["cross"], series_styles(len(doc["cross"]))):
+            _step_hist(ax, x, f"{x['a']} -> {x['b']} (mean {x['mean']:.3f})", style)
         ax.set(xlabel="max cosine of a latent of A to the latents of B", ylabel="fraction of A's latents")
         ax.legend(fontsize=8), ax.grid(alpha=0.3)
         _save(fig, f"{prefix}-cross.png")
@@ -182,12 +190,12 @@ def plot_geometry(doc: dict, prefix) -> list[str]:
     with_freq = [s for s in doc["saes"] if s.get("frequency")]
     if with_freq:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, s in enumerate(with_freq):
+        for s, style in zip(with_freq, series_styles(len(with_freq))):
             f = s["frequency"]
             floor = 0.5 / f["tokens"]   # dead latents drawn at the left edge
             vals = sorted(max(v, floor) for v in f["values"])
             ys = [(k + 1) / len(vals) for k in range(len(vals))]
-            ax.step(vals, ys, where="post", color=f"C{i % 10}",
+            ax.step(vals, ys, where="post", **style,
                     label=f"{s['name']} (median {f['median']:.2%}, {f['dead']} dead)")
         ax.set_xscale("log")
         ax.set(xlabel="latent activation frequency (fraction of held-out tokens)", ylabel="CDF over latents")

@@ -6,7 +6,7 @@ import sys
 import click
 from rich.console import Console
 
-from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
+from sae_harvest.stores.cli import CONTEXT, EXIT_SIGINT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
 from .geometry import GeometryConfig
@@ -40,7 +40,7 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     try:
         results = evaluate_saes(cfg, progress=not quiet, console=console)
     except KeyboardInterrupt:
-        fail("interrupted")
+        fail("interrupted", EXIT_SIGINT)
     # A pipe or file gets the whole table rather than rich's 80-column default.
     print_table(results, Console(width=None if sys.stdout.isatty() else 160))
     try:
@@ -65,7 +65,7 @@ def demo_cmd(out, tokens):
     try:
         run_demo(out, tokens=tokens, console=console)
     except KeyboardInterrupt:
-        fail("interrupted: run the same command again to continue")
+        fail("interrupted: run the same command again to continue", EXIT_SIGINT)
 
 
 
@@ -105,7 +105,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     try:
         doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console)
     except KeyboardInterrupt:
-        fail("interrupted")
+        fail("interrupted", EXIT_SIGINT)
     print_stitch(doc, _wide_console())
     _write_outputs(doc, json_path, plot_stitch, plot_path)
 
@@ -114,7 +114,8 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
 @main.command("meta")
 @config_options(MetaConfig)
 @click.option("--json", "json_path", default=None, help="Write the report to this JSON file.")
-def meta_cmd(json_path, **fields):
+@click.option("--quiet", is_flag=True, help="No progress bar (meta shows none: accepted like every evaluate command).")
+def meta_cmd(json_path, quiet, **fields):
     """Meta-SAE report: meta-L0, explained variance, sample latents' decompositions.
 
     For an SAE and a meta-SAE trained on its decoder rows (meta-SAE paper, section 5): meta-L0,
@@ -135,7 +136,8 @@ def meta_cmd(json_path, **fields):
 @click.option("--json", "json_path", default=None, help="Write every distribution to this JSON file.")
 @click.option("--plot", "plot_prefix", default=None,
               help="Write PREFIX-nn.png, PREFIX-cross.png (2+ SAEs) and PREFIX-freq.png (with --store).")
-def geometry_cmd(saes, json_path, plot_prefix, **fields):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
     """Dictionary geometry: decoder cosines within and between SAEs, latent frequencies.
 
     Nearest-neighbour decoder cosine within each SAE, max cosine between every two SAEs (e2e
@@ -144,7 +146,7 @@ def geometry_cmd(saes, json_path, plot_prefix, **fields):
     from .analysis_report import plot_geometry, print_geometry
     from .geometry import run_geometry
 
-    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields))
+    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields), progress=not quiet, console=console)
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 

@@ -32,6 +32,8 @@ class GeometryConfig:
     tokens: int = opt(65536, "Held-out rows read per site for the frequencies (position 0 excluded).")
     bins: int = opt(50, "Histogram bins.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
+                                         "initial rows (same seed stream): their latents then pair up by index.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,8 +62,20 @@ def max_cosines(dec_a: torch.Tensor, dec_b: torch.Tensor, chunk: int = 2048) -> 
     return torch.cat([(a[lo:lo + chunk] @ b.T).max(1).values for lo in range(0, len(a), chunk)]).cpu()
 
 
-def distribution(values: torch.Tensor, bins: int, lo: float = -1.0, hi: float = 1.0) -> dict:
+def value_range(groups) -> tuple[float, float]:
+    """One histogram range for several series of cosines: their min to max, a little padded, within
+    [-1, 1]. A fixed [-1, 1] put all the mass of a typical dictionary in 1-3 bins."""
+    lo = min(float(v.min()) for v in groups)
+    hi = max(float(v.max()) for v in groups)
+    pad = 0.02 * (hi - lo) or 0.01
+    return max(-1.0, lo - pad), min(1.0, hi + pad)
+
+
+def distribution(values: torch.Tensor, bins: int, lo: float | None = None, hi: float | None = None) -> dict:
+    """Summary and histogram of `values`; the histogram over [lo, hi] (default: value_range)."""
     v = values.double()
+    if lo is None or hi is None:
+        lo, hi = value_range([v])
     counts, edges = np.histogram(v.numpy(), bins=bins, range=(lo, hi))
     return {"mean": float(v.mean()), "median": float(v.median()), "p10": float(v.quantile(0.1)),
             "p90": float(v.quantile(0.9)), "hist": {"edges": edges.tolist(), "counts": counts.tolist()}}
@@ -97,55 +111,71 @@ def frequency_summary(freq: torch.Tensor, tokens: int) -> dict:
             "values": [float(f) for f in freq.tolist()]}
 
 
-def run_geometry(cfg: GeometryConfig) -> dict:
-    """The whole JSON document of `evaluate geometry`."""
+def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -> dict:
+    """The whole JSON document of `evaluate geometry`; `progress`: a bar over the SAEs."""
     from sae_harvest.evaluate.splice import EvaluateError
     from sae_harvest.stores import open_store
     from sae_harvest.stores.cli import pick_device
-    from sae_harvest.train.feeds import holdout_split
-    from sae_harvest.train.sae_io import CFG_NAME, load_sae
+    from sae_harvest.stores.progress import token_progress
+    from sae_harvest.train.init_streams import first_shared
 
     if not cfg.saes:
         raise EvaluateError("no SAE given (--sae PATH)")
     if cfg.bins <= 0 or cfg.tokens <= 0:
         raise EvaluateError("--bins and --tokens must be positive")
+    shared = None if cfg.allow_shared_init else first_shared(cfg.saes)
+    if shared:
+        raise EvaluateError(shared)
     dev = pick_device(cfg.device)
     store = open_store(cfg.store) if cfg.store else None
     saes, out = [], []
-    for path in cfg.saes:
-        sae = load_sae(path, device=dev)
-        if sae.cfg.d_sae < 2:
-            raise EvaluateError(f"{path}: a dictionary of {sae.cfg.d_sae} latent has no nearest neighbour")
-        folder = Path(path).parent if Path(path).is_file() else Path(path)
-        saved = json.loads((folder / CFG_NAME).read_text())
-        ours = saved.get("sae_harvest") or {}
-        name = ours.get("sweep_name") or folder.name
-        if name in {r["name"] for r in out}:
-            name = str(path)
-        entry = {"path": str(path), "name": name, "site": hook_name_of(saved), "arch": sae.cfg.arch,
-                 "loss": (ours.get("training") or {}).get("loss", "local"), "d_in": sae.cfg.d_in,
-                 "d_sae": sae.cfg.d_sae,
-                 "nn_cosine": distribution(nearest_neighbour_cosines(sae.W_dec), cfg.bins)}
-        if store is not None:
-            site = entry["site"]
-            if site not in store.sites:
-                raise EvaluateError(f"{path}: its site {site!r} is not in store {cfg.store} "
-                                    f"(it has: {', '.join(store.sites)})")
-            if store.width(site) != sae.cfg.d_in:
-                raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of "
-                                    f"{site} in store {cfg.store}")
-            fraction = (ours.get("training") or {}).get("holdout_fraction", 0.02)
-            _, held = holdout_split(store, fraction)
-            freq, n, selection = activation_frequencies(sae, store, site, held, cfg.tokens)
-            if n == 0:
-                raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
-            entry["frequency"] = {**frequency_summary(freq, n), "rows": list(held), "selection": selection}
-        saes.append(sae)
-        out.append(entry)
-    cross = []
-    for i, a in enumerate(saes):
-        for j, b in enumerate(saes):
-            if i != j and a.cfg.d_in == b.cfg.d_in:
-                cross.append({"a": out[i]["name"], "b": out[j]["name"],
-                              **distribution(max_cosines(a.W_dec, b.W_dec), cfg.bins)})
+    with token_progress(console, disable=not progress, unit="SAE", transient=True) as bar:
+        task = bar.add_task("geometry", total=len(cfg.saes), info="")
+        for path in cfg.saes:
+            saes.append(_one_sae(cfg, path, dev, store, out))
+            bar.advance(task)
+    # one histogram range per figure, so that the series of a plot share their bins
+    lo, hi = value_range([e["nn_cosine"] for e in out])
+    for e in out:
+        e["nn_cosine"] = distribution(e["nn_cosine"], cfg.bins, lo, hi)
+    pairs = [(i, j, max_cosines(a.W_dec, b.W_dec)) for i, a in enumerate(saes) for j, b in enumerate(saes)
+             if i != j and a.cfg.d_in == b.cfg.d_in]
+    lo, hi = value_range([c for _, _, c in pairs]) if pairs else (-1.0, 1.0)
+    cross = [{"a": out[i]["name"], "b": out[j]["name"], **distribution(c, cfg.bins, lo, hi)} for i, j, c in pairs]
     return {"config": cfg.to_dict(), "saes": out, "cross": cross}
+
+
+def _one_sae(cfg, path, dev, store, out: list):
+    """Load one SAE and append its entry (nearest-neighbour cosines, frequencies) to `out`."""
+    from sae_harvest.evaluate.splice import EvaluateError
+    from sae_harvest.train.feeds import holdout_split
+    from sae_harvest.train.sae_io import CFG_NAME, load_sae
+
+    sae = load_sae(path, device=dev)
+    if sae.cfg.d_sae < 2:
+        raise EvaluateError(f"{path}: a dictionary of {sae.cfg.d_sae} latent has no nearest neighbour")
+    folder = Path(path).parent if Path(path).is_file() else Path(path)
+    saved = json.loads((folder / CFG_NAME).read_text())
+    ours = saved.get("sae_harvest") or {}
+    name = ours.get("sweep_name") or folder.name
+    if name in {r["name"] for r in out}:
+        name = str(path)
+    entry = {"path": str(path), "name": name, "site": hook_name_of(saved), "arch": sae.cfg.arch,
+             "loss": (ours.get("training") or {}).get("loss", "local"), "d_in": sae.cfg.d_in,
+             "d_sae": sae.cfg.d_sae, "nn_cosine": nearest_neighbour_cosines(sae.W_dec)}
+    if store is not None:
+        site = entry["site"]
+        if site not in store.sites:
+            raise EvaluateError(f"{path}: its site {site!r} is not in store {cfg.store} "
+                                f"(it has: {', '.join(store.sites)})")
+        if store.width(site) != sae.cfg.d_in:
+            raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of "
+                                f"{site} in store {cfg.store}")
+        fraction = (ours.get("training") or {}).get("holdout_fraction", 0.02)
+        _, held = holdout_split(store, fraction)
+        freq, n, selection = activation_frequencies(sae, store, site, held, cfg.tokens)
+        if n == 0:
+            raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
+        entry["frequency"] = {**frequency_summary(freq, n), "rows": list(held), "selection": selection}
+    out.append(entry)
+    return sae

@@ -33,6 +33,8 @@ class MetaConfig:
     neighbours: int = opt(5, "Latents listed per meta-latent, and sharing latents per sample.")
     seed: int = opt(0, "Seed of the random sample of latents.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
+                                         "initial rows (same seed stream): their latents then pair up by index.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,10 +95,14 @@ def run_meta(cfg: MetaConfig) -> dict:
     """The whole JSON document of `evaluate meta`."""
     from sae_harvest.evaluate.splice import EvaluateError
     from sae_harvest.stores.cli import pick_device
+    from sae_harvest.train.init_streams import first_shared
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
     if cfg.samples < 0 or cfg.neighbours < 0:
         raise EvaluateError("--samples and --neighbours must not be negative")
+    shared = None if cfg.allow_shared_init else first_shared((cfg.sae, cfg.meta))
+    if shared:
+        raise EvaluateError(shared)
     dev = pick_device(cfg.device)
     sae, meta = load_sae(cfg.sae, device=dev), load_sae(cfg.meta, device=dev)
     meta_cfg = json.loads((_folder(cfg.meta) / CFG_NAME).read_text())

@@ -52,7 +52,8 @@ def _fmt(v, spec: str = ".4g") -> str:
 _COLUMNS = (  # header, key, format
     ("L0", "l0", ".1f"), ("ΔCE", "ce_increase", ".4f"), ("ΔCE≥1", "ce_increase_nobos", ".4f"),
     ("KL", "kl", ".4f"), ("LR0", "loss_recovered_zero", ".3f"), ("LRμ", "loss_recovered_mean", ".3f"),
-    ("NMSE", "nmse", ".3g"), ("NMSE≥1", "nmse_nobos", ".3g"), ("EV≥1", "explained_variance_nobos", ".3f"),
+    # fixed decimals: ".3g" printed 0.22 next to 0.0983 in one column
+    ("NMSE", "nmse", ".4f"), ("NMSE≥1", "nmse_nobos", ".4f"), ("EV≥1", "explained_variance_nobos", ".3f"),
 )
 
 
@@ -70,7 +71,8 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
                           f"{r0['tokens']:,} tokens; position 0 "
                           f"{'spliced' if r0.get('splice_bos') else 'kept clean'}. ≥1: position 0 "
                           f"excluded. LR0 / LRμ: loss recovered vs zero / mean ablation. EV: explained "
-                          f"variance. gtopk+causal / +paper: gradient mode of the selection.")
+                          f"variance." + (" gtopk+causal / +paper: gradient mode of the selection."
+                                          if any(r.get("grad_mode") in ("causal", "paper") for r in results) else ""))
     table.add_column("SAE", overflow="fold")
     table.add_column("arch")
     if several_sites:

@@ -55,6 +55,8 @@ class StitchConfig:
     dtype: str = opt("float32", "Model compute dtype.", choices=("float32", "bfloat16", "float16"))
     ce_points: int = opt(17, "Steps of the path at which the CE increase is measured (spliced forwards; "
                              "always incl. both ends); 0: MSE and L0 only.")
+    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
+                                         "initial rows (same seed stream): their latents then pair up by index.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -302,11 +304,15 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
     from sae_harvest.evaluate.live import open_live, site_activations
     from sae_harvest.evaluate.splice import EvaluateError
     from sae_harvest.stores.progress import token_progress
+    from sae_harvest.train.init_streams import first_shared
 
     if not 0 < cfg.threshold <= 1:
         raise EvaluateError(f"--threshold must be in (0, 1], got {cfg.threshold}")
     if cfg.batch_size <= 0 or cfg.ce_points < 0:
         raise EvaluateError("--batch-size must be positive and --ce-points not negative")
+    shared = None if cfg.allow_shared_init else first_shared((cfg.small, cfg.large))
+    if shared:
+        raise EvaluateError(shared)
     live = open_live((cfg.small, cfg.large), model=cfg.model, revision=cfg.revision, store=cfg.store,
                      dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, tokens=cfg.tokens,
                      ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype)

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.cli import (CONTEXT, EXIT_PROBLEMS, EXIT_SIGINT, Group, config_options, console,
+                                    entry as _entry, fail)
 
 from .run import HarvestConfig
 
@@ -35,7 +35,7 @@ def run_cmd(resume, overwrite, quiet, **fields):
         summary = harvest(HarvestConfig(**fields), resume=resume, overwrite=overwrite,
                           progress=not quiet, console=console)
     except KeyboardInterrupt:
-        fail("interrupted: the store is incomplete; run again with --resume to finish it")
+        fail("interrupted: the store is incomplete; run again with --resume to finish it", EXIT_SIGINT)
     if quiet and summary is not None:     # under torchrun only rank 0 reports
         click.echo(json.dumps(summary))
 
@@ -43,11 +43,18 @@ def run_cmd(resume, overwrite, quiet, **fields):
 @main.command("info")
 @click.argument("store")
 @click.option("--partial", is_flag=True, help="Also open an incomplete store.")
-def info_cmd(store, partial):
-    """Print a store's metadata as JSON."""
-    from sae_harvest.stores import open_store
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and every root attribute as JSON.")
+def info_cmd(store, partial, as_json):
+    """Summarise a store: model, sites, rows, size on disk, complete, split."""
+    from rich.console import Console
 
-    click.echo(json.dumps(scrub_tree(open_store(store, allow_partial=partial).attrs), indent=2))
+    from sae_harvest.stores.info import print_store_info, store_info
+
+    info = store_info(store, allow_partial=partial)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        print_store_info(info, Console(highlight=False))
 
 
 @main.command("verify")
@@ -61,7 +68,7 @@ def verify_cmd(store, quick):
     for line in problems:
         click.echo(line)
     if problems:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_PROBLEMS)
     click.echo(f"ok: {store} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
     from sae_harvest.stores.verify import legacy_shards
     if not quick and legacy_shards(store):   # records of the constant crc32c: say what was not checked

@@ -33,6 +33,7 @@ from .distributed import Dist
 from .errors import HarvestError
 from .models import get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
+from .preflight import resolve_sites
 from .sites import parse_sites
 from .window import BufferPool, WindowWriter, compute_window
 
@@ -54,8 +55,10 @@ class HarvestConfig:
                                     "saved dataset; 'stdlib-py' = the offline default corpus.")
     split: str = opt("train", "Dataset split.")
     text_column: str = opt("text", "Column holding the text.")
-    sites: str = opt("blocks.6.resid_pre", "Comma list / globs of blocks.<L>.<kind>; kinds: resid_pre, resid_mid, "
-                                           "resid_post, attn_out, attn_z, mlp_out, mlp_act.")
+    sites: str | None = opt(None, "Comma list / globs of blocks.<L>.<kind>; kinds: resid_pre, resid_mid, "
+                                  "resid_post, attn_out, attn_z, mlp_out, mlp_act. Default: blocks.<n_layers//2>."
+                                  "resid_pre of the given model (gpt2: blocks.6.resid_pre, stdlib-gpt2: "
+                                  "blocks.2.resid_pre). Checked against the model's config before any weights load.")
     grads: bool = opt(False, "Also store d(summed next-token CE)/d(activation) per token.", flag="--grads/--no-grads")
     tokens: int = opt(1_000_000, "Tokens to harvest.")
     ctx_len: int = opt(128, "Tokens per sequence.")
@@ -130,6 +133,7 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
     """Run a harvest; returns the summary dict (None on ranks other than 0). Raises HarvestError
     (or StoreError) on bad input, before anything at --out is changed."""
     _check_config(cfg)
+    cfg = resolve_sites(cfg)   # the model's config only: before the model is built, downloaded or loaded
     dist = Dist.from_env(cfg.device)
     try:
         return _harvest(cfg, dist, resume, overwrite, progress and dist.rank == 0, console)

@@ -13,6 +13,14 @@ from .urls import scrub_text
 
 console = Console(stderr=True)
 
+# One exit status per cause, the same in every command (docs/cli.md "Exit codes").
+EXIT_OK = 0
+EXIT_PROBLEMS = 1      # `harvest verify`: the store has problems (one line each)
+EXIT_BAD_INPUT = 2     # bad input or a problem the user can act on: one `error:` line, nothing changed
+EXIT_BUG = 70          # an unexpected error (a bug: the traceback is printed for the report)
+EXIT_SIGINT = 130      # Ctrl-C (128 + SIGINT); training saves a checkpoint first
+EXIT_SIGTERM = 143     # SIGTERM (128 + SIGTERM), e.g. from Slurm; training saves a checkpoint first
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -40,10 +48,14 @@ def entry(group: click.Group) -> None:
     except click.exceptions.UsageError as e:
         hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
         fail(e.format_message() + hint)
-    except click.exceptions.Abort:
-        fail("aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):   # click turns Ctrl-C into Abort
+        fail("interrupted", EXIT_SIGINT)
     except UserError as e:
         fail(str(e))
+    except Exception:   # not the user's doing: keep the traceback for the bug report
+        import traceback
+        traceback.print_exc()
+        sys.exit(EXIT_BUG)
     else:
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -111,6 +123,8 @@ def config_options(config_cls, *, skip: tuple[str, ...] = ()):
                           if default is not None else None,
                           callback=_comma_list(cast, "integers" if cast is int else "numbers"),
                           multiple=False)
+                if not default:   # an empty list means "see the help": never `[default: ""]`
+                    kw["show_default"] = False
                 decl = (name,)
             else:
                 decl = (name,)

@@ -17,9 +17,10 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
-def token_progress(console: Console | None = None, disable: bool = False, unit: str = "tok") -> Progress:
+def token_progress(console: Console | None = None, disable: bool = False, unit: str = "tok",
+                   transient: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
         TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-        console=console, disable=disable, transient=False, refresh_per_second=4,
+        console=console, disable=disable, transient=transient, refresh_per_second=4,
     )

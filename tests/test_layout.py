@@ -2,6 +2,7 @@
 Hugging Face's own `evaluate` package."""
 import ast
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -107,30 +108,59 @@ def test_no_top_level_modules_outside_the_namespace(tmp_path):
     assert all(v is None or not v.startswith(str(ROOT)) for v in found.values()), found
 
 
+def _nested_venv(env_dir: Path) -> tuple[str, dict]:
+    """A venv that sees this interpreter's installed packages but not its PYTHONPATH; (python, env).
+
+    Not `system_site_packages=True`: inside a venv or conda env that means the *base* interpreter's
+    packages, which lack what this environment installed (torch, datasets), so the test only passed
+    on a system interpreter. Instead a .pth file lists this interpreter's site-packages directories,
+    after the new venv's own: what gets installed there (HF evaluate, ours) comes first. Listed as
+    plain paths, their own .pth files (an editable install of ours) are not run."""
+    import site
+    import sysconfig
+
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    here = [p for p in dict.fromkeys([*site.getsitepackages(), site.getusersitepackages(), *sys.path])
+            if p and os.path.isdir(p) and os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages")]
+    target = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    Path(target, "zz_parent_env.pth").write_text("".join(f"{p}\n" for p in here if p != target))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    assert sysconfig.get_paths()["purelib"] != target
+    return py, env
+
+
 @pytest.mark.skipif(os.environ.get("SAE_HARVEST_SKIP_VENV") == "1", reason="SAE_HARVEST_SKIP_VENV=1")
 def test_coexists_with_huggingface_evaluate(tmp_path):
-    """A fresh venv with HF's `evaluate` installed next to ours: both import and work."""
+    """A fresh venv with HF's `evaluate` installed next to ours: both import and work. Passes from a
+    venv, a conda env and a system interpreter alike (see _nested_venv)."""
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    py = str(env_dir / "bin" / "python")
+    py, env = _nested_venv(env_dir)
     # this interpreter's pip installs into the venv (--python): no ensurepip, which is slow
     pip = [sys.executable, "-m", "pip", "--python", py, "install", "--quiet", "--no-deps",
            "--disable-pip-version-check"]
-    hf = subprocess.run(pip + ["evaluate==0.4.6"], capture_output=True, text=True)
+    hf = subprocess.run(pip + ["evaluate==0.4.6"], capture_output=True, text=True, env=env)
     if hf.returncode != 0:
         pytest.skip(f"cannot install Hugging Face evaluate here: {hf.stderr.strip().splitlines()[-1:]}")
-    ours = subprocess.run(pip + [str(ROOT)], capture_output=True, text=True)   # a regular, non-editable install
+    ours = subprocess.run(pip + [str(ROOT)], capture_output=True, text=True, env=env)   # a regular install
     assert ours.returncode == 0, ours.stderr
     check = (
         "import evaluate, sae_harvest.evaluate as ours, sae_harvest.train, sae_harvest.harvest, sae_harvest.stores\n"
+        "from sae_harvest import load_sae, open_store, __version__\n"
+        "import sae_harvest, os\n"
+        f"venv = {str(env_dir)!r}\n"
         "assert 'site-packages' in evaluate.__file__ and hasattr(evaluate, 'EvaluationModule'), evaluate.__file__\n"
-        "assert hasattr(ours, 'evaluate_saes')\n"
-        "print(evaluate.__version__)\n")
-    out = subprocess.run([py, "-c", check], cwd=tmp_path, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "0.4.6", out.stderr
+        "assert evaluate.__file__.startswith(venv) and sae_harvest.__file__.startswith(venv), sae_harvest.__file__\n"
+        "assert ours.__file__.startswith(venv) and hasattr(ours, 'evaluate_saes')\n"
+        "import datasets, torch\n"   # what HF evaluate needs, from the environment the tests run in
+        "print(evaluate.__version__, __version__)\n")
+    out = subprocess.run([py, "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env)
+    version = re.search(r'^version = "(.*)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert out.returncode == 0 and out.stdout.split() == ["0.4.6", version], out.stderr
     for argv in ([str(env_dir / "bin" / "evaluate"), "splice", "--help"],
                  [py, "-m", "sae_harvest.evaluate", "splice", "--help"],
                  [str(env_dir / "bin" / "train"), "fit", "--help"],
                  [str(env_dir / "bin" / "harvest"), "run", "--help"]):
-        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True)
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env)
         assert run.returncode == 0 and "--help" in run.stdout, (argv, run.stderr)

@@ -205,6 +205,7 @@ class Driver:
         bar = token_progress(console=console, disable=not progress or not main)
         parallel = self.lockstep
         per = self.tokens_per_step
+        self.start_step = self.step   # a resumed run times only its own steps
         t0 = time.perf_counter()
         try:
             for s in STOP_SIGNALS:
@@ -254,9 +255,14 @@ class Driver:
         self.wandb_run = wandb_run
 
     def summary(self) -> dict:
+        """`seconds` and `tokens_per_s` cover this process's steps only: after --resume, the steps
+        since `resumed_from_step`, not the whole run's tokens over the resumed part's time."""
         tokens = self.step * self.tokens_per_step
+        start = getattr(self, "start_step", 0)
+        timed = (self.step - start) * self.tokens_per_step
         return {"steps": self.step, "tokens": tokens, "seconds": self.elapsed, "feed_wait_s": self.feed_wait,
-                "tokens_per_s": tokens / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale,
+                "resumed_from_step": start,
+                "tokens_per_s": timed / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale,
                 "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel,
                 "rank": self.world.rank if self.world.sweep_parallel else None}   # the one rank that trained it
 

@@ -263,7 +263,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
     total_steps = max(1, tokens // (seqs_per_step * ctx))
     order = [name for name, _ in sweep(cfg, env.d_in)]
-    runs = build_runs(cfg, env.d_in, sample, None, device, scale, world)   # sweep parallel: this rank's
+    runs = build_runs(cfg, env.d_in, sample, None, device, scale, world,
+                      site=env.provenance["hook_name"])   # sweep parallel: this rank's
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
     downstream = downstream_sites(env.site, env.adapter.n_layers)
     opts = SimpleNamespace(downstream=downstream, grad_clip=cfg.grad_clip, device=device,

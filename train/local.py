@@ -30,6 +30,7 @@ class Source:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.warnings: list[str] = []   # one line each, printed before training starts
         if cfg.decoder_of:
             self._from_decoder(cfg)
         else:
@@ -53,6 +54,11 @@ class Source:
         self.store, self.site, self.d_in = store, site, store.width(site)
         self.exclude_pos0 = not cfg.include_bos
         self.train_rows, self.held_rows = holdout_split(store, cfg.holdout_fraction)
+        held = self.held_rows[1] - self.held_rows[0]
+        if cfg.holdout_fraction > 0 and abs(held / store.n_rows - cfg.holdout_fraction) > 0.25 * cfg.holdout_fraction:
+            self.warnings.append(
+                f"--holdout-fraction {cfg.holdout_fraction:g} became {held / store.n_rows:.1%} of the store: "
+                f"{held:,} of {store.n_rows:,} rows, whole blocks of {store.block_rows:,} rows")
         if self.train_rows[1] <= 0:
             raise TrainError(f"store {cfg.store} has too few rows to train on ({store.n_rows})")
         sample = sample_rows(store, site, self.train_rows, 8192, cfg.seed, self.exclude_pos0, grads=self.grads)
@@ -125,12 +131,16 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     total_steps = max(1, tokens // batch)
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
     order = [name for name, _ in sweep(cfg, source.d_in)]
-    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale, world)
+    runs = build_runs(cfg, source.d_in, source.sample, source.grad_sample, device, scale, world,
+                      site=source.provenance["hook_name"])
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
                     world=world)
     feed_state = driver.prepare(resume, overwrite, device)
+    if world.main:   # after every check of the input: bad input stays one error line
+        for line in source.warnings + short_run_warnings(cfg, source.epoch_tokens, batch, total_steps):
+            warn(line, console)
     scale = driver.scale
     # sweep parallel: every rank reads every whole batch, as one process would
     part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
@@ -159,6 +169,38 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     if progress and console is not None:
         _print_summary(console, summaries)
     return summaries
+
+
+# Fewer optimizer steps than this and an SAE has barely left its initialisation (dead latents are not
+# even detected yet at the default --dead-tokens): its numbers describe the init, not the data.
+MIN_STEPS = 200
+
+
+def short_run_warnings(cfg: TrainConfig, epoch_tokens: int, batch: int, total_steps: int) -> list[str]:
+    """One line per reason this run is too short to mean much (empty when it is not)."""
+    per_pass = epoch_tokens // batch
+    if cfg.decoder_of:   # a meta-SAE trains many passes over a few rows by design: count the run
+        if total_steps < MIN_STEPS:
+            return [f"the run is {_steps(total_steps)} (< {MIN_STEPS}): raise --epochs"]
+        return []
+    if per_pass < MIN_STEPS:
+        return [f"one pass over the store is {_steps(per_pass)} of {batch:,} rows (< {MIN_STEPS}; {epoch_tokens:,} "
+                f"training rows): results describe little more than the initialisation; harvest more tokens "
+                f"or lower --batch-size"]
+    return []
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" + "s" * (n != 1)
+
+
+def warn(line: str, console=None) -> None:
+    """A warning as one line on the console (stderr), or a Python warning for library callers."""
+    if console is not None:
+        console.print(f"warning: {line}", highlight=False, markup=False, soft_wrap=True)
+    else:
+        import warnings
+        warnings.warn(line, stacklevel=3)
 
 
 def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now):

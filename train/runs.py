@@ -14,6 +14,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.init_streams import INIT_SCHEME, checkpoint_stream, init_identity, init_stream, stream_seed
 from sae_harvest.train.sae import SAE
 from sae_harvest.train.sae_io import load_sae, save_sae
 
@@ -28,6 +29,7 @@ class Run:
     since_fired: torch.Tensor     # long [d_sae]: tokens since each latent was last active
     idle_bound: int = 0           # host-side upper bound on since_fired.max(), so no step reads the GPU for it
     log: object = None            # metrics.jsonl file while training
+    init: dict = field(default_factory=dict)   # where the initial weights came from (cfg.json sae_harvest.init)
     last: dict = field(default_factory=dict)   # latest logged metrics
 
     @property
@@ -43,8 +45,10 @@ def input_scale(sample: torch.Tensor, normalize: bool) -> float:
 
 
 def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: torch.Tensor | None,
-               device, scale: float, world: distributed.World = distributed.World()) -> dict[str, Run]:
-    """One Run per swept value, each seeded alike; `sample` / `grad_sample` are raw rows. Sweep
+               device, scale: float, world: distributed.World = distributed.World(),
+               site: str | None = None) -> dict[str, Run]:
+    """One Run per swept value, each initialised from its own stream (the seed and the SAE's identity,
+    `site` included: train.sae.init_stream); `sample` / `grad_sample` are raw rows. Sweep
     parallel: only the runs this rank trains (SAE i on rank i mod N), each built as one process would."""
     runs = {}
     x = sample / scale
@@ -52,7 +56,10 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
     for index, (name, sae_cfg) in enumerate(sweep(cfg, d_in)):
         if world.sweep_parallel and world.owner(index) != world.rank:
             continue
-        torch.manual_seed(cfg.seed)
+        identity = init_identity(sae_cfg, site if site is not None else cfg.site)
+        stream = init_stream(cfg.seed, identity)
+        origin = {"scheme": INIT_SCHEME, "seed": cfg.seed, "identity": identity, "stream": stream}
+        torch.manual_seed(stream_seed(stream))
         sae = make_sae(sae_cfg)
         if cfg.init:
             init = load_sae(cfg.init)
@@ -61,6 +68,7 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
                                  f"this run trains {sae_cfg.arch} {sae_cfg.d_in}->{sae_cfg.d_sae}")
             init.fold_input_scale(1.0 / scale)   # saved weights take raw inputs; training sees x / scale
             sae.load_state_dict(init.state_dict())
+            origin = {"scheme": "checkpoint", "from": scrub(cfg.init), "stream": checkpoint_stream(cfg.init)}
         else:
             sae.init_b_dec(x, cfg.b_dec_init)
         sae.calibrate(x, g)
@@ -69,7 +77,7 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
             sae.enable_sparse_decode()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
 
@@ -131,6 +139,6 @@ def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -
     saved.fold_input_scale(scale)
     save_sae(saved, folder, extra_cfg={**extra, "sweep_name": folder.name, "lr": run.lr, "summary": summary,
                                        "world_size": summary.get("world_size", 1),
-                                       "sweep_parallel": summary.get("sweep_parallel", False),
+                                       "sweep_parallel": summary.get("sweep_parallel", False), "init": run.init,
                                        "rank": summary.get("rank")})
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))

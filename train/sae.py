@@ -170,6 +170,19 @@ class SAE(nn.Module):
         self.W_dec *= scale
         self.b_dec *= scale
 
+    # ---- where a loaded SAE comes from (load_sae sets `provenance`; None for one built in memory) ----
+    provenance = None
+
+    @property
+    def site(self) -> str | None:
+        """Our site name, e.g. blocks.6.resid_pre."""
+        return self.provenance.site if self.provenance else None
+
+    @property
+    def hook_name(self) -> str | None:
+        """The TransformerLens hook name, e.g. blocks.6.hook_resid_pre (as SAELens's cfg.hook_name)."""
+        return self.provenance.hook_name if self.provenance else None
+
     def extra_repr(self) -> str:
         return f"arch={self.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}"
 

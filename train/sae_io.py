@@ -163,8 +163,18 @@ def check_shapes(cfg: SAEConfig, header: dict, wpath: Path) -> None:
 
 
 def load_sae(path, device: str | torch.device = "cpu") -> SAE:
-    """Load a checkpoint directory (or its sae_weights.safetensors). Returns the SAE in eval mode.
+    """Load a checkpoint directory (or its sae_weights.safetensors). Returns the SAE in eval mode,
+    with `sae.provenance` (train.provenance: site, TransformerLens hook name, model, store).
     The config's types and the tensor shapes are checked against the file before anything is allocated."""
+    from sae_harvest.train.provenance import provenance_of
+
+    sae = _load_checkpoint(path, device)
+    d = Path(path).parent if Path(path).name == WEIGHTS_NAME else Path(path)
+    sae.provenance = provenance_of(json.loads((d / CFG_NAME).read_text()), d)   # read and checked just now
+    return sae
+
+
+def _load_checkpoint(path, device) -> SAE:
     path = Path(path)
     d = path.parent if path.name == WEIGHTS_NAME else path
     foreign = _saelens_cfg(d)

@@ -1,0 +1,57 @@
+"""`harvest info STORE`: what a store holds, for people (a table) and for scripts (--json)."""
+from __future__ import annotations
+
+from . import fs
+from .reader import open_store
+from .urls import scrub, scrub_tree
+
+# root attributes a held-out split may be recorded under (the split is written by the harvester)
+SPLIT_KEYS = ("split", "held_out", "holdout")
+
+
+def store_info(path: str, allow_partial: bool = False) -> dict:
+    """Summary of the store at `path` (credentials scrubbed), with every root attribute under "attrs"."""
+    store = open_store(path, allow_partial=allow_partial)
+    attrs = store.attrs
+    model = attrs.get("model") or {}
+    dataset = attrs.get("dataset") or {}
+    size = fs.du(path)
+    split = next((attrs[k] for k in SPLIT_KEYS if attrs.get(k) is not None), None)
+    return scrub_tree({
+        "store": scrub(path), "format_version": attrs.get("format_version"), "complete": store.complete,
+        "model": model.get("name"), "revision": model.get("revision"), "dataset": dataset.get("name"),
+        "sites": {s: {"d": store.width(s), "encoding": store.encoding(s)} for s in store.sites},
+        "grads": store.has_grads, "rows": store.n_rows, "seqs": store.n_seqs, "ctx_len": store.ctx_len,
+        "bytes": size, "bytes_per_row": size / store.n_rows if store.n_rows else None,
+        "split": split, "attrs": dict(attrs),
+    })
+
+
+def print_store_info(info: dict, console) -> None:
+    """A two-column table; every value printed literally (no rich markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"store {info['store']}"), show_header=False)
+    rows = [
+        ("model", info["model"] + (f" @ {info['revision']}" if info.get("revision") else "")
+         if info["model"] else "-"),
+        ("dataset", info["dataset"] or "-"),
+        ("sites", ", ".join(f"{s} (d={v['d']}, {v['encoding']})" for s, v in info["sites"].items())),
+        ("gradients", "yes" if info["grads"] else "no"),
+        ("rows (tokens)", f"{info['rows']:,} in {info['seqs']:,} sequences of {info['ctx_len']}"),
+        ("on disk", f"{info['bytes'] / 2**20:,.1f} MiB"
+         + (f" ({info['bytes_per_row']:,.0f} bytes/row)" if info["bytes_per_row"] else "")),
+        ("complete", "yes" if info["complete"] else "no (only the finished windows are counted)"),
+    ]
+    if info.get("split") is not None:
+        rows.append(("split", _describe(info["split"])))
+    for name, value in rows:
+        table.add_row(Text(name), Text(str(value)))
+    console.print(table)
+
+
+def _describe(split) -> str:
+    if isinstance(split, dict):
+        return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in split.items())
+    return str(split)
