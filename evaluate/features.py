@@ -250,27 +250,34 @@ def run_features(cfg: FeaturesConfig, *, progress: bool = True, console=None) ->
     rows = rank_rows(n_total, cfg.block_rows, rank, world)
     sites = sorted({s.site for s in sources})
     bar = token_progress(console, disable=not progress or rank != 0, unit="rows")
-    with bar:
-        for site in sites:
-            here = [s for s in sources if s.site == site]
-            acc = {s.index: LatentStats(s.sae.cfg.d_sae, cfg.top, dev) for s in here}
-            task = bar.add_task("stats", total=n_total, info="")
-            stream(store, site, here, rows, cfg, dev, bar, task, lambda s, f, r, p: acc[s.index].add(f, r))
-            for s in here:
-                merge_stats(acc[s.index], world)
-                s.stats = acc[s.index].result()
-            bands = {s.index: BandSamples(s.stats["max"], cfg.bands, cfg.band_examples, cfg.seed, dev) for s in here}
-            task = bar.add_task("bands", total=n_total, info="")
-            stream(store, site, here, rows, cfg, dev, bar, task, lambda s, f, r, p: bands[s.index].add(f, r))
-            for s in here:
-                merge_bands(bands[s.index], world)
-                s.bands = bands[s.index].result()
-        contexts = collect_contexts(store, sources, cfg, dev, rank, world, bar)
-    summary = None
-    if rank == 0:
-        summary = write_output(cfg, store, sources, contexts, dev, seconds=time.perf_counter() - t0)
-    contexts.close()
+    contexts, summary = None, None
+    try:
+        with bar:
+            for site in sites:
+                _stats_and_bands(store, site, [s for s in sources if s.site == site], rows, n_total, cfg, dev,
+                                 world, bar)
+            contexts = collect_contexts(store, sources, cfg, dev, rank, world, bar)
+        if rank == 0:
+            summary = write_output(cfg, store, sources, contexts, dev, seconds=time.perf_counter() - t0)
+    finally:   # the memory-mapped work files go, whatever happened
+        if contexts is not None:
+            contexts.close()
     if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+        torch.distributed.barrier()
     return summary
+
+
+def _stats_and_bands(store, site, here, rows, n_total, cfg, dev, world, bar) -> None:
+    """Passes 1 and 2 for the SAEs at one site: s.stats, then s.bands (needs the merged max)."""
+    acc = {s.index: LatentStats(s.sae.cfg.d_sae, cfg.top, dev) for s in here}
+    task = bar.add_task("stats", total=n_total, info="")
+    stream(store, site, here, rows, cfg, dev, bar, task, lambda s, f, r, p: acc[s.index].add(f, r))
+    for s in here:
+        merge_stats(acc[s.index], world)
+        s.stats = acc[s.index].result()
+    bands = {s.index: BandSamples(s.stats["max"], cfg.bands, cfg.band_examples, cfg.seed, dev) for s in here}
+    task = bar.add_task("bands", total=n_total, info="")
+    stream(store, site, here, rows, cfg, dev, bar, task, lambda s, f, r, p: bands[s.index].add(f, r))
+    for s in here:
+        merge_bands(bands[s.index], world)
+        s.bands = bands[s.index].result()

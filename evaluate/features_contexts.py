@@ -61,6 +61,16 @@ def collect_contexts(store, sources, cfg, dev, rank: int, world: int, bar) -> Co
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{Path(cfg.out).name}.work-{rank}-", dir=parent))
     ctx = Contexts(work, W, cfg.before)
+    try:
+        _fill(ctx, store, sources, cfg, dev, rank, world, bar)
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
+
+
+def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
+    W, work = ctx.width, ctx.work
     for src in sources:
         rows = example_rows(src, cfg)
         valid = rows >= 0
@@ -84,7 +94,6 @@ def collect_contexts(store, sources, cfg, dev, rank: int, world: int, bar) -> Co
         _check_filled(src, ctx, filled[src.index], store)
         if rank == 0:
             ctx.tokens[src.index] = _tokens(store, ctx, src.index, work)
-    return ctx
 
 
 def _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar) -> None:

@@ -157,14 +157,23 @@ def vocab_strings(tokenizer, ids) -> dict[str, str]:
 
 # ---- the whole output ----------------------------------------------------------------------------
 def write_output(cfg, store, sources, ctx, dev, seconds: float) -> dict:
-    from .features import MANIFEST, TOOL
-
     tokenizer, model, adapter = load_unembedding(store, cfg, dev)
     W_U = model.get_output_embeddings().weight.detach().float()
     out = Path(cfg.out)
     build = out.with_name(f".{out.name}.new-{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
+    try:
+        summary = _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds)
+        _swap_in(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return summary
+
+
+def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds) -> dict:
+    from .features import MANIFEST, TOOL
+
     used = set()
     per_sae = []
     for src in sources:
@@ -193,7 +202,6 @@ def write_output(cfg, store, sources, ctx, dev, seconds: float) -> dict:
         from .features_neuronpedia import write_neuronpedia
         write_neuronpedia(build, per_sae, cfg, ctx, vocab, store)
     (build / MANIFEST).write_text(json.dumps(summary, indent=1))
-    _swap_in(build, out)
     return summary
 
 
@@ -204,7 +212,6 @@ def _swap_in(build: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         if any(out.iterdir()) and not written_by_us(out):    # someone wrote there while we ran
-            shutil.rmtree(build, ignore_errors=True)
             from .splice import EvaluateError
             raise EvaluateError(f"--out {out} was filled by someone else while this command ran; left it as it is")
         out.rename(old)

@@ -265,3 +265,68 @@ def test_neuronpedia_export(crafted, built, tmp_path):
     assert first["values"] == top["a"] and first["maxValue"] == max(top["a"])
     assert first["tokens"][first["maxValueTokenIndex"]] == first["tokens"][top["c"]]
     assert {"binMin", "binMax", "binContains", "minValue"} <= set(first)
+
+
+# ---- bad input: one line, exit 2, nothing on disk changed -----------------------------------------
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def bad(crafted):
+    import shutil
+
+    root = crafted["root"] / "bad"
+    root.mkdir()
+    other = make_sae(SAEConfig("relu", D, F))
+    save_sae(other, root / "site", extra_cfg={"hook_name": "blocks.0.resid_pre"})
+    save_sae(make_sae(SAEConfig("relu", 32, F)), root / "width", extra_cfg={"hook_name": SITE})
+    shutil.copytree(crafted["store"], root / "notokens.zarr")
+    shutil.rmtree(root / "notokens.zarr" / "tokens")
+    (root / "theirs").mkdir()
+    (root / "theirs" / "notes.txt").write_text("a researcher's notes")
+    return root
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("site", "blocks.0.resid_pre"), ("width", "d_in 32"), ("notokens", "no `tokens`"),
+    ("theirs", "did not write"), ("latent", "out of range"), ("top", "--top"),
+])
+def test_cli_bad_input(crafted, bad, tmp_path, case, expect):
+    from click.testing import CliRunner
+
+    from sae_harvest.evaluate.cli import main
+
+    out = bad / "theirs" if case == "theirs" else tmp_path / "out"
+    args = ["features", "--store", crafted["store"], "--sae", crafted["saes"][0], "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    if case in ("site", "width"):
+        args[args.index("--sae") + 1] = str(bad / case)
+    if case == "notokens":
+        args[args.index("--store") + 1] = str(bad / "notokens.zarr")
+    if case == "latent":
+        args += ["--latent", str(F)]
+    if case == "top":
+        args += ["--top", "0"]
+    before = {r: _snapshot(r) for r in (bad, crafted["root"] / "s.zarr", tmp_path)}
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], result.output
+    assert {r: _snapshot(r) for r in before} == before
+
+
+def test_rerun_replaces_its_own_output_and_cli_prints_the_page(crafted, tmp_path):
+    from click.testing import CliRunner
+
+    from sae_harvest.evaluate.cli import main
+
+    out = tmp_path / "b"
+    args = ["features", "--store", crafted["store"], "--sae", crafted["saes"][0], "--out", str(out),
+            "--device", "cpu", "--quiet", "--top", "3", "--before", "2", "--after", "1", "--latent", "5"]
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == (out / "index.html").absolute().as_uri() + "#sae=0&latent=5"
+    assert "never fire" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]    # no work or build folder left
