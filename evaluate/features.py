@@ -24,7 +24,7 @@ import torch
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 
-from .features_stats import ROW_LIMIT, BandSamples, LatentStats
+from .features_stats import ROW_LIMIT, BandSamples, LatentStats, merged_keys
 from .splice import EvaluateError
 
 MANIFEST = "features.json"
@@ -222,8 +222,7 @@ def merge_table(table, world: int) -> None:
         return
     parts = [torch.empty_like(table.keys) for _ in range(world)]
     dist.all_gather(parts, table.keys)
-    for p in parts:
-        table.merge(p)
+    table.keys = merged_keys(parts, table.keys.shape[1])
 
 
 def merge_bands(b: BandSamples, world: int) -> None:

@@ -97,9 +97,11 @@ class TopTable:
         merged = torch.cat([self.keys[touched], fresh], dim=1)
         self.keys[touched] = merged.topk(k, dim=1).values   # keys are unique: no tie to break
 
-    def merge(self, other_keys: torch.Tensor) -> None:
-        k = self.keys.shape[1]
-        self.keys = torch.cat([self.keys, other_keys.to(self.keys.device)], dim=1).topk(k, dim=1).values
+
+def merged_keys(parts: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The K largest keys per segment over the tables of ranks that saw disjoint rows (keys are
+    unique, so this is exactly the table of one process that saw them all)."""
+    return torch.cat(parts, dim=1).topk(k, dim=1).values
 
 
 class LatentStats:

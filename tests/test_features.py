@@ -330,3 +330,35 @@ def test_rerun_replaces_its_own_output_and_cli_prints_the_page(crafted, tmp_path
     assert result.output.strip().splitlines()[-1] == (out / "index.html").absolute().as_uri() + "#sae=0&latent=5"
     assert "never fire" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]    # no work or build folder left
+
+
+def test_split_rows_merge_to_the_whole(crafted):
+    """What the ranks do, in one process: tables of disjoint row ranges merge to the whole's."""
+    from sae_harvest.evaluate.features_stats import LatentStats, merged_keys
+
+    feats, _, _, used = brute(crafted)
+    whole, halves = LatentStats(F, 5, "cpu"), [LatentStats(F, 5, "cpu") for _ in range(2)]
+    whole.add(torch.from_numpy(feats[used]), torch.from_numpy(used))
+    for h, part in zip(halves, np.array_split(np.arange(len(used)), 2)):
+        for blk in np.array_split(part, 3):
+            h.add(torch.from_numpy(feats[used[blk]]), torch.from_numpy(used[blk]))
+    assert torch.equal(merged_keys([h.top.keys for h in halves], 5), whole.top.keys)
+    assert torch.equal(halves[0].hist + halves[1].hist, whole.hist)
+    assert torch.equal(torch.maximum(halves[0].max, halves[1].max), whole.max)
+
+
+@pytest.mark.slow   # two torchrun processes: ~35 s on the shared 2-core box
+def test_torchrun_two_ranks_merge_exactly(crafted, built, tmp_path):
+    """Two gloo ranks split the rows (block_rows 40: both hold rows of every latent's top and
+    bands) and write the same page data, byte for byte, as one process."""
+    from tests.test_distributed import torchrun
+
+    out = tmp_path / "ddp"
+    r = torchrun("-m", "sae_harvest.evaluate", "features", "--store", crafted["store"], "--sae", crafted["saes"][0],
+                 "--sae", crafted["saes"][1], "--out", str(out), "--device", "cpu", "--quiet", "--top", "5",
+                 "--bands", "3", "--band-examples", "2", "--before", "4", "--after", "2", "--block-rows", "40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = {p.relative_to(built[0]): p.read_bytes() for p in (built[0] / "data").rglob("*.js")}
+    two = {p.relative_to(out): p.read_bytes() for p in (out / "data").rglob("*.js")}
+    assert one == two
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
