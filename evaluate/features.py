@@ -234,11 +234,19 @@ def merge_bands(b: BandSamples, world: int) -> None:
     merge_table(b.table, world)
 
 
+def progress_bar(console=None, disable: bool = False):
+    """pass, bar, percent, rows/s, eta, elapsed: within 80 columns for a billion rows."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from sae_harvest.stores.progress import RateColumn
+
+    return Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(bar_width=20), TaskProgressColumn(),
+                    RateColumn("rows"), TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
+                    console=console, disable=disable, transient=False, refresh_per_second=4)
+
+
 # ---- the whole command -------------------------------------------------------------------------
 def run_features(cfg: FeaturesConfig, *, progress: bool = True, console=None) -> dict:
     """Compute everything and write cfg.out; returns the summary (also in features.json)."""
-    from sae_harvest.stores.progress import token_progress
-
     from .features_contexts import collect_contexts
     from .features_out import write_output
 
@@ -248,7 +256,7 @@ def run_features(cfg: FeaturesConfig, *, progress: bool = True, console=None) ->
     n_total = store.n_rows if cfg.tokens is None else min(cfg.tokens, store.n_rows)
     rows = rank_rows(n_total, cfg.block_rows, rank, world)
     sites = sorted({s.site for s in sources})
-    bar = token_progress(console, disable=not progress or rank != 0, unit="rows")
+    bar = progress_bar(console, disable=not progress or rank != 0)
     contexts, summary = None, None
     try:
         with bar:

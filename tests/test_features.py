@@ -362,3 +362,23 @@ def test_torchrun_two_ranks_merge_exactly(crafted, built, tmp_path):
     two = {p.relative_to(out): p.read_bytes() for p in (out / "data").rglob("*.js")}
     assert one == two
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_progress_bar_fits_80_columns_for_a_billion_rows():
+    import io
+
+    from rich.console import Console
+
+    from sae_harvest.evaluate.features import progress_bar
+
+    buf = io.StringIO()
+    bar = progress_bar(Console(file=buf, width=80, force_terminal=True, color_system=None))
+    with bar:
+        task = bar.add_task("contexts", total=10**9, info="")
+        bar.advance(task, 123_456_789)
+        bar.refresh()
+    lines = [ln.replace("\x1b[2K", "").replace("\x1b[?25l", "").replace("\x1b[?25h", "")
+             for ln in buf.getvalue().replace("\r", "\n").split("\n")]
+    shown = [ln for ln in lines if "contexts" in ln]
+    assert shown and all(len(ln) <= 80 for ln in lines)
+    assert "rows/s" in shown[-1] and "eta" in shown[-1] and "12%" in shown[-1]
