@@ -24,11 +24,10 @@ import torch
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 
-from .features_stats import ROW_LIMIT, BandSamples, LatentStats, merged_keys
+from .features_out import written_by_us
+from .features_stats import ROW_LIMIT, BandSamples, LatentStats, encode, merged_keys
 from .splice import EvaluateError
 
-MANIFEST = "features.json"
-TOOL = "sae_harvest evaluate features"
 
 
 @dataclass(frozen=True)
@@ -126,13 +125,6 @@ def check_out(out: str) -> None:
                             f"choose a new or empty folder")
 
 
-def written_by_us(p: Path) -> bool:
-    try:
-        return json.loads((p / MANIFEST).read_text()).get("tool") == TOOL
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 # ---- streaming over rows -----------------------------------------------------------------------
 def rank_rows(n_rows: int, block: int, rank: int, world: int) -> tuple[int, int]:
     """Rank's contiguous share of rows [0, n_rows), in whole blocks."""
@@ -160,14 +152,6 @@ def blocks(store, site: str, rows: tuple[int, int], block: int, pos0: bool, grad
             cur = nxt.result()
             nxt = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
             yield cur
-
-
-def encode(sae, x: np.ndarray, g: np.ndarray | None, dev) -> torch.Tensor:
-    dtype = sae.W_dec.dtype
-    with torch.no_grad():
-        xt = torch.from_numpy(x).to(dev, dtype)
-        gt = torch.from_numpy(g).to(dev, dtype) if g is not None else None
-        return sae.encode(xt, gt).float()
 
 
 def stream(store, site, sources, rows, cfg, dev, bar, task, add) -> None:
@@ -248,7 +232,9 @@ def progress_bar(console=None, disable: bool = False):
 def run_features(cfg: FeaturesConfig, *, progress: bool = True, console=None) -> dict:
     """Compute everything and write cfg.out; returns the summary (also in features.json)."""
     from .features_contexts import collect_contexts
+    from .features_neuronpedia import write_neuronpedia
     from .features_out import write_output
+    from .features_page import write_page
 
     rank, world, dev = init_world(cfg.device)
     store, sources = check_inputs(cfg, dev)
@@ -265,7 +251,8 @@ def run_features(cfg: FeaturesConfig, *, progress: bool = True, console=None) ->
                                  world, bar)
             contexts = collect_contexts(store, sources, cfg, dev, rank, world, bar)
         if rank == 0:
-            summary = write_output(cfg, store, sources, contexts, dev, seconds=time.perf_counter() - t0)
+            summary = write_output(cfg, store, sources, contexts, dev, seconds=time.perf_counter() - t0,
+                                   write_format=write_page if cfg.format == "html" else write_neuronpedia)
     finally:   # the memory-mapped work files go, whatever happened
         if contexts is not None:
             contexts.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .features_stats import encode
 from .splice import EvaluateError
 
 PAIRS_PER_STEP = 1 << 22
@@ -97,8 +98,6 @@ def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
 
 
 def _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar) -> None:
-    from .features import encode
-
     W, ctx_len, per_window = ctx.width, store.ctx_len, store.attrs["window_seqs"]
     selected = np.zeros(store.n_seqs, bool)
     by_seq = {}

@@ -51,7 +51,7 @@ def activation_json(ex: dict, f: int, model_id: str, layer: str, vocab: dict, bi
             "qualifyingTokenIndex": ex["c"], "binMin": bin_min, "binMax": bin_max, "binContains": contains}
 
 
-def write_neuronpedia(build: Path, per_sae, cfg, ctx, vocab: dict, store) -> None:
+def write_neuronpedia(build: Path, per_sae, cfg, ctx, vocab: dict, summary: dict, store) -> None:
     model_id = str(store.attrs.get("model", {}).get("name", "model")).rstrip("/").split("/")[-1]
     for k, (src, logits, nb) in enumerate(per_sae):
         layer = f"{src.site}/{src.name}"

@@ -17,6 +17,8 @@ import torch
 
 from .features_stats import HIST_BINS, HIST_EDGES, bin_range, mini_hist
 
+MANIFEST = "features.json"   # marks an --out this command wrote
+TOOL = "sae_harvest evaluate features"
 CHUNK = 128          # latents per data file of the page
 LOGITS = 10          # promoted / suppressed tokens per latent
 NEIGHBOURS = 5
@@ -156,7 +158,9 @@ def vocab_strings(tokenizer, ids) -> dict[str, str]:
 
 
 # ---- the whole output ----------------------------------------------------------------------------
-def write_output(cfg, store, sources, ctx, dev, seconds: float) -> dict:
+def write_output(cfg, store, sources, ctx, dev, seconds: float, write_format) -> dict:
+    """Everything but the format's own files, which write_format(build, per_sae, cfg, ctx, vocab,
+    summary, store) writes (features_page or features_neuronpedia)."""
     tokenizer, model, adapter = load_unembedding(store, cfg, dev)
     W_U = model.get_output_embeddings().weight.detach().float()
     out = Path(cfg.out)
@@ -164,16 +168,14 @@ def write_output(cfg, store, sources, ctx, dev, seconds: float) -> dict:
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     try:
-        summary = _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds)
+        summary = _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds, write_format)
         _swap_in(build, out)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return summary
 
 
-def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds) -> dict:
-    from .features import MANIFEST, TOOL
-
+def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds, write_format) -> dict:
     used = set()
     per_sae = []
     for src in sources:
@@ -195,20 +197,13 @@ def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seco
                          "dead": int((s.stats["fires"] == 0).sum()),
                          "median_density": float(np.median(s.stats["density"])),
                          "logits": lg is not None} for s, lg, _ in per_sae]}
-    if cfg.format == "html":
-        from .features_page import write_page
-        write_page(build, per_sae, cfg, ctx, vocab, summary)
-    else:
-        from .features_neuronpedia import write_neuronpedia
-        write_neuronpedia(build, per_sae, cfg, ctx, vocab, store)
+    write_format(build, per_sae, cfg, ctx, vocab, summary, store)
     (build / MANIFEST).write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _swap_in(build: Path, out: Path) -> None:
     """Replace --out (empty, absent, or ours: checked before the passes) by the finished build."""
-    from .features import written_by_us
-
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         if any(out.iterdir()) and not written_by_us(out):    # someone wrote there while we ran
@@ -217,6 +212,13 @@ def _swap_in(build: Path, out: Path) -> None:
         out.rename(old)
     build.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def written_by_us(p: Path) -> bool:
+    try:
+        return json.loads((p / MANIFEST).read_text()).get("tool") == TOOL
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def latent_url(out: str, sae: int, latent: int) -> str:

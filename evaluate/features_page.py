@@ -19,7 +19,7 @@ def _js(key: str, data) -> str:
     return f"FB.loaded({json.dumps(key)}, {json.dumps(data, separators=(',', ':'))});\n"
 
 
-def write_page(build: Path, per_sae, cfg, ctx, vocab: dict, summary: dict) -> None:
+def write_page(build: Path, per_sae, cfg, ctx, vocab: dict, summary: dict, store=None) -> None:
     data = build / "data"
     data.mkdir()
     saes = []

@@ -191,3 +191,11 @@ def bin_range(b: int) -> tuple[float, float]:
     lo = 0.0 if b == 0 else float(HIST_EDGES[b - 1])
     hi = float("inf") if b == HIST_BINS - 1 else float(HIST_EDGES[b])
     return lo, hi
+
+
+def encode(sae, x: np.ndarray, g: np.ndarray | None, dev) -> torch.Tensor:
+    dtype = sae.W_dec.dtype
+    with torch.no_grad():
+        xt = torch.from_numpy(x).to(dev, dtype)
+        gt = torch.from_numpy(g).to(dev, dtype) if g is not None else None
+        return sae.encode(xt, gt).float()
