@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.console import Console
 from sae_harvest.stores.cli import CONTEXT, EXIT_SIGINT, Group, config_options, console, entry as _entry, fail
 
 from .config import EvalConfig
+from .features import FeaturesConfig
 from .geometry import GeometryConfig
 from .meta import MetaConfig
 from .stitch import StitchConfig
@@ -149,6 +151,29 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
     doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields), progress=not quiet, console=console)
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)
+
+
+@main.command("features")
+@click.option("--sae", "saes", multiple=True, required=True, help="SAE checkpoint folder; repeat for several.")
+@config_options(FeaturesConfig)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def features_cmd(saes, quiet, **fields):
+    """Feature browser from the store alone (no model forward): density, histogram, top and banded
+    contexts with per-token activations, logit effects, neighbours; an offline page or a
+    Neuronpedia export (docs/features.md)."""
+    from .features import run_features
+    from .features_out import latent_url, print_summary
+
+    cfg = FeaturesConfig(saes=tuple(saes), **fields)
+    try:
+        summary = run_features(cfg, progress=not quiet, console=console)
+    except KeyboardInterrupt:
+        fail("interrupted")
+    if summary is not None:
+        print_summary(summary, cfg.out, lambda s: console.print(s, highlight=False, markup=False))
+        page = latent_url(cfg.out, 0, cfg.latent) if cfg.latent is not None else \
+            latent_url(cfg.out, 0, 0).split("#")[0]
+        click.echo(page if cfg.format == "html" else str(Path(cfg.out).absolute() / "neuronpedia"))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,23 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     write_json(results, out_dir / "results.json", config=eval_cfg.to_dict())
     write_plot(results, out_dir / "pareto.png")
     (out_dir / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    page = demo_browser(out_dir, store, paths, console)
     say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "
         f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr")
+    say(f"feature browser (open it in a web browser, works offline): {page}")
     return results
+
+
+def demo_browser(out_dir: Path, store, paths: list[str], console=None) -> str:
+    """The feature browser for one SAE of every sweep (the middle one in name order; docs/features.md)."""
+    from sae_harvest.evaluate.features import FeaturesConfig, run_features
+    from sae_harvest.evaluate.features_out import latent_url
+
+    by_folder: dict[str, list[str]] = {}
+    for p in paths:
+        by_folder.setdefault(Path(p).parent.name, []).append(p)
+    chosen = [group[len(group) // 2] for group in by_folder.values()]
+    (console.print if console is not None else print)(f"feature browser for {len(chosen)} SAEs -> {out_dir / 'features'}")
+    run_features(FeaturesConfig(store=str(store), saes=tuple(chosen), out=str(out_dir / "features"), tokens=65536,
+                                top=10, band_examples=3), console=console)
+    return latent_url(str(out_dir / "features"), 0, 0).split("#")[0]
