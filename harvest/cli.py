@@ -6,7 +6,7 @@ import json
 import click
 
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.urls import scrub, scrub_text, scrub_tree
 
 from .run import HarvestConfig
 
@@ -59,10 +59,10 @@ def verify_cmd(store, quick):
 
     problems = verify_store(store, quick=quick)
     for line in problems:
-        click.echo(line)
+        click.echo(scrub_text(line))
     if problems:
         raise SystemExit(1)
-    click.echo(f"ok: {store} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
+    click.echo(f"ok: {scrub(store)} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
 
 
 if __name__ == "__main__":

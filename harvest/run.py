@@ -407,8 +407,9 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
     }
     if not quiet and console is not None:
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"store {scrub(path)}", show_header=False)
+        table = Table(title=Text(f"store {scrub(path)}"), show_header=False)   # a path is text, not markup
         table.add_row("rows (tokens)", f"{store.n_rows:,} in {store.n_seqs:,} sequences of {store.ctx_len}")
         table.add_row("sites", ", ".join(f"{s} (d={store.width(s)})" for s in store.sites))
         table.add_row("gradients", "yes" if store.has_grads else "no")

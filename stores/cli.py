@@ -3,22 +3,33 @@ bar. It lives in the bottom package so harvest, train and evaluate all use one c
 knows of models."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from .errors import UserError
-from .urls import scrub_text
+from .urls import redact, secrets_in
 
 console = Console(stderr=True)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def one_line(message) -> str:
+    """message as one line, with every URL scrubbed and every credential the command line carried
+    masked (a library may quote a URL's netloc without its scheme, where scrub_text cannot see it)."""
+    return " ".join(redact(str(message), secrets_in(" ".join(sys.argv[1:]))).split())
+
+
 def fail(message: str, code: int = 2):
-    """Print one `error:` line and exit (status 2 unless told otherwise)."""
-    console.print(f"[red]error:[/red] {' '.join(scrub_text(str(message)).split())}", highlight=False, soft_wrap=True)
+    """Print one `error:` line and exit (status 2 unless told otherwise). The message is printed
+    literally: a path holding `[bold]` or a gloo message holding `[/__w/...]` is text, not markup."""
+    line = Text("error:", style="red")
+    line.append(" " + one_line(message))
+    console.print(line, highlight=False, soft_wrap=True, markup=False, emoji=False)
     sys.exit(code)
 
 
@@ -44,6 +55,14 @@ def entry(group: click.Group) -> None:
         fail("aborted")
     except UserError as e:
         fail(str(e))
+    except Exception as e:   # not foreseen (a library's error on odd input, a bug): still one scrubbed line
+        if os.environ.get("SAE_HARVEST_TRACEBACK"):
+            import traceback
+            sys.stderr.write(redact(traceback.format_exc(), secrets_in(" ".join(sys.argv[1:]))))
+        text = " ".join(str(e).split())
+        text = text if len(text) <= 300 else text[:300] + "..."
+        fail(f"{type(e).__name__}: {text or 'no message'} (unexpected; SAE_HARVEST_TRACEBACK=1 prints the "
+             f"traceback)", code=1)
     else:
         sys.exit(rv if isinstance(rv, int) else 0)
 
