@@ -21,6 +21,7 @@ import torch
 
 from sae_harvest.stores import StoreWriter, fs, layout
 from sae_harvest.stores.cli import opt, pick_device
+from sae_harvest.stores.dist import Dist
 from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
 from sae_harvest.stores.urls import scrub, scrub_tree
@@ -29,7 +30,6 @@ from . import __version__
 from .data import (OPENWEBTEXT, Background, open_dataset, positioned_sequences, rank_stream, separator_and_bos,
                    stream_fingerprint)
 from .default_model import resolve_dataset, resolve_model
-from .distributed import Dist
 from .errors import HarvestError
 from .models import get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
