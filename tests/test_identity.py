@@ -217,3 +217,100 @@ def test_same_arguments_naming_other_files_on_each_node_create_nothing(assets, t
     args = ["--model", "./m", "--dataset", "./docs.jsonl"]
     results = _two_ranks(tmp_path / "s.zarr", [args, args], cwds=nodes)
     _assert_refused(results, "model (rank 0:", tmp_path, before)
+
+
+# ---- item 8: train fit --resume refuses a replaced store ---------------------------------------
+def _store(path, seed=0, n_seqs=64, creation_id="a" * 32, model="m" * 32):
+    from tests.test_security import edit_root_attrs
+    from tests.test_train_loop import make_store
+    make_store(path, seed=seed, n_seqs=n_seqs)
+    edit_root_attrs(path, lambda a: a.update(creation_id=creation_id, provenance={"model": {"digest": model}}))
+    return path
+
+
+def test_store_identity_tells_stores_apart(tmp_path):
+    from sae_harvest.stores.identity import StoreIdentity, store_identity
+    a = store_identity(str(_store(tmp_path / "a.zarr")))
+    assert a.creation_id == "a" * 32 and a.model == "m" * 32 and len(a.records_digest) == 64
+    assert a.final_digest == hashlib.sha256((tmp_path / "a.zarr" / "final.json").read_bytes()).hexdigest()
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "copy.zarr")
+    assert store_identity(str(tmp_path / "copy.zarr")) == a          # a copy is the same store
+    assert StoreIdentity.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    other = store_identity(str(_store(tmp_path / "b.zarr", seed=1)))  # same size, other rows
+    assert "sample_digest" in a.differences(other)
+    record = tmp_path / "copy.zarr" / "windows" / "00000003.json"       # a record rewritten, rows the same
+    record.write_text(json.dumps({**json.loads(record.read_text()), "written": "1999-01-01T00:00:00+00:00"}))
+    assert a.differences(store_identity(str(tmp_path / "copy.zarr"))) == ["records_digest"]
+
+
+def _replace(path, **kw):
+    shutil.rmtree(path)
+    _store(path, **kw)
+
+
+@pytest.mark.parametrize("replacement, field", [
+    (dict(seed=1), "sample_digest"),                         # another harvest of the same size
+    (dict(n_seqs=32), "final_digest"),                       # another corpus at half the size
+    (dict(model="n" * 32), "model"),                         # the same rows said to come from another model
+    (dict(creation_id="b" * 32), "creation_id"),             # recreated, otherwise identical
+])
+def test_train_resume_refuses_a_replaced_store(tmp_path, replacement, field):
+    import signal
+
+    from sae_harvest.train.driver import TrainInterrupted
+    from sae_harvest.train.fit import fit
+    from tests.test_security import fit_cli
+    from tests.test_train_loop import _cfg as train_cfg
+
+    store, out = tmp_path / "s.zarr", tmp_path / "out"
+    _store(store)
+    cfg = train_cfg(store, out, tokens=256 * 12)
+
+    def interrupt(event):
+        if event.step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(cfg, progress=False, on_step=interrupt)
+    if field == "model":   # the rows stay bitwise the same: only the recorded model changes
+        from tests.test_security import edit_root_attrs
+        edit_root_attrs(store, lambda a: a["provenance"]["model"].update(digest="n" * 32))
+    elif field == "creation_id":
+        from tests.test_security import edit_root_attrs
+        edit_root_attrs(store, lambda a: a.update(creation_id="b" * 32))
+    else:
+        _replace(store, **replacement)
+    before = tree_hash(out)
+    r = fit_cli("--store", store, "--out", out, "--site", "blocks.0.resid_pre", "--arch", "topk", "--k", "4",
+                "--d-sae", "64", "--batch-size", "256", "--device", "cpu", "--holdout-fraction", "0.1",
+                "--log-every", "5", "--checkpoint-every", "1000", "--tokens", str(256 * 12), "--resume")
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert "cannot resume" in lines[0] and "not the store its checkpoint was trained on" in lines[0], lines[0]
+    assert field in lines[0], lines[0]
+    assert tree_hash(out) == before
+
+
+def test_train_resume_on_the_same_store_still_works(tmp_path):
+    import signal
+
+    from sae_harvest.train.driver import TrainInterrupted
+    from sae_harvest.train.fit import fit
+    from tests.test_train_loop import _cfg as train_cfg
+
+    store, out = _store(tmp_path / "s.zarr"), tmp_path / "out"
+    cfg = train_cfg(store, out, tokens=256 * 12)
+
+    def interrupt(event):
+        if event.step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(cfg, progress=False, on_step=interrupt)
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())["store_identity"]
+    assert saved["creation_id"] == "a" * 32 and saved["model"] == "m" * 32
+    shutil.copytree(store, tmp_path / "moved.zarr")          # the same store, moved: still the same
+    shutil.rmtree(store)
+    shutil.move(tmp_path / "moved.zarr", store)
+    summary = fit(cfg, resume=True, progress=False)
+    assert summary["topk_k4"]["steps"] == 12

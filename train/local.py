@@ -129,7 +129,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
-                    world=world)
+                    world=world, store=getattr(source, "store", None))
     feed_state = driver.prepare(resume, overwrite, device)
     scale = driver.scale
     # sweep parallel: every rank reads every whole batch, as one process would
