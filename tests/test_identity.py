@@ -70,6 +70,31 @@ def _interrupted(out, model, corpus, monkeypatch, windows=3):
     assert 1 <= len(list((Path(out) / "windows").glob("*.json"))) < 8 and not (Path(out) / "final.json").exists()
 
 
+def _killed(out, model, corpus):
+    """A `harvest run` process SIGKILLed once it recorded 2 windows (of 8)."""
+    import signal
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "sae_harvest.harvest", "run", *_args(out, model, corpus)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (Path(out) / "windows").exists() and len(list((Path(out) / "windows").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "harvest finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (Path(out) / "final.json").exists()
+
+
+def _args(out, model, corpus):
+    return ["--out", str(out), "--model", str(model), "--dataset", str(corpus), "--sites", "blocks.1.resid_pre",
+            "--tokens", "2048", "--ctx-len", "32", "--batch-size", "8", "--shuffle-window", "256", "--device", "cpu",
+            "--quiet"]
+
+
 # ---- item 6: the fingerprints and the resume refusal ------------------------------------------
 def test_model_fingerprint_follows_the_weights_not_the_path(assets, tmp_path):
     same = _copy_model(assets["gpt2"], tmp_path / "same")
@@ -127,18 +152,27 @@ def _append_document(corpus):
         f.write(json.dumps({"text": "a late document appended between the kill and the resume"}) + "\n")
 
 
-@pytest.mark.parametrize("change, needle", [(_replace_weights, "model's weights"), (_add_token, "tokenizer"),
-                                            (_append_document, "corpus")])
-def test_resume_refuses_a_changed_model_tokenizer_or_corpus(assets, tmp_path, monkeypatch, change, needle):
+@pytest.mark.parametrize("change, needle, kill", [
+    (_replace_weights, "model's weights", False), (_add_token, "tokenizer", False),
+    (_append_document, "corpus", False),
+    pytest.param(_replace_weights, "model's weights", True, marks=pytest.mark.slow)])   # SIGKILL: ~30 s
+def test_resume_refuses_a_changed_model_tokenizer_or_corpus(assets, tmp_path, monkeypatch, change, needle, kill):
+    from click.testing import CliRunner
+
+    from sae_harvest.harvest.cli import main as harvest_cli
+    from tests.test_security import one_error_line
     model = _copy_model(assets["gpt2"], tmp_path / "m")
     corpus = shutil.copyfile(assets["corpus"], tmp_path / "docs.jsonl")
     out = tmp_path / "s.zarr"
-    _interrupted(out, model, corpus, monkeypatch)
+    if kill:   # the issue's case as it happens: a harvest process SIGKILLed, new weights, --resume
+        _killed(out, model, corpus)
+    else:
+        _interrupted(out, model, corpus, monkeypatch)
     before = tree_hash(out)
     change(model if change is not _append_document else corpus)
-    with pytest.raises(HarvestError, match=needle) as e:
-        harvest(_cfg(out, model, corpus), resume=True, progress=False)
-    assert "cannot resume" in str(e.value) and "\n" not in str(e.value)
+    line = one_error_line(CliRunner().invoke(harvest_cli, ["run", *_args(out, model, corpus), "--resume"]),
+                          "cannot resume", needle)
+    assert "differ from what made the store" in line
     assert tree_hash(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "m", "s.zarr"]
 
