@@ -116,7 +116,7 @@ def print_meta(doc: dict, console: Console) -> None:
                   f"meta-L0 {doc['meta_l0']:.2f}, explained variance {_fmt(doc['explained_variance'], '.2%')}, "
                   f"mean cosine(row, meta reconstruction) {doc['mean_cosine']:.3f}, "
                   f"{doc['alive_meta_latents']}/{m['d_sae']} meta-latents used, "
-                  f"{doc['latents_without_meta']} latents with none", highlight=False)
+                  f"{doc['latents_without_meta']} latents with none", highlight=False, markup=False)   # paths
     t = Table(title="meta-latent decompositions",
               caption="meta-latent (value, SAE latents using it: the top ones); sharing: latents with "
                       "the most meta-latents in common (how many, decoder cosine)")

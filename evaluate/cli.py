@@ -48,10 +48,10 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     try:
         if json_path:
             write_json(results, json_path, config=cfg.to_dict())
-            console.print(f"wrote {json_path}", highlight=False)
+            console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
             write_plot(results, plot_path)
-            console.print(f"wrote {plot_path}", highlight=False)
+            console.print(f"wrote {plot_path}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
 
@@ -82,10 +82,10 @@ def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
     try:
         if json_path:
             write_doc(doc, json_path)
-            console.print(f"wrote {json_path}", highlight=False)
+            console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
             for written in plot_fn(doc, plot_path) or [plot_path]:
-                console.print(f"wrote {written}", highlight=False)
+                console.print(f"wrote {written}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
 

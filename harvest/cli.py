@@ -7,6 +7,7 @@ import click
 
 from sae_harvest.stores.cli import (CONTEXT, EXIT_PROBLEMS, EXIT_SIGINT, Group, config_options, console,
                                     entry as _entry, fail)
+from sae_harvest.stores.urls import scrub, scrub_text, scrub_tree
 
 from .run import HarvestConfig
 
@@ -66,10 +67,10 @@ def verify_cmd(store, quick):
 
     problems = verify_store(store, quick=quick)
     for line in problems:
-        click.echo(line)
+        click.echo(scrub_text(line))
     if problems:
         raise SystemExit(EXIT_PROBLEMS)
-    click.echo(f"ok: {store} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
+    click.echo(f"ok: {scrub(store)} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
     from sae_harvest.stores.verify import legacy_shards
     if not quick and legacy_shards(store):   # records of the constant crc32c: say what was not checked
         click.echo(f"note: {legacy_shards(store)} shard(s) carry the old constant crc32c record: their chunks' "

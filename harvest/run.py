@@ -21,6 +21,7 @@ import torch
 
 from sae_harvest.stores import StoreError, StoreWriter, fs, layout
 from sae_harvest.stores.cli import opt, pick_device
+from sae_harvest.stores.dist import Dist
 from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
 from sae_harvest.stores.urls import scrub, scrub_tree
@@ -29,8 +30,8 @@ from . import __version__
 from .data import (OPENWEBTEXT, Background, open_dataset, positioned_sequences, rank_stream, separator_and_bos,
                    stream_fingerprint)
 from .default_model import resolve_dataset, resolve_model
-from .distributed import Dist
 from .errors import HarvestError
+from .fingerprint import agree_across_ranks, check_resumable, provenance
 from .models import get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
 from .preflight import resolve_sites
@@ -111,23 +112,6 @@ def _check_config(cfg: HarvestConfig) -> None:
             raise HarvestError(f"unknown --{flag} {enc!r}; use one of auto, {', '.join(layout.ENCODINGS)}")
 
 
-def _check_resumable(cfg: HarvestConfig, attrs: dict, dist: Dist, fingerprint: str) -> None:
-    """Everything that shapes the rows must match the store being resumed."""
-    stored = attrs.get("harvest", {})
-    now = _identity(cfg)
-    differ = [k for k, v in now.items() if stored.get(k) != v]
-    if differ:
-        shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {now[k]!r})" for k in differ)
-        raise HarvestError(f"cannot resume {cfg.out}: arguments differ from the harvest that made it: {shown}")
-    if attrs.get("world_size", 1) != dist.world:
-        raise HarvestError(f"cannot resume {cfg.out} with {dist.world} process(es): it was written by "
-                           f"{attrs.get('world_size', 1)}, and the row order depends on the world size; "
-                           f"resume with the same torchrun --nnodes x --nproc-per-node")
-    if attrs.get("stream", {}).get("fingerprint") != fingerprint:
-        raise HarvestError(f"cannot resume {cfg.out}: the data stream differs from the one that made the store "
-                           f"(its first documents changed)")
-
-
 def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
             console=None) -> dict | None:
     """Run a harvest; returns the summary dict (None on ranks other than 0). Raises HarvestError
@@ -142,6 +126,10 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
 
 
 def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
+    # under torchrun every rank runs the same harvest, or none starts (a rank launched with another
+    # --model or --dtype would otherwise add its rows to the store that names rank 0's)
+    agree_across_ranks(dist, "harvest arguments", {**scrub_tree(dataclasses.asdict(cfg)), "resume": resume,
+                                                   "overwrite": overwrite})
     # everything that can fail on bad input is checked before the output is touched
     target: Target = dist.agree(lambda: plan_target(cfg.out, resume=resume, overwrite=overwrite))
 
@@ -156,11 +144,15 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
             raise HarvestError(f"--ctx-len {cfg.ctx_len} is longer than the model's context ({adapter.max_positions})")
         ds = open_dataset(resolve_dataset(cfg.dataset), cfg.split, cfg.text_column)
         fingerprint = stream_fingerprint(ds, cfg.text_column)
+        made_by = provenance(resolve_model(cfg.model), cfg.revision, tokenizer, resolve_dataset(cfg.dataset),
+                             fingerprint)
         if target.resume_attrs is not None:
-            _check_resumable(cfg, target.resume_attrs, dist, fingerprint)
-        return device, model, tokenizer, adapter, sites, ds, fingerprint
+            check_resumable(cfg.out, target.resume_attrs, _identity(cfg), dist.world, fingerprint, made_by)
+        return device, model, tokenizer, adapter, sites, ds, fingerprint, made_by
 
-    device, model, tokenizer, adapter, sites, ds, fingerprint = dist.agree(load)
+    device, model, tokenizer, adapter, sites, ds, fingerprint, made_by = dist.agree(load)
+    # the same arguments can still name other files on another node (a relative or node-local path)
+    agree_across_ranks(dist, "model, tokenizer and corpus", {k: v["digest"] for k, v in made_by.items()})
     if target.complete:   # nothing to harvest; a store complete beside --out is swapped in (a kill before)
         if dist.rank != 0:
             return None
@@ -188,6 +180,7 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
             "world_size": dist.world,
             "nodes": dist.nodes,
             "harvest": _identity(cfg),
+            "provenance": made_by,
             "tool_version": __version__,
         }
         grads_meta = ({"encoding": cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16",
@@ -421,8 +414,9 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
     }
     if not quiet and console is not None:
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"store {scrub(path)}", show_header=False)
+        table = Table(title=Text(f"store {scrub(path)}"), show_header=False)   # a path is text, not markup
         table.add_row("rows (tokens)", f"{store.n_rows:,} in {store.n_seqs:,} sequences of {store.ctx_len}")
         table.add_row("sites", ", ".join(f"{s} (d={store.width(s)})" for s in store.sites))
         table.add_row("gradients", "yes" if store.has_grads else "no")

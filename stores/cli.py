@@ -3,13 +3,15 @@ bar. It lives in the bottom package so harvest, train and evaluate all use one c
 knows of models."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from .errors import UserError
-from .urls import scrub_text
+from .urls import redact, secrets_in
 
 console = Console(stderr=True)
 
@@ -17,16 +19,25 @@ console = Console(stderr=True)
 EXIT_OK = 0
 EXIT_PROBLEMS = 1      # `harvest verify`: the store has problems (one line each)
 EXIT_BAD_INPUT = 2     # bad input or a problem the user can act on: one `error:` line, nothing changed
-EXIT_BUG = 70          # an unexpected error (a bug: the traceback is printed for the report)
+EXIT_BUG = 70          # an unexpected error (a bug): one scrubbed line; SAE_HARVEST_TRACEBACK=1 adds the traceback
 EXIT_SIGINT = 130      # Ctrl-C (128 + SIGINT); training saves a checkpoint first
 EXIT_SIGTERM = 143     # SIGTERM (128 + SIGTERM), e.g. from Slurm; training saves a checkpoint first
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def one_line(message) -> str:
+    """message as one line, with every URL scrubbed and every credential the command line carried
+    masked (a library may quote a URL's netloc without its scheme, where scrub_text cannot see it)."""
+    return " ".join(redact(str(message), secrets_in(" ".join(sys.argv[1:]))).split())
+
+
 def fail(message: str, code: int = 2):
-    """Print one `error:` line and exit (status 2 unless told otherwise)."""
-    console.print(f"[red]error:[/red] {' '.join(scrub_text(str(message)).split())}", highlight=False, soft_wrap=True)
+    """Print one `error:` line and exit (status 2 unless told otherwise). The message is printed
+    literally: a path holding `[bold]` or a gloo message holding `[/__w/...]` is text, not markup."""
+    line = Text("error:", style="red")
+    line.append(" " + one_line(message))
+    console.print(line, highlight=False, soft_wrap=True, markup=False, emoji=False)
     sys.exit(code)
 
 
@@ -52,10 +63,14 @@ def entry(group: click.Group) -> None:
         fail("interrupted", EXIT_SIGINT)
     except UserError as e:
         fail(str(e))
-    except Exception:   # not the user's doing: keep the traceback for the bug report
-        import traceback
-        traceback.print_exc()
-        sys.exit(EXIT_BUG)
+    except Exception as e:   # not foreseen (a library's error on odd input, a bug): still one scrubbed line
+        if os.environ.get("SAE_HARVEST_TRACEBACK"):
+            import traceback
+            sys.stderr.write(redact(traceback.format_exc(), secrets_in(" ".join(sys.argv[1:]))))
+        text = " ".join(str(e).split())
+        text = text if len(text) <= 300 else text[:300] + "..."
+        fail(f"{type(e).__name__}: {text or 'no message'} (unexpected; SAE_HARVEST_TRACEBACK=1 prints the "
+             f"traceback)", code=EXIT_BUG)
     else:
         sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -25,6 +25,7 @@ def _local(path: str) -> str:
 
 
 def _fs(url: str):
+    _refuse_url_credentials(url)
     from fsspec import url_to_fs
     # no listings cache: other processes (ranks, a running harvest) add objects to a prefix this
     # process listed before, and s3fs answers size/cat_file from a stale listing with "not found"
@@ -33,6 +34,7 @@ def _fs(url: str):
 
 def zarr_store(path: str, read_only: bool = False):
     if is_url(path):
+        _refuse_url_credentials(path)
         return FsspecStore.from_url(str(path), read_only=read_only)
     return LocalStore(_local(path), read_only=read_only)
 
@@ -346,3 +348,18 @@ def is_bucket_root(path: str) -> bool:
 def rename(src: str, dst: str) -> None:
     """Local paths only: object storage has no rename."""
     os.replace(_local(src), _local(dst))
+
+
+# s3fs and gcsfs read a netloc's user:password@ as part of the bucket name: the request fails
+# with the secret quoted in the error, so such a URL is refused before any request is made
+_NO_URL_CREDENTIALS = {"s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "s3a": "AWS_ACCESS_KEY_ID / "
+                       "AWS_SECRET_ACCESS_KEY", "gs": "GOOGLE_APPLICATION_CREDENTIALS", "gcs": "GOOGLE_APPLICATION_CREDENTIALS"}
+
+
+def _refuse_url_credentials(url: str) -> None:
+    scheme, _, rest = str(url).partition("://")
+    if scheme.lower() in _NO_URL_CREDENTIALS and "@" in rest.split("/", 1)[0]:
+        from .errors import StoreError
+        from .urls import scrub
+        raise StoreError(f"{scrub(url)}: credentials inside an {scheme}:// URL are not used (and never stored); "
+                         f"give them in the environment ({_NO_URL_CREDENTIALS[scheme.lower()]}) or a profile")

@@ -96,3 +96,34 @@ def scrub_tree(value):
     if isinstance(value, (list, tuple)):
         return type(value)(scrub_tree(v) for v in value)
     return value
+
+
+def secrets_in(text) -> set[str]:
+    """The credential strings inside the URLs of `text` (e.g. a command line): user:password and
+    each part of it, the values of secret query parameters, raw and unquoted. A library error
+    that quotes a URL's netloc without its scheme (botocore: `Invalid bucket name
+    "KEY:SECRET@bucket"`) escapes scrub_text; redact() with these catches it."""
+    found = set()
+    for m in _URL_IN_TEXT.finditer(str(text or "")):
+        url = m.group(0)
+        scheme, _, rest = url.partition("://")
+        netloc = rest.split("/", 1)[0]
+        if "@" in netloc and scheme.lower() not in _AZURE_SCHEMES:
+            userinfo = netloc.rpartition("@")[0]
+            found.update({userinfo, *userinfo.split(":", 1)})
+        elif "@" in netloc and ":" in netloc.rpartition("@")[0]:
+            found.add(netloc.rpartition("@")[0].split(":", 1)[1])
+        query = "&".join(p.split("#", 1)[0] for p in (rest.split("?", 1)[1:] + rest.split("#", 1)[1:]))
+        for part in re.split(r"[&;]", query):
+            key, eq, value = part.partition("=")
+            if eq and value and _secret_key(unquote(key)):
+                found.update({value, unquote(value)})
+    return {s for s in found if len(s) >= 3}   # a 1-2 character "secret" would mask half the line
+
+
+def redact(text, secrets) -> str:
+    """scrub_text(text), then every occurrence of each secret (longest first) masked."""
+    out = scrub_text(text) or ""
+    for s in sorted(secrets, key=len, reverse=True):
+        out = out.replace(s, MASK)
+    return out

@@ -291,7 +291,7 @@ def test_two_nodes_on_loopback_equal_one_node_same_world(assets, tmp_path):
 
 
 def test_node_count_comes_from_the_rendezvous():
-    from sae_harvest.harvest.distributed import _node_count
+    from sae_harvest.stores.dist import node_count as _node_count
     # torchrun's variables on rank 0 of 2 nodes running 2 + 1 processes (c10d rendezvous)
     assert _node_count({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2"}, 3) == 2
     assert _node_count({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, 4) == 2     # no GROUP_WORLD_SIZE

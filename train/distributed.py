@@ -11,14 +11,13 @@ logged metrics. Outside a step (finalising, held-out evaluation) every call is l
 Sweep parallel (`--sweep-parallel`): the sweep's SAEs are dealt over the ranks (SAE i of the sweep
 on rank i mod N); every rank reads every whole batch and trains its own SAEs exactly as one process
 would, with no collective inside the loop. The ranks meet only at the start and once at the end,
-where rank 0 gathers every rank's summaries as JSON (`all_gather_json`) in a gloo group that waits
-as long as the slowest rank trains.
+where rank 0 gathers every rank's summaries as JSON (`stores.dist.all_gather_json`: bytes in
+tensors, nothing pickled) in a gloo group that waits as long as the slowest rank trains.
 
 Without torchrun (no RANK / WORLD_SIZE in the environment) nothing here does anything.
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# the process-group plumbing and the JSON control messages every command shares (no pickles)
+from sae_harvest.stores.dist import all_gather_json, launched  # noqa: F401  (all_gather_json: driver.gather)
 
 _active = False   # True while a data-parallel step runs
 
@@ -52,11 +54,6 @@ class World:
 RESULTS_WAIT = timedelta(days=7)
 
 
-def launched() -> bool:
-    """Started by torchrun (or another launcher that sets the torch.distributed environment)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def init(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
     """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank),
     gloo on CPU. A collective that waits longer than timeout_s (a rank died) fails the job."""
@@ -81,21 +78,6 @@ def split_sweep(world: World) -> World:
 def close(world: World) -> None:
     if world.results_group is not None:
         dist.destroy_process_group(world.results_group)
-
-
-def all_gather_json(obj, group=None) -> list:
-    """Every rank's JSON-able `obj`, in rank order, on every rank: sent as UTF-8 JSON bytes in
-    tensors (nothing is pickled). `group` must be a gloo group (CPU tensors)."""
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    size = dist.get_world_size(group)
-    lengths = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
-    dist.all_gather(lengths, torch.tensor([len(data)]), group=group)
-    longest = max(int(n) for n in lengths)
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[:len(data)] = data
-    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
-    dist.all_gather(parts, padded, group=group)
-    return [json.loads(bytes(p[:int(n)].numpy()).decode()) for p, n in zip(parts, lengths)]
 
 
 def barrier() -> None:

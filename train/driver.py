@@ -23,6 +23,7 @@ from sae_harvest.stores.progress import token_progress
 from sae_harvest.train import distributed
 from sae_harvest.train import resume as train_state
 from sae_harvest.stores.errors import UserError
+from sae_harvest.stores.identity import identity_of
 from sae_harvest.train.errors import TrainError
 
 
@@ -101,8 +102,10 @@ class Driver:
     their files and its own checkpoint (checkpoint/rank<r>/), at its own pace."""
 
     def __init__(self, cfg, out: Path, runs: dict, *, scale: float, total_steps: int, tokens_per_step: int,
-                 label: str, world: distributed.World = distributed.World()):
+                 label: str, world: distributed.World = distributed.World(), store=None):
         self.cfg, self.out, self.runs, self.scale = cfg, Path(out), runs, scale
+        # which store the SAEs train on, saved in every checkpoint: a resume refuses another one
+        self.store_identity = identity_of(store).to_dict() if store is not None else None
         self.world = world
         self.writes = world.main or world.sweep_parallel          # this rank saves its runs
         self.lockstep = world.size > 1 and not world.sweep_parallel   # ranks share every step
@@ -134,6 +137,7 @@ class Driver:
                   and _plain(saved.get(k)) != _plain(v)]
         if differ:
             raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
+        train_state.check_store_identity(out, meta, self.store_identity, self.cfg.store)
         if self.world.sweep_parallel and meta.get("runs") != list(self.runs):
             raise TrainError(f"cannot resume {out}: {self.where} holds {', '.join(meta.get('runs') or [])}, but "
                              f"rank {self.world.rank} of {self.world.size} trains {', '.join(self.runs)}")
@@ -167,7 +171,8 @@ class Driver:
             return
         feed_state = self.feed.state() if feed_state is None else feed_state
         meta = {"step": self.step, "feed": feed_state, "scale": self.scale, "config": self.cfg.to_dict(),
-                "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel, "runs": list(self.runs)}
+                "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel, "runs": list(self.runs),
+                "store_identity": self.store_identity}
         train_state.save_state(self.out, meta=meta, runs=self.runs, where=self.where)
 
     def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:

@@ -274,7 +274,7 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
                                         downstream=downstream, include_bos=cfg.include_bos))
     batch_tokens = seqs_per_step * ctx
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
-                    label=cfg.loss, world=world)
+                    label=cfg.loss, world=world, store=env.store)
     feed_state = driver.prepare(resume, overwrite, device)
     scale = driver.scale
     opts.loss_kw["scale"] = scale

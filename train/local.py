@@ -136,7 +136,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
-                    world=world)
+                    world=world, store=getattr(source, "store", None))
     feed_state = driver.prepare(resume, overwrite, device)
     if world.main:   # after every check of the input: bad input stays one error line
         for line in source.warnings + short_run_warnings(cfg, source.epoch_tokens, batch, total_steps):

@@ -114,3 +114,20 @@ def load_run(out: str | Path, name: str, run, device, where: str = CHECKPOINT_DI
             opt.state[p] = state
     run.since_fired.copy_(tensors["since_fired"].to(run.since_fired.device))
     run.idle_bound = int(tensors["since_fired"].max()) if tensors["since_fired"].numel() else 0
+
+
+def check_store_identity(out, meta: dict, now: dict | None, store: str | None) -> None:
+    """Refuse to resume on another store than the checkpoint was trained on (`now`: this run's
+    stores.identity.StoreIdentity as a dict). A checkpoint saved before identities were recorded,
+    or a meta-SAE's (no store), has nothing to compare."""
+    from sae_harvest.stores.identity import StoreIdentity
+    from sae_harvest.train.sae_io import CheckpointError
+
+    saved = meta.get("store_identity")
+    if saved is None or now is None:
+        return
+    differ = StoreIdentity.from_dict(saved).differences(StoreIdentity.from_dict(now))
+    if differ:
+        raise CheckpointError(f"cannot resume {out}: store {store} is not the store its checkpoint was trained on "
+                              f"({', '.join(differ)} differ: it was replaced or rewritten since); training on "
+                              f"would mix two stores in one SAE: start a new --out (or --overwrite) instead")
