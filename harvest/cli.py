@@ -47,7 +47,10 @@ def info_cmd(store, partial):
     """Print a store's metadata as JSON."""
     from sae_harvest.stores import open_store
 
-    click.echo(json.dumps(scrub_tree(open_store(store, allow_partial=partial).attrs), indent=2))
+    opened = open_store(store, allow_partial=partial)
+    split = {**opened.split.to_attrs(), "held_out_seqs": opened.split.n_held_out(opened.n_seqs),
+             "description": opened.split.describe(opened.n_seqs, opened.ctx_len)}
+    click.echo(json.dumps(scrub_tree({**opened.attrs, "split": split}), indent=2))
 
 
 @main.command("verify")
@@ -55,7 +58,7 @@ def info_cmd(store, partial):
 @click.option("--quick", is_flag=True, help="Check shard presence and sizes only (no checksums).")
 def verify_cmd(store, quick):
     """Check a store against its window records; one line per problem, exit 0 only when sound."""
-    from sae_harvest.stores.verify import verify_store
+    from sae_harvest.stores.verify import held_out_line, verify_store
 
     problems = verify_store(store, quick=quick)
     for line in problems:
@@ -63,6 +66,7 @@ def verify_cmd(store, quick):
     if problems:
         raise SystemExit(1)
     click.echo(f"ok: {store} ({'sizes' if quick else 'sizes and checksums'} of every recorded shard)")
+    click.echo(f"held out: {held_out_line(store)}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from sae_harvest.stores import StoreWriter, fs, layout
 from sae_harvest.stores.cli import opt, pick_device
 from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
+from sae_harvest.stores.split import split_attrs
 from sae_harvest.stores.urls import scrub, scrub_tree
 
 from . import __version__
@@ -69,6 +70,8 @@ class HarvestConfig:
     grad_encoding: str = opt("bfloat16", "Encoding of the stored gradients.", choices=("bfloat16", "float32"))
     compressor: str = opt("none", "Chunk compression.", choices=("none", "zstd"))
     trust_remote_code: bool = opt(False, "Allow model code from the hub (off by default).")
+    eval_every: int = opt(20, "Hold out every N-th sequence (seq % N == 0) for evaluation: trainers skip it, "
+                              "evaluations use only it (recorded in the store; docs/store-format.md).")
 
 
 # a resumed harvest must agree on everything that shapes the rows and their values
@@ -101,6 +104,7 @@ def _check_config(cfg: HarvestConfig) -> None:
     if cfg.ctx_len < 2:   # one position is BOS alone: nothing predicted, every gradient zero
         raise HarvestError(f"--ctx-len {cfg.ctx_len} is too short: a sequence needs at least 2 tokens")
     _check_out_not_in_corpus(cfg)
+    split_attrs(cfg.eval_every)   # a bad --eval-every is refused before anything is loaded
     if cfg.dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     for flag, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
@@ -182,6 +186,7 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
             "nodes": dist.nodes,
             "harvest": _identity(cfg),
             "tool_version": __version__,
+            "split": split_attrs(cfg.eval_every),   # the held-out sequences (stores/split.py)
         }
         grads_meta = ({"encoding": cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16",
                        "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
@@ -402,6 +407,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
         "store": scrub(path), "rows": store.n_rows, "seqs": store.n_seqs, "ctx_len": store.ctx_len,
         "sites": store.sites, "grads": store.has_grads, "bytes": size,
         "bytes_per_token": size / max(store.n_rows, 1), "seconds": seconds,
+        "split": {**store.split.to_attrs(), "held_out_seqs": store.split.n_held_out(store.n_seqs)},
         "tokens_per_s": tokens_this_run / seconds if seconds > 0 else None,
         "waited": waits or {},
     }
@@ -412,6 +418,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
         table.add_row("rows (tokens)", f"{store.n_rows:,} in {store.n_seqs:,} sequences of {store.ctx_len}")
         table.add_row("sites", ", ".join(f"{s} (d={store.width(s)})" for s in store.sites))
         table.add_row("gradients", "yes" if store.has_grads else "no")
+        table.add_row("held out", store.split.describe(store.n_seqs, store.ctx_len))
         table.add_row("on disk", f"{size / 2**20:,.1f} MiB ({summary['bytes_per_token']:,.0f} bytes/token)")
         if summary["tokens_per_s"]:
             table.add_row("speed", f"{summary['tokens_per_s']:,.0f} tokens/s over {seconds:,.1f} s")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 
 from . import fs, layout, shards
+from .errors import StoreError
 from .reader import read_root
+from .split import store_split
 from .writer import StoreWriter, complete_prefix, load_final, load_records
 
 
@@ -22,6 +24,10 @@ def verify_store(path: str, quick: bool = False) -> list[str]:
         return [f"store has format_version {version!r}: only format {layout.FORMAT_VERSION} stores carry "
                 f"the window records verify checks"]
     problems = []
+    try:
+        store_split(attrs, path)
+    except StoreError as e:
+        problems.append(str(e))
     records = load_records(path)
     final = load_final(path)
     window_seqs, ctx = attrs["window_seqs"], attrs["ctx_len"]
@@ -84,3 +90,11 @@ def _check_shard(path, name, window, key, size, digest, quick) -> list[str]:
     if not shards.checksum_matches(data, digest):
         return [f"{where} checksum mismatch"]
     return []
+
+
+def held_out_line(path: str) -> str:
+    """The store's held-out split in one line, for `harvest verify` (stores/split.py)."""
+    _, attrs = read_root(str(path))
+    final = load_final(str(path))
+    seqs = int(final["seqs"]) if final is not None else int(attrs["n_seqs"])
+    return store_split(attrs, str(path)).describe(seqs, int(attrs["ctx_len"]))
