@@ -2,9 +2,9 @@
 
 One harvested store; per seed, every sweep is trained (seeded init and batch order) and all SAEs of
 that seed are evaluated together on the same held-out tokens (g-SAEs under both gradient modes,
-causal and paper). Each paper claim is a ratio CE(A) / CE(B) at equal L0 per seed; the verdict is
-"agrees" when every seed says so, "disagrees" when every seed says the opposite, else "tie (within
-seed spread)". Writes pareto.json (all points, per-seed ratios, verdicts) and prints the verdicts.
+causal and paper). Each paper claim is a ratio CE(A) / CE(B) at equal L0 per seed; the verdict rule (verdict(), and
+docs/results.md) is a paired 95% t-interval of the per-seed log ratio over >= 5 seeds: a tie when it
+contains 1, else agrees or disagrees with the claim. Writes pareto.json (all points, per-seed ratios, verdicts) and prints the verdicts.
 
     python bench/pareto.py --out bench-out/pareto       # ~15 min on 2 CPU cores (3 seeds)
 """
@@ -29,7 +29,7 @@ SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local"] 
 ]
 LOCAL = {"batch_size": 1024, "epochs": 1}
 # (A, B, metric, expected): the papers' claims as ratios metric(A) / metric(B) at equal L0.
-# "<": A is lower; ">": A is higher; "~": A is near B (ratio within [0.5, 2]).
+# "<": A is lower; ">": A is higher; "~": no difference detectable (the interval contains 1).
 CLAIMS = (("e2e", "relu", "ce_increase", "<"), ("gated", "relu", "ce_increase", "<"),
           ("batchtopk", "topk", "ce_increase", "<"), ("gtopk+causal", "topk", "ce_increase", "<"),
           ("gtopk+paper", "topk", "ce_increase", "<"), ("jumprelu", "gated", "ce_increase", "<"),
@@ -50,13 +50,40 @@ def interp_ce(points, l0):
     return float(np.interp(np.log(l0), xs, ys))
 
 
-def verdict(ratios: list[float], expected: str = "<") -> str:
+# two-sided 95% Student t quantiles t(0.975, df); beyond the table the df-30 value is conservative
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+MIN_SEEDS = 5
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high): the 95% Student t-interval of the mean per-seed log ratio,
+    exponentiated. Paired: each seed's A and B share the store, the evaluation tokens and the seed."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    n = len(logs)
+    mean = float(logs.mean())
+    half = T975[max(d for d in T975 if d <= n - 1)] * float(logs.std(ddof=1)) / np.sqrt(n)
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
+def verdict(ratios: list[float], expected: str = "<") -> dict:
+    """The one verdict rule (docs/results.md): over >= MIN_SEEDS seeds, the 95% t-interval of the
+    per-seed log ratio metric(A) / metric(B); "tie" when it contains 1, else A is "lower" or
+    "higher". The claim "<" (A lower) or ">" (A higher) agrees or disagrees with a non-tie; a tie
+    is a tie. The claim "~" (A no worse than B within noise) agrees with a tie and disagrees with
+    either side. Fewer seeds: "untested"."""
+    if len(ratios) < MIN_SEEDS:
+        return {"verdict": f"untested (fewer than {MIN_SEEDS} seeds)", "outcome": None, "interval": None}
+    centre, lo, hi = ratio_interval(ratios)
+    outcome = "tie" if lo <= 1 <= hi else ("lower" if hi < 1 else "higher")
     if expected == "~":
-        return "agrees" if all(0.5 <= r <= 2 for r in ratios) else "disagrees"
-    lower, higher = all(r < 1 for r in ratios), all(r > 1 for r in ratios)
-    if lower or higher:
-        return "agrees" if lower == (expected == "<") else "disagrees"
-    return "tie (within seed spread)"
+        result = "agrees" if outcome == "tie" else "disagrees"
+    elif outcome == "tie":
+        result = "tie"
+    else:
+        result = "agrees" if (outcome == "lower") == (expected == "<") else "disagrees"
+    return {"verdict": result, "outcome": outcome, "ratio": centre, "interval": [lo, hi]}
 
 
 def main():
@@ -100,8 +127,8 @@ def report(args, per_seed, t0):
                 if ca is not None and cb is not None and cb > 0:
                     ratios.append(ca / cb)
             if ratios and len(ratios) == len(per_seed):
-                rows.append({"l0": l0, "ratios": ratios, "mean": float(np.mean(ratios)),
-                             "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios, expected)})
+                rows.append({"l0": l0, "ratios": ratios, "min": min(ratios), "max": max(ratios),
+                             **verdict(ratios, expected)})
         # and at A's own sweep points (B interpolated there): works when the L0 ranges barely overlap
         names = sorted({q["name"] for series in per_seed for q in series.get(a, [])})
         for name in names:
@@ -113,8 +140,8 @@ def report(args, per_seed, t0):
                     ratios.append(qa[metric] / cb)
                     l0s.append(qa["l0"])
             if ratios and len(ratios) == len(per_seed):
-                rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios, "mean": float(np.mean(ratios)),
-                             "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios, expected)})
+                rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios, "min": min(ratios),
+                             "max": max(ratios), **verdict(ratios, expected)})
         comparisons[f"{a} vs {b}: {metric} {expected}"] = rows
     out = {"seeds_done": len(per_seed), "tokens": args.tokens, "eval_tokens": args.eval_tokens,
            "d_sae": args.d_sae, "local": LOCAL, "sweeps": [[f, a, e] for f, a, e in SWEEPS],
@@ -126,7 +153,9 @@ def report(args, per_seed, t0):
         print(claim)
         for r in rows:
             where = f"{r['at']} (L0 {r['l0']:.1f})" if "at" in r else f"L0 {r['l0']:>3}"
-            print(f"  {where}: ratio {r['mean']:.2f} [{r['min']:.2f}, {r['max']:.2f}]  {r['verdict']}")
+            ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
+                else f"seeds {r['min']:.2f}-{r['max']:.2f}"
+            print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
 
 if __name__ == "__main__":
     main()
