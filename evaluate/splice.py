@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.gradients import GRAD_MODES, causal_site_grads, paper_site_grads
+from sae_harvest.evaluate.gradients import GRAD_MODES, TARGET_OF_MODE, causal_site_grads, paper_site_grads
 from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs,
                                           mse_per_token, normalize_without_affine, reconstruction_terms,
                                           result_metrics)
@@ -368,6 +368,10 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype,
         "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
         "grad_select": e.grad_mode in GRAD_MODES, "grad_mode": e.grad_mode,
+        # the gradient the g-SAE trained on, and whether this row selects with that same definition
+        "grad_target_trained": ours.get("grad_target", "labels") if e.sae.uses_grads else None,
+        "grad_matched": (TARGET_OF_MODE.get(e.grad_mode) == ours.get("grad_target", "labels"))
+        if e.grad_mode in GRAD_MODES else None,
         "splice_bos": splice_bos, "model": scrub(model_name), "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),

@@ -34,15 +34,9 @@ from .distributed import Dist
 from .errors import HarvestError
 from .models import get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
+from .grad_targets import GRAD_TARGETS, LOSS_OF, target_of
 from .sites import parse_sites
 from .window import BufferPool, WindowWriter, compute_window
-
-GRAD_DEFINITION = (
-    "grad[t] = d(sum_{s=0}^{T-2} CE_s)/d(act[t]) per sequence, CE_s = -log p(token[s+1] | tokens[:s+1]) "
-    "in nats; summed (not averaged) over the sequence's positions, taken w.r.t. the raw site activation "
-    "in the harvest dtype; zero at the last position (it predicts nothing)"
-)
-
 
 @dataclass(frozen=True)
 class HarvestConfig:
@@ -70,6 +64,10 @@ class HarvestConfig:
     grad_encoding: str = opt("bfloat16", "Encoding of the stored gradients.", choices=("bfloat16", "float32"))
     compressor: str = opt("none", "Chunk compression.", choices=("none", "zstd"))
     trust_remote_code: bool = opt(False, "Allow model code from the hub (off by default).")
+    grad_target: str = opt("labels", "With --grads, the gradient of: labels = the summed next-token CE (gradient "
+                                     "paper); model-top1 = each position's CE against the model's own top "
+                                     "prediction (label-free, causal; several times slower).",
+                           choices=tuple(GRAD_TARGETS))
     eval_every: int = opt(20, "Hold out every N-th sequence (seq % N == 0) for evaluation: trainers skip it, "
                               "evaluations use only it (recorded in the store; docs/store-format.md).")
 
@@ -105,6 +103,8 @@ def _check_config(cfg: HarvestConfig) -> None:
         raise HarvestError(f"--ctx-len {cfg.ctx_len} is too short: a sequence needs at least 2 tokens")
     _check_out_not_in_corpus(cfg)
     split_attrs(cfg.eval_every)   # a bad --eval-every is refused before anything is loaded
+    if cfg.grad_target not in GRAD_TARGETS:
+        raise HarvestError(f"unknown --grad-target {cfg.grad_target!r}; use one of {', '.join(GRAD_TARGETS)}")
     if cfg.dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     for flag, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
@@ -120,6 +120,9 @@ def _check_resumable(cfg: HarvestConfig, attrs: dict, dist: Dist, fingerprint: s
     if differ:
         shown = ", ".join(f"{k} (store: {stored.get(k)!r}, now: {now[k]!r})" for k in differ)
         raise HarvestError(f"cannot resume {cfg.out}: arguments differ from the harvest that made it: {shown}")
+    if cfg.grads and target_of(attrs.get("grads")) != cfg.grad_target:
+        raise HarvestError(f"cannot resume {cfg.out}: its gradients are of --grad-target "
+                           f"{target_of(attrs.get('grads'))}, not {cfg.grad_target}")
     if attrs.get("world_size", 1) != dist.world:
         raise HarvestError(f"cannot resume {cfg.out} with {dist.world} process(es): it was written by "
                            f"{attrs.get('world_size', 1)}, and the row order depends on the world size; "
@@ -189,7 +192,9 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
             "split": split_attrs(cfg.eval_every),   # the held-out sequences (stores/split.py)
         }
         grads_meta = ({"encoding": cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16",
-                       "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
+                       "target": cfg.grad_target, "definition": GRAD_TARGETS[cfg.grad_target],
+                       "reduction": "sum" if cfg.grad_target == "labels" else "own position",
+                       "loss": LOSS_OF[cfg.grad_target]}
                       if cfg.grads else None)
         site_meta = {s.name: {"d": adapter.site_width(s.kind), "encoding": act_encoding} for s in sites}
         target.clear_for_build()

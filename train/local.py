@@ -66,7 +66,9 @@ class Source:
                            "context_size": store.ctx_len,
                            "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
                            "dataset_path": attrs.get("dataset", {}).get("name"),
-                           "held_out": store.split.to_attrs()}
+                           "held_out": store.split.to_attrs(),
+                           # what the store's gradients are of (g-SAEs; harvest/grad_targets.py)
+                           "grad_target": (attrs.get("grads") or {}).get("target", "labels") if self.grads else None}
 
     def _from_decoder(self, cfg):
         parent = load_sae(cfg.decoder_of)
