@@ -31,7 +31,8 @@ SWEEPS = [
     ("topk", "topk", {"k": (8, 16, 32)}),
     ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
     ("gtopk", "gtopk", {"k": (8, 16, 32)}),
-    # jumprelu: lambda per active latent; theta starts at 0.1, since a short run cannot grow it far
+    # jumprelu: lambda per active latent; theta starts at sqrt(lambda), its fixed point (train/jumprelu.py),
+    # since a short run cannot move it far
     ("jumprelu", "jumprelu", {"l1": (0.1, 0.3, 1.0)}),
     ("matryoshka", "matryoshka_batchtopk", {"k": (8, 16, 32)}),
     # e2e: starts from the local relu_l1-300 SAE (--init), the paper's 16 sequences per step, one pass
