@@ -231,7 +231,10 @@ def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
 def _print_summary(console, summaries):
     from rich.table import Table
 
-    table = Table(title="held-out results")
+    origin = next((s["held_out"].get("origin") for s in summaries.values() if s["held_out"].get("origin")), None)
+    table = Table(title="held-out results", caption=None if origin is None else
+                  f"on {origin['tokens']:,} tokens of the store's {origin['held_out_seqs']:,} held-out sequences "
+                  f"(every {origin['every']}th, {origin['origin']}), never trained on")
     for col in ("sae", "tokens", "tok/s", "NMSE", "expl. var.", "L0", "dead"):
         table.add_column(col, justify="right" if col != "sae" else "left")
     for name, s in summaries.items():
