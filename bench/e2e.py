@@ -92,7 +92,7 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         cfg = TrainConfig(store=store, out=out, loss=loss, model=model_path, site=args.site, arch=args.arch,
                           k=(args.k,), expansion=args.expansion, batch_size=args.batch_size, tokens=tokens,
-                          device=args.device, holdout_fraction=0.0, checkpoint_every=10**9)
+                          device=args.device, checkpoint_every=10**9)
         t = time.perf_counter()
         fit(cfg, progress=False)
         return time.perf_counter() - t

@@ -55,7 +55,7 @@ py -m sae_harvest.harvest run --model "$MPATH" --dataset stdlib-py --sites $E2E_
    --ctx-len $CTX --batch-size $HBATCH --device $DEV --out "$T/e2e.zarr" --quiet > /dev/null
 for LOSS in e2e e2e+ds; do
   py -m sae_harvest.train fit --store "$T/e2e.zarr" --loss $LOSS --arch relu --l1 1 --d-sae $E2E_DSAE \
-     --batch-size $((16 * CTX)) --tokens $E2E_TOKENS --device $DEV --holdout-fraction 0.05 \
+     --batch-size $((16 * CTX)) --tokens $E2E_TOKENS --device $DEV \
      --out "$T/e2e-$LOSS" --quiet > "$OUT/train_${LOSS/+/_}.json"
 done
 fi

@@ -2,11 +2,12 @@
 several seeds, after the issue-10 threshold init (theta_0 = sqrt(lambda), train/jumprelu.py).
 
 Same store, budget and evaluation as bench/pareto.py (one pass of 80k tokens, d_sae 256, batch 1024,
-8,192 held-out tokens, position 0 clean); only the relu, gated and jumprelu sweeps, with a wider
+the same Adam betas for all, every held-out token of the store, position 0 clean; verdicts by
+pareto.verdict, >= 5 seeds); only the relu, gated and jumprelu sweeps, with a wider
 jumprelu lambda grid so its L0 range covers gated's. Each comparison is metric(A) / metric(B) at A's
 own sweep points (B interpolated log-linearly in L0 there), per seed.
 
-    python bench/jumprelu_gated.py --out bench-out/jg      # ~4 min on 2 CPU cores (3 seeds)
+    python bench/jumprelu_gated.py --out bench-out/jg      # ~7 min on 2 idle CPU cores (5 seeds)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from pareto import LOCAL, interp_ce, verdict
+from pareto import LOCAL, interp_ce, training_record, verdict
 from sae_harvest.evaluate.demo import SWEEPS as DEMO_SWEEPS, run_demo
 from sae_harvest.evaluate.report import series_label
 
@@ -45,8 +46,7 @@ def compare(per_seed):
                         l0s.append(qa["l0"])
                 if len(ratios) == len(per_seed):
                     rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios,
-                                 "mean": float(np.mean(ratios)), "min": min(ratios), "max": max(ratios),
-                                 "verdict": verdict(ratios, expected)})
+                                 "min": min(ratios), "max": max(ratios), **verdict(ratios, expected)})
             out[f"{a} vs {b}: {metric} {expected}"] = rows
     return out
 
@@ -55,18 +55,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-out/jumprelu_gated")
     p.add_argument("--tokens", type=int, default=80_000)
-    p.add_argument("--eval-tokens", type=int, default=8_192)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--eval-every", type=int, default=10, help="the store holds every N-th sequence out")
+    p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture ('arch': each its own)")
     p.add_argument("--d-sae", type=int, default=256)
     args = p.parse_args()
+    betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
     t0 = time.perf_counter()
     store = os.path.join(args.out, "store.zarr")
     per_seed = []
     for seed in range(args.seeds):
-        results = run_demo(os.path.join(args.out, f"seed{seed}"), tokens=args.tokens, eval_tokens=args.eval_tokens,
-                           sweeps=SWEEPS, seed=seed, store=store, local=LOCAL, d_sae=args.d_sae)
+        results = run_demo(os.path.join(args.out, f"seed{seed}"), tokens=args.tokens, sweeps=SWEEPS, seed=seed,
+                           store=store, local={**LOCAL, "adam_betas": betas}, d_sae=args.d_sae,
+                           eval_every=args.eval_every)
         series = {}
         for r in results:
+            rec = training_record(r["sae"])
+            if "moved" in rec:   # thresholds and gates against their starts
+                m = rec["moved"]
+                print(f"seed {seed} {r['name']}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, "
+                      f"{m['q95']:.3f}], {m['moved_over_5pct']:.0%} moved > 5%; {rec['steps']} steps")
             series.setdefault(series_label(r), []).append(
                 {k: r[k] for k in ("name", "l0", "ce_increase", "nmse_nobos", "alive", "kl")})
         per_seed.append({k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()})
@@ -86,7 +94,9 @@ def main():
     for claim, rows in comparisons.items():
         print(claim)
         for r in rows:
-            print(f"  {r['at']} (L0 {r['l0']:.1f}): ratio {r['mean']:.2f} [{r['min']:.2f}, {r['max']:.2f}]  {r['verdict']}")
+            ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
+                else f"seeds {r['min']:.2f}-{r['max']:.2f}"
+            print(f"  {r['at']} (L0 {r['l0']:.1f}): ratio {ci}  {r['verdict']}")
 
 
 if __name__ == "__main__":

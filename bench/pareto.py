@@ -1,42 +1,76 @@
 """Pareto fronts of every architecture at one site of the offline default model, over several seeds.
 
-One harvested store; per seed, every sweep is trained (seeded init and batch order) and all SAEs of
-that seed are evaluated together on the same held-out tokens (g-SAEs under both gradient modes,
-causal and paper). Each paper claim is a ratio CE(A) / CE(B) at equal L0 per seed; the verdict is
-"agrees" when every seed says so, "disagrees" when every seed says the opposite, else "tie (within
-seed spread)". Writes pareto.json (all points, per-seed ratios, verdicts) and prints the verdicts.
+One harvested store (every --eval-every-th sequence held out: no trainer reads it, every evaluation
+reads only it); per seed, every sweep is trained (seeded init and batch order) and all SAEs of that
+seed are evaluated together on all the held-out tokens (g-SAEs under both gradient modes). Each
+paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the verdict rule (verdict(), and
+docs/results.md) is a paired 95% t-interval of the per-seed log ratio over >= 5 seeds: a tie when
+it contains 1, else agrees or disagrees with the claim.
 
-    python bench/pareto.py --out bench-out/pareto       # ~15 min on 2 CPU cores (3 seeds)
+Fairness (issue 18): every architecture trains with the same Adam betas (--betas, default 0,0.999,
+the Gated and JumpReLU papers' for baseline and method alike); e2e and local train from scratch on
+the same tokens at each one's default lr (--e2e scratch), or e2e fine-tunes the local relu SAEs and
+local gets the identical continuation with its own loss (--e2e continuation); --until-plateau P
+doubles the epochs until every SAE's held-out training loss moves < P% (steps and tokens reported);
+a second store with the label-free gradient (--grad-target model-top1) trains "gtopk_lf", so the
+g-SAE is compared under the paper's protocol and the matched label-free one side by side; JumpReLU
+thresholds and Gated gates are compared with their starts. Writes pareto.json, prints verdicts.
+
+    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2    # the full rerun
+    python bench/pareto.py --out /tmp/p --seeds 5 --tokens 20000                # smallest, minutes
+    python bench/pareto.py --out bench-out/pareto --report-only                  # verdicts from pareto.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
-from sae_harvest.evaluate.demo import SWEEPS as DEMO_SWEEPS, run_demo
-from sae_harvest.evaluate.report import series_label
+from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS, run_demo
 
-# the demo's local sweeps (one source), and e2e / e2e+ds from its middle local relu SAE (--init);
-# e2e's lambda is on KL's scale (docs/e2e.md)
-_E2E = {"l1": (1.0, 3.0), "batch_size": 2048, "lr": 1e-3, "epochs": None, "init": "relu/relu_l1-300"}
-SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local"] + [
-    ("e2e", "relu", {"loss": "e2e", **_E2E}),
-    ("e2e_ds", "relu", {"loss": "e2e+ds", **_E2E}),
-]
+LOCAL_SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local"]
 LOCAL = {"batch_size": 1024, "epochs": 1}
+E2E_LR = 1e-3          # docs/e2e.md's default for e2e relu; local SAEs keep their architecture's
+E2E_L1 = (0.3, 1.0, 3.0)   # on KL's scale (docs/e2e.md)
 # (A, B, metric, expected): the papers' claims as ratios metric(A) / metric(B) at equal L0.
-# "<": A is lower; ">": A is higher; "~": A is near B (ratio within [0.5, 2]).
-CLAIMS = (("e2e", "relu", "ce_increase", "<"), ("gated", "relu", "ce_increase", "<"),
-          ("batchtopk", "topk", "ce_increase", "<"), ("gtopk+causal", "topk", "ce_increase", "<"),
-          ("gtopk+paper", "topk", "ce_increase", "<"), ("jumprelu", "gated", "ce_increase", "<"),
-          ("matryoshka_batchtopk", "batchtopk", "ce_increase", "~"),   # trades some reconstruction for nesting
-          ("e2e", "relu", "downstream_mse", ">"), ("e2e+ds", "relu", "downstream_mse", "~"),
-          ("e2e+ds", "relu", "ce_increase", "<"))
+# "<": A is lower; ">": A is higher; "~": no difference detectable (the interval contains 1).
+CLAIMS = (("e2e", "relu", "ce_increase", "<"), ("e2e_ds", "relu", "ce_increase", "<"),
+          ("e2e", "relu", "downstream_mse", ">"), ("e2e_ds", "relu", "downstream_mse", "~"),
+          ("gated", "relu", "ce_increase", "<"), ("jumprelu", "gated", "ce_increase", "<"),
+          ("batchtopk", "topk", "ce_increase", "<"),
+          ("gtopk+paper", "topk", "ce_increase", "<"),       # the paper's protocol (labels, matched)
+          ("gtopk_lf+causal", "topk", "ce_increase", "<"),   # label-free, trained and evaluated alike
+          ("gtopk+causal", "topk", "ce_increase", "<"),      # mismatched: trained on labels (old headline)
+          ("matryoshka", "batchtopk", "ce_increase", "~"))
 L0_GRID = (8, 16, 32, 64)
+
+
+def sweeps(e2e: str, lf_store: str | None) -> list:
+    rows = list(LOCAL_SWEEPS)
+    if lf_store:
+        rows.append(("gtopk_lf", "gtopk", {"k": (8, 16, 32), "store": lf_store}))
+    if e2e == "scratch":      # the same tokens, batch and epochs as local (the feed's LOCAL), own lr
+        rows += [("e2e", "relu", {"loss": "e2e", "l1": E2E_L1, "lr": E2E_LR}),
+                 ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": E2E_L1, "lr": E2E_LR})]
+    else:                     # one identical extra pass from each local relu SAE, e2e and local alike
+        cont = {"batch_size": 2048, "lr": E2E_LR, "epochs": 1}
+        rows += [(f"relu_cont{l1:g}", "relu", {"l1": (l1,), "init": f"relu/relu_l1-{l1:g}", **cont})
+                 for l1 in DEMO_SWEEPS[0][2]["l1"]]
+        rows += [("e2e", "relu", {"loss": "e2e", "l1": E2E_L1, "init": "relu/relu_l1-300", **cont}),
+                 ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": E2E_L1, "init": "relu/relu_l1-300", **cont})]
+    return rows
+
+
+def series_key(r: dict) -> str:
+    """The sweep folder (relu_cont100 ... merge into relu_cont), plus the g-SAE's gradient mode."""
+    folder = Path(r["sae"]).parent.name
+    folder = "relu_cont" if folder.startswith("relu_cont") else folder
+    return folder + (f"+{r['grad_mode']}" if r.get("grad_mode") not in (None, "none") else "")
 
 
 def interp_ce(points, l0):
@@ -50,45 +84,173 @@ def interp_ce(points, l0):
     return float(np.interp(np.log(l0), xs, ys))
 
 
-def verdict(ratios: list[float], expected: str = "<") -> str:
+# two-sided 95% Student t quantiles t(0.975, df); beyond the table the df-30 value is conservative
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+MIN_SEEDS = 5
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high): the 95% Student t-interval of the mean per-seed log ratio,
+    exponentiated. Paired: each seed's A and B share the store, the evaluation tokens and the seed."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    n = len(logs)
+    mean = float(logs.mean())
+    half = T975[max(d for d in T975 if d <= n - 1)] * float(logs.std(ddof=1)) / np.sqrt(n)
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
+def verdict(ratios: list[float], expected: str = "<") -> dict:
+    """The one verdict rule (docs/results.md): over >= MIN_SEEDS seeds, the 95% t-interval of the
+    per-seed log ratio metric(A) / metric(B); "tie" when it contains 1, else A is "lower" or
+    "higher". The claim "<" (A lower) or ">" (A higher) agrees or disagrees with a non-tie; a tie
+    is a tie. The claim "~" (A no worse than B within noise) agrees with a tie and disagrees with
+    either side. Fewer seeds: "untested"."""
+    if len(ratios) < MIN_SEEDS:
+        return {"verdict": f"untested (fewer than {MIN_SEEDS} seeds)", "outcome": None, "interval": None}
+    centre, lo, hi = ratio_interval(ratios)
+    outcome = "tie" if lo <= 1 <= hi else ("lower" if hi < 1 else "higher")
     if expected == "~":
-        return "agrees" if all(0.5 <= r <= 2 for r in ratios) else "disagrees"
-    lower, higher = all(r < 1 for r in ratios), all(r > 1 for r in ratios)
-    if lower or higher:
-        return "agrees" if lower == (expected == "<") else "disagrees"
-    return "tie (within seed spread)"
+        result = "agrees" if outcome == "tie" else "disagrees"
+    elif outcome == "tie":
+        result = "tie"
+    else:
+        result = "agrees" if (outcome == "lower") == (expected == "<") else "disagrees"
+    return {"verdict": result, "outcome": outcome, "ratio": centre, "interval": [lo, hi]}
+
+
+def training_record(path: str) -> dict:
+    """Steps, tokens and the held-out training loss (local: NMSE; e2e: KL) of a saved SAE, and how far
+    JumpReLU's thresholds / Gated's gates moved from their starts (theta_0 = max(init, sqrt(lambda));
+    b_gate_0 = -lambda/2; folding the input scale leaves both unchanged)."""
+    from sae_harvest.train.sae_io import load_sae
+
+    folder = Path(path)
+    summary = json.loads((folder / "summary.json").read_text())
+    cfg = json.loads((folder / "cfg.json").read_text())["sae_harvest"]
+    held = summary.get("held_out", {})
+    e2e = (cfg.get("training") or {}).get("loss", "local") != "local"
+    out = {"steps": summary.get("steps"), "tokens": summary.get("tokens"),
+           "held_out_loss": held.get("kl") if e2e else held.get("nmse"), "loss_name": "kl" if e2e else "nmse"}
+    sae = load_sae(folder)
+    lam = sae.cfg.l1_coeff
+    if sae.cfg.arch == "jumprelu" and lam > 0:
+        start = max(cfg["sae"].get("threshold_init") or 0.0, math.sqrt(lam))
+        out["moved"] = _moved(sae.threshold.detach().double().numpy() / start, "theta / theta_0")
+    elif sae.cfg.arch == "gated" and lam > 0:
+        out["moved"] = _moved(sae.b_gate.detach().double().numpy() / (-lam / 2), "b_gate / b_gate_0")
+    return out
+
+
+def _moved(ratio: np.ndarray, what: str) -> dict:
+    q = np.quantile(ratio, [0.05, 0.5, 0.95])
+    return {"what": what, "q05": float(q[0]), "median": float(q[1]), "q95": float(q[2]),
+            "moved_over_5pct": float(np.mean(np.abs(ratio - 1) > 0.05))}
+
+
+def train_and_evaluate(args, seed: int, epochs: int, store: str, lf_store: str | None) -> tuple[dict, dict, dict]:
+    """(series {key: [points]}, training {sae folder/name: record}, evaluation tokens' origin) of one
+    seed at one budget."""
+    local = {**LOCAL, "epochs": epochs, "adam_betas": args.betas}
+    out = os.path.join(args.out, f"seed{seed}", f"epochs{epochs}")
+    results = run_demo(out, tokens=args.tokens, sweeps=sweeps(args.e2e, lf_store), seed=seed, store=store,
+                       local=local, d_sae=args.d_sae, eval_every=args.eval_every)
+    series, training = {}, {}
+    for r in results:
+        series.setdefault(series_key(r), []).append(
+            {"name": r["name"], "l0": r["l0"], "ce_increase": r["ce_increase"], "kl": r["kl"],
+             "alive": r["alive"], "nmse_nobos": r["nmse_nobos"], "grad_mode": r.get("grad_mode"),
+             "grad_matched": r.get("grad_matched"), "downstream_mse": r["downstream_mse"],
+             "downstream_mse_ln": r["downstream_mse_ln"]})
+        key = f"{Path(r['sae']).parent.name}/{r['name']}"
+        if key not in training:
+            training[key] = training_record(r["sae"])
+    eval_tokens = results[0]["eval_tokens"] if results else None
+    return {k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()}, training, eval_tokens
+
+
+def plateaued(before: dict, after: dict, pct: float) -> bool:
+    """Every SAE's held-out training loss moved less than pct percent between two budgets."""
+    for key, rec in after.items():
+        a, b = (before.get(key) or {}).get("held_out_loss"), rec.get("held_out_loss")
+        if a is None or b is None or abs(b / a - 1) * 100 >= pct:
+            return False
+    return True
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-out/pareto")
     p.add_argument("--tokens", type=int, default=80_000)
-    p.add_argument("--eval-tokens", type=int, default=8_192)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--d-sae", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=10, help="the store holds every N-th sequence out")
+    p.add_argument("--epochs", type=int, default=1, help="local and e2e-from-scratch epochs (the first budget)")
+    p.add_argument("--until-plateau", type=float, default=0.0,
+                   help="double the epochs until every SAE's held-out loss moves < this %% (0: one budget)")
+    p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture, or 'arch' for each "
+                                                      "architecture's own default")
+    p.add_argument("--e2e", choices=("scratch", "continuation"), default="scratch")
+    p.add_argument("--no-label-free", action="store_true", help="skip the label-free gradient store and gtopk_lf")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/pareto.json")
     args = p.parse_args()
+    args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
     t0 = time.perf_counter()
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
-            report(args, json.load(f)["series_per_seed"], t0)
+            doc = json.load(f)
+        report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0)
         return
+    os.makedirs(args.out, exist_ok=True)
     store = os.path.join(args.out, "store.zarr")
-    per_seed = []
+    lf_store = None if args.no_label_free else label_free_store(args)
+    per_seed, budgets, eval_tokens = [], [], None
     for seed in range(args.seeds):
-        results = run_demo(os.path.join(args.out, f"seed{seed}"), tokens=args.tokens, eval_tokens=args.eval_tokens,
-                           sweeps=SWEEPS, seed=seed, store=store, local=LOCAL, d_sae=args.d_sae)
-        series: dict[str, list] = {}
-        for r in results:
-            series.setdefault(series_label(r), []).append(
-                {"name": r["name"], "l0": r["l0"], "ce_increase": r["ce_increase"], "kl": r["kl"],
-                 "alive": r["alive"], "nmse_nobos": r["nmse_nobos"], "grad_mode": r.get("grad_mode"),
-                 "downstream_mse": r["downstream_mse"], "downstream_mse_ln": r["downstream_mse_ln"]})
-        per_seed.append({k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()})
-        report(args, per_seed, t0)   # after every seed, so a cut-off run still leaves its data
+        epochs, history, before = args.epochs, [], None
+        while True:
+            series, training, eval_tokens = train_and_evaluate(args, seed, epochs, store, lf_store)
+            if lf_store and not history:
+                check_same_held_out(store, lf_store)
+            history.append({"epochs": epochs, "training": training})
+            done = not args.until_plateau or (before is not None and plateaued(before, training, args.until_plateau))
+            if done or epochs * 2 > args.max_epochs:
+                break
+            before, epochs = training, epochs * 2
+        per_seed.append(series)
+        budgets.append({"seed": seed, "epochs": epochs, "plateaued": bool(args.until_plateau) and done,
+                        "history": history})
+        report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
 
 
-def report(args, per_seed, t0):
+def label_free_store(args) -> str:
+    """A store of the same corpus, tokens and split as the main one, at the site, with the label-free
+    gradient (--grad-target model-top1)."""
+    from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL
+    from sae_harvest.harvest.run import HarvestConfig, harvest
+
+    path = os.path.join(args.out, "store-label-free.zarr")
+    harvest(HarvestConfig(out=path, model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITE, grads=True,
+                          grad_target="model-top1", tokens=args.tokens, ctx_len=128, batch_size=16,
+                          shuffle_window=1 << 16, device="auto", eval_every=args.eval_every),
+            resume=True, progress=False)
+    return path
+
+
+def check_same_held_out(store: str, lf_store: str) -> None:
+    """Both stores hold out the same sequences with the same tokens (one corpus, one split)."""
+    from sae_harvest.stores import open_store
+
+    a, b = open_store(store), open_store(lf_store)
+    held = a.split.held_out_seqs(a.n_seqs)
+    if not (np.array_equal(held, b.split.held_out_seqs(b.n_seqs)) and np.array_equal(
+            np.asarray(a.tokens.get_orthogonal_selection((held, slice(None)))),
+            np.asarray(b.tokens.get_orthogonal_selection((held, slice(None)))))):
+        raise SystemExit(f"{lf_store} does not hold out the same sequences as {store}")
+
+
+def report(args, per_seed, budgets, eval_tokens, t0):
     comparisons = {}
     for a, b, metric, expected in CLAIMS:
         rows = []
@@ -100,11 +262,10 @@ def report(args, per_seed, t0):
                 if ca is not None and cb is not None and cb > 0:
                     ratios.append(ca / cb)
             if ratios and len(ratios) == len(per_seed):
-                rows.append({"l0": l0, "ratios": ratios, "mean": float(np.mean(ratios)),
-                             "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios, expected)})
+                rows.append({"l0": l0, "ratios": ratios, "min": min(ratios), "max": max(ratios),
+                             **verdict(ratios, expected)})
         # and at A's own sweep points (B interpolated there): works when the L0 ranges barely overlap
-        names = sorted({q["name"] for series in per_seed for q in series.get(a, [])})
-        for name in names:
+        for name in sorted({q["name"] for series in per_seed for q in series.get(a, [])}):
             ratios, l0s = [], []
             for series in per_seed:
                 qa = next((q for q in series.get(a, []) if q["name"] == name), None)
@@ -113,20 +274,34 @@ def report(args, per_seed, t0):
                     ratios.append(qa[metric] / cb)
                     l0s.append(qa["l0"])
             if ratios and len(ratios) == len(per_seed):
-                rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios, "mean": float(np.mean(ratios)),
-                             "min": min(ratios), "max": max(ratios), "verdict": verdict(ratios, expected)})
+                rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios, "min": min(ratios),
+                             "max": max(ratios), **verdict(ratios, expected)})
         comparisons[f"{a} vs {b}: {metric} {expected}"] = rows
-    out = {"seeds_done": len(per_seed), "tokens": args.tokens, "eval_tokens": args.eval_tokens,
-           "d_sae": args.d_sae, "local": LOCAL, "sweeps": [[f, a, e] for f, a, e in SWEEPS],
-           "series_per_seed": per_seed, "comparisons": comparisons, "seconds": time.perf_counter() - t0}
+    out = {"seeds_done": len(per_seed), "args": {k: v for k, v in vars(args).items()}, "local": LOCAL,
+           "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
+           "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
+           "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s")
+    print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s; evaluated on "
+          f"{(eval_tokens or {}).get('tokens')} held-out tokens ({(eval_tokens or {}).get('sequences')} sequences)")
+    for b in budgets:
+        last = b["history"][-1]["training"]
+        print(f"seed {b['seed']}: {b['epochs']} epoch(s){', plateaued' if b['plateaued'] else ''}; " +
+              ", ".join(f"{k} {v['steps']} steps/{v['tokens']:,} tok" for k, v in list(last.items())[:3]) + ", ...")
+        for k, v in last.items():
+            if "moved" in v:
+                m = v["moved"]
+                print(f"  {k}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, {m['q95']:.3f}], "
+                      f"{m['moved_over_5pct']:.0%} moved > 5%")
     for claim, rows in comparisons.items():
         print(claim)
         for r in rows:
             where = f"{r['at']} (L0 {r['l0']:.1f})" if "at" in r else f"L0 {r['l0']:>3}"
-            print(f"  {where}: ratio {r['mean']:.2f} [{r['min']:.2f}, {r['max']:.2f}]  {r['verdict']}")
+            ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
+                else f"seeds {r['min']:.2f}-{r['max']:.2f}"
+            print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
+
 
 if __name__ == "__main__":
     main()

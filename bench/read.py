@@ -53,18 +53,17 @@ def raw_seconds(files, fs=None) -> tuple[float, int]:
 
 def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool) -> tuple[float, int]:
     store = open_store(store_path)
-    rows = (0, store.n_rows)
     steps = (store.n_rows - store.n_rows // store.ctx_len) // batch
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
     n = 0
     if decode_on_host:
-        it = store.batches(SITE, batch, rows=rows, seed=0, exclude_pos0=True)
+        it = store.batches(SITE, batch, seqs="train", seed=0, exclude_pos0=True)
         for i, b in zip(range(steps), it):
             x = torch.from_numpy(b["acts"][SITE])
             n += x.numel() * 2   # stored bytes
     else:
-        feed = StoreFeed(store, SITE, batch, rows=rows, seed=0, grads=False, exclude_pos0=True, pin=cuda)
+        feed = StoreFeed(store, SITE, batch, seed=0, grads=False, exclude_pos0=True, pin=cuda)
         for i, b in zip(range(steps), feed):
             x = b["acts"]
             if cuda:

@@ -37,7 +37,7 @@ def launch_seconds(mode: str, args, store: str, out: str, tokens: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     fit = ["-m", "sae_harvest.train", "fit", "--store", store, "--out", out, "--arch", "topk",
            "--k", ",".join(str(k) for k in args.k), "--d-sae", str(args.d_sae), "--batch-size", str(args.batch_size),
-           "--tokens", str(tokens), "--device", args.device, "--holdout-fraction", "0.01",
+           "--tokens", str(tokens), "--device", args.device,
            "--checkpoint-every", "1000000000", "--quiet"]
     env = dict(os.environ)
     if mode == "one process":

@@ -65,7 +65,7 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool
 def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(store=store, out=out, arch=arch, d_sae=d_sae, k=(k,), l1=(1.0,), batch_size=batch,
-                      tokens=tokens, device=device, holdout_fraction=0.0, checkpoint_every=10**9,
+                      tokens=tokens, device=device, checkpoint_every=10**9,
                       autocast="on" if bf16 else "off", sparse_decode="on" if sparse else "off")
     t0 = time.perf_counter()
     summaries = fit(cfg, progress=False)

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from sae_harvest.evaluate.report import _fmt
+from sae_harvest.evaluate.report import _fmt, origin_text
 
 
 def write_doc(doc: dict, path) -> None:
@@ -44,7 +45,8 @@ def print_stitch(doc: dict, console: Console) -> None:
                     f"{doc['site']}, theta {doc['threshold']:g}",
               caption=f"{s['n_novel']} novel and {s['n_reconstruction']} reconstruction latents in "
                       f"{s['n_groups']} swap groups; {s['n_orphans']} small latents without a partner. "
-                      f"MSE: squared error summed over d, mean over {doc['tokens']:,} tokens (position >= 1).")
+                      f"MSE: squared error summed over d, mean over {doc['tokens']:,} tokens (position >= 1), "
+                      f"{escape(origin_text(doc.get('eval_tokens')))}.")
     for col in ("point", "latents", "L0", "MSE", "ΔCE"):
         t.add_column(col, justify="right" if col != "point" else "left")
     path = doc["path"]
@@ -134,7 +136,10 @@ def print_meta(doc: dict, console: Console) -> None:
 def print_geometry(doc: dict, console: Console) -> None:
     t = Table(title="dictionary geometry",
               caption="NN cos: each latent's max decoder cosine to another latent of the same SAE "
-                      "(mean / median). Frequency: fraction of held-out tokens a latent fires on.")
+                      "(mean / median). Frequency: fraction of held-out tokens a latent fires on" +
+                      next((f" ({f['eval_tokens']['tokens']:,} tokens of the "
+                            f"{f['eval_tokens']['held_out_seqs']:,} held-out sequences of {escape(f['eval_tokens']['store'])})"
+                            for f in (s.get("frequency") for s in doc["saes"]) if f and f.get("eval_tokens")), "") + ".")
     for col in ("SAE", "site", "arch", "latents", "NN cos mean", "NN cos median", "dead", "freq median",
                 ">1%", ">10%"):
         t.add_column(col, justify="left" if col in ("SAE", "site", "arch") else "right", overflow="fold")

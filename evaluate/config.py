@@ -15,11 +15,14 @@ class EvalConfig:
     model: str | None = opt(None, "HF model id or local directory; 'stdlib-gpt2' = the offline default. "
                                   "Default with --store: the store's model.")
     revision: str | None = opt(None, "Model revision (branch, tag or commit).")
-    store: str | None = opt(None, "Evaluate on this store's held-out (last) sequences.")
+    store: str | None = opt(None, "Evaluate on this store's held-out sequences (every N-th, never trained on; "
+                                  "docs/store-format.md).")
     dataset: str | None = opt(None, "Or evaluate on text: local jsonl/txt/parquet file or folder, or a hub id.")
     split: str = opt("train", "Dataset split.")
     text_column: str = opt("text", "Column holding the text.")
-    tokens: int = opt(65536, "Evaluation tokens (rounded up to whole sequences).")
+    tokens: int | None = opt(None, "Evaluation tokens (rounded up to whole sequences). Default: all the store's "
+                                   "held-out tokens (more is refused), or 65536 of --dataset.")
+    skip_docs: int = opt(0, "--dataset: start past its first N documents (e.g. those a store was harvested from).")
     ctx_len: int | None = opt(None, "Tokens per sequence for --dataset (default 128; with --store: the store's).")
     batch_size: int = opt(8, "Sequences per forward pass.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")

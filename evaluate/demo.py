@@ -31,7 +31,8 @@ SWEEPS = [
     ("topk", "topk", {"k": (8, 16, 32)}),
     ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
     ("gtopk", "gtopk", {"k": (8, 16, 32)}),
-    # jumprelu: lambda per active latent; theta starts at 0.1, since a short run cannot grow it far
+    # jumprelu: lambda per active latent; theta starts at sqrt(lambda), its fixed point (train/jumprelu.py),
+    # since a short run cannot move it far
     ("jumprelu", "jumprelu", {"l1": (0.1, 0.3, 1.0)}),
     ("matryoshka", "matryoshka_batchtopk", {"k": (8, 16, 32)}),
     # e2e: starts from the local relu_l1-300 SAE (--init), the paper's 16 sequences per step, one pass
@@ -48,10 +49,11 @@ def _done(folder: Path) -> bool:
 
 
 def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int | None = None,
-             eval_tokens: int = 16_384, sweeps=None, console=None, seed: int = 0, store: str | None = None,
-             local: dict | None = None, d_sae: int = D_SAE) -> list[dict]:
+             eval_tokens: int | None = None, sweeps=None, console=None, seed: int = 0, store: str | None = None,
+             local: dict | None = None, d_sae: int = D_SAE, eval_every: int = 20) -> list[dict]:
     """`seed` seeds every SAE's initialisation and batch order; `store` reuses a harvested store
-    (several seeds, one harvest); `local` overrides the local trainers' budget (LOCAL)."""
+    (several seeds, one harvest); `local` overrides the local trainers' budget (LOCAL); the store
+    holds every `eval_every`-th sequence out (evaluated on: eval_tokens of them, default all)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -61,7 +63,8 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     store = Path(store) if store else out_dir / "store.zarr"
     say(f"[2/4] harvest {tokens:,} tokens at {SITES} with gradients -> {store}")
     harvest(HarvestConfig(out=str(store), model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITES, grads=True,
-                          tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto"),
+                          tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto",
+                          eval_every=eval_every),
             resume=True, console=console)
 
     say("[3/4] train SAEs at " + SITE)
@@ -70,15 +73,17 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
         target = out_dir / "saes" / folder
         if "init" in extra:
             extra = {**extra, "init": str(out_dir / "saes" / extra["init"])}
-        cfg = TrainConfig(store=str(store), site=SITE, arch=arch, d_sae=d_sae, out=str(target), seed=seed,
-                          tokens=train_tokens, checkpoint_every=10**9, log_every=5,
-                          **{**(local or LOCAL), **extra})
+        # a row may name its own store (bench/pareto.py: a g-SAE on a label-free gradient store)
+        cfg = TrainConfig(**{"store": str(store), "site": SITE, "arch": arch, "d_sae": d_sae, "out": str(target),
+                             "seed": seed, "tokens": train_tokens, "checkpoint_every": 10**9, "log_every": 5,
+                             **(local or LOCAL), **extra})
         if not _done(target):
             say(f"  {folder}: {arch} {extra}")
             fit(cfg, overwrite=True, console=console)
         paths += sorted(str(p) for p in target.iterdir() if (p / "cfg.json").exists())
 
-    say(f"[4/4] evaluate {len(paths)} SAEs spliced into the model on {eval_tokens:,} held-out tokens")
+    say(f"[4/4] evaluate {len(paths)} SAEs spliced into the model on "
+        f"{'all the' if eval_tokens is None else f'{eval_tokens:,}'} held-out tokens")
     eval_cfg = EvalConfig(saes=tuple(paths), store=str(store), tokens=eval_tokens, batch_size=16)
     results = evaluate_saes(eval_cfg, console=console)
     import sys

@@ -6,7 +6,8 @@
     e2e's); the g-SAE paper finds g-SAEs' histogram has a higher mean than TopK's;
   - between two SAEs, each latent's max cosine to the other dictionary (e2e fig. 3b/3c: across seeds
     and across training methods at the same site), in both directions;
-  - with --store, the CDF of latent activation frequency on the store's held-out rows at each SAE's
+  - with --store, the CDF of latent activation frequency on the rows of the store's held-out
+    sequences (stores/split.py; never trained on) at each SAE's
     site (g-SAE fig. 8: median frequency 0.24% g-SAE, 0.43% TopK, 1.10% e2e at L0 32).
 Cosines are signed (the papers' max cosine); dead latents are kept, they make the left spike.
 """
@@ -81,10 +82,11 @@ def distribution(values: torch.Tensor, bins: int, lo: float | None = None, hi: f
             "p90": float(v.quantile(0.9)), "hist": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
-def activation_frequencies(sae, store, site: str, rows: tuple[int, int], tokens: int, chunk: int = 16384):
-    """(fires [F] / tokens, tokens, selection) on the store's rows [lo, hi) at the site, position 0
-    excluded (as in training); gtopk selects with the store's gradients when it has them."""
-    lo, hi = rows
+def activation_frequencies(sae, store, site: str, tokens: int, chunk: int = 16384):
+    """(fires [F] / tokens, tokens, selection) on the rows of the store's held-out sequences at the
+    site (stores/split.py), position 0 excluded (as in training); gtopk selects with the store's
+    gradients when it has them."""
+    lo, hi = 0, store.n_rows
     use_grads = sae.uses_grads and store.has_grads
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     n, dev = 0, sae.W_dec.device
@@ -92,7 +94,7 @@ def activation_frequencies(sae, store, site: str, rows: tuple[int, int], tokens:
         if n >= tokens:
             break
         sl = slice(start, min(start + chunk, hi))
-        keep = np.asarray(store.rows_pos[sl]) != 0
+        keep = (np.asarray(store.rows_pos[sl]) != 0) & store.split.is_held_out(np.asarray(store.rows_seq[sl]))
         x = torch.from_numpy(store.acts(site, sl)[keep][:tokens - n]).to(dev, sae.W_dec.dtype)
         g = torch.from_numpy(store.grads(site, sl)[keep][:tokens - n]).to(dev, sae.W_dec.dtype) if use_grads else None
         with torch.no_grad():
@@ -148,7 +150,7 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
 def _one_sae(cfg, path, dev, store, out: list):
     """Load one SAE and append its entry (nearest-neighbour cosines, frequencies) to `out`."""
     from sae_harvest.evaluate.splice import EvaluateError
-    from sae_harvest.train.feeds import holdout_split
+    from sae_harvest.train.feeds import held_out_origin
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
     sae = load_sae(path, device=dev)
@@ -171,11 +173,10 @@ def _one_sae(cfg, path, dev, store, out: list):
         if store.width(site) != sae.cfg.d_in:
             raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of "
                                 f"{site} in store {cfg.store}")
-        fraction = (ours.get("training") or {}).get("holdout_fraction", 0.02)
-        _, held = holdout_split(store, fraction)
-        freq, n, selection = activation_frequencies(sae, store, site, held, cfg.tokens)
+        freq, n, selection = activation_frequencies(sae, store, site, cfg.tokens)
         if n == 0:
             raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
-        entry["frequency"] = {**frequency_summary(freq, n), "rows": list(held), "selection": selection}
+        entry["frequency"] = {**frequency_summary(freq, n), "selection": selection,
+                              "eval_tokens": held_out_origin(store, tokens=n)}
     out.append(entry)
     return sae

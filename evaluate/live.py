@@ -19,12 +19,16 @@ class Live:
     model_name: str
     entries: list[Entry]       # the SAEs, each attached to its site in this model
     device: torch.device
+    origin: dict | None = None  # how many evaluation tokens and where from (splice.store_tokens)
 
 
 def open_live(paths, *, model=None, revision=None, store=None, dataset=None, split="train",
-              text_column="text", tokens=65536, ctx_len=None, device="auto", dtype="float32") -> Live:
-    """The SAEs at `paths`, the model (default: the store's) and the evaluation tokens. Raises a
-    UserError for any input problem, with the same messages as `evaluate splice`."""
+              text_column="text", tokens=None, ctx_len=None, device="auto", dtype="float32",
+              skip_docs: int = 0, default_tokens: int | None = None) -> Live:
+    """The SAEs at `paths`, the model (default: the store's) and the evaluation tokens: `tokens` of
+    the store's held-out sequences (more is refused) or of the dataset; with tokens None, all the
+    held-out ones up to default_tokens (or 65536 of text). Raises a UserError for any input problem,
+    with the same messages as `evaluate splice`."""
     from sae_harvest.harvest.default_model import resolve_model
     from sae_harvest.harvest.models import get_adapter, load_model, quiet_transformers
     from sae_harvest.stores.cli import pick_device
@@ -33,11 +37,11 @@ def open_live(paths, *, model=None, revision=None, store=None, dataset=None, spl
         raise EvaluateError("give exactly one of --store (its held-out sequences) or --dataset")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise EvaluateError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    if tokens <= 0:
+    if tokens is not None and tokens <= 0:
         raise EvaluateError("--tokens must be positive")
     dev = pick_device(device)
     entries = [load_entry(p, dev) for p in paths]
-    ids, store_obj = (None, None) if store is None else store_tokens(store, tokens, ctx_len)
+    ids, store_obj, origin = (None, None, None) if store is None else store_tokens(store, tokens, ctx_len, default_tokens)
     if store_obj is not None and model is None:
         stored = store_obj.attrs.get("model", {})
         model, revision = stored.get("name"), revision or stored.get("revision")
@@ -49,12 +53,13 @@ def open_live(paths, *, model=None, revision=None, store=None, dataset=None, spl
     for e in entries:
         attach_site(e, adapter)
     if ids is None:
-        ids = dataset_tokens(dataset, tokenizer, tokens, ctx_len, split, text_column)
+        ids, origin = dataset_tokens(dataset, tokenizer, tokens, ctx_len, split, text_column, skip_docs,
+                                     default_tokens or 65536)
     if ids.shape[1] < 3:
         raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
     if ids.shape[1] > adapter.max_positions:
         raise EvaluateError(f"ctx_len {ids.shape[1]} exceeds the model's {adapter.max_positions} positions")
-    return Live(net, adapter, ids, model, entries, dev)
+    return Live(net, adapter, ids, model, entries, dev, origin)
 
 
 def site_activations(live: Live, site, batch_size: int) -> torch.Tensor:

@@ -129,6 +129,8 @@ def run_meta(cfg: MetaConfig) -> dict:
         "sae": {"path": cfg.sae, "arch": sae.cfg.arch, "d_sae": n, "d_in": sae.cfg.d_in},
         "meta": {"path": cfg.meta, "arch": meta.cfg.arch, "d_sae": meta.cfg.d_sae, "k": meta.cfg.k,
                  "trained_on": trained_on, "trained_on_this_sae": _same(trained_on, cfg.sae)},
+        # no tokens: the meta-SAE decomposes decoder rows (and is scored on all of them, as it trained)
+        "eval_tokens": {"source": "decoder rows", "held_out": None, "tokens": 0},
         "meta_l0": dec["meta_l0"], "explained_variance": dec["explained_variance"],
         "mean_cosine": dec["mean_cosine"], "latents_without_meta": dec["latents_without_meta"],
         "alive_meta_latents": dec["alive_meta_latents"],

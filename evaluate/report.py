@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sae_harvest.stores.urls import scrub_tree
@@ -68,7 +69,7 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
                   ("" if several_sites else f", {r0['site']}"),
                   caption=f"clean CE {_fmt(r0['ce_clean'], '.4f')} nats "
                           f"({_fmt(r0['ce_clean_nobos'], '.4f')} without position 0) on "
-                          f"{r0['tokens']:,} tokens; position 0 "
+                          f"{r0['tokens']:,} tokens {escape(origin_text(r0.get('eval_tokens')))}; position 0 "
                           f"{'spliced' if r0.get('splice_bos') else 'kept clean'}. ≥1: position 0 "
                           f"excluded. LR0 / LRμ: loss recovered vs zero / mean ablation. EV: explained "
                           f"variance." + (" gtopk+causal / +paper: gradient mode of the selection."
@@ -142,3 +143,14 @@ def write_plot(results: list[dict], path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
+
+
+def origin_text(origin: dict | None) -> str:
+    """Where the evaluation tokens came from, for captions: the store's held-out sequences or text."""
+    if not origin:
+        return "(origin not recorded)"
+    if origin.get("source") == "store":
+        return (f"from {origin['sequences']:,} of the {origin['held_out_seqs']:,} held-out sequences of "
+                f"{origin['store']} (every {origin['every']}th, {origin['origin']})")
+    skip = f" after {origin['skip_docs']:,} documents" if origin.get("skip_docs") else ""
+    return f"from dataset {origin.get('dataset')}{skip} (not a held-out split)"

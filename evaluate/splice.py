@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.gradients import GRAD_MODES, causal_site_grads, paper_site_grads
+from sae_harvest.evaluate.gradients import GRAD_MODES, TARGET_OF_MODE, causal_site_grads, paper_site_grads
 from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs,
                                           mse_per_token, normalize_without_affine, reconstruction_terms,
                                           result_metrics)
@@ -91,32 +91,67 @@ def attach_site(entry: Entry, adapter) -> None:
     entry.downstream = [f"blocks.{l}.resid_post" for l in range(first, adapter.n_layers)]
 
 
-def store_tokens(store_path: str, tokens: int, ctx_len: int | None):
-    """The last ceil(tokens / ctx_len) sequences of the store: the trainer holds out its last rows,
-    which come from the last shuffle windows, i.e. from these sequences."""
+def store_tokens(store_path: str, tokens: int | None, ctx_len: int | None, default_cap: int | None = None):
+    """(ids [n, ctx_len], store, origin): the store's held-out sequences (stores/split.py), which no
+    trainer of this tool trains on; the first ceil(tokens / ctx_len) of them; with tokens None all of
+    them, or up to default_cap tokens. More tokens than the held-out set holds is refused, not clamped."""
     from sae_harvest.stores import open_store
+    from sae_harvest.train.feeds import held_out_origin
 
     store = open_store(store_path)
     if ctx_len is not None and ctx_len != store.ctx_len:
         raise EvaluateError(f"--ctx-len {ctx_len} differs from the store's ctx_len {store.ctx_len}")
     if store.n_seqs == 0:
-        raise EvaluateError(f"store {store_path} holds 0 sequences: nothing to evaluate on")
-    n = min(max(1, math.ceil(tokens / store.ctx_len)), store.n_seqs)
-    ids = np.asarray(store.tokens[store.n_seqs - n:store.n_seqs])
-    return torch.from_numpy(ids.astype(np.int64)), store
+        raise EvaluateError(f"store {scrub(store_path)} holds 0 sequences: nothing to evaluate on")
+    held = store.split.held_out_seqs(store.n_seqs)
+    n = max(1, math.ceil(tokens / store.ctx_len)) if tokens is not None else \
+        len(held) if default_cap is None else min(len(held), max(1, math.ceil(default_cap / store.ctx_len)))
+    if n > len(held):
+        raise EvaluateError(f"--tokens {tokens:,} is more than the store's held-out set: "
+                            f"{store.split.describe(store.n_seqs, store.ctx_len)}; ask for at most "
+                            f"{len(held) * store.ctx_len:,}")
+    ids = np.asarray(store.tokens.get_orthogonal_selection((held[:n], slice(None))))
+    origin = held_out_origin(store, tokens=int(ids.size), sequences=n)
+    return torch.from_numpy(ids.astype(np.int64)), store, {**origin, "store": scrub(store_path)}
 
 
-def dataset_tokens(dataset: str, tokenizer, tokens: int, ctx_len: int | None, split, text_column):
-    from sae_harvest.harvest.data import open_dataset, packed_sequences
+def dataset_tokens(dataset: str, tokenizer, tokens: int | None, ctx_len: int | None, split, text_column,
+                   skip_docs: int = 0, default_tokens: int = 65536):
+    """(ids, origin): the first ceil(tokens / ctx_len) packed sequences of a dataset, after skip_docs
+    documents."""
+    from sae_harvest.harvest.data import open_dataset, positioned_sequences
     from sae_harvest.harvest.default_model import resolve_dataset
 
     ctx_len = ctx_len or 128
+    tokens = default_tokens if tokens is None else tokens
     n = max(1, math.ceil(tokens / ctx_len))
     ds = open_dataset(resolve_dataset(dataset), split, text_column)
-    seqs = list(islice(packed_sequences(ds, tokenizer, ctx_len, text_column), n))
+    # a start position skips documents without tokenizing them (the harvest's resume mechanism)
+    start = {"doc": skip_docs, "offset": 0, "doc_sha": None} if skip_docs else None
+    seqs = [seq for seq, _ in islice(positioned_sequences(ds, tokenizer, ctx_len, text_column, start=start), n)]
     if not seqs:
-        raise EvaluateError(f"dataset {dataset!r} holds less than one sequence of {ctx_len} tokens")
-    return torch.from_numpy(np.stack(seqs).astype(np.int64))
+        raise EvaluateError(f"dataset {dataset!r} holds less than one sequence of {ctx_len} tokens"
+                            f"{f' after {skip_docs:,} documents' if skip_docs else ''}")
+    ids = torch.from_numpy(np.stack(seqs).astype(np.int64))
+    origin = {"source": "dataset", "dataset": scrub(dataset), "split": split, "skip_docs": skip_docs,
+              "held_out": None, "sequences": len(seqs), "tokens": int(ids.numel())}
+    return ids, origin
+
+
+def warn_dataset_overlap(dataset: str, saes: list, skip_docs: int) -> str | None:
+    """A warning when --dataset is the corpus an SAE's store was harvested from (its texts were
+    trained on), unless --skip-docs starts past them; None otherwise."""
+    from sae_harvest.harvest.default_model import resolve_dataset
+
+    if skip_docs:
+        return None
+    wanted = {dataset, str(resolve_dataset(dataset))}
+    for e in saes:
+        used = e.cfg.get("dataset_path") or (e.cfg.get("sae_harvest") or {}).get("dataset_path")
+        if used and (used in wanted or str(resolve_dataset(used)) in wanted):
+            return (f"warning: --dataset {scrub(dataset)} is the corpus {e.path} was trained from: the texts "
+                    f"overlap its training tokens; --skip-docs N starts past the first N documents")
+    return None
 
 
 # --- passes ------------------------------------------------------------------------------------
@@ -240,8 +275,10 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
         raise EvaluateError("give exactly one of --store (its held-out sequences) or --dataset")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise EvaluateError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
-    if cfg.tokens <= 0 or cfg.batch_size <= 0:
+    if (cfg.tokens is not None and cfg.tokens <= 0) or cfg.batch_size <= 0:
         raise EvaluateError("--tokens and --batch-size must be positive")
+    if cfg.skip_docs < 0 or (cfg.skip_docs and cfg.dataset is None):
+        raise EvaluateError("--skip-docs takes a non-negative count and goes with --dataset")
     bad = sorted(set(cfg.grad_modes) - set(GRAD_MODES))
     if bad or not cfg.grad_modes:
         raise EvaluateError(f"--grad-modes: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(GRAD_MODES)}")
@@ -257,7 +294,8 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
             entries += [dataclasses.replace(e, grad_mode=m, sums=Sums()) for m in GRAD_MODES if m in cfg.grad_modes]
 
     model_name, revision = cfg.model, cfg.revision
-    ids, store_obj = (None, None) if cfg.store is None else store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
+    ids, store_obj, origin = (None, None, None) if cfg.store is None else \
+        store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
     if store_obj is not None:
         stored = store_obj.attrs.get("model", {})
         if model_name is None:
@@ -268,6 +306,11 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
                       f"{scrub(cfg.store)} (--model chooses another)", file=sys.stderr, flush=True)
     if not model_name:
         raise EvaluateError("no model given (--model)")
+    for e in entries if origin is not None else ():
+        if not trained_outside_split(e.cfg, origin):
+            print(f"warning: {scrub(e.path)} does not record training outside this store's held-out split "
+                  f"(trained by an older version, or elsewhere): its numbers may include training tokens",
+                  file=sys.stderr, flush=True)
     quiet_transformers()
     model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
                                   dtype=getattr(torch, cfg.dtype))
@@ -275,7 +318,12 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
     for e in entries:
         attach_site(e, adapter)
     if ids is None:
-        ids = dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column)
+        warning = warn_dataset_overlap(cfg.dataset, entries, cfg.skip_docs)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        ids, origin = dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column,
+                                     cfg.skip_docs)
+        origin = {**origin, "overlap_warning": warning}
     if ids.shape[1] < 3:
         raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
     if ids.shape[1] > adapter.max_positions:
@@ -293,8 +341,19 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
         for batch in batches:
             _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means, cfg.splice_bos)
             bar.update(task, advance=batch.numel())
-    return [_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype, cfg.splice_bos)
+    return [{**_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype, cfg.splice_bos),
+             "eval_tokens": origin, "trained_outside_split": trained_outside_split(e.cfg, origin)}
             for e in entries]
+
+
+def trained_outside_split(sae_cfg: dict, origin: dict) -> bool | None:
+    """Whether the SAE was trained by a version that skipped the store's held-out sequences (its
+    cfg.json records the split it trained under) and that split is the one evaluated; None when the
+    evaluation is not on a store."""
+    if origin.get("source") != "store":
+        return None
+    recorded = (sae_cfg.get("sae_harvest") or {}).get("held_out")
+    return recorded is not None and recorded.get("every") == origin.get("every")
 
 
 def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype, splice_bos) -> dict:
@@ -309,6 +368,10 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype,
         "l1": cfg.l1_coeff if e.sae.sweep_field == "l1_coeff" else None,
         "loss": (ours.get("training") or {}).get("loss", "local"),
         "grad_select": e.grad_mode in GRAD_MODES, "grad_mode": e.grad_mode,
+        # the gradient the g-SAE trained on, and whether this row selects with that same definition
+        "grad_target_trained": ours.get("grad_target", "labels") if e.sae.uses_grads else None,
+        "grad_matched": (TARGET_OF_MODE.get(e.grad_mode) == ours.get("grad_target", "labels"))
+        if e.grad_mode in GRAD_MODES else None,
         "splice_bos": splice_bos, "model": scrub(model_name), "dtype": dtype,
         "sae_model": e.cfg.get("model_name"),  # what it was trained on, to spot a mismatch
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),

@@ -44,11 +44,12 @@ class StitchConfig:
                                       "0.4 Gemma Scope).")
     model: str | None = opt(None, "HF model id or local directory (default with --store: the store's).")
     revision: str | None = opt(None, "Model revision.")
-    store: str | None = opt(None, "Use this store's held-out (last) sequences.")
+    store: str | None = opt(None, "Use this store's held-out sequences (never trained on).")
     dataset: str | None = opt(None, "Or text: local jsonl/txt/parquet file or folder, or a hub id.")
     split: str = opt("train", "Dataset split.")
     text_column: str = opt("text", "Column holding the text.")
-    tokens: int = opt(16384, "Evaluation tokens (rounded up to whole sequences).")
+    tokens: int | None = opt(None, "Evaluation tokens (rounded up to whole sequences). Default: 16384, or all the "
+                                   "store's held-out tokens when fewer; more than it holds is refused.")
     ctx_len: int | None = opt(None, "Tokens per sequence for --dataset (default 128; with --store: the store's).")
     batch_size: int = opt(8, "Sequences per forward pass.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
@@ -315,7 +316,7 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
         raise EvaluateError(shared)
     live = open_live((cfg.small, cfg.large), model=cfg.model, revision=cfg.revision, store=cfg.store,
                      dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, tokens=cfg.tokens,
-                     ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype)
+                     ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, default_tokens=16384)
     small_e, large_e = live.entries
     small, large = small_e.sae, large_e.sae
     if small_e.site != large_e.site:
@@ -349,7 +350,7 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
         "config": cfg.to_dict(), "model": live.model_name, "site": site.name,
         "small": {"path": cfg.small, "arch": small.cfg.arch, "d_sae": small.cfg.d_sae},
         "large": {"path": cfg.large, "arch": large.cfg.arch, "d_sae": large.cfg.d_sae},
-        "tokens": len(x), "positions": "1 and later (position 0 stays clean)",
+        "tokens": len(x), "positions": "1 and later (position 0 stays clean)", "eval_tokens": live.origin,
         "threshold": cfg.threshold,
         "novel": novel, "reconstruction": recon,
         "groups": [{"small": s, "large": l} for s, l in groups], "orphans": orphans,

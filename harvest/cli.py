@@ -63,7 +63,7 @@ def info_cmd(store, partial, as_json):
 @click.option("--quick", is_flag=True, help="Check shard presence and sizes only (no checksums).")
 def verify_cmd(store, quick):
     """Check a store against its window records; one line per problem, exit 0 only when sound."""
-    from sae_harvest.stores.verify import verify_store
+    from sae_harvest.stores.verify import held_out_line, verify_store
 
     problems = verify_store(store, quick=quick)
     for line in problems:
@@ -75,6 +75,7 @@ def verify_cmd(store, quick):
     if not quick and legacy_shards(store):   # records of the constant crc32c: say what was not checked
         click.echo(f"note: {legacy_shards(store)} shard(s) carry the old constant crc32c record: their chunks' "
                    f"own crc32c were checked, but a swap between shards cannot be seen (docs/store-format.md)")
+    click.echo(f"held out: {held_out_line(store)}")
 
 
 if __name__ == "__main__":

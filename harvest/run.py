@@ -24,6 +24,7 @@ from sae_harvest.stores.cli import opt, pick_device
 from sae_harvest.stores.dist import Dist
 from sae_harvest.stores.lease import Lease
 from sae_harvest.stores.progress import token_progress
+from sae_harvest.stores.split import split_attrs
 from sae_harvest.stores.urls import scrub, scrub_tree
 
 from . import __version__
@@ -35,15 +36,9 @@ from .fingerprint import agree_across_ranks, check_resumable, provenance
 from .models import get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
 from .preflight import resolve_sites
+from .grad_targets import GRAD_TARGETS, LOSS_OF, target_of
 from .sites import parse_sites
 from .window import BufferPool, WindowWriter, compute_window
-
-GRAD_DEFINITION = (
-    "grad[t] = d(sum_{s=0}^{T-2} CE_s)/d(act[t]) per sequence, CE_s = -log p(token[s+1] | tokens[:s+1]) "
-    "in nats; summed (not averaged) over the sequence's positions, taken w.r.t. the raw site activation "
-    "in the harvest dtype; zero at the last position (it predicts nothing)"
-)
-
 
 @dataclass(frozen=True)
 class HarvestConfig:
@@ -73,6 +68,12 @@ class HarvestConfig:
     grad_encoding: str = opt("bfloat16", "Encoding of the stored gradients.", choices=("bfloat16", "float32"))
     compressor: str = opt("none", "Chunk compression.", choices=("none", "zstd"))
     trust_remote_code: bool = opt(False, "Allow model code from the hub (off by default).")
+    grad_target: str = opt("labels", "With --grads, the gradient of: labels = the summed next-token CE (gradient "
+                                     "paper); model-top1 = each position's CE against the model's own top "
+                                     "prediction (label-free, causal; several times slower).",
+                           choices=tuple(GRAD_TARGETS))
+    eval_every: int = opt(20, "Hold out every N-th sequence (seq % N == 0) for evaluation: trainers skip it, "
+                              "evaluations use only it (recorded in the store; docs/store-format.md).")
 
 
 # a resumed harvest must agree on everything that shapes the rows and their values
@@ -105,6 +106,9 @@ def _check_config(cfg: HarvestConfig) -> None:
     if cfg.ctx_len < 2:   # one position is BOS alone: nothing predicted, every gradient zero
         raise HarvestError(f"--ctx-len {cfg.ctx_len} is too short: a sequence needs at least 2 tokens")
     _check_out_not_in_corpus(cfg)
+    split_attrs(cfg.eval_every)   # a bad --eval-every is refused before anything is loaded
+    if cfg.grad_target not in GRAD_TARGETS:
+        raise HarvestError(f"unknown --grad-target {cfg.grad_target!r}; use one of {', '.join(GRAD_TARGETS)}")
     if cfg.dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     for flag, enc in (("act-encoding", cfg.act_encoding), ("grad-encoding", cfg.grad_encoding)):
@@ -148,6 +152,10 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
                              fingerprint)
         if target.resume_attrs is not None:
             check_resumable(cfg.out, target.resume_attrs, _identity(cfg), dist.world, fingerprint, made_by)
+            stored_target = target_of(target.resume_attrs.get("grads"))
+            if cfg.grads and stored_target != cfg.grad_target:
+                raise HarvestError(f"cannot resume {scrub(cfg.out)}: its gradients are of --grad-target "
+                                   f"{stored_target}, not {cfg.grad_target}")
         return device, model, tokenizer, adapter, sites, ds, fingerprint, made_by
 
     device, model, tokenizer, adapter, sites, ds, fingerprint, made_by = dist.agree(load)
@@ -182,9 +190,12 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
             "harvest": _identity(cfg),
             "provenance": made_by,
             "tool_version": __version__,
+            "split": split_attrs(cfg.eval_every),   # the held-out sequences (stores/split.py)
         }
         grads_meta = ({"encoding": cfg.grad_encoding if cfg.grad_encoding != "auto" else "bfloat16",
-                       "definition": GRAD_DEFINITION, "reduction": "sum", "loss": "next-token cross-entropy"}
+                       "target": cfg.grad_target, "definition": GRAD_TARGETS[cfg.grad_target],
+                       "reduction": "sum" if cfg.grad_target == "labels" else "own position",
+                       "loss": LOSS_OF[cfg.grad_target]}
                       if cfg.grads else None)
         site_meta = {s.name: {"d": adapter.site_width(s.kind), "encoding": act_encoding} for s in sites}
         lease = target.take_lease()    # before anything is created or cleared: one writer, whatever the timing
@@ -409,6 +420,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
         "store": scrub(path), "rows": store.n_rows, "seqs": store.n_seqs, "ctx_len": store.ctx_len,
         "sites": store.sites, "grads": store.has_grads, "bytes": size,
         "bytes_per_token": size / max(store.n_rows, 1), "seconds": seconds,
+        "split": {**store.split.to_attrs(), "held_out_seqs": store.split.n_held_out(store.n_seqs)},
         "tokens_per_s": tokens_this_run / seconds if seconds > 0 else None,
         "waited": waits or {},
     }
@@ -420,6 +432,7 @@ def summarize(path: str, *, seconds: float, tokens_this_run: int, console=None, 
         table.add_row("rows (tokens)", f"{store.n_rows:,} in {store.n_seqs:,} sequences of {store.ctx_len}")
         table.add_row("sites", ", ".join(f"{s} (d={store.width(s)})" for s in store.sites))
         table.add_row("gradients", "yes" if store.has_grads else "no")
+        table.add_row("held out", store.split.describe(store.n_seqs, store.ctx_len))
         table.add_row("on disk", f"{size / 2**20:,.1f} MiB ({summary['bytes_per_token']:,.0f} bytes/token)")
         if summary["tokens_per_s"]:
             table.add_row("speed", f"{summary['tokens_per_s']:,.0f} tokens/s over {seconds:,.1f} s")

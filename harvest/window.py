@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import HarvestError
+from .grad_targets import site_grads
 from .sites import capture
 
 _MAX = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
@@ -115,7 +116,11 @@ def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site
         batch = np.stack(seqs[b0:b0 + cfg.batch_size])
         dest = slice(b0 * ctx, (b0 + len(batch)) * ctx)
         ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
-        captured = capture(model, ids, sites, grads=grad_enc is not None, stop_early=grad_enc is None)
+        target = getattr(cfg, "grad_target", "labels")
+        captured = capture(model, ids, sites, grads=grad_enc is not None and target == "labels",
+                           stop_early=grad_enc is None)
+        if grad_enc is not None and target != "labels":   # harvest/grad_targets.py
+            captured.grads = site_grads(model, ids, sites, target)
         copies = _Copies(device, pool)
         for s in sites:
             parts = [("activations", acts, captured.acts[s.name], site_enc[s.name])]

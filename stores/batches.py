@@ -19,14 +19,19 @@ class BlockBatches:
     """part=(rank, world): yield only this rank's contiguous share of every batch (batch_size is the
     global batch, cut exactly as with world 1), reading only the rows of that share.
     decode=False: values come back as stored (float16 / float32, bfloat16 as uint16 bits); see
-    `encodings`. Yields {"rows": int64 [n], "acts": {site: [n, d]}, "grads": {...}}."""
+    `encodings`. seqs="train" / "held_out": only the rows of the store's training / held-out
+    sequences (stores/split.py), filtered per block through `rows/seq`; "all": every row. Yields {"rows": int64 [n], "acts": {site: [n, d]}, "grads": {...}}."""
 
     def __init__(self, store, sites, batch_size: int, *, rows: tuple[int, int] | None = None,
                  block_rows: int | None = None, seed: int = 0, grads: bool = False,
                  exclude_pos0: bool = False, prefetch: int = 4, state: dict | None = None,
                  epochs: int | None = None, drop_last: bool = True, part: tuple[int, int] = (0, 1),
-                 decode: bool = True):
+                 decode: bool = True, seqs: str = "all"):
         self.store = store
+        if seqs not in ("all", "train", "held_out"):
+            raise ValueError(f"seqs={seqs!r}: use all, train or held_out")
+        self.seqs = seqs
+        self.split = store.split if seqs != "all" else None
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         for site in self.sites:
             store.width(site)  # raises a clear StoreError for an unknown site
@@ -65,11 +70,18 @@ class BlockBatches:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
 
     def _kept(self, index: int):
-        """Raw rows of a block that are not position 0 (None: all rows are kept)."""
-        if not self.exclude_pos0:
+        """Raw rows of a block that are not position 0 and belong to the wanted sequences (None: all
+        rows are kept)."""
+        if not self.exclude_pos0 and self.split is None:
             return None
         a, b = self.blocks[index]
-        return np.flatnonzero(self.store.read_rows(layout.ROWS_POS, a, b) != 0) + a
+        keep = np.ones(b - a, dtype=bool)
+        if self.exclude_pos0:
+            keep &= self.store.read_rows(layout.ROWS_POS, a, b) != 0
+        if self.split is not None:
+            held = self.split.is_held_out(self.store.read_rows(layout.ROWS_SEQ, a, b))
+            keep &= held if self.seqs == "held_out" else ~held
+        return np.flatnonzero(keep) + a
 
     def _plan(self, pool):
         """Cut the blocks into batches from row counts alone (no values read yet). Per block yields

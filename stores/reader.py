@@ -188,6 +188,12 @@ class Store:
         return bool(self.attrs["complete"])
 
     @property
+    def split(self):
+        """The held-out split (stores/split.py): recorded by the harvest, or derived for an older store."""
+        from .split import store_split
+        return store_split(self.attrs, self.path)
+
+    @property
     def has_grads(self) -> bool:
         return bool(self.attrs.get("grads"))
 

@@ -322,7 +322,6 @@ def store(assets, tmp_path_factory):
 def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
     from sae_harvest.evaluate.geometry import GeometryConfig, run_geometry
     from sae_harvest.stores import open_store
-    from sae_harvest.train.feeds import holdout_split
 
     # latent 0 always fires, latent 1 never, latent 2 + j fires when coordinate j > 0
     sae = tied_relu([e(j) for j in range(D)] + [e(0), e(1)])
@@ -332,18 +331,20 @@ def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
         sae.W_enc[:, 2:] = torch.eye(D)
         sae.W_dec[:2] = torch.stack([e(0), e(1)])
         sae.W_dec[2:] = torch.eye(D)
-    path = save(sae, tmp_path / "freq", training={"holdout_fraction": 0.5})
+    path = save(sae, tmp_path / "freq")
     other = save(tied_relu([e(j) for j in range(D)]), tmp_path / "eye")
     doc = run_geometry(GeometryConfig(saes=(path, other), store=store, tokens=10**6, device="cpu"))
 
     s = open_store(store)
-    _, (lo, hi) = holdout_split(s, 0.5)
-    x = s.acts(HOOK, slice(lo, hi))[np.asarray(s.rows_pos[lo:hi]) != 0]
+    # only the rows of the store's held-out sequences (seq % every == 0), position 0 excluded
+    held = np.flatnonzero((np.asarray(s.rows_seq[:]) % s.split.every == 0) & (np.asarray(s.rows_pos[:]) != 0))
+    x = s.acts(HOOK, held)
     f = doc["saes"][0]["frequency"]
-    assert (f["tokens"], f["rows"], f["dead"]) == (len(x), [lo, hi], 1)
+    assert f["tokens"] == len(x) and 0 < len(x) < s.n_rows // 4
+    assert f["dead"] == 1 + int(((x > 0).sum(0) == 0).sum())    # latent 1, and any coordinate never > 0
+    assert f["eval_tokens"]["tokens"] == len(x) and f["eval_tokens"]["held_out_seqs"] == len(s.split.held_out_seqs(s.n_seqs))
     assert f["values"][:2] == [1.0, 0.0]
     assert f["values"][2:] == pytest.approx((x > 0).mean(0).tolist(), abs=1e-12)
-    assert doc["saes"][1]["frequency"]["rows"] != [lo, hi]     # the default holdout fraction, 0.02
     # within "freq", latents 0/1 duplicate e0/e1: nearest-neighbour cosine 1 for those four, else 0
     assert doc["saes"][0]["nn_cosine"]["mean"] == pytest.approx(4 / (D + 2))
     assert [(c["a"], c["b"], c["mean"]) for c in doc["cross"]] == [("freq", "eye", pytest.approx(1.0)),

@@ -47,7 +47,7 @@ def test_inference_l0_within_10_percent_of_k_for_any_batch_size(store, tmp_path,
     k = 6
     cfg = TrainConfig(store=str(store), out=str(tmp_path / "o"), site="blocks.0.resid_pre", arch="batchtopk",
                       k=(k,), d_sae=64, batch_size=batch_size, tokens=65536, device="cpu",
-                      holdout_fraction=0.25, checkpoint_every=10**9, log_every=1000)
+                      checkpoint_every=10**9, log_every=1000)
     summary = fit(cfg, progress=False)[f"batchtopk_k{k}"]
     l0 = summary["held_out"]["l0"]      # JumpReLU with the saved threshold, on rows never trained on
     assert abs(l0 - k) <= 0.1 * k, (batch_size, l0)

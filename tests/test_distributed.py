@@ -108,7 +108,7 @@ def test_killed_rank_ends_the_job_and_resume_continues_exactly(store, tmp_path):
     # the rerun through the command line, under torchrun, continues from step 4
     args = ["-m", "sae_harvest.train", "fit", "--resume", "--quiet", "--store", str(store), "--out",
             str(tmp_path / "two"), "--site", "blocks.0.resid_pre", "--arch", "batchtopk", "--k", "4",
-            "--d-sae", "64", "--batch-size", "256", "--device", "cpu", "--holdout-fraction", "0.1",
+            "--d-sae", "64", "--batch-size", "256", "--device", "cpu",
             "--tokens", str(256 * 12), "--log-every", "4", "--checkpoint-every", "4"]
     r = torchrun(*args)
     assert r.returncode == 0, r.stderr[-3000:]

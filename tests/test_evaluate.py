@@ -181,12 +181,15 @@ def test_ce_clean_is_the_models_own_loss_on_held_out_store_rows(assets, tmp_path
     out = tmp_path / "s.zarr"
     harvest(HarvestConfig(out=str(out), model=assets["gpt2"], dataset=assets["corpus"],
                           sites="blocks.1.resid_pre", tokens=1024, ctx_len=CTX, batch_size=8,
-                          shuffle_window=256, device="cpu"), progress=False)
+                          shuffle_window=256, device="cpu", eval_every=8), progress=False)
     path = _save(_exact_sae(), tmp_path / "exact", "blocks.1.resid_pre")
-    # No --model: the store's. 3 sequences' worth rounds up to the last 3 rows of store.tokens.
+    # No --model: the store's. 3 sequences' worth rounds up to the first 3 held-out sequences
+    # (every 8th: 0, 8, 16 of 32)
     (r,) = evaluate_saes(EvalConfig(saes=(str(path),), store=str(out), tokens=2 * CTX + 1, batch_size=2,
                                     device="cpu"), progress=False)
-    ids = torch.from_numpy(open_store(str(out)).tokens[-3:]).long()
+    ids = torch.from_numpy(open_store(str(out)).tokens[:][[0, 8, 16]]).long()
+    assert r["eval_tokens"]["held_out_seqs"] == 4 and r["eval_tokens"]["origin"] == "harvest"
+    assert r["eval_tokens"]["tokens"] == 3 * CTX
     model, _ = load_model(assets["gpt2"])
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()

@@ -316,7 +316,7 @@ def test_train_resume_refuses_a_replaced_store(tmp_path, replacement, field):
         _replace(store, **replacement)
     before = tree_hash(out)
     r = fit_cli("--store", store, "--out", out, "--site", "blocks.0.resid_pre", "--arch", "topk", "--k", "4",
-                "--d-sae", "64", "--batch-size", "256", "--device", "cpu", "--holdout-fraction", "0.1",
+                "--d-sae", "64", "--batch-size", "256", "--device", "cpu",
                 "--log-every", "5", "--checkpoint-every", "1000", "--tokens", str(256 * 12), "--resume")
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output

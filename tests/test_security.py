@@ -503,7 +503,7 @@ def test_sigterm_saves_and_exits_with_one_line(store, uninterrupted, tmp_path, m
     monkeypatch.setattr(fit_module, "fit_local", lambda *a, **kw: real(*a, **{**kw, "on_step": sigterm_at_13}))
     out = tmp_path / "run"
     args = ["--store", store, "--site", "blocks.0.resid_pre", "--arch", "batchtopk", "--k", "4", "--d-sae", "64",
-            "--batch-size", "256", "--tokens", 256 * 24, "--holdout-fraction", "0.1", "--log-every", "5",
+            "--batch-size", "256", "--tokens", 256 * 24, "--log-every", "5",
             "--checkpoint-every", "5", "--device", "cpu", "--quiet", "--out", out]
     one_error_line(fit_cli(*args), "stopped by SIGTERM at step 13", "--resume", code=128 + signal.SIGTERM)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 13

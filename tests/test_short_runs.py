@@ -1,5 +1,6 @@
-"""Issue 22 item 6: `train fit` says when a run is too short to mean anything, or when the held-out
-part grew to whole blocks; tokens_per_s after --resume counts only the resumed part."""
+"""Issue 22 item 6: `train fit` says when a run is too short to mean anything; tokens_per_s after
+--resume counts only the resumed part. (The held-out part no longer grows to whole blocks: it is the
+store's split of whole sequences, stores/split.py.)"""
 import json
 import signal
 import warnings
@@ -11,7 +12,7 @@ from sae_harvest.stores import open_store
 from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import TrainInterrupted
-from sae_harvest.train.feeds import holdout_split
+from sae_harvest.train.feeds import train_tokens
 from sae_harvest.train.fit import fit
 from tests.test_train_loop import _cfg, make_store
 
@@ -27,19 +28,16 @@ def _warnings(output):
     return [line for line in output.splitlines() if line.startswith("warning:")]
 
 
-def test_short_pass_and_grown_holdout_warn_one_line_each_with_numbers(store, tmp_path):
+def test_short_pass_warns_one_line_with_numbers(store, tmp_path):
     s = open_store(str(store))
-    (lo, hi), (hlo, hhi) = holdout_split(s, 0.02)
-    train_rows = (hi - lo) - (hi - lo) // s.ctx_len            # position-0 rows are excluded
+    train_rows = train_tokens(s, exclude_pos0=True)   # the split's held-out sequences and position 0 excluded
     args = ["fit", "--store", str(store), "--site", "blocks.0.resid_pre", "--k", "4", "--d-sae", "32",
             "--batch-size", "256", "--device", "cpu", "--quiet", "--out", str(tmp_path / "a")]
     r = CliRunner().invoke(train_cli, args)
     assert r.exit_code == 0, r.output
     lines = _warnings(r.output)
-    assert len(lines) == 2, r.output
-    grown, short = lines
-    assert f"--holdout-fraction 0.02 became {(hhi - hlo) / s.n_rows:.1%}" in grown
-    assert f"{hhi - hlo:,} of {s.n_rows:,} rows" in grown and f"blocks of {s.block_rows:,} rows" in grown
+    assert len(lines) == 1, r.output
+    (short,) = lines
     assert f"one pass over the store is {train_rows // 256} steps of 256 rows (< 200" in short
     assert f"{train_rows:,} training rows" in short
     summary = json.loads(r.output.splitlines()[-1])   # stdout's JSON stays the last line
@@ -47,11 +45,9 @@ def test_short_pass_and_grown_holdout_warn_one_line_each_with_numbers(store, tmp
 
 
 def test_no_warning_for_a_long_enough_run(store, tmp_path):
-    s = open_store(str(store))
-    fraction = s.block_rows / s.n_rows   # exactly one block: nothing grows
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fit(_cfg(store, tmp_path / "b", batch_size=4, tokens=4 * 5, holdout_fraction=fraction), progress=False)
+        fit(_cfg(store, tmp_path / "b", batch_size=4, tokens=4 * 5), progress=False)
 
 
 def test_library_callers_get_python_warnings(store, tmp_path):

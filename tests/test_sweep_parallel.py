@@ -109,7 +109,7 @@ def test_killed_rank_ends_the_job_and_each_rank_resumes_its_own_sae(store, tmp_p
     assert json.loads((tmp_path / "two" / "checkpoint" / "rank0" / "state.json").read_text())["step"] >= 4
     args = ["-m", "sae_harvest.train", "fit", "--resume", "--quiet", "--sweep-parallel", "--store", str(store),
             "--out", str(tmp_path / "two"), "--site", "blocks.0.resid_pre", "--arch", "batchtopk", "--k", "4,8",
-            "--d-sae", "64", "--batch-size", "256", "--device", "cpu", "--holdout-fraction", "0.1",
+            "--d-sae", "64", "--batch-size", "256", "--device", "cpu",
             "--tokens", str(256 * 12), "--log-every", "4", "--checkpoint-every", "4"]
     r = torchrun(*args)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,7 +12,6 @@ from sae_harvest.stores import StoreWriter, open_store
 from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import holdout_split
 from sae_harvest.train.driver import TrainInterrupted
 from sae_harvest.train.fit import fit
 
@@ -50,7 +49,7 @@ def make_store(path, *, n_seqs=64, ctx=32, window_seqs=16, grads=True, complete=
 
 def _cfg(store, out, **kw):
     base = dict(store=str(store), out=str(out), site="blocks.0.resid_pre", arch="topk", k=(4,), d_sae=64,
-                batch_size=256, device="cpu", holdout_fraction=0.1, log_every=5, checkpoint_every=1000)
+                batch_size=256, device="cpu", log_every=5, checkpoint_every=1000)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -91,9 +90,7 @@ def test_saved_sae_takes_raw_activations(store, tmp_path):
                   progress=False)["relu_l1-1"]
     assert summary["input_scale"] > 5          # the synthetic data is far from E||x|| = sqrt(d)
     s = open_store(str(store))
-    _, held = holdout_split(s, 0.1)
-    idx = np.arange(*held)
-    idx = idx[s.rows_pos[:][idx] != 0]
+    idx = np.flatnonzero(s.split.is_held_out(s.rows_seq[:]) & (s.rows_pos[:] != 0))
     x = torch.from_numpy(s.acts("blocks.0.resid_pre", idx))
     sae = train.load_sae(out / "relu_l1-1")
     with torch.no_grad():
@@ -108,9 +105,9 @@ def test_held_out_rows_never_trained_on(store, tmp_path):
     cfg = _cfg(store, tmp_path / "r", tokens=256 * 200)    # several epochs over the training rows
     fit(cfg, progress=False, on_step=lambda event: seen.append(event.inputs[0].clone()))
     s = open_store(str(store))
-    train_rows, held = holdout_split(s, 0.1)
-    assert held[0] == train_rows[1] and held[1] == s.n_rows and held[1] - held[0] >= s.block_rows
-    held_x = s.acts("blocks.0.resid_pre", slice(*held))
+    held = np.flatnonzero(s.split.is_held_out(s.rows_seq[:]))   # an older store: the derived split
+    assert s.split.origin == "derived" and len(held) == len(s.split.held_out_seqs(s.n_seqs)) * s.ctx_len
+    held_x = s.acts("blocks.0.resid_pre", held)
     scale = json.loads((tmp_path / "r" / "topk_k4" / "summary.json").read_text())["input_scale"]
     trained = torch.cat(seen)
     # the loop feeds acts / scale: recompute that exactly for the held-out rows and look for them

@@ -45,7 +45,6 @@ class TrainConfig:
     seed: int = opt(0, "Seeds the initialisation and the batch order.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     include_bos: bool = opt(False, "Train on position-0 rows too (excluded by default: they dwarf the rest).")
-    holdout_fraction: float = opt(0.02, "Last blocks of the store held out for the final report.")
     warmup_fraction: float = opt(0.05, "Fraction of the steps with a linear learning-rate warmup.")
     lr_final_fraction: float = opt(0.1, "Cosine decay ends at this fraction of the learning rate.")
     grad_clip: float = opt(10.0, "Gradient-norm clipping.")

@@ -27,7 +27,7 @@ from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import TensorFeed, holdout_split
+from sae_harvest.train.feeds import TensorFeed, held_out_origin
 from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import build_runs, input_scale, optimizer_step, save_run
 
@@ -205,19 +205,20 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     if store.ctx_len > adapter.max_positions:
         raise TrainError(f"store sequences of {store.ctx_len} tokens exceed the model's "
                          f"{adapter.max_positions} positions")
-    # The held-out rows of the local trainer are the last blocks, i.e. the last sequences' rows.
-    _, (lo, hi) = holdout_split(store, cfg.holdout_fraction)
-    n_held = min(store.n_seqs, math.ceil((hi - lo) / store.ctx_len))
-    if store.n_seqs - n_held <= 0:
-        raise TrainError(f"store {cfg.store} has too few sequences to train on ({store.n_seqs})")
+    # the store's held-out sequences (stores/split.py): never drawn for training, the final report's
+    train_seqs = store.split.train_seqs(store.n_seqs)
+    held_seqs = store.split.held_out_seqs(store.n_seqs)
+    if len(train_seqs) == 0:
+        raise TrainError(f"store {cfg.store} has no training sequences outside its held-out split "
+                         f"({store.split.describe(store.n_seqs, store.ctx_len)})")
     attrs = store.attrs
     provenance = {"store": scrub(cfg.store), "model_name": scrub(model_name), "hook_name": site.name,
                   "hook_layer": site.layer, "context_size": store.ctx_len,
                   "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
-                  "dataset_path": attrs.get("dataset", {}).get("name")}
+                  "dataset_path": attrs.get("dataset", {}).get("name"), "held_out": store.split.to_attrs()}
     return SimpleNamespace(store=store, tokens=tokens, site=site, model=model, adapter=adapter,
-                           d_in=adapter.site_width(site.kind), n_train=store.n_seqs - n_held,
-                           n_held=n_held, provenance=provenance, device=device)
+                           d_in=adapter.site_width(site.kind), train_seqs=train_seqs, n_train=len(train_seqs),
+                           held_seqs=held_seqs, provenance=provenance, device=device)
 
 
 def _read(env, idx) -> torch.Tensor:
@@ -234,7 +235,7 @@ def _site_rows(env, cfg, n_tokens: int, seed: int):
     the live model, one micro-batch at a time; position 0 only with --include-bos. Lazy."""
     per_seq = env.store.ctx_len - (0 if cfg.include_bos else 1)
     n = min(env.n_train, max(1, math.ceil(n_tokens / per_seq)))
-    ids = _read(env, np.random.default_rng(seed).choice(env.n_train, n, replace=False))
+    ids = _read(env, env.train_seqs[np.random.default_rng(seed).choice(env.n_train, n, replace=False)])
     micro = max(1, MICRO_TOKENS // ids.shape[1])
     for lo in range(0, len(ids), micro):
         a = capture(env.model, ids[lo:lo + micro], [env.site]).acts[env.site.name]
@@ -279,7 +280,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     scale = driver.scale
     opts.loss_kw["scale"] = scale
     # sweep parallel: every rank runs the model on every step's whole batch, for its own SAEs
-    feed = TensorFeed(torch.arange(env.n_train), seqs_per_step, seed=cfg.seed, state=feed_state,
+    # the feed draws from the training sequences only: a held-out sequence is never in a step
+    feed = TensorFeed(torch.from_numpy(env.train_seqs), seqs_per_step, seed=cfg.seed, state=feed_state,
                       part=(0, 1) if world.sweep_parallel else (world.rank, world.size))
 
     def prepare(data):
@@ -296,14 +298,15 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         return {}
     for run in runs.values():   # batch-independent: >= THRESHOLD_ROWS training rows (batchtopk)
         run.sae.finalize(x.to(device) / scale for x in _site_rows(env, cfg, THRESHOLD_ROWS, cfg.seed + 1))
-    held_idx = np.arange(env.n_train, env.n_train + env.n_held)
+    held_idx = env.held_seqs
     held = held_out_splice(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
                            for i in range(0, len(held_idx), seqs_per_step)), opts)
     e2e_meta = {"loss": cfg.loss, "kl_coeff": kl_coeff, "downstream_coeff": ds_coeff,
                 "downstream_sites": downstream}
     summaries = {}
     for name, run in runs.items():
-        summaries[name] = summary = {**driver.summary(), "held_out": held[name]}
+        origin = held_out_origin(env.store, tokens=len(held_idx) * ctx, sequences=len(held_idx))
+        summaries[name] = summary = {**driver.summary(), "held_out": {**held[name], "origin": origin}}
         save_run(run, out / name, scale, {**env.provenance, "training": cfg.to_dict(), "e2e": e2e_meta}, summary)
     driver.finish()
     summaries = driver.gather(summaries, order)

@@ -6,6 +6,7 @@ stored (float16, bfloat16 or float32 tensors): the trainer converts them to floa
 so the host never spends a pass over the batch decoding it. On CUDA the batches are copied into
 pinned memory by a background thread, so the host-to-device copy is asynchronous.
 Under torchrun (part = (rank, world)) each rank gets its own share of every global batch.
+A store feed reads only the rows of the store's training sequences (stores/split.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import threading
 
 import numpy as np
 import torch
+
+from sae_harvest.stores.urls import scrub
 
 
 def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
@@ -24,10 +27,10 @@ def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
 
 
 class StoreFeed:
-    def __init__(self, store, site: str, batch_size: int, *, rows: tuple[int, int], seed: int,
-                 grads: bool, exclude_pos0: bool, state: dict | None = None, part: tuple[int, int] = (0, 1),
-                 pin: bool = False):
-        self.iter = store.batches(site, batch_size, rows=rows, seed=seed, grads=grads,
+    def __init__(self, store, site: str, batch_size: int, *, seed: int, grads: bool, exclude_pos0: bool,
+                 state: dict | None = None, part: tuple[int, int] = (0, 1), pin: bool = False):
+        # the rows of the store's training sequences only: held-out sequences are never trained on
+        self.iter = store.batches(site, batch_size, seqs="train", seed=seed, grads=grads,
                                   exclude_pos0=exclude_pos0, state=state, part=part, decode=False)
         self.site = site
         self.grads = grads
@@ -116,25 +119,29 @@ class TensorFeed:
         return {"epoch": self.epoch, "offset": self.offset}
 
 
-def holdout_split(store, fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(train rows, held-out rows): the held-out part is the last whole blocks of the store."""
-    block = store.block_rows
-    n = store.n_rows
-    held = int(round(n * fraction / block)) * block if fraction > 0 else 0
-    if fraction > 0 and held == 0:
-        held = min(block, n // 2)
-    held = min(held, n // 2)
-    return (0, n - held), (n - held, n)
+def held_out_origin(store, tokens: int | None = None, sequences: int | None = None) -> dict:
+    """How many held-out tokens a report used and where they came from, for every JSON that
+    reports on held-out data (stores/split.py)."""
+    split = store.split
+    return {"source": "store", "store": scrub(store.path), "held_out": True, **split.to_attrs(),
+            "held_out_seqs": split.n_held_out(store.n_seqs), "sequences": sequences, "tokens": tokens}
 
 
-def sample_rows(store, site: str, rows: tuple[int, int], n: int, seed: int, exclude_pos0: bool,
+def train_tokens(store, exclude_pos0: bool) -> int:
+    """Rows of the store's training sequences (position 0 left out when exclude_pos0)."""
+    n_train = store.n_seqs - store.split.n_held_out(store.n_seqs)
+    return n_train * (store.ctx_len - (1 if exclude_pos0 else 0))
+
+
+def sample_rows(store, site: str, n: int, seed: int, exclude_pos0: bool,
                 grads: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """A random sample of up to n rows (activations, gradients) from a row range: for the input
-    scale, b_dec init and gtopk's beta calibration."""
-    lo, hi = rows
+    """A random sample of up to n rows (activations, gradients) of the store's training sequences:
+    for the input scale, b_dec init and gtopk's beta calibration."""
     rng = np.random.default_rng(seed)
+    total = store.n_rows
     # choice over the count, not over np.arange: memory follows n, not the store's row count
-    idx = lo + np.sort(rng.choice(hi - lo, size=min(n, hi - lo), replace=False))
+    idx = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    idx = idx[~store.split.is_held_out(store.rows_seq.get_orthogonal_selection((idx,)))]
     if exclude_pos0:
         idx = idx[store.rows_pos.get_orthogonal_selection((idx,)) != 0]
     return store.acts(site, idx), (store.grads(site, idx) if grads else None)

@@ -21,8 +21,9 @@ can only change by a factor ~exp(lr * T). The paper (lr 7e-5 over 10^5+ steps) h
 of travel; a short run here has ~0.04 (lr 5e-4, ~80 steps), so theta stayed where it started and
 lambda only chose the sign of an update too small to matter: every lambda gave the same L0
 (docs/results.md). The expected-loss derivative the estimators target is
-    d/dtheta_i E[loss] = p_i(theta_i) * (lambda - E[gain_i | z_i = theta_i]),
-gain_i = the squared error saved by keeping activation z_i = theta_i; for a latent whose decoder row
+    d/dtheta_i E[loss] = p_i(theta_i) * (E[gain_i | z_i = theta_i] - lambda),
+gain_i = the squared error saved by keeping activation z_i = theta_i (raising theta past z_i gives
+that up and saves lambda, so descent raises theta while gain < lambda); for a latent whose decoder row
 (unit norm here) alone explains its direction, gain = theta^2, so theta* = sqrt(lambda) in the space
 the SAE trains in (inputs with E||x|| = sqrt(d_in), reconstruction summed over d_in). Measured: run
 long enough to get there from theta_0 = 0.01 (2000 steps at lr 5e-3, tests' store), the median

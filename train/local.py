@@ -18,7 +18,7 @@ from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import StoreFeed, TensorFeed, holdout_split, sample_rows
+from sae_harvest.train.feeds import StoreFeed, TensorFeed, held_out_origin, sample_rows, train_tokens
 from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
 from sae_harvest.train.sae import SAE
@@ -53,25 +53,23 @@ class Source:
             raise TrainError(f"--arch gtopk needs gradients, and store {cfg.store} has none (harvest with --grads)")
         self.store, self.site, self.d_in = store, site, store.width(site)
         self.exclude_pos0 = not cfg.include_bos
-        self.train_rows, self.held_rows = holdout_split(store, cfg.holdout_fraction)
-        held = self.held_rows[1] - self.held_rows[0]
-        if cfg.holdout_fraction > 0 and abs(held / store.n_rows - cfg.holdout_fraction) > 0.25 * cfg.holdout_fraction:
-            self.warnings.append(
-                f"--holdout-fraction {cfg.holdout_fraction:g} became {held / store.n_rows:.1%} of the store: "
-                f"{held:,} of {store.n_rows:,} rows, whole blocks of {store.block_rows:,} rows")
-        if self.train_rows[1] <= 0:
-            raise TrainError(f"store {cfg.store} has too few rows to train on ({store.n_rows})")
-        sample = sample_rows(store, site, self.train_rows, 8192, cfg.seed, self.exclude_pos0, grads=self.grads)
+        # the store's held-out sequences (stores/split.py) are skipped by every read below but held_out()
+        self.epoch_tokens = train_tokens(store, self.exclude_pos0)
+        if self.epoch_tokens <= 0:
+            raise TrainError(f"store {cfg.store} has no training sequences outside its held-out split "
+                             f"({store.split.describe(store.n_seqs, store.ctx_len)})")
+        sample = sample_rows(store, site, 8192, cfg.seed, self.exclude_pos0, grads=self.grads)
         self.sample = torch.from_numpy(sample[0])
         self.grad_sample = torch.from_numpy(sample[1]) if self.grads else None
-        n_train = self.train_rows[1] - self.train_rows[0]
-        self.epoch_tokens = n_train - (n_train // store.ctx_len if self.exclude_pos0 else 0)
         attrs = store.attrs
         self.provenance = {"store": scrub(cfg.store), "model_name": (attrs.get("model") or {}).get("name"), "hook_name": site,
                            "hook_layer": int(site.split(".")[1]) if site.startswith("blocks.") else None,
                            "context_size": store.ctx_len,
                            "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
-                           "dataset_path": attrs.get("dataset", {}).get("name")}
+                           "dataset_path": attrs.get("dataset", {}).get("name"),
+                           "held_out": store.split.to_attrs(),
+                           # what the store's gradients are of (g-SAEs; harvest/grad_targets.py)
+                           "grad_target": (attrs.get("grads") or {}).get("target", "labels") if self.grads else None}
 
     def _from_decoder(self, cfg):
         parent = load_sae(cfg.decoder_of)
@@ -86,7 +84,7 @@ class Source:
     def feed(self, batch_size: int, state: dict | None, part=(0, 1), pin=False):
         if self.cfg.decoder_of:
             return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state, part=part)
-        return StoreFeed(self.store, self.site, batch_size, rows=self.train_rows, seed=self.cfg.seed,
+        return StoreFeed(self.store, self.site, batch_size, seed=self.cfg.seed,
                          grads=self.grads, exclude_pos0=self.exclude_pos0, state=state, part=part, pin=pin)
 
     def threshold_rows(self, n_rows: int, chunk: int = 8192):
@@ -96,7 +94,7 @@ class Source:
         if self.cfg.decoder_of:
             yield from self.data[:n_rows].split(chunk)
             return
-        it = self.store.batches(self.site, chunk, rows=self.train_rows, seed=self.cfg.seed + 1,
+        it = self.store.batches(self.site, chunk, seqs="train", seed=self.cfg.seed + 1,
                                 exclude_pos0=self.exclude_pos0, epochs=1, drop_last=False)
         for batch in it:
             x = torch.from_numpy(batch["acts"][self.site])[:n_rows]
@@ -110,7 +108,7 @@ class Source:
             for i in range(0, len(self.data), batch_size):
                 yield self.data[i:i + batch_size], None
             return
-        it = self.store.batches(self.site, batch_size, rows=self.held_rows, grads=self.grads,
+        it = self.store.batches(self.site, batch_size, seqs="held_out", grads=self.grads,
                                 exclude_pos0=self.exclude_pos0, epochs=1, drop_last=False)
         for batch in it:
             g = torch.from_numpy(batch["grads"][self.site]) if self.grads else None
@@ -260,6 +258,8 @@ def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
     # batch-independent: >= THRESHOLD_ROWS training rows, whatever --batch-size was
     sae.finalize(x.to(device) / scale for x in source.threshold_rows(THRESHOLD_ROWS))
     held = held_out_reconstruction(sae, source.held_out(cfg.batch_size), scale, device)
+    if not cfg.decoder_of and held:
+        held["origin"] = held_out_origin(source.store, tokens=held["held_out_tokens"])
     summary = {**driver.summary(), "held_out": held}
     save_run(run, folder, scale, {**source.provenance, "training": cfg.to_dict()}, summary)
     return summary
@@ -268,7 +268,10 @@ def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
 def _print_summary(console, summaries):
     from rich.table import Table
 
-    table = Table(title="held-out results")
+    origin = next((s["held_out"].get("origin") for s in summaries.values() if s["held_out"].get("origin")), None)
+    table = Table(title="held-out results", caption=None if origin is None else
+                  f"on {origin['tokens']:,} tokens of the store's {origin['held_out_seqs']:,} held-out sequences "
+                  f"(every {origin['every']}th, {origin['origin']}), never trained on")
     for col in ("sae", "tokens", "tok/s", "NMSE", "expl. var.", "L0", "dead"):
         table.add_column(col, justify="right" if col != "sae" else "left")
     for name, s in summaries.items():
