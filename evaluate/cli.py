@@ -7,6 +7,7 @@ import click
 from rich.console import Console
 
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
+from sae_harvest.stores.urls import scrub_tree
 
 from .config import EvalConfig
 from .geometry import GeometryConfig
@@ -75,11 +76,11 @@ def _wide_console() -> Console:
 
 
 def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
-    from .analysis_report import write_doc
+    from sae_harvest.stores.artifacts import write_artifact
 
     try:
         if json_path:
-            write_doc(doc, json_path)
+            write_artifact(json_path, doc, indent=1)
             console.print(f"wrote {json_path}", highlight=False)
         if plot_path:
             for written in plot_fn(doc, plot_path) or [plot_path]:
@@ -103,7 +104,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     from .stitch import run_stitch
 
     try:
-        doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console)
+        doc = scrub_tree(run_stitch(StitchConfig(**fields), progress=not quiet, console=console))   # printed too: no credential on screen
     except KeyboardInterrupt:
         fail("interrupted")
     print_stitch(doc, _wide_console())
@@ -123,7 +124,7 @@ def meta_cmd(json_path, **fields):
     from .analysis_report import print_meta
     from .meta import run_meta
 
-    doc = run_meta(MetaConfig(**fields))
+    doc = scrub_tree(run_meta(MetaConfig(**fields)))   # printed too: no credential on screen
     print_meta(doc, _wide_console())
     _write_outputs(doc, json_path)
 
@@ -144,7 +145,7 @@ def geometry_cmd(saes, json_path, plot_prefix, **fields):
     from .analysis_report import plot_geometry, print_geometry
     from .geometry import run_geometry
 
-    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields))
+    doc = scrub_tree(run_geometry(GeometryConfig(saes=tuple(saes), **fields)))   # printed too: no credential on screen
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 

@@ -7,12 +7,12 @@ Re-running continues where a previous run stopped.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, default_model_dir
 from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.stores.artifacts import write_artifact
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 
@@ -87,7 +87,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     print_table(results, Console(width=None if sys.stdout.isatty() else 180))
     write_json(results, out_dir / "results.json", config=eval_cfg.to_dict())
     write_plot(results, out_dir / "pareto.png")
-    (out_dir / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    write_artifact(out_dir / "timing.json", {"seconds": time.perf_counter() - t0}, indent=None)
     say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "
         f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr")
     return results

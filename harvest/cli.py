@@ -1,12 +1,11 @@
 """`harvest` command line: a thin click layer over harvest.run; options come from HarvestConfig."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.artifacts import artifact_json
 
 from .run import HarvestConfig
 
@@ -37,7 +36,7 @@ def run_cmd(resume, overwrite, quiet, **fields):
     except KeyboardInterrupt:
         fail("interrupted: the store is incomplete; run again with --resume to finish it")
     if quiet and summary is not None:     # under torchrun only rank 0 reports
-        click.echo(json.dumps(summary))
+        click.echo(artifact_json(summary, indent=None, allow_nan=True))
 
 
 @main.command("info")
@@ -47,7 +46,7 @@ def info_cmd(store, partial):
     """Print a store's metadata as JSON."""
     from sae_harvest.stores import open_store
 
-    click.echo(json.dumps(scrub_tree(open_store(store, allow_partial=partial).attrs), indent=2))
+    click.echo(artifact_json(open_store(store, allow_partial=partial).attrs, allow_nan=True))
 
 
 @main.command("verify")
