@@ -15,6 +15,8 @@ import threading
 import numpy as np
 import torch
 
+from sae_harvest.stores.layout import acts_path, grads_path
+
 
 def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
     """Stored values as a tensor of their own 16/32-bit type, without a copy (bfloat16: its bits)."""
@@ -37,8 +39,8 @@ class StoreFeed:
     def _tensors(self):
         enc = self.iter.encodings
         for batch in self.iter:
-            acts = as_tensor(batch["acts"][self.site], enc["acts/" + self.site])
-            grads = as_tensor(batch["grads"][self.site], enc["grads/" + self.site]) if self.grads else None
+            acts = as_tensor(batch["acts"][self.site], enc[acts_path(self.site)])
+            grads = as_tensor(batch["grads"][self.site], enc[grads_path(self.site)]) if self.grads else None
             if self.pin:
                 acts = acts.pin_memory()
                 grads = grads.pin_memory() if grads is not None else None
