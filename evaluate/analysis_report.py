@@ -1,8 +1,7 @@
-"""Tables, JSON and plots of the analyses (`evaluate stitch`, `evaluate meta`, `evaluate geometry`)."""
+"""Tables and plots of the analyses (`evaluate stitch`, `evaluate meta`, `evaluate geometry`); their
+JSON goes through the one artifact writer, stores.artifacts.write_artifact, which scrubs credentials."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -10,16 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from sae_harvest.evaluate.report import _fmt, origin_text
-
-
-def write_doc(doc: dict, path) -> None:
-    """JSON, written to a temporary and renamed (a crash never leaves half a file); no NaN."""
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _pyplot():

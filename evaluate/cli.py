@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 
 from sae_harvest.stores.cli import CONTEXT, EXIT_SIGINT, Group, config_options, console, entry as _entry, fail
+from sae_harvest.stores.urls import scrub_tree
 
 from .config import EvalConfig
 from .features import FeaturesConfig
@@ -77,11 +78,11 @@ def _wide_console() -> Console:
 
 
 def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
-    from .analysis_report import write_doc
+    from sae_harvest.stores.artifacts import write_artifact
 
     try:
         if json_path:
-            write_doc(doc, json_path)
+            write_artifact(json_path, doc, indent=1)
             console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
             for written in plot_fn(doc, plot_path) or [plot_path]:
@@ -105,7 +106,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     from .stitch import run_stitch
 
     try:
-        doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console)
+        doc = scrub_tree(run_stitch(StitchConfig(**fields), progress=not quiet, console=console))   # printed too: no credential on screen
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     print_stitch(doc, _wide_console())
@@ -126,7 +127,7 @@ def meta_cmd(json_path, quiet, **fields):
     from .analysis_report import print_meta
     from .meta import run_meta
 
-    doc = run_meta(MetaConfig(**fields))
+    doc = scrub_tree(run_meta(MetaConfig(**fields)))   # printed too: no credential on screen
     print_meta(doc, _wide_console())
     _write_outputs(doc, json_path)
 
@@ -148,7 +149,8 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
     from .analysis_report import plot_geometry, print_geometry
     from .geometry import run_geometry
 
-    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields), progress=not quiet, console=console)
+    doc = scrub_tree(run_geometry(GeometryConfig(saes=tuple(saes), **fields), progress=not quiet,
+                                  console=console))   # printed too: no credential on screen
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 

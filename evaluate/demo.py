@@ -1,20 +1,21 @@
 """The demo: the whole pipeline on the offline default model and corpus, on 2 CPU cores.
 
-harvest (two sites, with gradients) -> train relu, gated, topk, batchtopk, gtopk, jumprelu,
-matryoshka_batchtopk and e2e SAEs
-(a small sweep each) -> evaluate them together in the live model -> table, JSON, Pareto plot.
+harvest (two sites, with gradients) -> train every registered architecture (train/registry.py:
+relu, gated, topk, batchtopk, gtopk, jumprelu, matryoshka_batchtopk) and e2e SAEs (a small sweep
+each) -> evaluate them together in the live model -> table, JSON, Pareto plot.
 Re-running continues where a previous run stopped.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, default_model_dir
 from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.stores.artifacts import write_artifact
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
+from sae_harvest.train.registry import ARCHITECTURES
 
 from sae_harvest.evaluate.report import print_table, write_json, write_plot
 from sae_harvest.evaluate.config import EvalConfig
@@ -24,22 +25,35 @@ SITE = "blocks.2.resid_pre"
 SITES = "blocks.2.resid_pre,blocks.1.mlp_out"
 D_SAE = 1024
 
-# (folder, arch, extra TrainConfig fields): each row is one sweep, one Pareto series
-SWEEPS = [
-    ("relu", "relu", {"l1": (100.0, 300.0, 1000.0)}),   # L0 ~94 / 47 / 9 (docs/results.md)
-    ("gated", "gated", {"l1": (0.3, 1.0, 3.0)}),
-    ("topk", "topk", {"k": (8, 16, 32)}),
-    ("batchtopk", "batchtopk", {"k": (8, 16, 32)}),
-    ("gtopk", "gtopk", {"k": (8, 16, 32)}),
+# The tuned sweep of each architecture (values of its sweep field). An architecture registered in
+# train/registry.py without a row here still runs, with DEFAULT_SWEEP for its sweep field.
+TUNED = {
+    "relu": {"l1": (100.0, 300.0, 1000.0)},   # L0 ~94 / 47 / 9 (docs/results.md)
+    "gated": {"l1": (0.3, 1.0, 3.0)},
+    "topk": {"k": (8, 16, 32)},
+    "batchtopk": {"k": (8, 16, 32)},
+    "gtopk": {"k": (8, 16, 32)},
     # jumprelu: lambda per active latent; theta starts at sqrt(lambda), its fixed point (train/jumprelu.py),
     # since a short run cannot move it far
-    ("jumprelu", "jumprelu", {"l1": (0.1, 0.3, 1.0)}),
-    ("matryoshka", "matryoshka_batchtopk", {"k": (8, 16, 32)}),
-    # e2e: starts from the local relu_l1-300 SAE (--init), the paper's 16 sequences per step, one pass
-    # over the store's training sequences; its lambda is on KL's scale (nats), far below local's
-    ("e2e", "relu", {"loss": "e2e", "l1": (0.3, 1.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
-                     "init": "relu/relu_l1-300"}),
-]
+    "jumprelu": {"l1": (0.1, 0.3, 1.0)},
+    "matryoshka_batchtopk": {"k": (8, 16, 32)},
+}
+DEFAULT_SWEEP = {"k": {"k": (8, 16, 32)}, "l1_coeff": {"l1": (0.3, 1.0, 3.0)}}
+FOLDERS = {"matryoshka_batchtopk": "matryoshka"}
+# e2e: starts from the local relu_l1-300 SAE (--init), the paper's 16 sequences per step, one pass
+# over the store's training sequences; its lambda is on KL's scale (nats), far below local's
+E2E_SWEEP = ("e2e", "relu", {"loss": "e2e", "l1": (0.3, 1.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
+                             "init": "relu/relu_l1-300"})
+
+
+def registry_sweeps() -> list[tuple[str, str, dict]]:
+    """(folder, arch, extra TrainConfig fields), one sweep and one Pareto series per row: every
+    architecture of the registry, in its order, then e2e."""
+    return [(FOLDERS.get(name, name), name, TUNED.get(name) or DEFAULT_SWEEP[cls.sweep_field])
+            for name, cls in ARCHITECTURES.items()] + [E2E_SWEEP]
+
+
+SWEEPS = registry_sweeps()
 LOCAL = {"batch_size": 1024, "epochs": 2}   # ~470 steps: enough for these small SAEs to settle
 
 
@@ -92,7 +106,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     print_table(results, Console(width=None if sys.stdout.isatty() else 180))
     write_json(results, out_dir / "results.json", config=eval_cfg.to_dict())
     write_plot(results, out_dir / "pareto.png")
-    (out_dir / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    write_artifact(out_dir / "timing.json", {"seconds": time.perf_counter() - t0}, indent=None)
     page = demo_browser(out_dir, store, paths, console)
     say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "
         f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr")

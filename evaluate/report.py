@@ -1,9 +1,7 @@
 """Output of `evaluate splice`: a rich table, a JSON file, and a Pareto-front plot."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.artifacts import write_artifact
 
 
 def series_label(r: dict) -> str:
@@ -92,15 +90,9 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
 # --- files -------------------------------------------------------------------------------------
 def write_json(results: list[dict], path, config: dict | None = None) -> None:
     """{"config": EvalConfig, "results": [...]} in the order evaluated; undefined metrics are null
-    (never NaN)."""
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    (never NaN); credentials scrubbed (stores.artifacts)."""
     doc = {"config": config, "results": results} if config is not None else {"results": results}
-    doc = scrub_tree(doc)   # no credential in a file that gets shared
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_artifact(path, doc, indent=2)
 
 
 def write_plot(results: list[dict], path) -> None:

@@ -66,7 +66,7 @@ def load_entry(path: str, device) -> Entry:
 
 def attach_site(entry: Entry, adapter) -> None:
     """Parse the SAE's hook_name and check the model has that site with the SAE's width."""
-    from sae_harvest.harvest.sites import Site
+    from sae_harvest.harvest.sites import Site, downstream_sites
 
     from sae_harvest.train.saelens_format import hook_name_of
 
@@ -86,9 +86,7 @@ def attach_site(entry: Entry, adapter) -> None:
         raise EvaluateError(f"{entry.path}: SAE d_in {entry.sae.cfg.d_in} != width {width} of "
                             f"site {site.name} in this model")
     entry.site = site
-    # resid_post of layer l is downstream of every site in block l except resid_post itself.
-    first = site.layer + 1 if site.kind == "resid_post" else site.layer
-    entry.downstream = [f"blocks.{l}.resid_post" for l in range(first, adapter.n_layers)]
+    entry.downstream = downstream_sites(site, adapter.n_layers)   # the ones e2e+ds trains on
 
 
 def store_tokens(store_path: str, tokens: int | None, ctx_len: int | None, default_cap: int | None = None):

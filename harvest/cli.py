@@ -1,13 +1,13 @@
 """`harvest` command line: a thin click layer over harvest.run; options come from HarvestConfig."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from sae_harvest.stores.cli import (CONTEXT, EXIT_PROBLEMS, EXIT_SIGINT, Group, config_options, console,
                                     entry as _entry, fail)
 from sae_harvest.stores.urls import scrub, scrub_text, scrub_tree
+from sae_harvest.stores.artifacts import artifact_json
 
 from .run import HarvestConfig
 
@@ -38,7 +38,7 @@ def run_cmd(resume, overwrite, quiet, **fields):
     except KeyboardInterrupt:
         fail("interrupted: the store is incomplete; run again with --resume to finish it", EXIT_SIGINT)
     if quiet and summary is not None:     # under torchrun only rank 0 reports
-        click.echo(json.dumps(summary))
+        click.echo(artifact_json(summary, indent=None, allow_nan=True))
 
 
 @main.command("info")
@@ -53,7 +53,7 @@ def info_cmd(store, partial, as_json):
 
     info = store_info(store, allow_partial=partial)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(artifact_json(info, allow_nan=True))
     else:
         print_store_info(info, Console(highlight=False))
 

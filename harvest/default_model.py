@@ -24,6 +24,8 @@ import sysconfig
 import tempfile
 import time
 
+from sae_harvest.stores.artifacts import artifact_json
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, builds just are not serialised
@@ -320,6 +322,6 @@ def build_default_model(out_dir, *, seed: int = 0, progress: bool = True,
         "python_version": platform.python_version(),
     }
     # written last: its presence marks a finished build
-    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "build_report.json").write_text(artifact_json(report, allow_nan=True) + "\n")
     torch.set_num_threads(prev_threads)
     return report

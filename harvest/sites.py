@@ -295,3 +295,16 @@ def _run(model, input_ids, sites, acts, grad_of, grads, stop) -> Captured:
                       for n, g in zip(names, got)}
     return Captured(acts={n: acts[n].detach() for n in names}, grads=result,
                     loss_sum=None if loss is None else loss.detach())
+
+
+def downstream_sites(site: Site, n_layers: int) -> list[str]:
+    """The residual streams downstream of `site` that e2e+ds trains on and `evaluate splice` scores:
+    the stream entering each later block, i.e. resid_post of blocks first..n_layers-2 (resid_post of
+    the site's own block is downstream of every kind but resid_post itself). The range is the e2e
+    paper's ("Identifying Functionally Important Features with End-to-End Sparse Dictionary
+    Learning", eq. 1: a^(k) for k = l+1 .. L-1, the input of each later block; e2e_sae lists
+    blocks.7..11.hook_resid_pre for an SAE at blocks.6.hook_resid_pre). The last block's output is
+    left out: only the final norm and the unembedding read it, and the KL and CE measure exactly
+    their result."""
+    first = site.layer + 1 if site.kind == "resid_post" else site.layer
+    return [f"blocks.{k}.resid_post" for k in range(first, n_layers - 1)]

@@ -55,9 +55,9 @@ class BlockBatches:
         self.epochs = epochs
         self.drop_last = drop_last
         self.decode = decode
-        self.encodings = {"acts/" + s: store.encoding(s) for s in self.sites}
+        self.encodings = {layout.acts_path(s): store.encoding(s) for s in self.sites}
         if grads:
-            self.encodings.update({"grads/" + s: store.encoding(s, grads=True) for s in self.sites})
+            self.encodings.update({layout.grads_path(s): store.encoding(s, grads=True) for s in self.sites})
         s = state or {"epoch": 0, "block": 0, "offset": 0}
         self._state = (int(s["epoch"]), int(s["block"]), int(s["offset"]))
 
@@ -181,9 +181,9 @@ class BlockBatches:
     def _batch(self, arrays: dict, filled: int) -> dict:
         batch = {"rows": arrays["rows"][:filled], "acts": {}, "grads": {}}
         for site in self.sites:
-            batch["acts"][site] = arrays["acts/" + site][:filled]
+            batch["acts"][site] = arrays[layout.acts_path(site)][:filled]
             if self.grads:
-                batch["grads"][site] = arrays["grads/" + site][:filled]
+                batch["grads"][site] = arrays[layout.grads_path(site)][:filled]
         return batch
 
     def __iter__(self):

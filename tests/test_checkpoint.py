@@ -26,8 +26,9 @@ def trained_like(arch, d_in=8, d_sae=24):
     return sae.eval()
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)   # the registry's list: a new architecture is never skipped
 def test_round_trip(tmp_path, arch):
+    assert arch in SAELENS_ARCH, f"{arch}: write here the SAELens architecture its cfg.json must name"
     sae = trained_like(arch)
     save_sae(sae, tmp_path / "ck", extra_cfg=EXTRA)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CFG_NAME, WEIGHTS_NAME]  # no temp files
@@ -139,3 +140,19 @@ def test_inconsistent_or_corrupt_cfg_raises(tmp_path):
         load_sae(tmp_path)
     with pytest.raises(CheckpointError):
         load_sae(tmp_path / "missing")
+
+
+def test_demo_trains_every_registered_architecture(monkeypatch):
+    """The demo's sweeps come from the registry: a newly registered architecture gets a sweep of
+    its sweep field even without a tuned row."""
+    from sae_harvest.evaluate import demo
+    from sae_harvest.train import registry
+    from sae_harvest.train.topk import TopKSAE
+
+    assert [arch for _, arch, extra in demo.SWEEPS if "loss" not in extra] == list(ARCH_NAMES)
+
+    class NewSAE(TopKSAE):
+        arch = "new_topk"
+
+    monkeypatch.setitem(registry.ARCHITECTURES, "new_topk", NewSAE)
+    assert ("new_topk", "new_topk", {"k": (8, 16, 32)}) in demo.registry_sweeps()

@@ -101,7 +101,9 @@ def test_exact_reconstruction_changes_nothing(assets, tmp_path, family, hook):
             assert r[key + v] == pytest.approx(1, abs=1e-5), key
         assert r["loss_recovered_zero" + v] == pytest.approx(1, abs=1e-4)
     layer = int(hook.split(".")[1])
-    assert list(r["downstream_mse_by_layer"]) == [f"blocks.{l}.resid_post" for l in range(layer, 3)]
+    # the e2e paper's downstream layers: the input of each later block (the 3-layer model's last
+    # block output is read only by the final norm and unembedding, which KL and CE score)
+    assert list(r["downstream_mse_by_layer"]) == [f"blocks.{l}.resid_post" for l in range(layer, 2)]
     assert (r["site"], r["arch"], r["sweep_name"], r["tokens"]) == (hook, "relu", "exact-relu", CTX * N_SEQS)
 
     # L0 and alive latents against the site activations computed here: every nonzero component
@@ -113,6 +115,20 @@ def test_exact_reconstruction_changes_nothing(assets, tmp_path, family, hook):
     assert r["alive"] == int((flat > 0).any(0).sum() + (flat < 0).any(0).sum())
     assert r["alive"] <= 2 * D and r["d_sae"] == 2 * D + n_dead
     assert r["alive_tokens"] == CTX * N_SEQS and r["alive_tokens_nobos"] == (CTX - 1) * N_SEQS
+
+
+def test_downstream_layers_are_the_e2e_papers_for_training_and_evaluation():
+    """e2e paper eq. 1 on GPT-2 small (12 layers): an SAE at layer 6's input is compared at the
+    input of blocks 7..11, i.e. resid_post of blocks 6..10; training and evaluation share the list."""
+    from sae_harvest.harvest.sites import Site, downstream_sites
+    from sae_harvest.train import e2e
+
+    post = lambda layers: [f"blocks.{k}.resid_post" for k in layers]  # noqa: E731
+    assert downstream_sites(Site.parse("blocks.6.resid_pre"), 12) == post(range(6, 11))
+    assert downstream_sites(Site.parse("blocks.6.mlp_out"), 12) == post(range(6, 11))
+    assert downstream_sites(Site.parse("blocks.6.resid_post"), 12) == post(range(7, 11))
+    assert downstream_sites(Site.parse("blocks.11.resid_pre"), 12) == []
+    assert e2e.downstream_sites is downstream_sites
 
 
 @pytest.mark.parametrize("splice_bos", [False, True])
@@ -130,7 +146,7 @@ def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(asset
     assert r["relative_reconstruction_bias"] is None   # 0 / 0: undefined, never NaN
 
     # Independent reference: HF output_hidden_states with the block-1 input replaced by hand,
-    # and the input of the final norm, normalised by hand without its affine weights.
+    # normalised by hand without the final norm's affine weights.
     model, _ = load_model(assets["gpt2_affine"])
     ids = _ids(assets, "gpt2")
 
@@ -142,15 +158,10 @@ def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(asset
             return (new, *args[1:]), kwargs
         handle = model.transformer.h[1].register_forward_pre_hook(pre_hook, with_kwargs=True) \
             if replacement else None
-        seen = {}
-        ln = model.transformer.ln_f.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
         try:
             with torch.no_grad():
-                out = model(ids, labels=ids, output_hidden_states=True)
-                out.final_in = seen["x"]
-                return out
+                return model(ids, labels=ids, output_hidden_states=True)
         finally:
-            ln.remove()
             if handle:
                 handle.remove()
 
@@ -163,13 +174,15 @@ def test_zero_sae_equals_zero_ablation_and_ablations_match_hand_made_hooks(asset
     assert r["ce_mean_ablation"] == pytest.approx(meaned.loss.item(), abs=1e-5)
     mse = lambda a, b: (a - b).pow(2).mean().item()  # noqa: E731
     ds = r["downstream_mse_by_layer"]
+    assert list(ds) == ["blocks.1.resid_post"]   # not the last block's output
     assert ds["blocks.1.resid_post"] == pytest.approx(mse(zero.hidden_states[2], clean.hidden_states[2]), rel=1e-4)
-    assert ds["blocks.2.resid_post"] == pytest.approx(mse(zero.final_in, clean.final_in), rel=1e-4)
     plain = lambda a: torch.nn.functional.layer_norm(a, (D,), eps=model.transformer.ln_f.eps)  # noqa: E731
-    ln_ref = mse(plain(zero.final_in), plain(clean.final_in))
-    assert r["downstream_mse_ln_by_layer"]["blocks.2.resid_post"] == pytest.approx(ln_ref, rel=1e-4)
-    # ... which is not what the affine norm (HF's last hidden state) gives: the check has teeth
-    assert mse(zero.hidden_states[3], clean.hidden_states[3]) != pytest.approx(ln_ref, rel=1e-2)
+    ln_ref = mse(plain(zero.hidden_states[2]), plain(clean.hidden_states[2]))
+    assert r["downstream_mse_ln_by_layer"]["blocks.1.resid_post"] == pytest.approx(ln_ref, rel=1e-4)
+    # ... which is not what the final norm with its affine weights gives: the check has teeth
+    with torch.no_grad():
+        affine = mse(model.transformer.ln_f(zero.hidden_states[2]), model.transformer.ln_f(clean.hidden_states[2]))
+    assert affine != pytest.approx(ln_ref, rel=1e-2)
     logp_clean, logp_zero = log_probs(clean.logits[:, :-1]), log_probs(zero.logits[:, :-1])
     assert r["kl_zero_ablation"] == pytest.approx(kl_per_token(logp_clean, logp_zero).mean().item(), rel=1e-4)
 

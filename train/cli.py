@@ -1,11 +1,11 @@
 """`train` command line: a thin click layer over train.fit; options come from TrainConfig."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
+from sae_harvest.stores.artifacts import artifact_json
 
 from .config import TrainConfig
 
@@ -42,7 +42,7 @@ def fit_cmd(resume, overwrite, quiet, **fields):
     except ValueError as e:   # config validation (e.g. k > d_sae)
         fail(str(e).splitlines()[0])
     if quiet:
-        click.echo(json.dumps(summaries))
+        click.echo(artifact_json(summaries, indent=None, allow_nan=True))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train import resume as train_state
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.identity import identity_of
+from sae_harvest.stores.artifacts import artifact_json
 from sae_harvest.train.errors import TrainError
 
 
@@ -89,7 +90,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _log(runs, step, tokens, wandb_run):
     for name, run in runs.items():
         record = {"step": step, "tokens": tokens, **run.last}
-        run.log.write(json.dumps(record) + "\n")
+        run.log.write(artifact_json(record, indent=None, allow_nan=True) + "\n")
         run.log.flush()
         if wandb_run is not None:
             wandb_run.log({f"{name}/{k}": v for k, v in record.items() if k != "step"}, step=step)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sae_harvest.harvest.default_model import resolve_model
 from sae_harvest.harvest.models import get_adapter, load_model
-from sae_harvest.harvest.sites import Site, capture, record, splice
+from sae_harvest.harvest.sites import Site, capture, downstream_sites, record, splice
 from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub
@@ -41,15 +41,6 @@ def default_coeffs(loss: str, kl_coeff, downstream_coeff) -> tuple[float, float]
     if loss != "e2e+ds":
         return (1.0 if kl_coeff is None else kl_coeff), 0.0
     return (0.5 if kl_coeff is None else kl_coeff), (2.5 if downstream_coeff is None else downstream_coeff)
-
-
-def downstream_sites(site, n_layers: int) -> list[str]:
-    """The residual stream entering each later block, as e2e_sae does (SAE at blocks.6.hook_resid_pre
-    -> blocks.7..11.hook_resid_pre): resid_post of blocks first..L-2. resid_post of the site's own
-    block is downstream of every kind but resid_post itself; the last block's output only feeds the
-    final norm and unembedding, which the KL covers."""
-    first = site.layer + 1 if site.kind == "resid_post" else site.layer
-    return [f"blocks.{k}.resid_post" for k in range(first, n_layers - 1)]
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sae_harvest.stores.urls import scrub
+from sae_harvest.stores.layout import acts_path, grads_path
 
 
 def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
@@ -40,8 +41,8 @@ class StoreFeed:
     def _tensors(self):
         enc = self.iter.encodings
         for batch in self.iter:
-            acts = as_tensor(batch["acts"][self.site], enc["acts/" + self.site])
-            grads = as_tensor(batch["grads"][self.site], enc["grads/" + self.site]) if self.grads else None
+            acts = as_tensor(batch["acts"][self.site], enc[acts_path(self.site)])
+            grads = as_tensor(batch["grads"][self.site], enc[grads_path(self.site)]) if self.grads else None
             if self.pin:
                 acts = acts.pin_memory()
                 grads = grads.pin_memory() if grads is not None else None

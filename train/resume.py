@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.artifacts import artifact_json
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -56,7 +56,7 @@ def save_state(out: str | Path, *, meta: dict, runs: dict, where: str = CHECKPOI
                 tensors[f"opt.{pname}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
         tensors["since_fired"] = run.since_fired.detach().cpu()
         save_file(tensors, str(tmp / f"{name}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(scrub_tree(meta), indent=2))
+    (tmp / "state.json").write_text(artifact_json(meta, allow_nan=True))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

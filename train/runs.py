@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sae_harvest.stores.urls import scrub
+from sae_harvest.stores.artifacts import artifact_json
 from sae_harvest.train import distributed
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.errors import TrainError
@@ -141,4 +142,4 @@ def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -
                                        "world_size": summary.get("world_size", 1),
                                        "sweep_parallel": summary.get("sweep_parallel", False), "init": run.init,
                                        "rank": summary.get("rank")})
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    (folder / "summary.json").write_text(artifact_json(summary, allow_nan=True))

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae_harvest.stores.errors import UserError
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.artifacts import artifact_json
 from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.saelens_format import (ForeignCheckpointError, convert_saelens, is_saelens_checkpoint,
                                               tl_hook_name)
@@ -71,7 +71,7 @@ def _replace_atomically(path: Path, write) -> None:
 def save_sae(sae: SAE, out_dir, *, extra_cfg: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(scrub_tree(saelens_cfg(sae, dict(extra_cfg))), indent=2)   # fail before touching any file
+    text = artifact_json(saelens_cfg(sae, dict(extra_cfg)), allow_nan=True)   # fail before touching any file
     tensors = {n: t.detach().cpu().contiguous() for n, t in sae.saelens_state_dict().items()}
     _replace_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _replace_atomically(out_dir / CFG_NAME, lambda p: p.write_text(text))
