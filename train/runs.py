@@ -16,6 +16,7 @@ from sae_harvest.train.errors import TrainError
 from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.sae import SAE
 from sae_harvest.train.sae_io import load_sae, save_sae
+from sae_harvest.train.sparse_topk import wants_sparse_backward
 
 
 @dataclass
@@ -67,6 +68,8 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
         sae.to(device).train()
         if cfg.sparse_decode == "on" or (cfg.sparse_decode == "auto" and device.type == "cuda"):
             sae.enable_sparse_decode()
+        if wants_sparse_backward(cfg.sparse_backward, device):
+            sae.enable_sparse_backward()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
         runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
