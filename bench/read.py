@@ -3,7 +3,8 @@
 The feed side is exactly what `train fit` consumes: train.feeds.StoreFeed over the training rows
 (contiguous blocks in a seeded random order, read-ahead threads, position-0 rows skipped), values
 shipped as stored (fp16) and widened to float32 by the consumer as the trainer's `prepare` does
-(on the device; here the CPU), pinned when CUDA is there. "decode on host" is the old path: the
+(on the device; here the CPU); on CUDA read straight into pinned buffers, and (the previous
+path, for the ratio) copied into pinned memory on a thread after the read. "decode on host" is the old path: the
 block reader decoding to float32 numpy before the trainer sees it. The raw side reads every shard
 file of the site's activations with plain file reads (local) or s3fs cat (loopback S3, moto).
 Throughput is stored bytes per second; repeats alternate; medians reported.
@@ -51,7 +52,7 @@ def raw_seconds(files, fs=None) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool) -> tuple[float, int]:
+def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool, direct: bool = True) -> tuple[float, int]:
     store = open_store(store_path)
     steps = (store.n_rows - store.n_rows // store.ctx_len) // batch
     cuda = torch.cuda.is_available()
@@ -63,7 +64,7 @@ def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool) -> tuple[
             x = torch.from_numpy(b["acts"][SITE])
             n += x.numel() * 2   # stored bytes
     else:
-        feed = StoreFeed(store, SITE, batch, seed=0, grads=False, exclude_pos0=True, pin=cuda)
+        feed = StoreFeed(store, SITE, batch, seed=0, grads=False, exclude_pos0=True, pin=cuda, direct=direct)
         for i, b in zip(range(steps), feed):
             x = b["acts"]
             if cuda:
@@ -79,13 +80,16 @@ def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool) -> tuple[
 def measure(store_path, batch, repeats, fs=None) -> dict:
     files = shard_files(store_path, fs)
     raw_seconds(files, fs)   # warm the page cache / connections
-    sides = {"raw": [], "feed (stored 16-bit)": [], "feed + float32 on device": [], "decode on host (old)": []}
+    variants = [("feed (stored 16-bit)", False, False, True), ("feed + float32 on device", True, False, True),
+                ("decode on host (old)", False, True, True)]
+    if torch.cuda.is_available():   # read straight into pinned buffers (now) vs copied into them (before)
+        variants.append(("feed, copied into pinned memory (old)", False, False, False))
+    sides = {"raw": [], **{v[0]: [] for v in variants}}
     for _ in range(repeats):
         t, n = raw_seconds(files, fs)
         sides["raw"].append(n / t)
-        for name, widen, host in (("feed (stored 16-bit)", False, False), ("feed + float32 on device", True, False),
-                                  ("decode on host (old)", False, True)):
-            t, n = feed_seconds(store_path, batch, widen, host)
+        for name, widen, host, direct in variants:
+            t, n = feed_seconds(store_path, batch, widen, host, direct)
             sides[name].append(n / t)
     med = {k: statistics.median(v) / 2**30 for k, v in sides.items()}
     return {"GiB_s": med, "ratio_to_raw": {k: v / med["raw"] for k, v in med.items()},

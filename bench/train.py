@@ -3,10 +3,14 @@ in memory (same architecture, optimizer, batch, per-step decoder constraint), in
 
 Rates are marginal (N and 2N tokens, rate = N / time difference), so store opening, sampling
 for the normalisation constant and b_dec init cancel out. Repeats alternate; medians reported.
+Also printed: the store feed's own rate (StoreFeed alone, widened to fp32 on the device),
+`train fit` against the lower of the step's and the feed's rates, and the step's roofline
+(bench/roofline.py: FLOPs and bytes per token, achieved TFLOP/s, fraction of the device's peak).
 
     python bench/train.py                                   # TopK d=256 -> 4096, k=32, 4096-token batches
     python bench/train.py --device cuda --dtype bf16 --d-in 768 --d-sae 24576 --k 32 --tokens 20000000
     python bench/train.py --dtype bf16 --decode sparse --d-in 64 --d-sae 1024 --tokens 40960 --repeats 1  # CPU dry run
+    python bench/train.py --backward sparse          # the sparse encoder backward (default: on CUDA)
 """
 from __future__ import annotations
 
@@ -19,21 +23,31 @@ import time
 
 import torch
 
+from sae_harvest.stores import open_store
 from sae_harvest.train.config import TrainConfig
+from sae_harvest.train.feeds import StoreFeed
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.runs import make_adam
 
 from common import synthetic_store, report
+from roofline import describe, device_peaks, roofline, step_cost
+
+TOPK_FAMILY = ("topk", "batchtopk", "gtopk", "matryoshka_batchtopk")
 
 
-def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
-    cfg = SAEConfig(arch=arch, d_in=d, d_sae=d_sae, k=k if arch in ("topk", "batchtopk", "gtopk") else 0,
-                    l1_coeff=1.0)
+def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool, sparse_backward: bool = False,
+              adam: str = "trainer") -> float:
+    cfg = SAEConfig(arch=arch, d_in=d, d_sae=d_sae, k=k if arch in TOPK_FAMILY else 0, l1_coeff=1.0)
     torch.manual_seed(0)
     sae = make_sae(cfg).to(device)
     if sparse:
         sae.enable_sparse_decode()
-    opt = torch.optim.Adam(sae.parameters(), lr=sae.default_lr(d_sae))
+    if sparse_backward:
+        sae.enable_sparse_backward()
+    lr = sae.default_lr(d_sae)
+    opt = make_adam(sae.parameters(), lr, sae.adam_betas) if adam == "trainer" else \
+        torch.optim.Adam(sae.parameters(), lr=lr, foreach=adam == "foreach")
     data = torch.randn(16 * batch, d, device=device)
     steps = max(1, tokens // batch)
     # the trainer's dead-latent bookkeeping: AuxK (TopK family) runs once a latent can be dead, which
@@ -62,11 +76,13 @@ def bare_loop(arch, d, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool
     return time.perf_counter() - t0
 
 
-def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool) -> float:
+def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, sparse: bool,
+                sparse_backward: bool = False, adam: str = "trainer") -> float:
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(store=store, out=out, arch=arch, d_sae=d_sae, k=(k,), l1=(1.0,), batch_size=batch,
                       tokens=tokens, device=device, checkpoint_every=10**9,
-                      autocast="on" if bf16 else "off", sparse_decode="on" if sparse else "off")
+                      autocast="on" if bf16 else "off", sparse_decode="on" if sparse else "off",
+                      sparse_backward="on" if sparse_backward else "off")
     t0 = time.perf_counter()
     summaries = fit(cfg, progress=False)
     seconds = time.perf_counter() - t0
@@ -75,6 +91,29 @@ def fit_seconds(store, out, arch, d_sae, k, batch, tokens, device, bf16: bool, s
 
 
 FEED_WAIT: list = []   # seconds each fit's step loop waited on the store feed
+
+
+def feed_seconds(store_path, batch, tokens, device) -> float:
+    """The store feed alone, as `train fit` consumes it: StoreFeed over the store (pinned on CUDA),
+    each batch copied to the device and widened to fp32."""
+    store = open_store(store_path)
+    feed = StoreFeed(store, "blocks.0.resid_pre", batch, seed=0, grads=False,
+                     exclude_pos0=True, pin=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _, b in zip(range(max(1, tokens // batch)), feed):
+        b["acts"].to(device, non_blocking=True).float()
+    sync()
+    return time.perf_counter() - t0
+
+
+def print_roofline(label, tok_s, args, bf16, sparse, sparse_backward, peaks) -> dict:
+    """The step's roofline at tok_s (bench/roofline.py), printed and returned."""
+    cost = step_cost(args.d_in, args.d_sae, args.k, args.batch_size, sparse_decode=sparse,
+                     sparse_backward=sparse_backward, bf16=bf16)
+    r = roofline(tok_s, cost, peaks)
+    print(describe(label, r), flush=True)
+    return r
 
 
 def main():
@@ -91,13 +130,20 @@ def main():
                    help="SAE step precision (default: bf16 autocast on CUDA, fp32 on CPU)")
     p.add_argument("--decode", default="auto", choices=("auto", "sparse", "dense"),
                    help="TopK decode (auto: sparse on CUDA when k <= d_sae/16)")
+    p.add_argument("--backward", default="auto", choices=("auto", "sparse", "dense"),
+                   help="TopK family's encoder backward (auto: sparse on CUDA, as train fit's --sparse-backward)")
+    p.add_argument("--adam", default="trainer", choices=("trainer", "foreach", "loop"),
+                   help="trainer: train.runs.make_adam (fused where supported); the others for comparison "
+                        "(bare loop only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
     device = torch.device(args.device)
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     sparse = args.decode == "sparse" or (args.decode == "auto" and device.type == "cuda")
-    setting = (bf16, sparse)
+    sparse_backward = args.backward == "sparse" or (args.backward == "auto" and device.type == "cuda")
+    setting = (bf16, sparse, sparse_backward)
+    peaks = device_peaks(device, bf16)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     store = os.path.join(tmp, "s.zarr")
     N = args.tokens
@@ -106,25 +152,37 @@ def main():
     print(f"store built in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
     for arch in args.arch.split(","):
-        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device, *setting)  # warm-up
-        ratios, fit_rates, bare_rates = [], [], []
+        bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * args.batch_size, device, *setting,
+                  args.adam)  # warm-up
+        ratios, fit_rates, bare_rates, feed_rates, min_ratios = [], [], [], [], []
         for rep in range(args.repeats):
             out = os.path.join(tmp, "out")
             f1 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, N, args.device, *setting)
             f2 = fit_seconds(store, out, arch, args.d_sae, args.k, args.batch_size, 2 * N, args.device, *setting)
-            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device, *setting)
-            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device, *setting)
-            fr, br = N / max(f2 - f1, 1e-9), N / max(b2 - b1, 1e-9)
+            b1 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, N, device, *setting, args.adam)
+            b2 = bare_loop(arch, args.d_in, args.d_sae, args.k, args.batch_size, 2 * N, device, *setting, args.adam)
+            r1 = feed_seconds(store, args.batch_size, N, device)
+            r2 = feed_seconds(store, args.batch_size, 2 * N, device)
+            fr, br, rr = N / max(f2 - f1, 1e-9), N / max(b2 - b1, 1e-9), N / max(r2 - r1, 1e-9)
             fit_rates.append(fr)
             bare_rates.append(br)
+            feed_rates.append(rr)
             ratios.append(fr / br)
-            print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}, "
+            min_ratios.append(fr / min(br, rr))
+            print(f"{arch} repeat {rep}: train fit {fr:,.0f} tok/s, bare loop {br:,.0f} tok/s, ratio {fr / br:.3f}; "
+                  f"feed alone {rr:,.0f} tok/s, fit / min(step, feed) {fr / min(br, rr):.3f}; "
                   f"feed waits {FEED_WAIT[-2]:.2f} s / {FEED_WAIT[-1]:.2f} s", flush=True)
+        fit_med, bare_med = statistics.median(fit_rates), statistics.median(bare_rates)
+        rl = {"bare step": print_roofline(f"{arch} bare step", bare_med, args, *setting, peaks),
+              "train fit": print_roofline(f"{arch} train fit", fit_med, args, *setting, peaks)}
         results.append({"arch": arch, "d_in": args.d_in, "d_sae": args.d_sae, "k": args.k,
                         "batch_size": args.batch_size, "device": str(device),
-                        "dtype": "bf16" if bf16 else "fp32", "decode": "sparse" if sparse else "dense", "tokens": [N, 2 * N],
-                        "fit_tok_s": statistics.median(fit_rates), "bare_tok_s": statistics.median(bare_rates),
-                        "ratio_median": statistics.median(ratios), "ratios": ratios,
+                        "dtype": "bf16" if bf16 else "fp32", "decode": "sparse" if sparse else "dense",
+                        "backward": "sparse" if sparse_backward else "dense", "adam": args.adam, "tokens": [N, 2 * N],
+                        "fit_tok_s": fit_med, "bare_tok_s": bare_med,
+                        "feed_tok_s": statistics.median(feed_rates),
+                        "fit_vs_min_step_feed": statistics.median(min_ratios), "fit_vs_min_repeats": min_ratios,
+                        "ratio_median": statistics.median(ratios), "ratios": ratios, "roofline": rl,
                         "feed_wait_s": FEED_WAIT[-2:], "torch_threads": torch.get_num_threads()})
     report(results, args.json)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,18 +20,22 @@ class BlockBatches:
     global batch, cut exactly as with world 1), reading only the rows of that share.
     decode=False: values come back as stored (float16 / float32, bfloat16 as uint16 bits); see
     `encodings`. seqs="train" / "held_out": only the rows of the store's training / held-out
-    sequences (stores/split.py), filtered per block through `rows/seq`; "all": every row. Yields {"rows": int64 [n], "acts": {site: [n, d]}, "grads": {...}}."""
+    sequences (stores/split.py), filtered per block through `rows/seq`; "all": every row.
+    Yields {"rows": int64 [n], "acts": {site: [n, d]}, "grads": {...}}.
+    alloc(shape, dtype) -> a writable C-contiguous array: where each batch's value arrays are
+    allocated (default np.empty); the block reads write straight into them (the training feed
+    passes pinned host memory on CUDA, so no batch is copied again before the device copy)."""
 
     def __init__(self, store, sites, batch_size: int, *, rows: tuple[int, int] | None = None,
                  block_rows: int | None = None, seed: int = 0, grads: bool = False,
                  exclude_pos0: bool = False, prefetch: int = 4, state: dict | None = None,
                  epochs: int | None = None, drop_last: bool = True, part: tuple[int, int] = (0, 1),
-                 decode: bool = True, seqs: str = "all"):
+                 decode: bool = True, seqs: str = "all", alloc=None):
         self.store = store
+        self.alloc = alloc or np.empty
         if seqs not in ("all", "train", "held_out"):
             raise ValueError(f"seqs={seqs!r}: use all, train or held_out")
         self.seqs = seqs
-        self.split = store.split if seqs != "all" else None
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         for site in self.sites:
             store.width(site)  # raises a clear StoreError for an unknown site
@@ -129,7 +133,7 @@ class BlockBatches:
         out = {"rows": np.empty(n, dtype=np.int64)}
         for name, enc in self.encodings.items():
             d = self.store.width(name.split("/", 1)[1])
-            out[name] = np.empty((n, d), dtype=np.float32 if self.decode else layout.storage_dtype(enc))
+            out[name] = self.alloc((n, d), np.dtype(np.float32 if self.decode else layout.storage_dtype(enc)))
         return out
 
     def _targets(self, steps: list, current: list) -> list:

@@ -20,6 +20,7 @@ import torch
 
 from sae_harvest.train import distributed
 from sae_harvest.train.sae import LossOutput
+from sae_harvest.train.sparse_topk import SparsePre
 from sae_harvest.train.topk import TopKSAE
 
 THRESHOLD_ROWS = 100_000   # rows the final threshold is estimated from (fewer only if the data has fewer)
@@ -105,10 +106,21 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.fill_(float(theta))
         return n_rows
 
+    def training_latents(self, x):
+        """(pre, feats, values_at) of BatchTopK over the (global) batch, the training objective's
+        selection. Sparse backward: feats are built from the kept values alone, which carry the
+        gradient; finding them (nonzero) reads their count on the host (one GPU sync a step)."""
+        if not self.use_sparse_backward:
+            pre = self.pre_acts(x)
+            return pre, self.batch_topk(pre), None
+        enc = SparsePre(self, x)
+        rows, cols = (self.batch_topk(enc.pre) > 0).nonzero(as_tuple=True)
+        feats = torch.zeros_like(enc.pre).index_put((rows, cols), enc.at(rows, cols))
+        return enc.pre, feats, enc.gather
+
     def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
-        pre = self.pre_acts(x)
-        feats = self.batch_topk(pre)   # training objective always uses BatchTopK
+        pre, feats, values_at = self.training_latents(x)   # training objective always uses BatchTopK
         if self.training:
             self.update_threshold(feats)
         x_hat = self.decode(feats)
-        return self._loss_terms(x, pre, feats, x_hat, dead_mask)
+        return self._loss_terms(x, pre, feats, x_hat, dead_mask, values_at)

@@ -58,6 +58,9 @@ class TrainConfig:
     autocast: str = opt("auto", "bf16 autocast of the SAE step, and of the model forwards for --loss e2e (auto: on CUDA).", choices=("auto", "on", "off"))
     sparse_decode: str = opt("auto", "Decode TopK by gathering the k rows (auto: on CUDA when k <= d_sae/16).",
                              choices=("auto", "on", "off"))
+    sparse_backward: str = opt("auto", "TopK family: encoder gradients only at the chosen latents (sparse "
+                               "backward; off: dense autograd, the reference) (auto: on CUDA).",
+                               choices=("auto", "on", "off"))
     epochs: int | None = opt(None, "Passes over the data when --tokens is not given (meta-SAE).")
     loss: str = opt("local", "local: reconstruction; e2e / e2e+ds: through the live frozen --model.",
                     choices=("local", "e2e", "e2e+ds"))

@@ -3,8 +3,9 @@
 A feed yields {"acts": tensor [n, d], "grads": tensor or None} and can report and restore its
 position, so `--resume` continues on exactly the next batch. A store feed yields the values as
 stored (float16, bfloat16 or float32 tensors): the trainer converts them to float32 on the device,
-so the host never spends a pass over the batch decoding it. On CUDA the batches are copied into
-pinned memory by a background thread, so the host-to-device copy is asynchronous.
+so the host never spends a pass over the batch decoding it. On CUDA the shard reads write each
+batch straight into pinned host memory (`PinnedBuffers`), so the host-to-device copy is
+asynchronous and no batch is copied on the host after it is read.
 Under torchrun (part = (rank, world)) each rank gets its own share of every global batch.
 A store feed reads only the rows of the store's training sequences (stores/split.py).
 """
@@ -27,12 +28,43 @@ def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.uint16): torch.int16}   # bfloat16 is stored as its 16 bits
+
+
+class PinnedBuffers:
+    """Batch arrays allocated as torch tensors (pinned when pin=True, from torch's caching host
+    allocator) for the block reads to write into; tensor(array) hands back the tensor itself, so
+    the device copy sees allocator-owned pinned memory (which the allocator keeps from reuse
+    until an asynchronous copy out of it has finished)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._live: dict[int, torch.Tensor] = {}   # data pointer -> tensor, until the batch is yielded
+
+    def __call__(self, shape, dtype: np.dtype) -> np.ndarray:
+        t = torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=self.pin)
+        array = t.numpy()
+        self._live[array.ctypes.data] = t
+        return array
+
+    def tensor(self, array: np.ndarray, encoding: str) -> torch.Tensor:
+        t = self._live.pop(array.ctypes.data)[:len(array)]
+        return t.view(torch.bfloat16) if encoding == "bfloat16" else t
+
+
 class StoreFeed:
+    """direct=True (the default with pin): batches read straight into PinnedBuffers; direct=False
+    with pin: the previous path, each batch copied into pinned memory on a background thread."""
+
     def __init__(self, store, site: str, batch_size: int, *, seed: int, grads: bool, exclude_pos0: bool,
-                 state: dict | None = None, part: tuple[int, int] = (0, 1), pin: bool = False):
+                 state: dict | None = None, part: tuple[int, int] = (0, 1), pin: bool = False,
+                 direct: bool | None = None):
+        self.buffers = PinnedBuffers(pin) if (pin if direct is None else direct) else None
         # the rows of the store's training sequences only: held-out sequences are never trained on
         self.iter = store.batches(site, batch_size, seqs="train", seed=seed, grads=grads,
-                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False)
+                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False,
+                                  alloc=self.buffers)
         self.site = site
         self.grads = grads
         self.pin = pin
@@ -40,16 +72,18 @@ class StoreFeed:
 
     def _tensors(self):
         enc = self.iter.encodings
+        convert = self.buffers.tensor if self.buffers is not None else as_tensor
         for batch in self.iter:
-            acts = as_tensor(batch["acts"][self.site], enc[acts_path(self.site)])
-            grads = as_tensor(batch["grads"][self.site], enc[grads_path(self.site)]) if self.grads else None
-            if self.pin:
+            acts = convert(batch["acts"][self.site], enc[acts_path(self.site)])
+            grads = convert(batch["grads"][self.site], enc[grads_path(self.site)]) if self.grads else None
+            if self.pin and self.buffers is None:
                 acts = acts.pin_memory()
                 grads = grads.pin_memory() if grads is not None else None
             yield {"acts": acts, "grads": grads}, self.iter.state()
 
     def __iter__(self):
-        batches = _background(self._tensors()) if self.pin else self._tensors()
+        copies = self.pin and self.buffers is None   # only the copying path needs a thread of its own
+        batches = _background(self._tensors()) if copies else self._tensors()
         for batch, state in batches:
             self._state = state    # the position after the batch the trainer now holds
             yield batch

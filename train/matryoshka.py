@@ -49,8 +49,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         self.prefix_sizes = prefix_sizes(cfg.d_sae, tuple(cfg.prefixes))
 
     def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
-        pre = self.pre_acts(x)
-        feats = self.batch_topk(pre)   # one selection over the whole dictionary
+        pre, feats, values_at = self.training_latents(x)   # one selection over the whole dictionary
         if self.training:
             self.update_threshold(feats)
         x_hat, start, mses = self.b_dec, 0, []
@@ -59,7 +58,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             mses.append(recon_loss(x, x_hat))
             start = end
         mse, prefix_mse = mses[-1], sum(mses[:-1], x.new_zeros(()))
-        auxk = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask)
+        auxk = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask, values_at)
         terms = {"mse": mse, "aux": prefix_mse + auxk, "prefix_mse": prefix_mse, "auxk": auxk,
                  "l0": (feats > 0).float().sum(-1).mean()}
         return LossOutput(mse + prefix_mse + auxk, {n: t.detach() for n, t in terms.items()}, feats, x_hat)

@@ -18,6 +18,7 @@ from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.init_streams import INIT_SCHEME, checkpoint_stream, init_identity, init_stream, stream_seed
 from sae_harvest.train.sae import SAE
 from sae_harvest.train.sae_io import load_sae, save_sae
+from sae_harvest.train.sparse_topk import wants_sparse_backward
 
 
 @dataclass
@@ -76,11 +77,23 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
         sae.to(device).train()
         if cfg.sparse_decode == "on" or (cfg.sparse_decode == "auto" and device.type == "cuda"):
             sae.enable_sparse_decode()
+        if wants_sparse_backward(cfg.sparse_backward, device):
+            sae.enable_sparse_backward()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
+        opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
         runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
+
+
+def make_adam(params, lr: float, betas) -> torch.optim.Adam:
+    """Adam as one fused kernel where this torch has it for the parameters' device (CUDA, CPU:
+    7x the per-tensor loop on a 768 x 24576 SAE, docs/benchmarks.md), else the foreach form."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
 def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Tensor, tokens: int) -> None:

@@ -112,6 +112,10 @@ class SAE(nn.Module):
         """Switch to a sparse decode if the architecture has one that pays off; return whether it did."""
         return False
 
+    def enable_sparse_backward(self) -> bool:
+        """Switch loss() to encoder gradients at the chosen latents only (TopK family); return whether it did."""
+        return False
+
     @torch.no_grad()
     def finalize(self, batches) -> None:
         """After training, with the final weights: `batches` yields training-space inputs [n, d_in]."""

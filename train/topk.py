@@ -16,10 +16,13 @@ import math
 
 from sae_harvest.train import distributed
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+from sae_harvest.train.sparse_topk import SparsePre
 
 
-def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
-    """pre: [n, d_sae] post-ReLU pre-activations; resid: x - x_hat (detached).
+def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None,
+              values_at=None) -> torch.Tensor:
+    """pre: [n, d_sae] post-ReLU pre-activations; resid: x - x_hat (detached); values_at(idx): the
+    differentiable values of pre at idx [n, j] when pre carries no graph (the sparse backward).
 
     Reads the dead count on the host (a GPU sync): padding to a fixed aux_k instead would gather
     aux_k decoder rows per token every step, which costs more than the SAE step itself on a GPU
@@ -35,6 +38,8 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch
         return zero
     masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
     vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    if values_at is not None:
+        vals = values_at(idx)
     e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum")
     var = distributed.residual_variance(resid).clamp_min(1e-12)
     # data parallel: the ratio of global sums; x ranks because the ranks' gradients are averaged
@@ -47,6 +52,7 @@ class TopKSAE(SAE):
     apply_b_dec_to_input = True
     sweep_field = "k"
     use_sparse_decode = False   # enable_sparse_decode() (GPU, k << d_sae): decode by gathering the k rows
+    use_sparse_backward = False  # enable_sparse_backward(): encoder gradients at the chosen latents only
 
     @classmethod
     def check_config(cls, cfg):
@@ -61,6 +67,10 @@ class TopKSAE(SAE):
         # the gather beats the dense matmul once k is a small fraction of the dictionary
         self.use_sparse_decode = self.cfg.k * 16 <= self.cfg.d_sae
         return self.use_sparse_decode
+
+    def enable_sparse_backward(self):
+        self.use_sparse_backward = True
+        return True
 
     def saelens_fields(self):
         return {"k": self.cfg.k}
@@ -93,14 +103,20 @@ class TopKSAE(SAE):
                                mode="sum") + self.b_dec
 
     def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
-        pre = self.pre_acts(x)
-        vals, idx = self.select(pre, grad)
+        if self.use_sparse_backward:   # pre without a graph; the k chosen values carry the gradient
+            enc = SparsePre(self, x)
+            pre, values_at = enc.pre, enc.gather
+            _, idx = self.select(pre, grad)
+            vals = values_at(idx)
+        else:
+            pre, values_at = self.pre_acts(x), None
+            vals, idx = self.select(pre, grad)
         feats = torch.zeros_like(pre).scatter(-1, idx, vals)
         x_hat = self.sparse_decode(idx, vals) if self.use_sparse_decode else self.decode(feats)
-        return self._loss_terms(x, pre, feats, x_hat, dead_mask)
+        return self._loss_terms(x, pre, feats, x_hat, dead_mask, values_at)
 
-    def _loss_terms(self, x, pre, feats, x_hat, dead_mask) -> LossOutput:
+    def _loss_terms(self, x, pre, feats, x_hat, dead_mask, values_at=None) -> LossOutput:
         mse = recon_loss(x, x_hat)
-        aux = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask)
+        aux = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask, values_at)
         terms = {"mse": mse, "aux": aux, "l0": (feats > 0).float().sum(-1).mean()}
         return LossOutput(mse + aux, {n: t.detach() for n, t in terms.items()}, feats, x_hat)
