@@ -31,7 +31,7 @@ from .data import (OPENWEBTEXT, Background, open_dataset, positioned_sequences, 
 from .default_model import resolve_dataset, resolve_model
 from .distributed import Dist
 from .errors import HarvestError
-from .models import get_adapter, load_model, quiet_transformers
+from .models import KINDS, get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
 from .sites import parse_sites
 from .window import BufferPool, WindowWriter, compute_window
@@ -54,8 +54,8 @@ class HarvestConfig:
                                     "saved dataset; 'stdlib-py' = the offline default corpus.")
     split: str = opt("train", "Dataset split.")
     text_column: str = opt("text", "Column holding the text.")
-    sites: str = opt("blocks.6.resid_pre", "Comma list / globs of blocks.<L>.<kind>; kinds: resid_pre, resid_mid, "
-                                           "resid_post, attn_out, attn_z, mlp_out, mlp_act.")
+    sites: str = opt("blocks.6.resid_pre", "Comma list / globs of blocks.<L>.<kind>; kinds: "
+                                           f"{', '.join(KINDS)} (docs/sites.md).")
     grads: bool = opt(False, "Also store d(summed next-token CE)/d(activation) per token.", flag="--grads/--no-grads")
     tokens: int = opt(1_000_000, "Tokens to harvest.")
     ctx_len: int = opt(128, "Tokens per sequence.")
