@@ -314,3 +314,32 @@ def test_width_that_does_not_fit_the_kind_is_refused(store, tmp_path):
         SAEConfig(arch="gated", d_in=4, d_sae=8, d_out=3)
     with pytest.raises(ValueError, match="skip connection needs a transcoder"):
         SAEConfig(arch="topk", d_in=4, d_sae=8, k=2, skip=True)
+
+
+# --- under torchrun ----------------------------------------------------------------------------
+@pytest.mark.slow   # one torchrun job of two processes
+def test_sites_under_torchrun_data_parallel_and_spread_over_ranks(tmp_path):
+    """Two sites, two ranks: data parallel gives what one process gives (up to the all-reduce's
+    rounding); --sweep-parallel deals the sites' SAEs over the ranks, bitwise as one process."""
+    from tests.test_distributed import WORKER, torchrun
+    from tests.test_train_loop import _cfg as one_cfg, make_store
+
+    path = tmp_path / "s.zarr"
+    make_store(path)   # blocks.0.resid_pre and blocks.1.resid_pre
+    kw = dict(site="blocks.*.resid_pre", tokens=256 * 8, log_every=4)
+    fit(one_cfg(path, tmp_path / "one", **kw), progress=False)
+    configs = [one_cfg(path, tmp_path / "dp", **kw).to_dict(),
+               one_cfg(path, tmp_path / "sp", sweep_parallel=True, **kw).to_dict()]
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    r = torchrun(WORKER, str(tmp_path / "configs.json"), "--results", str(tmp_path / "results.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    names = ["blocks.0.resid_pre-topk_k4", "blocks.1.resid_pre-topk_k4"]
+    assert list(results[0]["summaries"]) == list(results[1]["summaries"]) == names
+    for rank, name in enumerate(names):
+        one = _weights(tmp_path / "one" / name)
+        for key, value in _weights(tmp_path / "dp" / name).items():
+            torch.testing.assert_close(value, one[key], rtol=1e-5, atol=1e-6)
+        for key, value in _weights(tmp_path / "sp" / name).items():
+            assert torch.equal(value, one[key]), (name, key)
+        assert results[1]["summaries"][name]["rank"] == rank   # one site per rank
