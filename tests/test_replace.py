@@ -132,3 +132,31 @@ def test_transcoder_whose_target_does_not_fit_the_model_is_one_line_exit_2(asset
                                       assets["corpus"], "--tokens", "64", "--device", "cpu", "--quiet"])
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "d_out 32" in lines[0], r.output
+
+
+def test_saes_at_several_sites_alone_and_all_at_once(assets, tmp_path):
+    """SAEs at two sites: each reported alone by evaluate splice; --all-at-once adds the joint row.
+    Exact SAEs (f = [ReLU(x), ReLU(-x)], x_hat = x) leave CE unchanged alone and together."""
+    eye = torch.eye(D)
+    paths = []
+    for site in ("blocks.0.resid_post", "blocks.2.mlp_out"):
+        sae = make_sae(SAEConfig("relu", D, 2 * D))
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+            sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+        paths.append(str(tmp_path / site))
+        save_sae(sae, paths[-1], extra_cfg={"hook_name": site, "sweep_name": site})
+    rows = _eval(assets, paths, all_at_once=True)
+    assert [r["name"] for r in rows] == ["blocks.0.resid_post", "blocks.2.mlp_out", "all at once"]
+    assert [r["site"] for r in rows[:2]] == ["blocks.0.resid_post", "blocks.2.mlp_out"]
+    for r in rows:
+        assert r["ce_increase"] == pytest.approx(0, abs=1e-5) and r["kl"] == pytest.approx(0, abs=1e-6)
+    joint = rows[2]
+    assert joint["site"] == "blocks.0.resid_post, blocks.2.mlp_out"
+    assert set(joint["per_dictionary"]) == {"blocks.0.resid_post", "blocks.2.mlp_out"}
+    assert all(p["nmse"] == pytest.approx(0, abs=1e-10) for p in joint["per_dictionary"].values())
+    # writing one site twice in one forward is refused
+    with pytest.raises(EvaluateError, match="write the same site"):
+        _eval(assets, [paths[0], paths[0]], all_at_once=True)
