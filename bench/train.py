@@ -11,19 +11,22 @@ Also printed: the store feed's own rate (StoreFeed alone, widened to fp32 on the
     python bench/train.py --device cuda --dtype bf16 --d-in 768 --d-sae 24576 --k 32 --tokens 20000000
     python bench/train.py --dtype bf16 --decode sparse --d-in 64 --d-sae 1024 --tokens 40960 --repeats 1  # CPU dry run
     python bench/train.py --backward sparse          # the sparse encoder backward (default: on CUDA)
+    python bench/train.py --sites 4     # one 4-site pass (--site 'blocks.*.resid_pre') vs 4 single-site runs
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from sae_harvest.stores import open_store
+from sae_harvest.stores import StoreWriter, open_store
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.feeds import StoreFeed
 from sae_harvest.train.fit import fit
@@ -137,7 +140,11 @@ def main():
                         "(bare loop only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json")
+    p.add_argument("--sites", type=int, default=None,
+                   help="K: time one K-site `train fit` pass against K single-site runs on the same store instead")
     args = p.parse_args()
+    if args.sites:
+        return sites_bench(args)
     device = torch.device(args.device)
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     sparse = args.decode == "sparse" or (args.decode == "auto" and device.type == "cuda")
@@ -185,6 +192,68 @@ def main():
                         "ratio_median": statistics.median(ratios), "ratios": ratios, "roofline": rl,
                         "feed_wait_s": FEED_WAIT[-2:], "torch_threads": torch.get_num_threads()})
     report(results, args.json)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def multi_site_store(path: str, d: int, rows: int, sites: int, ctx: int = 128) -> list[str]:
+    """K sites blocks.0..K-1.resid_pre of the same rows, each its own sparse dictionary, fp16."""
+    rng = np.random.default_rng(0)
+    names = [f"blocks.{i}.resid_pre" for i in range(sites)]
+    n_seqs = rows // ctx
+    window_seqs = min(n_seqs, 2048)
+    dicts = [rng.normal(size=(4 * d, d)).astype(np.float32) / math.sqrt(d) for _ in names]
+    w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
+                           sites={n: {"d": d, "encoding": "float16"} for n in names}, grads=None,
+                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
+    for win in range(-(-n_seqs // window_seqs)):
+        seqs = np.arange(win * window_seqs, min((win + 1) * window_seqs, n_seqs))
+        n = len(seqs) * ctx
+        perm = rng.permutation(n)
+        acts = {}
+        for name, dictionary in zip(names, dicts):
+            codes = (rng.random((n, 4 * d), dtype=np.float32) < 0.02) * rng.random((n, 4 * d), dtype=np.float32)
+            acts[name] = (codes @ dictionary * 10)[perm]
+        w.write_window(win, np.zeros((len(seqs), ctx)), np.repeat(seqs, ctx)[perm],
+                       np.tile(np.arange(ctx), len(seqs))[perm], acts)
+    w.finish(n_seqs)
+    return names
+
+
+def sites_bench(args) -> None:
+    """Whole `train fit` wall time (store opening, sampling, b_dec init, steps, held-out report, saving):
+    one pass over K sites vs K single-site runs, in-process (K separate commands would also pay K
+    interpreter and torch start-ups, not counted here). Repeats alternate; medians reported."""
+    tmp = tempfile.mkdtemp(prefix="bench-train-sites-")
+    store = os.path.join(tmp, "s.zarr")
+    t0 = time.perf_counter()
+    names = multi_site_store(store, args.d_in, args.store_rows or int(1.1 * args.tokens), args.sites)
+    print(f"{args.sites}-site store built in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def run(site: str) -> float:
+        out = os.path.join(tmp, "out")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = TrainConfig(store=store, out=out, site=site, arch=args.arch.split(",")[0], d_sae=args.d_sae,
+                          k=(args.k,), l1=(1.0,), batch_size=args.batch_size, tokens=args.tokens, device=args.device,
+                          checkpoint_every=10**9)
+        t = time.perf_counter()
+        fit(cfg, progress=False)
+        return time.perf_counter() - t
+
+    run(names[0])   # warm-up
+    multi, single, ratios = [], [], []
+    for rep in range(args.repeats):
+        m = run(",".join(names))
+        s = sum(run(name) for name in names)
+        multi.append(m)
+        single.append(s)
+        ratios.append(m / s)
+        print(f"repeat {rep}: one {args.sites}-site pass {m:.2f} s, {args.sites} single-site runs {s:.2f} s, "
+              f"ratio {m / s:.3f}", flush=True)
+    report({"sites": args.sites, "arch": args.arch.split(",")[0], "d_in": args.d_in, "d_sae": args.d_sae,
+            "k": args.k, "batch_size": args.batch_size, "tokens": args.tokens, "device": args.device,
+            "multi_site_s": statistics.median(multi), "single_site_runs_s": statistics.median(single),
+            "ratio_median": statistics.median(ratios), "ratios": ratios, "torch_threads": torch.get_num_threads()},
+           args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

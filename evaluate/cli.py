@@ -36,12 +36,12 @@ def main():
 def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     """Splice each SAE's reconstruction into the model; report CE increase, KL, loss recovered,
     downstream MSE, L0, alive latents and reconstruction metrics."""
+    from .replace import evaluate_all
     from .report import print_table, write_json, write_plot
-    from .splice import evaluate_saes
 
     cfg = EvalConfig(saes=tuple(saes), **fields)
     try:
-        results = evaluate_saes(cfg, progress=not quiet, console=console)
+        results = evaluate_all(cfg, progress=not quiet, console=console)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     # A pipe or file gets the whole table rather than rich's 80-column default.

@@ -33,6 +33,8 @@ class EvalConfig:
                                       "causal: label-free, d CE(own argmax prediction)_t / d a[t] "
                                       "(the spliced model stays causal; the headline); paper: "
                                       "d(sum_s CE_s)/d a[t], uses the tokens being scored.")
+    all_at_once: bool = opt(False, "Also splice every --sae together in one forward (one more result row, "
+                                   "\"all at once\", with each dictionary's NMSE inside it).")
     splice_bos: bool = opt(False, "Splice position 0 too (default: it keeps its clean activation, as "
                                   "SAEs are trained without it; ablations likewise).")
 

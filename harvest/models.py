@@ -1,7 +1,9 @@
 """Loading models and the per-family knowledge of where each site lives.
 
 Everything family-specific (module names, which norm sits where) is in this file; sites.py works
-only through ModelAdapter.hook_point(), so adding a family means adding one entry to _LAYOUTS.
+only through ModelAdapter.hook_point(). Site kinds are one table, SITE_KINDS (kind -> hook, width,
+module per family): adding a kind is one row there; adding a family is one entry in _LAYOUTS (plus
+a column in SITE_KINDS if its blocks are laid out differently).
 Structure verified against transformers 5.x modeling_{gpt2,gemma,gemma2,gemma3}.py:
 
   GPT-2    : h = x + attn(ln_1(x));  out = h + mlp(ln_2(h))             (attn returns (out, weights))
@@ -26,27 +28,61 @@ SUPPORTED_FAMILIES = ("gpt2", "gemma", "gemma2", "gemma3_text", "gemma3")
 
 @dataclass(frozen=True)
 class _Layout:
-    """Paths relative to the model / to one block. A site is read at (module, "input"|"output")."""
+    """Where the decoder stack lives in the model; paths inside a block come from SITE_KINDS."""
 
     base: str          # the decoder stack (holds the layer list and the final norm)
     layers: str
     final_norm: str
-    attn_out: str      # module whose output is exactly what attention adds to the residual
-    attn_z: str        # attention output projection; its input is attn_z
-    mlp_out: str       # module whose output is exactly what the MLP adds to the residual
-    mlp_act: str       # MLP output projection; its input is mlp_act
+    blocks: str        # which column of SITE_KINDS' module paths: "gpt2", "gemma" or "gemma2"
 
 
-_GPT2 = _Layout("transformer", "h", "ln_f", "attn", "attn.c_proj", "mlp", "mlp.c_proj")
-_GEMMA1 = _Layout("model", "layers", "norm", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
-# Gemma 2/3 norm the sub-block output before the residual add, so the site is after that norm.
-_GEMMA2 = _Layout("model", "layers", "norm", "post_attention_layernorm", "self_attn.o_proj",
-                  "post_feedforward_layernorm", "mlp.down_proj")
-_GEMMA3_MM = _Layout("model.language_model", "layers", "norm", "post_attention_layernorm",
-                     "self_attn.o_proj", "post_feedforward_layernorm", "mlp.down_proj")
+_LAYOUTS = {"gpt2": _Layout("transformer", "h", "ln_f", "gpt2"),
+            "gemma": _Layout("model", "layers", "norm", "gemma"),
+            "gemma2": _Layout("model", "layers", "norm", "gemma2"),
+            "gemma3_text": _Layout("model", "layers", "norm", "gemma2"),   # Gemma 3 blocks are Gemma 2's
+            "gemma3": _Layout("model.language_model", "layers", "norm", "gemma2")}
 
-_LAYOUTS = {"gpt2": _GPT2, "gemma": _GEMMA1, "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
-            "gemma3": _GEMMA3_MM}
+
+@dataclass(frozen=True)
+class SiteKind:
+    """One site kind: where it is read in a block of each family, and its width.
+
+    hook: "input" (the module's first input, a forward pre-hook), "output" (its output, a forward
+    hook; the first element for attention, which returns (out, weights)) or "composed" (resid_mid:
+    no module holds it; harvest/sites.py builds it from resid_pre and attn_out).
+    width: "d_model", "attn" (n_heads * head_dim) or "d_mlp" (the MLP's hidden size).
+    modules: module path relative to the block, per block layout ("" = the block itself)."""
+
+    hook: str
+    width: str
+    modules: dict
+
+
+def _same(path: str) -> dict:
+    return {"gpt2": path, "gemma": path, "gemma2": path}
+
+
+# THE table of site kinds, in forward order within a block (Site sorts by it). Gemma 2/3 norm each
+# sub-block's output before the residual add, so attn_out / mlp_out are read after those post-norms;
+# Gemma 1's "post_attention_layernorm" is its pre-MLP norm, so its attn_out is self_attn's output.
+# attn_in / mlp_in are the attention's / MLP's own inputs, after their pre-norms (GPT-2 ln_1 / ln_2,
+# Gemma input_layernorm / pre-MLP norm).
+SITE_KINDS: dict[str, SiteKind] = {
+    "resid_pre": SiteKind("input", "d_model", _same("")),
+    "attn_in": SiteKind("input", "d_model", {"gpt2": "attn", "gemma": "self_attn", "gemma2": "self_attn"}),
+    "attn_z": SiteKind("input", "attn", {"gpt2": "attn.c_proj", "gemma": "self_attn.o_proj",
+                                         "gemma2": "self_attn.o_proj"}),
+    "attn_out": SiteKind("output", "d_model", {"gpt2": "attn", "gemma": "self_attn",
+                                               "gemma2": "post_attention_layernorm"}),
+    "resid_mid": SiteKind("composed", "d_model", {}),
+    "mlp_in": SiteKind("input", "d_model", _same("mlp")),
+    "mlp_act": SiteKind("input", "d_mlp", {"gpt2": "mlp.c_proj", "gemma": "mlp.down_proj",
+                                           "gemma2": "mlp.down_proj"}),
+    "mlp_out": SiteKind("output", "d_model", {"gpt2": "mlp", "gemma": "mlp",
+                                              "gemma2": "post_feedforward_layernorm"}),
+    "resid_post": SiteKind("output", "d_model", _same("")),
+}
+KINDS = tuple(SITE_KINDS)
 
 
 def _unsupported(model_type) -> HarvestError:
@@ -164,29 +200,22 @@ class ModelAdapter:
         self.vocab_size: int = text.vocab_size
 
     def site_width(self, kind: str) -> int:
-        if kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
-            return self.d_model
-        if kind == "attn_z":
-            return self.n_heads * self.head_dim
-        if kind == "mlp_act":
-            return self.d_mlp
-        raise HarvestError(f"unknown site kind '{kind}'")
+        if kind not in SITE_KINDS:
+            raise HarvestError(f"unknown site kind '{kind}'; kinds: {', '.join(KINDS)}")
+        width = SITE_KINDS[kind].width
+        return {"d_model": self.d_model, "attn": self.n_heads * self.head_dim, "d_mlp": self.d_mlp}[width]
 
     def hook_point(self, layer: int, kind: str) -> tuple[nn.Module, str]:
         """(module, "input" | "output"): the site is that module's first input or output.
 
         resid_mid has no module of its own (it is resid_pre + attn_out); callers compose it.
         """
+        entry = SITE_KINDS.get(kind)
+        if entry is None or entry.hook == "composed":
+            raise HarvestError(f"site kind '{kind}' has no single hook point")
         block = self.layers[layer]
-        if kind == "resid_pre":
-            return block, "input"
-        if kind == "resid_post":
-            return block, "output"
-        if kind in ("attn_out", "mlp_out"):
-            return block.get_submodule(getattr(self._layout, kind)), "output"
-        if kind in ("attn_z", "mlp_act"):
-            return block.get_submodule(getattr(self._layout, kind)), "input"
-        raise HarvestError(f"site kind '{kind}' has no single hook point")
+        path = entry.modules[self._layout.blocks]
+        return (block.get_submodule(path) if path else block), entry.hook
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

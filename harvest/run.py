@@ -33,7 +33,7 @@ from .data import (OPENWEBTEXT, Background, open_dataset, positioned_sequences, 
 from .default_model import resolve_dataset, resolve_model
 from .errors import HarvestError
 from .fingerprint import agree_across_ranks, check_resumable, provenance
-from .models import get_adapter, load_model, quiet_transformers
+from .models import KINDS, get_adapter, load_model, quiet_transformers
 from .outpath import Target, plan_target
 from .preflight import resolve_sites
 from .grad_targets import GRAD_TARGETS, LOSS_OF, target_of
@@ -51,8 +51,8 @@ class HarvestConfig:
                                     "saved dataset; 'stdlib-py' = the offline default corpus.")
     split: str = opt("train", "Dataset split.")
     text_column: str = opt("text", "Column holding the text.")
-    sites: str | None = opt(None, "Comma list / globs of blocks.<L>.<kind>; kinds: resid_pre, resid_mid, "
-                                  "resid_post, attn_out, attn_z, mlp_out, mlp_act. Default: blocks.<n_layers//2>."
+    sites: str | None = opt(None, "Comma list / globs of blocks.<L>.<kind>; kinds: "
+                                  f"{', '.join(KINDS)} (docs/sites.md). Default: blocks.<n_layers//2>."
                                   "resid_pre of the given model (gpt2: blocks.6.resid_pre, stdlib-gpt2: "
                                   "blocks.2.resid_pre). Checked against the model's config before any weights load.")
     grads: bool = opt(False, "Also store d(summed next-token CE)/d(activation) per token.", flag="--grads/--no-grads")

@@ -2,13 +2,16 @@
 
 A site is "blocks.{layer}.{kind}". Definitions, for zero-indexed block L (see docs/sites.md):
   resid_pre  block input (= HF hidden_states[L])
+  attn_in    the attention module's input, after its pre-norm (GPT-2 ln_1(resid_pre))
   attn_out   exactly what attention adds to the residual stream (Gemma 2/3: after its post-norm)
   resid_mid  resid_pre + attn_out
+  mlp_in     the MLP module's input, after its pre-norm (GPT-2 ln_2(resid_mid))
   mlp_out    exactly what the MLP adds to the residual stream (Gemma 2/3: after its post-norm)
   resid_post block output (= resid_pre of L+1)
   attn_z     concatenated per-head attention outputs, the input of the output projection
   mlp_act    MLP hidden activation, the input of the MLP output projection (Gemma: act(gate)*up)
-Which module each is read from is family knowledge and lives in harvest/models.py.
+Which module each is read from is family knowledge and lives in one table, SITE_KINDS in
+harvest/models.py.
 """
 
 from __future__ import annotations
@@ -24,10 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_harvest.harvest.errors import HarvestError
-from sae_harvest.harvest.models import get_adapter
+from sae_harvest.harvest.models import KINDS, get_adapter   # KINDS: forward order; Site sorts by it
 
-# In forward-pass order within a block; Site sorts by (layer, this order).
-KINDS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_act", "mlp_out", "resid_post")
 _NAME = re.compile(r"^blocks\.(\d+)\.([A-Za-z_]+)$")
 
 
@@ -134,23 +135,27 @@ def _site_hooks(adapter, site: Site, fn: SiteFn, prepend: bool = False) -> list:
         module, where = adapter.hook_point(site.layer, site.kind)
         return [_hook(module, where, fn, prepend)]
 
-    # resid_mid is no module's output: the block computes resid_pre + attn_out internally. Keep
-    # resid_pre from the block input, and act on attn_out: replacing it by fn(mid) - resid_pre
-    # makes the block's residual sum equal fn(mid).
-    block, _ = adapter.hook_point(site.layer, "resid_pre")
-    attn, where = adapter.hook_point(site.layer, "attn_out")
+    # replacing attn_out by fn(mid) - resid_pre makes the block's residual sum equal fn(mid)
+    def on_mid(pre, a):
+        new = fn(pre + a)
+        return None if new is None else new - pre
+    return _mid_hooks(adapter, site.layer, on_mid, prepend)
+
+
+def _mid_hooks(adapter, layer: int, on_mid, prepend: bool) -> list:
+    """resid_mid is no module's output: the block computes resid_pre + attn_out internally. Keep
+    resid_pre from the block input and call on_mid(resid_pre, attn_out) at attn_out; what it returns
+    (None: unchanged) replaces attn_out. The one place resid_mid is built (splice, record, capture)."""
+    block, _ = adapter.hook_point(layer, "resid_pre")
+    attn, where = adapter.hook_point(layer, "attn_out")
     state = {}
 
     def keep_pre(x):
         state["pre"] = x
 
-    def on_attn_out(a):
-        pre = state["pre"]
-        new = fn(pre + a)
-        return None if new is None else new - pre
-
     # The observer is appended so it sees the block input after any resid_pre splice.
-    return [_hook(block, "input", keep_pre, prepend=False), _hook(attn, where, on_attn_out, prepend)]
+    return [_hook(block, "input", keep_pre, prepend=False),
+            _hook(attn, where, lambda a: on_mid(state["pre"], a), prepend)]
 
 
 def _remove(handles) -> None:
@@ -242,38 +247,28 @@ def capture(model, input_ids: Tensor, sites: Iterable, *, grads: bool = False,
             return live if live is not a else None
         return hook
 
-    def make_mid_hook(layer: int, name: str) -> SiteFn:
+    def make_mid_hook(name: str):
         # resid_mid = resid_pre + attn_out feeds everything downstream only through that sum,
         # so d loss/d resid_mid == d loss/d attn_out: take the gradient at attn_out rather than
         # rebuild the sum, which would change the forward pass by rounding.
-        def hook(a):
+        def on_mid(pre, a):
             live = tap(a)
-            acts[name] = state[layer] + live
+            acts[name] = pre + live
             grad_of[name] = live
             done()
             return live if live is not a else None
-        return hook
+        return on_mid
 
-    state: dict[int, Tensor] = {}
     try:
         for site in sites:
             if site.kind == "resid_mid":
-                block, _ = adapter.hook_point(site.layer, "resid_pre")
-                handles.append(_hook(block, "input", _keep(state, site.layer), prepend=False))
-                module, where = adapter.hook_point(site.layer, "attn_out")
-                handles.append(_hook(module, where, make_mid_hook(site.layer, site.name), False))
+                handles += _mid_hooks(adapter, site.layer, make_mid_hook(site.name), prepend=False)
             else:
                 module, where = adapter.hook_point(site.layer, site.kind)
                 handles.append(_hook(module, where, make_hook(site.name), False))
         return _run(model, input_ids, sites, acts, grad_of, grads, stop)
     finally:
         _remove(handles)
-
-
-def _keep(state: dict, key) -> SiteFn:
-    def keep(x):
-        state[key] = x
-    return keep
 
 
 def _run(model, input_ids, sites, acts, grad_of, grads, stop) -> Captured:

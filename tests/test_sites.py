@@ -105,6 +105,71 @@ def test_attn_z_and_mlp_act_through_projections(tiny):
             close(act(pre_mlp(a["resid_mid"])), a["mlp_act"], atol=1e-4)
 
 
+def _norm_and_module_inputs(family, block):
+    """(attention module, its pre-norm, MLP module, its pre-norm), written out per family here,
+    independently of harvest/models.py's table."""
+    if family == "gpt2":
+        return block.attn, block.ln_1, block.mlp, block.ln_2
+    if family == "gemma":   # Gemma 1's post_attention_layernorm is its pre-MLP norm
+        return block.self_attn, block.input_layernorm, block.mlp, block.post_attention_layernorm
+    return block.self_attn, block.input_layernorm, block.mlp, block.pre_feedforward_layernorm
+
+
+def test_attn_in_and_mlp_in_are_the_modules_own_inputs(tiny):
+    family, model, ids = tiny
+    adapter = get_adapter(model)
+    seen, handles = {}, []
+
+    def keep(name):
+        def pre_hook(_mod, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return pre_hook
+    for layer, block in enumerate(adapter.layers):
+        attn, _, mlp, _ = _norm_and_module_inputs(family, block)
+        handles.append(attn.register_forward_pre_hook(keep(f"blocks.{layer}.attn_in"), with_kwargs=True))
+        handles.append(mlp.register_forward_pre_hook(keep(f"blocks.{layer}.mlp_in"), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    acts = capture(model, ids, all_sites(adapter.n_layers)).acts
+    with torch.no_grad():
+        for layer, block in enumerate(adapter.layers):
+            for kind in ("attn_in", "mlp_in"):
+                name = f"blocks.{layer}.{kind}"
+                assert torch.equal(acts[name], seen[name]), name
+                assert acts[name].shape == (*ids.shape, adapter.d_model)
+            # and they are the pre-norms of the residual stream
+            _, attn_norm, _, mlp_norm = _norm_and_module_inputs(family, block)
+            close(attn_norm(acts[f"blocks.{layer}.resid_pre"]), acts[f"blocks.{layer}.attn_in"])
+            close(mlp_norm(acts[f"blocks.{layer}.resid_mid"]), acts[f"blocks.{layer}.mlp_in"])
+
+
+def test_splicing_mlp_in_changes_only_the_mlp(tiny):
+    """Replacing mlp_in by zeros leaves resid_mid and attn_in alone and turns mlp_out into the MLP
+    of a zero input; splicing attn_in moves attn_out."""
+    family, model, ids = tiny
+    _, _, mlp, _ = _norm_and_module_inputs(family, get_adapter(model).layers[1])
+    watch = [Site(1, "attn_in"), Site(1, "resid_mid"), Site(1, "mlp_in"), Site(1, "mlp_out"), Site(1, "attn_out")]
+    with torch.no_grad():
+        with record(model, watch) as clean:
+            model(ids)
+        clean = dict(clean)
+        with splice(model, "blocks.1.mlp_in", torch.zeros_like), record(model, watch) as out:
+            model(ids)
+        assert torch.equal(out["blocks.1.resid_mid"], clean["blocks.1.resid_mid"])
+        assert torch.equal(out["blocks.1.mlp_in"], torch.zeros_like(clean["blocks.1.mlp_in"]))
+        zero_mlp = mlp(torch.zeros_like(clean["blocks.1.mlp_in"]))
+        if family in ("gemma2", "gemma3", "gemma3_mm"):
+            zero_mlp = get_adapter(model).layers[1].post_feedforward_layernorm(zero_mlp)
+        close(out["blocks.1.mlp_out"], zero_mlp)
+        with splice(model, "blocks.1.attn_in", lambda a: 2 * a), record(model, watch) as out:
+            model(ids)
+        assert not torch.allclose(out["blocks.1.attn_out"], clean["blocks.1.attn_out"])
+
+
 def _reference_grad(model, ids, site, width):
     """d(summed next-token CE)/d act via a zero delta spliced in at the site."""
     delta = torch.zeros(*ids.shape, width, requires_grad=True)
@@ -211,6 +276,8 @@ def test_parse_sites_globs_and_order():
         "blocks.0.attn_z", "blocks.1.resid_pre", "blocks.1.resid_mid", "blocks.1.resid_post",
         "blocks.2.resid_pre", "blocks.2.resid_mid", "blocks.2.resid_post"]
     assert len(parse_sites("blocks.*.*", 3)) == 3 * len(KINDS)
+    assert [s.name for s in parse_sites("blocks.0.*_in,blocks.0.resid_mid", 2)] == [
+        "blocks.0.attn_in", "blocks.0.resid_mid", "blocks.0.mlp_in"]   # forward order
     assert Site.parse("blocks.6.resid_pre") == Site(6, "resid_pre")
     assert str(Site(6, "resid_pre")) == "blocks.6.resid_pre"
 

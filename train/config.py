@@ -17,7 +17,11 @@ SAE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
 class TrainConfig:
     out: str = opt(dataclasses.MISSING, "Output folder: one sub-folder per swept SAE.")
     store: str | None = opt(None, "Store path or fsspec URL (from `harvest run`).")
-    site: str | None = opt(None, "Site to train on (required when the store has several).")
+    site: str | None = opt(None, "Site to train on (required when the store has several); a comma list or globs "
+                                 "(blocks.*.resid_pre) train one SAE or sweep per site in one pass over the store.")
+    target: str | None = opt(None, "Transcoder: the decoder predicts this site (e.g. blocks.6.mlp_out) from --site "
+                                   "(blocks.6.mlp_in); several sites pair with as many targets in layer order.")
+    skip: bool = opt(False, "Transcoder: add a learned linear skip W_skip x to the output (skip transcoder).")
     decoder_of: str | None = opt(None, "Meta-SAE: train a BatchTopK SAE on this SAE checkpoint's decoder rows.")
     arch: str = opt("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
     d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")

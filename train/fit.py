@@ -10,6 +10,7 @@ from sae_harvest.train.config import TrainConfig, sweep_size
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.e2e import fit_e2e
 from sae_harvest.train.local import fit_local
+from sae_harvest.train.multisite import count_dictionaries, fit_multisite, is_multisite
 from sae_harvest.train.runs import check_output
 
 
@@ -23,7 +24,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     try:
         check_output(cfg, resume, overwrite)
         if cfg.sweep_parallel and world.size > 1:
-            n = sweep_size(cfg)
+            n = sweep_size(cfg) * count_dictionaries(cfg)
             if n < world.size:
                 plural = "s" * (n != 1)
                 raise TrainError(f"--sweep-parallel deals the sweep's {n} SAE{plural} over {world.size} ranks, "
@@ -34,7 +35,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
             raise TrainError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly "
                              f"over the {world.size} ranks")
         distributed.barrier()   # every rank has checked --out before rank 0 writes to it
-        trainer = fit_local if cfg.loss == "local" else fit_e2e
+        trainer = fit_multisite if is_multisite(cfg) else fit_local if cfg.loss == "local" else fit_e2e
         return trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, console=console,
                        device=device, on_step=on_step, world=world)
     except OSError as e:   # a write that failed outside the step loop (disk full, file-size limit)

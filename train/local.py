@@ -201,12 +201,15 @@ def warn(line: str, console=None) -> None:
         warnings.warn(line, stacklevel=3)
 
 
-def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now):
+def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now, target=None):
+    """One optimizer step of one SAE on x; a transcoder (train/transcoder.py) predicts `target`."""
     sae = run.sae
     # while no latent can be dead yet (the host knows a bound), AuxK is skipped rather than computed as 0
     dead = run.since_fired >= dead_after if run.idle_bound >= dead_after else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = sae.loss(x, g, dead_mask=dead)
+        out = sae.loss(x, g, dead_mask=dead) if target is None else sae.loss(x, g, dead_mask=dead, target=target)
+    if target is not None:
+        x = target   # the NMSE below is the target's
     out.loss.backward()
     optimizer_step(run, factor, cfg.grad_clip, fired=(out.feats > 0).any(0), tokens=len(x) * distributed.ranks())
     if log_now:   # every term is a mean over the rank's equal share: averaging gives the global batch's
@@ -260,7 +263,7 @@ def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
     held = held_out_reconstruction(sae, source.held_out(cfg.batch_size), scale, device)
     if not cfg.decoder_of and held:
         held["origin"] = held_out_origin(source.store, tokens=held["held_out_tokens"])
-    summary = {**driver.summary(), "held_out": held}
+    summary = {**driver.summary(), "input_scale": scale, "held_out": held}
     save_run(run, folder, scale, {**source.provenance, "training": cfg.to_dict()}, summary)
     return summary
 

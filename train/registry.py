@@ -16,6 +16,7 @@ from sae_harvest.train.matryoshka import MatryoshkaBatchTopKSAE
 from sae_harvest.train.relu import ReLUSAE
 from sae_harvest.train.sae import SAE
 from sae_harvest.train.topk import TopKSAE
+from sae_harvest.train.transcoder import TRANSCODER_ARCHS, transcoder_class
 
 ARCHITECTURES: dict[str, type[SAE]] = {cls.arch: cls for cls in (
     ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, GradTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE,
@@ -40,6 +41,8 @@ class SAEConfig:
     l0_penalty: str = "step"   # jumprelu: "step" (lambda * ||f||_0 through the STE) or "tanh" (SAELens)
     tanh_scale: float = 4.0    # jumprelu, l0_penalty "tanh": c in tanh(c * f * ||W_dec row||)
     prefixes: tuple[int, ...] = ()   # matryoshka: nested dictionary sizes; () = d_sae/16, /8, /4, /2, d_sae
+    d_out: int = 0             # transcoder: the target site's width (0: an SAE, decoding into d_in)
+    skip: bool = False         # transcoder: learned linear skip W_skip x added to the output
 
     def __post_init__(self):
         object.__setattr__(self, "prefixes", tuple(int(m) for m in self.prefixes))   # JSON gives a list
@@ -48,6 +51,11 @@ class SAEConfig:
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
         ARCHITECTURES[self.arch].check_config(self)
+        if (self.d_out or self.skip) and self.arch not in TRANSCODER_ARCHS:
+            raise ValueError(f"--target: a {self.arch} SAE cannot be a transcoder; transcoders take "
+                             f"{', '.join(TRANSCODER_ARCHS)}")
+        if self.skip and not self.d_out:
+            raise ValueError("a skip connection needs a transcoder (--target)")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "prefixes": list(self.prefixes)}   # as JSON reads it back
@@ -62,4 +70,6 @@ class SAEConfig:
 
 
 def make_sae(cfg: SAEConfig) -> SAE:
+    if cfg.d_out:
+        return transcoder_class(cfg.arch, cfg.skip)(cfg)
     return ARCHITECTURES[cfg.arch](cfg)

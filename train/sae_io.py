@@ -109,6 +109,8 @@ def checked_sae_config(raw, where) -> SAEConfig:
                 raise CheckpointError(f"{where}: {f.name} must be an integer, got {v!r}")
             if not 0 <= v < MAX_WIDTH:
                 raise CheckpointError(f"{where}: {f.name} = {v} is out of range (0 to {MAX_WIDTH - 1})")
+        if kind == "bool" and not isinstance(v, bool):
+            raise CheckpointError(f"{where}: {f.name} must be true or false, got {v!r}")
         if kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != v
                                 or abs(v) == float("inf")):
             raise CheckpointError(f"{where}: {f.name} must be a finite number, got {v!r}")

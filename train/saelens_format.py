@@ -15,15 +15,19 @@ import re
 
 import torch
 
+from sae_harvest.harvest.models import KINDS
 from sae_harvest.stores.errors import UserError
 
-# our site kind -> TransformerLens hook suffix (after "blocks.L.")
-TL_HOOKS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-            "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "attn_z": "attn.hook_z",
-            "mlp_act": "mlp.hook_post"}
+# our site kind (harvest/models.py SITE_KINDS) -> TransformerLens hook suffix (after "blocks.L."). attn_in
+# is TransformerLens's hook_attn_in only with use_attn_in (per-head copies); mlp_in is hook_mlp_in after
+# ln2, i.e. ln2.hook_normalized: we name the normalised input, as circuit-tracer's GPT-2 transcoders do.
+TL_HOOKS = {"resid_pre": "hook_resid_pre", "attn_in": "ln1.hook_normalized", "attn_z": "attn.hook_z",
+            "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized",
+            "mlp_act": "mlp.hook_post", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
+assert set(TL_HOOKS) == set(KINDS), "every site kind needs a TransformerLens name"
 _FROM_TL = {v: k for k, v in TL_HOOKS.items()}
 _OURS = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
-_TL = re.compile(r"^blocks\.(\d+)\.(hook_[a-z_]+|attn\.hook_z|mlp\.hook_post)$")
+_TL = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(h) for h in TL_HOOKS.values()) + r")$")
 # SAELens's HF wrapper (HookedProxyLM) names modules; a decoder block's output is resid_post
 _HF_BLOCK = re.compile(r"^(?:transformer\.h|model\.layers|model\.language_model\.layers|gpt_neox\.layers)\.(\d+)$")
 

@@ -1,0 +1,222 @@
+"""Splicing transcoders (and several dictionaries at once) into the live model.
+
+A transcoder reads its input site (blocks.L.mlp_in) and writes its target site (blocks.L.mlp_out):
+in the spliced forward the target's activation is replaced by the transcoder's prediction from the
+input site's *live* value, i.e. the value the model computes in that same forward, after every
+replacement upstream. So errors compound as in real use. An SAE is the special case input =
+target = its site (the prediction is its reconstruction of the live activation).
+
+`evaluate splice` sends every transcoder here, and with `--all-at-once` every dictionary given
+(SAEs and transcoders) is also spliced together in one forward: one extra result row, "all at once".
+Each row reports, on the same tokens as `evaluate splice`:
+  ce_clean, ce_spliced, ce_increase (nats, positions predicting tokens 1..T-1), kl (clean || spliced),
+  ce_zero_ablation and loss_recovered_zero (the written sites zeroed instead),
+  nmse: sum ||y_hat - y||^2 / sum ||y||^2 of the written site, y being what the model itself computes
+  there from the same live input (so the transcoder's own error, not the upstream drift),
+  l0 and alive latents.
+Position 0 keeps its clean value unless --splice-bos, and the NMSE/L0 are over positions >= 1
+(dictionaries are trained without position 0), as in evaluate/splice.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.live import Live, open_live
+from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
+from sae_harvest.evaluate.splice import EvaluateError, evaluate_saes
+from sae_harvest.stores.urls import scrub
+
+
+def is_transcoder_folder(path: str) -> bool:
+    """From cfg.json alone (before anything is loaded): a transcoder of ours has sae_harvest.sae.d_out > 0."""
+    d = Path(path)
+    d = d.parent if d.is_file() else d
+    try:
+        cfg = json.loads((d / "cfg.json").read_text())
+        return bool(((cfg.get("sae_harvest") or {}).get("sae") or {}).get("d_out"))
+    except (OSError, ValueError, AttributeError):
+        return False   # load_sae reports unreadable folders with their own message
+
+
+@dataclass
+class Replacement:
+    """One dictionary spliced in: reads `read` live, writes `write`."""
+    name: str
+    path: str
+    module: torch.nn.Module
+    read: object                    # harvest.sites.Site
+    write: object
+    d_sae: int
+    arch: str
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, latents) for rows x [n, d_in]."""
+        feats = self.module.encode(x)
+        out = self.module.decode(feats)
+        if getattr(self.module, "is_transcoder", False):
+            out = out + self.module.skip_out(x)
+        return out, feats
+
+
+def replacement_of(entry, adapter) -> Replacement:
+    """A Replacement for an attached evaluate.splice.Entry; a transcoder's target is checked here."""
+    from sae_harvest.harvest.errors import HarvestError
+    from sae_harvest.harvest.sites import Site
+
+    sae, ours = entry.sae, entry.cfg.get("sae_harvest") or {}
+    name = ours.get("sweep_name") or Path(entry.path).name
+    if not getattr(sae, "is_transcoder", False):
+        return Replacement(name, entry.path, sae, entry.site, entry.site, sae.cfg.d_sae, sae.cfg.arch)
+    try:
+        target = Site.parse(str(ours.get("target")))
+    except HarvestError as e:
+        raise EvaluateError(f"{entry.path}: transcoder target: {e}") from None
+    if not 0 <= target.layer < adapter.n_layers:
+        raise EvaluateError(f"{entry.path}: target {target.name} is not in the model ({adapter.n_layers} layers)")
+    if adapter.site_width(target.kind) != sae.cfg.d_out:
+        raise EvaluateError(f"{entry.path}: transcoder d_out {sae.cfg.d_out} != width "
+                            f"{adapter.site_width(target.kind)} of its target {target.name} in this model")
+    if not entry.site < target:
+        raise EvaluateError(f"{entry.path}: transcoder reads {entry.site.name} after it writes {target.name}: "
+                            f"its input must come first in the forward pass")
+    arch = f"{'skip_' if sae.cfg.skip else ''}transcoder ({sae.cfg.arch})"
+    return Replacement(name, entry.path, sae, entry.site, target, sae.cfg.d_sae, arch)
+
+
+def _keep_pos0(new: torch.Tensor, a: torch.Tensor, splice_bos: bool) -> torch.Tensor:
+    return new if splice_bos else torch.cat([a[:, :1], new[:, 1:]], 1)
+
+
+class Tally:
+    """A replacement's running NMSE / L0 / alive-latent sums over positions >= 1."""
+
+    def __init__(self):
+        self.err = self.norm2 = self.l0 = 0.0
+        self.tokens = 0
+        self.fired = None
+
+    def add(self, y_hat, y, feats) -> None:
+        self.err += float((y_hat.float() - y.float()).pow(2).sum())
+        self.norm2 += float(y.float().pow(2).sum())
+        self.l0 += float((feats != 0).sum())
+        self.tokens += feats.shape[0] * feats.shape[1]
+        fired = (feats != 0).flatten(0, 1).any(0)
+        self.fired = fired if self.fired is None else self.fired | fired
+
+    def metrics(self) -> dict:
+        return {"nmse": self.err / self.norm2 if self.norm2 else None,
+                "l0": self.l0 / self.tokens if self.tokens else None,
+                "alive": int(self.fired.sum()) if self.fired is not None else 0}
+
+
+def spliced_forward(model, ids, reps: list[Replacement], splice_bos: bool, zero: bool = False,
+                    tallies: list[Tally] | None = None) -> torch.Tensor:
+    """Log-probs of one forward with every replacement in `reps` active (zero=True: their written
+    sites zeroed instead), adding each one's NMSE / L0 terms to `tallies` (same order) if given."""
+    from sae_harvest.harvest.sites import record, splice
+
+    with ExitStack() as stack:
+        reads = [r.read for r in reps if r.read != r.write]
+        live = stack.enter_context(record(model, sorted(set(reads)))) if reads else {}
+        for i, r in enumerate(reps):
+            tally = tallies[i] if tallies is not None else None
+            stack.enter_context(splice(model, r.write, _writer(r, live, splice_bos, zero, tally)))
+        return log_probs(model(input_ids=ids, use_cache=False).logits)
+
+
+def _writer(r: Replacement, live: dict, splice_bos: bool, zero: bool, tally: Tally | None):
+    def write(a):
+        if zero:
+            return _keep_pos0(torch.zeros_like(a), a, splice_bos)
+        x = a if r.read == r.write else live[r.read.name]
+        rows = x.reshape(-1, x.shape[-1]).to(r.module.W_dec.dtype)
+        y_hat, feats = r.predict(rows)
+        y_hat = y_hat.view(*a.shape[:-1], -1).to(a.dtype)
+        if tally is not None:
+            tally.add(y_hat[:, 1:], a[:, 1:], feats.view(*a.shape[:-1], -1)[:, 1:])
+        return _keep_pos0(y_hat, a, splice_bos)
+    return write
+
+
+def evaluate_replacements(live: Live, reps: list[Replacement], groups: list[list[int]], batch_size: int,
+                          splice_bos: bool) -> list[dict]:
+    """One result per group of replacement indices (spliced together), all on live.ids; a joint row
+    also holds each member's NMSE / L0 inside that joint forward ("per_dictionary")."""
+    model = live.model
+    sums = [{"ce": 0.0, "kl": 0.0, "ce_zero": 0.0} for _ in groups]
+    tallies = [[Tally() for _ in group] for group in groups]
+    ce_clean, n_pred = 0.0, 0
+    with torch.no_grad():
+        for ids in live.ids.split(batch_size):
+            ids = ids.to(live.device)
+            clean = log_probs(model(input_ids=ids, use_cache=False).logits)
+            ref = kl_reference(clean[:, :-1])
+            ce_clean += float(ce_from_log_probs(clean, ids).double().sum())
+            n_pred += ids.shape[0] * (ids.shape[1] - 1)
+            for i, group in enumerate(groups):
+                members = [reps[j] for j in group]
+                logp = spliced_forward(model, ids, members, splice_bos, tallies=tallies[i])
+                sums[i]["ce"] += float(ce_from_log_probs(logp, ids).double().sum())
+                sums[i]["kl"] += float(kl_per_token(None, logp[:, :-1], ref=ref).double().sum())
+                zero = spliced_forward(model, ids, members, splice_bos, zero=True)
+                sums[i]["ce_zero"] += float(ce_from_log_probs(zero, ids).double().sum())
+    results = []
+    for i, group in enumerate(groups):
+        members = [reps[j] for j in group]
+        ce, kl, ce_zero = (sums[i][k] / n_pred for k in ("ce", "kl", "ce_zero"))
+        clean = ce_clean / n_pred
+        recovered = None if ce_zero == clean else 1 - (ce - clean) / (ce_zero - clean)
+        one = len(group) == 1
+        row = {"name": members[0].name if one else "all at once",
+               "sae": scrub(members[0].path) if one else [scrub(r.path) for r in members],
+               "arch": members[0].arch if one else "all at once",
+               "site": _site_label(members), "loss": "local", "grad_mode": None,
+               "model": scrub(live.model_name), "tokens": int(live.ids.numel()), "splice_bos": splice_bos,
+               "ce_clean": clean, "ce_clean_nobos": None, "ce_spliced": ce, "ce_increase": ce - clean, "kl": kl,
+               "ce_zero_ablation": ce_zero, "loss_recovered_zero": recovered,
+               "d_sae": sum(r.d_sae for r in members)}
+        per = {r.name: {"site": _site_label([r]), **t.metrics()} for r, t in zip(members, tallies[i])}
+        if one:
+            row.update(per[members[0].name])
+        else:
+            row.update({"nmse": None, "l0": sum(p["l0"] or 0 for p in per.values()),
+                        "alive": sum(p["alive"] for p in per.values()), "per_dictionary": per})
+        results.append(row)
+    return results
+
+
+def _site_label(reps: list[Replacement]) -> str:
+    return ", ".join(r.write.name if r.read == r.write else f"{r.read.name}->{r.write.name}" for r in reps)
+
+
+def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
+    """`evaluate splice`: SAEs through evaluate_saes (every metric of evaluate/splice.py), transcoders
+    here, and with cfg.all_at_once one more row with every dictionary spliced together."""
+    if not cfg.saes:
+        raise EvaluateError("no SAE given (--sae PATH)")
+    transcoders = [p for p in cfg.saes if is_transcoder_folder(p)]
+    plain = [p for p in cfg.saes if p not in transcoders]
+    if not transcoders and not cfg.all_at_once:
+        return evaluate_saes(cfg, progress=progress, console=console)
+    results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress,
+                            console=console) if plain else []
+    live = open_live(cfg.saes, model=cfg.model, revision=cfg.revision, store=cfg.store, dataset=cfg.dataset,
+                     split=cfg.split, text_column=cfg.text_column, tokens=cfg.tokens, ctx_len=cfg.ctx_len,
+                     device=cfg.device, dtype=cfg.dtype)
+    reps = [replacement_of(e, live.adapter) for e in live.entries]
+    written = [r.write for r in reps]
+    if cfg.all_at_once and len(set(written)) < len(written):
+        raise EvaluateError("--all-at-once: two dictionaries write the same site "
+                            f"({', '.join(sorted({s.name for s in written if written.count(s) > 1}))})")
+    index = {p: i for i, p in enumerate(cfg.saes)}
+    groups = [[index[p]] for p in transcoders] + ([list(range(len(reps)))] if cfg.all_at_once else [])
+    rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos)
+    by_name = {r["sae"]: r for r in rows if isinstance(r["sae"], str)}
+    return results + [by_name[scrub(p)] for p in transcoders] + [r for r in rows if r["name"] == "all at once"]

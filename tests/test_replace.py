@@ -1,0 +1,162 @@
+"""Transcoders spliced into the live model (evaluate/replace.py), against hand-made HF hooks: a
+crafted skip transcoder equal to an identity-activation MLP changes nothing; perturbed ones match a
+reference written with plain forward hooks, alone and all at once (errors compound)."""
+import json
+import shutil
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sae_harvest.evaluate.cli import main as eval_cli
+from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.replace import evaluate_all
+from sae_harvest.evaluate.splice import EvaluateError
+from sae_harvest.harvest.data import open_dataset, packed_sequences
+from sae_harvest.harvest.models import load_model
+from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.sae_io import save_sae
+from tests.tiny_models import make_tiny_model, write_corpus
+
+CTX, N_SEQS, BATCH, D = 32, 6, 3, 64
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replace_assets")
+    corpus = write_corpus(root / "docs.jsonl", n_docs=120, max_words=60)
+    gpt2 = make_tiny_model("gpt2", root / "gpt2")
+    linear = root / "gpt2_linear"   # the same weights, identity activation: MLP(x) = (x W_fc + b_fc) W_proj + b_proj
+    shutil.copytree(gpt2, linear)
+    cfg = json.loads((linear / "config.json").read_text())
+    cfg["activation_function"] = "linear"
+    (linear / "config.json").write_text(json.dumps(cfg))
+    return {"model": str(linear), "corpus": corpus}
+
+
+def _mlp_as_skip_transcoder(model, layer, perturb=0.0, seed=0):
+    """A skip transcoder whose skip path is exactly layer's MLP; its latents never fire."""
+    mlp = model.transformer.h[layer].mlp
+    w_fc, b_fc, w_proj, b_proj = (t.detach() for t in (mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+                                                       mlp.c_proj.bias))
+    tc = make_sae(SAEConfig("relu", D, 8, d_out=D, skip=True, l1_coeff=1.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tc.W_enc.zero_()
+        tc.b_enc.fill_(-1.0)   # pre = -1: no latent fires
+        tc.W_skip.copy_((w_fc @ w_proj).T + perturb * torch.randn(D, D, generator=g))
+        tc.b_dec.copy_(b_fc @ w_proj + b_proj)
+    return tc
+
+
+def _save(tc, path, layer):
+    save_sae(tc, path, extra_cfg={"hook_name": f"blocks.{layer}.mlp_in", "target": f"blocks.{layer}.mlp_out",
+                                  "sweep_name": path.name})
+    return str(path)
+
+
+def _eval(assets, saes, **kw):
+    cfg = EvalConfig(model=assets["model"], saes=tuple(saes), dataset=assets["corpus"], tokens=CTX * N_SEQS,
+                     ctx_len=CTX, batch_size=BATCH, device="cpu", **kw)
+    return evaluate_all(cfg, progress=False)
+
+
+def _ids(assets):
+    _, tok = load_model(assets["model"])
+    ds = open_dataset(assets["corpus"])
+    return torch.from_numpy(np.stack(list(islice(packed_sequences(ds, tok, CTX), N_SEQS)))).long()
+
+
+def test_skip_transcoder_equal_to_the_mlp_changes_nothing(assets, tmp_path):
+    model, _ = load_model(assets["model"])
+    (r,) = _eval(assets, [_save(_mlp_as_skip_transcoder(model, 1), tmp_path / "exact", 1)])
+    assert r["site"] == "blocks.1.mlp_in->blocks.1.mlp_out" and r["arch"] == "skip_transcoder (relu)"
+    assert r["ce_increase"] == pytest.approx(0, abs=1e-5) and r["kl"] == pytest.approx(0, abs=1e-6)
+    assert r["nmse"] == pytest.approx(0, abs=1e-10) and r["l0"] == 0 and r["alive"] == 0
+    assert r["loss_recovered_zero"] == pytest.approx(1, abs=1e-4) and abs(r["ce_zero_ablation"] - r["ce_clean"]) > 1e-3
+
+
+def _reference(model, ids, tcs: dict):
+    """Mean next-token CE with each layer's MLP output replaced by tc(its live input), position 0
+    kept, written with plain HF hooks; plus each MLP's NMSE of tc(input) vs its own output."""
+    handles, errs = [], {layer: [0.0, 0.0] for layer in tcs}
+    for layer, tc in tcs.items():
+        mlp = model.transformer.h[layer].mlp
+
+        def hook(_mod, args, out, tc=tc, layer=layer):
+            x = args[0]
+            y_hat = tc(x.reshape(-1, D)).view_as(out)
+            errs[layer][0] += float((y_hat[:, 1:] - out[:, 1:]).pow(2).sum())
+            errs[layer][1] += float(out[:, 1:].pow(2).sum())
+            return torch.cat([out[:, :1], y_hat[:, 1:]], 1)
+        handles.append(mlp.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = torch.cat([model(b).logits for b in ids.split(BATCH)])
+    finally:
+        for h in handles:
+            h.remove()
+    logp = torch.log_softmax(logits.float(), -1)
+    ce = -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    return float(ce), {layer: e / n for layer, (e, n) in errs.items()}
+
+
+def test_perturbed_transcoders_alone_and_all_at_once_match_hand_hooks(assets, tmp_path):
+    model, _ = load_model(assets["model"])
+    ids = _ids(assets)
+    tcs = {0: _mlp_as_skip_transcoder(model, 0, 0.3, seed=1), 2: _mlp_as_skip_transcoder(model, 2, 0.3, seed=2)}
+    paths = [_save(tc, tmp_path / f"tc{layer}", layer) for layer, tc in tcs.items()]
+    rows = _eval(assets, paths, all_at_once=True)
+    assert [r["name"] for r in rows] == ["tc0", "tc2", "all at once"]
+    clean, _ = _reference(model, ids, {})
+    for layer, r in zip(tcs, rows):
+        ce, nmse = _reference(model, ids, {layer: tcs[layer]})
+        assert r["ce_clean"] == pytest.approx(clean, rel=1e-6)
+        assert r["ce_spliced"] == pytest.approx(ce, rel=1e-5) and abs(r["ce_increase"]) > 1e-4
+        assert r["nmse"] == pytest.approx(nmse[layer], rel=1e-4)
+    ce, nmse = _reference(model, ids, tcs)   # together: layer 2 reads an input layer 0's error moved
+    joint = rows[2]
+    assert joint["ce_spliced"] == pytest.approx(ce, rel=1e-5)
+    assert joint["per_dictionary"]["tc2"]["nmse"] == pytest.approx(nmse[2], rel=1e-4)
+    assert joint["per_dictionary"]["tc2"]["nmse"] != pytest.approx(rows[1]["nmse"], rel=1e-3)   # it compounds
+
+
+def test_transcoder_whose_target_does_not_fit_the_model_is_one_line_exit_2(assets, tmp_path):
+    tc = make_sae(SAEConfig("relu", D, 8, d_out=D // 2, l1_coeff=1.0))
+    path = _save(tc, tmp_path / "narrow", 1)
+    with pytest.raises(EvaluateError, match="d_out 32 != width 64"):
+        _eval(assets, [path])
+    r = CliRunner().invoke(eval_cli, ["splice", "--sae", path, "--model", assets["model"], "--dataset",
+                                      assets["corpus"], "--tokens", "64", "--device", "cpu", "--quiet"])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "d_out 32" in lines[0], r.output
+
+
+def test_saes_at_several_sites_alone_and_all_at_once(assets, tmp_path):
+    """SAEs at two sites: each reported alone by evaluate splice; --all-at-once adds the joint row.
+    Exact SAEs (f = [ReLU(x), ReLU(-x)], x_hat = x) leave CE unchanged alone and together."""
+    eye = torch.eye(D)
+    paths = []
+    for site in ("blocks.0.resid_post", "blocks.2.mlp_out"):
+        sae = make_sae(SAEConfig("relu", D, 2 * D))
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+            sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+        paths.append(str(tmp_path / site))
+        save_sae(sae, paths[-1], extra_cfg={"hook_name": site, "sweep_name": site})
+    rows = _eval(assets, paths, all_at_once=True)
+    assert [r["name"] for r in rows] == ["blocks.0.resid_post", "blocks.2.mlp_out", "all at once"]
+    assert [r["site"] for r in rows[:2]] == ["blocks.0.resid_post", "blocks.2.mlp_out"]
+    for r in rows:
+        assert r["ce_increase"] == pytest.approx(0, abs=1e-5) and r["kl"] == pytest.approx(0, abs=1e-6)
+    joint = rows[2]
+    assert joint["site"] == "blocks.0.resid_post, blocks.2.mlp_out"
+    assert set(joint["per_dictionary"]) == {"blocks.0.resid_post", "blocks.2.mlp_out"}
+    assert all(p["nmse"] == pytest.approx(0, abs=1e-10) for p in joint["per_dictionary"].values())
+    # writing one site twice in one forward is refused
+    with pytest.raises(EvaluateError, match="write the same site"):
+        _eval(assets, [paths[0], paths[0]], all_at_once=True)

@@ -1,0 +1,295 @@
+"""Several dictionaries from one pass over a store: an SAE (or a sweep) per site, and transcoders.
+
+`train fit --site 'blocks.*.resid_pre'` (a comma list or globs over the store's sites, as `harvest
+--sites` takes) trains one SAE or sweep per matched site; `--target SITE` makes each a transcoder
+from --site to --target (train/transcoder.py). The sites are columns of the same rows, so one feed
+reads every block of every site array once (and the position array once, not once per site) and
+every dictionary steps on its own columns of the same batch. Each site keeps its own input scale
+(E||x / s|| = sqrt(d) per site), b_dec init and seed, exactly as a single-site run would: a K-site
+run gives the same SAEs as K single-site runs with the same seed (tests/test_multisite.py).
+
+Folders: `<out>/<site>-<sweep name>` for SAEs, `<out>/<site>-<target>-<[skip_]transcoder>_<sweep name>`
+for transcoders; each cfg.json records its site (hook_name) and, for a transcoder, its target.
+Data parallel, --sweep-parallel (the dictionaries of every site dealt over the ranks) and --resume
+work as for one site: the step loop is train/driver.py's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_harvest.stores import open_store
+from sae_harvest.stores.artifacts import write_artifact
+from sae_harvest.stores.layout import acts_path, grads_path
+from sae_harvest.stores.urls import scrub
+from sae_harvest.train import distributed
+from sae_harvest.train.batchtopk import THRESHOLD_ROWS
+from sae_harvest.train.config import TrainConfig, sweep
+from sae_harvest.train.driver import Driver
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.feeds import _background, as_tensor, held_out_origin
+from sae_harvest.train.local import Source, _finish, _info, _print_summary, _step
+from sae_harvest.train.registry import make_sae
+from sae_harvest.train.runs import Run, build_runs, input_scale
+from sae_harvest.train.sae_io import save_sae
+from sae_harvest.train.transcoder import TRANSCODER_ARCHS
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One dictionary family of the run: the encoder reads `site`; the decoder writes `target`
+    (None: the site itself, an SAE)."""
+    site: str
+    target: str | None = None
+
+
+def is_multisite(cfg: TrainConfig) -> bool:
+    """Whether this module trains the run: several sites, a glob, or a transcoder target."""
+    return bool(cfg.target) or cfg.skip or any(ch in (cfg.site or "") for ch in ",*?[")
+
+
+def _site_order(name: str):
+    from sae_harvest.harvest.sites import Site
+
+    try:
+        return (0, Site.parse(name))
+    except Exception:   # a store's own non-block name, if any: after the block sites
+        return (1, name)
+
+
+def match_sites(spec: str, sites: list[str], option: str, store: str) -> list[str]:
+    """Comma list of names and fnmatch globs over the store's sites -> sorted (layer, forward order)."""
+    items = [item.strip() for item in str(spec).split(",") if item.strip()]
+    if not items:
+        raise TrainError(f"{option} is empty; the store has: {', '.join(sites)}")
+    found = set()
+    for item in items:
+        matched = fnmatch.filter(sites, item) if any(ch in item for ch in "*?[") else \
+            ([item] if item in sites else [])
+        if not matched:
+            raise TrainError(f"{option} {item!r} matches no site in store {scrub(store)}; it has: {', '.join(sites)}")
+        found.update(matched)
+    return sorted(found, key=_site_order)
+
+
+def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
+    """The (site, target) pairs a run trains; a TrainError (one line) for anything that does not fit."""
+    if cfg.site is None:
+        raise TrainError("give --site (a name, a comma list or globs) with --target")
+    inputs = match_sites(cfg.site, store.sites, "--site", cfg.store)
+    if not cfg.target:
+        if cfg.skip:
+            raise TrainError("--skip is for transcoders: give --target too")
+        return [Pair(site) for site in inputs]
+    if cfg.arch not in TRANSCODER_ARCHS:
+        raise TrainError(f"--target: --arch {cfg.arch} cannot be a transcoder; transcoders take "
+                         f"{', '.join(TRANSCODER_ARCHS)}")
+    targets = match_sites(cfg.target, store.sites, "--target", cfg.store)
+    if len(targets) != len(inputs):
+        raise TrainError(f"--site matches {len(inputs)} sites and --target {len(targets)}: they pair one to one "
+                         f"in layer order ({', '.join(inputs)} / {', '.join(targets)})")
+    pairs = [Pair(s, t) for s, t in zip(inputs, targets)]
+    same = [p.site for p in pairs if p.site == p.target]
+    if same:
+        raise TrainError(f"--target {same[0]} is its own --site: that is an SAE, drop --target")
+    return pairs
+
+
+def count_dictionaries(cfg: TrainConfig) -> int:
+    """How many site pairs a run trains (1 for a plain single-site run): the sweep-parallel check."""
+    if not is_multisite(cfg) or not cfg.store:
+        return 1
+    return len(plan_pairs(cfg, open_store(cfg.store)))
+
+
+def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
+    if pair.target is None:
+        return f"{pair.site}-{sweep_name}"
+    return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
+
+
+class MultiFeed:
+    """StoreFeed over several sites: yields {"acts": {site: tensor}, "grads": {site: tensor} | None},
+    every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one)."""
+
+    def __init__(self, store, sites: list[str], batch_size: int, *, seed: int, grads: bool,
+                 exclude_pos0: bool, state: dict | None = None, part=(0, 1), pin: bool = False):
+        # the rows of the store's training sequences only: held-out sequences are never trained on
+        self.iter = store.batches(sites, batch_size, seqs="train", seed=seed, grads=grads,
+                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False)
+        self.sites, self.grads, self.pin = sites, grads, pin
+        self._state = self.iter.state()
+
+    def _tensors(self):
+        enc = self.iter.encodings
+        for batch in self.iter:
+            acts = {s: as_tensor(batch["acts"][s], enc[acts_path(s)]) for s in self.sites}
+            grads = {s: as_tensor(batch["grads"][s], enc[grads_path(s)]) for s in self.sites} if self.grads else None
+            if self.pin:
+                acts = {s: a.pin_memory() for s, a in acts.items()}
+                grads = {s: g.pin_memory() for s, g in grads.items()} if grads else None
+            yield {"acts": acts, "grads": grads}, self.iter.state()
+
+    def __iter__(self):
+        batches = _background(self._tensors()) if self.pin else self._tensors()
+        for batch, state in batches:
+            self._state = state
+            yield batch
+
+    def state(self) -> dict:
+        return self._state
+
+
+def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]:
+    """One Run per swept value, seeded like an SAE's; b_dec starts at the target's geometric median."""
+    src, tgt = sources[pair.site], sources[pair.target]
+    x, y = src.sample / scales[pair.site], tgt.sample / scales[pair.target]
+    runs = {}
+    for name, sae_cfg in sweep(cfg, src.d_in):
+        sae_cfg = dataclasses.replace(sae_cfg, d_out=tgt.d_in, skip=cfg.skip)
+        torch.manual_seed(cfg.seed)
+        sae = make_sae(sae_cfg)
+        sae.init_b_dec(y, cfg.b_dec_init)
+        sae.calibrate(x, None)
+        sae.to(device).train()
+        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+    return runs
+
+
+def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                  console=None, device=None, on_step=None, world=distributed.World()) -> dict:
+    """Train every (site, target) pair's sweep in one pass; {folder name: summary} (rank 0 under torchrun)."""
+    if cfg.decoder_of:
+        raise TrainError("--decoder-of trains a meta-SAE on one SAE's decoder: drop --target / the site list")
+    if cfg.loss != "local":
+        raise TrainError(f"--loss {cfg.loss} trains one site at a time; several sites and --target take --loss local")
+    if not cfg.store:
+        raise TrainError("give --store")
+    out = Path(cfg.out)
+    pairs = plan_pairs(cfg, open_store(cfg.store))
+    needed = sorted({s for p in pairs for s in (p.site, p.target) if s}, key=_site_order)
+    sources = {s: Source(dataclasses.replace(cfg, site=s, target=None)) for s in needed}
+    scales = {s: input_scale(src.sample, cfg.normalize) for s, src in sources.items()}
+    first = sources[pairs[0].site]
+    tokens = cfg.tokens or first.epoch_tokens * (cfg.epochs or 1)
+    batch = min(cfg.batch_size, first.epoch_tokens)
+    if batch % world.size and not world.sweep_parallel:
+        raise TrainError(f"the global batch of {batch} rows does not divide over {world.size} ranks")
+    total_steps = max(1, tokens // batch)
+    dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
+
+    runs, pair_of, order = {}, {}, []
+    for pair in pairs:
+        if pair.target is None:
+            src = sources[pair.site]
+            built = build_runs(dataclasses.replace(cfg, site=pair.site), src.d_in, src.sample, src.grad_sample,
+                               device, scales[pair.site])
+        else:
+            built = _transcoder_runs(cfg, pair, sources, scales, device)
+        for sweep_name, run in built.items():
+            name = run_name(pair, sweep_name, cfg)
+            index = len(order)
+            order.append(name)
+            if world.sweep_parallel and world.owner(index) != world.rank:
+                continue
+            run.name = name
+            runs[name] = run
+            pair_of[name] = pair
+
+    label = f"train {len(pairs)} sites" + (f" (rank {world.rank}: {len(runs)} of {len(order)})"
+                                           if world.sweep_parallel else "")
+    # every dictionary folds its own site's scale; the driver's single scale stays 1
+    driver = Driver(cfg, out, runs, scale=1.0, total_steps=total_steps, tokens_per_step=batch, label=label,
+                    world=world)
+    feed_state = driver.prepare(resume, overwrite, device)
+    part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
+    feed = MultiFeed(first.store, needed, batch, seed=cfg.seed, grads=first.grads,
+                     exclude_pos0=first.exclude_pos0, state=feed_state, part=part, pin=device.type == "cuda")
+    autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
+
+    def prepare(data):
+        x = {s: a.to(device, non_blocking=True).float() / scales[s] for s, a in data["acts"].items()}
+        g = {s: a.to(device, non_blocking=True).float() * scales[s]
+             for s, a in data["grads"].items()} if data["grads"] is not None else {}
+        return x, g
+
+    def step_fn(inputs, factor, log_now):
+        x, g = inputs
+        for name, run in runs.items():
+            pair = pair_of[name]
+            target = x[pair.target] if pair.target else None
+            _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target)
+
+    driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console, on_step=on_step)
+    if not driver.writes:
+        return {}
+    summaries = {}
+    for name, run in runs.items():
+        pair = pair_of[name]
+        if pair.target is None:
+            summaries[name] = _finish(run, sources[pair.site], out / name, cfg, scales[pair.site], device, driver)
+        else:
+            summaries[name] = _finish_transcoder(run, pair, sources, scales, out / name, cfg, device, driver)
+    driver.finish()
+    summaries = driver.gather(summaries, order)
+    if progress and console is not None:
+        _print_summary(console, summaries)
+    return summaries
+
+
+@torch.no_grad()
+def held_out_prediction(sae, store, pair: Pair, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+    """The target's NMSE and FVU (1 - explained variance), L0 and dead fraction on the rows of the
+    store's held-out sequences (stores/split.py), in the training space (both sites divided by their
+    scales)."""
+    sae.eval()
+    err = norm2 = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    y_sum, count = None, 0
+    for b in store.batches([pair.site, pair.target], batch_size, seqs="held_out", exclude_pos0=exclude_pos0,
+                           epochs=1, drop_last=False):
+        x = torch.from_numpy(b["acts"][pair.site]).to(device) / scales[pair.site]
+        y = torch.from_numpy(b["acts"][pair.target]).to(device) / scales[pair.target]
+        feats = sae.encode(x)
+        y_hat = sae.decode(feats) + sae.skip_out(x)
+        err += (y_hat - y).pow(2).sum().item()
+        norm2 += y.pow(2).sum().item()
+        y_sum = y.sum(0) if y_sum is None else y_sum + y.sum(0)
+        l0 += (feats > 0).sum().item()
+        fired |= (feats > 0).any(0)
+        count += len(x)
+    sae.train()
+    if count == 0:
+        return {}
+    total = norm2 - y_sum.pow(2).sum().item() / count
+    return {"held_out_tokens": count, "nmse": err / norm2, "explained_variance": 1 - err / total,
+            "fvu": err / total, "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def _finish_transcoder(run: Run, pair: Pair, sources, scales, folder: Path, cfg, device, driver) -> dict:
+    sae, src = run.sae, sources[pair.site]
+    sae.finalize(x.to(device) / scales[pair.site] for x in src.threshold_rows(THRESHOLD_ROWS))
+    held = held_out_prediction(sae, src.store, pair, scales, cfg.batch_size, src.exclude_pos0, device)
+    if held:
+        held["origin"] = held_out_origin(src.store, tokens=held["held_out_tokens"])
+    summary = {**driver.summary(), "held_out": held, "input_scale": scales[pair.site],
+               "target_scale": scales[pair.target]}
+    saved = make_sae(run.cfg)
+    saved.load_state_dict(sae.state_dict())
+    saved.fold_scales(scales[pair.site], scales[pair.target])
+    from sae_harvest.train.saelens_format import tl_hook_name
+
+    extra = {**src.provenance, "target": pair.target, "hook_name_out": tl_hook_name(pair.target),
+             "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
+             "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
+             "rank": summary.get("rank")}
+    save_sae(saved, folder, extra_cfg=extra)
+    write_artifact(folder / "summary.json", summary)
+    return summary
