@@ -36,6 +36,7 @@ class BlockBatches:
         if seqs not in ("all", "train", "held_out"):
             raise ValueError(f"seqs={seqs!r}: use all, train or held_out")
         self.seqs = seqs
+        self.split = store.split if seqs != "all" else None
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         for site in self.sites:
             store.width(site)  # raises a clear StoreError for an unknown site

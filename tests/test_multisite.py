@@ -6,6 +6,8 @@ import signal
 import numpy as np
 import pytest
 import torch
+
+from sae_harvest.train import local, multisite
 from click.testing import CliRunner
 
 from sae_harvest import train
@@ -15,7 +17,6 @@ from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.driver import TrainInterrupted
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import holdout_split
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import SAEConfig, make_sae
 
@@ -66,7 +67,7 @@ def store(tmp_path_factory):
 
 def _cfg(store, out, **kw):
     base = dict(store=str(store), out=str(out), site="blocks.0.resid_pre", arch="topk", k=(4,), d_sae=48,
-                batch_size=256, device="cpu", holdout_fraction=0.1, log_every=5, checkpoint_every=1000,
+                batch_size=256, device="cpu", log_every=5, checkpoint_every=1000,
                 tokens=256 * 12)
     base.update(kw)
     return TrainConfig(**base)
@@ -110,26 +111,36 @@ def test_one_pass_reads_each_block_once(store, tmp_path, monkeypatch):
         return real(self, name, a, b, keep=keep, out=out)
 
     monkeypatch.setattr(Store, "read_rows", counting)
-    train_rows, _ = holdout_split(open_store(str(path)), 0.1)
+    n_rows = open_store(str(path)).n_rows
+    trained = []   # how many reads the training steps made: the held-out report reads after them
+    for module in (local, multisite):
+        real_finish = module._finish
+
+        def finish(*args, _real=real_finish, **kw):
+            if len(trained) == 0 or trained[-1] is None:
+                trained[-1:] = [len(reads)]
+            return _real(*args, **kw)
+        monkeypatch.setattr(module, "_finish", finish)
 
     def training_reads(**kw):
         reads.clear()
+        trained[:] = [None]
         fit(_cfg(path, tmp_path / str(len(list(tmp_path.iterdir()))), tokens=None, **kw), progress=False)  # 1 epoch
         per_array = {}
-        for name, a, b in reads:
-            if b <= train_rows[1]:   # the held-out report reads the rows after
-                per_array.setdefault(name, []).append((a, b))
+        for name, a, b in reads[:trained[0]]:
+            per_array.setdefault(name, []).append((a, b))
         return {name: sorted(spans) for name, spans in per_array.items()}
 
     single = training_reads(site=RESID[0])
     multi = training_reads(site=",".join(RESID))
-    assert sorted(multi) == sorted(["rows/pos"] + [f"acts/{s}" for s in RESID])   # only the sites trained on
+    assert sorted(multi) == sorted(["rows/pos", "rows/seq"] + [f"acts/{s}" for s in RESID])   # only the sites trained on
     one_site = single[f"acts/{RESID[0]}"]
     assert len(one_site) == len(set(one_site))   # one epoch: each block once
-    assert sum(b - a for a, b in one_site) >= 0.9 * (train_rows[1] - train_rows[0])
+    # the held-out sequences are spread over every block (stores/split.py): one epoch reads them all
+    assert sum(b - a for a, b in one_site) >= 0.9 * n_rows
     for site in RESID:
         assert multi[f"acts/{site}"] == one_site, site
-    assert multi["rows/pos"] == single["rows/pos"]
+    assert multi["rows/pos"] == single["rows/pos"] and multi["rows/seq"] == single["rows/seq"]
 
 
 def test_multisite_resume_continues_exactly(store, tmp_path):
@@ -152,11 +163,9 @@ def test_multisite_resume_continues_exactly(store, tmp_path):
 
 # --- transcoders --------------------------------------------------------------------------------
 def _raw(path, sites):
-    s = open_store(str(path))
-    _, held = holdout_split(s, 0.1)
-    idx = np.arange(*held)
-    idx = idx[s.rows_pos[:][idx] != 0]
-    return [torch.from_numpy(s.acts(site, idx)) for site in sites]
+    s = open_store(str(path))   # the rows of the store's held-out sequences, position 0 excluded
+    batches = list(s.batches(sites, 4096, seqs="held_out", exclude_pos0=True, epochs=1, drop_last=False))
+    return [torch.from_numpy(np.concatenate([b["acts"][site] for b in batches])) for site in sites]
 
 
 def test_transcoder_recovers_a_planted_sparse_map(store, tmp_path):
