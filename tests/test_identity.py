@@ -153,9 +153,9 @@ def _append_document(corpus):
 
 
 @pytest.mark.parametrize("change, needle, kill", [
-    (_replace_weights, "model's weights", False), (_add_token, "tokenizer", False),
-    (_append_document, "corpus", False),
-    pytest.param(_replace_weights, "model's weights", True, marks=pytest.mark.slow)])   # SIGKILL: ~30 s
+    (_replace_weights, "model's weights differ", False), (_add_token, "tokenizer differs", False),
+    (_append_document, "corpus files changed", False),
+    pytest.param(_replace_weights, "model's weights differ", True, marks=pytest.mark.slow)])   # SIGKILL: ~30 s
 def test_resume_refuses_a_changed_model_tokenizer_or_corpus(assets, tmp_path, monkeypatch, change, needle, kill):
     from click.testing import CliRunner
 
@@ -172,7 +172,7 @@ def test_resume_refuses_a_changed_model_tokenizer_or_corpus(assets, tmp_path, mo
     change(model if change is not _append_document else corpus)
     line = one_error_line(CliRunner().invoke(harvest_cli, ["run", *_args(out, model, corpus), "--resume"]),
                           "cannot resume", needle)
-    assert "differ from what made the store" in line
+    assert "would mix two harvests" in line
     assert tree_hash(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "m", "s.zarr"]
 
