@@ -60,6 +60,19 @@ entry()
 """
 
 
+GLOO = ("training stopped at step 2 (RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/"
+        "pair.cc:537] Read error [127.0.0.1]:15748: Connection reset by peer. GLHF! :beach:)")
+
+
+def test_fail_prints_a_gloo_message_literally(capsys):
+    from sae_harvest.stores.cli import fail
+    with pytest.raises(SystemExit) as e:
+        fail(GLOO)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {GLOO}\n", err
+
+
+@pytest.mark.slow   # two processes training: ~30 s on the shared 2-core box
 def test_gloo_message_under_ddp_training_is_printed_literally(tmp_path):
     """Rank 1 dies mid-training; rank 0's gloo error (`[/.../gloo/...] Connection closed by peer`)
     reaches its error printer, which must print it rather than crash on it as markup."""
