@@ -173,9 +173,15 @@ def test_unforeseen_library_error_is_one_line_without_the_secret(s3):
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), text
     assert SECRET not in text and KEY not in text and "Traceback" not in text, text
     assert "***@lab-bucket" in lines[0], text
+
+
+@pytest.mark.slow   # another subprocess: ~13 s on the shared box
+def test_traceback_on_request_is_masked_too(s3):
+    url = _with_credentials(s3["store"])
     r = subprocess.run([sys.executable, "-c", CATCH_ALL, "info", url], capture_output=True, text=True,
                        env={**_env(), "SAE_HARVEST_TRACEBACK": "1"}, timeout=120)
-    assert "Traceback" in r.stderr and SECRET not in r.stderr and KEY not in r.stderr, r.stderr
+    assert "Traceback" in r.stderr and "ParamValidationError" in r.stderr, r.stderr
+    assert SECRET not in r.stderr and KEY not in r.stderr, r.stderr
 
 
 def test_secrets_in_and_redact():
