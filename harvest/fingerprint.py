@@ -146,7 +146,7 @@ def provenance(model_name: str, revision: str | None, tokenizer, corpus_path: st
 
 
 def provenance_changes(stored: dict | None, now: dict) -> list[str]:
-    """What differs between a store's recorded provenance and this run's, as phrases; [] when the
+    """What differs between a store's recorded provenance and this run's, as clauses; [] when the
     same, or when the store predates provenance (nothing to compare against)."""
     if not isinstance(stored, dict):
         return []
@@ -155,12 +155,13 @@ def provenance_changes(stored: dict | None, now: dict) -> list[str]:
     if model_was.get("digest") != model_now["digest"]:
         parts = [p for p, k in (("config", "config_sha256"), ("weights", "weights_sha256"))
                  if model_was.get(k) != model_now[k]]
-        changes.append(f"the model's {' and '.join(parts) or 'fingerprint'} "
+        changes.append(f"the model's {' and '.join(parts) or 'fingerprint'} differ "
                        f"(store {str(model_was.get('digest'))[:12]}, now {model_now['digest'][:12]})")
-    for what in ("tokenizer", "corpus"):
+    for what, clause in (("tokenizer", "the tokenizer differs"),
+                         ("corpus", "the data stream differs: the corpus files changed")):
         was = (stored.get(what) or {}).get("digest")
         if was != now[what]["digest"]:
-            changes.append(f"the {what} (store {str(was)[:12]}, now {now[what]['digest'][:12]})")
+            changes.append(f"{clause} (store {str(was)[:12]}, now {now[what]['digest'][:12]})")
     return changes
 
 
@@ -195,6 +196,5 @@ def check_resumable(out: str, attrs: dict, args_now: dict, world: int, stream_fp
                            f"(its first documents changed)")
     changes = provenance_changes(attrs.get("provenance"), made_by)
     if changes:
-        raise HarvestError(f"cannot resume {out}: {'; '.join(changes)} differ from what made the store; its "
-                           f"windows would mix two harvests: resume with the same model, tokenizer and corpus, "
-                           f"or start a new store")
+        raise HarvestError(f"cannot resume {out}: {'; '.join(changes)}; the store's windows would mix two "
+                           f"harvests: resume with the same model, tokenizer and corpus, or start a new store")

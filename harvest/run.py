@@ -120,10 +120,12 @@ def harvest(cfg: HarvestConfig, *, resume: bool = False, overwrite: bool = False
             console=None) -> dict | None:
     """Run a harvest; returns the summary dict (None on ranks other than 0). Raises HarvestError
     (or StoreError) on bad input, before anything at --out is changed."""
-    _check_config(cfg)
-    cfg = resolve_sites(cfg)   # the model's config only: before the model is built, downloaded or loaded
     dist = Dist.from_env(cfg.device)
     try:
+        def checked():
+            _check_config(cfg)
+            return resolve_sites(cfg)   # the model's config only: before the model is built, downloaded or loaded
+        cfg = dist.agree(checked)   # a rank with a bad option stops every rank, not only itself
         return _harvest(cfg, dist, resume, overwrite, progress and dist.rank == 0, console)
     finally:
         dist.close()

@@ -352,8 +352,8 @@ def rename(src: str, dst: str) -> None:
 
 # s3fs and gcsfs read a netloc's user:password@ as part of the bucket name: the request fails
 # with the secret quoted in the error, so such a URL is refused before any request is made
-_NO_URL_CREDENTIALS = {"s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "s3a": "AWS_ACCESS_KEY_ID / "
-                       "AWS_SECRET_ACCESS_KEY", "gs": "GOOGLE_APPLICATION_CREDENTIALS", "gcs": "GOOGLE_APPLICATION_CREDENTIALS"}
+_AWS, _GCS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS"
+_NO_URL_CREDENTIALS = {"s3": _AWS, "s3a": _AWS, "gs": _GCS, "gcs": _GCS}
 
 
 def _refuse_url_credentials(url: str) -> None:

@@ -60,6 +60,19 @@ entry()
 """
 
 
+GLOO = ("training stopped at step 2 (RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/"
+        "pair.cc:537] Read error [127.0.0.1]:15748: Connection reset by peer. GLHF! :beach:)")
+
+
+def test_fail_prints_a_gloo_message_literally(capsys):
+    from sae_harvest.stores.cli import fail
+    with pytest.raises(SystemExit) as e:
+        fail(GLOO)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {GLOO}\n", err
+
+
+@pytest.mark.slow   # two processes training: ~30 s on the shared 2-core box
 def test_gloo_message_under_ddp_training_is_printed_literally(tmp_path):
     """Rank 1 dies mid-training; rank 0's gloo error (`[/.../gloo/...] Connection closed by peer`)
     reaches its error printer, which must print it rather than crash on it as markup."""
@@ -81,7 +94,7 @@ def test_gloo_message_under_ddp_training_is_printed_literally(tmp_path):
     assert procs[0].returncode == 2, text
     assert "Traceback" not in text and "MarkupError" not in text, text
     assert len(lines) == 1 and lines[0].startswith("error: training stopped at step 2"), text
-    assert "[/" in lines[0] or "[" in lines[0].split("RuntimeError", 1)[1], text   # gloo's own source path
+    assert "RuntimeError: [/" in lines[0] and "/gloo/" in lines[0], text   # gloo's source path, as gloo wrote it
 
 
 # ---- item 12: credentials in URLs never print -------------------------------------------------
@@ -160,9 +173,15 @@ def test_unforeseen_library_error_is_one_line_without_the_secret(s3):
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), text
     assert SECRET not in text and KEY not in text and "Traceback" not in text, text
     assert "***@lab-bucket" in lines[0], text
+
+
+@pytest.mark.slow   # another subprocess: ~13 s on the shared box
+def test_traceback_on_request_is_masked_too(s3):
+    url = _with_credentials(s3["store"])
     r = subprocess.run([sys.executable, "-c", CATCH_ALL, "info", url], capture_output=True, text=True,
                        env={**_env(), "SAE_HARVEST_TRACEBACK": "1"}, timeout=120)
-    assert "Traceback" in r.stderr and SECRET not in r.stderr and KEY not in r.stderr, r.stderr
+    assert "Traceback" in r.stderr and "ParamValidationError" in r.stderr, r.stderr
+    assert SECRET not in r.stderr and KEY not in r.stderr, r.stderr
 
 
 def test_secrets_in_and_redact():

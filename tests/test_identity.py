@@ -153,9 +153,9 @@ def _append_document(corpus):
 
 
 @pytest.mark.parametrize("change, needle, kill", [
-    (_replace_weights, "model's weights", False), (_add_token, "tokenizer", False),
-    (_append_document, "corpus", False),
-    pytest.param(_replace_weights, "model's weights", True, marks=pytest.mark.slow)])   # SIGKILL: ~30 s
+    (_replace_weights, "model's weights differ", False), (_add_token, "tokenizer differs", False),
+    (_append_document, "corpus files changed", False),
+    pytest.param(_replace_weights, "model's weights differ", True, marks=pytest.mark.slow)])   # SIGKILL: ~30 s
 def test_resume_refuses_a_changed_model_tokenizer_or_corpus(assets, tmp_path, monkeypatch, change, needle, kill):
     from click.testing import CliRunner
 
@@ -172,7 +172,7 @@ def test_resume_refuses_a_changed_model_tokenizer_or_corpus(assets, tmp_path, mo
     change(model if change is not _append_document else corpus)
     line = one_error_line(CliRunner().invoke(harvest_cli, ["run", *_args(out, model, corpus), "--resume"]),
                           "cannot resume", needle)
-    assert "differ from what made the store" in line
+    assert "would mix two harvests" in line
     assert tree_hash(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "m", "s.zarr"]
 
@@ -195,7 +195,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(out, per_rank, cwds=(None, None)):
+def _two_ranks(out, per_rank, cwds=(None, None), timeout=240):
     """Two gloo processes of one harvest, each launched with its own arguments (as two nodes'
     torchrun launchers would be); returns [(exit code, output)] per rank."""
     port = _free_port()
@@ -209,7 +209,13 @@ def _two_ranks(out, per_rank, cwds=(None, None)):
                "--out", str(out), *args]
         procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, cwd=cwd, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    return [(p.wait(timeout=240), p.stdout.read()) for p in procs]
+    try:
+        return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+    except subprocess.TimeoutExpired:   # a rank waiting for a peer that gave up: the defect itself
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise AssertionError(f"a rank still waited after {timeout} s") from None
 
 
 def _assert_refused(results, needle, folder, before):
@@ -237,6 +243,19 @@ def test_ranks_launched_with_different_arguments_create_nothing(assets, tmp_path
     before = sorted(p.name for p in tmp_path.iterdir())
     results = _two_ranks(tmp_path / "s.zarr", [common, rank1])
     _assert_refused(results, f"{field} (rank 0:", tmp_path, before)
+
+
+@pytest.mark.slow   # ~20 s on the 2-core box
+def test_a_bad_option_on_one_rank_stops_both(assets, tmp_path):
+    """Checked before the ranks compare arguments: rank 1 alone refuses --tokens 0, and rank 0,
+    which would otherwise wait for it, stops with one line too."""
+    common = ["--model", assets["gpt2"], "--dataset", assets["corpus"]]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    (c0, t0), (c1, t1) = _two_ranks(tmp_path / "s.zarr", [common, common + ["--tokens", "0"]])
+    assert c0 == c1 == 2, (t0, t1)
+    assert t1.strip() == "error: --tokens must be positive (got 0)", t1
+    assert t0.strip() == "error: rank 1 stopped: --tokens must be positive (got 0)", t0
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.slow   # ~40 s on the 2-core box
