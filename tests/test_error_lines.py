@@ -170,7 +170,7 @@ def test_unforeseen_library_error_is_one_line_without_the_secret(s3):
                        env={**_env(), **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}, timeout=120)
     text = r.stdout + r.stderr
     lines = [line for line in text.splitlines() if line.strip()]
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), text
+    assert r.returncode == 70 and len(lines) == 1 and lines[0].startswith("error:"), text
     assert SECRET not in text and KEY not in text and "Traceback" not in text, text
     assert "***@lab-bucket" in lines[0], text
 
