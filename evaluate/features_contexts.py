@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features_stats import encode
+from .features_stats import encode, encoded_slices
 from .splice import EvaluateError
 
 PAIRS_PER_STEP = 1 << 22
@@ -40,7 +40,6 @@ class Contexts:
 
 
 def example_rows(src, cfg) -> np.ndarray:
-    F = src.sae.cfg.d_sae
     return np.concatenate([src.stats["top_rows"].reshape(-1), src.bands["rows"].reshape(-1)]).astype(np.int64)
 
 
@@ -125,8 +124,9 @@ def _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar) -> No
         x = store.acts(site, slice(a, b))[match]
         g = store.grads(site, slice(a, b))[match] if grads else None
         for s in here:
-            feats = encode(s.sae, x, g if s.sae.uses_grads else None, dev)
-            _scatter(feats, seq, pos, by_seq[s.index], ctx, s.index, filled[s.index])
+            for sl in encoded_slices(s.sae, len(x)):
+                feats = encode(s.sae, x[sl], g[sl] if g is not None and s.sae.uses_grads else None, dev)
+                _scatter(feats, seq[sl], pos[sl], by_seq[s.index], ctx, s.index, filled[s.index])
 
 
 def _scatter(feats, seq, pos, sorted_by_seq, ctx, i, filled) -> None:

@@ -199,3 +199,12 @@ def encode(sae, x: np.ndarray, g: np.ndarray | None, dev) -> torch.Tensor:
         xt = torch.from_numpy(x).to(dev, dtype)
         gt = torch.from_numpy(g).to(dev, dtype) if g is not None else None
         return sae.encode(xt, gt).float()
+
+
+ENCODED_ELEMENTS = 1 << 25     # latents x rows encoded at once (128 MB of float32), whatever the width
+
+
+def encoded_slices(sae, n: int):
+    """Row slices of a block small enough that their encoding holds at most ENCODED_ELEMENTS values."""
+    step = max(1, ENCODED_ELEMENTS // sae.cfg.d_sae)
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]

@@ -382,3 +382,16 @@ def test_progress_bar_fits_80_columns_for_a_billion_rows():
     shown = [ln for ln in lines if "contexts" in ln]
     assert shown and all(len(ln) <= 80 for ln in lines)
     assert "rows/s" in shown[-1] and "eta" in shown[-1] and "12%" in shown[-1]
+
+
+def test_wide_saes_encode_in_slices_with_the_same_result(crafted, built, tmp_path, monkeypatch):
+    """A block is encoded in slices of at most ENCODED_ELEMENTS values (memory bounded for 65k
+    latents); slices of 7 rows give the same page data byte for byte."""
+    from sae_harvest.evaluate import features_stats
+
+    monkeypatch.setattr(features_stats, "ENCODED_ELEMENTS", 7 * F)
+    out = tmp_path / "sliced"
+    run_features(cfg_for(crafted, out), progress=False)
+    one = {p.relative_to(built[0]): p.read_bytes() for p in (built[0] / "data").rglob("*.js")}
+    two = {p.relative_to(out): p.read_bytes() for p in (out / "data").rglob("*.js")}
+    assert one == two
