@@ -81,8 +81,8 @@ def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
         pos[valid] = _read_at(store.rows_pos, uniq)[inverse]
         ctx.rows[src.index], ctx.seqs[src.index], ctx.pos[src.index] = rows, seq, pos
         ctx.latents[src.index] = example_latents(src, cfg)
+        # a new memory-mapped file reads as zeros: ranks add their values into it, then it is summed
         ctx.values[src.index] = np.lib.format.open_memmap(work / f"values-{src.index}.npy", "w+", np.float32, (len(rows), W))
-        ctx.values[src.index][:] = 0.0
     filled = {s.index: np.lib.format.open_memmap(work / f"filled-{s.index}.npy", "w+", np.int32, (len(ctx.rows[s.index]), W))
               for s in sources}
     for site in sorted({s.site for s in sources}):

@@ -185,7 +185,9 @@ def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seco
             if kind in RESIDUAL_KINDS and dec.shape[1] == W_U.shape[1] else None
         nb = neighbours(dec) if len(dec) > 1 else None
         nb = list(zip(*nb)) if nb else None
-        used.update(np.unique(ctx.tokens[src.index]).tolist())
+        toks = ctx.tokens[src.index]
+        for a in range(0, len(toks), 1 << 16):   # in steps: the memory-mapped tokens may be large
+            used.update(np.unique(toks[a:a + (1 << 16)]).tolist())
         if logits is not None:
             used.update(np.unique(logits["pos_ids"]).tolist() + np.unique(logits["neg_ids"]).tolist())
         per_sae.append((src, logits, nb))
