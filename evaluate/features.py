@@ -221,7 +221,8 @@ def merge_bands(b: BandSamples, world: int) -> None:
 
 def progress_bar(console=None, disable: bool = False):
     """pass, bar, percent, rows/s, eta, elapsed: within 80 columns for a billion rows."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from sae_harvest.stores.progress import RateColumn
 
     return Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(bar_width=20), TaskProgressColumn(),

@@ -82,9 +82,8 @@ def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
         ctx.rows[src.index], ctx.seqs[src.index], ctx.pos[src.index] = rows, seq, pos
         ctx.latents[src.index] = example_latents(src, cfg)
         # a new memory-mapped file reads as zeros: ranks add their values into it, then it is summed
-        ctx.values[src.index] = np.lib.format.open_memmap(work / f"values-{src.index}.npy", "w+", np.float32, (len(rows), W))
-    filled = {s.index: np.lib.format.open_memmap(work / f"filled-{s.index}.npy", "w+", np.int32, (len(ctx.rows[s.index]), W))
-              for s in sources}
+        ctx.values[src.index] = _map(work / f"values-{src.index}.npy", np.float32, (len(rows), W))
+    filled = {s.index: _map(work / f"filled-{s.index}.npy", np.int32, (len(ctx.rows[s.index]), W)) for s in sources}
     for site in sorted({s.site for s in sources}):
         here = [s for s in sources if s.site == site]
         _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar)
@@ -96,8 +95,12 @@ def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
             ctx.tokens[src.index] = _tokens(store, ctx, src.index, work)
 
 
+def _map(path, dtype, shape) -> np.ndarray:
+    return np.lib.format.open_memmap(path, "w+", dtype, shape)
+
+
 def _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar) -> None:
-    W, ctx_len, per_window = ctx.width, store.ctx_len, store.attrs["window_seqs"]
+    ctx_len, per_window = store.ctx_len, store.attrs["window_seqs"]
     selected = np.zeros(store.n_seqs, bool)
     by_seq = {}
     for s in here:

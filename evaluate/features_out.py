@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features_stats import HIST_BINS, HIST_EDGES, bin_range, mini_hist
+from .features_stats import HIST_BINS, HIST_EDGES, mini_hist
 
 MANIFEST = "features.json"   # marks an --out this command wrote
 TOOL = "sae_harvest evaluate features"

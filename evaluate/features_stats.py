@@ -186,13 +186,6 @@ def mini_hist(hist_row: np.ndarray, bins: int = 16) -> tuple[int, list[int]]:
     return lo, [int(hist_row[i:i + step].sum()) for i in range(lo, hi, step)]
 
 
-def bin_range(b: int) -> tuple[float, float]:
-    """The [low, high) activation range of histogram bin b."""
-    lo = 0.0 if b == 0 else float(HIST_EDGES[b - 1])
-    hi = float("inf") if b == HIST_BINS - 1 else float(HIST_EDGES[b])
-    return lo, hi
-
-
 def encode(sae, x: np.ndarray, g: np.ndarray | None, dev) -> torch.Tensor:
     dtype = sae.W_dec.dtype
     with torch.no_grad():

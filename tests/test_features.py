@@ -7,7 +7,6 @@ computes every activation exactly from the stored rows.
 """
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -159,7 +158,8 @@ def test_top_examples_are_an_exact_sort_with_ties_by_row(crafted, built):
         order = np.lexsort((rows, -feats[rows, f]))[:5]
         assert [e["row"] for e in recs[f]["top"]] == rows[order].tolist(), f
         assert [e["v"] for e in recs[f]["top"]] == pytest.approx(feats[rows[order], f].tolist())
-        assert [(e["seq"], e["pos"]) for e in recs[f]["top"]] == list(zip(seq[rows[order]].tolist(), pos[rows[order]].tolist()))
+        want = list(zip(seq[rows[order]].tolist(), pos[rows[order]].tolist()))
+        assert [(e["seq"], e["pos"]) for e in recs[f]["top"]] == want
     # the crafted values tie a lot: the test means something only if top-5 cuts through a tie
     v0 = np.sort(feats[used, 0][feats[used, 0] > 0])[::-1]
     assert len(v0) > 5 and v0[4] == v0[5]

@@ -4,10 +4,9 @@ request beyond file://. Skipped, with the reason, only where chromium is not ins
 import json
 import shutil
 
-import numpy as np
 import pytest
 
-from tests.test_features import EVERY, F, NEVER, brute, built, crafted, latent_records, read_data  # noqa: F401
+from tests.test_features import EVERY, F, brute, built, crafted, latent_records, read_data  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
