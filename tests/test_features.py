@@ -395,3 +395,20 @@ def test_wide_saes_encode_in_slices_with_the_same_result(crafted, built, tmp_pat
     one = {p.relative_to(built[0]): p.read_bytes() for p in (built[0] / "data").rglob("*.js")}
     two = {p.relative_to(out): p.read_bytes() for p in (out / "data").rglob("*.js")}
     assert one == two
+
+
+def test_gemma_logit_effects_use_one_plus_the_norm_weight(crafted, tmp_path):
+    """Gemma's final RMSNorm multiplies by (1 + w) (no centring): checked by hand on a tiny Gemma 2."""
+    from transformers import AutoModelForCausalLM
+
+    gemma = make_tiny_model("gemma2", crafted["root"] / "gemma2")
+    out = tmp_path / "g"
+    run_features(cfg_for(crafted, out, saes=crafted["saes"][:1], model=gemma), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(gemma)
+    w = model.model.norm.weight.detach()
+    dec = crafted["modules"][0].W_dec.detach()
+    eff = (dec * (1 + w)) @ model.get_output_embeddings().weight.detach().T
+    recs = latent_records(out, 0)
+    for f in (0, 3, EVERY):
+        assert [t for t, _ in recs[f]["pos"]] == eff[f].topk(10).indices.tolist()
+        assert [v for _, v in recs[f]["neg"]] == pytest.approx(eff[f].topk(10, largest=False).values.tolist(), rel=1e-3)
