@@ -412,3 +412,11 @@ def test_gemma_logit_effects_use_one_plus_the_norm_weight(crafted, tmp_path):
     for f in (0, 3, EVERY):
         assert [t for t, _ in recs[f]["pos"]] == eff[f].topk(10).indices.tolist()
         assert [v for _, v in recs[f]["neg"]] == pytest.approx(eff[f].topk(10, largest=False).values.tolist(), rel=1e-3)
+
+
+def test_demo_final_step_writes_the_browser_and_returns_its_address(crafted, tmp_path):
+    from sae_harvest.evaluate.demo import demo_browser
+
+    url = demo_browser(tmp_path, crafted["store"], crafted["saes"])
+    assert url == (tmp_path / "features" / "index.html").absolute().as_uri()
+    assert [s["name"] for s in read_data(tmp_path / "features", "saes")["saes"]] == ["sae_b"]   # one per sweep
