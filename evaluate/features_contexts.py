@@ -88,8 +88,8 @@ def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
         here = [s for s in sources if s.site == site]
         _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar)
     for src in sources:
-        _merge(ctx.values[src.index], world)
-        _merge(filled[src.index], world)
+        _merge(ctx.values[src.index], world, dev)
+        _merge(filled[src.index], world, dev)
         _check_filled(src, ctx, filled[src.index], store)
         if rank == 0:
             ctx.tokens[src.index] = _tokens(store, ctx, src.index, work)
@@ -156,15 +156,16 @@ def _scatter(feats, seq, pos, sorted_by_seq, ctx, i, filled) -> None:
         start = stop
 
 
-def _merge(arr: np.ndarray, world: int, step: int = 1 << 16) -> None:
+def _merge(arr: np.ndarray, world: int, dev, step: int = 1 << 16) -> None:
+    """Sum a memory-mapped array over the ranks, in steps (on the device: NCCL reduces only CUDA tensors)."""
     if world == 1:
         return
     import torch.distributed as dist
 
     for a in range(0, len(arr), step):
-        t = torch.from_numpy(np.ascontiguousarray(arr[a:a + step]))
+        t = torch.from_numpy(np.array(arr[a:a + step])).to(dev)
         dist.all_reduce(t)
-        arr[a:a + step] = t.numpy()
+        arr[a:a + step] = t.cpu().numpy()
 
 
 def _inside(pos: np.ndarray, rows: np.ndarray, before: int, width: int, ctx_len: int) -> np.ndarray:
