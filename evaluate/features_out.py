@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_harvest.stores.urls import scrub_text
+
 from .features_stats import HIST_BINS, HIST_EDGES, mini_hist
 
 MANIFEST = "features.json"   # marks an --out this command wrote
@@ -192,7 +194,8 @@ def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seco
             used.update(np.unique(logits["pos_ids"]).tolist() + np.unique(logits["neg_ids"]).tolist())
         per_sae.append((src, logits, nb))
     vocab = vocab_strings(tokenizer, used)
-    summary = {"tool": TOOL, "config": cfg.to_dict(), "store": store.path, "rows": int(sources[0].stats["rows"]),
+    summary = {"tool": TOOL, "config": cfg.to_dict(), "store": scrub_text(store.path),
+               "rows": int(sources[0].stats["rows"]),
                "seconds": round(seconds, 1), "format": cfg.format,
                "hist_edges": HIST_EDGES.tolist(), "hist_bins": HIST_BINS,
                "saes": [{"name": s.name, "path": s.path, "site": s.site, "d_sae": s.sae.cfg.d_sae,
