@@ -172,7 +172,8 @@ def features_cmd(saes, quiet, **fields):
     except KeyboardInterrupt:
         fail("interrupted")
     if summary is not None:
-        print_summary(summary, cfg.out, lambda s: console.print(s, highlight=False, markup=False))
+        print_summary(summary, cfg.out,
+                      lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
         page = latent_url(cfg.out, 0, cfg.latent) if cfg.latent is not None else \
             latent_url(cfg.out, 0, 0).split("#")[0]
         click.echo(page if cfg.format == "html" else str(Path(cfg.out).absolute() / "neuronpedia"))

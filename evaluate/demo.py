@@ -123,7 +123,8 @@ def demo_browser(out_dir: Path, store, paths: list[str], console=None) -> str:
     for p in paths:
         by_folder.setdefault(Path(p).parent.name, []).append(p)
     chosen = [group[len(group) // 2] for group in by_folder.values()]
-    (console.print if console is not None else print)(f"feature browser for {len(chosen)} SAEs -> {out_dir / 'features'}")
+    say = console.print if console is not None else print
+    say(f"feature browser for {len(chosen)} SAEs -> {out_dir / 'features'}")
     run_features(FeaturesConfig(store=str(store), saes=tuple(chosen), out=str(out_dir / "features"), tokens=65536,
                                 top=10, band_examples=3), console=console)
     return latent_url(str(out_dir / "features"), 0, 0).split("#")[0]

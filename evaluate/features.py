@@ -25,7 +25,7 @@ from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 
 from .features_out import written_by_us
-from .features_stats import ROW_LIMIT, BandSamples, LatentStats, encode, merged_keys
+from .features_stats import ROW_LIMIT, BandSamples, LatentStats, encode, encoded_slices, merged_keys
 from .splice import EvaluateError
 
 
@@ -161,7 +161,8 @@ def stream(store, site, sources, rows, cfg, dev, bar, task, add) -> None:
     for x, g, idx, pos, n in blocks(store, site, rows, cfg.block_rows, cfg.pos0, grads):
         r = torch.from_numpy(idx).to(dev)
         for s in sources:
-            add(s, encode(s.sae, x, g if s.sae.uses_grads else None, dev), r, pos)
+            for sl in encoded_slices(s.sae, len(x)):
+                add(s, encode(s.sae, x[sl], g[sl] if g is not None and s.sae.uses_grads else None, dev), r[sl], pos[sl])
         if bar is not None:
             bar.advance(task, n * world)   # rank 0 shows the whole job's rows, assuming equal speed
 
@@ -220,7 +221,8 @@ def merge_bands(b: BandSamples, world: int) -> None:
 
 def progress_bar(console=None, disable: bool = False):
     """pass, bar, percent, rows/s, eta, elapsed: within 80 columns for a billion rows."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from sae_harvest.stores.progress import RateColumn
 
     return Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(bar_width=20), TaskProgressColumn(),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features_stats import encode
+from .features_stats import encode, encoded_slices
 from .splice import EvaluateError
 
 PAIRS_PER_STEP = 1 << 22
@@ -40,7 +40,6 @@ class Contexts:
 
 
 def example_rows(src, cfg) -> np.ndarray:
-    F = src.sae.cfg.d_sae
     return np.concatenate([src.stats["top_rows"].reshape(-1), src.bands["rows"].reshape(-1)]).astype(np.int64)
 
 
@@ -82,23 +81,26 @@ def _fill(ctx, store, sources, cfg, dev, rank, world, bar) -> None:
         pos[valid] = _read_at(store.rows_pos, uniq)[inverse]
         ctx.rows[src.index], ctx.seqs[src.index], ctx.pos[src.index] = rows, seq, pos
         ctx.latents[src.index] = example_latents(src, cfg)
-        ctx.values[src.index] = np.lib.format.open_memmap(work / f"values-{src.index}.npy", "w+", np.float32, (len(rows), W))
-        ctx.values[src.index][:] = 0.0
-    filled = {s.index: np.lib.format.open_memmap(work / f"filled-{s.index}.npy", "w+", np.int32, (len(ctx.rows[s.index]), W))
-              for s in sources}
+        # a new memory-mapped file reads as zeros: ranks add their values into it, then it is summed
+        ctx.values[src.index] = _map(work / f"values-{src.index}.npy", np.float32, (len(rows), W))
+    filled = {s.index: _map(work / f"filled-{s.index}.npy", np.int32, (len(ctx.rows[s.index]), W)) for s in sources}
     for site in sorted({s.site for s in sources}):
         here = [s for s in sources if s.site == site]
         _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar)
     for src in sources:
-        _merge(ctx.values[src.index], world)
-        _merge(filled[src.index], world)
+        _merge(ctx.values[src.index], world, dev)
+        _merge(filled[src.index], world, dev)
         _check_filled(src, ctx, filled[src.index], store)
         if rank == 0:
             ctx.tokens[src.index] = _tokens(store, ctx, src.index, work)
 
 
+def _map(path, dtype, shape) -> np.ndarray:
+    return np.lib.format.open_memmap(path, "w+", dtype, shape)
+
+
 def _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar) -> None:
-    W, ctx_len, per_window = ctx.width, store.ctx_len, store.attrs["window_seqs"]
+    ctx_len, per_window = store.ctx_len, store.attrs["window_seqs"]
     selected = np.zeros(store.n_seqs, bool)
     by_seq = {}
     for s in here:
@@ -125,8 +127,9 @@ def _site_pass(store, site, here, ctx, filled, cfg, dev, rank, world, bar) -> No
         x = store.acts(site, slice(a, b))[match]
         g = store.grads(site, slice(a, b))[match] if grads else None
         for s in here:
-            feats = encode(s.sae, x, g if s.sae.uses_grads else None, dev)
-            _scatter(feats, seq, pos, by_seq[s.index], ctx, s.index, filled[s.index])
+            for sl in encoded_slices(s.sae, len(x)):
+                feats = encode(s.sae, x[sl], g[sl] if g is not None and s.sae.uses_grads else None, dev)
+                _scatter(feats, seq[sl], pos[sl], by_seq[s.index], ctx, s.index, filled[s.index])
 
 
 def _scatter(feats, seq, pos, sorted_by_seq, ctx, i, filled) -> None:
@@ -153,15 +156,16 @@ def _scatter(feats, seq, pos, sorted_by_seq, ctx, i, filled) -> None:
         start = stop
 
 
-def _merge(arr: np.ndarray, world: int, step: int = 1 << 16) -> None:
+def _merge(arr: np.ndarray, world: int, dev, step: int = 1 << 16) -> None:
+    """Sum a memory-mapped array over the ranks, in steps (on the device: NCCL reduces only CUDA tensors)."""
     if world == 1:
         return
     import torch.distributed as dist
 
     for a in range(0, len(arr), step):
-        t = torch.from_numpy(np.ascontiguousarray(arr[a:a + step]))
+        t = torch.from_numpy(np.array(arr[a:a + step])).to(dev)
         dist.all_reduce(t)
-        arr[a:a + step] = t.numpy()
+        arr[a:a + step] = t.cpu().numpy()
 
 
 def _inside(pos: np.ndarray, rows: np.ndarray, before: int, width: int, ctx_len: int) -> np.ndarray:

@@ -29,7 +29,8 @@ def feature_json(rec: dict, logits, f: int, model_id: str, layer: str, vocab: di
     out = {"modelId": model_id, "layer": layer, "index": str(f), "maxActApprox": rec["max"],
            "frac_nonzero": rec["density"],
            "freq_hist_data_bar_heights": rec["hist"]["counts"],
-           "freq_hist_data_bar_values": [_g(_bin_centre(rec["hist"]["lo"] + j)) for j in range(len(rec["hist"]["counts"]))],
+           "freq_hist_data_bar_values": [_g(_bin_centre(rec["hist"]["lo"] + j))
+                                         for j in range(len(rec["hist"]["counts"]))],
            "pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
            "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": []}
     if logits is not None:

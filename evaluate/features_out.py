@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features_stats import HIST_BINS, HIST_EDGES, bin_range, mini_hist
+from sae_harvest.stores.urls import scrub_text
+
+from .features_stats import HIST_BINS, HIST_EDGES, mini_hist
 
 MANIFEST = "features.json"   # marks an --out this command wrote
 TOOL = "sae_harvest evaluate features"
@@ -185,12 +187,15 @@ def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seco
             if kind in RESIDUAL_KINDS and dec.shape[1] == W_U.shape[1] else None
         nb = neighbours(dec) if len(dec) > 1 else None
         nb = list(zip(*nb)) if nb else None
-        used.update(np.unique(ctx.tokens[src.index]).tolist())
+        toks = ctx.tokens[src.index]
+        for a in range(0, len(toks), 1 << 16):   # in steps: the memory-mapped tokens may be large
+            used.update(np.unique(toks[a:a + (1 << 16)]).tolist())
         if logits is not None:
             used.update(np.unique(logits["pos_ids"]).tolist() + np.unique(logits["neg_ids"]).tolist())
         per_sae.append((src, logits, nb))
     vocab = vocab_strings(tokenizer, used)
-    summary = {"tool": TOOL, "config": cfg.to_dict(), "store": store.path, "rows": int(sources[0].stats["rows"]),
+    summary = {"tool": TOOL, "config": cfg.to_dict(), "store": scrub_text(store.path),
+               "rows": int(sources[0].stats["rows"]),
                "seconds": round(seconds, 1), "format": cfg.format,
                "hist_edges": HIST_EDGES.tolist(), "hist_bins": HIST_BINS,
                "saes": [{"name": s.name, "path": s.path, "site": s.site, "d_sae": s.sae.cfg.d_sae,

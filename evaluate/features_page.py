@@ -61,7 +61,8 @@ table{border-collapse:collapse;width:100%}th,td{padding:3px 8px;border-bottom:1p
 vertical-align:middle}th{cursor:pointer;background:#f4f6f9;user-select:none;position:sticky;top:0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr:hover td{background:#fafbff}
 a{color:#1a56b0;text-decoration:none}.tok{white-space:pre;border-radius:2px;padding:0 1px;font-family:ui-monospace,monospace;font-size:12.5px}
-.ctx{margin:2px 0;line-height:1.9}.center{outline:1.5px solid #333}.val{display:inline-block;width:62px;
+.ctx{margin:2px 0;line-height:1.9;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+#latents td.tok{max-width:24em;overflow:hidden;text-overflow:ellipsis}.center{outline:1.5px solid #333}.val{display:inline-block;width:62px;
 color:#666;font-size:12px}.grid{display:grid;grid-template-columns:1fr 1fr 1fr;gap:16px}h2{margin:6px 0}
 h3{margin:14px 0 4px;font-size:15px}.muted{color:#777;font-size:12px}.pos{color:#0a7a2f}.neg{color:#b3261e}
 .bar{fill:#e07a1f}.pager button{margin:0 6px}#q{width:260px;padding:3px}
@@ -91,7 +92,8 @@ function el(tag, text, cls) {
 }
 function fail(msg) { document.getElementById('error').textContent = msg; }
 function tok(id) { var v = FB.cache.vocab[String(id)]; return v === undefined ? '<' + id + '>' : v; }
-function showTok(id) { return tok(id).replace(/\n/g, '\u21b5'); }
+// newlines as a visible mark, runs of 3+ spaces (code indentation) as a count, so contexts stay short
+function showTok(id) { return tok(id).replace(/\n/g, '\u21b5').replace(/ {3,}/g, function (m) { return '\u2423' + m.length; }); }
 function fmt(x) { return x === null || x === undefined ? '-' : (Math.abs(x) >= 1e4 || (x !== 0 && Math.abs(x) < 1e-3)) ? x.toExponential(2) : (+x.toPrecision(4)).toString(); }
 function route() {
   var h = {}; location.hash.replace(/^#/, '').split('&').forEach(function (kv) {
@@ -186,6 +188,8 @@ function showLatent(k, f, meta) {
     var c1 = el('div'); c1.appendChild(el('h3', 'Activations when firing (log bins)'));
     var e = meta.edges, lab = function (b) { return (b === 0 ? '0' : fmt(e[b - 1])) + ' to ' + (b - 1 >= e.length - 1 ? 'inf' : fmt(e[b])); };
     c1.appendChild(svgHist(r.hist.counts, 300, 90, r.hist.counts.map(function (c, j) { return lab(r.hist.lo + j) + ': ' + c; })));
+    if (r.hist.counts.length) c1.appendChild(el('div', 'from ' + lab(r.hist.lo).split(' to ')[0] + ' to ' +
+      lab(r.hist.lo + r.hist.counts.length - 1).split(' to ')[1] + ', 10 bins per decade', 'muted'));
     grid.appendChild(c1);
     var c2 = el('div'); c2.appendChild(el('h3', 'Logit effects'));
     if (r.pos) {

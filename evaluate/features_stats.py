@@ -186,16 +186,18 @@ def mini_hist(hist_row: np.ndarray, bins: int = 16) -> tuple[int, list[int]]:
     return lo, [int(hist_row[i:i + step].sum()) for i in range(lo, hi, step)]
 
 
-def bin_range(b: int) -> tuple[float, float]:
-    """The [low, high) activation range of histogram bin b."""
-    lo = 0.0 if b == 0 else float(HIST_EDGES[b - 1])
-    hi = float("inf") if b == HIST_BINS - 1 else float(HIST_EDGES[b])
-    return lo, hi
-
-
 def encode(sae, x: np.ndarray, g: np.ndarray | None, dev) -> torch.Tensor:
     dtype = sae.W_dec.dtype
     with torch.no_grad():
         xt = torch.from_numpy(x).to(dev, dtype)
         gt = torch.from_numpy(g).to(dev, dtype) if g is not None else None
         return sae.encode(xt, gt).float()
+
+
+ENCODED_ELEMENTS = 1 << 25     # latents x rows encoded at once (128 MB of float32), whatever the width
+
+
+def encoded_slices(sae, n: int):
+    """Row slices of a block small enough that their encoding holds at most ENCODED_ELEMENTS values."""
+    step = max(1, ENCODED_ELEMENTS // sae.cfg.d_sae)
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]

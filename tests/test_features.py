@@ -7,7 +7,6 @@ computes every activation exactly from the stored rows.
 """
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -159,7 +158,8 @@ def test_top_examples_are_an_exact_sort_with_ties_by_row(crafted, built):
         order = np.lexsort((rows, -feats[rows, f]))[:5]
         assert [e["row"] for e in recs[f]["top"]] == rows[order].tolist(), f
         assert [e["v"] for e in recs[f]["top"]] == pytest.approx(feats[rows[order], f].tolist())
-        assert [(e["seq"], e["pos"]) for e in recs[f]["top"]] == list(zip(seq[rows[order]].tolist(), pos[rows[order]].tolist()))
+        want = list(zip(seq[rows[order]].tolist(), pos[rows[order]].tolist()))
+        assert [(e["seq"], e["pos"]) for e in recs[f]["top"]] == want
     # the crafted values tie a lot: the test means something only if top-5 cuts through a tie
     v0 = np.sort(feats[used, 0][feats[used, 0] > 0])[::-1]
     assert len(v0) > 5 and v0[4] == v0[5]
@@ -382,3 +382,41 @@ def test_progress_bar_fits_80_columns_for_a_billion_rows():
     shown = [ln for ln in lines if "contexts" in ln]
     assert shown and all(len(ln) <= 80 for ln in lines)
     assert "rows/s" in shown[-1] and "eta" in shown[-1] and "12%" in shown[-1]
+
+
+def test_wide_saes_encode_in_slices_with_the_same_result(crafted, built, tmp_path, monkeypatch):
+    """A block is encoded in slices of at most ENCODED_ELEMENTS values (memory bounded for 65k
+    latents); slices of 7 rows give the same page data byte for byte."""
+    from sae_harvest.evaluate import features_stats
+
+    monkeypatch.setattr(features_stats, "ENCODED_ELEMENTS", 7 * F)
+    out = tmp_path / "sliced"
+    run_features(cfg_for(crafted, out), progress=False)
+    one = {p.relative_to(built[0]): p.read_bytes() for p in (built[0] / "data").rglob("*.js")}
+    two = {p.relative_to(out): p.read_bytes() for p in (out / "data").rglob("*.js")}
+    assert one == two
+
+
+def test_gemma_logit_effects_use_one_plus_the_norm_weight(crafted, tmp_path):
+    """Gemma's final RMSNorm multiplies by (1 + w) (no centring): checked by hand on a tiny Gemma 2."""
+    from transformers import AutoModelForCausalLM
+
+    gemma = make_tiny_model("gemma2", crafted["root"] / "gemma2")
+    out = tmp_path / "g"
+    run_features(cfg_for(crafted, out, saes=crafted["saes"][:1], model=gemma), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(gemma)
+    w = model.model.norm.weight.detach()
+    dec = crafted["modules"][0].W_dec.detach()
+    eff = (dec * (1 + w)) @ model.get_output_embeddings().weight.detach().T
+    recs = latent_records(out, 0)
+    for f in (0, 3, EVERY):
+        assert [t for t, _ in recs[f]["pos"]] == eff[f].topk(10).indices.tolist()
+        assert [v for _, v in recs[f]["neg"]] == pytest.approx(eff[f].topk(10, largest=False).values.tolist(), rel=1e-3)
+
+
+def test_demo_final_step_writes_the_browser_and_returns_its_address(crafted, tmp_path):
+    from sae_harvest.evaluate.demo import demo_browser
+
+    url = demo_browser(tmp_path, crafted["store"], crafted["saes"])
+    assert url == (tmp_path / "features" / "index.html").absolute().as_uri()
+    assert [s["name"] for s in read_data(tmp_path / "features", "saes")["saes"]] == ["sae_b"]   # one per sweep

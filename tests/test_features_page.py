@@ -4,15 +4,21 @@ request beyond file://. Skipped, with the reason, only where chromium is not ins
 import json
 import shutil
 
-import numpy as np
 import pytest
 
-from tests.test_features import EVERY, F, NEVER, brute, built, crafted, latent_records, read_data  # noqa: F401
+from tests.test_features import EVERY, F, brute, built, crafted, latent_records, read_data  # noqa: F401 (fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="chromium and chromedriver not installed (apt-get install chromium chromium-driver)")
+
+
+def shown(token: str) -> str:
+    """The page's rendering of a token (app.js showTok)."""
+    import re
+
+    return re.sub(r" {3,}", lambda m: "\u2423" + str(len(m.group())), token.replace("\n", "\u21b5"))
 
 
 def make_driver(width=1400, height=1000):
@@ -98,7 +104,7 @@ def test_latent_view_tokens_and_shading(page, crafted):
         spans = div.find_elements(By.CSS_SELECTOR, ".tok")
         s, p = ex["seq"], ex["pos"]
         span = range(max(0, p - 4), min(12, p + 3))
-        want_tokens = [vocab[str(t)].replace("\n", "\u21b5") for t in crafted["tokens"][s, span.start:span.stop]]
+        want_tokens = [shown(vocab[str(t)]) for t in crafted["tokens"][s, span.start:span.stop]]
         assert [sp.get_attribute("textContent") for sp in spans] == want_tokens
         want = [float(feats[where[s, q], f]) for q in span]
         got = [float(sp.get_attribute("data-v")) for sp in spans]
@@ -131,3 +137,28 @@ def test_bad_latent_in_url_and_no_console_error_or_network(page):
             urls.append(msg["params"]["request"]["url"])
     assert urls and all(u.startswith("file://") for u in urls), [u for u in urls if not u.startswith("file://")]
     assert any(u.endswith("data/s1/c0.js") for u in urls)   # latent data loaded when viewed
+
+
+def save_screenshots(out, docs, latent: int, sae: int = 0) -> None:
+    """docs/features-index.png and docs/features-latent.png from a browser folder:
+    `python -m tests.test_features_page demo-out/features docs 123`."""
+    from pathlib import Path
+
+    driver = make_driver(1280, 860)
+    try:
+        base = (Path(out) / "index.html").absolute().as_uri()
+        driver.get(base + f"#sae={sae}")
+        wait_for(driver, "#latents tr[data-latent]")
+        driver.find_element("css selector", "th[data-sort=density]").click()
+        driver.save_screenshot(str(Path(docs) / "features-index.png"))
+        driver.get(base + f"#sae={sae}&latent={latent}")
+        wait_for(driver, "#top .ctx")
+        driver.save_screenshot(str(Path(docs) / "features-latent.png"))
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    import sys
+
+    save_screenshots(sys.argv[1], sys.argv[2], int(sys.argv[3]))
