@@ -4,11 +4,15 @@
 #   bash bench/gpu.sh --dry-run  # on a CPU: the same pipeline with tiny sizes (checks the script)
 #   ONLY="harvest train" bash bench/gpu.sh   # some sections (store, harvest, train, parts, codecs, e2e,
 #                                            # evaluate): one device call may run at most 10 minutes
-#   ONLY="store train parts codecs" bash bench/gpu.sh   # issue 21's sections, < 8 min on an H100/H200
+#   REP=1 ONLY="store train parts codecs" bash bench/gpu.sh   # issue 21's sections, ~7 min estimated on
+#                                            # an H100/H200 (not yet run there)
 # Needs the offline default model's tokenizer (built on first use, or SAE_HARVEST_CACHE pointing at
 # a built cache). Where the project is not installed, the repo goes on PYTHONPATH through a folder
 # of symlinks, and wheels carried in bench/wheels/ (zarr, numcodecs, donfig, crc32c, google-crc32c:
-# the device image has torch and transformers only) are installed offline first.
+# the device image has torch and transformers only) are installed offline first. Make them here,
+# before the device call, for the device's Python (x86-64, manylinux):
+#   pip download --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.X \
+#       zarr numcodecs donfig crc32c google-crc32c -d bench/wheels     # bench/wheels is git-ignored
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
