@@ -30,9 +30,9 @@ def main(out: Path) -> None:
         rows.append((f"store feed, {r['rows']} rows x {r['d']} fp16, batch {r['batch_size']}",
                      f"{loc['GiB_s']['feed (stored 16-bit)']:.2f} GiB/s vs raw reads {loc['GiB_s']['raw']:.2f} GiB/s",
                      f"{loc['ratio_to_raw']['feed (stored 16-bit)']:.2f}x (+ fp32 on the GPU: "
-                     f"{loc['ratio_to_raw']['feed + float32 on device']:.2f}x; copied into pinned memory "
-                     f"after the read, as before: "
-                     f"{loc['ratio_to_raw'].get('feed, copied into pinned memory (old)', float('nan')):.2f}x)"))
+                     f"{loc['ratio_to_raw']['feed + float32 on device']:.2f}x"
+                     + (f"; copied into pinned memory after the read, as before: {old_pin:.2f}x)"
+                        if (old_pin := loc['ratio_to_raw'].get('feed, copied into pinned memory (old)')) else ")")))
     h = load("harvest.json")
     if h:
         rows.append(("harvest, 4 sites + grads, ctx %d" % h["ctx_len"],
