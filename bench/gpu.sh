@@ -2,24 +2,39 @@
 # Every GPU measurement in one go; prints one table (bench/gpu_table.py) for docs/benchmarks.md.
 #   bash bench/gpu.sh            # on a CUDA machine: GPT-2-small shapes, full sizes
 #   bash bench/gpu.sh --dry-run  # on a CPU: the same pipeline with tiny sizes (checks the script)
-#   ONLY="harvest train" bash bench/gpu.sh   # some sections (store, harvest, train, e2e, evaluate): one
-#                                            # device call may run at most 10 minutes
-# Needs the project importable (pip install -e . or PYTHONPATH) and the offline default model's
-# tokenizer (built on first use, or SAE_HARVEST_CACHE pointing at a built cache).
+#   ONLY="harvest train" bash bench/gpu.sh   # some sections (store, harvest, train, parts, codecs, e2e,
+#                                            # evaluate): one device call may run at most 10 minutes
+#   REP=1 ONLY="store train parts codecs" bash bench/gpu.sh   # issue 21's sections, ~7 min estimated on
+#                                            # an H100/H200 (not yet run there)
+# Needs the offline default model's tokenizer (built on first use, or SAE_HARVEST_CACHE pointing at
+# a built cache). Where the project is not installed, the repo goes on PYTHONPATH through a folder
+# of symlinks, and wheels carried in bench/wheels/ (zarr, numcodecs, donfig, crc32c, google-crc32c:
+# the device image has torch and transformers only) are installed offline first. Make them here,
+# before the device call, for the device's Python (x86-64, manylinux):
+#   pip download --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.X \
+#       zarr numcodecs donfig crc32c google-crc32c -d bench/wheels     # bench/wheels is git-ignored
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 T=$(mktemp -d)
+if ! python3 -c "import zarr" 2>/dev/null && [ -d bench/wheels ]; then
+  python3 -m pip install --quiet --no-index --find-links bench/wheels zarr numcodecs google-crc32c
+fi
+if ! python3 -c "import sae_harvest.train" 2>/dev/null; then
+  mkdir -p "$T/pkg/sae_harvest"
+  for d in stores harvest train evaluate; do ln -s "$PWD/$d" "$T/pkg/sae_harvest/$d"; done
+  export PYTHONPATH="$T/pkg${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if [ "${1:-}" = "--dry-run" ]; then
   DEV=cpu; MODEL=stdlib-gpt2; CTX=64; HN=4096; TD_IN=64; TD_SAE=1024; TN=16384; TROWS=20000
   E2E_TOKENS=2048; E2E_DSAE=256; E2E_SITE=blocks.2.resid_pre; EN=2048; REP=${REP:-1}; HBATCH=4
-  WSITES=2; WD=64; WROWS=8192; RROWS=65536; RD=64
+  WSITES=2; WD=64; WROWS=8192; RROWS=65536; RD=64; PBATCH=512; PITERS=1; CTOK=1024; CGPT2=--no-gpt2
 else
   DEV=cuda; MODEL=gpt2-small-random; CTX=1024; HN=131072; TD_IN=768; TD_SAE=24576; TN=4096000; TROWS=600000
   E2E_TOKENS=2097152; E2E_DSAE=46080; E2E_SITE=blocks.6.resid_pre; EN=131072; REP=${REP:-2}; HBATCH=16
-  WSITES=4; WD=768; WROWS=131072; RROWS=524288; RD=768
+  WSITES=4; WD=768; WROWS=131072; RROWS=524288; RD=768; PBATCH=4096; PITERS=20; CTOK=4096; CGPT2=
 fi
-ONLY=${ONLY:-store harvest train e2e evaluate}
+ONLY=${ONLY:-store harvest train parts codecs e2e evaluate}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 py() { python3 "$@"; }
 MPATH=$MODEL
@@ -42,11 +57,23 @@ py bench/harvest.py --model "$MPATH" --device $DEV --ctx-len $CTX --batch-size $
 fi
 
 if want train; then
-for SD in sparse dense; do
-  echo "== train fit: TopK $TD_IN -> $TD_SAE, k=32, batch 4096, bf16, $SD decode, vs bare in-memory loop"
+for BW in sparse dense; do
+  echo "== train fit: TopK $TD_IN -> $TD_SAE, k=32, batch 4096, bf16, sparse decode, $BW backward, vs bare loop and feed"
   py bench/train.py --device $DEV --d-in $TD_IN --d-sae $TD_SAE --k 32 --batch-size 4096 --tokens $TN \
-     --store-rows $TROWS --dtype bf16 --decode $SD --repeats $REP --json "$OUT/train_$SD.json"
+     --store-rows $TROWS --dtype bf16 --decode sparse --backward $BW --repeats $REP --json "$OUT/train_$BW.json"
 done
+fi
+
+if want parts; then
+echo "== the step part by part, and 8 SAEs stacked vs looped vs one"
+py bench/train_parts.py --device $DEV --dtype bf16 --d-in $TD_IN --d-sae $TD_SAE --k 32 --batch-size $PBATCH \
+   --iters $PITERS --repeats 3 --compile --json "$OUT/parts.json" | grep -v '^ *[]["{}0-9]'
+fi
+
+if want codecs; then
+echo "== codecs: compression ratio and GB/s per core on harvested activations and gradients"
+py bench/codecs.py --device $DEV --tokens $CTOK $CGPT2 --disk-gbs 1.0 --threads 8 --json "$OUT/codecs.json" \
+   | grep -v '^ *[]["{}0-9]'
 fi
 
 if want e2e; then

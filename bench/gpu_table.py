@@ -30,21 +30,53 @@ def main(out: Path) -> None:
         rows.append((f"store feed, {r['rows']} rows x {r['d']} fp16, batch {r['batch_size']}",
                      f"{loc['GiB_s']['feed (stored 16-bit)']:.2f} GiB/s vs raw reads {loc['GiB_s']['raw']:.2f} GiB/s",
                      f"{loc['ratio_to_raw']['feed (stored 16-bit)']:.2f}x (+ fp32 on the GPU: "
-                     f"{loc['ratio_to_raw']['feed + float32 on device']:.2f}x)"))
+                     f"{loc['ratio_to_raw']['feed + float32 on device']:.2f}x"
+                     + (f"; copied into pinned memory after the read, as before: {old_pin:.2f}x)"
+                        if (old_pin := loc['ratio_to_raw'].get('feed, copied into pinned memory (old)')) else ")")))
     h = load("harvest.json")
     if h:
         rows.append(("harvest, 4 sites + grads, ctx %d" % h["ctx_len"],
                      f"{h['harvest_tok_s']:,.0f} tok/s vs bare fwd+bwd {h['bare_tok_s']:,.0f} tok/s",
                      f"{h['ratio_median']:.2f}x (repeats {', '.join(f'{r:.2f}' for r in h['ratios'])}); "
                      f"{h['bytes_per_token']:,.0f} B/token"))
-    for sd in ("sparse", "dense"):
-        t = load(f"train_{sd}.json")
+    for bw in ("sparse", "dense"):
+        t = load(f"train_{bw}.json")
         if t:
             t = t[0]
+            step = t["roofline"]["bare step"]
+            feed_min = PAPER_LOCAL_TOKENS / min(t["bare_tok_s"], t["feed_tok_s"]) / 60
             rows.append((f"train fit topk {t['d_in']}->{t['d_sae']} k={t['k']} batch {t['batch_size']}, "
-                         f"bf16, {sd} decode",
-                         f"{t['fit_tok_s']:,.0f} tok/s vs bare loop {t['bare_tok_s']:,.0f} tok/s",
-                         f"{t['ratio_median']:.2f}x; 410M tokens in {PAPER_LOCAL_TOKENS / t['fit_tok_s'] / 60:.1f} min"))
+                         f"bf16, {t.get('decode', '?')} decode, {bw} backward",
+                         f"{t['fit_tok_s']:,.0f} tok/s; bare step {t['bare_tok_s']:,.0f}; feed alone "
+                         f"{t['feed_tok_s']:,.0f} tok/s",
+                         f"fit / min(step, feed) {t['fit_vs_min_step_feed']:.2f}x; 410M tokens in "
+                         f"{PAPER_LOCAL_TOKENS / t['fit_tok_s'] / 60:.1f} min (at min(step, feed): {feed_min:.1f} min)"))
+            frac = step.get("fraction_of_peak_flops")
+            rows.append((f"roofline of that step ({bw} backward)",
+                         f"{step['flops_per_token'] / 1e6:.1f} MFLOP, {step['bytes_per_token'] / 1e3:.1f} kB per token; "
+                         f"{step['achieved_tflops']:.1f} TFLOP/s",
+                         f"{100 * frac:.1f}% of {step['device']} peak; {100 * step['fraction_of_roofline']:.1f}% of the "
+                         f"roofline" if frac is not None else step["source"]))
+    pa = load("parts.json")
+    if pa and "parts" in pa:
+        ms = pa["parts"]["ms_per_step"]
+        rows.append((f"step parts, topk {pa['d_in']}->{pa['d_sae']} batch {pa['batch_size']} ({pa['dtype']})",
+                     "; ".join(f"{k} {v:.2f} ms" for k, v in ms.items()),
+                     f"torch.compile first call {pa['parts']['compile_s']:.0f} s" if pa["parts"].get("compile_s") else ""))
+    if pa and "sweep" in pa:
+        sw = pa["sweep"]
+        rows.append((f"sweep of {len(sw['ks'])} topk SAEs {pa['d_in']}->{pa['d_sae']}",
+                     "; ".join(f"{k} {v:.2f} ms" for k, v in sw["ms_per_step"].items()),
+                     "; ".join(f"{k} {v:.2f}x one SAE" for k, v in sw["ratio_to_one_sae"].items())))
+    c = load("codecs.json")
+    if c:
+        for model, m in c["models"].items():
+            for enc in ("acts float16", "acts bfloat16", "grads bfloat16"):
+                best = max(m["summary"][enc].items(), key=lambda kv: min(kv[1]["write_gain_vs_none"], kv[1]["read_gain_vs_none"]))
+                rows.append((f"codecs, {model}, {enc}: best end-to-end at {c['disk_gbs']} GB/s disk x {c['threads']} threads",
+                             f"{best[0]}: ratio {best[1]['ratio']:.3f}, {best[1]['encode_gb_s']:.2f} / "
+                             f"{best[1]['decode_gb_s']:.2f} GB/s per core",
+                             f"writes {best[1]['write_gain_vs_none']:.2f}x, feed {best[1]['read_gain_vs_none']:.2f}x"))
     for loss in ("e2e", "e2e+ds"):
         p = out / f"train_{loss.replace('+', '_')}.json"
         if p.exists() and p.read_text().strip():

@@ -75,3 +75,71 @@ def test_trainer_adam_equals_the_per_tensor_loop():
         opt_b.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---- train fit with --stack-sweep ----
+import json  # noqa: E402
+import signal  # noqa: E402
+
+from sae_harvest import train  # noqa: E402
+from sae_harvest.train.driver import TrainInterrupted  # noqa: E402
+from sae_harvest.train.errors import TrainError  # noqa: E402
+from sae_harvest.train.fit import fit  # noqa: E402
+from tests.test_train_loop import _cfg, make_store  # noqa: E402
+
+KS = (1, 2, 4)   # with d_sae 256 latents go dead within the run, so AuxK is compared too
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stacked") / "s.zarr"
+    make_store(path)
+    return path
+
+
+def _weights(out):
+    return {k: train.load_sae(out / f"topk_k{k}").state_dict() for k in KS}
+
+
+def test_fit_stacked_sweep_trains_the_loops_weights(store, tmp_path):
+    summaries = {}
+    for setting in ("off", "on"):
+        # dead_tokens small: AuxK runs; log_every 3: the per-run metrics of the stacked step too
+        summaries[setting] = fit(_cfg(store, tmp_path / setting, k=KS, d_sae=256, tokens=256 * 16,
+                                      stack_sweep=setting, dead_tokens=256 * 3, log_every=3), progress=False)
+    loop, stacked = _weights(tmp_path / "off"), _weights(tmp_path / "on")
+    for k in KS:
+        for name, w in loop[k].items():
+            torch.testing.assert_close(stacked[k][name], w, rtol=1e-4, atol=1e-5, msg=f"k={k} {name}")
+        a = [json.loads(line) for line in (tmp_path / "off" / f"topk_k{k}" / "metrics.jsonl").read_text().splitlines()]
+        b = [json.loads(line) for line in (tmp_path / "on" / f"topk_k{k}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("loss", "mse", "aux", "l0", "nmse", "dead_fraction", "lr"):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-6), (k, key)
+        assert any(r["aux"] > 0 for r in a)
+        held = (summaries["off"][f"topk_k{k}"]["held_out"], summaries["on"][f"topk_k{k}"]["held_out"])
+        assert held[1]["nmse"] == pytest.approx(held[0]["nmse"], rel=1e-3)
+
+
+def test_fit_stacked_sweep_resumes_exactly(store, tmp_path):
+    cfg = dict(k=KS, d_sae=256, tokens=256 * 12, stack_sweep="on", dead_tokens=256 * 3)
+    fit(_cfg(store, tmp_path / "full", **cfg), progress=False)
+
+    def interrupt(event):
+        if event.step == 6:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(store, tmp_path / "part", **cfg), progress=False, on_step=interrupt)
+    fit(_cfg(store, tmp_path / "part", **cfg), resume=True, progress=False)
+    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for k in KS:
+        for name, w in full[k].items():
+            torch.testing.assert_close(part[k][name], w, rtol=0, atol=0, msg=f"k={k} {name}")
+
+
+def test_fit_stack_sweep_on_refuses_what_it_cannot_stack(store, tmp_path):
+    with pytest.raises(TrainError, match="cannot stack this sweep.*not plain topk"):
+        fit(_cfg(store, tmp_path / "b", arch="batchtopk", k=KS, stack_sweep="on"), progress=False)
+    assert not (tmp_path / "b").exists()   # refused before anything was written

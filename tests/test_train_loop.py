@@ -233,9 +233,9 @@ def test_auxk_runs_exactly_when_latents_are_dead(store, tmp_path, monkeypatch):
 
     masks, real = [], topk.auxk_loss
 
-    def spy(sae, pre, resid, dead_mask):
+    def spy(sae, pre, resid, dead_mask, *rest):   # rest: the sparse backward's values_at
         masks.append(None if dead_mask is None else dead_mask.clone())
-        return real(sae, pre, resid, dead_mask)
+        return real(sae, pre, resid, dead_mask, *rest)
 
     monkeypatch.setattr(topk, "auxk_loss", spy)
     checked = []

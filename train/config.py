@@ -65,6 +65,9 @@ class TrainConfig:
     sparse_backward: str = opt("auto", "TopK family: encoder gradients only at the chosen latents (sparse "
                                "backward; off: dense autograd, the reference) (auto: on CUDA).",
                                choices=("auto", "on", "off"))
+    stack_sweep: str = opt("auto", "Train a sweep of plain topk SAEs of one shape as one batched step (bmm over "
+                                   "the SAEs) instead of a loop (auto: on CUDA; not data parallel).",
+                           choices=("auto", "on", "off"))
     epochs: int | None = opt(None, "Passes over the data when --tokens is not given (meta-SAE).")
     loss: str = opt("local", "local: reconstruction; e2e / e2e+ds: through the live frozen --model.",
                     choices=("local", "e2e", "e2e+ds"))

@@ -134,7 +134,8 @@ class Driver:
         meta = train_state.load_meta(out, self.where)
         saved = meta["config"]
         differ = [k for k, v in self.cfg.to_dict().items()
-                  if k not in ("device", "wandb", "out", "dist_timeout", "sweep_parallel", "sparse_backward")
+                  if k not in ("device", "wandb", "out", "dist_timeout", "sweep_parallel", "sparse_backward",
+                                "stack_sweep")
                   and _plain(saved.get(k)) != _plain(v)]
         if differ:
             raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")

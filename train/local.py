@@ -23,6 +23,7 @@ from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
 from sae_harvest.train.sae import SAE
 from sae_harvest.train.sae_io import load_sae
+from sae_harvest.train.stacked import StackedSweep, wants_stacking
 
 
 class Source:
@@ -133,12 +134,17 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
                       site=source.provenance["hook_name"])
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
+    try:
+        stack = wants_stacking(cfg.stack_sweep, runs, device, data_parallel=world.size > 1 and not world.sweep_parallel)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
                     world=world, store=getattr(source, "store", None))
     feed_state = driver.prepare(resume, overwrite, device)
     if world.main:   # after every check of the input: bad input stays one error line
         for line in source.warnings + short_run_warnings(cfg, source.epoch_tokens, batch, total_steps):
             warn(line, console)
+    stacked = StackedSweep(runs) if stack else None   # after prepare: built from the resumed runs
     scale = driver.scale
     # sweep parallel: every rank reads every whole batch, as one process would
     part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
@@ -153,6 +159,9 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     def step_fn(inputs, factor, log_now):
         x, g = inputs
+        if stacked is not None:
+            stacked.step(x, factor, cfg.grad_clip, dead_after, autocast, log_now)
+            return
         for run in runs.values():
             _step(run, x, g, factor, cfg, dead_after, autocast, log_now)
 

@@ -109,8 +109,10 @@ def load_run(out: str | Path, name: str, run, device, where: str = CHECKPOINT_DI
         state = {key.rsplit(".", 1)[1]: v.to(device) for key, v in tensors.items()
                  if key.startswith(f"opt.{pname}.") and key.count(".") == pname.count(".") + 2}
         if state:
-            if "step" in state:
-                state["step"] = state["step"].float().cpu() if state["step"].dim() == 0 else state["step"]
+            if "step" in state and state["step"].dim() == 0:
+                # fused (and capturable) Adam keeps its step on the parameter's device, the others on the CPU
+                on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
+                state["step"] = state["step"].float().to(p.device if on_device else "cpu")
             opt.state[p] = state
     run.since_fired.copy_(tensors["since_fired"].to(run.since_fired.device))
     run.idle_bound = int(tensors["since_fired"].max()) if tensors["since_fired"].numel() else 0

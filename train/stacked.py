@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae_harvest.train.runs import make_adam
 from sae_harvest.train.topk import TopKSAE
 
 
@@ -126,3 +127,97 @@ def stacked_step(stack: StackedTopK, opt: torch.optim.Optimizer, x: torch.Tensor
     since_fired += len(x)
     since_fired.masked_fill_(fired, 0)
     return terms
+
+
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+class StackedSweep:
+    """`train fit`'s sweep trained as one stacked step. The runs stay what the driver checkpoints,
+    resumes, logs and saves: each run's parameters, Adam moments and dead-latent counts become views
+    of the stack's tensors (built from the runs' resumed state when there is one), so a checkpoint
+    of the runs is a checkpoint of the stack."""
+
+    def __init__(self, runs: dict):
+        self.runs = list(runs.values())
+        first = self.runs[0]
+        self.stack = StackedTopK([r.sae for r in self.runs])
+        self.opt = make_adam(self.stack.parameters(), first.lr, first.opt.param_groups[0]["betas"])
+        on_device = bool(self.opt.param_groups[0].get("fused"))
+        for name in PARAMS:
+            stacked = getattr(self.stack, name)
+            per_run = [r.opt.state.get(getattr(r.sae, name), {}) for r in self.runs]
+            if all(per_run):   # resumed: the runs' saved moments (one step count: they trained together)
+                step = per_run[0]["step"].clone()
+                avg = torch.stack([s["exp_avg"] for s in per_run]).to(stacked)
+                avg_sq = torch.stack([s["exp_avg_sq"] for s in per_run]).to(stacked)
+            else:
+                step = torch.zeros((), dtype=torch.float32, device=stacked.device if on_device else "cpu")
+                avg, avg_sq = torch.zeros_like(stacked), torch.zeros_like(stacked)
+            self.opt.state[stacked] = {"step": step, "exp_avg": avg, "exp_avg_sq": avg_sq}
+            for s, run in enumerate(self.runs):
+                param = getattr(run.sae, name)
+                param.data = stacked.data[s]
+                run.opt.state[param] = {"step": step, "exp_avg": avg[s], "exp_avg_sq": avg_sq[s]}
+        self.since = torch.stack([r.since_fired for r in self.runs])
+        for s, run in enumerate(self.runs):
+            run.since_fired = self.since[s]
+
+    def step(self, x, factor: float, grad_clip: float, dead_after: int, autocast: bool, log_now: bool) -> None:
+        """train/local.py's _step + optimizer_step for every run at once."""
+        can_be_dead = [r.idle_bound >= dead_after for r in self.runs]
+        dead = None
+        if any(can_be_dead):   # a run whose latents cannot be dead yet gets an all-False row: no AuxK
+            dead = (self.since >= dead_after) & torch.tensor(can_be_dead, device=x.device)[:, None]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, terms, fired, x_hat = self.stack.loss(x, dead)
+        loss.backward()
+        lr = self.runs[0].lr * factor
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.stack.prepare_update(grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.stack.set_decoder_norm_to_unit_norm()
+        self.since += len(x)
+        self.since.masked_fill_(fired, 0)
+        for run in self.runs:
+            run.idle_bound += len(x)
+        if log_now:
+            with torch.no_grad():
+                err = (x_hat.float() - x).pow(2).sum((1, 2)).tolist()
+                norm = float(x.pow(2).sum())
+                dead_fraction = dead.float().mean(1).tolist() if dead is not None else [0.0] * len(self.runs)
+                for s, run in enumerate(self.runs):
+                    t = {k: float(v[s]) for k, v in terms.items()}
+                    run.last = {"loss": t["mse"] + t["aux"], **t, "nmse": err[s] / norm,
+                                "dead_fraction": dead_fraction[s], "lr": lr}
+                    run.idle_bound = int(run.since_fired.max())
+
+
+def wants_stacking(setting: str, runs: dict, device, data_parallel: bool) -> bool:
+    """`--stack-sweep auto|on|off`: whether to train the runs as a StackedSweep: they can be stacked
+    (two or more plain topk SAEs of one shape, learning rate and betas, not data parallel) and the
+    setting wants it (auto: on CUDA). `on` with runs that cannot be stacked: ValueError."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return False
+    first = next(iter(runs.values()))
+    reasons = []
+    if len(runs) < 2:
+        reasons.append("the sweep has one SAE")
+    if data_parallel:
+        reasons.append("the sweep trains data parallel")
+    for run in runs.values():
+        if type(run.sae) is not TopKSAE:
+            reasons.append(f"{run.sae.arch} is not plain topk")
+            break
+        c, f = run.sae.cfg, first.sae.cfg
+        if (c.d_in, c.d_sae, c.aux_k, c.aux_coeff, run.lr, run.opt.param_groups[0]["betas"]) != \
+                (f.d_in, f.d_sae, f.aux_k, f.aux_coeff, first.lr, first.opt.param_groups[0]["betas"]):
+            reasons.append("the SAEs differ in shape or optimizer settings")
+            break
+    if reasons:
+        if setting == "on":
+            raise ValueError(f"--stack-sweep on: cannot stack this sweep ({'; '.join(reasons)})")
+        return False
+    return True
