@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sae_harvest.harvest import outpath
 from sae_harvest.harvest.cli import main as harvest_cli
 from sae_harvest.harvest.run import harvest
 from tests.kill_launcher import count_mutations
