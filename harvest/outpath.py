@@ -178,8 +178,8 @@ def plan_target(out: str, *, resume: bool, overwrite: bool) -> Target:
         return _resume(out, out)
     if not overwrite:
         raise HarvestError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-    if not local:
-        return Target(final=out, build=out, replace=True)
+    if not local:     # a stale lease of the store being replaced (its writer died) is taken over
+        return Target(final=out, build=out, replace=True, leftover=leases.read(out) is not None)
     if fs.anything_at(side) and not _own_build(side):
         raise HarvestError(f"{side} exists and is not a build of this tool; refusing to touch it (it is where "
                            f"--overwrite builds the new store)")

@@ -51,7 +51,7 @@ def check_root_attrs(attrs, path) -> None:
     for name, site in attrs["sites"].items():
         if not isinstance(site, dict) or not _ok(site.get("d"), _INT) or not 1 <= site["d"] < 2**31 \
                 or site.get("encoding") not in layout.ENCODINGS:
-            raise StoreError(f"{where}: site {name!r} needs an integer d in [1, 2^31) and an encoding in "
+            raise StoreError(f"{where}: site {name!r} needs a positive integer d below 2^31 and an encoding in "
                              f"{', '.join(layout.ENCODINGS)}; it has {site!r}")
     grads = attrs.get("grads")
     if grads is not None and (not isinstance(grads, dict) or grads.get("encoding") not in layout.ENCODINGS):

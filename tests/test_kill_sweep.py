@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sae_harvest.harvest import outpath
 from sae_harvest.harvest.cli import main as harvest_cli
 from sae_harvest.harvest.run import harvest
+from sae_harvest.stores import fs
 from tests.kill_launcher import count_mutations
 from tests.test_store_safety import SITE, _args, _cfg, _user_files, snapshot
-from tests.test_store_safety import assets, stores  # noqa: F401  (fixtures)
+from tests.test_store_safety import assets, bucket, stores  # noqa: F401  (fixtures)
 from tests.test_store_v2 import REPO, _arrays
 
 ARRAYS = ("tokens", "seq", "pos", "acts/" + SITE, "grads/" + SITE)
@@ -199,3 +199,54 @@ def test_two_processes_race_for_one_out(assets, stores, tmp_path):
 @pytest.mark.slow
 def test_two_processes_race_and_one_is_killed(assets, stores, tmp_path):
     _two_processes(assets, stores, tmp_path, points=8, seed=1616)
+
+
+# ---- object storage: --overwrite replaces the store in place (no rename) ------------------------
+@pytest.mark.parametrize("points", [1, pytest.param(6, marks=pytest.mark.slow)])
+def test_kill_sweep_s3_overwrite(assets, stores, bucket, monkeypatch, points):
+    """On the loopback S3 server: an old store replaced with --overwrite, killed before its k-th
+    change (object writes and deletes through stores/fs.py; zarr's own metadata PUTs are not kill
+    points here), then --resume (the new store, the old one, or a refusal changing no object) and
+    --overwrite (the new store). No object outside the store's prefix ever changes."""
+    from tests.test_object_storage import _objects
+    outside = lambda objs: {k: v for k, v in objs.items() if not k.startswith("ow.zarr/")}  # noqa: E731
+    url = f"{bucket}/ow.zarr"
+    fs.write_atomic(bucket, "ow.zarr.old/notes.txt", b"the user's")
+    fs.write_atomic(bucket, "ow.zarr-notes.txt", b"the user's too")
+
+    def setup():
+        if fs.anything_at(url):
+            fs.remove(url)
+        harvest(_cfg(assets, url, seed=5), progress=False)
+
+    setup()
+    counter = count_mutations(lambda n: None, monkeypatch.setattr)
+    harvest(_cfg(assets, url), overwrite=True, progress=False)
+    monkeypatch.undo()
+    total = counter["n"]
+    for k in sorted(np.random.default_rng(16).choice(np.arange(1, total + 1), size=min(points, total), replace=False)):
+        setup()
+        before_all = outside(_objects(bucket))
+
+        def die(n, k=int(k)):
+            if n >= k:
+                raise _Killed(f"killed at change {k}")
+        count_mutations(die, monkeypatch.setattr)
+        with pytest.raises(Exception):
+            harvest(_cfg(assets, url), overwrite=True, progress=False)
+        monkeypatch.undo()
+        held = fs.read_bytes(url, "lease.json")
+        if held is not None:        # the dead writer's lease grows old
+            fs.write_atomic(url, "lease.json", json.dumps({**json.loads(held), "heartbeat": 0.0}).encode())
+        objects = _objects(bucket)
+        code, text = _cli(*_args(assets, url, "--resume"))
+        if code == 2:
+            assert len(text.strip().splitlines()) == 1 and text.startswith("error:"), text
+            assert _objects(bucket) == objects, k
+        else:
+            assert code == 0, text
+            assert _same_arrays(stores["ref"], url) or _same_arrays(stores["other"], url), k
+        code, text = _cli(*_args(assets, url, "--overwrite"))
+        assert code == 0, (k, text)
+        assert _same_arrays(stores["ref"], url), k
+        assert outside(_objects(bucket)) == before_all, k

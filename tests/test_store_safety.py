@@ -503,3 +503,16 @@ def test_s3_lease_before_create_checksums_and_replaced_reader(assets, stores, bu
     assert len(problems) == 2 and all("checksum mismatch" in p for p in problems), problems
     with pytest.raises(StoreError, match="checksum differs from its window record"):
         open_store(url).acts(SITE, slice(None))
+
+
+def test_s3_overwrite_of_a_store_left_with_a_stale_lease(assets, stores, bucket):
+    """A writer killed on object storage leaves its lease in the store; --overwrite (which replaces
+    the store in place there) takes that stale lease over instead of refusing."""
+    url = f"{bucket}/stale.zarr"
+    harvest(_cfg(assets, url, seed=5), progress=False)
+    fs.write_atomic(url, "lease.json", json.dumps({"owner": "dead", "host": "elsewhere", "pid": 1,
+                                                   "heartbeat": 0.0}).encode())
+    code, text = _cli(*_args(assets, url, "--overwrite"))
+    assert code == 0, text
+    _assert_same(stores["ref"], url)
+    assert fs.read_bytes(url, "lease.json") is None
