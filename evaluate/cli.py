@@ -25,7 +25,8 @@ def main():
 
 @main.command("splice")
 @click.option("--sae", "saes", multiple=True, required=True,
-              help="SAE checkpoint folder (from `train fit`); repeat for several.")
+              help="SAE checkpoint folder (from `train fit`), a sweep folder (every SAE in it) or a quoted "
+                   "glob ('saes/*/topk_k*'); repeat for several.")
 @config_options(EvalConfig)
 @click.option("--json", "json_path", default=None, help="Write every metric (and this config) to this JSON file.")
 @click.option("--plot", "plot_path", default=None, help="Write Pareto-front plots to this PNG.")
@@ -35,10 +36,11 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     downstream MSE, L0, alive latents and reconstruction metrics."""
     from .report import print_table, write_json, write_plot
     from .splice import evaluate_saes
+    from .sweeps import expand_saes, name_rows
 
-    cfg = EvalConfig(saes=tuple(saes), **fields)
+    cfg = EvalConfig(saes=expand_saes(saes), **fields)
     try:
-        results = evaluate_saes(cfg, progress=not quiet, console=console)
+        results = name_rows(evaluate_saes(cfg, progress=not quiet, console=console))
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     # A pipe or file gets the whole table rather than rich's 80-column default.
@@ -46,10 +48,10 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     try:
         if json_path:
             write_json(results, json_path, config=cfg.to_dict())
-            console.print(f"wrote {json_path}", highlight=False)
+            console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
             write_plot(results, plot_path)
-            console.print(f"wrote {plot_path}", highlight=False)
+            console.print(f"wrote {plot_path}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
 
@@ -80,10 +82,10 @@ def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
     try:
         if json_path:
             write_doc(doc, json_path)
-            console.print(f"wrote {json_path}", highlight=False)
+            console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
             for written in plot_fn(doc, plot_path) or [plot_path]:
-                console.print(f"wrote {written}", highlight=False)
+                console.print(f"wrote {written}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
 
@@ -131,7 +133,8 @@ def meta_cmd(json_path, quiet, **fields):
 
 
 @main.command("geometry")
-@click.option("--sae", "saes", multiple=True, required=True, help="SAE checkpoint folder; repeat for several.")
+@click.option("--sae", "saes", multiple=True, required=True,
+              help="SAE checkpoint folder, sweep folder or quoted glob; repeat for several.")
 @config_options(GeometryConfig)
 @click.option("--json", "json_path", default=None, help="Write every distribution to this JSON file.")
 @click.option("--plot", "plot_prefix", default=None,
@@ -146,7 +149,9 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
     from .analysis_report import plot_geometry, print_geometry
     from .geometry import run_geometry
 
-    doc = run_geometry(GeometryConfig(saes=tuple(saes), **fields), progress=not quiet, console=console)
+    from .sweeps import expand_saes
+
+    doc = run_geometry(GeometryConfig(saes=expand_saes(saes), **fields), progress=not quiet, console=console)
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 
