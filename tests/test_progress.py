@@ -24,7 +24,7 @@ def _render(progress, width):
 @pytest.mark.parametrize("width", [60, 80, 120])
 def test_step_line_keeps_step_rate_eta_and_each_sae_has_its_line(width):
     p = StepProgress(4096, console=Console(width=width))
-    task = p.add_task("train", total=10_000, completed=1234)
+    p.add_task("train", total=10_000, completed=1234)
     p.set_metrics(SWEEP)
     lines = _render(p, width)
     assert all(len(line) <= width for line in lines), lines
