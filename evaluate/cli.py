@@ -28,7 +28,8 @@ def main():
 
 @main.command("splice")
 @click.option("--sae", "saes", multiple=True, required=True,
-              help="SAE checkpoint folder (from `train fit`); repeat for several.")
+              help="SAE checkpoint folder (from `train fit`), a sweep folder (every SAE in it) or a quoted "
+                   "glob ('saes/*/topk_k*'); repeat for several.")
 @config_options(EvalConfig)
 @click.option("--json", "json_path", default=None, help="Write every metric (and this config) to this JSON file.")
 @click.option("--plot", "plot_path", default=None, help="Write Pareto-front plots to this PNG.")
@@ -38,10 +39,11 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     downstream MSE, L0, alive latents and reconstruction metrics."""
     from .replace import evaluate_all
     from .report import print_table, write_json, write_plot
+    from .sweeps import expand_saes, name_rows
 
-    cfg = EvalConfig(saes=tuple(saes), **fields)
+    cfg = EvalConfig(saes=expand_saes(saes), **fields)
     try:
-        results = evaluate_all(cfg, progress=not quiet, console=console)
+        results = name_rows(evaluate_all(cfg, progress=not quiet, console=console))
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     # A pipe or file gets the whole table rather than rich's 80-column default.
@@ -134,7 +136,8 @@ def meta_cmd(json_path, quiet, **fields):
 
 
 @main.command("geometry")
-@click.option("--sae", "saes", multiple=True, required=True, help="SAE checkpoint folder; repeat for several.")
+@click.option("--sae", "saes", multiple=True, required=True,
+              help="SAE checkpoint folder, sweep folder or quoted glob; repeat for several.")
 @config_options(GeometryConfig)
 @click.option("--json", "json_path", default=None, help="Write every distribution to this JSON file.")
 @click.option("--plot", "plot_prefix", default=None,
@@ -149,7 +152,9 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
     from .analysis_report import plot_geometry, print_geometry
     from .geometry import run_geometry
 
-    doc = scrub_tree(run_geometry(GeometryConfig(saes=tuple(saes), **fields), progress=not quiet,
+    from .sweeps import expand_saes
+
+    doc = scrub_tree(run_geometry(GeometryConfig(saes=expand_saes(saes), **fields), progress=not quiet,
                                   console=console))   # printed too: no credential on screen
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)

@@ -23,6 +23,14 @@ def series_label(r: dict) -> str:
     return r["arch"] + (f"+{mode}" if mode not in (None, "none") else "")
 
 
+def point_label(r: dict) -> str | None:
+    """A Pareto point's label: its swept value (k16, λ300), with the run when rows come from several."""
+    value = f"k{r['k']}" if r.get("k") is not None else f"λ{r['l1']:g}" if r.get("l1") is not None else None
+    if value and r.get("run") and "/" in str(r.get("name", "")):
+        return f"{r['run']} {value}"
+    return value
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -120,6 +128,10 @@ def write_plot(results: list[dict], path) -> None:
             ax.plot(*zip(*pts), "o", color=color, alpha=0.35)
             front = pareto_front(pts)
             ax.plot(*zip(*front), "o-", color=color, label=arch)
+            for r in rows:   # each point says which swept value it is (k16, l1=300)
+                if _finite(r.get(xkey)) and _finite(r.get("ce_increase")) and point_label(r):
+                    ax.annotate(point_label(r), (r[xkey], r["ce_increase"]), textcoords="offset points",
+                                xytext=(4, 3), fontsize=7, color=color)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("CE increase (nats)")
         ces = [r["ce_increase"] for r in results if _finite(r.get("ce_increase"))]

@@ -256,7 +256,8 @@ class Store:
         return self._read(layout.grads_path(site), self.encoding(site, grads=True), rows, decode)
 
     def batches(self, sites, batch_size: int, **kwargs):
-        """A BlockBatches iterator; see stores.batches.BlockBatches."""
+        """A BlockBatches: an iterable of batches (`for batch in store.batches(...)`; `next()` needs
+        `iter()` first), see stores.batches.BlockBatches and docs/python-api.md."""
         from .batches import BlockBatches
         return BlockBatches(self, sites, batch_size, **kwargs)
 

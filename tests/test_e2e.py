@@ -176,6 +176,8 @@ def test_e2e_training_lowers_kl_and_saves_raw_input_sae(assets, tmp_path):
     assert [r["step"] for r in records] == list(range(5, 45, 5))
     assert {"kl", "loss", "l1", "l0", "lr", "sparsity", "ce_increase", "downstream_mse",
             "ds:blocks.1.resid_post"} <= set(records[-1])
+    # 0.5 held for the bare-seed initialisation; from the seed+identity stream (issue 22) the KL falls
+    # 0.112 -> 0.063 in these 40 steps: still a clear fall, the point of the check
     assert records[-1]["kl"] < 0.6 * records[0]["kl"], [r["kl"] for r in records]
     cfg = json.loads((out / name / "cfg.json").read_text())
     assert cfg["hook_name"] == "blocks.1.hook_resid_pre" and cfg["model_name"] == assets["model_path"]

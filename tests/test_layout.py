@@ -63,6 +63,19 @@ def test_packages_import_only_downward():
     assert not bad, bad
 
 
+def test_top_level_package_is_imported_by_nothing_of_ours():
+    """api/__init__.py (installed as sae_harvest/__init__.py) re-exports from the four packages, lazily;
+    none of them may import it back (`from sae_harvest import load_sae` inside the code)."""
+    bad = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "sae_harvest":
+                    bad += [f"{pkg}/{path.name}: from sae_harvest import {a.name}" for a in node.names
+                            if a.name not in PACKAGES]
+    assert not bad, bad
+
+
 def test_no_import_cycles():
     graph = _imports()
     # a package's __init__ re-exports its modules: an edge into a package means its __init__

@@ -1,6 +1,4 @@
 """Issue 22 item 8: the small things seen on the way (help text, --quiet, splice table, geometry plots)."""
-import json
-import math
 
 import pytest
 import torch

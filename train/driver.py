@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_harvest.stores.progress import token_progress
+from sae_harvest.stores.progress import StepProgress
 
 from sae_harvest.train import distributed
 from sae_harvest.train import resume as train_state
@@ -197,7 +197,8 @@ class Driver:
 
     def run(self, feed, prepare, step_fn, info_fn, *, progress: bool, console, on_step=None) -> None:
         """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now)
-        trains every run on it."""
+        trains every run on it; info_fn() -> the metrics shown under the step line after each logged
+        step: rows {"sae": name, metric: value} (one line each) or one line of text."""
         self.feed = feed
         main, writes = self.world.main, self.writes
         wandb_run = _wandb(self.cfg, self.world) if writes else None
@@ -209,7 +210,8 @@ class Driver:
                 run.log = open(self.out / name / "metrics.jsonl", "a")
         interrupted = []
         old_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        bar = token_progress(console=console, disable=not progress or not main)
+        show = progress and main and console is not None
+        bar = StepProgress(self.tokens_per_step, console=console, disable=not show)
         parallel = self.lockstep
         per = self.tokens_per_step
         self.start_step = self.step   # a resumed run times only its own steps
@@ -218,7 +220,7 @@ class Driver:
             for s in STOP_SIGNALS:
                 signal.signal(s, lambda signum, _frame: interrupted.append(signum))
             with bar:
-                task = bar.add_task(self.label, total=self.total_steps * per, completed=self.step * per, info="")
+                task = bar.add_task(self.label, total=self.total_steps, completed=self.step)
                 batches = iter(feed)
                 while self.step < self.total_steps:
                     before = feed.state()   # the feed position a fault in this step resumes from
@@ -238,10 +240,10 @@ class Driver:
                     except Exception as e:
                         raise self._save_after_fault(e, before) from e
                     self.step += 1
-                    bar.advance(task, per)
+                    bar.advance(task, 1)
                     if log_now and writes:
                         _log(self.runs, self.step, self.step * per, wandb_run)
-                        bar.update(task, info=info_fn())
+                        bar.set_metrics(info_fn())
                     if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
                         self.checkpoint()
                     stop = distributed.anywhere(bool(interrupted)) if parallel else bool(interrupted)
@@ -260,6 +262,10 @@ class Driver:
                     run.log.close()
         self.elapsed = time.perf_counter() - t0
         self.wandb_run = wandb_run
+        if show:   # the live display is gone (transient): one line says how the run went
+            s = self.summary()
+            console.print(f"{self.label}: {self.step:,}/{self.total_steps:,} steps, "
+                          f"{s['tokens_per_s'] or 0:,.0f} tok/s, {self.elapsed:,.1f} s", highlight=False, markup=False)
 
     def summary(self) -> dict:
         """`seconds` and `tokens_per_s` cover this process's steps only: after --resume, the steps

@@ -230,13 +230,11 @@ def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now, target=Non
         run.idle_bound = int(run.since_fired.max())   # the step syncs here anyway: tighten the bound
 
 
-def _info(runs) -> str:
-    parts = []
-    for name, run in list(runs.items())[:3]:
-        m = run.last
-        parts.append(f"{name}: loss {m.get('loss', 0):.3g} l0 {m.get('l0', 0):.1f} "
-                     f"nmse {m.get('nmse', 0):.3f} dead {m.get('dead_fraction', 0):.2f}")
-    return " | ".join(parts) + (f" (+{len(runs) - 3})" if len(runs) > 3 else "")
+def _info(runs) -> list[dict]:
+    """The progress display's metrics: one row per SAE (the latest logged step's)."""
+    return [{"sae": name, "loss": run.last.get("loss", 0.0), "l0": run.last.get("l0", 0.0),
+             "nmse": run.last.get("nmse", 0.0), "dead": run.last.get("dead_fraction", 0.0)}
+            for name, run in runs.items()]
 
 
 @torch.no_grad()
