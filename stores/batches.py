@@ -20,7 +20,8 @@ class BlockBatches:
     global batch, cut exactly as with world 1), reading only the rows of that share.
     decode=False: values come back as stored (float16 / float32, bfloat16 as uint16 bits); see
     `encodings`. seqs="train" / "held_out": only the rows of the store's training / held-out
-    sequences (stores/split.py), filtered per block through `rows/seq`; "all": every row. Yields {"rows": int64 [n], "acts": {site: [n, d]}, "grads": {...}}."""
+    sequences (stores/split.py), filtered per block through `rows/seq`; "all": every row.
+    Yields {"rows": int64 [n], "acts": {site: [n, d]}, "grads": {...}}."""
 
     def __init__(self, store, sites, batch_size: int, *, rows: tuple[int, int] | None = None,
                  block_rows: int | None = None, seed: int = 0, grads: bool = False,
