@@ -95,8 +95,11 @@ def activation_frequencies(sae, store, site: str, tokens: int, chunk: int = 1638
             break
         sl = slice(start, min(start + chunk, hi))
         keep = (np.asarray(store.rows_pos[sl]) != 0) & store.split.is_held_out(np.asarray(store.rows_seq[sl]))
-        x = torch.from_numpy(store.acts(site, sl)[keep][:tokens - n]).to(dev, sae.W_dec.dtype)
-        g = torch.from_numpy(store.grads(site, sl)[keep][:tokens - n]).to(dev, sae.W_dec.dtype) if use_grads else None
+        rows = (start + np.flatnonzero(keep))[:tokens - n]   # read only the held-out rows' values
+        if not len(rows):
+            continue
+        x = torch.from_numpy(store.acts(site, rows)).to(dev, sae.W_dec.dtype)
+        g = torch.from_numpy(store.grads(site, rows)).to(dev, sae.W_dec.dtype) if use_grads else None
         with torch.no_grad():
             fires += (sae.encode(x, g) != 0).sum(0).double().cpu()
         n += len(x)

@@ -26,6 +26,9 @@ from sae_harvest.train.sae_io import load_sae
 from sae_harvest.train.stacked import StackedSweep, wants_stacking
 
 
+HELD_OUT_REPORT_ROWS = 1 << 17
+
+
 class Source:
     """The data side of a fit: feed, widths, normalisation, held-out rows, provenance."""
 
@@ -109,11 +112,17 @@ class Source:
             for i in range(0, len(self.data), batch_size):
                 yield self.data[i:i + batch_size], None
             return
+        # held-out rows are spread over every block: a big store's report stops at HELD_OUT_REPORT_ROWS
+        # (blocks in a seeded order, so the sample spans the store) instead of reading it all again
         it = self.store.batches(self.site, batch_size, seqs="held_out", grads=self.grads,
                                 exclude_pos0=self.exclude_pos0, epochs=1, drop_last=False)
+        left = HELD_OUT_REPORT_ROWS
         for batch in it:
-            g = torch.from_numpy(batch["grads"][self.site]) if self.grads else None
-            yield torch.from_numpy(batch["acts"][self.site]), g
+            g = torch.from_numpy(batch["grads"][self.site][:left]) if self.grads else None
+            yield torch.from_numpy(batch["acts"][self.site][:left]), g
+            left -= len(batch["acts"][self.site])
+            if left <= 0:
+                return
 
 
 def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
