@@ -1,5 +1,7 @@
-"""The evaluation config: one frozen dataclass, written into results.json; `evaluate splice`'s
-options are generated from its fields."""
+"""The evaluation configs: frozen dataclasses, written into results.json and the analyses' JSON;
+each command's options are generated from their fields. LiveOptions is the block every command
+that runs the live model shares (`evaluate splice`, `evaluate stitch`): the model, the evaluation
+tokens and how to run them."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +10,11 @@ from dataclasses import dataclass
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 
+TOKENS_HELP = "Evaluation tokens (rounded up to whole sequences)."
+
 
 @dataclass(frozen=True)
-class EvalConfig:
-    saes: tuple[str, ...] = opt((), "SAE checkpoint folder (from `train fit`); repeat for several.", cli=False)
+class LiveOptions:
     model: str | None = opt(None, "HF model id or local directory; 'stdlib-gpt2' = the offline default. "
                                   "Default with --store: the store's model.")
     revision: str | None = opt(None, "Model revision (branch, tag or commit).")
@@ -27,6 +30,22 @@ class EvalConfig:
     batch_size: int = opt(8, "Sequences per forward pass.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = opt("float32", "Model compute dtype.", choices=("float32", "bfloat16", "float16"))
+
+    def to_dict(self) -> dict:
+        """As written into JSON: paths and URLs scrubbed of credentials."""
+        return scrub_tree(dataclasses.asdict(self))
+
+
+# A dataclass takes its base classes' fields first, in reverse MRO order, so a config lists its
+# leading fields in a base after LiveOptions (`class C(LiveOptions, Leading)`): the options then
+# keep their order in --help and the keys theirs in the JSON.
+@dataclass(frozen=True)
+class _EvalSAEs:
+    saes: tuple[str, ...] = opt((), "SAE checkpoint folder (from `train fit`); repeat for several.", cli=False)
+
+
+@dataclass(frozen=True)
+class EvalConfig(LiveOptions, _EvalSAEs):
     grad_select: bool = opt(True, "gtopk SAEs: gradient-aware selection (--no-grad-select: plain TopK).")
     grad_modes: tuple[str, ...] = opt(("causal", "paper"),
                                       "gtopk SAEs: the gradient modes to evaluate, one result row each. "
@@ -37,7 +56,3 @@ class EvalConfig:
                                    "\"all at once\", with each dictionary's NMSE inside it).")
     splice_bos: bool = opt(False, "Splice position 0 too (default: it keeps its clean activation, as "
                                   "SAEs are trained without it; ablations likewise).")
-
-    def to_dict(self) -> dict:
-        """As written into results.json: paths and URLs scrubbed of credentials."""
-        return scrub_tree(dataclasses.asdict(self))

@@ -1,5 +1,7 @@
-"""Dictionary geometry (`evaluate geometry`): e2e paper sec. 3.3 (fig. 3) and g-SAE paper sec. 4.3-4.4
-(fig. 8) (../shared/papers/).
+"""Dictionary geometry (`evaluate geometry`): the e2e paper (Braun et al. 2024, "Identifying
+Functionally Important Features with End-to-End Sparse Dictionary Learning") sec. 3.3 (fig. 3) and
+the g-SAE paper (Olmo et al. 2024, "Features that Make a Difference: Leveraging Gradients for
+Improved Dictionary Learning") sec. 4.3-4.4 (fig. 8).
 
   - within one SAE, each latent's nearest-neighbour decoder cosine, max_{j != i} cos(W_i, W_j): the
     e2e paper's proxy for feature splitting (local SAEs' mean is 0.04 above e2e+ds's, 0.166 above
@@ -21,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_harvest.train.saelens_format import hook_name_of
 from sae_harvest.stores.cli import opt
+from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.train.sae import unit_rows
+from sae_harvest.train.saelens_format import hook_name_of
 
 
 @dataclass(frozen=True)
@@ -37,17 +41,12 @@ class GeometryConfig:
                                          "initial rows (same seed stream): their latents then pair up by index.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _unit(w: torch.Tensor) -> torch.Tensor:
-    w = w.detach().float()
-    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return scrub_tree(dataclasses.asdict(self))
 
 
 def nearest_neighbour_cosines(dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """[F] max_{j != i} cos(W_i, W_j), in chunks so a large dictionary never needs F x F memory."""
-    u = _unit(dec)
+    u = unit_rows(dec)
     out = []
     for lo in range(0, len(u), chunk):
         cos = u[lo:lo + chunk] @ u.T
@@ -59,7 +58,7 @@ def nearest_neighbour_cosines(dec: torch.Tensor, chunk: int = 2048) -> torch.Ten
 
 def max_cosines(dec_a: torch.Tensor, dec_b: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """[F_a] max_j cos(A_i, B_j)."""
-    a, b = _unit(dec_a), _unit(dec_b)
+    a, b = unit_rows(dec_a), unit_rows(dec_b)
     return torch.cat([(a[lo:lo + chunk] @ b.T).max(1).values for lo in range(0, len(a), chunk)]).cpu()
 
 

@@ -1,5 +1,5 @@
-"""Meta-SAE report (`evaluate meta`): meta-SAE paper sec. 5
-(../shared/papers/meta-sae-batchtopk-stitching-2024.txt).
+"""Meta-SAE report (`evaluate meta`): meta-SAE paper sec. 5 (Leask, Bussmann et al. 2024, "Sparse
+autoencoders do not find canonical units of analysis").
 
 A meta-SAE is a BatchTopK SAE trained on the decoder rows of another SAE (`train fit --decoder-of`),
 each row divided by its norm (train/local.py: a saved SAE has its input scale folded into W_dec, and
@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from sae_harvest.stores.cli import opt
+from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.train.sae import unit_rows   # the meta-SAE's training data (train/local.py)
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,7 @@ class MetaConfig:
                                          "initial rows (same seed stream): their latents then pair up by index.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def unit_rows(w: torch.Tensor) -> torch.Tensor:
-    """The meta-SAE's training data: each decoder row divided by its norm (as train/local.py does)."""
-    w = w.detach().float()
-    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return scrub_tree(dataclasses.asdict(self))
 
 
 def decompose(sae, meta) -> dict:

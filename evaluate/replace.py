@@ -207,9 +207,7 @@ def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
         return evaluate_saes(cfg, progress=progress, console=console)
     results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress,
                             console=console) if plain else []
-    live = open_live(cfg.saes, model=cfg.model, revision=cfg.revision, store=cfg.store, dataset=cfg.dataset,
-                     split=cfg.split, text_column=cfg.text_column, tokens=cfg.tokens, ctx_len=cfg.ctx_len,
-                     device=cfg.device, dtype=cfg.dtype)
+    live = open_live(cfg.saes, cfg)
     reps = [replacement_of(e, live.adapter) for e in live.entries]
     written = [r.write for r in reps]
     if cfg.all_at_once and len(set(written)) < len(written):
@@ -218,5 +216,7 @@ def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     index = {p: i for i, p in enumerate(cfg.saes)}
     groups = [[index[p]] for p in transcoders] + ([list(range(len(reps)))] if cfg.all_at_once else [])
     rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos)
+    for r in rows:   # how many evaluation tokens and where from, as evaluate_saes's rows say
+        r["eval_tokens"] = live.origin
     by_name = {r["sae"]: r for r in rows if isinstance(r["sae"], str)}
     return results + [by_name[scrub(p)] for p in transcoders] + [r for r in rows if r["name"] == "all at once"]

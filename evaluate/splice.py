@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from sae_harvest.evaluate.config import EvalConfig
+from sae_harvest.evaluate.config import EvalConfig, LiveOptions
 from sae_harvest.evaluate.gradients import GRAD_MODES, TARGET_OF_MODE, causal_site_grads, paper_site_grads
 from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs,
                                           mse_per_token, normalize_without_affine, reconstruction_terms,
@@ -152,6 +152,74 @@ def warn_dataset_overlap(dataset: str, saes: list, skip_docs: int) -> str | None
     return None
 
 
+@dataclass
+class Live:
+    """The live-model context every evaluation runs in: `evaluate splice` and the analyses."""
+    model: torch.nn.Module
+    adapter: object
+    ids: torch.Tensor          # [n_seqs, ctx_len] evaluation tokens (held-out store rows or text)
+    model_name: str
+    revision: str | None
+    entries: list[Entry]       # the SAEs, each attached to its site in this model
+    device: torch.device
+    origin: dict | None = None  # how many evaluation tokens and where from (store_tokens, dataset_tokens)
+
+
+def open_live(paths, opts: LiveOptions, *, default_tokens: int | None = None) -> Live:
+    """The SAEs at `paths`, the model (default: the store's) and the evaluation tokens: opts.tokens of
+    the store's held-out sequences (more is refused) or of the dataset; with opts.tokens None, all the
+    held-out ones up to default_tokens (or 65536 of text). Raises a UserError for any input problem."""
+    from sae_harvest.harvest.default_model import resolve_model
+    from sae_harvest.harvest.models import get_adapter, load_model, quiet_transformers
+    from sae_harvest.stores.cli import pick_device
+
+    if (opts.store is None) == (opts.dataset is None):
+        raise EvaluateError("give exactly one of --store (its held-out sequences) or --dataset")
+    if opts.dtype not in ("float32", "bfloat16", "float16"):
+        raise EvaluateError(f"unknown dtype {opts.dtype!r}; use float32, bfloat16 or float16")
+    if (opts.tokens is not None and opts.tokens <= 0) or opts.batch_size <= 0:
+        raise EvaluateError("--tokens and --batch-size must be positive")
+    if opts.skip_docs < 0 or (opts.skip_docs and opts.dataset is None):
+        raise EvaluateError("--skip-docs takes a non-negative count and goes with --dataset")
+    dev = pick_device(opts.device)
+    entries = [load_entry(p, dev) for p in paths]
+    model_name, revision = opts.model, opts.revision
+    ids, store_obj, origin = (None, None, None) if opts.store is None else \
+        store_tokens(opts.store, opts.tokens, opts.ctx_len, default_tokens)
+    if store_obj is not None and model_name is None:
+        stored = store_obj.attrs.get("model", {})
+        model_name, revision = stored.get("name"), revision or stored.get("revision")
+        if model_name:   # a store from someone else picks what gets loaded: say what it is
+            print(f"loading model {scrub(model_name)!r}"
+                  f"{f' at revision {revision!r}' if revision else ''}, named by store "
+                  f"{scrub(opts.store)} (--model chooses another)", file=sys.stderr, flush=True)
+    if not model_name:
+        raise EvaluateError("no model given (--model)")
+    for e in entries if origin is not None else ():
+        if not trained_outside_split(e.cfg, origin):
+            print(f"warning: {scrub(e.path)} does not record training outside this store's held-out split "
+                  f"(trained by an older version, or elsewhere): its numbers may include training tokens",
+                  file=sys.stderr, flush=True)
+    quiet_transformers()
+    model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
+                                  dtype=getattr(torch, opts.dtype))
+    adapter = get_adapter(model)
+    for e in entries:
+        attach_site(e, adapter)
+    if ids is None:
+        warning = warn_dataset_overlap(opts.dataset, entries, opts.skip_docs)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        ids, origin = dataset_tokens(opts.dataset, tokenizer, opts.tokens, opts.ctx_len, opts.split,
+                                     opts.text_column, opts.skip_docs, default_tokens or 65536)
+        origin = {**origin, "overlap_warning": warning}
+    if ids.shape[1] < 3:
+        raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
+    if ids.shape[1] > adapter.max_positions:
+        raise EvaluateError(f"ctx_len {ids.shape[1]} exceeds the model's {adapter.max_positions} positions")
+    return Live(model, adapter, ids, model_name, revision, entries, dev, origin)
+
+
 # --- passes ------------------------------------------------------------------------------------
 def _forward(model, ids):
     return model(input_ids=ids, use_cache=False).logits
@@ -176,13 +244,9 @@ def _site_means(model, batches, sites, bar) -> dict[str, tuple[torch.Tensor, tor
 
 def _keep_pos0(fn, splice_bos: bool):
     """fn applied to the site activation [B, T, d], position 0 left clean unless splice_bos."""
-    if splice_bos:
-        return fn
+    from sae_harvest.harvest.sites import keep_clean_positions
 
-    def replace(a):
-        out = fn(a)
-        return torch.cat([a[:, :1], out[:, 1:]], 1)
-    return replace
+    return lambda a: keep_clean_positions(a, fn(a), first=0 if splice_bos else 1)
 
 
 def _ablate(model, ids, site, value_fn, clean: dict, site_sums: Sums, tag: str, splice_bos: bool) -> None:
@@ -262,70 +326,24 @@ def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means, spli
 def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     """Splice each SAE into the model on the same held-out tokens; one metrics dict per SAE,
     in the order given. Raises a UserError for any input problem."""
-    from sae_harvest.harvest.default_model import resolve_model
-    from sae_harvest.harvest.models import get_adapter, load_model, quiet_transformers
-    from sae_harvest.stores.cli import pick_device
     from sae_harvest.stores.progress import token_progress
 
     if not cfg.saes:
         raise EvaluateError("no SAE given (--sae PATH)")
-    if (cfg.store is None) == (cfg.dataset is None):
-        raise EvaluateError("give exactly one of --store (its held-out sequences) or --dataset")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise EvaluateError(f"unknown dtype {cfg.dtype!r}; use float32, bfloat16 or float16")
-    if (cfg.tokens is not None and cfg.tokens <= 0) or cfg.batch_size <= 0:
-        raise EvaluateError("--tokens and --batch-size must be positive")
-    if cfg.skip_docs < 0 or (cfg.skip_docs and cfg.dataset is None):
-        raise EvaluateError("--skip-docs takes a non-negative count and goes with --dataset")
     bad = sorted(set(cfg.grad_modes) - set(GRAD_MODES))
     if bad or not cfg.grad_modes:
         raise EvaluateError(f"--grad-modes: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(GRAD_MODES)}")
-    dev = pick_device(cfg.device)
+    live = open_live(cfg.saes, cfg)
+    model, adapter, ids, model_name, dev = live.model, live.adapter, live.ids, live.model_name, live.device
+    origin = live.origin
     entries = []
-    for p in cfg.saes:
-        e = load_entry(p, dev)
+    for e in live.entries:
         if not e.sae.uses_grads:
             entries.append(e)
         elif not cfg.grad_select:
             entries.append(dataclasses.replace(e, grad_mode="none"))
         else:   # one row per gradient mode, the causal (headline) one first
             entries += [dataclasses.replace(e, grad_mode=m, sums=Sums()) for m in GRAD_MODES if m in cfg.grad_modes]
-
-    model_name, revision = cfg.model, cfg.revision
-    ids, store_obj, origin = (None, None, None) if cfg.store is None else \
-        store_tokens(cfg.store, cfg.tokens, cfg.ctx_len)
-    if store_obj is not None:
-        stored = store_obj.attrs.get("model", {})
-        if model_name is None:
-            model_name, revision = stored.get("name"), revision or stored.get("revision")
-            if model_name:   # a store from someone else picks what gets loaded: say what it is
-                print(f"loading model {scrub(model_name)!r}"
-                      f"{f' at revision {revision!r}' if revision else ''}, named by store "
-                      f"{scrub(cfg.store)} (--model chooses another)", file=sys.stderr, flush=True)
-    if not model_name:
-        raise EvaluateError("no model given (--model)")
-    for e in entries if origin is not None else ():
-        if not trained_outside_split(e.cfg, origin):
-            print(f"warning: {scrub(e.path)} does not record training outside this store's held-out split "
-                  f"(trained by an older version, or elsewhere): its numbers may include training tokens",
-                  file=sys.stderr, flush=True)
-    quiet_transformers()
-    model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
-                                  dtype=getattr(torch, cfg.dtype))
-    adapter = get_adapter(model)
-    for e in entries:
-        attach_site(e, adapter)
-    if ids is None:
-        warning = warn_dataset_overlap(cfg.dataset, entries, cfg.skip_docs)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
-        ids, origin = dataset_tokens(cfg.dataset, tokenizer, cfg.tokens, cfg.ctx_len, cfg.split, cfg.text_column,
-                                     cfg.skip_docs)
-        origin = {**origin, "overlap_warning": warning}
-    if ids.shape[1] < 3:
-        raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
-    if ids.shape[1] > adapter.max_positions:
-        raise EvaluateError(f"ctx_len {ids.shape[1]} exceeds the model's {adapter.max_positions} positions")
 
     batches = [b.to(dev) for b in ids.split(cfg.batch_size)]
     sites = sorted({e.site for e in entries})

@@ -1,5 +1,5 @@
 """SAE stitching (`evaluate stitch`): Leask, Bussmann et al. 2024, "Sparse autoencoders do not find
-canonical units of analysis", sec. 4 (../shared/papers/meta-sae-batchtopk-stitching-2024.txt).
+canonical units of analysis", sec. 4.
 
 The criterion, paper eq. 6: a latent i of the larger SAE is *novel* if
 
@@ -31,44 +31,32 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_harvest.evaluate.config import TOKENS_HELP, LiveOptions
 from sae_harvest.stores.cli import opt
+from sae_harvest.train.sae import unit_rows
 
 THRESHOLD = 0.7   # the paper's value for its GPT-2 SAEs
 
 
 @dataclass(frozen=True)
-class StitchConfig:
+class _StitchPair:
     small: str = opt(dataclasses.MISSING, "The smaller SAE's checkpoint folder.")
     large: str = opt(dataclasses.MISSING, "The larger SAE's checkpoint folder (same site).")
     threshold: float = opt(THRESHOLD, "Decoder-cosine threshold theta: novel below it (paper: 0.7 GPT-2, "
                                       "0.4 Gemma Scope).")
-    model: str | None = opt(None, "HF model id or local directory (default with --store: the store's).")
-    revision: str | None = opt(None, "Model revision.")
-    store: str | None = opt(None, "Use this store's held-out sequences (never trained on).")
-    dataset: str | None = opt(None, "Or text: local jsonl/txt/parquet file or folder, or a hub id.")
-    split: str = opt("train", "Dataset split.")
-    text_column: str = opt("text", "Column holding the text.")
+
+
+@dataclass(frozen=True)
+class StitchConfig(LiveOptions, _StitchPair):   # the pair's fields first (see evaluate/config.py)
     tokens: int | None = opt(None, "Evaluation tokens (rounded up to whole sequences). Default: 16384, or all the "
                                    "store's held-out tokens when fewer; more than it holds is refused.")
-    ctx_len: int | None = opt(None, "Tokens per sequence for --dataset (default 128; with --store: the store's).")
-    batch_size: int = opt(8, "Sequences per forward pass.")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = opt("float32", "Model compute dtype.", choices=("float32", "bfloat16", "float16"))
     ce_points: int = opt(17, "Steps of the path at which the CE increase is measured (spliced forwards; "
                              "always incl. both ends); 0: MSE and L0 only.")
     allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
                                          "initial rows (same seed stream): their latents then pair up by index.")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # --- matching ----------------------------------------------------------------------------------
-def unit_rows(w: torch.Tensor) -> torch.Tensor:
-    w = w.detach().float()
-    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def match_latents(large_dec: torch.Tensor, small_dec: torch.Tensor, threshold: float, chunk: int = 2048):
     """(max cosine [F1], best small latent [F1], edges [n, 2] of (large, small) with cosine >= theta)."""
     a, b = unit_rows(large_dec), unit_rows(small_dec)
@@ -302,8 +290,8 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
     """Classify the large SAE's latents and walk the stitching path; the whole JSON document."""
     from rich.console import Console
 
-    from sae_harvest.evaluate.live import open_live, site_activations
-    from sae_harvest.evaluate.splice import EvaluateError
+    from sae_harvest.evaluate.live import site_activations
+    from sae_harvest.evaluate.splice import EvaluateError, open_live
     from sae_harvest.stores.progress import token_progress
     from sae_harvest.train.init_streams import first_shared
 
@@ -314,9 +302,7 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
     shared = None if cfg.allow_shared_init else first_shared((cfg.small, cfg.large))
     if shared:
         raise EvaluateError(shared)
-    live = open_live((cfg.small, cfg.large), model=cfg.model, revision=cfg.revision, store=cfg.store,
-                     dataset=cfg.dataset, split=cfg.split, text_column=cfg.text_column, tokens=cfg.tokens,
-                     ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, default_tokens=16384)
+    live = open_live((cfg.small, cfg.large), cfg, default_tokens=16384)
     small_e, large_e = live.entries
     small, large = small_e.sae, large_e.sae
     if small_e.site != large_e.site:
@@ -369,7 +355,7 @@ def _own_mse(sae, x) -> float:
 
 def _path_ce(live, site, small, large, snaps, batch_size, bar) -> dict:
     """CE increase and KL(clean || stitched) of each snapshot spliced at `site`, position 0 clean."""
-    from sae_harvest.evaluate.live import keep_position0
+    from sae_harvest.evaluate.live import reconstruct_after_position0
     from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
     from sae_harvest.harvest.sites import splice
 
@@ -383,7 +369,7 @@ def _path_ce(live, site, small, large, snaps, batch_size, bar) -> dict:
         clean += float(ce_from_log_probs(logp, ids).double().sum())
         n += ids.shape[0] * (ids.shape[1] - 1)
         for k, snap in enumerate(snaps):
-            fn = keep_position0(lambda a, s=snap: s.reconstruct(small, large, a))
+            fn = reconstruct_after_position0(lambda a, s=snap: s.reconstruct(small, large, a))
             with splice(live.model, site, fn):
                 logp_s = log_probs(live.model(input_ids=ids, use_cache=False).logits)
             ce[k] += float(ce_from_log_probs(logp_s, ids).double().sum())

@@ -303,3 +303,15 @@ def downstream_sites(site: Site, n_layers: int) -> list[str]:
     their result."""
     first = site.layer + 1 if site.kind == "resid_post" else site.layer
     return [f"blocks.{k}.resid_post" for k in range(first, n_layers - 1)]
+
+
+def keep_clean_positions(a: Tensor, out: Tensor, first: int = 1) -> Tensor:
+    """A splice's result with the clean activation `a` [B, T, d] kept at positions < first and
+    `out` after it; `out` is either [B, T, d] (its first positions are dropped) or just the
+    positions from `first` on, [B, T - first, d]. SAEs are trained without position 0, GPT-2's
+    attention sink (norm in the thousands), so `evaluate`, the analyses and e2e training keep it
+    clean unless told otherwise (first=0)."""
+    if first == 0:
+        return out.to(a.dtype)
+    tail = out if out.shape[1] == a.shape[1] - first else out[:, first:]
+    return torch.cat([a[:, :first], tail.to(a.dtype)], 1)

@@ -14,7 +14,8 @@ import torch
 from sae_harvest import train
 from sae_harvest.stores import open_store
 from sae_harvest.train.fit import fit
-from tests.test_train_loop import _cfg, make_store
+from tests.test_e2e import _cfg as _e2e_cfg
+from tests.test_train_loop import _cfg
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 ARCHS = {"relu": dict(arch="relu", l1=(1.0,)), "gated": dict(arch="gated", l1=(1.0,)),
@@ -39,13 +40,6 @@ def _assert_same(a, b, **tol):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name, **tol)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dist") / "s.zarr"
-    make_store(path)
-    return path
 
 
 def test_store_shares_cover_the_global_batch(store):
@@ -119,18 +113,15 @@ def test_killed_rank_ends_the_job_and_resume_continues_exactly(store, tmp_path):
     assert steps == [4, 8, 12]
 
 
-from tests.test_e2e import _cfg as _e2e_cfg, assets  # noqa: E402,F401  (the e2e fixture: tiny GPT-2 + store)
-
-
-def test_e2e_two_ranks_split_the_sequences(assets, tmp_path):
+def test_e2e_two_ranks_split_the_sequences(e2e_assets, tmp_path):
     """e2e and e2e+ds: each rank splices its half of every step's sequences; same SAE as one process
     (batchtopk too: a step here is one micro-batch, so the top-k is over the same tokens)."""
     runs = {"e2e-relu": dict(arch="relu", l1=(0.1,)), "e2e+ds-topk": dict(loss="e2e+ds", arch="topk", k=(8,)),
             "e2e-batchtopk": dict(arch="batchtopk", k=(8,))}
     configs = []
     for name, kw in runs.items():
-        fit(_e2e_cfg(assets, tmp_path / "one" / name, tokens=8 * 32 * 6, **kw), progress=False)
-        configs.append(_e2e_cfg(assets, tmp_path / "two" / name, tokens=8 * 32 * 6, **kw).to_dict())
+        fit(_e2e_cfg(e2e_assets, tmp_path / "one" / name, tokens=8 * 32 * 6, **kw), progress=False)
+        configs.append(_e2e_cfg(e2e_assets, tmp_path / "two" / name, tokens=8 * 32 * 6, **kw).to_dict())
     (tmp_path / "configs.json").write_text(json.dumps(configs))
     r = torchrun(WORKER, str(tmp_path / "configs.json"))
     assert r.returncode == 0, r.stderr[-3000:]

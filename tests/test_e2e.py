@@ -11,11 +11,8 @@ from click.testing import CliRunner
 
 from sae_harvest import train
 from sae_harvest.train import e2e as e2e
-from sae_harvest.harvest.models import load_model
-from sae_harvest.harvest.run import HarvestConfig, harvest
 from sae_harvest.harvest.sites import Site
 from sae_harvest.stores import open_store
-from tests.tiny_models import make_tiny_model, write_corpus
 from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.errors import TrainError
@@ -27,16 +24,8 @@ CTX, SEQS = 32, 8   # 8 sequences of 32 tokens per step
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    corpus = write_corpus(root / "docs.jsonl", n_docs=300, max_words=60)
-    model_path = make_tiny_model("gpt2", root / "gpt2")
-    store = root / "s.zarr"
-    harvest(HarvestConfig(out=str(store), model=model_path, dataset=str(corpus), sites="blocks.1.resid_pre",
-                          tokens=4096, ctx_len=CTX, batch_size=16, shuffle_window=1024, device="cpu"),
-            progress=False)
-    model, _ = load_model(model_path)
-    return {"model_path": model_path, "store": str(store), "model": model, "root": root}
+def assets(e2e_assets):   # tests/conftest.py
+    return e2e_assets
 
 
 def _cfg(assets, out, **kw):

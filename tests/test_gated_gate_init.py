@@ -6,7 +6,7 @@ import torch
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import SAEConfig, make_sae
 
-from tests.test_jumprelu_threshold import normalised_rows, store  # noqa: F401  (module fixture)
+from tests.test_jumprelu_threshold import normalised_rows
 from tests.test_train_loop import _cfg
 
 
@@ -41,7 +41,7 @@ def test_calibrate_leaves_a_loaded_gate_alone():
     torch.testing.assert_close(fresh.b_gate.detach(), torch.full((8,), -1.0))
 
 
-def test_lambda_sets_gated_l0_in_a_short_run(store, tmp_path):  # noqa: F811
+def test_lambda_sets_gated_l0_in_a_short_run(store, tmp_path):
     summary = fit(_cfg(store, tmp_path / "g", arch="gated", l1=(0.3, 1.0, 3.0), tokens=256 * 100), progress=False)
     l0 = [summary[f"gated_l1-{lam}"]["held_out"]["l0"] for lam in ("0.3", "1", "3")]
     assert l0[1] < 0.85 * l0[0] and l0[2] < 0.85 * l0[1], l0

@@ -140,15 +140,71 @@ def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path):
     assert open_store(str(killed)).complete
 
 
+# Runs one harvest in a fresh process and prints its host-memory peaks above the mark taken after
+# imports and a first model load: tracemalloc (Python and numpy allocations) and the resident set
+# (VmHWM, reset through /proc/self/clear_refs), which also holds torch's CPU tensors and pinned
+# buffers, neither of which tracemalloc sees.
+_PEAK_CHILD = r"""
+import json, sys, tracemalloc
+from sae_harvest.harvest.models import load_model
+from sae_harvest.harvest.run import HarvestConfig, harvest
+from tests.test_harvest import host_kb
+
+cfg = HarvestConfig(**json.loads(sys.argv[1]))
+load_model(cfg.model)
+base = host_kb("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+tracemalloc.start()
+harvest(cfg, progress=False)
+print(json.dumps({"traced": tracemalloc.get_traced_memory()[1], "resident": (host_kb("VmHWM") - base) * 1024}))
+"""
+
+
+def host_kb(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in kB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _harvest_peaks(cfg: HarvestConfig) -> dict:
+    import dataclasses
+    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, json.dumps(dataclasses.asdict(cfg))],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_host_memory_bounded_by_window(assets, tmp_path):
-    peaks = []
-    for tokens in (4096, 16384):
-        tracemalloc.start()
-        harvest(_cfg(assets, tmp_path / f"m{tokens}.zarr", tokens=tokens, grads=True,
-                     sites="blocks.0.resid_pre,blocks.1.mlp_act"), progress=False)
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-    assert peaks[1] < 1.5 * peaks[0], peaks
+    """4x the tokens, same window: the peak grows by far less than the extra rows would take, both
+    as tracemalloc counts it and as resident memory (torch tensors and pinned buffers included)."""
+    from sae_harvest.stores import layout
+
+    kw = dict(grads=True, sites="blocks.0.resid_pre,blocks.0.mlp_act,blocks.1.mlp_act,blocks.2.mlp_act",
+              act_encoding="float32", grad_encoding="float32")   # wide rows: the extra data dwarfs noise
+    p_small, p_large = (_harvest_peaks(_cfg(assets, tmp_path / f"m{n}.zarr", tokens=n, **kw)) for n in (4096, 16384))
+    store = open_store(str(tmp_path / "m16384.zarr"))
+    row_bytes = sum(store.attrs["sites"][s]["d"] * (layout.storage_dtype(store.encoding(s)).itemsize +
+                    layout.storage_dtype(store.encoding(s, grads=True)).itemsize) for s in store.sites)
+    extra = (16384 - 4096) * row_bytes   # the extra rows' acts and grads, as stored
+    assert p_large["traced"] < 1.5 * p_small["traced"], (p_small, p_large)
+    assert p_large["resident"] - p_small["resident"] < 0.5 * extra, (p_small, p_large, extra)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_resident_peak_sees_torch_allocations_that_tracemalloc_misses():
+    """The meter above has teeth: a 64 MiB torch tensor is invisible to tracemalloc, not to VmHWM."""
+    base = host_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    tracemalloc.start()
+    t = torch.ones(16 << 20)   # 64 MiB, every page written
+    traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    resident = (host_kb("VmHWM") - base) * 1024
+    del t
+    assert traced < 1 << 20 and resident > 60 << 20, (traced, resident)
 
 
 def test_gemma_defaults_to_bf16_activations(assets, tmp_path):

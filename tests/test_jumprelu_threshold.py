@@ -12,14 +12,7 @@ from sae_harvest.train.jumprelu import JumpReLUSAE
 from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.sae_io import load_sae
 
-from tests.test_train_loop import _cfg, make_store
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jumprelu") / "s.zarr"
-    make_store(path)
-    return path
+from tests.test_train_loop import _cfg
 
 
 def normalised_rows(store):

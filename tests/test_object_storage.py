@@ -15,7 +15,7 @@ from sae_harvest.harvest.cli import main as harvest_cli
 from sae_harvest.harvest.run import harvest
 from sae_harvest.stores import StoreError, fs, open_store
 from sae_harvest.stores.lease import Lease
-from tests.test_store_v2 import _assert_same, _cfg, _harvest_killed_at_record, _one_error_line, assets  # noqa: F401
+from tests.test_store_v2 import _assert_same, _cfg, _harvest_killed_at_record, _one_error_line
 
 pytest.importorskip("moto.server")
 
@@ -53,9 +53,9 @@ def _cli(*args):
     return result.exit_code, result.output
 
 
-def _run_args(assets, out, *extra, **kw):
+def _run_args(harvest_assets, out, *extra, **kw):
     conf = dict(tokens=SMALL["tokens"], shuffle_window=SMALL["shuffle_window"], **kw)
-    args = ["run", "--model", assets["gpt2"], "--dataset", conf.pop("dataset", assets["corpus"]),
+    args = ["run", "--model", harvest_assets["gpt2"], "--dataset", conf.pop("dataset", harvest_assets["corpus"]),
             "--sites", "blocks.0.resid_pre", "--grads", "--ctx-len", "32", "--batch-size", "8",
             "--device", "cpu", "--out", out, "--quiet"]
     for k, v in conf.items():
@@ -151,30 +151,30 @@ def test_objects_written_by_another_process_are_seen(bucket):
 
 # ---- killed, resumed, verified ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def s3_reference(assets, bucket):
+def s3_reference(harvest_assets, bucket):
     """An uninterrupted S3 harvest; --resume where nothing is yet starts a new store (so a job
     script may always pass --resume: docs/slurm-harvest.md)."""
     url = f"{bucket}/ref.zarr"
-    harvest(_cfg(assets, url, **SMALL), resume=True, progress=False)
+    harvest(_cfg(harvest_assets, url, **SMALL), resume=True, progress=False)
     assert open_store(url).complete
     return url
 
 
-def test_s3_killed_then_resumed_is_bitwise_equal_and_verifies(assets, bucket, s3_reference, monkeypatch):
+def test_s3_killed_then_resumed_is_bitwise_equal_and_verifies(harvest_assets, bucket, s3_reference, monkeypatch):
     url = f"{bucket}/killed.zarr"
-    _harvest_killed_at_record(monkeypatch, 2, _cfg(assets, url, **SMALL))
+    _harvest_killed_at_record(monkeypatch, 2, _cfg(harvest_assets, url, **SMALL))
     with pytest.raises(StoreError, match="incomplete"):
         open_store(url)
     # the killed job's lease, fresh, from another node: a second writer is refused, nothing changes
     fs.write_atomic(url, "lease.json", _lease_record("job-7f3a", "node-17", time.time()))
     before = _objects(bucket)
     for extra in (["--resume"], ["--overwrite"]):
-        code, text = _cli(*_run_args(assets, url, *extra))
+        code, text = _cli(*_run_args(harvest_assets, url, *extra))
         _one_error_line(code, text, "being written by job-7f3a (host node-17, pid 4242")
     assert _objects(bucket) == before
     # its heartbeat 10 minutes old: --resume takes the lease over and completes the store
     fs.write_atomic(url, "lease.json", _lease_record("job-7f3a", "node-17", time.time() - 600))
-    code, text = _cli(*_run_args(assets, url, "--resume"))
+    code, text = _cli(*_run_args(harvest_assets, url, "--resume"))
     assert code == 0, text
     _assert_same(s3_reference, url)
     assert fs.read_bytes(url, "lease.json") is None
@@ -189,12 +189,12 @@ def test_s3_killed_then_resumed_is_bitwise_equal_and_verifies(assets, bucket, s3
 
 # ---- --overwrite on object storage --------------------------------------------------------
 def test_s3_overwrite_keeps_old_store_until_first_window_and_leaves_nothing_of_it(
-        assets, bucket, s3_reference, monkeypatch):
+        harvest_assets, bucket, s3_reference, monkeypatch):
     import sae_harvest.harvest.outpath as outpath
     import sae_harvest.harvest.run as run
     url = f"{bucket}/ow.zarr"
     # the old store: more windows than the new one, another seed
-    harvest(_cfg(assets, url, tokens=3000, seed=5), progress=False)
+    harvest(_cfg(harvest_assets, url, tokens=3000, seed=5), progress=False)
     old_acts = open_store(url).acts("blocks.0.resid_pre", slice(None))
     # neighbours sharing the prefix's first characters are not part of the store
     for key in ("ow.zarr-notes/readme.txt", "ow.zarr.bak", "ow.zarr2/zarr.json"):
@@ -208,7 +208,7 @@ def test_s3_overwrite_keeps_old_store_until_first_window_and_leaves_nothing_of_i
                                 (url, ["--sites", "blocks.9.resid_pre"], "layer"),
                                 (tmp, [], "not a sae_store"), (bucket, [], "whole bucket"),
                                 (bucket + "/", [], "whole bucket")):
-        code, text = _cli(*_run_args(assets, out, "--overwrite", *extra))
+        code, text = _cli(*_run_args(harvest_assets, out, "--overwrite", *extra))
         _one_error_line(code, text, message)
         assert _objects(bucket) == before, out
     # the old store is removed only after every check passed and the first window is computed
@@ -220,7 +220,7 @@ def test_s3_overwrite_keeps_old_store_until_first_window_and_leaves_nothing_of_i
         events.append("computed")
         if events.count("computed") == 2:   # the new run holds the lease: a second writer is refused
             owner = json.loads(fs.read_bytes(url, "lease.json"))["owner"]
-            code, text = _cli(*_run_args(assets, url, "--resume"))
+            code, text = _cli(*_run_args(harvest_assets, url, "--resume"))
             _one_error_line(code, text, f"being written by {owner} (host {socket.gethostname()}")
         return job
 
@@ -231,7 +231,7 @@ def test_s3_overwrite_keeps_old_store_until_first_window_and_leaves_nothing_of_i
 
     monkeypatch.setattr(run, "compute_window", compute)
     monkeypatch.setattr(outpath.Target, "clear_for_build", clear)
-    code, text = _cli(*_run_args(assets, url, "--overwrite"))
+    code, text = _cli(*_run_args(harvest_assets, url, "--overwrite"))
     assert code == 0, text
     assert events[:2] == ["computed", "clear"] and events.count("clear") == 1 and events.count("computed") == 3
     monkeypatch.undo()
@@ -250,19 +250,19 @@ def test_s3_overwrite_keeps_old_store_until_first_window_and_leaves_nothing_of_i
 
 
 @pytest.mark.slow
-def test_s3_two_torchrun_processes_killed_and_resumed(assets, bucket):
+def test_s3_two_torchrun_processes_killed_and_resumed(harvest_assets, bucket):
     """torchrun (c10d rendezvous) on S3: rank 1 SIGKILLed after its 2nd record, the same launch
     with --resume completes it bitwise equal to an uninterrupted launch; verify passes."""
     from tests.test_store_v2 import _torchrun
     full, killed = f"{bucket}/tr-full.zarr", f"{bucket}/tr-killed.zarr"
-    r = _torchrun(assets, full, rdzv_id="s3-full")
+    r = _torchrun(harvest_assets, full, rdzv_id="s3-full")
     assert r.returncode == 0, r.stdout[-3000:]
-    r = _torchrun(assets, killed, rdzv_id="s3-kill",
+    r = _torchrun(harvest_assets, killed, rdzv_id="s3-kill",
                   kill=(2, 1))
     assert r.returncode != 0
     with pytest.raises(StoreError, match="incomplete"):
         open_store(killed)
-    r = _torchrun(assets, killed, extra=["--resume"], rdzv_id="s3-resume")
+    r = _torchrun(harvest_assets, killed, extra=["--resume"], rdzv_id="s3-resume")
     assert r.returncode == 0, r.stdout[-3000:]
     _assert_same(full, killed)
     assert open_store(killed).attrs["world_size"] == 2

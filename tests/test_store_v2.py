@@ -18,18 +18,13 @@ from sae_harvest.harvest.run import HarvestConfig, harvest
 from sae_harvest.stores import StoreError, fs, open_store
 from sae_harvest.stores.verify import verify_store
 from tests.test_stores import _write_store
-from tests.tiny_models import make_tiny_model, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("v2_assets")
-    corpus = write_corpus(root / "docs.jsonl", n_docs=300, max_words=80)
-    small = write_corpus(root / "small.jsonl", n_docs=40, max_words=60)
-    return {"gpt2": make_tiny_model("gpt2", root / "gpt2"), "corpus": str(corpus), "small": str(small),
-            "root": root}
+def assets(harvest_assets):   # tests/conftest.py
+    return harvest_assets
 
 
 def _cfg(assets, out, **kw):

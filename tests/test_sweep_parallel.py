@@ -9,8 +9,8 @@ import torch
 from sae_harvest import train
 from sae_harvest.stores.errors import UserError
 from sae_harvest.train.fit import fit
-from tests.test_distributed import WORKER, store, torchrun  # noqa: F401  (store: the module's fixture)
-from tests.test_e2e import _cfg as _e2e_cfg, assets  # noqa: F401  (the e2e fixture: tiny GPT-2 + store)
+from tests.test_distributed import WORKER, torchrun
+from tests.test_e2e import _cfg as _e2e_cfg
 from tests.test_train_loop import _cfg
 
 # uneven on purpose: batchtopk's 3 SAEs give rank 0 two of them (k4, k16) and rank 1 one (k8)
@@ -29,14 +29,14 @@ def _records(folder: Path):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_each_rank_trains_its_share_of_the_sweep_like_one_process(store, assets, tmp_path):
+def test_each_rank_trains_its_share_of_the_sweep_like_one_process(store, e2e_assets, tmp_path):
     configs = []
     for name, kw in SWEEPS.items():
         fit(_cfg(store, tmp_path / "one" / name, **KW, **kw), progress=False)
         configs.append(_cfg(store, tmp_path / "two" / name, sweep_parallel=True, **KW, **kw).to_dict())
     e2e = dict(arch="topk", k=(4, 8), tokens=8 * 32 * 6)
-    fit(_e2e_cfg(assets, tmp_path / "one" / "e2e", **e2e), progress=False)
-    configs.append(_e2e_cfg(assets, tmp_path / "two" / "e2e", sweep_parallel=True, **e2e).to_dict())
+    fit(_e2e_cfg(e2e_assets, tmp_path / "one" / "e2e", **e2e), progress=False)
+    configs.append(_e2e_cfg(e2e_assets, tmp_path / "two" / "e2e", sweep_parallel=True, **e2e).to_dict())
     # one SAE for two ranks: refused on every rank before anything is written
     configs.append(_cfg(store, tmp_path / "two" / "lonely", sweep_parallel=True, **KW).to_dict())
     (tmp_path / "configs.json").write_text(json.dumps(configs))

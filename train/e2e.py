@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sae_harvest.harvest.default_model import resolve_model
 from sae_harvest.harvest.models import get_adapter, load_model
-from sae_harvest.harvest.sites import Site, capture, downstream_sites, record, splice
+from sae_harvest.harvest.sites import Site, capture, downstream_sites, keep_clean_positions, record, splice
 from sae_harvest.stores import open_store
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.urls import scrub
@@ -68,8 +68,7 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
         feats = sae.encode(x)
         sae.observe_training_latents(feats)
         seen["feats"], seen["x"] = feats, x   # only the positions the loss terms average over
-        x_hat = (sae.decode(feats) * scale).view(part.shape).to(a.dtype)
-        return torch.cat([a[:, :first], x_hat], 1) if first else x_hat
+        return keep_clean_positions(a, (sae.decode(feats) * scale).view(part.shape), first)
 
     with splice(model, site, replace), record(model, downstream) as rec:
         logits = model(input_ids=ids, use_cache=False).logits

@@ -21,7 +21,7 @@ from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import StoreFeed, TensorFeed, held_out_origin, sample_rows, train_tokens
 from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
-from sae_harvest.train.sae import SAE
+from sae_harvest.train.sae import SAE, unit_rows
 from sae_harvest.train.sae_io import load_sae
 from sae_harvest.train.stacked import StackedSweep, wants_stacking
 
@@ -77,9 +77,8 @@ class Source:
 
     def _from_decoder(self, cfg):
         parent = load_sae(cfg.decoder_of)
-        rows = parent.W_dec.detach().float()
         # a saved SAE has its input scale folded into W_dec; meta-SAEs see directions only
-        self.data = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.data = unit_rows(parent.W_dec)
         self.sample, self.d_in, self.grads, self.site = self.data, self.data.shape[1], False, None
         self.grad_sample = None
         self.epoch_tokens = len(self.data)

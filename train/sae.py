@@ -190,3 +190,10 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         return f"arch={self.arch}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}"
 
+
+
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """Each row of w divided by its norm, float32, detached (zero rows stay zero): decoder
+    directions for meta-SAE training data, the meta report, stitching and geometry cosines."""
+    w = w.detach().float()
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
