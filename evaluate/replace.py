@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.live import Live, open_live
 from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
-from sae_harvest.evaluate.splice import EvaluateError, evaluate_saes
+from sae_harvest.evaluate.splice import EvaluateError, Live, evaluate_saes, open_live
 from sae_harvest.stores.urls import scrub
 
 

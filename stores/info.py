@@ -5,9 +5,6 @@ from . import fs
 from .reader import open_store
 from .urls import scrub, scrub_tree
 
-# root attributes a held-out split may be recorded under (the split is written by the harvester)
-SPLIT_KEYS = ("split", "held_out", "holdout")
-
 
 def store_info(path: str, allow_partial: bool = False) -> dict:
     """Summary of the store at `path` (credentials scrubbed), with every root attribute under "attrs"."""
@@ -16,7 +13,9 @@ def store_info(path: str, allow_partial: bool = False) -> dict:
     model = attrs.get("model") or {}
     dataset = attrs.get("dataset") or {}
     size = fs.du(path)
-    split = next((attrs[k] for k in SPLIT_KEYS if attrs.get(k) is not None), None)
+    # the store's held-out sequences (stores/split.py): recorded by the harvest, derived for older stores
+    split = {**store.split.to_attrs(), "held_out_seqs": store.split.n_held_out(store.n_seqs),
+             "description": store.split.describe(store.n_seqs, store.ctx_len)}
     return scrub_tree({
         "store": scrub(path), "format_version": attrs.get("format_version"), "complete": store.complete,
         "model": model.get("name"), "revision": model.get("revision"), "dataset": dataset.get("name"),
@@ -45,13 +44,8 @@ def print_store_info(info: dict, console) -> None:
         ("complete", "yes" if info["complete"] else "no (only the finished windows are counted)"),
     ]
     if info.get("split") is not None:
-        rows.append(("split", _describe(info["split"])))
+        rows.append(("held out", info["split"]["description"]))
     for name, value in rows:
         table.add_row(Text(name), Text(str(value)))
     console.print(table)
 
-
-def _describe(split) -> str:
-    if isinstance(split, dict):
-        return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in split.items())
-    return str(split)

@@ -7,6 +7,8 @@ import signal
 import numpy as np
 import pytest
 import torch
+
+from sae_harvest.stores.errors import UserError
 from click.testing import CliRunner
 
 from sae_harvest import train
@@ -269,7 +271,8 @@ def test_bad_input(assets, tmp_path):
     no_tokens = tmp_path / "nt.zarr"
     shutil.copytree(assets["store"], no_tokens)
     shutil.rmtree(no_tokens / "tokens")
-    with pytest.raises(TrainError, match="no token sequences"):
+    # the reader refuses a store whose records list an array that is gone (stores/check.py)
+    with pytest.raises(UserError, match="damaged: array tokens: missing"):
         fit(_cfg(assets, tmp_path / "d", store=str(no_tokens)), progress=False)
     r = CliRunner().invoke(train_cli, ["fit", "--store", assets["store"], "--loss", "e2e", "--site",
                                        "blocks.1.resid_pre", "--model", str(tmp_path / "nope"),

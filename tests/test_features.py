@@ -289,7 +289,7 @@ def bad(crafted):
 
 
 @pytest.mark.parametrize("case,expect", [
-    ("site", "blocks.0.resid_pre"), ("width", "d_in 32"), ("notokens", "no `tokens`"),
+    ("site", "blocks.0.resid_pre"), ("width", "d_in 32"), ("notokens", "array tokens: missing"),
     ("theirs", "did not write"), ("latent", "out of range"), ("top", "--top"),
 ])
 def test_cli_bad_input(crafted, bad, tmp_path, case, expect):
