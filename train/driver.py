@@ -132,11 +132,14 @@ class Driver:
         if not train_state.has_state(out, self.where):
             return None   # sweep parallel: this rank died before its first checkpoint
         meta = train_state.load_meta(out, self.where)
-        saved = meta["config"]
-        differ = [k for k, v in self.cfg.to_dict().items()
-                  if k not in ("device", "wandb", "out", "dist_timeout", "sweep_parallel", "sparse_backward",
-                                "stack_sweep")
-                  and _plain(saved.get(k)) != _plain(v)]
+        saved, now = meta["config"], self.cfg.to_dict()
+        free = ("device", "wandb", "out", "dist_timeout", "sweep_parallel", "sparse_backward", "stack_sweep")
+        gone = sorted(k for k in saved if k not in now and k not in free)
+        if gone:   # e.g. holdout_fraction: trained on the old split and init, which a resume cannot continue
+            raise TrainError(f"cannot resume {out}: its checkpoint was saved by an older version (options "
+                             f"{', '.join(gone)} no longer exist; it trained without the store's held-out "
+                             f"split): start a new run")
+        differ = [k for k, v in now.items() if k not in free and _plain(saved.get(k)) != _plain(v)]
         if differ:
             raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
         train_state.check_store_identity(out, meta, self.store_identity, self.cfg.store)

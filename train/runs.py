@@ -131,17 +131,41 @@ def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
 
 
 def made_by_train(out: Path) -> bool:
-    """True for an empty folder or one holding only what `train fit` writes: the checkpoint/ folder
-    (and its temporaries) and one folder per SAE with nothing but cfg.json, weights, metrics and
-    summary. Only such a folder is ever removed by --overwrite."""
+    """True for an empty folder or one holding only what `train fit` writes: checkpoint folders
+    holding nothing but state.json, safetensors and rank<r>/ folders of the same, and SAE folders
+    holding nothing but cfg.json (with this tool's `sae_harvest` record), weights, metrics and
+    summary. Only such a folder is ever removed by --overwrite: a downloaded SAELens folder (cfg.json
+    and weights alone) or a folder named `checkpoint` holding anything else is not ours."""
     ours = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json"}
     for entry in out.iterdir():
-        if entry.name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
-            continue
         if not entry.is_dir() or entry.is_symlink():
             return False
+        if entry.name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
+            if not _checkpoint_folder(entry):
+                return False
+            continue
         if any(f.name not in ours and not f.name.startswith((".sae_weights.safetensors.tmp-", ".cfg.json.tmp-"))
                for f in entry.iterdir()):
+            return False
+        try:
+            record = json.loads((entry / "cfg.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(record, dict) or not isinstance(record.get("sae_harvest"), dict):
+            return False
+    return True
+
+
+def _checkpoint_folder(folder: Path, depth: int = 0) -> bool:
+    for f in folder.iterdir():
+        if f.is_symlink():
+            return False
+        if f.is_dir():
+            named = (f.name.startswith("rank") and f.name[4:].isdigit()) or \
+                (f.name.startswith(".rank") and f.name.endswith((".tmp", ".old")))
+            if depth > 0 or not named or not _checkpoint_folder(f, depth + 1):
+                return False
+        elif f.name != "state.json" and not f.name.endswith(".safetensors"):
             return False
     return True
 

@@ -1,0 +1,73 @@
+"""Defects a read-only review of the merged branches found (issue 16, 18, 22 seams); each test fails
+on the code before its fix."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.fit import fit
+from sae_harvest.train.runs import made_by_train
+from tests.test_train_loop import _cfg, make_store
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_removes_a_downloaded_saelens_folder_or_a_foreign_checkpoint(tmp_path):
+    saelens = tmp_path / "s" / "blocks.8.hook_resid_pre"   # what SAELens's download looks like
+    saelens.mkdir(parents=True)
+    (saelens / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "standard"}))
+    save_file({"W_enc": torch.zeros(4, 8)}, str(saelens / "sae_weights.safetensors"))
+    assert not made_by_train(tmp_path / "s")
+    other = tmp_path / "o" / "checkpoint"
+    other.mkdir(parents=True)
+    (other / "epoch=3.ckpt").write_bytes(b"a lightning checkpoint")
+    assert not made_by_train(tmp_path / "o")
+    ours = tmp_path / "ours" / "topk_k4"
+    ours.mkdir(parents=True)
+    (ours / "cfg.json").write_text(json.dumps({"d_in": 4, "sae_harvest": {"sweep_name": "topk_k4"}}))
+    (tmp_path / "ours" / "checkpoint" / "rank0").mkdir(parents=True)
+    (tmp_path / "ours" / "checkpoint" / "rank0" / "state.json").write_text("{}")
+    assert made_by_train(tmp_path / "ours")
+
+
+def test_overwrite_refuses_a_saelens_folder_through_fit(tmp_path):
+    store = tmp_path / "s.zarr"
+    make_store(store, grads=False)
+    out = tmp_path / "out"
+    theirs = out / "blocks.8.hook_resid_pre"
+    theirs.mkdir(parents=True)
+    (theirs / "cfg.json").write_text(json.dumps({"d_in": 4}))
+    (theirs / "sae_weights.safetensors").write_bytes(b"weights")
+    before = _tree(out)
+    with pytest.raises(TrainError, match="did not write"):
+        fit(_cfg(store, out, tokens=256 * 2), overwrite=True, progress=False)
+    assert _tree(out) == before
+
+
+def test_resume_refuses_a_checkpoint_of_an_older_version(tmp_path):
+    """A checkpoint saved before the held-out split (its config has holdout_fraction) trained on
+    held-out sequences from another init stream: resuming it must not pass for a clean run."""
+    import signal
+
+    from sae_harvest.train.driver import TrainInterrupted
+
+    store = tmp_path / "s.zarr"
+    make_store(store, grads=False)
+    out = tmp_path / "out"
+
+    def stop(event):
+        if event.step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(store, out, tokens=256 * 6), progress=False, on_step=stop)
+    state = out / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    meta["config"]["holdout_fraction"] = 0.02
+    state.write_text(json.dumps(meta))
+    with pytest.raises(TrainError, match="older version.*holdout_fraction"):
+        fit(_cfg(store, out, tokens=256 * 6), resume=True, progress=False)
