@@ -369,7 +369,10 @@ def trained_outside_split(sae_cfg: dict, origin: dict) -> bool | None:
     if origin.get("source") != "store":
         return None
     recorded = (sae_cfg.get("sae_harvest") or {}).get("held_out")
-    return recorded is not None and recorded.get("every") == origin.get("every")
+    # the same split of the same store: another store (another harvest of the same corpus) has other
+    # held-out sequences, whatever its `every`
+    return (isinstance(recorded, dict) and recorded.get("every") == origin.get("every")
+            and recorded.get("creation_id") == origin.get("creation_id"))
 
 
 def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype, splice_bos) -> dict:

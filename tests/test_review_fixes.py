@@ -71,3 +71,30 @@ def test_resume_refuses_a_checkpoint_of_an_older_version(tmp_path):
     state.write_text(json.dumps(meta))
     with pytest.raises(TrainError, match="older version.*holdout_fraction"):
         fit(_cfg(store, out, tokens=256 * 6), resume=True, progress=False)
+
+
+def test_trained_outside_split_means_this_stores_split():
+    """An SAE trained outside store A's held-out sequences says nothing of store B's, even at the same
+    `every` (another harvest of the same corpus): only the same store's creation id counts."""
+    from sae_harvest.evaluate.splice import trained_outside_split
+
+    def sae(cid):
+        return {"sae_harvest": {"held_out": {"rule": "seq % every == 0", "every": 20, "creation_id": cid}}}
+
+    origin = {"source": "store", "every": 20, "creation_id": "a" * 32}
+    assert trained_outside_split(sae("a" * 32), origin) is True
+    assert trained_outside_split(sae("b" * 32), origin) is False
+    assert trained_outside_split(sae("a" * 32), {**origin, "every": 10}) is False
+    assert trained_outside_split({"sae_harvest": {}}, origin) is False
+    assert trained_outside_split(sae("a" * 32), {"source": "dataset"}) is None
+
+
+def test_a_fresh_sae_records_the_store_it_trained_outside_of(tmp_path):
+    from sae_harvest.stores import open_store
+
+    store = tmp_path / "s.zarr"
+    make_store(store, grads=False)
+    fit(_cfg(store, tmp_path / "o", tokens=256 * 2), progress=False)
+    (folder,) = [p for p in (tmp_path / "o").iterdir() if p.name != "checkpoint"]
+    held = json.loads((folder / "cfg.json").read_text())["sae_harvest"]["held_out"]
+    assert held["creation_id"] == open_store(str(store)).attrs.get("creation_id")

@@ -205,7 +205,8 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
     provenance = {"store": scrub(cfg.store), "model_name": scrub(model_name), "hook_name": site.name,
                   "hook_layer": site.layer, "context_size": store.ctx_len,
                   "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
-                  "dataset_path": attrs.get("dataset", {}).get("name"), "held_out": store.split.to_attrs()}
+                  "dataset_path": attrs.get("dataset", {}).get("name"),
+                  "held_out": {**store.split.to_attrs(), "creation_id": attrs.get("creation_id")}}
     return SimpleNamespace(store=store, tokens=tokens, site=site, model=model, adapter=adapter,
                            d_in=adapter.site_width(site.kind), train_seqs=train_seqs, n_train=len(train_seqs),
                            held_seqs=held_seqs, provenance=provenance, device=device)

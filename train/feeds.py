@@ -159,6 +159,7 @@ def held_out_origin(store, tokens: int | None = None, sequences: int | None = No
     reports on held-out data (stores/split.py)."""
     split = store.split
     return {"source": "store", "store": scrub(store.path), "held_out": True, **split.to_attrs(),
+            "creation_id": store.attrs.get("creation_id"),
             "held_out_seqs": split.n_held_out(store.n_seqs), "sequences": sequences, "tokens": tokens}
 
 

@@ -71,7 +71,8 @@ class Source:
                            "context_size": store.ctx_len,
                            "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
                            "dataset_path": attrs.get("dataset", {}).get("name"),
-                           "held_out": store.split.to_attrs(),
+                           # the split trained outside, and of which store: evaluate checks both
+                           "held_out": {**store.split.to_attrs(), "creation_id": attrs.get("creation_id")},
                            # what the store's gradients are of (g-SAEs; harvest/grad_targets.py)
                            "grad_target": (attrs.get("grads") or {}).get("target", "labels") if self.grads else None}
 
