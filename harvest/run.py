@@ -158,6 +158,10 @@ def _harvest(cfg, dist: Dist, resume, overwrite, progress, console):
             if cfg.grads and stored_target != cfg.grad_target:
                 raise HarvestError(f"cannot resume {scrub(cfg.out)}: its gradients are of --grad-target "
                                    f"{stored_target}, not {cfg.grad_target}")
+            stored_split = (target.resume_attrs.get("split") or {}).get("every")
+            if stored_split is not None and stored_split != cfg.eval_every:
+                raise HarvestError(f"cannot resume {scrub(cfg.out)}: it holds out every {stored_split}th sequence, "
+                                   f"not every {cfg.eval_every}th (--eval-every {stored_split} resumes it)")
         return device, model, tokenizer, adapter, sites, ds, fingerprint, made_by
 
     device, model, tokenizer, adapter, sites, ds, fingerprint, made_by = dist.agree(load)

@@ -166,3 +166,25 @@ def test_dataset_overlap_warning_and_skip_docs(assets, tmp_path):
     r = CliRunner().invoke(evaluate_cli, base + ["--skip-docs", "40"])
     assert r.exit_code == 0 and "overlap" not in r.output, r.output
     assert "after 40 documents" in " ".join(r.output.split())
+
+
+def test_resume_refuses_another_eval_every(assets, tmp_path):
+    """--resume --eval-every N on a store with another split: refused in one line, nothing changed
+    (it was ignored silently: the store's split won without a word)."""
+    import hashlib
+    import shutil
+
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(assets["store"], store)
+
+    def tree():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(store.rglob("*")) if p.is_file()}
+
+    before = tree()
+    r = CliRunner().invoke(harvest_cli, ["run", "--model", assets["model"], "--dataset", assets["corpus"],
+                                         "--out", str(store), "--sites", "blocks.1.resid_pre", "--tokens", "4096",
+                                         "--ctx-len", str(CTX), "--batch-size", "16", "--shuffle-window", "1024",
+                                         "--eval-every", "20", "--device", "cpu", "--resume", "--quiet"])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0, r.output
+    assert "every 10th sequence, not every 20th" in r.output, r.output
+    assert tree() == before
