@@ -7,9 +7,9 @@ wrote before (its features.json says so) is replaced, anything else was refused 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +166,9 @@ def write_output(cfg, store, sources, ctx, dev, seconds: float, write_format) ->
     tokenizer, model, adapter = load_unembedding(store, cfg, dev)
     W_U = model.get_output_embeddings().weight.detach().float()
     out = Path(cfg.out)
-    build = out.with_name(f".{out.name}.new-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh folder of our own beside --out: only what this call made is ever removed
+    build = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
     try:
         summary = _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seconds, write_format)
         _swap_in(build, out)
@@ -203,27 +203,42 @@ def _write(build, cfg, store, sources, ctx, tokenizer, model, adapter, W_U, seco
                          "median_density": float(np.median(s.stats["density"])),
                          "logits": lg is not None} for s, lg, _ in per_sae]}
     write_format(build, per_sae, cfg, ctx, vocab, summary, store)
+    # every file written, so that a later run replaces this folder only while it holds nothing else
+    summary["files"] = sorted(str(f.relative_to(build)) for f in build.rglob("*") if f.is_file())
     (build / MANIFEST).write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def _swap_in(build: Path, out: Path) -> None:
     """Replace --out (empty, absent, or ours: checked before the passes) by the finished build."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = None
     if out.exists():
         if any(out.iterdir()) and not written_by_us(out):    # someone wrote there while we ran
             from .splice import EvaluateError
-            raise EvaluateError(f"--out {out} was filled by someone else while this command ran; left it as it is")
+            raise EvaluateError(f"--out {out} holds files this command did not write (added while it ran); "
+                                f"left it as it is")
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old.rmdir()          # a name no one else holds, for the rename
         out.rename(old)
     build.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def written_by_us(p: Path) -> bool:
+    """True when p holds an earlier output of this command and nothing else: its manifest names
+    this tool and lists every file there (a note or screenshot added later makes it not ours)."""
     try:
-        return json.loads((p / MANIFEST).read_text()).get("tool") == TOOL
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((p / MANIFEST).read_text())
+        listed = set(manifest["files"]) | {MANIFEST}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
+    if manifest.get("tool") != TOOL:
+        return False
+    for f in p.rglob("*"):
+        if f.is_symlink() or (f.is_file() and str(f.relative_to(p)) not in listed):
+            return False
+    return True
 
 
 def latent_url(out: str, sae: int, latent: int) -> str:

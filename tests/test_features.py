@@ -420,3 +420,22 @@ def test_demo_final_step_writes_the_browser_and_returns_its_address(crafted, tmp
     url = demo_browser(tmp_path, crafted["store"], crafted["saes"])
     assert url == (tmp_path / "features" / "index.html").absolute().as_uri()
     assert [s["name"] for s in read_data(tmp_path / "features", "saes")["saes"]] == ["sae_b"]   # one per sweep
+
+
+def test_rerun_refuses_an_output_folder_a_user_added_files_to(crafted, tmp_path):
+    """An earlier browser plus a researcher's notes: the folder is no longer only ours, so a rerun
+    refuses it (one line, exit 2, every byte kept) instead of replacing the notes with it."""
+    from click.testing import CliRunner
+
+    from sae_harvest.evaluate.cli import main
+
+    out = tmp_path / "b"
+    args = ["features", "--store", crafted["store"], "--sae", crafted["saes"][0], "--out", str(out),
+            "--device", "cpu", "--quiet", "--top", "3", "--before", "2", "--after", "1"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "notes.md").write_text("latent 3 looks like a tokenizer artefact")
+    before = {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert "did not write" in result.output
+    assert {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
