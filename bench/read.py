@@ -1,7 +1,9 @@
 """Store feed throughput: the trainer's access pattern against reading the same shard files raw.
 
-The feed side is exactly what `train fit` consumes: train.feeds.StoreFeed over the training rows
-(contiguous blocks in a seeded random order, read-ahead threads, position-0 rows skipped), values
+The feed side is exactly what `train fit` consumes: train.feeds.StoreFeed over the rows of the
+store's training sequences (contiguous blocks in a seeded random order, read-ahead threads,
+position-0 rows and held-out sequences filtered out per block; "every row" is the same block reader
+without the held-out filter, as before the split), values
 shipped as stored (fp16) and widened to float32 by the consumer as the trainer's `prepare` does
 (on the device; here the CPU); on CUDA read straight into pinned buffers, and (the previous
 path, for the ratio) copied into pinned memory on a thread after the read. "decode on host" is the old path: the
@@ -77,6 +79,19 @@ def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool, direct: b
     return time.perf_counter() - t0, n
 
 
+def block_seconds(store_path, batch, seqs: str) -> tuple[float, int]:
+    """The block reader alone over the training sequences' rows or over every row (no held-out
+    filter, as before the split): what filtering held-out sequences through rows/seq costs, in the
+    same run."""
+    store = open_store(store_path)
+    steps = (store.n_rows - store.n_rows // store.ctx_len) // batch
+    t0 = time.perf_counter()
+    n = 0
+    for i, b in zip(range(steps), store.batches(SITE, batch, seqs=seqs, seed=0, exclude_pos0=True, decode=False)):
+        n += b["acts"][SITE].nbytes
+    return time.perf_counter() - t0, n
+
+
 def measure(store_path, batch, repeats, fs=None) -> dict:
     files = shard_files(store_path, fs)
     raw_seconds(files, fs)   # warm the page cache / connections
@@ -84,12 +99,16 @@ def measure(store_path, batch, repeats, fs=None) -> dict:
                 ("decode on host (old)", False, True, True)]
     if torch.cuda.is_available():   # read straight into pinned buffers (now) vs copied into them (before)
         variants.append(("feed, copied into pinned memory (old)", False, False, False))
-    sides = {"raw": [], **{v[0]: [] for v in variants}}
+    sides = {"raw": [], **{v[0]: [] for v in variants}, "blocks, training sequences": [],
+             "blocks, every row (no split filter)": []}
     for _ in range(repeats):
         t, n = raw_seconds(files, fs)
         sides["raw"].append(n / t)
         for name, widen, host, direct in variants:
             t, n = feed_seconds(store_path, batch, widen, host, direct)
+            sides[name].append(n / t)
+        for name, seqs in (("blocks, training sequences", "train"), ("blocks, every row (no split filter)", "all")):
+            t, n = block_seconds(store_path, batch, seqs)
             sides[name].append(n / t)
     med = {k: statistics.median(v) / 2**30 for k, v in sides.items()}
     return {"GiB_s": med, "ratio_to_raw": {k: v / med["raw"] for k, v in med.items()},

@@ -225,7 +225,7 @@ def test_store_named_model_is_shown_before_loading(lm, tmp_path):
     before = {**tree_hash(store), **tree_hash(sae_dir)}
     r = CliRunner().invoke(evaluate_cli, ["splice", "--sae", str(sae_dir), "--store", str(store), "--tokens", "32",
                                           "--device", "cpu", "--quiet"])
-    # (this hand-made SAE records no training split: one warning line says so, tests/test_split.py)
+    # (a hand-saved SAE records no held-out split: its one warning line is not what this test is about)
     lines = [line for line in r.output.strip().splitlines() if not line.startswith("warning:")]
     assert r.exit_code == 2 and len(lines) == 2 and "Traceback" not in r.output, r.output
     assert lines[0].startswith("loading model") and lm["pickled"] in lines[0] and "named by store" in lines[0]
