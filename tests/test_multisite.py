@@ -308,8 +308,28 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, args,
     assert _snapshot(tmp_path) == before and _snapshot(path) == store_before
 
 
-def test_width_that_does_not_fit_the_kind_is_refused(store, tmp_path):
-    """A transcoder's d_out is the target's width: an --init of another width is refused."""
+def test_width_that_does_not_fit_is_refused(store, tmp_path):
+    """--init of a transcoder with other widths: one line, exit 2, nothing written; kinds that
+    cannot be transcoders are refused by the config itself."""
+    path, _ = store
+    args = ["fit", "--store", str(path), "--device", "cpu", "--site", "blocks.0.mlp_in", "--target",
+            "blocks.0.mlp_out", "--tokens", "512", "--batch-size", "256"]
+    r = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "first"), "--d-sae", "32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    (first,) = [p for p in (tmp_path / "first").iterdir() if p.name != "checkpoint"]
+    before = _snapshot(tmp_path)
+    r = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "second"), "--d-sae", "48", "--init", str(first)])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "16->32->12" in lines[0] and "16->48->12" in lines[0], r.output
+    assert _snapshot(tmp_path) == before
+    # the same widths start from it: the first step's weights are the saved ones, unfolded
+    seen = []
+    fit(_cfg(path, tmp_path / "third", site="blocks.0.mlp_in", target="blocks.0.mlp_out", d_sae=32, k=(32,),
+             init=str(first), tokens=256), progress=False,
+        on_step=lambda e: seen.append({n: p.detach().clone() for n, p in next(iter(e.runs.values())).sae.named_parameters()}))
+    saved = train.load_sae(first)
+    scale_in = json.loads((first / "summary.json").read_text())["input_scale"]
+    torch.testing.assert_close(seen[0]["W_enc"], saved.W_enc * scale_in)
     with pytest.raises(ValueError, match="cannot be a transcoder"):
         SAEConfig(arch="gated", d_in=4, d_sae=8, d_out=3)
     with pytest.raises(ValueError, match="skip connection needs a transcoder"):

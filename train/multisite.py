@@ -150,7 +150,10 @@ def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]
         sae_cfg = dataclasses.replace(sae_cfg, d_out=tgt.d_in, skip=cfg.skip)
         torch.manual_seed(cfg.seed)
         sae = make_sae(sae_cfg)
-        sae.init_b_dec(y, cfg.b_dec_init)
+        if cfg.init:
+            _load_init(sae, cfg.init, scales[pair.site], scales[pair.target])
+        else:
+            sae.init_b_dec(y, cfg.b_dec_init)
         sae.calibrate(x, None)
         sae.to(device).train()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
@@ -158,6 +161,21 @@ def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]
         runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
+
+
+def _load_init(sae, path: str, in_scale: float, out_scale: float) -> None:
+    """--init for a transcoder: the same kind and widths, its raw-activation weights unfolded into
+    the training space."""
+    from sae_harvest.train.sae_io import load_sae
+
+    init = load_sae(path)
+    want, got = sae.cfg, init.cfg
+    if (got.arch, got.d_in, got.d_sae, got.d_out, got.skip) != (want.arch, want.d_in, want.d_sae, want.d_out, want.skip):
+        raise TrainError(f"--init {scrub(path)} is a {got.arch} {got.d_in}->{got.d_sae}->{got.d_out or got.d_in} "
+                         f"{'skip transcoder' if got.skip else 'transcoder' if got.d_out else 'SAE'}; this run trains a "
+                         f"{want.arch} {want.d_in}->{want.d_sae}->{want.d_out} {'skip ' if want.skip else ''}transcoder")
+    init.fold_scales(1.0 / in_scale, 1.0 / out_scale)
+    sae.load_state_dict(init.state_dict())
 
 
 def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
