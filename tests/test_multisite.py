@@ -363,3 +363,17 @@ def test_sites_under_torchrun_data_parallel_and_spread_over_ranks(tmp_path):
         for key, value in _weights(tmp_path / "sp" / name).items():
             assert torch.equal(value, one[key]), (name, key)
         assert results[1]["summaries"][name]["rank"] == rank   # one site per rank
+
+
+def test_transformerlens_names_of_the_normalised_inputs():
+    """Ours are written as the nearest TransformerLens hooks; a foreign checkpoint hooked there is
+    not read back as ours (TransformerLens's are before the norm's affine weights)."""
+    from sae_harvest.harvest.models import KINDS
+    from sae_harvest.train.saelens_format import TL_HOOKS, site_from_hook_name, tl_hook_name
+
+    assert set(TL_HOOKS) == set(KINDS)
+    assert tl_hook_name("blocks.3.mlp_in") == "blocks.3.ln2.hook_normalized"
+    assert tl_hook_name("blocks.3.attn_in") == "blocks.3.ln1.hook_normalized"
+    assert site_from_hook_name("blocks.3.mlp_in") == "blocks.3.mlp_in"
+    with pytest.raises(ValueError, match="neither a site"):
+        site_from_hook_name("blocks.3.ln2.hook_normalized")
