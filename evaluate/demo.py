@@ -1,8 +1,8 @@
 """The demo: the whole pipeline on the offline default model and corpus, on 2 CPU cores.
 
-harvest (two sites, with gradients) -> train relu, gated, topk, batchtopk, gtopk, jumprelu,
-matryoshka_batchtopk and e2e SAEs
-(a small sweep each) -> evaluate them together in the live model -> table, JSON, Pareto plot.
+harvest (three sites, with gradients) -> train relu, gated, topk, batchtopk, gtopk, jumprelu,
+matryoshka_batchtopk and e2e SAEs (a small sweep each) and one skip transcoder of layer 1's MLP
+-> evaluate them together in the live model -> table, JSON, Pareto plot.
 Re-running continues where a previous run stopped.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from sae_harvest.train.fit import fit
 
 from sae_harvest.evaluate.report import print_table, write_json, write_plot
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.splice import evaluate_saes
+from sae_harvest.evaluate.replace import evaluate_all
 
 SITE = "blocks.2.resid_pre"
-SITES = "blocks.2.resid_pre,blocks.1.mlp_out"
+SITES = "blocks.2.resid_pre,blocks.1.mlp_in,blocks.1.mlp_out"
 D_SAE = 1024
 
 # (folder, arch, extra TrainConfig fields): each row is one sweep, one Pareto series
@@ -38,6 +38,8 @@ SWEEPS = [
     # over the store's training sequences; its lambda is on KL's scale (nats), far below local's
     ("e2e", "relu", {"loss": "e2e", "l1": (0.3, 1.0), "batch_size": 2048, "lr": 1e-3, "epochs": None,
                      "init": "relu/relu_l1-300"}),
+    # a skip transcoder of layer 1's MLP (docs/training.md, "Transcoders"): spliced in place of its output
+    ("transcoder", "topk", {"k": (16,), "site": "blocks.1.mlp_in", "target": "blocks.1.mlp_out", "skip": True}),
 ]
 LOCAL = {"batch_size": 1024, "epochs": 2}   # ~470 steps: enough for these small SAEs to settle
 
@@ -64,15 +66,15 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
                           tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto"),
             resume=True, console=console)
 
-    say("[3/4] train SAEs at " + SITE)
+    say(f"[3/4] train SAEs at {SITE} and a transcoder of blocks.1's MLP")
     paths = []
     for folder, arch, extra in sweeps or SWEEPS:
         target = out_dir / "saes" / folder
         if "init" in extra:
             extra = {**extra, "init": str(out_dir / "saes" / extra["init"])}
-        cfg = TrainConfig(store=str(store), site=SITE, arch=arch, d_sae=d_sae, out=str(target), seed=seed,
+        cfg = TrainConfig(store=str(store), arch=arch, d_sae=d_sae, out=str(target), seed=seed,
                           tokens=train_tokens, checkpoint_every=10**9, log_every=5,
-                          **{**(local or LOCAL), **extra})
+                          **{"site": SITE, **(local or LOCAL), **extra})
         if not _done(target):
             say(f"  {folder}: {arch} {extra}")
             fit(cfg, overwrite=True, console=console)
@@ -80,7 +82,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
 
     say(f"[4/4] evaluate {len(paths)} SAEs spliced into the model on {eval_tokens:,} held-out tokens")
     eval_cfg = EvalConfig(saes=tuple(paths), store=str(store), tokens=eval_tokens, batch_size=16)
-    results = evaluate_saes(eval_cfg, console=console)
+    results = evaluate_all(eval_cfg, console=console)   # transcoders too (evaluate/replace.py)
     import sys
 
     from rich.console import Console

@@ -111,7 +111,8 @@ class Tally:
         self.fired = fired if self.fired is None else self.fired | fired
 
     def metrics(self) -> dict:
-        return {"nmse": self.err / self.norm2 if self.norm2 else None,
+        nmse = self.err / self.norm2 if self.norm2 else None
+        return {"nmse": nmse, "nmse_nobos": nmse,   # over positions >= 1 either way
                 "l0": self.l0 / self.tokens if self.tokens else None,
                 "alive": int(self.fired.sum()) if self.fired is not None else 0}
 
