@@ -27,6 +27,7 @@ from sae_harvest.stores.urls import scrub
 from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
+from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import _background, as_tensor
@@ -47,7 +48,7 @@ class Pair:
 
 def is_multisite(cfg: TrainConfig) -> bool:
     """Whether this module trains the run: several sites, a glob, or a transcoder target."""
-    return bool(cfg.target) or cfg.skip or any(ch in (cfg.site or "") for ch in ",*?[")
+    return bool(cfg.target) or cfg.skip or cfg.crosscoder or any(ch in (cfg.site or "") for ch in ",*?[")
 
 
 def _site_order(name: str):
@@ -79,6 +80,8 @@ def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
     if cfg.site is None:
         raise TrainError("give --site (a name, a comma list or globs) with --target")
     inputs = match_sites(cfg.site, store.sites, "--site", cfg.store)
+    if cfg.crosscoder:
+        return _check_crosscoder(cfg, store, inputs)
     if not cfg.target:
         if cfg.skip:
             raise TrainError("--skip is for transcoders: give --target too")
@@ -97,14 +100,34 @@ def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
     return pairs
 
 
+def _check_crosscoder(cfg: TrainConfig, store, inputs: list[str]) -> list[Pair]:
+    if cfg.target or cfg.skip:
+        raise TrainError("--crosscoder reconstructs its own sites: drop --target / --skip")
+    if cfg.arch not in CROSSCODER_ARCHS:
+        raise TrainError(f"--crosscoder: --arch {cfg.arch} cannot be a crosscoder; crosscoders take "
+                         f"{', '.join(CROSSCODER_ARCHS)}")
+    if len(inputs) < 2:
+        raise TrainError(f"--crosscoder needs at least two sites; --site matches {', '.join(inputs)}")
+    widths = {s: store.width(s) for s in inputs}
+    if len(set(widths.values())) > 1:
+        raise TrainError("--crosscoder needs sites of one width; got "
+                         + ", ".join(f"{s} ({w})" for s, w in widths.items()))
+    return [Pair(s) for s in inputs]
+
+
 def count_dictionaries(cfg: TrainConfig) -> int:
     """How many site pairs a run trains (1 for a plain single-site run): the sweep-parallel check."""
-    if not is_multisite(cfg) or not cfg.store:
+    if not is_multisite(cfg) or not cfg.store or cfg.crosscoder:
         return 1
     return len(plan_pairs(cfg, open_store(cfg.store)))
 
 
+CROSS = "crosscoder"   # the one Pair of a --crosscoder run stands for all its sites
+
+
 def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
+    if pair.site == CROSS:
+        return f"crosscoder_{sweep_name}"
     if pair.target is None:
         return f"{pair.site}-{sweep_name}"
     return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
@@ -201,8 +224,11 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
 
     runs, pair_of, order = {}, {}, []
-    for pair in pairs:
-        if pair.target is None:
+    cross = [p.site for p in pairs] if cfg.crosscoder else []
+    for pair in ([Pair(CROSS)] if cross else pairs):
+        if pair.site == CROSS:
+            built = _crosscoder_runs(cfg, cross, sources, scales, device)
+        elif pair.target is None:
             src = sources[pair.site]
             built = build_runs(dataclasses.replace(cfg, site=pair.site), src.d_in, src.sample, src.grad_sample,
                                device, scales[pair.site])
@@ -237,8 +263,12 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
 
     def step_fn(inputs, factor, log_now):
         x, g = inputs
+        joint = torch.cat([x[s] for s in cross], -1) if cross else None   # a crosscoder's input
         for name, run in runs.items():
             pair = pair_of[name]
+            if pair.site == CROSS:
+                _step(run, joint, None, factor, cfg, dead_after, autocast, log_now)
+                continue
             target = x[pair.target] if pair.target else None
             _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target)
 
@@ -248,7 +278,9 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     summaries = {}
     for name, run in runs.items():
         pair = pair_of[name]
-        if pair.target is None:
+        if pair.site == CROSS:
+            summaries[name] = _finish_crosscoder(run, cross, sources, scales, out / name, cfg, device, driver)
+        elif pair.target is None:
             summaries[name] = _finish(run, sources[pair.site], out / name, cfg, scales[pair.site], device, driver)
         else:
             summaries[name] = _finish_transcoder(run, pair, sources, scales, out / name, cfg, device, driver)
@@ -304,6 +336,74 @@ def _finish_transcoder(run: Run, pair: Pair, sources, scales, folder: Path, cfg,
              "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
              "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
              "rank": summary.get("rank")}
+    save_sae(saved, folder, extra_cfg=extra)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# --- crosscoders (train/crosscoder.py) -----------------------------------------------------------
+def _crosscoder_runs(cfg, sites: list[str], sources, scales, device) -> dict[str, Run]:
+    """One Run per swept value over the concatenation of the sites (each divided by its own scale)."""
+    x = torch.cat([sources[s].sample / scales[s] for s in sites], -1)
+    runs = {}
+    for name, sae_cfg in sweep(cfg, x.shape[1]):
+        sae_cfg = dataclasses.replace(sae_cfg, n_sites=len(sites))
+        torch.manual_seed(cfg.seed)
+        sae = make_sae(sae_cfg)
+        sae.init_b_dec(x, cfg.b_dec_init)
+        sae.calibrate(x, None)
+        sae.to(device).train()
+        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+    return runs
+
+
+@torch.no_grad()
+def held_out_sites(sae, store, sites: list[str], rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+    """Per site NMSE and explained variance of the crosscoder's reconstruction, plus L0 and dead
+    fraction, on held-out rows (training space)."""
+    sae.eval()
+    err = {s: 0.0 for s in sites}
+    norm2, total_sum, l0, count = dict(err), {}, 0.0, 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
+        xs = [torch.from_numpy(b["acts"][s]).to(device) / scales[s] for s in sites]
+        feats = sae.encode(torch.cat(xs, -1))
+        parts = sae.decode(feats).split([x.shape[1] for x in xs], -1)
+        for s, x, x_hat in zip(sites, xs, parts):
+            err[s] += (x_hat - x).pow(2).sum().item()
+            norm2[s] += x.pow(2).sum().item()
+            total_sum[s] = x.sum(0) if s not in total_sum else total_sum[s] + x.sum(0)
+        l0 += (feats > 0).sum().item()
+        fired |= (feats > 0).any(0)
+        count += len(feats)
+    sae.train()
+    if count == 0:
+        return {}
+    per_site = {s: {"nmse": err[s] / norm2[s],
+                    "explained_variance": 1 - err[s] / (norm2[s] - total_sum[s].pow(2).sum().item() / count)}
+                for s in sites}
+    return {"held_out_tokens": count, "nmse": sum(err.values()) / sum(norm2.values()), "per_site": per_site,
+            "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def _finish_crosscoder(run: Run, sites: list[str], sources, scales, folder: Path, cfg, device, driver) -> dict:
+    import json
+
+    sae, src = run.sae, sources[sites[0]]
+    # every site's threshold rows come in the same seeded order: zip them into the concatenation
+    chunks = zip(*(sources[s].threshold_rows(THRESHOLD_ROWS) for s in sites))
+    sae.finalize(torch.cat([x.to(device) / scales[s] for s, x in zip(sites, xs)], -1) for xs in chunks)
+    held = held_out_sites(sae, src.store, sites, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
+    summary = {**driver.summary(), "held_out": held, "input_scales": {s: scales[s] for s in sites}}
+    saved = make_sae(run.cfg)
+    saved.load_state_dict(sae.state_dict())
+    saved.fold_site_scales([scales[s] for s in sites])
+    extra = {**src.provenance, "sites": sites, "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr,
+             "summary": summary, "world_size": summary.get("world_size", 1),
+             "sweep_parallel": summary.get("sweep_parallel", False), "rank": summary.get("rank")}
     save_sae(saved, folder, extra_cfg=extra)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
