@@ -160,3 +160,58 @@ def test_saes_at_several_sites_alone_and_all_at_once(assets, tmp_path):
     # writing one site twice in one forward is refused
     with pytest.raises(EvaluateError, match="write the same site"):
         _eval(assets, [paths[0], paths[0]], all_at_once=True)
+
+
+def _crosscoder(perturb=0.0):
+    """A relu crosscoder over blocks.0/1.resid_post: f = [ReLU(x), ReLU(-x)] of the concatenation,
+    decoded exactly (x^ = x) unless perturbed."""
+    eye = torch.eye(2 * D)
+    cc = make_sae(SAEConfig("relu", 2 * D, 4 * D, n_sites=2, l1_coeff=1.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        cc.W_enc.copy_(torch.cat([eye, -eye], 1))
+        cc.W_dec.copy_(torch.cat([eye, -eye], 0) + perturb * torch.randn(4 * D, 2 * D, generator=g))
+        cc.b_enc.zero_()
+        cc.b_dec.zero_()
+    return cc
+
+
+CC_SITES = ["blocks.0.resid_post", "blocks.1.resid_post"]
+
+
+def _save_cc(cc, path):
+    save_sae(cc, path, extra_cfg={"hook_name": CC_SITES[0], "sites": CC_SITES, "sweep_name": path.name})
+    return str(path)
+
+
+def test_crosscoder_spliced_at_every_site_at_once(assets, tmp_path):
+    (exact,) = _eval(assets, [_save_cc(_crosscoder(), tmp_path / "exact")])
+    assert exact["site"] == ", ".join(CC_SITES) and exact["arch"] == "crosscoder (relu)"
+    assert exact["ce_increase"] == pytest.approx(0, abs=1e-5) and exact["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(p["nmse"] == pytest.approx(0, abs=1e-10) for p in exact["per_site"].values())
+
+    # perturbed: against plain block hooks replacing both outputs with the reconstruction of the clean ones
+    cc = _crosscoder(0.05)
+    (r,) = _eval(assets, [_save_cc(cc, tmp_path / "perturbed")])
+    model, _ = load_model(assets["model"])
+    ids = _ids(assets)
+    ces, errs = [], {s: [0.0, 0.0] for s in CC_SITES}
+    for batch in ids.split(BATCH):
+        with torch.no_grad():
+            hidden = model(batch, output_hidden_states=True).hidden_states   # [1], [2] = resid_post of 0, 1
+            x = torch.cat([hidden[1], hidden[2]], -1)
+            recon = cc(x.reshape(-1, 2 * D)).view_as(x).split(D, -1)
+            for s, xs, rs in zip(CC_SITES, (hidden[1], hidden[2]), recon):
+                errs[s][0] += float((rs[:, 1:] - xs[:, 1:]).pow(2).sum())
+                errs[s][1] += float(xs[:, 1:].pow(2).sum())
+            handles = [model.transformer.h[layer].register_forward_hook(
+                lambda _m, _a, out, v=recon[layer]: torch.cat([out[:, :1], v[:, 1:]], 1)) for layer in (0, 1)]
+            try:
+                logp = torch.log_softmax(model(batch).logits.float(), -1)
+            finally:
+                for h in handles:
+                    h.remove()
+        ces.append(-logp[:, :-1].gather(-1, batch[:, 1:, None]))
+    assert r["ce_spliced"] == pytest.approx(float(torch.cat(ces).mean()), rel=1e-5)
+    for s in CC_SITES:
+        assert r["per_site"][s]["nmse"] == pytest.approx(errs[s][0] / errs[s][1], rel=1e-4) and errs[s][0] > 0
