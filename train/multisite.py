@@ -27,6 +27,8 @@ from sae_harvest.stores.urls import scrub
 from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
+from sae_harvest.train.clt import CLT_ARCHS
+from sae_harvest.train.clt_fit import clt_runs, finish_clt
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
@@ -48,7 +50,7 @@ class Pair:
 
 def is_multisite(cfg: TrainConfig) -> bool:
     """Whether this module trains the run: several sites, a glob, or a transcoder target."""
-    return bool(cfg.target) or cfg.skip or cfg.crosscoder or any(ch in (cfg.site or "") for ch in ",*?[")
+    return bool(cfg.target) or cfg.skip or cfg.crosscoder or cfg.clt or any(ch in (cfg.site or "") for ch in ",*?[")
 
 
 def _site_order(name: str):
@@ -97,7 +99,32 @@ def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
     same = [p.site for p in pairs if p.site == p.target]
     if same:
         raise TrainError(f"--target {same[0]} is its own --site: that is an SAE, drop --target")
+    if cfg.clt:
+        _check_clt(cfg, store, pairs)
     return pairs
+
+
+def _check_clt(cfg: TrainConfig, store, pairs: list[Pair]) -> None:
+    """A CLT needs one (input, target) pair per layer of the same width, every layer from the first
+    to the last present, each target in its input's layer."""
+    from sae_harvest.harvest.sites import Site
+
+    if cfg.arch not in CLT_ARCHS:
+        raise TrainError(f"--clt: --arch {cfg.arch} cannot be a cross-layer transcoder; CLTs take {', '.join(CLT_ARCHS)}")
+    if cfg.skip:
+        raise TrainError("--clt has no --skip")
+    layers = [Site.parse(p.site).layer for p in pairs]
+    for p in pairs:
+        if Site.parse(p.target).layer != Site.parse(p.site).layer:
+            raise TrainError(f"--clt: target {p.target} is not in the layer of its input {p.site}")
+    missing = sorted(set(range(min(layers), max(layers) + 1)) - set(layers))
+    if missing or len(set(layers)) != len(layers):
+        raise TrainError(f"--clt needs every layer from {min(layers)} to {max(layers)}: store {scrub(cfg.store)} lacks "
+                         f"layer{'s' * (len(missing) != 1)} {', '.join(map(str, missing)) or '(a layer twice)'} "
+                         f"at {cfg.site} / {cfg.target}")
+    widths = {store.width(s) for p in pairs for s in (p.site, p.target)}
+    if len(widths) > 1:
+        raise TrainError(f"--clt needs inputs and targets of one width; got {sorted(widths)}")
 
 
 def _check_crosscoder(cfg: TrainConfig, store, inputs: list[str]) -> list[Pair]:
@@ -117,17 +144,18 @@ def _check_crosscoder(cfg: TrainConfig, store, inputs: list[str]) -> list[Pair]:
 
 def count_dictionaries(cfg: TrainConfig) -> int:
     """How many site pairs a run trains (1 for a plain single-site run): the sweep-parallel check."""
-    if not is_multisite(cfg) or not cfg.store or cfg.crosscoder:
+    if not is_multisite(cfg) or not cfg.store or cfg.crosscoder or cfg.clt:
         return 1
     return len(plan_pairs(cfg, open_store(cfg.store)))
 
 
 CROSS = "crosscoder"   # the one Pair of a --crosscoder run stands for all its sites
+CLT = "clt"            # likewise for a --clt run
 
 
 def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
-    if pair.site == CROSS:
-        return f"crosscoder_{sweep_name}"
+    if pair.site in (CROSS, CLT):
+        return f"{pair.site}_{sweep_name}"
     if pair.target is None:
         return f"{pair.site}-{sweep_name}"
     return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
@@ -225,9 +253,12 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
 
     runs, pair_of, order = {}, {}, []
     cross = [p.site for p in pairs] if cfg.crosscoder else []
-    for pair in ([Pair(CROSS)] if cross else pairs):
+    clt = pairs if cfg.clt else []
+    for pair in ([Pair(CROSS)] if cross else [Pair(CLT)] if clt else pairs):
         if pair.site == CROSS:
             built = _crosscoder_runs(cfg, cross, sources, scales, device)
+        elif pair.site == CLT:
+            built = clt_runs(cfg, clt, sources, scales, device)
         elif pair.target is None:
             src = sources[pair.site]
             built = build_runs(dataclasses.replace(cfg, site=pair.site), src.d_in, src.sample, src.grad_sample,
@@ -269,6 +300,10 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
             if pair.site == CROSS:
                 _step(run, joint, None, factor, cfg, dead_after, autocast, log_now)
                 continue
+            if pair.site == CLT:
+                _step(run, torch.cat([x[p.site] for p in clt], -1), None, factor, cfg, dead_after, autocast,
+                      log_now, target=torch.cat([x[p.target] for p in clt], -1))
+                continue
             target = x[pair.target] if pair.target else None
             _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target)
 
@@ -278,7 +313,9 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     summaries = {}
     for name, run in runs.items():
         pair = pair_of[name]
-        if pair.site == CROSS:
+        if pair.site == CLT:
+            summaries[name] = finish_clt(run, clt, sources, scales, out / name, cfg, device, driver)
+        elif pair.site == CROSS:
             summaries[name] = _finish_crosscoder(run, cross, sources, scales, out / name, cfg, device, driver)
         elif pair.target is None:
             summaries[name] = _finish(run, sources[pair.site], out / name, cfg, scales[pair.site], device, driver)

@@ -1,0 +1,77 @@
+"""Building, reporting and saving cross-layer transcoders for train/multisite.py (train/clt.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from sae_harvest.train.config import sweep
+from sae_harvest.train.registry import make_sae
+from sae_harvest.train.runs import Run
+from sae_harvest.train.sae_io import save_sae
+
+
+def clt_runs(cfg, pairs, sources, scales, device) -> dict[str, Run]:
+    """One Run per swept value; --d-sae / --expansion count latents per layer."""
+    n = len(pairs)
+    y = torch.cat([sources[p.target].sample / scales[p.target] for p in pairs], -1)
+    d = sources[pairs[0].site].d_in
+    runs = {}
+    for name, sae_cfg in sweep(cfg, d):
+        sae_cfg = dataclasses.replace(sae_cfg, d_in=n * d, d_sae=n * sae_cfg.d_sae, clt_layers=n)
+        torch.manual_seed(cfg.seed)
+        clt = make_sae(sae_cfg)
+        clt.init_b_dec(y)
+        clt.calibrate(None)
+        clt.to(device).train()
+        lr = cfg.lr or clt.default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(clt.parameters(), lr=lr, betas=cfg.adam_betas or clt.adam_betas)
+        runs[name] = Run(name=name, sae=clt, opt=opt, lr=lr,
+                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+    return runs
+
+
+@torch.no_grad()
+def held_out_layers(clt, store, pairs, rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+    """Per target layer NMSE of the CLT's prediction (training space), L0 per layer, dead fraction."""
+    clt.eval()
+    sites = [s for p in pairs for s in (p.site, p.target)]
+    err, norm2, l0, count = [0.0] * len(pairs), [0.0] * len(pairs), 0.0, 0
+    fired = torch.zeros(clt.cfg.d_sae, dtype=torch.bool, device=device)
+    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
+        x = torch.cat([torch.from_numpy(b["acts"][p.site]).to(device) / scales[p.site] for p in pairs], -1)
+        feats = clt.encode(x)
+        for t, (p, y_hat) in enumerate(zip(pairs, clt.decode_layers(feats))):
+            y = torch.from_numpy(b["acts"][p.target]).to(device) / scales[p.target]
+            err[t] += (y_hat - y).pow(2).sum().item()
+            norm2[t] += y.pow(2).sum().item()
+        l0 += (feats > 0).sum().item()
+        fired |= (feats > 0).any(0)
+        count += len(x)
+    clt.train()
+    if count == 0:
+        return {}
+    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2),
+            "per_layer": {p.target: {"nmse": e / m} for p, e, m in zip(pairs, err, norm2)},
+            "l0": l0 / count, "l0_per_layer": l0 / count / len(pairs),
+            "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def finish_clt(run: Run, pairs, sources, scales, folder: Path, cfg, device, driver) -> dict:
+    clt, src = run.sae, sources[pairs[0].site]
+    held = held_out_layers(clt, src.store, pairs, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
+    summary = {**driver.summary(), "held_out": held, "parameters": clt.parameter_count(),
+               "input_scales": {p.site: scales[p.site] for p in pairs},
+               "target_scales": {p.target: scales[p.target] for p in pairs}}
+    saved = make_sae(run.cfg)
+    saved.load_state_dict(clt.state_dict())
+    saved.fold_scales([scales[p.site] for p in pairs], [scales[p.target] for p in pairs])
+    extra = {**src.provenance, "sites": [p.site for p in pairs], "targets": [p.target for p in pairs],
+             "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
+             "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
+             "rank": summary.get("rank")}
+    save_sae(saved, folder, extra_cfg=extra)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
