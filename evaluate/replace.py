@@ -30,6 +30,7 @@ import torch
 from sae_harvest.evaluate.config import EvalConfig
 from sae_harvest.evaluate.live import Live, open_live
 from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
+from sae_harvest.evaluate.replace_clt import Tally, _keep_pos0, clt_row
 from sae_harvest.evaluate.splice import EvaluateError, evaluate_saes
 from sae_harvest.stores.urls import scrub
 
@@ -51,6 +52,10 @@ def is_transcoder_folder(path: str) -> bool:
 
 def is_crosscoder_folder(path: str) -> bool:
     return bool(_sae_field(path, "n_sites"))
+
+
+def is_clt_folder(path: str) -> bool:
+    return bool(_sae_field(path, "clt_layers"))
 
 
 @dataclass
@@ -96,33 +101,6 @@ def replacement_of(entry, adapter) -> Replacement:
                             f"its input must come first in the forward pass")
     arch = f"{'skip_' if sae.cfg.skip else ''}transcoder ({sae.cfg.arch})"
     return Replacement(name, entry.path, sae, entry.site, target, sae.cfg.d_sae, arch)
-
-
-def _keep_pos0(new: torch.Tensor, a: torch.Tensor, splice_bos: bool) -> torch.Tensor:
-    return new if splice_bos else torch.cat([a[:, :1], new[:, 1:]], 1)
-
-
-class Tally:
-    """A replacement's running NMSE / L0 / alive-latent sums over positions >= 1."""
-
-    def __init__(self):
-        self.err = self.norm2 = self.l0 = 0.0
-        self.tokens = 0
-        self.fired = None
-
-    def add(self, y_hat, y, feats) -> None:
-        self.err += float((y_hat.float() - y.float()).pow(2).sum())
-        self.norm2 += float(y.float().pow(2).sum())
-        self.l0 += float((feats != 0).sum())
-        self.tokens += feats.shape[0] * feats.shape[1]
-        fired = (feats != 0).flatten(0, 1).any(0)
-        self.fired = fired if self.fired is None else self.fired | fired
-
-    def metrics(self) -> dict:
-        nmse = self.err / self.norm2 if self.norm2 else None
-        return {"nmse": nmse, "nmse_nobos": nmse,   # over positions >= 1 either way
-                "l0": self.l0 / self.tokens if self.tokens else None,
-                "alive": int(self.fired.sum()) if self.fired is not None else 0}
 
 
 def spliced_forward(model, ids, reps: list[Replacement], splice_bos: bool, zero: bool = False,
@@ -210,21 +188,22 @@ def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     here, and with cfg.all_at_once one more row with every dictionary spliced together."""
     if not cfg.saes:
         raise EvaluateError("no SAE given (--sae PATH)")
-    crosscoders = [p for p in cfg.saes if is_crosscoder_folder(p)]
+    crosscoders = [p for p in cfg.saes if is_crosscoder_folder(p) or is_clt_folder(p)]   # whole-model ones
     transcoders = [p for p in cfg.saes if is_transcoder_folder(p)]
     plain = [p for p in cfg.saes if p not in transcoders and p not in crosscoders]
     if not transcoders and not crosscoders and not cfg.all_at_once:
         return evaluate_saes(cfg, progress=progress, console=console)
     if crosscoders and cfg.all_at_once:
-        raise EvaluateError("--all-at-once does not take crosscoders: a crosscoder already splices all its "
-                            "sites at once; evaluate it on its own")
+        raise EvaluateError("--all-at-once does not take crosscoders or CLTs: they already splice all their "
+                            "sites at once; evaluate them on their own")
     results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress,
                             console=console) if plain else []
     spliced = [p for p in cfg.saes if p not in crosscoders]
     live = open_live(spliced, model=cfg.model, revision=cfg.revision, store=cfg.store, dataset=cfg.dataset,
                      split=cfg.split, text_column=cfg.text_column, tokens=cfg.tokens, ctx_len=cfg.ctx_len,
                      device=cfg.device, dtype=cfg.dtype)
-    crossed = [crosscoder_row(live, p, cfg.batch_size, cfg.splice_bos) for p in crosscoders]
+    crossed = [(clt_row if is_clt_folder(p) else crosscoder_row)(live, p, cfg.batch_size, cfg.splice_bos)
+               for p in crosscoders]
     if not spliced:
         return results + crossed
     reps = [replacement_of(e, live.adapter) for e in live.entries]

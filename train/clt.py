@@ -81,6 +81,22 @@ class CrossLayerTranscoder(nn.Module):
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)   # k per layer
         return torch.zeros_like(pre).scatter(-1, idx, vals)
 
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer`'s latents [N, F] from its own input [N, d] (the replacement model's step)."""
+        pre = x @ self.W_enc[layer] + self.b_enc[layer]
+        if self.cfg.arch == "jumprelu":
+            return pre * (pre > self.log_threshold[layer].exp().to(pre.dtype))
+        pre = F.relu(pre)
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+    def write_layer(self, feats: dict, target: int) -> torch.Tensor:
+        """y^_target [N, d] from {layer: latents [N, F]} of every layer <= target."""
+        out = self.b_dec[target]
+        for layer in range(target + 1):
+            out = out + feats[layer] @ self.decoder(layer)[:, target - layer]
+        return out
+
     def encode(self, x: torch.Tensor, grad=None) -> torch.Tensor:
         """[N, n*d] -> [N, n*F]: every layer's latents side by side."""
         return self.activate(self.pre_acts(x)).flatten(1)
