@@ -28,7 +28,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.clt import CLT_ARCHS
-from sae_harvest.train.clt_fit import clt_runs, finish_clt
+from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_clt, finish_crosscoder
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
@@ -256,7 +256,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     clt = pairs if cfg.clt else []
     for pair in ([Pair(CROSS)] if cross else [Pair(CLT)] if clt else pairs):
         if pair.site == CROSS:
-            built = _crosscoder_runs(cfg, cross, sources, scales, device)
+            built = crosscoder_runs(cfg, cross, sources, scales, device)
         elif pair.site == CLT:
             built = clt_runs(cfg, clt, sources, scales, device)
         elif pair.target is None:
@@ -316,7 +316,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
         if pair.site == CLT:
             summaries[name] = finish_clt(run, clt, sources, scales, out / name, cfg, device, driver)
         elif pair.site == CROSS:
-            summaries[name] = _finish_crosscoder(run, cross, sources, scales, out / name, cfg, device, driver)
+            summaries[name] = finish_crosscoder(run, cross, sources, scales, out / name, cfg, device, driver)
         elif pair.target is None:
             summaries[name] = _finish(run, sources[pair.site], out / name, cfg, scales[pair.site], device, driver)
         else:
@@ -373,74 +373,6 @@ def _finish_transcoder(run: Run, pair: Pair, sources, scales, folder: Path, cfg,
              "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
              "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
              "rank": summary.get("rank")}
-    save_sae(saved, folder, extra_cfg=extra)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-# --- crosscoders (train/crosscoder.py) -----------------------------------------------------------
-def _crosscoder_runs(cfg, sites: list[str], sources, scales, device) -> dict[str, Run]:
-    """One Run per swept value over the concatenation of the sites (each divided by its own scale)."""
-    x = torch.cat([sources[s].sample / scales[s] for s in sites], -1)
-    runs = {}
-    for name, sae_cfg in sweep(cfg, x.shape[1]):
-        sae_cfg = dataclasses.replace(sae_cfg, n_sites=len(sites))
-        torch.manual_seed(cfg.seed)
-        sae = make_sae(sae_cfg)
-        sae.init_b_dec(x, cfg.b_dec_init)
-        sae.calibrate(x, None)
-        sae.to(device).train()
-        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
-                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
-    return runs
-
-
-@torch.no_grad()
-def held_out_sites(sae, store, sites: list[str], rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
-    """Per site NMSE and explained variance of the crosscoder's reconstruction, plus L0 and dead
-    fraction, on held-out rows (training space)."""
-    sae.eval()
-    err = {s: 0.0 for s in sites}
-    norm2, total_sum, l0, count = dict(err), {}, 0.0, 0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
-        xs = [torch.from_numpy(b["acts"][s]).to(device) / scales[s] for s in sites]
-        feats = sae.encode(torch.cat(xs, -1))
-        parts = sae.decode(feats).split([x.shape[1] for x in xs], -1)
-        for s, x, x_hat in zip(sites, xs, parts):
-            err[s] += (x_hat - x).pow(2).sum().item()
-            norm2[s] += x.pow(2).sum().item()
-            total_sum[s] = x.sum(0) if s not in total_sum else total_sum[s] + x.sum(0)
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-        count += len(feats)
-    sae.train()
-    if count == 0:
-        return {}
-    per_site = {s: {"nmse": err[s] / norm2[s],
-                    "explained_variance": 1 - err[s] / (norm2[s] - total_sum[s].pow(2).sum().item() / count)}
-                for s in sites}
-    return {"held_out_tokens": count, "nmse": sum(err.values()) / sum(norm2.values()), "per_site": per_site,
-            "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
-
-
-def _finish_crosscoder(run: Run, sites: list[str], sources, scales, folder: Path, cfg, device, driver) -> dict:
-    import json
-
-    sae, src = run.sae, sources[sites[0]]
-    # every site's threshold rows come in the same seeded order: zip them into the concatenation
-    chunks = zip(*(sources[s].threshold_rows(THRESHOLD_ROWS) for s in sites))
-    sae.finalize(torch.cat([x.to(device) / scales[s] for s, x in zip(sites, xs)], -1) for xs in chunks)
-    held = held_out_sites(sae, src.store, sites, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
-    summary = {**driver.summary(), "held_out": held, "input_scales": {s: scales[s] for s in sites}}
-    saved = make_sae(run.cfg)
-    saved.load_state_dict(sae.state_dict())
-    saved.fold_site_scales([scales[s] for s in sites])
-    extra = {**src.provenance, "sites": sites, "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr,
-             "summary": summary, "world_size": summary.get("world_size", 1),
-             "sweep_parallel": summary.get("sweep_parallel", False), "rank": summary.get("rank")}
     save_sae(saved, folder, extra_cfg=extra)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
