@@ -101,6 +101,7 @@ def test_clt_loss_by_hand():
      ["lacks layer 1"]),
     (["--site", "blocks.*.mlp_in", "--target", "blocks.*.mlp_out"], ["pair one to one"]),
     (["--site", "blocks.[0-2].mlp_in", "--target", "blocks.*.mlp_out", "--arch", "relu"], ["cannot be a cross-layer"]),
+    (["--site", "blocks.[0-2].mlp_in"], ["--clt needs --target"]),
 ])
 def test_clt_bad_input(store, tmp_path, args, words):
     path, _ = store

@@ -85,6 +85,9 @@ def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
     if cfg.crosscoder:
         return _check_crosscoder(cfg, store, inputs)
     if not cfg.target:
+        if cfg.clt:
+            raise TrainError("--clt needs --target: the MLP outputs (e.g. --site 'blocks.*.mlp_in' "
+                             "--target 'blocks.*.mlp_out')")
         if cfg.skip:
             raise TrainError("--skip is for transcoders: give --target too")
         return [Pair(site) for site in inputs]
