@@ -481,3 +481,26 @@ def test_crosscoder_bad_input(shared_store, tmp_path, args, words):
     for word in words:
         assert word in lines[0], lines[0]
     assert _snapshot(tmp_path) == before
+
+
+def test_checkpoint_saved_before_the_new_options_still_resumes(store, tmp_path):
+    """A checkpoint whose saved config predates --target / --skip / --clt / --crosscoder resumes
+    (the missing options count as their defaults), and a real difference is still refused."""
+    path, _ = store
+    kw = dict(site="blocks.0.resid_pre", tokens=256 * 8)
+
+    def interrupt(event):
+        if event.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(path, tmp_path / "run", **kw), progress=False, on_step=interrupt)
+    state = tmp_path / "run" / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    for key in ("target", "skip", "clt", "crosscoder"):
+        del meta["config"][key]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(TrainError, match="options differ from the saved run: k"):
+        fit(_cfg(path, tmp_path / "run", k=(8,), **kw), resume=True, progress=False)
+    fit(_cfg(path, tmp_path / "run", **kw), resume=True, progress=False)
+    assert (tmp_path / "run" / "topk_k4" / "cfg.json").exists()

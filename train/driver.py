@@ -11,6 +11,7 @@ sweep for that batch already; their resume then sees the batch twice.
 stop) training from outside, e.g. in tests."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -129,9 +130,11 @@ class Driver:
             return None   # sweep parallel: this rank died before its first checkpoint
         meta = train_state.load_meta(out, self.where)
         saved = meta["config"]
+        # an option added after the checkpoint was saved counts as its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
         differ = [k for k, v in self.cfg.to_dict().items()
                   if k not in ("device", "wandb", "out", "dist_timeout", "sweep_parallel")
-                  and _plain(saved.get(k)) != _plain(v)]
+                  and _plain(saved.get(k, defaults.get(k))) != _plain(v)]
         if differ:
             raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
         if self.world.sweep_parallel and meta.get("runs") != list(self.runs):
