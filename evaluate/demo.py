@@ -1,8 +1,9 @@
 """The demo: the whole pipeline on the offline default model and corpus, on 2 CPU cores.
 
-harvest (two sites, with gradients) -> train every registered architecture (train/registry.py:
-relu, gated, topk, batchtopk, gtopk, jumprelu, matryoshka_batchtopk) and e2e SAEs (a small sweep
-each) -> evaluate them together in the live model -> table, JSON, Pareto plot.
+harvest (three sites, with gradients) -> train every registered architecture (train/registry.py:
+relu, gated, topk, batchtopk, gtopk, jumprelu, matryoshka_batchtopk), e2e SAEs (a small sweep each)
+and one skip transcoder of layer 1's MLP -> evaluate them together in the live model -> table, JSON,
+Pareto plot -> the feature browser.
 Re-running continues where a previous run stopped.
 """
 from __future__ import annotations
@@ -19,10 +20,10 @@ from sae_harvest.train.registry import ARCHITECTURES
 
 from sae_harvest.evaluate.report import print_table, write_json, write_plot
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.splice import evaluate_saes
+from sae_harvest.evaluate.replace import evaluate_all
 
 SITE = "blocks.2.resid_pre"
-SITES = "blocks.2.resid_pre,blocks.1.mlp_out"
+SITES = "blocks.2.resid_pre,blocks.1.mlp_in,blocks.1.mlp_out"
 D_SAE = 1024
 
 # The tuned sweep of each architecture (values of its sweep field). An architecture registered in
@@ -53,7 +54,10 @@ def registry_sweeps() -> list[tuple[str, str, dict]]:
             for name, cls in ARCHITECTURES.items()] + [E2E_SWEEP]
 
 
-SWEEPS = registry_sweeps()
+# a skip transcoder of layer 1's MLP (docs/training.md, "Transcoders"): spliced in place of its output
+TRANSCODER_SWEEP = ("transcoder", "topk", {"k": (16,), "site": "blocks.1.mlp_in", "target": "blocks.1.mlp_out",
+                                           "skip": True})
+SWEEPS = registry_sweeps() + [TRANSCODER_SWEEP]
 LOCAL = {"batch_size": 1024, "epochs": 2}   # ~470 steps: enough for these small SAEs to settle
 
 
@@ -81,7 +85,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
                           eval_every=eval_every),
             resume=True, console=console)
 
-    say("[3/4] train SAEs at " + SITE)
+    say(f"[3/4] train SAEs at {SITE} and a transcoder of blocks.1's MLP")
     paths = []
     for folder, arch, extra in sweeps or SWEEPS:
         target = out_dir / "saes" / folder
@@ -99,7 +103,7 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     say(f"[4/4] evaluate {len(paths)} SAEs spliced into the model on "
         f"{'all the' if eval_tokens is None else f'{eval_tokens:,}'} held-out tokens")
     eval_cfg = EvalConfig(saes=tuple(paths), store=str(store), tokens=eval_tokens, batch_size=16)
-    results = evaluate_saes(eval_cfg, console=console)
+    results = evaluate_all(eval_cfg, console=console)   # transcoders too (evaluate/replace.py)
     import sys
 
     from rich.console import Console

@@ -29,19 +29,32 @@ import torch
 
 from sae_harvest.evaluate.config import EvalConfig
 from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
+from sae_harvest.evaluate.replace_clt import Tally, _keep_pos0, clt_row
 from sae_harvest.evaluate.splice import EvaluateError, Live, evaluate_saes, open_live
 from sae_harvest.stores.urls import scrub
 
 
-def is_transcoder_folder(path: str) -> bool:
-    """From cfg.json alone (before anything is loaded): a transcoder of ours has sae_harvest.sae.d_out > 0."""
+def _sae_field(path: str, name: str):
+    """sae_harvest.sae.<name> from cfg.json alone, before anything is loaded (None if absent)."""
     d = Path(path)
     d = d.parent if d.is_file() else d
     try:
         cfg = json.loads((d / "cfg.json").read_text())
-        return bool(((cfg.get("sae_harvest") or {}).get("sae") or {}).get("d_out"))
+        return ((cfg.get("sae_harvest") or {}).get("sae") or {}).get(name)
     except (OSError, ValueError, AttributeError):
-        return False   # load_sae reports unreadable folders with their own message
+        return None   # load_sae reports unreadable folders with their own message
+
+
+def is_transcoder_folder(path: str) -> bool:
+    return bool(_sae_field(path, "d_out"))
+
+
+def is_crosscoder_folder(path: str) -> bool:
+    return bool(_sae_field(path, "n_sites"))
+
+
+def is_clt_folder(path: str) -> bool:
+    return bool(_sae_field(path, "clt_layers"))
 
 
 @dataclass
@@ -87,32 +100,6 @@ def replacement_of(entry, adapter) -> Replacement:
                             f"its input must come first in the forward pass")
     arch = f"{'skip_' if sae.cfg.skip else ''}transcoder ({sae.cfg.arch})"
     return Replacement(name, entry.path, sae, entry.site, target, sae.cfg.d_sae, arch)
-
-
-def _keep_pos0(new: torch.Tensor, a: torch.Tensor, splice_bos: bool) -> torch.Tensor:
-    return new if splice_bos else torch.cat([a[:, :1], new[:, 1:]], 1)
-
-
-class Tally:
-    """A replacement's running NMSE / L0 / alive-latent sums over positions >= 1."""
-
-    def __init__(self):
-        self.err = self.norm2 = self.l0 = 0.0
-        self.tokens = 0
-        self.fired = None
-
-    def add(self, y_hat, y, feats) -> None:
-        self.err += float((y_hat.float() - y.float()).pow(2).sum())
-        self.norm2 += float(y.float().pow(2).sum())
-        self.l0 += float((feats != 0).sum())
-        self.tokens += feats.shape[0] * feats.shape[1]
-        fired = (feats != 0).flatten(0, 1).any(0)
-        self.fired = fired if self.fired is None else self.fired | fired
-
-    def metrics(self) -> dict:
-        return {"nmse": self.err / self.norm2 if self.norm2 else None,
-                "l0": self.l0 / self.tokens if self.tokens else None,
-                "alive": int(self.fired.sum()) if self.fired is not None else 0}
 
 
 def spliced_forward(model, ids, reps: list[Replacement], splice_bos: bool, zero: bool = False,
@@ -200,22 +187,89 @@ def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     here, and with cfg.all_at_once one more row with every dictionary spliced together."""
     if not cfg.saes:
         raise EvaluateError("no SAE given (--sae PATH)")
+    crosscoders = [p for p in cfg.saes if is_crosscoder_folder(p) or is_clt_folder(p)]   # whole-model ones
     transcoders = [p for p in cfg.saes if is_transcoder_folder(p)]
-    plain = [p for p in cfg.saes if p not in transcoders]
-    if not transcoders and not cfg.all_at_once:
+    plain = [p for p in cfg.saes if p not in transcoders and p not in crosscoders]
+    if not transcoders and not crosscoders and not cfg.all_at_once:
         return evaluate_saes(cfg, progress=progress, console=console)
+    if crosscoders and cfg.all_at_once:
+        raise EvaluateError("--all-at-once does not take crosscoders or CLTs: they already splice all their "
+                            "sites at once; evaluate them on their own")
     results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress,
                             console=console) if plain else []
-    live = open_live(cfg.saes, cfg)
+    spliced = [p for p in cfg.saes if p not in crosscoders]
+    live = open_live(spliced, cfg)
+    crossed = [(clt_row if is_clt_folder(p) else crosscoder_row)(live, p, cfg.batch_size, cfg.splice_bos)
+               for p in crosscoders]
+    for r in crossed:   # how many evaluation tokens and where from, as evaluate_saes's rows say
+        r["eval_tokens"] = live.origin
+    if not spliced:
+        return results + crossed
     reps = [replacement_of(e, live.adapter) for e in live.entries]
     written = [r.write for r in reps]
     if cfg.all_at_once and len(set(written)) < len(written):
         raise EvaluateError("--all-at-once: two dictionaries write the same site "
                             f"({', '.join(sorted({s.name for s in written if written.count(s) > 1}))})")
-    index = {p: i for i, p in enumerate(cfg.saes)}
+    index = {p: i for i, p in enumerate(spliced)}
     groups = [[index[p]] for p in transcoders] + ([list(range(len(reps)))] if cfg.all_at_once else [])
     rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos)
     for r in rows:   # how many evaluation tokens and where from, as evaluate_saes's rows say
         r["eval_tokens"] = live.origin
     by_name = {r["sae"]: r for r in rows if isinstance(r["sae"], str)}
-    return results + [by_name[scrub(p)] for p in transcoders] + [r for r in rows if r["name"] == "all at once"]
+    return results + [by_name[scrub(p)] for p in transcoders] + crossed + \
+        [r for r in rows if r["name"] == "all at once"]
+
+
+def crosscoder_row(live: Live, path: str, batch_size: int, splice_bos: bool) -> dict:
+    """A crosscoder spliced at every one of its sites at once. Its latents need every site, and a
+    later site does not exist yet when an earlier one is replaced, so they are computed from a
+    clean forward; the reconstructions then replace all the sites in one spliced forward.
+    NMSE per site is against the clean activations (positions >= 1)."""
+    from sae_harvest.harvest.errors import HarvestError
+    from sae_harvest.harvest.sites import Site, record, splice
+    from sae_harvest.train.sae_io import load_sae
+
+    cc = load_sae(path, device=live.device)
+    d = Path(path)
+    d = d.parent if d.is_file() else d
+    try:
+        sites = [Site.parse(str(s)) for s in json.loads((d / "cfg.json").read_text())["sae_harvest"]["sites"]]
+    except (HarvestError, KeyError, TypeError, ValueError) as e:
+        raise EvaluateError(f"{path}: crosscoder sites unreadable ({e})") from None
+    for site in sites:
+        if not 0 <= site.layer < live.adapter.n_layers or live.adapter.site_width(site.kind) * len(sites) != cc.cfg.d_in:
+            raise EvaluateError(f"{path}: crosscoder site {site.name} does not fit this model "
+                                f"(d_in {cc.cfg.d_in} over {len(sites)} sites)")
+    model, tallies = live.model, [Tally() for _ in sites]
+    sums, n_pred = {"clean": 0.0, "ce": 0.0, "kl": 0.0, "zero": 0.0}, 0
+    with torch.no_grad():
+        for ids in live.ids.split(batch_size):
+            ids = ids.to(live.device)
+            with record(model, sites) as rec:
+                clean = log_probs(model(input_ids=ids, use_cache=False).logits)
+            xs = [rec[s.name] for s in sites]
+            feats = cc.encode(torch.cat(xs, -1).reshape(-1, cc.cfg.d_in).to(cc.W_dec.dtype))
+            parts = cc.decode(feats).split(cc.cfg.d_in // len(sites), -1)
+            feats = feats.view(*ids.shape, -1)
+            recons = {s.name: p.view_as(x).to(x.dtype) for s, p, x in zip(sites, parts, xs)}
+            for t, s, x in zip(tallies, sites, xs):
+                t.add(recons[s.name][:, 1:], x[:, 1:], feats[:, 1:])
+            for key, value in (("ce", recons), ("zero", {k: torch.zeros_like(v) for k, v in recons.items()})):
+                with ExitStack() as stack:
+                    for s in sites:
+                        stack.enter_context(splice(model, s, lambda a, v=value[s.name]: _keep_pos0(v, a, splice_bos)))
+                    logp = log_probs(model(input_ids=ids, use_cache=False).logits)
+                sums[key] += float(ce_from_log_probs(logp, ids).double().sum())
+                if key == "ce":
+                    sums["kl"] += float(kl_per_token(None, logp[:, :-1], ref=kl_reference(clean[:, :-1])).double().sum())
+            sums["clean"] += float(ce_from_log_probs(clean, ids).double().sum())
+            n_pred += ids.shape[0] * (ids.shape[1] - 1)
+    clean, ce, kl, zero = (sums[k] / n_pred for k in ("clean", "ce", "kl", "zero"))
+    per = {s.name: t.metrics() for s, t in zip(sites, tallies)}
+    return {"name": d.name, "sae": scrub(path), "arch": f"crosscoder ({cc.cfg.arch})",
+            "site": ", ".join(s.name for s in sites), "loss": "local", "grad_mode": None,
+            "model": scrub(live.model_name), "tokens": int(live.ids.numel()), "splice_bos": splice_bos,
+            "ce_clean": clean, "ce_clean_nobos": None, "ce_spliced": ce, "ce_increase": ce - clean, "kl": kl,
+            "ce_zero_ablation": zero, "loss_recovered_zero": None if zero == clean else 1 - (ce - clean) / (zero - clean),
+            "d_sae": cc.cfg.d_sae, "l0": per[sites[0].name]["l0"], "alive": per[sites[0].name]["alive"],
+            "nmse": sum(t.err for t in tallies) / max(sum(t.norm2 for t in tallies), 1e-30), "per_site": per}

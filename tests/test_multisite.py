@@ -317,8 +317,28 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, args,
     assert _snapshot(tmp_path) == before and _snapshot(path) == store_before
 
 
-def test_width_that_does_not_fit_the_kind_is_refused(store, tmp_path):
-    """A transcoder's d_out is the target's width: an --init of another width is refused."""
+def test_width_that_does_not_fit_is_refused(store, tmp_path):
+    """--init of a transcoder with other widths: one line, exit 2, nothing written; kinds that
+    cannot be transcoders are refused by the config itself."""
+    path, _ = store
+    args = ["fit", "--store", str(path), "--device", "cpu", "--site", "blocks.0.mlp_in", "--target",
+            "blocks.0.mlp_out", "--tokens", "512", "--batch-size", "256"]
+    r = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "first"), "--d-sae", "32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    (first,) = [p for p in (tmp_path / "first").iterdir() if p.name != "checkpoint"]
+    before = _snapshot(tmp_path)
+    r = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "second"), "--d-sae", "48", "--init", str(first)])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "16->32->12" in lines[0] and "16->48->12" in lines[0], r.output
+    assert _snapshot(tmp_path) == before
+    # the same widths start from it: the first step's weights are the saved ones, unfolded
+    seen = []
+    fit(_cfg(path, tmp_path / "third", site="blocks.0.mlp_in", target="blocks.0.mlp_out", d_sae=32, k=(32,),
+             init=str(first), tokens=256), progress=False,
+        on_step=lambda e: seen.append({n: p.detach().clone() for n, p in next(iter(e.runs.values())).sae.named_parameters()}))
+    saved = train.load_sae(first)
+    scale_in = json.loads((first / "summary.json").read_text())["input_scale"]
+    torch.testing.assert_close(seen[0]["W_enc"], saved.W_enc * scale_in)
     with pytest.raises(ValueError, match="cannot be a transcoder"):
         SAEConfig(arch="gated", d_in=4, d_sae=8, d_out=3)
     with pytest.raises(ValueError, match="skip connection needs a transcoder"):
@@ -352,3 +372,144 @@ def test_sites_under_torchrun_data_parallel_and_spread_over_ranks(tmp_path):
         for key, value in _weights(tmp_path / "sp" / name).items():
             assert torch.equal(value, one[key]), (name, key)
         assert results[1]["summaries"][name]["rank"] == rank   # one site per rank
+
+
+def test_transformerlens_names_of_the_normalised_inputs():
+    """Ours are written as the nearest TransformerLens hooks; a foreign checkpoint hooked there is
+    not read back as ours (TransformerLens's are before the norm's affine weights)."""
+    from sae_harvest.harvest.models import KINDS
+    from sae_harvest.train.saelens_format import TL_HOOKS, site_from_hook_name, tl_hook_name
+
+    assert set(TL_HOOKS) == set(KINDS)
+    assert tl_hook_name("blocks.3.mlp_in") == "blocks.3.ln2.hook_normalized"
+    assert tl_hook_name("blocks.3.attn_in") == "blocks.3.ln1.hook_normalized"
+    assert site_from_hook_name("blocks.3.mlp_in") == "blocks.3.mlp_in"
+    with pytest.raises(ValueError, match="neither a site"):
+        site_from_hook_name("blocks.3.ln2.hook_normalized")
+
+
+# --- crosscoders ------------------------------------------------------------------------------
+CROSS = ["blocks.0.resid_post", "blocks.1.resid_post", "blocks.2.resid_post"]
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """Three sites written by the same sparse latents: x_s = codes @ D_s * scale_s (a planted
+    crosscoder: latent j has direction D_s[j] at every site s), plus one narrower site."""
+    path = tmp_path_factory.mktemp("cross") / "s.zarr"
+    rng = np.random.default_rng(5)
+    n_seqs, ctx, window_seqs, n_lat = 64, 32, 16, 24
+    sites = {s: {"d": D, "encoding": "float32"} for s in CROSS}
+    sites["blocks.2.mlp_out"] = {"d": D_OUT, "encoding": "float32"}
+    w = StoreWriter.create(str(path), meta={"model": {"name": "synthetic"}}, sites=sites, grads=None,
+                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
+    dicts = [rng.normal(size=(n_lat, D)) for _ in CROSS]
+    dicts = [d / np.linalg.norm(d, axis=1, keepdims=True) for d in dicts]
+    for win in range(n_seqs // window_seqs):
+        n = window_seqs * ctx
+        codes = (rng.random((n, n_lat)) < 0.08) * rng.uniform(1, 3, (n, n_lat))
+        acts = {s: (codes @ d * (3.0 * (i + 1))).astype(np.float32) for i, (s, d) in enumerate(zip(CROSS, dicts))}
+        acts["blocks.2.mlp_out"] = rng.normal(size=(n, D_OUT)).astype(np.float32)
+        seqs = np.repeat(np.arange(win * window_seqs, (win + 1) * window_seqs), ctx)
+        pos = np.tile(np.arange(ctx), window_seqs)
+        perm = rng.permutation(n)
+        w.write_window(win, rng.integers(0, 50, (window_seqs, ctx)), seqs[perm], pos[perm],
+                       {s: a[perm] for s, a in acts.items()}, None)
+    w.finish(n_seqs)
+    return path, dicts
+
+
+def test_crosscoder_recovers_latents_shared_across_sites(shared_store, tmp_path):
+    path, dicts = shared_store
+    out = tmp_path / "cc"
+    summaries = fit(_cfg(path, out, site="blocks.*.resid_post", crosscoder=True, k=(4,), d_sae=48, lr=1e-2,
+                         tokens=256 * 300), progress=False)
+    held = summaries["crosscoder_topk_k4"]["held_out"]
+    assert set(held["per_site"]) == set(CROSS) and all(v["nmse"] < 0.15 for v in held["per_site"].values()), held
+    cc = train.load_sae(out / "crosscoder_topk_k4")
+    cfg = json.loads((out / "crosscoder_topk_k4" / "cfg.json").read_text())
+    assert cfg["sae_harvest"]["sites"] == CROSS and cc.cfg.n_sites == 3 and cc.cfg.d_in == 3 * D
+    # one learned latent per planted one, the same at every site: pick it by site 0, check 1 and 2
+    rows = cc.W_dec.detach().view(48, 3, D)
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    planted = [torch.from_numpy(d).float() for d in dicts]
+    best = (planted[0] @ rows[:, 0].T).argmax(1)   # [24]
+    for s in range(3):
+        cos = (planted[s] * rows[best, s]).sum(-1)
+        assert cos.mean() > 0.9, (s, cos)
+    # the saved crosscoder takes the raw concatenation: its per-site NMSE on raw rows is the reported one
+    xs = _raw(path, CROSS)
+    with torch.no_grad():
+        parts = cc(torch.cat(xs, -1)).split(D, -1)
+    for site, x, x_hat in zip(CROSS, xs, parts):
+        assert float((x_hat - x).pow(2).sum() / x.pow(2).sum()) == pytest.approx(held["per_site"][site]["nmse"],
+                                                                                rel=1e-3)
+
+
+def test_crosscoder_relu_loss_and_gradients_by_hand():
+    torch.manual_seed(0)
+    cc = make_sae(SAEConfig(arch="relu", d_in=3 * 4, d_sae=6, n_sites=3, l1_coeff=2.0))
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(5, 12)
+    out = cc.loss(x)
+    out.loss.backward()
+    W_enc, b_enc, W_dec, b_dec = (getattr(cc, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    # the sum of the per-site encoders' contributions, before the ReLU
+    pre = sum(x[:, 4 * s:4 * s + 4] @ W_enc[4 * s:4 * s + 4] for s in range(3)) + b_enc
+    f = pre.clamp_min(0)
+    x_hat = torch.cat([f @ W_dec[:, 4 * s:4 * s + 4] + b_dec[4 * s:4 * s + 4] for s in range(3)], -1)
+    norms = torch.stack([W_dec[:, 4 * s:4 * s + 4].norm(dim=-1) for s in range(3)], -1)   # [6, 3]
+    penalty = 2.0 / 12 * (f * norms.sum(-1)).sum(-1).mean()
+    err = x_hat - x
+    torch.testing.assert_close(out.loss, err.pow(2).sum(-1).mean() + penalty)
+    # d/dW_dec: reconstruction 2/n f^T err, plus the penalty's (lambda/d) mean_n f_i W_dec,s,i / ||W_dec,s,i||
+    unit = torch.cat([W_dec[:, 4 * s:4 * s + 4] / norms[:, s:s + 1] for s in range(3)], -1)
+    want = 2 / 5 * f.T @ err + 2.0 / 12 * f.mean(0)[:, None] * unit
+    torch.testing.assert_close(cc.W_dec.grad, want)
+    # and the optimizer step leaves a relu crosscoder's decoder norms free (the penalty holds them)
+    before = cc.W_dec.detach().clone()
+    cc.remove_gradient_parallel_to_decoder_directions()
+    cc.set_decoder_norm_to_unit_norm()
+    assert torch.equal(cc.W_dec.detach(), before)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--site", "blocks.2.*", "--crosscoder"], ["one width", "blocks.2.mlp_out (12)"]),
+    (["--site", "blocks.0.resid_post", "--crosscoder"], ["at least two sites"]),
+    (["--site", "blocks.*.resid_post", "--crosscoder", "--arch", "jumprelu"], ["cannot be a crosscoder"]),
+])
+def test_crosscoder_bad_input(shared_store, tmp_path, args, words):
+    path, _ = shared_store
+    before = _snapshot(tmp_path)
+    r = CliRunner().invoke(train_cli, ["fit", "--store", str(path), "--out", str(tmp_path / "run"), "--device", "cpu",
+                                       "--d-sae", "32", *args])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert _snapshot(tmp_path) == before
+
+
+def test_checkpoint_saved_before_the_new_options_still_resumes(store, tmp_path):
+    """A checkpoint whose saved config predates --target / --skip / --clt / --crosscoder resumes
+    (the missing options count as their defaults), and a real difference is still refused."""
+    path, _ = store
+    kw = dict(site="blocks.0.resid_pre", tokens=256 * 8)
+
+    def interrupt(event):
+        if event.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(path, tmp_path / "run", **kw), progress=False, on_step=interrupt)
+    state = tmp_path / "run" / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    for key in ("target", "skip", "clt", "crosscoder"):
+        del meta["config"][key]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(TrainError, match="options differ from the saved run: k"):
+        fit(_cfg(path, tmp_path / "run", k=(8,), **kw), resume=True, progress=False)
+    fit(_cfg(path, tmp_path / "run", **kw), resume=True, progress=False)
+    assert (tmp_path / "run" / "topk_k4" / "cfg.json").exists()

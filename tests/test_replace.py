@@ -160,3 +160,122 @@ def test_saes_at_several_sites_alone_and_all_at_once(assets, tmp_path):
     # writing one site twice in one forward is refused
     with pytest.raises(EvaluateError, match="write the same site"):
         _eval(assets, [paths[0], paths[0]], all_at_once=True)
+
+
+def _crosscoder(perturb=0.0):
+    """A relu crosscoder over blocks.0/1.resid_post: f = [ReLU(x), ReLU(-x)] of the concatenation,
+    decoded exactly (x^ = x) unless perturbed."""
+    eye = torch.eye(2 * D)
+    cc = make_sae(SAEConfig("relu", 2 * D, 4 * D, n_sites=2, l1_coeff=1.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        cc.W_enc.copy_(torch.cat([eye, -eye], 1))
+        cc.W_dec.copy_(torch.cat([eye, -eye], 0) + perturb * torch.randn(4 * D, 2 * D, generator=g))
+        cc.b_enc.zero_()
+        cc.b_dec.zero_()
+    return cc
+
+
+CC_SITES = ["blocks.0.resid_post", "blocks.1.resid_post"]
+
+
+def _save_cc(cc, path):
+    save_sae(cc, path, extra_cfg={"hook_name": CC_SITES[0], "sites": CC_SITES, "sweep_name": path.name})
+    return str(path)
+
+
+def test_crosscoder_spliced_at_every_site_at_once(assets, tmp_path):
+    (exact,) = _eval(assets, [_save_cc(_crosscoder(), tmp_path / "exact")])
+    assert exact["site"] == ", ".join(CC_SITES) and exact["arch"] == "crosscoder (relu)"
+    assert exact["ce_increase"] == pytest.approx(0, abs=1e-5) and exact["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(p["nmse"] == pytest.approx(0, abs=1e-10) for p in exact["per_site"].values())
+
+    # perturbed: against plain block hooks replacing both outputs with the reconstruction of the clean ones
+    cc = _crosscoder(0.05)
+    (r,) = _eval(assets, [_save_cc(cc, tmp_path / "perturbed")])
+    model, _ = load_model(assets["model"])
+    ids = _ids(assets)
+    ces, errs = [], {s: [0.0, 0.0] for s in CC_SITES}
+    for batch in ids.split(BATCH):
+        with torch.no_grad():
+            hidden = model(batch, output_hidden_states=True).hidden_states   # [1], [2] = resid_post of 0, 1
+            x = torch.cat([hidden[1], hidden[2]], -1)
+            recon = cc(x.reshape(-1, 2 * D)).view_as(x).split(D, -1)
+            for s, xs, rs in zip(CC_SITES, (hidden[1], hidden[2]), recon):
+                errs[s][0] += float((rs[:, 1:] - xs[:, 1:]).pow(2).sum())
+                errs[s][1] += float(xs[:, 1:].pow(2).sum())
+            handles = [model.transformer.h[layer].register_forward_hook(
+                lambda _m, _a, out, v=recon[layer]: torch.cat([out[:, :1], v[:, 1:]], 1)) for layer in (0, 1)]
+            try:
+                logp = torch.log_softmax(model(batch).logits.float(), -1)
+            finally:
+                for h in handles:
+                    h.remove()
+        ces.append(-logp[:, :-1].gather(-1, batch[:, 1:, None]))
+    assert r["ce_spliced"] == pytest.approx(float(torch.cat(ces).mean()), rel=1e-5)
+    for s in CC_SITES:
+        assert r["per_site"][s]["nmse"] == pytest.approx(errs[s][0] / errs[s][1], rel=1e-4) and errs[s][0] > 0
+
+
+def _clt_of_linear_mlps(model, perturb=0.0):
+    """A TopK CLT over the 3 layers equal to the identity-activation MLPs: layer L's latents are
+    [ReLU(z), ReLU(-z)] of z = x W_fc + b_fc (k = all of them), decoded into its own layer by
+    [W_proj; -W_proj] (+ b_proj); the cross-layer decoders are 0 unless perturbed."""
+    n, d_mlp = 3, 4 * D
+    clt = make_sae(SAEConfig("topk", n * D, n * 2 * d_mlp, k=2 * d_mlp, clt_layers=n))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in range(n):
+            mlp = model.transformer.h[layer].mlp
+            clt.W_enc[layer].copy_(torch.cat([mlp.c_fc.weight, -mlp.c_fc.weight], 1))
+            clt.b_enc[layer].copy_(torch.cat([mlp.c_fc.bias, -mlp.c_fc.bias]))
+            w = getattr(clt, f"W_dec_{layer}")
+            w.copy_(perturb * torch.randn(w.shape, generator=g))
+            w[:, 0] += torch.cat([mlp.c_proj.weight, -mlp.c_proj.weight], 0)
+            clt.b_dec[layer].copy_(mlp.c_proj.bias)
+    return clt
+
+
+def _save_clt(clt, path):
+    save_sae(clt, path, extra_cfg={"hook_name": "blocks.0.mlp_in", "sites": [f"blocks.{l}.mlp_in" for l in range(3)],
+                                   "targets": [f"blocks.{l}.mlp_out" for l in range(3)], "sweep_name": path.name})
+    return str(path)
+
+
+def test_clt_replacement_model(assets, tmp_path):
+    model, _ = load_model(assets["model"])
+    (exact,) = _eval(assets, [_save_clt(_clt_of_linear_mlps(model), tmp_path / "exact")])
+    assert exact["arch"] == "clt (topk)"
+    assert exact["ce_increase"] == pytest.approx(0, abs=1e-5) and exact["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(p["nmse"] == pytest.approx(0, abs=1e-9) for p in exact["per_layer"].values())
+
+    # perturbed (cross-layer writes too): against plain HF hooks on the MLPs, each output replaced by
+    # the CLT written out here from every earlier layer's live MLP input
+    clt = _clt_of_linear_mlps(model, 0.02)
+    (r,) = _eval(assets, [_save_clt(clt, tmp_path / "perturbed")])
+    W_enc, b_enc, b_dec = clt.W_enc.detach(), clt.b_enc.detach(), clt.b_dec.detach()
+    W_dec = [getattr(clt, f"W_dec_{l}").detach() for l in range(3)]
+    ids = _ids(assets)
+    ces, errs = [], [[0.0, 0.0] for _ in range(3)]
+    for batch in ids.split(BATCH):
+        latents = {}
+
+        def hook(_m, args, out, t):
+            pre = (args[0] @ W_enc[t] + b_enc[t]).clamp_min(0)   # k = all latents: TopK keeps every one
+            latents[t] = pre
+            y_hat = b_dec[t] + sum(latents[l] @ W_dec[l][:, t - l] for l in range(t + 1))
+            errs[t][0] += float((y_hat[:, 1:] - out[:, 1:]).pow(2).sum())
+            errs[t][1] += float(out[:, 1:].pow(2).sum())
+            return torch.cat([out[:, :1], y_hat[:, 1:]], 1)
+        handles = [model.transformer.h[t].mlp.register_forward_hook(
+            lambda m, a, o, t=t: hook(m, a, o, t)) for t in range(3)]
+        try:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(batch).logits.float(), -1)
+        finally:
+            for h in handles:
+                h.remove()
+        ces.append(-logp[:, :-1].gather(-1, batch[:, 1:, None]))
+    assert r["ce_spliced"] == pytest.approx(float(torch.cat(ces).mean()), rel=1e-5)
+    for t in range(3):
+        assert r["per_layer"][f"blocks.{t}.mlp_out"]["nmse"] == pytest.approx(errs[t][0] / errs[t][1], rel=1e-4)

@@ -22,6 +22,10 @@ class TrainConfig:
     target: str | None = opt(None, "Transcoder: the decoder predicts this site (e.g. blocks.6.mlp_out) from --site "
                                    "(blocks.6.mlp_in); several sites pair with as many targets in layer order.")
     skip: bool = opt(False, "Transcoder: add a learned linear skip W_skip x to the output (skip transcoder).")
+    clt: bool = opt(False, "Cross-layer transcoder: --site / --target one MLP input and output per layer, no layer "
+                           "missing (blocks.*.mlp_in / blocks.*.mlp_out); --d-sae is per layer; topk or jumprelu.")
+    crosscoder: bool = opt(False, "Train one crosscoder over every --site (equal widths): per-site encoders "
+                                  "summed, per-site decoders (relu, topk, batchtopk).")
     decoder_of: str | None = opt(None, "Meta-SAE: train a BatchTopK SAE on this SAE checkpoint's decoder rows.")
     arch: str = opt("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
     d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")

@@ -11,6 +11,7 @@ sweep for that batch already; their resume then sees the batch twice.
 stop) training from outside, e.g. in tests."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -139,7 +140,9 @@ class Driver:
             raise TrainError(f"cannot resume {out}: its checkpoint was saved by an older version (options "
                              f"{', '.join(gone)} no longer exist; it trained without the store's held-out "
                              f"split): start a new run")
-        differ = [k for k, v in now.items() if k not in free and _plain(saved.get(k)) != _plain(v)]
+        # an option added after the checkpoint was saved counts as its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
+        differ = [k for k, v in now.items() if k not in free and _plain(saved.get(k, defaults.get(k))) != _plain(v)]
         if differ:
             raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
         train_state.check_store_identity(out, meta, self.store_identity, self.cfg.store)

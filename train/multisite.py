@@ -29,6 +29,9 @@ from sae_harvest.stores.urls import scrub
 from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
+from sae_harvest.train.clt import CLT_ARCHS
+from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_clt, finish_crosscoder
+from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import _background, as_tensor, held_out_origin
@@ -49,7 +52,7 @@ class Pair:
 
 def is_multisite(cfg: TrainConfig) -> bool:
     """Whether this module trains the run: several sites, a glob, or a transcoder target."""
-    return bool(cfg.target) or cfg.skip or any(ch in (cfg.site or "") for ch in ",*?[")
+    return bool(cfg.target) or cfg.skip or cfg.crosscoder or cfg.clt or any(ch in (cfg.site or "") for ch in ",*?[")
 
 
 def _site_order(name: str):
@@ -81,7 +84,12 @@ def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
     if cfg.site is None:
         raise TrainError("give --site (a name, a comma list or globs) with --target")
     inputs = match_sites(cfg.site, store.sites, "--site", cfg.store)
+    if cfg.crosscoder:
+        return _check_crosscoder(cfg, store, inputs)
     if not cfg.target:
+        if cfg.clt:
+            raise TrainError("--clt needs --target: the MLP outputs (e.g. --site 'blocks.*.mlp_in' "
+                             "--target 'blocks.*.mlp_out')")
         if cfg.skip:
             raise TrainError("--skip is for transcoders: give --target too")
         return [Pair(site) for site in inputs]
@@ -96,17 +104,63 @@ def plan_pairs(cfg: TrainConfig, store) -> list[Pair]:
     same = [p.site for p in pairs if p.site == p.target]
     if same:
         raise TrainError(f"--target {same[0]} is its own --site: that is an SAE, drop --target")
+    if cfg.clt:
+        _check_clt(cfg, store, pairs)
     return pairs
+
+
+def _check_clt(cfg: TrainConfig, store, pairs: list[Pair]) -> None:
+    """A CLT needs one (input, target) pair per layer of the same width, every layer from the first
+    to the last present, each target in its input's layer."""
+    from sae_harvest.harvest.sites import Site
+
+    if cfg.arch not in CLT_ARCHS:
+        raise TrainError(f"--clt: --arch {cfg.arch} cannot be a cross-layer transcoder; CLTs take {', '.join(CLT_ARCHS)}")
+    if cfg.skip:
+        raise TrainError("--clt has no --skip")
+    layers = [Site.parse(p.site).layer for p in pairs]
+    for p in pairs:
+        if Site.parse(p.target).layer != Site.parse(p.site).layer:
+            raise TrainError(f"--clt: target {p.target} is not in the layer of its input {p.site}")
+    missing = sorted(set(range(min(layers), max(layers) + 1)) - set(layers))
+    if missing or len(set(layers)) != len(layers):
+        raise TrainError(f"--clt needs every layer from {min(layers)} to {max(layers)}: store {scrub(cfg.store)} lacks "
+                         f"layer{'s' * (len(missing) != 1)} {', '.join(map(str, missing)) or '(a layer twice)'} "
+                         f"at {cfg.site} / {cfg.target}")
+    widths = {store.width(s) for p in pairs for s in (p.site, p.target)}
+    if len(widths) > 1:
+        raise TrainError(f"--clt needs inputs and targets of one width; got {sorted(widths)}")
+
+
+def _check_crosscoder(cfg: TrainConfig, store, inputs: list[str]) -> list[Pair]:
+    if cfg.target or cfg.skip:
+        raise TrainError("--crosscoder reconstructs its own sites: drop --target / --skip")
+    if cfg.arch not in CROSSCODER_ARCHS:
+        raise TrainError(f"--crosscoder: --arch {cfg.arch} cannot be a crosscoder; crosscoders take "
+                         f"{', '.join(CROSSCODER_ARCHS)}")
+    if len(inputs) < 2:
+        raise TrainError(f"--crosscoder needs at least two sites; --site matches {', '.join(inputs)}")
+    widths = {s: store.width(s) for s in inputs}
+    if len(set(widths.values())) > 1:
+        raise TrainError("--crosscoder needs sites of one width; got "
+                         + ", ".join(f"{s} ({w})" for s, w in widths.items()))
+    return [Pair(s) for s in inputs]
 
 
 def count_dictionaries(cfg: TrainConfig) -> int:
     """How many site pairs a run trains (1 for a plain single-site run): the sweep-parallel check."""
-    if not is_multisite(cfg) or not cfg.store:
+    if not is_multisite(cfg) or not cfg.store or cfg.crosscoder or cfg.clt:
         return 1
     return len(plan_pairs(cfg, open_store(cfg.store)))
 
 
+CROSS = "crosscoder"   # the one Pair of a --crosscoder run stands for all its sites
+CLT = "clt"            # likewise for a --clt run
+
+
 def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
+    if pair.site in (CROSS, CLT):
+        return f"{pair.site}_{sweep_name}"
     if pair.target is None:
         return f"{pair.site}-{sweep_name}"
     return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
@@ -153,7 +207,10 @@ def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]
         sae_cfg = dataclasses.replace(sae_cfg, d_out=tgt.d_in, skip=cfg.skip)
         torch.manual_seed(cfg.seed)
         sae = make_sae(sae_cfg)
-        sae.init_b_dec(y, cfg.b_dec_init)
+        if cfg.init:
+            _load_init(sae, cfg.init, scales[pair.site], scales[pair.target])
+        else:
+            sae.init_b_dec(y, cfg.b_dec_init)
         sae.calibrate(x, None)
         sae.to(device).train()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
@@ -161,6 +218,21 @@ def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]
         runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
+
+
+def _load_init(sae, path: str, in_scale: float, out_scale: float) -> None:
+    """--init for a transcoder: the same kind and widths, its raw-activation weights unfolded into
+    the training space."""
+    from sae_harvest.train.sae_io import load_sae
+
+    init = load_sae(path)
+    want, got = sae.cfg, init.cfg
+    if (got.arch, got.d_in, got.d_sae, got.d_out, got.skip) != (want.arch, want.d_in, want.d_sae, want.d_out, want.skip):
+        raise TrainError(f"--init {scrub(path)} is a {got.arch} {got.d_in}->{got.d_sae}->{got.d_out or got.d_in} "
+                         f"{'skip transcoder' if got.skip else 'transcoder' if got.d_out else 'SAE'}; this run trains a "
+                         f"{want.arch} {want.d_in}->{want.d_sae}->{want.d_out} {'skip ' if want.skip else ''}transcoder")
+    init.fold_scales(1.0 / in_scale, 1.0 / out_scale)
+    sae.load_state_dict(init.state_dict())
 
 
 def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -186,8 +258,14 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
 
     runs, pair_of, order = {}, {}, []
-    for pair in pairs:
-        if pair.target is None:
+    cross = [p.site for p in pairs] if cfg.crosscoder else []
+    clt = pairs if cfg.clt else []
+    for pair in ([Pair(CROSS)] if cross else [Pair(CLT)] if clt else pairs):
+        if pair.site == CROSS:
+            built = crosscoder_runs(cfg, cross, sources, scales, device)
+        elif pair.site == CLT:
+            built = clt_runs(cfg, clt, sources, scales, device)
+        elif pair.target is None:
             src = sources[pair.site]
             built = build_runs(dataclasses.replace(cfg, site=pair.site), src.d_in, src.sample, src.grad_sample,
                                device, scales[pair.site])
@@ -222,8 +300,16 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
 
     def step_fn(inputs, factor, log_now):
         x, g = inputs
+        joint = torch.cat([x[s] for s in cross], -1) if cross else None   # a crosscoder's input
         for name, run in runs.items():
             pair = pair_of[name]
+            if pair.site == CROSS:
+                _step(run, joint, None, factor, cfg, dead_after, autocast, log_now)
+                continue
+            if pair.site == CLT:
+                _step(run, torch.cat([x[p.site] for p in clt], -1), None, factor, cfg, dead_after, autocast,
+                      log_now, target=torch.cat([x[p.target] for p in clt], -1))
+                continue
             target = x[pair.target] if pair.target else None
             _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target)
 
@@ -233,7 +319,11 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     summaries = {}
     for name, run in runs.items():
         pair = pair_of[name]
-        if pair.target is None:
+        if pair.site == CLT:
+            summaries[name] = finish_clt(run, clt, sources, scales, out / name, cfg, device, driver)
+        elif pair.site == CROSS:
+            summaries[name] = finish_crosscoder(run, cross, sources, scales, out / name, cfg, device, driver)
+        elif pair.target is None:
             summaries[name] = _finish(run, sources[pair.site], out / name, cfg, scales[pair.site], device, driver)
         else:
             summaries[name] = _finish_transcoder(run, pair, sources, scales, out / name, cfg, device, driver)

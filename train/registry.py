@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from sae_harvest.train.batchtopk import BatchTopKSAE
+from sae_harvest.train.clt import CLT_ARCHS, CrossLayerTranscoder
+from sae_harvest.train.crosscoder import CROSSCODER_ARCHS, crosscoder_class
 from sae_harvest.train.gated import GatedSAE
 from sae_harvest.train.gtopk import GradTopKSAE
 from sae_harvest.train.jumprelu import JumpReLUSAE
@@ -43,6 +45,8 @@ class SAEConfig:
     prefixes: tuple[int, ...] = ()   # matryoshka: nested dictionary sizes; () = d_sae/16, /8, /4, /2, d_sae
     d_out: int = 0             # transcoder: the target site's width (0: an SAE, decoding into d_in)
     skip: bool = False         # transcoder: learned linear skip W_skip x added to the output
+    n_sites: int = 0           # crosscoder: d_in is this many equal-width sites concatenated (0: not one)
+    clt_layers: int = 0        # cross-layer transcoder over this many layers: d_in, d_sae = layers x (d, F)
 
     def __post_init__(self):
         object.__setattr__(self, "prefixes", tuple(int(m) for m in self.prefixes))   # JSON gives a list
@@ -54,6 +58,14 @@ class SAEConfig:
         if (self.d_out or self.skip) and self.arch not in TRANSCODER_ARCHS:
             raise ValueError(f"--target: a {self.arch} SAE cannot be a transcoder; transcoders take "
                              f"{', '.join(TRANSCODER_ARCHS)}")
+        if self.n_sites and (self.arch not in CROSSCODER_ARCHS or self.d_out or self.d_in % self.n_sites):
+            raise ValueError(f"a crosscoder takes {', '.join(CROSSCODER_ARCHS)}, no --target, and d_in a "
+                             f"multiple of its {self.n_sites} sites")
+        if self.clt_layers and (self.arch not in CLT_ARCHS or self.d_out or self.n_sites
+                                or self.d_in % self.clt_layers or self.d_sae % self.clt_layers
+                                or (self.arch == "topk" and self.k > self.d_sae // self.clt_layers)):
+            raise ValueError(f"a cross-layer transcoder takes {', '.join(CLT_ARCHS)}, d_in and d_sae multiples "
+                             f"of its {self.clt_layers} layers, and k <= the latents per layer")
         if self.skip and not self.d_out:
             raise ValueError("a skip connection needs a transcoder (--target)")
 
@@ -72,4 +84,8 @@ class SAEConfig:
 def make_sae(cfg: SAEConfig) -> SAE:
     if cfg.d_out:
         return transcoder_class(cfg.arch, cfg.skip)(cfg)
+    if cfg.n_sites:
+        return crosscoder_class(cfg.arch)(cfg)
+    if cfg.clt_layers:
+        return CrossLayerTranscoder(cfg)
     return ARCHITECTURES[cfg.arch](cfg)

@@ -25,7 +25,9 @@ TL_HOOKS = {"resid_pre": "hook_resid_pre", "attn_in": "ln1.hook_normalized", "at
             "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid", "mlp_in": "ln2.hook_normalized",
             "mlp_act": "mlp.hook_post", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
 assert set(TL_HOOKS) == set(KINDS), "every site kind needs a TransformerLens name"
-_FROM_TL = {v: k for k, v in TL_HOOKS.items()}
+# ln1/ln2.hook_normalized are before the norm's affine weights (which TransformerLens folds into the
+# next layer by default), ours after: a foreign SAE hooked there is not read as attn_in / mlp_in
+_FROM_TL = {v: k for k, v in TL_HOOKS.items() if k not in ("attn_in", "mlp_in")}
 _OURS = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
 _TL = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(h) for h in TL_HOOKS.values()) + r")$")
 # SAELens's HF wrapper (HookedProxyLM) names modules; a decoder block's output is resid_post

@@ -1,0 +1,145 @@
+"""Building, reporting and saving the multi-site dictionaries of train/multisite.py: cross-layer
+transcoders (train/clt.py) and crosscoders (train/crosscoder.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from sae_harvest.train.batchtopk import THRESHOLD_ROWS
+from sae_harvest.train.config import sweep
+from sae_harvest.train.registry import make_sae
+from sae_harvest.train.runs import Run
+from sae_harvest.train.sae_io import save_sae
+
+
+def clt_runs(cfg, pairs, sources, scales, device) -> dict[str, Run]:
+    """One Run per swept value; --d-sae / --expansion count latents per layer."""
+    n = len(pairs)
+    y = torch.cat([sources[p.target].sample / scales[p.target] for p in pairs], -1)
+    d = sources[pairs[0].site].d_in
+    runs = {}
+    for name, sae_cfg in sweep(cfg, d):
+        sae_cfg = dataclasses.replace(sae_cfg, d_in=n * d, d_sae=n * sae_cfg.d_sae, clt_layers=n)
+        torch.manual_seed(cfg.seed)
+        clt = make_sae(sae_cfg)
+        clt.init_b_dec(y)
+        clt.calibrate(None)
+        clt.to(device).train()
+        lr = cfg.lr or clt.default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(clt.parameters(), lr=lr, betas=cfg.adam_betas or clt.adam_betas)
+        runs[name] = Run(name=name, sae=clt, opt=opt, lr=lr,
+                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+    return runs
+
+
+@torch.no_grad()
+def held_out_layers(clt, store, pairs, rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+    """Per target layer NMSE of the CLT's prediction (training space), L0 per layer, dead fraction."""
+    clt.eval()
+    sites = [s for p in pairs for s in (p.site, p.target)]
+    err, norm2, l0, count = [0.0] * len(pairs), [0.0] * len(pairs), 0.0, 0
+    fired = torch.zeros(clt.cfg.d_sae, dtype=torch.bool, device=device)
+    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
+        x = torch.cat([torch.from_numpy(b["acts"][p.site]).to(device) / scales[p.site] for p in pairs], -1)
+        feats = clt.encode(x)
+        for t, (p, y_hat) in enumerate(zip(pairs, clt.decode_layers(feats))):
+            y = torch.from_numpy(b["acts"][p.target]).to(device) / scales[p.target]
+            err[t] += (y_hat - y).pow(2).sum().item()
+            norm2[t] += y.pow(2).sum().item()
+        l0 += (feats > 0).sum().item()
+        fired |= (feats > 0).any(0)
+        count += len(x)
+    clt.train()
+    if count == 0:
+        return {}
+    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2),
+            "per_layer": {p.target: {"nmse": e / m} for p, e, m in zip(pairs, err, norm2)},
+            "l0": l0 / count, "l0_per_layer": l0 / count / len(pairs),
+            "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def finish_clt(run: Run, pairs, sources, scales, folder: Path, cfg, device, driver) -> dict:
+    clt, src = run.sae, sources[pairs[0].site]
+    held = held_out_layers(clt, src.store, pairs, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
+    summary = {**driver.summary(), "held_out": held, "parameters": clt.parameter_count(),
+               "input_scales": {p.site: scales[p.site] for p in pairs},
+               "target_scales": {p.target: scales[p.target] for p in pairs}}
+    saved = make_sae(run.cfg)
+    saved.load_state_dict(clt.state_dict())
+    saved.fold_scales([scales[p.site] for p in pairs], [scales[p.target] for p in pairs])
+    extra = {**src.provenance, "sites": [p.site for p in pairs], "targets": [p.target for p in pairs],
+             "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
+             "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
+             "rank": summary.get("rank")}
+    save_sae(saved, folder, extra_cfg=extra)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# --- crosscoders (train/crosscoder.py) -----------------------------------------------------------
+def crosscoder_runs(cfg, sites: list[str], sources, scales, device) -> dict[str, Run]:
+    """One Run per swept value over the concatenation of the sites (each divided by its own scale)."""
+    x = torch.cat([sources[s].sample / scales[s] for s in sites], -1)
+    runs = {}
+    for name, sae_cfg in sweep(cfg, x.shape[1]):
+        sae_cfg = dataclasses.replace(sae_cfg, n_sites=len(sites))
+        torch.manual_seed(cfg.seed)
+        sae = make_sae(sae_cfg)
+        sae.init_b_dec(x, cfg.b_dec_init)
+        sae.calibrate(x, None)
+        sae.to(device).train()
+        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+    return runs
+
+
+@torch.no_grad()
+def held_out_sites(sae, store, sites: list[str], rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+    """Per site NMSE and explained variance of the crosscoder's reconstruction, plus L0 and dead
+    fraction, on held-out rows (training space)."""
+    sae.eval()
+    err = {s: 0.0 for s in sites}
+    norm2, total_sum, l0, count = dict(err), {}, 0.0, 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
+        xs = [torch.from_numpy(b["acts"][s]).to(device) / scales[s] for s in sites]
+        feats = sae.encode(torch.cat(xs, -1))
+        parts = sae.decode(feats).split([x.shape[1] for x in xs], -1)
+        for s, x, x_hat in zip(sites, xs, parts):
+            err[s] += (x_hat - x).pow(2).sum().item()
+            norm2[s] += x.pow(2).sum().item()
+            total_sum[s] = x.sum(0) if s not in total_sum else total_sum[s] + x.sum(0)
+        l0 += (feats > 0).sum().item()
+        fired |= (feats > 0).any(0)
+        count += len(feats)
+    sae.train()
+    if count == 0:
+        return {}
+    per_site = {s: {"nmse": err[s] / norm2[s],
+                    "explained_variance": 1 - err[s] / (norm2[s] - total_sum[s].pow(2).sum().item() / count)}
+                for s in sites}
+    return {"held_out_tokens": count, "nmse": sum(err.values()) / sum(norm2.values()), "per_site": per_site,
+            "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def finish_crosscoder(run: Run, sites: list[str], sources, scales, folder: Path, cfg, device, driver) -> dict:
+    sae, src = run.sae, sources[sites[0]]
+    # every site's threshold rows come in the same seeded order: zip them into the concatenation
+    chunks = zip(*(sources[s].threshold_rows(THRESHOLD_ROWS) for s in sites))
+    sae.finalize(torch.cat([x.to(device) / scales[s] for s, x in zip(sites, xs)], -1) for xs in chunks)
+    held = held_out_sites(sae, src.store, sites, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
+    summary = {**driver.summary(), "held_out": held, "input_scales": {s: scales[s] for s in sites}}
+    saved = make_sae(run.cfg)
+    saved.load_state_dict(sae.state_dict())
+    saved.fold_site_scales([scales[s] for s in sites])
+    extra = {**src.provenance, "sites": sites, "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr,
+             "summary": summary, "world_size": summary.get("world_size", 1),
+             "sweep_parallel": summary.get("sweep_parallel", False), "rank": summary.get("rank")}
+    save_sae(saved, folder, extra_cfg=extra)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
