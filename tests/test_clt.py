@@ -49,7 +49,7 @@ def store(tmp_path_factory):
 
 def _cfg(path, out, **kw):
     base = dict(store=str(path), out=str(out), site="blocks.[0-2].mlp_in", target="blocks.*.mlp_out", clt=True,
-                arch="topk", k=(4,), d_sae=32, batch_size=256, device="cpu", holdout_fraction=0.1, log_every=10,
+                arch="topk", k=(4,), d_sae=32, batch_size=256, device="cpu", log_every=10,
                 checkpoint_every=1000, tokens=256 * 300, lr=1e-2)
     base.update(kw)
     return TrainConfig(**base)

@@ -98,3 +98,30 @@ def test_a_fresh_sae_records_the_store_it_trained_outside_of(tmp_path):
     (folder,) = [p for p in (tmp_path / "o").iterdir() if p.name != "checkpoint"]
     held = json.loads((folder / "cfg.json").read_text())["sae_harvest"]["held_out"]
     assert held["creation_id"] == open_store(str(store)).attrs.get("creation_id")
+
+
+def test_transcoders_of_a_sweep_or_of_two_layers_start_from_their_own_rows():
+    """Transcoders were seeded with the bare --seed: every k of a sweep, and every layer pair of one
+    shape, started from identical weights (the trap init streams remove for SAEs)."""
+    import dataclasses
+
+    from sae_harvest.train.config import TrainConfig, sweep
+    from sae_harvest.train.registry import make_sae
+    from sae_harvest.train.runs import seed_init
+
+    cfg = TrainConfig(out="x", arch="topk", k=(4, 8), d_sae=64, seed=0)
+    weights, streams = [], []
+    for target in ("blocks.0.mlp_out", "blocks.1.mlp_out"):
+        for _, sae_cfg in sweep(cfg, 16):
+            sae_cfg = dataclasses.replace(sae_cfg, d_out=16)
+            streams.append(seed_init(cfg, sae_cfg, target.replace("out", "in"), target=target)["stream"])
+            weights.append(make_sae(sae_cfg).W_dec.detach().clone())
+    assert len(set(streams)) == 4
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(weights[i], weights[j])
+    # and the same identity gives the same weights again
+    _, sae_cfg = next(iter(sweep(cfg, 16)))
+    sae_cfg = dataclasses.replace(sae_cfg, d_out=16)
+    seed_init(cfg, sae_cfg, "blocks.0.mlp_in", target="blocks.0.mlp_out")
+    assert torch.equal(make_sae(sae_cfg).W_dec, weights[0])

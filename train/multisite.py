@@ -37,7 +37,8 @@ from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import _background, as_tensor, held_out_origin
 from sae_harvest.train.local import Source, _finish, _info, _print_summary, _step
 from sae_harvest.train.registry import make_sae
-from sae_harvest.train.runs import Run, build_runs, input_scale
+from sae_harvest.train.init_streams import checkpoint_stream
+from sae_harvest.train.runs import Run, build_runs, input_scale, make_adam, seed_init
 from sae_harvest.train.sae_io import save_sae
 from sae_harvest.train.transcoder import TRANSCODER_ARCHS
 
@@ -205,17 +206,19 @@ def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]
     runs = {}
     for name, sae_cfg in sweep(cfg, src.d_in):
         sae_cfg = dataclasses.replace(sae_cfg, d_out=tgt.d_in, skip=cfg.skip)
-        torch.manual_seed(cfg.seed)
+        # its own stream (train/init_streams.py): transcoders of a sweep, or of two layers, never share rows
+        origin = seed_init(cfg, sae_cfg, pair.site, target=pair.target, d_out=tgt.d_in, skip=cfg.skip)
         sae = make_sae(sae_cfg)
         if cfg.init:
             _load_init(sae, cfg.init, scales[pair.site], scales[pair.target])
+            origin = {"scheme": "checkpoint", "from": scrub(cfg.init), "stream": checkpoint_stream(cfg.init)}
         else:
             sae.init_b_dec(y, cfg.b_dec_init)
         sae.calibrate(x, None)
         sae.to(device).train()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+        opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
 
@@ -285,7 +288,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
                                            if world.sweep_parallel else "")
     # every dictionary folds its own site's scale; the driver's single scale stays 1
     driver = Driver(cfg, out, runs, scale=1.0, total_steps=total_steps, tokens_per_step=batch, label=label,
-                    world=world)
+                    world=world, store=first.store)
     feed_state = driver.prepare(resume, overwrite, device)
     part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
     feed = MultiFeed(first.store, needed, batch, seed=cfg.seed, grads=first.grads,
@@ -376,7 +379,7 @@ def _finish_transcoder(run: Run, pair: Pair, sources, scales, folder: Path, cfg,
     saved.fold_scales(scales[pair.site], scales[pair.target])
     from sae_harvest.train.saelens_format import tl_hook_name
 
-    extra = {**src.provenance, "target": pair.target, "hook_name_out": tl_hook_name(pair.target),
+    extra = {**src.provenance, "init": run.init, "target": pair.target, "hook_name_out": tl_hook_name(pair.target),
              "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
              "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
              "rank": summary.get("rank")}

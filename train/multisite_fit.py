@@ -11,7 +11,8 @@ import torch
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import sweep
 from sae_harvest.train.registry import make_sae
-from sae_harvest.train.runs import Run
+from sae_harvest.train.feeds import held_out_origin
+from sae_harvest.train.runs import Run, make_adam, seed_init
 from sae_harvest.train.sae_io import save_sae
 
 
@@ -23,26 +24,28 @@ def clt_runs(cfg, pairs, sources, scales, device) -> dict[str, Run]:
     runs = {}
     for name, sae_cfg in sweep(cfg, d):
         sae_cfg = dataclasses.replace(sae_cfg, d_in=n * d, d_sae=n * sae_cfg.d_sae, clt_layers=n)
-        torch.manual_seed(cfg.seed)
+        origin = seed_init(cfg, sae_cfg, ",".join(p.site for p in pairs), clt_layers=n,
+                           targets=[p.target for p in pairs])
         clt = make_sae(sae_cfg)
         clt.init_b_dec(y)
         clt.calibrate(None)
         clt.to(device).train()
         lr = cfg.lr or clt.default_lr(sae_cfg.d_sae)
-        opt = torch.optim.Adam(clt.parameters(), lr=lr, betas=cfg.adam_betas or clt.adam_betas)
-        runs[name] = Run(name=name, sae=clt, opt=opt, lr=lr,
+        opt = make_adam(clt.parameters(), lr, cfg.adam_betas or clt.adam_betas)
+        runs[name] = Run(name=name, sae=clt, opt=opt, lr=lr, init=origin,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
 
 
 @torch.no_grad()
-def held_out_layers(clt, store, pairs, rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
-    """Per target layer NMSE of the CLT's prediction (training space), L0 per layer, dead fraction."""
+def held_out_layers(clt, store, pairs, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+    """Per target layer NMSE of the CLT's prediction (training space), L0 per layer, dead fraction, on
+    the rows of the store's held-out sequences (stores/split.py)."""
     clt.eval()
     sites = [s for p in pairs for s in (p.site, p.target)]
     err, norm2, l0, count = [0.0] * len(pairs), [0.0] * len(pairs), 0.0, 0
     fired = torch.zeros(clt.cfg.d_sae, dtype=torch.bool, device=device)
-    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
+    for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
         x = torch.cat([torch.from_numpy(b["acts"][p.site]).to(device) / scales[p.site] for p in pairs], -1)
         feats = clt.encode(x)
         for t, (p, y_hat) in enumerate(zip(pairs, clt.decode_layers(feats))):
@@ -63,14 +66,16 @@ def held_out_layers(clt, store, pairs, rows, scales, batch_size: int, exclude_po
 
 def finish_clt(run: Run, pairs, sources, scales, folder: Path, cfg, device, driver) -> dict:
     clt, src = run.sae, sources[pairs[0].site]
-    held = held_out_layers(clt, src.store, pairs, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
+    held = held_out_layers(clt, src.store, pairs, scales, cfg.batch_size, src.exclude_pos0, device)
+    if held:
+        held["origin"] = held_out_origin(src.store, tokens=held["held_out_tokens"])
     summary = {**driver.summary(), "held_out": held, "parameters": clt.parameter_count(),
                "input_scales": {p.site: scales[p.site] for p in pairs},
                "target_scales": {p.target: scales[p.target] for p in pairs}}
     saved = make_sae(run.cfg)
     saved.load_state_dict(clt.state_dict())
     saved.fold_scales([scales[p.site] for p in pairs], [scales[p.target] for p in pairs])
-    extra = {**src.provenance, "sites": [p.site for p in pairs], "targets": [p.target for p in pairs],
+    extra = {**src.provenance, "init": run.init, "sites": [p.site for p in pairs], "targets": [p.target for p in pairs],
              "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
              "world_size": summary.get("world_size", 1), "sweep_parallel": summary.get("sweep_parallel", False),
              "rank": summary.get("rank")}
@@ -86,27 +91,27 @@ def crosscoder_runs(cfg, sites: list[str], sources, scales, device) -> dict[str,
     runs = {}
     for name, sae_cfg in sweep(cfg, x.shape[1]):
         sae_cfg = dataclasses.replace(sae_cfg, n_sites=len(sites))
-        torch.manual_seed(cfg.seed)
+        origin = seed_init(cfg, sae_cfg, ",".join(sites), n_sites=len(sites))
         sae = make_sae(sae_cfg)
         sae.init_b_dec(x, cfg.b_dec_init)
         sae.calibrate(x, None)
         sae.to(device).train()
         lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr,
+        opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
+        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
                          since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
     return runs
 
 
 @torch.no_grad()
-def held_out_sites(sae, store, sites: list[str], rows, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
+def held_out_sites(sae, store, sites: list[str], scales, batch_size: int, exclude_pos0: bool, device) -> dict:
     """Per site NMSE and explained variance of the crosscoder's reconstruction, plus L0 and dead
-    fraction, on held-out rows (training space)."""
+    fraction, on the rows of the store's held-out sequences (stores/split.py; training space)."""
     sae.eval()
     err = {s: 0.0 for s in sites}
     norm2, total_sum, l0, count = dict(err), {}, 0.0, 0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    for b in store.batches(sites, batch_size, rows=rows, exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
+    for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
         xs = [torch.from_numpy(b["acts"][s]).to(device) / scales[s] for s in sites]
         feats = sae.encode(torch.cat(xs, -1))
         parts = sae.decode(feats).split([x.shape[1] for x in xs], -1)
@@ -132,12 +137,14 @@ def finish_crosscoder(run: Run, sites: list[str], sources, scales, folder: Path,
     # every site's threshold rows come in the same seeded order: zip them into the concatenation
     chunks = zip(*(sources[s].threshold_rows(THRESHOLD_ROWS) for s in sites))
     sae.finalize(torch.cat([x.to(device) / scales[s] for s, x in zip(sites, xs)], -1) for xs in chunks)
-    held = held_out_sites(sae, src.store, sites, src.held_rows, scales, cfg.batch_size, src.exclude_pos0, device)
+    held = held_out_sites(sae, src.store, sites, scales, cfg.batch_size, src.exclude_pos0, device)
+    if held:
+        held["origin"] = held_out_origin(src.store, tokens=held["held_out_tokens"])
     summary = {**driver.summary(), "held_out": held, "input_scales": {s: scales[s] for s in sites}}
     saved = make_sae(run.cfg)
     saved.load_state_dict(sae.state_dict())
     saved.fold_site_scales([scales[s] for s in sites])
-    extra = {**src.provenance, "sites": sites, "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr,
+    extra = {**src.provenance, "init": run.init, "sites": sites, "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr,
              "summary": summary, "world_size": summary.get("world_size", 1),
              "sweep_parallel": summary.get("sweep_parallel", False), "rank": summary.get("rank")}
     save_sae(saved, folder, extra_cfg=extra)

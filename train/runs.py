@@ -86,6 +86,16 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
     return runs
 
 
+def seed_init(cfg: TrainConfig, sae_cfg: SAEConfig, site: str, **extra) -> dict:
+    """Seed torch with the initialisation stream of one dictionary (the seed and its identity: its
+    sites, widths, swept value and any `extra` that tells it apart, e.g. a transcoder's target) and
+    return the origin recorded in its cfg.json, as build_runs does for an SAE."""
+    identity = {**init_identity(sae_cfg, site), **extra}
+    stream = init_stream(cfg.seed, identity)
+    torch.manual_seed(stream_seed(stream))
+    return {"scheme": INIT_SCHEME, "seed": cfg.seed, "identity": identity, "stream": stream}
+
+
 def make_adam(params, lr: float, betas) -> torch.optim.Adam:
     """Adam as one fused kernel where this torch has it for the parameters' device (CUDA, CPU:
     7x the per-tensor loop on a 768 x 24576 SAE, docs/benchmarks.md), else the foreach form."""
