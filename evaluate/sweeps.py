@@ -65,7 +65,7 @@ def name_rows(results: list[dict]) -> list[dict]:
     for r in results:
         r["run"] = run_name(r["sae"]) if r.get("sweep_name") else None
         r["swept"] = swept_value(r)
-    if len({r["run"] for r in results}) > 1:
+    if len({r["run"] for r in results if r["run"]}) > 1:   # rows of two or more sweeps
         for r in results:
             if r["run"]:
                 r["name"] = f"{r['run']}/{r['name']}"

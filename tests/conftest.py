@@ -45,3 +45,37 @@ def harvest_assets(tmp_path_factory):
     small = write_corpus(root / "small.jsonl", n_docs=40, max_words=60)
     return {"gpt2": make_tiny_model("gpt2", root / "gpt2"), "corpus": str(corpus), "small": str(small),
             "root": root}
+
+
+# Shared by test_store_safety.py and test_kill_sweep.py (each aliases them as assets / stores / bucket).
+@pytest.fixture(scope="session")
+def safety_assets(tmp_path_factory):
+    from tests.test_store_safety import make_assets
+    return make_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def safety_stores(safety_assets, tmp_path_factory):
+    from tests.test_store_safety import make_stores
+    return make_stores(safety_assets, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def safety_bucket():
+    pytest.importorskip("moto.server")
+    from tests.s3server import s3_server
+    with s3_server("safety-bucket") as url:
+        yield url
+
+
+# Shared by test_features.py and test_features_page.py (aliased as crafted / built).
+@pytest.fixture(scope="session")
+def features_crafted(tmp_path_factory):
+    from tests.test_features import make_crafted
+    return make_crafted(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def features_built(features_crafted, tmp_path_factory):
+    from tests.test_features import make_built
+    return make_built(features_crafted, tmp_path_factory)

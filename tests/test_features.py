@@ -64,8 +64,8 @@ def crafted_sae(path, scale=1.0):
     return str(path), sae
 
 
-@pytest.fixture(scope="module")
-def crafted(tmp_path_factory):
+def make_crafted(tmp_path_factory) -> dict:
+    """The crafted store and SAEs (tests/conftest.py `features_crafted` shares one across files)."""
     root = tmp_path_factory.mktemp("features")
     model = make_tiny_model("gpt2", root / "gpt2")
     toks = write_crafted_store(root / "s.zarr", model)
@@ -73,6 +73,16 @@ def crafted(tmp_path_factory):
     sae_b, sae2 = crafted_sae(root / "sae_b", scale=2.0)
     return {"root": root, "model": model, "store": str(root / "s.zarr"), "tokens": toks,
             "saes": [sae_a, sae_b], "modules": [sae, sae2]}
+
+
+@pytest.fixture(scope="module")
+def crafted(features_crafted):
+    return features_crafted
+
+
+@pytest.fixture(scope="module")
+def built(features_built):
+    return features_built
 
 
 def cfg_for(crafted, out, **kw):
@@ -95,8 +105,8 @@ def latent_records(out, k):
     return recs
 
 
-@pytest.fixture(scope="module")
-def built(crafted, tmp_path_factory):
+def make_built(crafted, tmp_path_factory):
+    """The browser of the crafted SAEs (tests/conftest.py `features_built`)."""
     out = tmp_path_factory.mktemp("out") / "browser"
     summary = run_features(cfg_for(crafted, out), progress=False)
     return out, summary

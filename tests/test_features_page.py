@@ -6,7 +6,17 @@ import shutil
 
 import pytest
 
-from tests.test_features import EVERY, F, brute, built, crafted, latent_records, read_data  # noqa: F401 (fixtures)
+from tests.test_features import EVERY, F, brute, latent_records, read_data
+
+
+@pytest.fixture(scope="module")
+def crafted(features_crafted):
+    return features_crafted
+
+
+@pytest.fixture(scope="module")
+def built(features_built):
+    return features_built
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

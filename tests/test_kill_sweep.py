@@ -23,8 +23,22 @@ from sae_harvest.harvest.run import harvest
 from sae_harvest.stores import fs
 from tests.kill_launcher import count_mutations
 from tests.test_store_safety import SITE, _args, _cfg, _user_files, snapshot
-from tests.test_store_safety import assets, bucket, stores  # noqa: F401  (fixtures)
 from tests.test_store_v2 import REPO, _arrays
+
+
+@pytest.fixture(scope="module")
+def assets(safety_assets):
+    return safety_assets
+
+
+@pytest.fixture(scope="module")
+def stores(safety_stores):
+    return safety_stores
+
+
+@pytest.fixture(scope="module")
+def bucket(safety_bucket):
+    return safety_bucket
 
 ARRAYS = ("tokens", "seq", "pos", "acts/" + SITE, "grads/" + SITE)
 

@@ -22,7 +22,12 @@ SITE = "blocks.0.resid_pre"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(safety_assets):
+    return safety_assets
+
+
+def make_assets(tmp_path_factory) -> dict:
+    """A tiny GPT-2 and corpus (tests/conftest.py `safety_assets` shares one across files)."""
     root = tmp_path_factory.mktemp("safety_assets")
     corpus = write_corpus(root / "docs.jsonl", n_docs=200, max_words=80)
     return {"gpt2": make_tiny_model("gpt2", root / "gpt2"), "corpus": str(corpus)}
@@ -46,7 +51,11 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def stores(assets, tmp_path_factory):
+def stores(safety_stores):
+    return safety_stores
+
+
+def make_stores(assets, tmp_path_factory) -> dict:
     """Uninterrupted stores: `ref` (seed 0) and `other` (seed 5, another row order and values)."""
     root = tmp_path_factory.mktemp("safety_ref")
     harvest(_cfg(assets, root / "ref.zarr"), progress=False)
@@ -455,11 +464,8 @@ def test_attributes_that_disagree_with_the_arrays(stores, tmp_path, edit):
 
 # ---- the same on object storage (moto on loopback) --------------------------------------------
 @pytest.fixture(scope="module")
-def bucket():
-    pytest.importorskip("moto.server")
-    from tests.s3server import s3_server
-    with s3_server("safety-bucket") as url:
-        yield url
+def bucket(safety_bucket):
+    return safety_bucket
 
 
 def test_s3_lease_before_create_checksums_and_replaced_reader(assets, stores, bucket, monkeypatch):
