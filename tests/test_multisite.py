@@ -300,6 +300,8 @@ def _snapshot(root):
     (["--site", "blocks.9.*"], ["matches no site"]),
     (["--site", "blocks.0.mlp_in", "--skip"], ["--skip is for transcoders"]),
     (["--site", "blocks.0.mlp_in", "--target", "blocks.0.mlp_out", "--loss", "e2e"], ["--loss e2e"]),
+    # the batched sweep steps one site's SAEs: asked for with several sites it was silently not used
+    (["--site", "blocks.[01].resid_pre", "--stack-sweep", "on", "--k", "4,8"], ["--stack-sweep on"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, args, words):
     path, _ = store

@@ -125,3 +125,20 @@ def test_transcoders_of_a_sweep_or_of_two_layers_start_from_their_own_rows():
     sae_cfg = dataclasses.replace(sae_cfg, d_out=16)
     seed_init(cfg, sae_cfg, "blocks.0.mlp_in", target="blocks.0.mlp_out")
     assert torch.equal(make_sae(sae_cfg).W_dec, weights[0])
+
+
+def test_a_meta_sae_table_is_not_titled_held_out(tmp_path):
+    """A meta-SAE's report is on the decoder rows it trained on; its table said "held-out results"."""
+    from rich.console import Console
+
+    from sae_harvest.train.local import _print_summary
+
+    summaries = {"batchtopk_k2": {"tokens": 64, "tokens_per_s": 1.0,
+                                  "held_out": {"nmse": 0.5, "explained_variance": 0.5, "l0": 2.0, "dead_fraction": 0.0}}}
+    console = Console(record=True, width=120)
+    _print_summary(console, summaries, meta=True)
+    text = console.export_text()
+    assert "held-out results" not in text and "training-row results" in text
+    console = Console(record=True, width=120)
+    _print_summary(console, summaries)
+    assert "held-out results" in console.export_text()

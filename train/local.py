@@ -183,7 +183,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     driver.finish()
     summaries = driver.gather(summaries, order)
     if progress and console is not None:
-        _print_summary(console, summaries)
+        _print_summary(console, summaries, meta=bool(cfg.decoder_of))
     return summaries
 
 
@@ -284,11 +284,13 @@ def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
     return summary
 
 
-def _print_summary(console, summaries):
+def _print_summary(console, summaries, meta: bool = False):
     from rich.table import Table
 
     origin = next((s["held_out"].get("origin") for s in summaries.values() if s["held_out"].get("origin")), None)
-    table = Table(title="held-out results", caption=None if origin is None else
+    # a meta-SAE's report is on the decoder rows it trained on: no held-out data exists for it
+    table = Table(title="training-row results (a meta-SAE has no held-out rows)" if meta else "held-out results",
+                  caption=None if origin is None else
                   f"on {origin['tokens']:,} tokens of the store's {origin['held_out_seqs']:,} held-out sequences "
                   f"(every {origin['every']}th, {origin['origin']}), never trained on")
     for col in ("sae", "tokens", "tok/s", "NMSE", "expl. var.", "L0", "dead"):
