@@ -38,7 +38,7 @@ from sae_harvest.train.feeds import _background, as_tensor, held_out_origin
 from sae_harvest.train.local import Source, _finish, _info, _print_summary, _step
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.init_streams import checkpoint_stream
-from sae_harvest.train.runs import Run, build_runs, input_scale, make_adam, seed_init
+from sae_harvest.train.runs import Run, build_runs, input_scale, new_run, seed_init
 from sae_harvest.train.sae_io import save_sae
 from sae_harvest.train.transcoder import TRANSCODER_ARCHS
 
@@ -215,11 +215,7 @@ def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]
         else:
             sae.init_b_dec(y, cfg.b_dec_init)
         sae.calibrate(x, None)
-        sae.to(device).train()
-        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
-                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+        runs[name] = new_run(cfg, name, sae, origin, device)
     return runs
 
 

@@ -12,7 +12,7 @@ from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import sweep
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.feeds import held_out_origin
-from sae_harvest.train.runs import Run, make_adam, seed_init
+from sae_harvest.train.runs import Run, new_run, seed_init
 from sae_harvest.train.sae_io import save_sae
 
 
@@ -29,11 +29,7 @@ def clt_runs(cfg, pairs, sources, scales, device) -> dict[str, Run]:
         clt = make_sae(sae_cfg)
         clt.init_b_dec(y)
         clt.calibrate(None)
-        clt.to(device).train()
-        lr = cfg.lr or clt.default_lr(sae_cfg.d_sae)
-        opt = make_adam(clt.parameters(), lr, cfg.adam_betas or clt.adam_betas)
-        runs[name] = Run(name=name, sae=clt, opt=opt, lr=lr, init=origin,
-                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+        runs[name] = new_run(cfg, name, clt, origin, device)
     return runs
 
 
@@ -95,11 +91,7 @@ def crosscoder_runs(cfg, sites: list[str], sources, scales, device) -> dict[str,
         sae = make_sae(sae_cfg)
         sae.init_b_dec(x, cfg.b_dec_init)
         sae.calibrate(x, None)
-        sae.to(device).train()
-        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
-                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+        runs[name] = new_run(cfg, name, sae, origin, device)
     return runs
 
 

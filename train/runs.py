@@ -79,11 +79,17 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
             sae.enable_sparse_decode()
         if wants_sparse_backward(cfg.sparse_backward, device):
             sae.enable_sparse_backward()
-        lr = cfg.lr or sae.default_lr(sae_cfg.d_sae)
-        opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
-        runs[name] = Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
-                         since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device))
+        runs[name] = new_run(cfg, name, sae, origin, device)
     return runs
+
+
+def new_run(cfg: TrainConfig, name: str, sae: SAE, origin: dict, device) -> Run:
+    """A built dictionary on the device in training mode, with its lr, Adam and dead counts."""
+    sae.to(device).train()
+    lr = cfg.lr or sae.default_lr(sae.cfg.d_sae)
+    opt = make_adam(sae.parameters(), lr, cfg.adam_betas or sae.adam_betas)
+    return Run(name=name, sae=sae, opt=opt, lr=lr, init=origin,
+               since_fired=torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device))
 
 
 def seed_init(cfg: TrainConfig, sae_cfg: SAEConfig, site: str, **extra) -> dict:
