@@ -29,7 +29,7 @@ import torch
 
 from sae_harvest.evaluate.config import EvalConfig
 from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
-from sae_harvest.evaluate.replace_clt import Tally, _keep_pos0, clt_row
+from sae_harvest.evaluate.replace_clt import Tally, _keep_pos0, add_scores, clt_row
 from sae_harvest.evaluate.splice import EvaluateError, Live, evaluate_saes, open_live
 from sae_harvest.stores.urls import scrub
 
@@ -259,9 +259,7 @@ def crosscoder_row(live: Live, path: str, batch_size: int, splice_bos: bool) -> 
                     for s in sites:
                         stack.enter_context(splice(model, s, lambda a, v=value[s.name]: _keep_pos0(v, a, splice_bos)))
                     logp = log_probs(model(input_ids=ids, use_cache=False).logits)
-                sums[key] += float(ce_from_log_probs(logp, ids).double().sum())
-                if key == "ce":
-                    sums["kl"] += float(kl_per_token(None, logp[:, :-1], ref=kl_reference(clean[:, :-1])).double().sum())
+                add_scores(sums, key, logp, ids, clean)
             sums["clean"] += float(ce_from_log_probs(clean, ids).double().sum())
             n_pred += ids.shape[0] * (ids.shape[1] - 1)
     clean, ce, kl, zero = (sums[k] / n_pred for k in ("clean", "ce", "kl", "zero"))

@@ -96,9 +96,7 @@ def clt_row(live: Live, path: str, batch_size: int, splice_bos: bool) -> dict:
                     for t, site in enumerate(outs):
                         stack.enter_context(splice(model, site, writer(t, live_in, feats, key == "zero")))
                     logp = log_probs(model(input_ids=ids, use_cache=False).logits)
-                sums[key] += float(ce_from_log_probs(logp, ids).double().sum())
-                if key == "ce":
-                    sums["kl"] += float(kl_per_token(None, logp[:, :-1], ref=kl_reference(clean[:, :-1])).double().sum())
+                add_scores(sums, key, logp, ids, clean)
             sums["clean"] += float(ce_from_log_probs(clean, ids).double().sum())
             n_pred += ids.shape[0] * (ids.shape[1] - 1)
     clean, ce, kl, zero = (sums[k] / n_pred for k in ("clean", "ce", "kl", "zero"))
@@ -112,3 +110,11 @@ def clt_row(live: Live, path: str, batch_size: int, splice_bos: bool) -> dict:
             "d_sae": clt.cfg.d_sae, "l0": sum(p["l0"] or 0 for p in per.values()),
             "alive": sum(p["alive"] for p in per.values()),
             "nmse": sum(t.err for t in tallies) / max(sum(t.norm2 for t in tallies), 1e-30), "per_layer": per}
+
+
+def add_scores(sums: dict, key: str, logp, ids, clean) -> None:
+    """Add one spliced forward's summed CE to sums[key] ("ce" or "zero"), and for "ce" its summed
+    KL(clean || spliced), over the positions that predict tokens 1..T-1 (crosscoder and CLT rows)."""
+    sums[key] += float(ce_from_log_probs(logp, ids).double().sum())
+    if key == "ce":
+        sums["kl"] += float(kl_per_token(None, logp[:, :-1], ref=kl_reference(clean[:, :-1])).double().sum())
