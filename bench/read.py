@@ -68,12 +68,12 @@ def feed_seconds(store_path, batch, widen: bool, decode_on_host: bool, direct: b
     else:
         feed = StoreFeed(store, SITE, batch, seed=0, grads=False, exclude_pos0=True, pin=cuda, direct=direct)
         for i, b in zip(range(steps), feed):
-            x = b["acts"]
+            x = b.acts
             if cuda:
                 x = x.to("cuda", non_blocking=True)
             if widen:
                 x = x.float()
-            n += b["acts"].numel() * b["acts"].element_size()
+            n += b.acts.numel() * b.acts.element_size()
         if cuda:
             torch.cuda.synchronize()
     return time.perf_counter() - t0, n

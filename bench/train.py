@@ -105,7 +105,7 @@ def feed_seconds(store_path, batch, tokens, device) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     for _, b in zip(range(max(1, tokens // batch)), feed):
-        b["acts"].to(device, non_blocking=True).float()
+        b.acts.to(device, non_blocking=True).float()
     sync()
     return time.perf_counter() - t0
 

@@ -25,9 +25,10 @@ def test_direct_buffers_hold_the_bytes_of_the_copying_path(store, site):
     n = 0
     for a, b in zip(plain, direct):
         for key in ("acts", "grads"):
-            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
-            assert torch.equal(a[key].view(torch.int16 if a[key].element_size() == 2 else torch.int32),
-                               b[key].view(torch.int16 if b[key].element_size() == 2 else torch.int32))
+            a_key, b_key = getattr(a, key), getattr(b, key)
+            assert a_key.dtype == b_key.dtype and a_key.shape == b_key.shape
+            assert torch.equal(a_key.view(torch.int16 if a_key.element_size() == 2 else torch.int32),
+                               b_key.view(torch.int16 if b_key.element_size() == 2 else torch.int32))
         n += 1
         if n == 12:   # past one epoch of blocks' worth of batches
             break
@@ -36,7 +37,7 @@ def test_direct_buffers_hold_the_bytes_of_the_copying_path(store, site):
     # against the store's own decoding, so the test does not only compare two paths of one reader
     rows = next(iter(store.batches(site, 96, seqs="train", seed=3, exclude_pos0=True)))["rows"]
     first = next(iter(StoreFeed(store, site, 96, **kw, direct=True)))
-    np.testing.assert_array_equal(first["acts"].float().numpy(), store.acts(site, rows))
+    np.testing.assert_array_equal(first.acts.float().numpy(), store.acts(site, rows))
 
 
 def test_direct_batches_are_the_buffers_the_reads_wrote():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,13 +27,52 @@ from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import TensorFeed, held_out_origin
+from sae_harvest.train.feeds import Batch, SequenceFeed, held_out_origin
 from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import build_runs, input_scale, optimizer_step, save_run
 
 MICRO_TOKENS = 8192    # tokens per forward; a step accumulates gradients (paper: 8 x 1024, twice)
 SAMPLE_TOKENS = 8192   # site activations for the input scale and the b_dec init
 E2E_ARCHS = tuple(name for name, cls in ARCHITECTURES.items() if cls.trains_e2e)
+
+
+@dataclass(frozen=True)
+class E2EContext:
+    """What `_setup` opens for an e2e fit: the store and its token sequences, the live model at the
+    site, the train / held-out split and the provenance saved with every SAE."""
+    store: object             # stores.reader.Store
+    tokens: object            # the store's `tokens` array [n_seqs, ctx_len]
+    site: Site
+    model: torch.nn.Module
+    adapter: object           # harvest.models.ModelAdapter
+    d_in: int
+    train_seqs: np.ndarray    # sequence indices a step may draw
+    held_seqs: np.ndarray     # the store's held-out sequences: the final report's
+    provenance: dict
+    device: torch.device | None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_seqs)
+
+
+@dataclass(frozen=True)
+class E2EStepOptions:
+    """How every spliced forward of a fit runs: e2e_loss's arguments and the step's settings."""
+    downstream: list[str]     # residual streams the e2e+ds term compares (harvest.sites.downstream_sites)
+    scale: float              # the input scale the SAEs train under (the driver's, after a resume)
+    kl_coeff: float
+    downstream_coeff: float
+    include_bos: bool
+    grad_clip: float | None = None
+    device: torch.device | None = None
+    autocast: bool = False
+    dead_after: int = 0
+
+    def loss_kw(self) -> dict:
+        """e2e_loss's keyword arguments."""
+        return dict(scale=self.scale, kl_coeff=self.kl_coeff, downstream_coeff=self.downstream_coeff,
+                    downstream=self.downstream, include_bos=self.include_bos)
 
 
 def default_coeffs(loss: str, kl_coeff, downstream_coeff) -> tuple[float, float]:
@@ -98,7 +137,7 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     return out
 
 
-def _pass(model, site, runs, ids, opts, train: bool):
+def _pass(model, site, runs, ids, opts: E2EStepOptions, train: bool):
     """Every SAE on the sequences `ids`, in micro-batches that each share one clean forward.
     Returns ({name: mean of each term}, {name: latents that fired}); with train, gradients
     accumulate to those of the whole batch (each sequence counts the same number of tokens)."""
@@ -106,7 +145,7 @@ def _pass(model, site, runs, ids, opts, train: bool):
     fired = {name: torch.zeros(run.cfg.d_sae, dtype=torch.bool, device=ids.device) for name, run in runs.items()}
     micro = max(1, MICRO_TOKENS // ids.shape[1])
     # bf16 autocast covers the clean and the spliced forwards alike, so the KL compares like with like
-    amp = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=getattr(opts, "autocast", False))
+    amp = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=opts.autocast)
     for lo in range(0, len(ids), micro):
         chunk = ids[lo:lo + micro]
         w = len(chunk) / len(ids)
@@ -115,7 +154,7 @@ def _pass(model, site, runs, ids, opts, train: bool):
         for name, run in runs.items():
             run.sae.train(train)   # batchtopk: batch top-k in training, its threshold otherwise
             with torch.set_grad_enabled(train), amp:
-                t = e2e_loss(model, run.sae, site, chunk, clean=clean, **opts.loss_kw)
+                t = e2e_loss(model, run.sae, site, chunk, clean=clean, **opts.loss_kw())
             run.sae.train()
             if train:
                 (t["loss"] * w).backward()
@@ -126,10 +165,10 @@ def _pass(model, site, runs, ids, opts, train: bool):
     return sums, fired
 
 
-def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, log_now: bool) -> None:
+def _train_step(model, site, runs, ids, opts: E2EStepOptions, factor: float, log_now: bool) -> None:
     """One optimiser step of every SAE of the sweep on the sequences `ids`."""
     sums, fired = _pass(model, site, runs, ids, opts, train=True)
-    counted = (ids.numel() - (0 if opts.loss_kw["include_bos"] else len(ids))) * distributed.ranks()
+    counted = (ids.numel() - (0 if opts.include_bos else len(ids))) * distributed.ranks()
     for name, run in runs.items():
         optimizer_step(run, factor, opts.grad_clip, fired=fired[name], tokens=counted)
         if log_now:
@@ -138,7 +177,7 @@ def _train_step(model, site, runs, ids, opts: SimpleNamespace, factor: float, lo
                         "dead_fraction": float((run.since_fired >= opts.dead_after).float().mean())}
 
 
-def held_out_splice(model, site, runs, batches, opts) -> dict:
+def held_out_splice(model, site, runs, batches, opts: E2EStepOptions) -> dict:
     """Per SAE on held-out sequences: mean KL, CE (clean, spliced, increase), downstream MSEs,
     L0, L1 and the fraction of latents that never fired."""
     totals, fired, n = {name: {} for name in runs}, {}, 0
@@ -159,7 +198,7 @@ def held_out_splice(model, site, runs, batches, opts) -> dict:
     return out
 
 
-def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
+def _setup(cfg: TrainConfig, device) -> E2EContext:
     """Store, site, model and the train / held-out sequence split; TrainError on bad input."""
     if cfg.arch not in E2E_ARCHS:
         raise TrainError(f"--loss {cfg.loss} trains {', '.join(E2E_ARCHS)} SAEs, not --arch {cfg.arch}")
@@ -207,12 +246,12 @@ def _setup(cfg: TrainConfig, device) -> SimpleNamespace:
                   "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
                   "dataset_path": attrs.get("dataset", {}).get("name"),
                   "held_out": {**store.split.to_attrs(), "creation_id": attrs.get("creation_id")}}
-    return SimpleNamespace(store=store, tokens=tokens, site=site, model=model, adapter=adapter,
-                           d_in=adapter.site_width(site.kind), train_seqs=train_seqs, n_train=len(train_seqs),
-                           held_seqs=held_seqs, provenance=provenance, device=device)
+    return E2EContext(store=store, tokens=tokens, site=site, model=model, adapter=adapter,
+                      d_in=adapter.site_width(site.kind), train_seqs=train_seqs, held_seqs=held_seqs,
+                      provenance=provenance, device=device)
 
 
-def _read(env, idx) -> torch.Tensor:
+def _read(env: E2EContext, idx) -> torch.Tensor:
     idx = np.sort(np.asarray(idx, dtype=np.int64))
     ids = np.asarray(env.tokens.get_orthogonal_selection((idx, slice(None))))
     if ids.size and (ids.min() < 0 or ids.max() >= env.adapter.vocab_size):
@@ -221,7 +260,7 @@ def _read(env, idx) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64)).to(env.device)
 
 
-def _site_rows(env, cfg, n_tokens: int, seed: int):
+def _site_rows(env: E2EContext, cfg, n_tokens: int, seed: int):
     """Site activations [n, d_in] (raw, float32, CPU) of a seeded sample of training sequences from
     the live model, one micro-batch at a time; position 0 only with --include-bos. Lazy."""
     per_seq = env.store.ctx_len - (0 if cfg.include_bos else 1)
@@ -233,7 +272,7 @@ def _site_rows(env, cfg, n_tokens: int, seed: int):
         yield (a if cfg.include_bos else a[:, 1:]).reshape(-1, env.d_in).float().cpu()
 
 
-def _site_sample(env, cfg) -> torch.Tensor:
+def _site_sample(env: E2EContext, cfg) -> torch.Tensor:
     """Site activations of a seeded sample of training sequences, from the live model."""
     return torch.cat(list(_site_rows(env, cfg, SAMPLE_TOKENS, cfg.seed)))
 
@@ -259,24 +298,22 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
                       site=env.provenance["hook_name"])   # sweep parallel: this rank's
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
     downstream = downstream_sites(env.site, env.adapter.n_layers)
-    opts = SimpleNamespace(downstream=downstream, grad_clip=cfg.grad_clip, device=device,
-                           autocast=cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda"),
-                           dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)),
-                           loss_kw=dict(scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
-                                        downstream=downstream, include_bos=cfg.include_bos))
     batch_tokens = seqs_per_step * ctx
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
                     label=cfg.loss, world=world, store=env.store)
     feed_state = driver.prepare(resume, overwrite, device)
-    scale = driver.scale
-    opts.loss_kw["scale"] = scale
+    scale = driver.scale   # a resumed run's, which the options must carry
+    opts = E2EStepOptions(downstream=downstream, scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
+                          include_bos=cfg.include_bos, grad_clip=cfg.grad_clip, device=device,
+                          autocast=cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda"),
+                          dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)))
     # sweep parallel: every rank runs the model on every step's whole batch, for its own SAEs
     # the feed draws from the training sequences only: a held-out sequence is never in a step
-    feed = TensorFeed(torch.from_numpy(env.train_seqs), seqs_per_step, seed=cfg.seed, state=feed_state,
-                      part=(0, 1) if world.sweep_parallel else (world.rank, world.size))
+    feed = SequenceFeed(torch.from_numpy(env.train_seqs), seqs_per_step, seed=cfg.seed, state=feed_state,
+                        part=(0, 1) if world.sweep_parallel else (world.rank, world.size))
 
-    def prepare(data):
-        return _read(env, data["acts"].numpy())   # the feed yields sequence indices
+    def prepare(batch: Batch):
+        return _read(env, batch.seqs.numpy())
 
     def step_fn(ids, factor, log_now):
         _train_step(env.model, env.site, runs, ids, opts, factor, log_now)

@@ -1,6 +1,6 @@
 """Where training batches come from: a store (the normal case) or a tensor (meta-SAEs).
 
-A feed yields {"acts": tensor [n, d], "grads": tensor or None} and can report and restore its
+A feed yields `Batch`es and can report and restore its
 position, so `--resume` continues on exactly the next batch. A store feed yields the values as
 stored (float16, bfloat16 or float32 tensors): the trainer converts them to float32 on the device,
 so the host never spends a pass over the batch decoding it. On CUDA the shard reads write each
@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sae_harvest.stores.urls import scrub
 from sae_harvest.stores.layout import acts_path, grads_path
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as a feed yields it and a trainer's `prepare` reads it. A store or decoder-row feed
+    fills acts (and grads when the SAE uses them); the e2e feed fills seqs, the token sequences the
+    step replays through the model (it has no stored activations)."""
+    acts: torch.Tensor | None = None    # [n, d]: as stored (16-bit from a store), float32 decoder rows
+    grads: torch.Tensor | None = None   # [n, d] or None
+    seqs: torch.Tensor | None = None    # int64 [n] sequence indices into the store's `tokens`
 
 
 def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
@@ -79,7 +90,7 @@ class StoreFeed:
             if self.pin and self.buffers is None:
                 acts = acts.pin_memory()
                 grads = grads.pin_memory() if grads is not None else None
-            yield {"acts": acts, "grads": grads}, self.iter.state()
+            yield Batch(acts=acts, grads=grads), self.iter.state()
 
     def __iter__(self):
         copies = self.pin and self.buffers is None   # only the copying path needs a thread of its own
@@ -130,6 +141,10 @@ def _background(it, depth: int = 2):
 class TensorFeed:
     """Seeded reshuffle every epoch; used for the meta-SAE's few thousand decoder rows."""
 
+    @staticmethod
+    def _batch(rows: torch.Tensor) -> Batch:
+        return Batch(acts=rows)
+
     def __init__(self, data: torch.Tensor, batch_size: int, *, seed: int, state: dict | None = None,
                  part: tuple[int, int] = (0, 1)):
         self.data = data
@@ -147,11 +162,19 @@ class TensorFeed:
                 self.offset += self.batch_size
                 rank, world = self.part   # this rank's share of the global batch
                 idx = idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]
-                yield {"acts": self.data[idx], "grads": None}
+                yield self._batch(self.data[idx])
             self.epoch, self.offset = self.epoch + 1, 0
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+class SequenceFeed(TensorFeed):
+    """TensorFeed over sequence indices (e2e): the same seeded order, yielded as Batch.seqs."""
+
+    @staticmethod
+    def _batch(rows: torch.Tensor) -> Batch:
+        return Batch(seqs=rows)
 
 
 def held_out_origin(store, tokens: int | None = None, sequences: int | None = None) -> dict:

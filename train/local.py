@@ -18,7 +18,7 @@ from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import StoreFeed, TensorFeed, held_out_origin, sample_rows, train_tokens
+from sae_harvest.train.feeds import Batch, StoreFeed, TensorFeed, held_out_origin, sample_rows, train_tokens
 from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
 from sae_harvest.train.sae import SAE, unit_rows
@@ -160,10 +160,10 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     feed = source.feed(batch, feed_state, part=part, pin=device.type == "cuda")
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
 
-    def prepare(data):
+    def prepare(batch: Batch):
         # the feed ships the stored 16-bit values; widen to float32 on the device
-        x = data["acts"].to(device, non_blocking=True).float() / scale
-        g = data["grads"].to(device, non_blocking=True).float() * scale if data["grads"] is not None else None
+        x = batch.acts.to(device, non_blocking=True).float() / scale
+        g = batch.grads.to(device, non_blocking=True).float() * scale if batch.grads is not None else None
         return x, g
 
     def step_fn(inputs, factor, log_now):
