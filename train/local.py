@@ -19,28 +19,60 @@ from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import Batch, StoreFeed, TensorFeed, held_out_origin, sample_rows, train_tokens
+from sae_harvest.train import held_out
+from sae_harvest.train.held_out import held_out_reconstruction
 from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
-from sae_harvest.train.sae import SAE, unit_rows
+from sae_harvest.train.sae import unit_rows
 from sae_harvest.train.sae_io import load_sae
 from sae_harvest.train.stacked import StackedSweep, wants_stacking
 
 
-HELD_OUT_REPORT_ROWS = 1 << 17
-
-
 class Source:
-    """The data side of a fit: feed, widths, normalisation, held-out rows, provenance."""
+    """The data side of a fit: feed, widths, normalisation, held-out rows, provenance. Two kinds:
+    StoreSource (a store's rows at one site) and DecoderSource (another SAE's decoder rows, for a
+    meta-SAE); open_source picks by the config."""
+    store = None                     # the store it reads, if any (the driver's identity checks)
+    site: str | None = None
+    report_rows: int | None = None   # the held-out report's cap (held_out.capped); None: every row
+    d_in: int
+    grads: bool
+    sample: torch.Tensor             # rows for the input scale and the b_dec init
+    grad_sample: torch.Tensor | None
+    epoch_tokens: int                # training rows in one pass
+    provenance: dict
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.warnings: list[str] = []   # one line each, printed before training starts
-        if cfg.decoder_of:
-            self._from_decoder(cfg)
-        else:
-            self._from_store(cfg)
 
-    def _from_store(self, cfg):
+    def feed(self, batch_size: int, state: dict | None, part=(0, 1), pin=False):
+        """The training feed (train/feeds.py), resumed at `state`; `part`: this rank's share."""
+        raise NotImplementedError
+
+    def threshold_rows(self, n_rows: int, chunk: int = 8192):
+        """Up to n_rows raw training rows in chunks: what sae.finalize() estimates batch-independent
+        quantities (BatchTopK's threshold) from. Lazy: nothing is read unless finalize() asks."""
+        raise NotImplementedError
+
+    def held_out(self, batch_size: int):
+        """(x, g or None) batches, raw, of the rows the final report scores."""
+        raise NotImplementedError
+
+    def origin(self, tokens: int) -> dict | None:
+        """Where the report's rows came from (train.feeds.held_out_origin); None: not held out."""
+        return None
+
+
+class StoreSource(Source):
+    """A store's rows at one site: training reads its training sequences, the report its held-out ones."""
+
+    @property
+    def report_rows(self) -> int:
+        return held_out.HELD_OUT_REPORT_ROWS
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
         if not cfg.store:
             raise TrainError("give --store (or --decoder-of for a meta-SAE)")
         store = open_store(cfg.store)
@@ -76,28 +108,12 @@ class Source:
                            # what the store's gradients are of (g-SAEs; harvest/grad_targets.py)
                            "grad_target": (attrs.get("grads") or {}).get("target", "labels") if self.grads else None}
 
-    def _from_decoder(self, cfg):
-        parent = load_sae(cfg.decoder_of)
-        # a saved SAE has its input scale folded into W_dec; meta-SAEs see directions only
-        self.data = unit_rows(parent.W_dec)
-        self.sample, self.d_in, self.grads, self.site = self.data, self.data.shape[1], False, None
-        self.grad_sample = None
-        self.epoch_tokens = len(self.data)
-        self.provenance = {"decoder_of": scrub(cfg.decoder_of), "hook_name": f"meta:{scrub(cfg.decoder_of)}"}
-
     def feed(self, batch_size: int, state: dict | None, part=(0, 1), pin=False):
-        if self.cfg.decoder_of:
-            return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state, part=part)
         return StoreFeed(self.store, self.site, batch_size, seed=self.cfg.seed,
                          grads=self.grads, exclude_pos0=self.exclude_pos0, state=state, part=part, pin=pin)
 
     def threshold_rows(self, n_rows: int, chunk: int = 8192):
-        """Up to n_rows raw training rows in chunks (one seeded pass over whole blocks): what
-        sae.finalize() estimates batch-independent quantities (BatchTopK's threshold) from. Lazy:
-        nothing is read unless the SAE's finalize() asks for it."""
-        if self.cfg.decoder_of:
-            yield from self.data[:n_rows].split(chunk)
-            return
+        """One seeded pass over whole blocks of the training sequences."""
         it = self.store.batches(self.site, chunk, seqs="train", seed=self.cfg.seed + 1,
                                 exclude_pos0=self.exclude_pos0, epochs=1, drop_last=False)
         for batch in it:
@@ -108,21 +124,45 @@ class Source:
                 return
 
     def held_out(self, batch_size: int):
-        if self.cfg.decoder_of:
-            for i in range(0, len(self.data), batch_size):
-                yield self.data[i:i + batch_size], None
-            return
-        # held-out rows are spread over every block: a big store's report stops at HELD_OUT_REPORT_ROWS
-        # (blocks in a seeded order, so the sample spans the store) instead of reading it all again
+        """The rows of the store's held-out sequences, whole blocks in a seeded order; lazy, so the
+        report's cap (report_rows) stops the reads."""
         it = self.store.batches(self.site, batch_size, seqs="held_out", grads=self.grads,
                                 exclude_pos0=self.exclude_pos0, epochs=1, drop_last=False)
-        left = HELD_OUT_REPORT_ROWS
         for batch in it:
-            g = torch.from_numpy(batch["grads"][self.site][:left]) if self.grads else None
-            yield torch.from_numpy(batch["acts"][self.site][:left]), g
-            left -= len(batch["acts"][self.site])
-            if left <= 0:
-                return
+            g = torch.from_numpy(batch["grads"][self.site]) if self.grads else None
+            yield torch.from_numpy(batch["acts"][self.site]), g
+
+    def origin(self, tokens: int) -> dict:
+        return held_out_origin(self.store, tokens=tokens)
+
+
+class DecoderSource(Source):
+    """Another SAE's unit decoder rows (a meta-SAE): trained on and reported on, all of them."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        parent = load_sae(cfg.decoder_of)
+        # a saved SAE has its input scale folded into W_dec; meta-SAEs see directions only
+        self.data = unit_rows(parent.W_dec)
+        self.sample, self.d_in, self.grads = self.data, self.data.shape[1], False
+        self.grad_sample = None
+        self.epoch_tokens = len(self.data)
+        self.provenance = {"decoder_of": scrub(cfg.decoder_of), "hook_name": f"meta:{scrub(cfg.decoder_of)}"}
+
+    def feed(self, batch_size: int, state: dict | None, part=(0, 1), pin=False):
+        return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state, part=part)
+
+    def threshold_rows(self, n_rows: int, chunk: int = 8192):
+        yield from self.data[:n_rows].split(chunk)
+
+    def held_out(self, batch_size: int):
+        for i in range(0, len(self.data), batch_size):
+            yield self.data[i:i + batch_size], None
+
+
+def open_source(cfg: TrainConfig) -> Source:
+    """The source a config names: --decoder-of's decoder rows, else --store's rows."""
+    return DecoderSource(cfg) if cfg.decoder_of else StoreSource(cfg)
 
 
 def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -130,7 +170,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     """Train every SAE of the sweep on stored activations (or decoder rows); {name: summary}
     (under torchrun, rank 0 returns it and the other ranks {})."""
     out = Path(cfg.out)
-    source = Source(cfg)
+    source = open_source(cfg)
     scale = input_scale(source.sample, cfg.normalize and not cfg.decoder_of)
     tokens = cfg.tokens or source.epoch_tokens * (cfg.epochs or 1)
     batch = min(cfg.batch_size, source.epoch_tokens)
@@ -148,7 +188,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     except ValueError as e:
         raise TrainError(str(e)) from None
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
-                    world=world, store=getattr(source, "store", None))
+                    world=world, store=source.store)
     feed_state = driver.prepare(resume, overwrite, device)
     if world.main:   # after every check of the input: bad input stays one error line
         for line in source.warnings + short_run_warnings(cfg, source.epoch_tokens, batch, total_steps):
@@ -246,39 +286,14 @@ def _info(runs) -> list[dict]:
             for name, run in runs.items()]
 
 
-@torch.no_grad()
-def held_out_reconstruction(sae: SAE, batches, scale: float, device) -> dict:
-    """NMSE, explained variance, L0 and dead fraction of an SAE (training scale) on held-out rows."""
-    sae.eval()
-    err = norm2 = l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    xs_sum, count = None, 0
-    for x, g in batches:
-        x = x.to(device) / scale
-        g = g.to(device) * scale if g is not None else None
-        feats = sae.encode(x, g)
-        x_hat = sae.decode(feats)
-        err += (x_hat - x).pow(2).sum().item()
-        norm2 += x.pow(2).sum().item()
-        xs_sum = x.sum(0) if xs_sum is None else xs_sum + x.sum(0)
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-        count += len(x)
-    sae.train()
-    if count == 0:
-        return {}
-    tot = norm2 - (xs_sum.pow(2).sum().item() / count)   # sum ||x - mean||^2
-    return {"held_out_tokens": count, "nmse": err / norm2, "explained_variance": 1 - err / tot,
-            "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
-
-
 def _finish(run: Run, source, folder, cfg, scale, device, driver) -> dict:
     sae = run.sae
     # batch-independent: >= THRESHOLD_ROWS training rows, whatever --batch-size was
     sae.finalize(x.to(device) / scale for x in source.threshold_rows(THRESHOLD_ROWS))
-    held = held_out_reconstruction(sae, source.held_out(cfg.batch_size), scale, device)
-    if not cfg.decoder_of and held:
-        held["origin"] = held_out_origin(source.store, tokens=held["held_out_tokens"])
+    held = held_out_reconstruction(sae, source.held_out(cfg.batch_size), scale, device, limit=source.report_rows)
+    origin = source.origin(held["held_out_tokens"]) if held else None
+    if origin is not None:
+        held["origin"] = origin
     summary = {**driver.summary(), "input_scale": scale, "held_out": held}
     save_run(run, folder, scale, {**source.provenance, "training": cfg.to_dict()}, summary)
     return summary

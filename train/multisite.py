@@ -35,7 +35,7 @@ from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import _background, as_tensor, held_out_origin
-from sae_harvest.train.local import Source, _finish, _info, _print_summary, _step
+from sae_harvest.train.local import StoreSource, _finish, _info, _print_summary, _step
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.init_streams import checkpoint_stream
 from sae_harvest.train.runs import Run, build_runs, input_scale, new_run, seed_init
@@ -249,7 +249,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     out = Path(cfg.out)
     pairs = plan_pairs(cfg, open_store(cfg.store))
     needed = sorted({s for p in pairs for s in (p.site, p.target) if s}, key=_site_order)
-    sources = {s: Source(dataclasses.replace(cfg, site=s, target=None)) for s in needed}
+    sources = {s: StoreSource(dataclasses.replace(cfg, site=s, target=None)) for s in needed}
     scales = {s: input_scale(src.sample, cfg.normalize) for s, src in sources.items()}
     first = sources[pairs[0].site]
     tokens = cfg.tokens or first.epoch_tokens * (cfg.epochs or 1)
@@ -336,33 +336,13 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     return summaries
 
 
-@torch.no_grad()
 def held_out_prediction(sae, store, pair: Pair, scales, batch_size: int, exclude_pos0: bool, device) -> dict:
     """The target's NMSE and FVU (1 - explained variance), L0 and dead fraction on the rows of the
     store's held-out sequences (stores/split.py), in the training space (both sites divided by their
-    scales)."""
-    sae.eval()
-    err = norm2 = l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    y_sum, count = None, 0
-    for b in store.batches([pair.site, pair.target], batch_size, seqs="held_out", exclude_pos0=exclude_pos0,
-                           epochs=1, drop_last=False):
-        x = torch.from_numpy(b["acts"][pair.site]).to(device) / scales[pair.site]
-        y = torch.from_numpy(b["acts"][pair.target]).to(device) / scales[pair.target]
-        feats = sae.encode(x)
-        y_hat = sae.decode(feats) + sae.skip_out(x)
-        err += (y_hat - y).pow(2).sum().item()
-        norm2 += y.pow(2).sum().item()
-        y_sum = y.sum(0) if y_sum is None else y_sum + y.sum(0)
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-        count += len(x)
-    sae.train()
-    if count == 0:
-        return {}
-    total = norm2 - y_sum.pow(2).sum().item() / count
-    return {"held_out_tokens": count, "nmse": err / norm2, "explained_variance": 1 - err / total,
-            "fvu": err / total, "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
+    scales): the SAEs' report loop (train/held_out.py), with its cap on the rows read."""
+    from sae_harvest.train import held_out
+
+    return held_out.held_out_prediction(sae, store, pair.site, pair.target, scales, batch_size, exclude_pos0, device)
 
 
 def _finish_transcoder(run: Run, pair: Pair, sources, scales, folder: Path, cfg, device, driver) -> dict:
