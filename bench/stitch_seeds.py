@@ -86,7 +86,7 @@ def main():
                     small=os.path.join(args.out, f"seed{seed}", f"{args.arch}-{small}", name),
                     large=os.path.join(args.out, f"seed{seed}", f"{args.arch}-{large}", name),
                     store=args.store, tokens=args.tokens, ce_points=args.ce_points, threshold=theta,
-                    device="cpu"), progress=False)
+                    device="cpu"), progress=False).to_dict()
                 summary = doc["summary"]
                 overlap = {"large_matched": summary["n_reconstruction"] / large,   # reconstruction latents
                            "small_matched": 1 - summary["n_orphans"] / small}      # small latents some large one matches

@@ -8,7 +8,6 @@ import click
 from rich.console import Console
 
 from sae_harvest.stores.cli import CONTEXT, EXIT_SIGINT, Group, config_options, console, entry as _entry, fail
-from sae_harvest.stores.urls import scrub_tree
 
 from .config import EvalConfig
 from .features import FeaturesConfig
@@ -79,15 +78,16 @@ def _wide_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _write_outputs(doc, json_path, plot_fn=None, plot_path=None) -> None:
+def _write_outputs(result, json_path, plot_fn=None, plot_path=None) -> None:
+    """An analysis's result (evaluate/results.py) as JSON (its to_dict()) and plots."""
     from sae_harvest.stores.artifacts import write_artifact
 
     try:
         if json_path:
-            write_artifact(json_path, doc, indent=1)
+            write_artifact(json_path, result.to_dict(), indent=1)
             console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
-            for written in plot_fn(doc, plot_path) or [plot_path]:
+            for written in plot_fn(result, plot_path) or [plot_path]:
                 console.print(f"wrote {written}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
@@ -108,7 +108,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     from .stitch import run_stitch
 
     try:
-        doc = scrub_tree(run_stitch(StitchConfig(**fields), progress=not quiet, console=console))   # printed too: no credential on screen
+        doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console).scrubbed()   # printed too: no credential on screen
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     print_stitch(doc, _wide_console())
@@ -129,7 +129,7 @@ def meta_cmd(json_path, quiet, **fields):
     from .analysis_report import print_meta
     from .meta import run_meta
 
-    doc = scrub_tree(run_meta(MetaConfig(**fields)))   # printed too: no credential on screen
+    doc = run_meta(MetaConfig(**fields)).scrubbed()   # printed too: no credential on screen
     print_meta(doc, _wide_console())
     _write_outputs(doc, json_path)
 
@@ -154,8 +154,8 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
 
     from .sweeps import expand_saes
 
-    doc = scrub_tree(run_geometry(GeometryConfig(saes=expand_saes(saes), **fields), progress=not quiet,
-                                  console=console))   # printed too: no credential on screen
+    doc = run_geometry(GeometryConfig(saes=expand_saes(saes), **fields), progress=not quiet,
+                       console=console).scrubbed()   # printed too: no credential on screen
     print_geometry(doc, _wide_console())
     _write_outputs(doc, json_path, plot_geometry, plot_prefix)
 

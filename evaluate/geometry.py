@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_harvest.evaluate.results import CrossCosines, GeometryResult, SaeGeometry
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 from sae_harvest.train.sae import unit_rows
@@ -115,8 +116,8 @@ def frequency_summary(freq: torch.Tensor, tokens: int) -> dict:
             "values": [float(f) for f in freq.tolist()]}
 
 
-def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -> dict:
-    """The whole JSON document of `evaluate geometry`; `progress`: a bar over the SAEs."""
+def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -> GeometryResult:
+    """`evaluate geometry`'s report (to_dict() is the JSON document); `progress`: a bar over the SAEs."""
     from sae_harvest.evaluate.splice import EvaluateError
     from sae_harvest.stores import open_store
     from sae_harvest.stores.cli import pick_device
@@ -132,25 +133,25 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
         raise EvaluateError(shared)
     dev = pick_device(cfg.device)
     store = open_store(cfg.store) if cfg.store else None
-    saes, out = [], []
+    saes, entries, nn = [], [], []
     with token_progress(console, disable=not progress, unit="SAE", transient=True) as bar:
         task = bar.add_task("geometry", total=len(cfg.saes), info="")
         for path in cfg.saes:
-            saes.append(_one_sae(cfg, path, dev, store, out))
+            sae, entry = _one_sae(cfg, path, dev, store, {e["name"] for e in entries})
+            saes.append(sae), entries.append(entry), nn.append(nearest_neighbour_cosines(sae.W_dec))
             bar.advance(task)
     # one histogram range per figure, so that the series of a plot share their bins
-    lo, hi = value_range([e["nn_cosine"] for e in out])
-    for e in out:
-        e["nn_cosine"] = distribution(e["nn_cosine"], cfg.bins, lo, hi)
+    lo, hi = value_range(nn)
+    out = [SaeGeometry(**e, nn_cosine=distribution(c, cfg.bins, lo, hi)) for e, c in zip(entries, nn)]
     pairs = [(i, j, max_cosines(a.W_dec, b.W_dec)) for i, a in enumerate(saes) for j, b in enumerate(saes)
              if i != j and a.cfg.d_in == b.cfg.d_in]
     lo, hi = value_range([c for _, _, c in pairs]) if pairs else (-1.0, 1.0)
-    cross = [{"a": out[i]["name"], "b": out[j]["name"], **distribution(c, cfg.bins, lo, hi)} for i, j, c in pairs]
-    return {"config": cfg.to_dict(), "saes": out, "cross": cross}
+    cross = [CrossCosines(a=out[i].name, b=out[j].name, **distribution(c, cfg.bins, lo, hi)) for i, j, c in pairs]
+    return GeometryResult(config=cfg.to_dict(), saes=out, cross=cross)
 
 
-def _one_sae(cfg, path, dev, store, out: list):
-    """Load one SAE and append its entry (nearest-neighbour cosines, frequencies) to `out`."""
+def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
+    """(the SAE, its SaeGeometry fields but the nearest-neighbour cosines); `taken`: names in use."""
     from sae_harvest.evaluate.splice import EvaluateError
     from sae_harvest.train.feeds import held_out_origin
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
@@ -162,11 +163,11 @@ def _one_sae(cfg, path, dev, store, out: list):
     saved = json.loads((folder / CFG_NAME).read_text())
     ours = saved.get("sae_harvest") or {}
     name = ours.get("sweep_name") or folder.name
-    if name in {r["name"] for r in out}:
+    if name in taken:
         name = str(path)
     entry = {"path": str(path), "name": name, "site": hook_name_of(saved), "arch": sae.cfg.arch,
              "loss": (ours.get("training") or {}).get("loss", "local"), "d_in": sae.cfg.d_in,
-             "d_sae": sae.cfg.d_sae, "nn_cosine": nearest_neighbour_cosines(sae.W_dec)}
+             "d_sae": sae.cfg.d_sae}
     if store is not None:
         site = entry["site"]
         if site not in store.sites:
@@ -180,5 +181,4 @@ def _one_sae(cfg, path, dev, store, out: list):
             raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
         entry["frequency"] = {**frequency_summary(freq, n), "selection": selection,
                               "eval_tokens": held_out_origin(store, tokens=n)}
-    out.append(entry)
-    return sae
+    return sae, entry

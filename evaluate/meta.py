@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sae_harvest.evaluate.results import LatentDecomposition, MetaResult, MetaSaeRef, SaeRef
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 from sae_harvest.train.sae import unit_rows   # the meta-SAE's training data (train/local.py)
@@ -42,8 +43,22 @@ class MetaConfig:
         return scrub_tree(dataclasses.asdict(self))
 
 
-def decompose(sae, meta) -> dict:
-    """Meta-latents of every SAE latent: {"rows", "feats", "recon"} plus the summary numbers."""
+@dataclass(frozen=True)
+class Decomposition:
+    """Every SAE latent through the meta-SAE (decompose), what describe() reads, and the summary numbers."""
+    rows: torch.Tensor     # [F, d] the SAE's unit decoder rows (the meta-SAE's training data)
+    feats: torch.Tensor    # [F, M] meta-latent values of each row
+    recon: torch.Tensor    # [F, d] the meta-SAE's reconstruction of each row
+    active: torch.Tensor   # [F, M] bool, feats != 0
+    meta_l0: float
+    explained_variance: float | None
+    mean_cosine: float
+    latents_without_meta: int
+    alive_meta_latents: int
+
+
+def decompose(sae, meta) -> Decomposition:
+    """Meta-latents of every SAE latent, and the summary numbers."""
     rows = unit_rows(sae.W_dec).to(meta.W_dec.dtype)
     with torch.no_grad():
         feats = torch.cat([meta.encode(p) for p in rows.split(4096)])
@@ -51,20 +66,20 @@ def decompose(sae, meta) -> dict:
     err = (rows - recon).double().pow(2).sum()
     var = (rows - rows.mean(0)).double().pow(2).sum()
     active = feats != 0
-    return {
-        "rows": rows, "feats": feats, "recon": recon, "active": active,
-        "meta_l0": float(active.sum(-1).double().mean()),
-        "explained_variance": float(1 - err / var) if var > 0 else None,
-        "mean_cosine": float(torch.nn.functional.cosine_similarity(rows, recon, dim=-1).mean()),
-        "latents_without_meta": int((active.sum(-1) == 0).sum()),
-        "alive_meta_latents": int(active.any(0).sum()),
-    }
+    return Decomposition(
+        rows=rows, feats=feats, recon=recon, active=active,
+        meta_l0=float(active.sum(-1).double().mean()),
+        explained_variance=float(1 - err / var) if var > 0 else None,
+        mean_cosine=float(torch.nn.functional.cosine_similarity(rows, recon, dim=-1).mean()),
+        latents_without_meta=int((active.sum(-1) == 0).sum()),
+        alive_meta_latents=int(active.any(0).sum()),
+    )
 
 
-def describe(dec: dict, latent: int, neighbours: int) -> dict:
+def describe(dec: Decomposition, latent: int, neighbours: int) -> LatentDecomposition:
     """One SAE latent: its meta-latents (largest first), each with its users, and the latents that
     share the most meta-latents with it (ties: higher decoder cosine first)."""
-    feats, active, rows = dec["feats"], dec["active"], dec["rows"]
+    feats, active, rows = dec.feats, dec.active, dec.rows
     vals = feats[latent]
     order = [int(m) for m in vals.nonzero().flatten().tolist()]
     order.sort(key=lambda m: -float(vals[m]))
@@ -82,13 +97,13 @@ def describe(dec: dict, latent: int, neighbours: int) -> dict:
     candidates.sort(key=lambda j: (-float(shared[j]), -float(cos[j])))
     sharing = [{"latent": j, "shared": [m for m in order if active[j, m]], "cosine": float(cos[j])}
                for j in candidates[:neighbours]]
-    cos_self = float(torch.nn.functional.cosine_similarity(rows[latent], dec["recon"][latent], dim=0))
-    return {"latent": latent, "meta_l0": len(order), "reconstruction_cosine": cos_self,
-            "decomposition": parts, "sharing": sharing}
+    cos_self = float(torch.nn.functional.cosine_similarity(rows[latent], dec.recon[latent], dim=0))
+    return LatentDecomposition(latent=latent, meta_l0=len(order), reconstruction_cosine=cos_self,
+                               decomposition=parts, sharing=sharing)
 
 
-def run_meta(cfg: MetaConfig) -> dict:
-    """The whole JSON document of `evaluate meta`."""
+def run_meta(cfg: MetaConfig) -> MetaResult:
+    """`evaluate meta`'s report; to_dict() is the JSON document."""
     from sae_harvest.evaluate.splice import EvaluateError
     from sae_harvest.stores.cli import pick_device
     from sae_harvest.train.init_streams import first_shared
@@ -119,20 +134,20 @@ def run_meta(cfg: MetaConfig) -> dict:
         g = torch.Generator().manual_seed(cfg.seed)
         latents = sorted(torch.randperm(n, generator=g)[:cfg.samples].tolist())
     dec = decompose(sae, meta)
-    usage = dec["active"].sum(0)
-    return {
-        "config": cfg.to_dict(),
-        "sae": {"path": cfg.sae, "arch": sae.cfg.arch, "d_sae": n, "d_in": sae.cfg.d_in},
-        "meta": {"path": cfg.meta, "arch": meta.cfg.arch, "d_sae": meta.cfg.d_sae, "k": meta.cfg.k,
-                 "trained_on": trained_on, "trained_on_this_sae": _same(trained_on, cfg.sae)},
+    usage = dec.active.sum(0)
+    return MetaResult(
+        config=cfg.to_dict(),
+        sae=SaeRef(path=cfg.sae, arch=sae.cfg.arch, d_sae=n, d_in=sae.cfg.d_in),
+        meta=MetaSaeRef(path=cfg.meta, arch=meta.cfg.arch, d_sae=meta.cfg.d_sae, k=meta.cfg.k,
+                        trained_on=trained_on, trained_on_this_sae=_same(trained_on, cfg.sae)),
         # no tokens: the meta-SAE decomposes decoder rows (and is scored on all of them, as it trained)
-        "eval_tokens": {"source": "decoder rows", "held_out": None, "tokens": 0},
-        "meta_l0": dec["meta_l0"], "explained_variance": dec["explained_variance"],
-        "mean_cosine": dec["mean_cosine"], "latents_without_meta": dec["latents_without_meta"],
-        "alive_meta_latents": dec["alive_meta_latents"],
-        "meta_latent_usage": usage.tolist(),
-        "samples": [describe(dec, i, cfg.neighbours) for i in latents],
-    }
+        eval_tokens={"source": "decoder rows", "held_out": None, "tokens": 0},
+        meta_l0=dec.meta_l0, explained_variance=dec.explained_variance,
+        mean_cosine=dec.mean_cosine, latents_without_meta=dec.latents_without_meta,
+        alive_meta_latents=dec.alive_meta_latents,
+        meta_latent_usage=usage.tolist(),
+        samples=[describe(dec, i, cfg.neighbours) for i in latents],
+    )
 
 
 def _folder(path) -> Path:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_harvest.evaluate.config import TOKENS_HELP, LiveOptions
+from sae_harvest.evaluate.results import SaeRef, StitchResult, StitchSummary
 from sae_harvest.stores.cli import opt
 from sae_harvest.train.sae import unit_rows
 
@@ -253,7 +254,7 @@ def ce_steps(novel, groups, orphans, points: int) -> list[int]:
     return sorted(picked)
 
 
-def summarise(steps, independent, novel, recon, small_mse, large_mse) -> dict:
+def summarise(steps, independent, novel, recon, small_mse, large_mse) -> StitchSummary:
     """The paper's claims, as numbers: do novel latents lower MSE, is the swap phase smooth."""
     by_phase = {p: [s for s in steps if s["phase"] == p] for p in ("novel", "swap", "drop")}
 
@@ -265,20 +266,20 @@ def summarise(steps, independent, novel, recon, small_mse, large_mse) -> dict:
     end_swap = steps[len(by_phase["novel"]) + len(by_phase["swap"])]["mse"]
     jumps = [(b["mse"] - a["mse"]) for a, b in zip(steps, steps[1:])]
     worst = max(jumps) if jumps else 0.0
-    return {
-        "n_novel": len(novel), "n_reconstruction": len(recon),
-        "n_groups": len(by_phase["swap"]), "n_orphans": len(by_phase["drop"]),
-        "mse_small": small_mse, "mse_after_novel": end_novel, "mse_after_swaps": end_swap,
-        "mse_large": large_mse,
-        "l0_small": steps[0]["l0"], "l0_after_novel": steps[len(by_phase["novel"])]["l0"],
-        "l0_large": steps[-1]["l0"],
-        "novel_steps_lowering_mse": lowered(by_phase["novel"]),
-        "swap_steps_lowering_mse": lowered(by_phase["swap"]),
-        "largest_step_mse_increase": worst,
-        "largest_step_mse_increase_rel": worst / small_mse if small_mse else None,
-        "novel_alone_lowering_mse": _frac([independent[i] < 0 for i in novel]),
-        "reconstruction_alone_raising_mse": _frac([independent[i] > 0 for i in recon]),
-    }
+    return StitchSummary(
+        n_novel=len(novel), n_reconstruction=len(recon),
+        n_groups=len(by_phase["swap"]), n_orphans=len(by_phase["drop"]),
+        mse_small=small_mse, mse_after_novel=end_novel, mse_after_swaps=end_swap,
+        mse_large=large_mse,
+        l0_small=steps[0]["l0"], l0_after_novel=steps[len(by_phase["novel"])]["l0"],
+        l0_large=steps[-1]["l0"],
+        novel_steps_lowering_mse=lowered(by_phase["novel"]),
+        swap_steps_lowering_mse=lowered(by_phase["swap"]),
+        largest_step_mse_increase=worst,
+        largest_step_mse_increase_rel=worst / small_mse if small_mse else None,
+        novel_alone_lowering_mse=_frac([independent[i] < 0 for i in novel]),
+        reconstruction_alone_raising_mse=_frac([independent[i] > 0 for i in recon]),
+    )
 
 
 def _frac(flags):
@@ -286,8 +287,8 @@ def _frac(flags):
 
 
 # --- live model --------------------------------------------------------------------------------
-def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
-    """Classify the large SAE's latents and walk the stitching path; the whole JSON document."""
+def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> StitchResult:
+    """Classify the large SAE's latents and walk the stitching path; to_dict() is the JSON document."""
     from rich.console import Console
 
     from sae_harvest.evaluate.live import site_activations
@@ -329,21 +330,21 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> dict:
             steps[k]["ce_increase"], steps[k]["kl"] = ce_inc, kl
     summary = summarise(steps, independent, novel, recon, own["small"], own["large"])
     if at:
-        summary.update(ce_clean=ce["clean"], ce_increase_small=steps[0]["ce_increase"],
-                       ce_increase_after_novel=steps[len(novel)]["ce_increase"],
-                       ce_increase_large=steps[-1]["ce_increase"])
-    return {
-        "config": cfg.to_dict(), "model": live.model_name, "site": site.name,
-        "small": {"path": cfg.small, "arch": small.cfg.arch, "d_sae": small.cfg.d_sae},
-        "large": {"path": cfg.large, "arch": large.cfg.arch, "d_sae": large.cfg.d_sae},
-        "tokens": len(x), "positions": "1 and later (position 0 stays clean)", "eval_tokens": live.origin,
-        "threshold": cfg.threshold,
-        "novel": novel, "reconstruction": recon,
-        "groups": [{"small": s, "large": l} for s, l in groups], "orphans": orphans,
-        "max_cosine": [round(v, 6) for v in max_cos.tolist()], "best_small": best.tolist(),
-        "alone_delta_mse": independent,
-        "summary": summary, "path": steps,
-    }
+        summary = dataclasses.replace(summary, ce_clean=ce["clean"], ce_increase_small=steps[0]["ce_increase"],
+                                      ce_increase_after_novel=steps[len(novel)]["ce_increase"],
+                                      ce_increase_large=steps[-1]["ce_increase"])
+    return StitchResult(
+        config=cfg.to_dict(), model=live.model_name, site=site.name,
+        small=SaeRef(path=cfg.small, arch=small.cfg.arch, d_sae=small.cfg.d_sae),
+        large=SaeRef(path=cfg.large, arch=large.cfg.arch, d_sae=large.cfg.d_sae),
+        tokens=len(x), positions="1 and later (position 0 stays clean)", eval_tokens=live.origin,
+        threshold=cfg.threshold,
+        novel=novel, reconstruction=recon,
+        groups=[{"small": s, "large": l} for s, l in groups], orphans=orphans,
+        max_cosine=[round(v, 6) for v in max_cos.tolist()], best_small=best.tolist(),
+        alone_delta_mse=independent,
+        summary=summary, path=steps,
+    )
 
 
 def _own_mse(sae, x) -> float:

@@ -188,7 +188,7 @@ def test_stitch_live_ends_equal_each_sae_spliced(assets, live_pair):
     small, large, p_small, p_large = live_pair
     cfg = StitchConfig(small=p_small, large=p_large, model=assets["gpt2"], dataset=assets["corpus"],
                        tokens=CTX * N_SEQS, ctx_len=CTX, batch_size=4, device="cpu", ce_points=3)
-    doc = run_stitch(cfg, progress=False)
+    doc = run_stitch(cfg, progress=False).to_dict()
     assert doc["tokens"] == (CTX - 1) * N_SEQS
     assert sorted(doc["novel"] + doc["reconstruction"]) == list(range(96))
     assert set(range(20)) <= set(doc["reconstruction"])
@@ -255,7 +255,7 @@ def test_meta_report_recovers_the_planted_decomposition(meta_pair):
     from sae_harvest.evaluate.meta import MetaConfig, run_meta
 
     p_sae, p_meta, rows = meta_pair
-    doc = run_meta(MetaConfig(sae=p_sae, meta=p_meta, latents=(0, 2, 8), neighbours=3, device="cpu"))
+    doc = run_meta(MetaConfig(sae=p_sae, meta=p_meta, latents=(0, 2, 8), neighbours=3, device="cpu")).to_dict()
     sizes = [len(ms) for ms in PLANTED] + [1]
     assert doc["meta_l0"] == pytest.approx(sum(sizes) / len(sizes))
     # only the last row is not reconstructed: it misses e30 / sqrt2, squared error 1/2
@@ -333,7 +333,7 @@ def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
         sae.W_dec[2:] = torch.eye(D)
     path = save(sae, tmp_path / "freq")
     other = save(tied_relu([e(j) for j in range(D)]), tmp_path / "eye")
-    doc = run_geometry(GeometryConfig(saes=(path, other), store=store, tokens=10**6, device="cpu"))
+    doc = run_geometry(GeometryConfig(saes=(path, other), store=store, tokens=10**6, device="cpu")).to_dict()
 
     s = open_store(store)
     # only the rows of the store's held-out sequences (seq % every == 0), position 0 excluded
@@ -350,7 +350,7 @@ def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
     assert [(c["a"], c["b"], c["mean"]) for c in doc["cross"]] == [("freq", "eye", pytest.approx(1.0)),
                                                                    ("eye", "freq", pytest.approx(1.0))]
     # a cap on tokens reads only that many rows
-    capped = run_geometry(GeometryConfig(saes=(path,), store=store, tokens=50, device="cpu"))
+    capped = run_geometry(GeometryConfig(saes=(path,), store=store, tokens=50, device="cpu")).to_dict()
     assert capped["saes"][0]["frequency"]["tokens"] == 50
 
 
@@ -372,3 +372,61 @@ def test_geometry_cli_pngs_and_bad_input(store, tmp_path):
         r = CliRunner().invoke(evaluate_cli, ["geometry", "--device", "cpu", *args])
         assert r.exit_code == 2, r.output
         assert r.output.strip().splitlines()[0].startswith("error:") and expect in r.output
+
+
+# --- the typed results (evaluate/results.py) ---------------------------------------------------
+def _printed(print_fn, result) -> str:
+    import io
+
+    from rich.console import Console
+
+    console = Console(record=True, width=200, file=io.StringIO())
+    print_fn(result, console)
+    return console.export_text()
+
+
+def test_results_read_back_from_their_json_and_print_the_same(assets, live_pair, meta_pair, store, tmp_path):
+    """to_dict() is the document; from_dict() of the saved JSON rebuilds the typed result, which
+    prints and writes the same (a saved report can be re-printed and re-plotted)."""
+    from sae_harvest.evaluate.analysis_report import plot_geometry, plot_stitch, print_geometry, print_meta, print_stitch
+    from sae_harvest.evaluate.geometry import GeometryConfig, run_geometry
+    from sae_harvest.evaluate.meta import MetaConfig, run_meta
+    from sae_harvest.evaluate.results import LatentDecomposition, SaeGeometry, StitchSummary
+
+    _, _, p_small, p_large = live_pair
+    stitch = run_stitch(StitchConfig(small=p_small, large=p_large, model=assets["gpt2"], dataset=assets["corpus"],
+                                     tokens=CTX * 2, ctx_len=CTX, batch_size=4, device="cpu", ce_points=2),
+                        progress=False)
+    meta = run_meta(MetaConfig(sae=meta_pair[0], meta=meta_pair[1], latents=(0, 8), device="cpu"))
+    p1 = save(tied_relu([e(j) for j in range(8)]), tmp_path / "a")
+    geometry = run_geometry(GeometryConfig(saes=(p1, meta_pair[0]), store=store, device="cpu"))
+    for result, print_fn, part, kind in ((stitch, print_stitch, "summary", StitchSummary),
+                                         (meta, print_meta, "samples", LatentDecomposition),
+                                         (geometry, print_geometry, "saes", SaeGeometry)):
+        doc = json.loads(json.dumps(result.to_dict()))
+        back = type(result).from_dict(doc)
+        assert json.dumps(back.to_dict()) == json.dumps(doc)
+        got = getattr(back, part)
+        assert isinstance(got[0] if isinstance(got, list) else got, kind)
+        assert _printed(print_fn, back) == _printed(print_fn, result)
+    assert "ce_clean" in stitch.to_dict()["summary"]
+    plot_stitch(type(stitch).from_dict(json.loads(json.dumps(stitch.to_dict()))), tmp_path / "s.png")
+    assert plot_geometry(type(geometry).from_dict(json.loads(json.dumps(geometry.to_dict()))), tmp_path / "g") == \
+        [str(tmp_path / f"g-{s}.png") for s in ("nn", "cross", "freq")]
+
+
+def test_result_fields_left_out_when_not_measured():
+    from sae_harvest.evaluate.results import SaeRef, StitchSummary
+
+    numbers = dict(n_novel=1, n_reconstruction=2, n_groups=1, n_orphans=0, mse_small=1.0, mse_after_novel=0.5,
+                   mse_after_swaps=0.4, mse_large=0.3, l0_small=2.0, l0_after_novel=3.0, l0_large=2.5,
+                   novel_steps_lowering_mse=1.0, swap_steps_lowering_mse=None, largest_step_mse_increase=0.0,
+                   largest_step_mse_increase_rel=0.0, novel_alone_lowering_mse=1.0,
+                   reconstruction_alone_raising_mse=None)
+    assert list(StitchSummary(**numbers).to_dict()) == list(numbers)   # no CE measured: no CE keys, None kept
+    with_ce = StitchSummary(**numbers, ce_clean=3.0, ce_increase_small=0.1, ce_increase_after_novel=0.2,
+                            ce_increase_large=0.05).to_dict()
+    assert list(with_ce)[len(numbers):] == ["ce_clean", "ce_increase_small", "ce_increase_after_novel",
+                                            "ce_increase_large"]
+    assert SaeRef("p", "topk", 8).to_dict() == {"path": "p", "arch": "topk", "d_sae": 8}
+    assert SaeRef("p", "topk", 8, d_in=4).to_dict() == {"path": "p", "arch": "topk", "d_sae": 8, "d_in": 4}

@@ -50,7 +50,7 @@ def test_geometry_histograms_span_the_data_and_share_bins(tmp_path):
         path = tmp_path / f"s{i}"
         save_sae(make_sae(SAEConfig("topk", 16, d_sae, k=4)), path, extra_cfg={"hook_name": "blocks.0.resid_pre"})
         paths.append(str(path))
-    doc = run_geometry(GeometryConfig(saes=tuple(paths), bins=20, device="cpu"))
+    doc = run_geometry(GeometryConfig(saes=tuple(paths), bins=20, device="cpu")).to_dict()
     nn = [s["nn_cosine"]["hist"] for s in doc["saes"]]
     assert all(h["edges"] == nn[0]["edges"] for h in nn)                 # one range per figure
     assert -1 < nn[0]["edges"][0] and nn[0]["edges"][-1] < 1
