@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.driver import Driver
+from sae_harvest.train.e2e_transcoder import check_target, save_transcoder, transcoder_runs
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.feeds import Batch, SequenceFeed, held_out_origin
 from sae_harvest.train.registry import ARCHITECTURES
@@ -50,6 +52,8 @@ class E2EContext:
     held_seqs: np.ndarray     # the store's held-out sequences: the final report's
     provenance: dict
     device: torch.device | None
+    target: Site | None = None   # a transcoder's: the site it writes (the MLP output); None for an SAE
+    d_out: int | None = None
 
     @property
     def n_train(self) -> int:
@@ -68,11 +72,14 @@ class E2EStepOptions:
     device: torch.device | None = None
     autocast: bool = False
     dead_after: int = 0
+    read: Site | None = None          # a transcoder's input site (the MLP input); None for an SAE
+    out_scale: float | None = None    # a transcoder's target scale
 
     def loss_kw(self) -> dict:
         """e2e_loss's keyword arguments."""
-        return dict(scale=self.scale, kl_coeff=self.kl_coeff, downstream_coeff=self.downstream_coeff,
-                    downstream=self.downstream, include_bos=self.include_bos)
+        kw = dict(scale=self.scale, kl_coeff=self.kl_coeff, downstream_coeff=self.downstream_coeff,
+                  downstream=self.downstream, include_bos=self.include_bos)
+        return kw if self.read is None else {**kw, "read": self.read, "out_scale": self.out_scale}
 
 
 def default_coeffs(loss: str, kl_coeff, downstream_coeff) -> tuple[float, float]:
@@ -91,25 +98,35 @@ def clean_pass(model, ids, downstream) -> dict:
 
 
 def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff: float = 1.0,
-             downstream_coeff: float = 0.0, downstream=(), include_bos: bool = False) -> dict:
+             downstream_coeff: float = 0.0, downstream=(), include_bos: bool = False, read=None,
+             out_scale: float | None = None) -> dict:
     """One spliced forward. Returns {"loss": scalar with grad, "fired": bool [d_sae]} and detached
     scalars: kl, ds:<site> (MSE, mean over tokens and d), downstream_mse (mean over those sites),
     l1, l0, sparsity (if the architecture has one), ce, ce_clean. As in local training and in
     `evaluate splice`, position 0 keeps its clean activation and is not encoded (so it never enters
     BatchTopK's batch top-k) unless include_bos; the terms average over the same positions (GPT-2's
-    position 0 has norm ~3000)."""
+    position 0 has norm ~3000).
+    A transcoder (read: its input site) writes `site` with its prediction (skip path included) from
+    read's live value in the same forward, x divided by `scale` and the output times `out_scale`."""
     seen = {}
     first = 0 if include_bos else 1
 
     def replace(a):
         part = a[:, first:]
-        x = part.reshape(-1, a.shape[-1]).float() / scale
+        src = part if read is None else live[read.name][:, first:]
+        x = src.reshape(-1, src.shape[-1]).float() / scale
         feats = sae.encode(x)
         sae.observe_training_latents(feats)
         seen["feats"], seen["x"] = feats, x   # only the positions the loss terms average over
-        return keep_clean_positions(a, (sae.decode(feats) * scale).view(part.shape), first)
+        if read is None:
+            return keep_clean_positions(a, (sae.decode(feats) * scale).view(part.shape), first)
+        y_hat = (sae.decode(feats) + sae.skip_out(x)) * out_scale
+        return keep_clean_positions(a, y_hat.view(*part.shape[:-1], -1), first)
 
-    with splice(model, site, replace), record(model, downstream) as rec:
+    with ExitStack() as stack:
+        live = stack.enter_context(record(model, [read])) if read is not None else {}
+        stack.enter_context(splice(model, site, replace))
+        rec = stack.enter_context(record(model, downstream))
         logits = model(input_ids=ids, use_cache=False).logits
     mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     mask[:, 0] = include_bos
@@ -231,6 +248,7 @@ def _setup(cfg: TrainConfig, device) -> E2EContext:
     if not 0 <= site.layer < adapter.n_layers:
         raise TrainError(f"site {site.name} is not in model {model_name}: it has {adapter.n_layers} "
                          f"layers (0-{adapter.n_layers - 1})")
+    target = check_target(cfg, site, adapter) if cfg.target else None
     if store.ctx_len > adapter.max_positions:
         raise TrainError(f"store sequences of {store.ctx_len} tokens exceed the model's "
                          f"{adapter.max_positions} positions")
@@ -248,7 +266,8 @@ def _setup(cfg: TrainConfig, device) -> E2EContext:
                   "held_out": {**store.split.to_attrs(), "creation_id": attrs.get("creation_id")}}
     return E2EContext(store=store, tokens=tokens, site=site, model=model, adapter=adapter,
                       d_in=adapter.site_width(site.kind), train_seqs=train_seqs, held_seqs=held_seqs,
-                      provenance=provenance, device=device)
+                      provenance=provenance, device=device, target=target,
+                      d_out=adapter.site_width(target.kind) if target else None)
 
 
 def _read(env: E2EContext, idx) -> torch.Tensor:
@@ -260,21 +279,23 @@ def _read(env: E2EContext, idx) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64)).to(env.device)
 
 
-def _site_rows(env: E2EContext, cfg, n_tokens: int, seed: int):
-    """Site activations [n, d_in] (raw, float32, CPU) of a seeded sample of training sequences from
-    the live model, one micro-batch at a time; position 0 only with --include-bos. Lazy."""
+def _site_rows(env: E2EContext, cfg, n_tokens: int, seed: int, site: Site | None = None):
+    """Activations [n, width] of `site` (default: the SAE's; raw, float32, CPU) of a seeded sample of
+    training sequences from the live model, one micro-batch at a time; position 0 only with
+    --include-bos. Lazy."""
+    site = site or env.site
     per_seq = env.store.ctx_len - (0 if cfg.include_bos else 1)
     n = min(env.n_train, max(1, math.ceil(n_tokens / per_seq)))
     ids = _read(env, env.train_seqs[np.random.default_rng(seed).choice(env.n_train, n, replace=False)])
     micro = max(1, MICRO_TOKENS // ids.shape[1])
     for lo in range(0, len(ids), micro):
-        a = capture(env.model, ids[lo:lo + micro], [env.site]).acts[env.site.name]
-        yield (a if cfg.include_bos else a[:, 1:]).reshape(-1, env.d_in).float().cpu()
+        a = capture(env.model, ids[lo:lo + micro], [site]).acts[site.name]
+        yield (a if cfg.include_bos else a[:, 1:]).reshape(-1, a.shape[-1]).float().cpu()
 
 
-def _site_sample(env: E2EContext, cfg) -> torch.Tensor:
-    """Site activations of a seeded sample of training sequences, from the live model."""
-    return torch.cat(list(_site_rows(env, cfg, SAMPLE_TOKENS, cfg.seed)))
+def _site_sample(env: E2EContext, cfg, site: Site | None = None) -> torch.Tensor:
+    """Activations of `site` (default: the SAE's) on a seeded sample of training sequences, from the live model."""
+    return torch.cat(list(_site_rows(env, cfg, SAMPLE_TOKENS, cfg.seed, site)))
 
 
 def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -293,11 +314,19 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
                          f"make --batch-size a multiple of {world.size} x {ctx}")
     tokens = cfg.tokens or env.n_train * ctx * (cfg.epochs or 1)
     total_steps = max(1, tokens // (seqs_per_step * ctx))
-    order = [name for name, _ in sweep(cfg, env.d_in)]
-    runs = build_runs(cfg, env.d_in, sample, None, device, scale, world,
-                      site=env.provenance["hook_name"])   # sweep parallel: this rank's
+    if env.target is None:
+        out_scale = None
+        order = [name for name, _ in sweep(cfg, env.d_in)]
+        runs = build_runs(cfg, env.d_in, sample, None, device, scale, world,
+                          site=env.provenance["hook_name"])   # sweep parallel: this rank's
+    else:   # the same sequences' target activations: b_dec's init and the output scale
+        target_sample = _site_sample(env, cfg, env.target)
+        out_scale = input_scale(target_sample, cfg.normalize)
+        runs, order = transcoder_runs(cfg, env.site, env.target, sample, target_sample, (scale, out_scale),
+                                      device, world)
     kl_coeff, ds_coeff = default_coeffs(cfg.loss, cfg.kl_coeff, cfg.downstream_coeff)
-    downstream = downstream_sites(env.site, env.adapter.n_layers)
+    write = env.target or env.site   # where the reconstruction (a transcoder's prediction) goes in
+    downstream = downstream_sites(write, env.adapter.n_layers)
     batch_tokens = seqs_per_step * ctx
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
                     label=cfg.loss, world=world, store=env.store)
@@ -306,7 +335,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     opts = E2EStepOptions(downstream=downstream, scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
                           include_bos=cfg.include_bos, grad_clip=cfg.grad_clip, device=device,
                           autocast=cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda"),
-                          dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)))
+                          dead_after=max(seqs_per_step * ctx, min(cfg.dead_tokens, tokens // 4)),
+                          read=env.site if env.target else None, out_scale=out_scale)
     # sweep parallel: every rank runs the model on every step's whole batch, for its own SAEs
     # the feed draws from the training sequences only: a held-out sequence is never in a step
     feed = SequenceFeed(torch.from_numpy(env.train_seqs), seqs_per_step, seed=cfg.seed, state=feed_state,
@@ -316,7 +346,7 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
         return _read(env, batch.seqs.numpy())
 
     def step_fn(ids, factor, log_now):
-        _train_step(env.model, env.site, runs, ids, opts, factor, log_now)
+        _train_step(env.model, write, runs, ids, opts, factor, log_now)
 
     def info():
         return " | ".join(f"{n}: kl {r.last['kl']:.3g} l0 {r.last['l0']:.1f}" for n, r in list(runs.items())[:3])
@@ -327,7 +357,7 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     for run in runs.values():   # batch-independent: >= THRESHOLD_ROWS training rows (batchtopk)
         run.sae.finalize(x.to(device) / scale for x in _site_rows(env, cfg, THRESHOLD_ROWS, cfg.seed + 1))
     held_idx = env.held_seqs
-    held = held_out_splice(env.model, env.site, runs, (_read(env, held_idx[i:i + seqs_per_step])
+    held = held_out_splice(env.model, write, runs, (_read(env, held_idx[i:i + seqs_per_step])
                            for i in range(0, len(held_idx), seqs_per_step)), opts)
     e2e_meta = {"loss": cfg.loss, "kl_coeff": kl_coeff, "downstream_coeff": ds_coeff,
                 "downstream_sites": downstream}
@@ -335,7 +365,12 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     for name, run in runs.items():
         origin = held_out_origin(env.store, tokens=len(held_idx) * ctx, sequences=len(held_idx))
         summaries[name] = summary = {**driver.summary(), "held_out": {**held[name], "origin": origin}}
-        save_run(run, out / name, scale, {**env.provenance, "training": cfg.to_dict(), "e2e": e2e_meta}, summary)
+        extra = {**env.provenance, "training": cfg.to_dict(), "e2e": e2e_meta}
+        if env.target is None:
+            save_run(run, out / name, scale, extra, summary)
+        else:
+            summary["target_scale"] = out_scale
+            save_transcoder(run, out / name, extra, env.target, (scale, out_scale), summary)
     driver.finish()
     summaries = driver.gather(summaries, order)
     if progress and console is not None:

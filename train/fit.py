@@ -9,6 +9,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train.config import TrainConfig, sweep_size
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.e2e import fit_e2e
+from sae_harvest.train.e2e_transcoder import is_e2e_transcoder
 from sae_harvest.train.local import fit_local
 from sae_harvest.train.multisite import count_dictionaries, fit_multisite, is_multisite
 from sae_harvest.train.runs import check_output
@@ -35,7 +36,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
             raise TrainError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly "
                              f"over the {world.size} ranks")
         distributed.barrier()   # every rank has checked --out before rank 0 writes to it
-        trainer = fit_multisite if is_multisite(cfg) else fit_local if cfg.loss == "local" else fit_e2e
+        trainer = fit_e2e if is_e2e_transcoder(cfg) else fit_multisite if is_multisite(cfg) else \
+            fit_local if cfg.loss == "local" else fit_e2e
         return trainer(cfg, resume=resume, overwrite=overwrite, progress=progress, console=console,
                        device=device, on_step=on_step, world=world)
     except OSError as e:   # a write that failed outside the step loop (disk full, file-size limit)

@@ -240,7 +240,8 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     if cfg.decoder_of:
         raise TrainError("--decoder-of trains a meta-SAE on one SAE's decoder: drop --target / the site list")
     if cfg.loss != "local":
-        raise TrainError(f"--loss {cfg.loss} trains one site at a time; several sites and --target take --loss local")
+        raise TrainError(f"--loss {cfg.loss} trains one site (or one --site/--target transcoder) at a time; several "
+                         f"sites, crosscoders and CLTs take --loss local")
     if cfg.stack_sweep == "on":   # the batched sweep (train/stacked.py) steps one site's SAEs only
         raise TrainError("--stack-sweep on stacks one site's sweep; several sites, --target, crosscoders and CLTs "
                          "take --stack-sweep auto or off")
