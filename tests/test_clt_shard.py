@@ -81,6 +81,11 @@ def test_sharded_two_ranks_train_the_same_clt_as_one_process(store, tmp_path):  
         assert (tmp_path / "two" / name / "checkpoint" / "rank1" / "state.json").exists()
         with pytest.raises(TrainError, match="--shard-decoders on 2 ranks"):
             fit(_run_cfg(path, tmp_path / "two" / name, shard_decoders=True, **ARCHS[name]), resume=True, progress=False)
+        # ranks' checkpoints at two steps (a rank died while saving) make no CLT: refused
+        meta = tmp_path / "two" / name / "checkpoint" / "rank1" / "state.json"
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "step": 8}))
+        with pytest.raises(TrainError, match="steps 8, 12"):
+            fit(_run_cfg(path, tmp_path / "two" / name, shard_decoders=True, **ARCHS[name]), resume=True, progress=False)
 
 
 def test_shard_decoders_needs_clt(store, tmp_path):  # noqa: F811
