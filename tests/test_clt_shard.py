@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from sae_harvest import train
-from sae_harvest.train.clt_shard import layer_costs, split_layers
+from sae_harvest.train.clt_shard import CLTShard, layer_costs, split_layers
+from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.fit import fit
@@ -40,6 +41,27 @@ def test_split_layers_is_the_best_contiguous_split():
         assert max(sum(costs[sl.start:sl.stop]) for sl in got) == best
     # GPT-2 small, F = 8192 on 2 ranks: layers 0-3 (the longest decoders) against 4-11
     assert [(sl.start, sl.stop) for sl in split_layers(layer_costs(12, 768, 8192, False), 2)] == [(0, 4), (4, 12)]
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_slices_parts_sum_to_the_whole_clts_error_and_gradients(arch):
+    """Without torch.distributed: the parts of two slices add up to y^ - y of the whole CLT, and a
+    one-slice shard's loss and gradients are the CLT's own (autograd on the unsharded module)."""
+    torch.manual_seed(0)
+    n, d, f = 3, 8, 16
+    clt = make_sae(SAEConfig(arch=arch, d_in=n * d, d_sae=n * f, k=4, clt_layers=n, l1_coeff=0.01))
+    x, y = torch.randn(32, n * d), torch.randn(32, n * d)
+    halves = [CLTShard(clt, range(0, 1), 0, 2), CLTShard(clt, range(1, n), 1, 2)]
+    parts = [h.part(x[:, h.layers.start * d:h.layers.stop * d], y[:, h.layers.start * d:h.layers.stop * d])[0]
+             for h in halves]
+    torch.testing.assert_close((parts[0] + parts[1]).flatten(1), clt(x) - y, rtol=1e-5, atol=1e-5)
+    whole = CLTShard(clt, range(n), 0, 1)
+    a, b = clt.loss(x, target=y), whole.loss(x, y)
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(clt, name).grad, msg=name)
 
 
 def test_sharded_two_ranks_train_the_same_clt_as_one_process(store, tmp_path):  # noqa: F811
@@ -95,3 +117,26 @@ def test_shard_decoders_needs_clt(store, tmp_path):  # noqa: F811
                                        "--shard-decoders", "--device", "cpu"])
     assert r.exit_code == 2 and "--shard-decoders" in r.output and "--clt" in r.output, r.output
     assert not out.exists()
+
+
+@pytest.mark.slow   # two torchrun jobs: ~40 s on the 2-core box
+def test_sharded_run_killed_and_resumed_equals_one_process(store, tmp_path):  # noqa: F811
+    """A rank killed at step 6 ends the job; both ranks' step-4 checkpoints resume it, sharded, to
+    the one-process CLT."""
+    path, _ = store
+    fit(_run_cfg(path, tmp_path / "one", **ARCHS["topk"]), progress=False)
+    cfg = _run_cfg(path, tmp_path / "two", shard_decoders=True, **ARCHS["topk"])
+    (tmp_path / "configs.json").write_text(json.dumps([cfg.to_dict()]))
+    r = torchrun(WORKER, str(tmp_path / "configs.json"), "--kill-rank", "1", "--kill-step", "6", timeout=120)
+    assert r.returncode != 0
+    steps = {json.loads((tmp_path / "two" / "checkpoint" / f"rank{k}" / "state.json").read_text())["step"]
+             for k in (0, 1)}
+    assert steps == {4}
+    r = torchrun("-m", "sae_harvest.train", "fit", "--store", str(path), "--out", str(tmp_path / "two"),
+                 "--site", cfg.site, "--target", cfg.target, "--clt", "--arch", "topk", "--k", "4", "--d-sae", "32",
+                 "--batch-size", "256", "--tokens", str(256 * 12), "--lr", "1e-3", "--log-every", "4",
+                 "--checkpoint-every", "4", "--device", "cpu", "--shard-decoders", "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sub,) = [p.name for p in (tmp_path / "one").iterdir() if p.name != "checkpoint"]
+    _assert_same(train.load_sae(tmp_path / "one" / sub).state_dict(),
+                 train.load_sae(tmp_path / "two" / sub).state_dict(), rtol=1e-5, atol=1e-6)

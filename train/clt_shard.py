@@ -196,6 +196,16 @@ def _collect(t, owner: int, rank: int, shape, like=None):
     return None
 
 
+def sharded_sites(runs: dict, pairs: list, needed: list[str]):
+    """(the shard, its layers' pairs, the sites the feed reads): with --shard-decoders every rank
+    reads every row but only its own source layers' inputs and targets; otherwise (None, pairs, needed)."""
+    shard = next((r.sae for r in runs.values() if isinstance(r.sae, CLTShard)), None)
+    if shard is None:
+        return None, pairs, needed
+    own = pairs[shard.layers.start:shard.layers.stop]
+    return shard, own, [s for p in own for s in (p.site, p.target)]
+
+
 def shard_step(run, x, y, factor: float, cfg, dead_after: int, autocast: bool, log_now: bool) -> None:
     """One optimizer step of a sharded CLT: the whole batch, this rank's layers (runs.optimizer_step's
     order: lr, clipping by the global norm, Adam, dead counts)."""

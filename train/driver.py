@@ -207,6 +207,9 @@ class Driver:
     def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:
         """Checkpoint at the last completed step; the error to stop with (one line)."""
         what = err if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+        if self.world.shards:   # the other ranks may be at another step: only the last checkpoint all wrote is whole
+            return TrainError(f"training stopped at step {self.step} ({what}); --shard-decoders: the ranks' last "
+                              f"periodic checkpoint in {self.out} is kept (continue with --resume)")
         try:
             self.checkpoint(feed_state)
         except Exception as save_err:   # e.g. the disk is full: the previous checkpoint is still there

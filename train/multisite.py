@@ -30,7 +30,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.clt import CLT_ARCHS
-from sae_harvest.train.clt_shard import CLTShard, finish_shard, shard_step
+from sae_harvest.train.clt_shard import CLTShard, finish_shard, shard_step, sharded_sites
 from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_clt, finish_crosscoder
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
@@ -291,11 +291,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
                     world=world, store=first.store)
     feed_state = driver.prepare(resume, overwrite, device)
     part = (0, 1) if world.sweep_parallel or world.shards else (world.rank, world.size)
-    # --shard-decoders: every rank reads every row, but only its own source layers' sites
-    shard = next((r.sae for r in runs.values() if isinstance(r.sae, CLTShard)), None)
-    own = clt[shard.layers.start:shard.layers.stop] if shard is not None else clt
-    if shard is not None:
-        needed = [s for p in own for s in (p.site, p.target)]
+    shard, own, needed = sharded_sites(runs, clt, needed)   # --shard-decoders: this rank's layers' sites only
     feed = MultiFeed(first.store, needed, batch, seed=cfg.seed, grads=first.grads,
                      exclude_pos0=first.exclude_pos0, state=feed_state, part=part, pin=device.type == "cuda")
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
