@@ -83,7 +83,7 @@ def test_sharded_two_ranks_train_the_same_clt_as_one_process(store, tmp_path):  
         s1, s2 = (json.loads((f / "summary.json").read_text()) for f in (one, two))
         assert s2["world_size"] == 2 and s2["shard_decoders"] and not s1["shard_decoders"]
         assert s2["held_out"]["held_out_tokens"] == s1["held_out"]["held_out_tokens"]
-        for k in ("nmse", "l0", "dead_fraction"):
+        for k in ("nmse", "explained_variance", "l0", "dead_fraction"):
             assert s2["held_out"][k] == pytest.approx(s1["held_out"][k], rel=1e-4, abs=1e-6), k
         for t, v in s1["held_out"]["per_layer"].items():
             assert s2["held_out"]["per_layer"][t]["nmse"] == pytest.approx(v["nmse"], rel=1e-4)

@@ -254,6 +254,7 @@ def held_out_sharded(shard: CLTShard, store, pairs, scales, batch_size: int, exc
     sites = [s for p in own for s in (p.site, p.target)]
     n = shard.n
     sums = torch.zeros(2 * n + 1, dtype=torch.float64, device=device)   # err per target, |y|^2 per target, l0
+    y_sum = torch.zeros(n, shard.d, dtype=torch.float64, device=device)  # per target: the sum of its rows
     fired = torch.zeros(n, shard.f, dtype=torch.uint8, device=device)
     count = 0
     for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
@@ -269,6 +270,7 @@ def held_out_sharded(shard: CLTShard, store, pairs, scales, batch_size: int, exc
         lo, hi = shard.layers.start, shard.layers.stop
         part[n + lo:n + hi] = y.view(len(y), hi - lo, shard.d).double().pow(2).sum((0, 2))
         part[2 * n] = (feats > 0).sum()
+        y_sum[lo:hi] += y.view(len(y), hi - lo, shard.d).double().sum(0)
         if shard.world_size > 1:
             dist.all_reduce(part)
         sums += part
@@ -276,10 +278,12 @@ def held_out_sharded(shard: CLTShard, store, pairs, scales, batch_size: int, exc
         count += len(x)
     if shard.world_size > 1:
         dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        dist.all_reduce(y_sum)
     if count == 0:
         return {}
     err, norm2, l0 = sums[:n].tolist(), sums[n:2 * n].tolist(), float(sums[2 * n])
-    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2),
+    total = sum(norm2) - float(y_sum.pow(2).sum()) / count
+    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2), "explained_variance": 1 - sum(err) / total,
             "per_layer": {p.target: {"nmse": e / m} for p, e, m in zip(pairs, err, norm2)},
             "l0": l0 / count, "l0_per_layer": l0 / count / n,
             "dead_fraction": 1 - fired.bool().float().mean().item()}

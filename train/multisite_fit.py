@@ -47,6 +47,7 @@ def held_out_layers(clt, store, pairs, scales, batch_size: int, exclude_pos0: bo
     clt.eval()
     sites = [s for p in pairs for s in (p.site, p.target)]
     err, norm2, l0, count = [0.0] * len(pairs), [0.0] * len(pairs), 0.0, 0
+    y_sum = [0.0] * len(pairs)   # per target: the sum of its rows, for the variance around the mean
     fired = torch.zeros(clt.cfg.d_sae, dtype=torch.bool, device=device)
     for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
         x = torch.cat([torch.from_numpy(b["acts"][p.site]).to(device) / scales[p.site] for p in pairs], -1)
@@ -55,13 +56,15 @@ def held_out_layers(clt, store, pairs, scales, batch_size: int, exclude_pos0: bo
             y = torch.from_numpy(b["acts"][p.target]).to(device) / scales[p.target]
             err[t] += (y_hat - y).pow(2).sum().item()
             norm2[t] += y.pow(2).sum().item()
+            y_sum[t] = y_sum[t] + y.double().sum(0)
         l0 += (feats > 0).sum().item()
         fired |= (feats > 0).any(0)
         count += len(x)
     clt.train()
     if count == 0:
         return {}
-    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2),
+    total = sum(m - float(s.pow(2).sum()) / count for m, s in zip(norm2, y_sum))
+    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2), "explained_variance": 1 - sum(err) / total,
             "per_layer": {p.target: {"nmse": e / m} for p, e, m in zip(pairs, err, norm2)},
             "l0": l0 / count, "l0_per_layer": l0 / count / len(pairs),
             "dead_fraction": 1 - fired.float().mean().item()}
