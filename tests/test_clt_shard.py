@@ -80,6 +80,9 @@ def test_sharded_two_ranks_train_the_same_clt_as_one_process(store, tmp_path):  
         # or doubled term of the all-reduce shows up at 1e-2 and above)
         _assert_same(train.load_sae(one).state_dict(), train.load_sae(two).state_dict(), rtol=1e-5, atol=1e-6)
         assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+        c1, c2 = (json.loads((f / "cfg.json").read_text()) for f in (one, two))
+        assert {k: v for k, v in c1.items() if k != "sae_harvest"} == {k: v for k, v in c2.items() if k != "sae_harvest"}
+        assert all(c1["sae_harvest"][k] == c2["sae_harvest"][k] for k in ("sites", "targets", "init", "sweep_name"))
         s1, s2 = (json.loads((f / "summary.json").read_text()) for f in (one, two))
         assert s2["world_size"] == 2 and s2["shard_decoders"] and not s1["shard_decoders"]
         assert s2["held_out"]["held_out_tokens"] == s1["held_out"]["held_out_tokens"]
