@@ -77,6 +77,19 @@ def main(out: Path) -> None:
                              f"{best[0]}: ratio {best[1]['ratio']:.3f}, {best[1]['encode_gb_s']:.2f} / "
                              f"{best[1]['decode_gb_s']:.2f} GB/s per core",
                              f"writes {best[1]['write_gain_vs_none']:.2f}x, feed {best[1]['read_gain_vs_none']:.2f}x"))
+    cl = load("clt.json")
+    for r in (cl or {}).get("rows", []):
+        what = f"CLT step, {r['arch']}, {r['layers']} layers x {r['d']}, F {r['f_per_layer']} per layer, batch {r['batch_size']}"
+        if "error" in r:
+            rows.append((what, r["error"], ""))
+            continue
+        two = r["shards"].get("2") or r["shards"].get(2)
+        rows.append((what + f" ({r['dtype']})",
+                     f"{r['tok_s']:,.0f} tok/s ({r['ms_per_step']:.1f} ms/step); peak {r['peak_bytes'] / 2**30:.2f} GiB "
+                     f"({r['peak_source']})",
+                     f"{r['parameters'] / 1e6:,.1f} M parameters ({r['param_adam_grad_bytes'] / 2**30:.1f} GiB with "
+                     f"grads + Adam)" + (f"; --shard-decoders on 2 ranks: largest rank "
+                                        f"{two['largest_rank_parameters'] / 1e6:,.1f} M" if two else "")))
     for loss in ("e2e", "e2e+ds"):
         p = out / f"train_{loss.replace('+', '_')}.json"
         if p.exists() and p.read_text().strip():

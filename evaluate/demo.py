@@ -1,9 +1,10 @@
 """The demo: the whole pipeline on the offline default model and corpus, on 2 CPU cores.
 
 harvest (three sites, with gradients) -> train every registered architecture (train/registry.py:
-relu, gated, topk, batchtopk, gtopk, jumprelu, matryoshka_batchtopk), e2e SAEs (a small sweep each)
-and one skip transcoder of layer 1's MLP -> evaluate them together in the live model -> table, JSON,
-Pareto plot -> the feature browser.
+relu, gated, topk, batchtopk, gtopk, jumprelu, matryoshka_batchtopk), e2e SAEs (a small sweep each),
+one skip transcoder of layer 1's MLP and a small cross-layer transcoder over every layer (from a
+second, small store of every layer's MLP input and output) -> evaluate them together in the live
+model -> table, JSON, Pareto plot -> the feature browser.
 Re-running continues where a previous run stopped.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import ARCHITECTURES
 
-from sae_harvest.evaluate.report import print_table, write_json, write_plot
+from sae_harvest.evaluate.report import print_per_layer, print_table, write_json, write_plot
 from sae_harvest.evaluate.config import EvalConfig
 from sae_harvest.evaluate.replace import evaluate_all
 
@@ -57,7 +58,17 @@ def registry_sweeps() -> list[tuple[str, str, dict]]:
 # a skip transcoder of layer 1's MLP (docs/training.md, "Transcoders"): spliced in place of its output
 TRANSCODER_SWEEP = ("transcoder", "topk", {"k": (16,), "site": "blocks.1.mlp_in", "target": "blocks.1.mlp_out",
                                            "skip": True})
-SWEEPS = registry_sweeps() + [TRANSCODER_SWEEP]
+# a cross-layer transcoder over all 4 layers of the default model (docs/training.md, "Cross-layer
+# transcoders"), 256 latents and k = 8 per layer, scored as a replacement model. It needs mlp_in and
+# mlp_out at every layer but no gradients, so it reads its own store (CLT_STORE, CLT_TOKENS): adding
+# those 6 sites with gradients to the main store would triple its 380 MB. Both harvests cut the
+# same sequences from the same corpus, so the main store's held-out sequences, which every row is
+# evaluated on, are held out of the CLT's store too.
+CLT_STORE, CLT_TOKENS = "clt-store.zarr", 65_536
+# lr 3e-3: its ~120 steps at the default 5e-4 left held-out NMSE at 0.31, at 3e-3 0.055
+CLT_SWEEP = ("clt", "topk", {"k": (8,), "d_sae": 256, "site": "blocks.*.mlp_in", "target": "blocks.*.mlp_out",
+                             "clt": True, "store": CLT_STORE, "lr": 3e-3})
+SWEEPS = registry_sweeps() + [TRANSCODER_SWEEP, CLT_SWEEP]
 LOCAL = {"batch_size": 1024, "epochs": 2}   # ~470 steps: enough for these small SAEs to settle
 
 
@@ -68,7 +79,8 @@ def _done(folder: Path) -> bool:
 
 def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int | None = None,
              eval_tokens: int | None = None, sweeps=None, console=None, seed: int = 0, store: str | None = None,
-             local: dict | None = None, d_sae: int = D_SAE, eval_every: int = 20) -> list[dict]:
+             local: dict | None = None, d_sae: int = D_SAE, eval_every: int = 20,
+             clt_tokens: int = CLT_TOKENS) -> list[dict]:
     """`seed` seeds every SAE's initialisation and batch order; `store` reuses a harvested store
     (several seeds, one harvest); `local` overrides the local trainers' budget (LOCAL); the store
     holds every `eval_every`-th sequence out (evaluated on: eval_tokens of them, default all)."""
@@ -84,13 +96,22 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
                           tokens=tokens, ctx_len=128, batch_size=16, shuffle_window=1 << 16, device="auto",
                           eval_every=eval_every),
             resume=True, console=console)
+    clt_store = out_dir / CLT_STORE
+    if any(extra.get("store") == CLT_STORE for _, _, extra in sweeps or SWEEPS):
+        say(f"      and {clt_tokens:,} tokens at every layer's mlp_in and mlp_out (for the CLT) -> {clt_store}")
+        harvest(HarvestConfig(out=str(clt_store), model=OFFLINE_MODEL, dataset=OFFLINE_DATASET,
+                              sites="blocks.*.mlp_in,blocks.*.mlp_out", tokens=clt_tokens, ctx_len=128,
+                              batch_size=16, shuffle_window=1 << 16, device="auto", eval_every=eval_every),
+                resume=True, console=console)
 
-    say(f"[3/4] train SAEs at {SITE} and a transcoder of blocks.1's MLP")
+    say(f"[3/4] train SAEs at {SITE}, a transcoder of blocks.1's MLP and a cross-layer transcoder")
     paths = []
     for folder, arch, extra in sweeps or SWEEPS:
         target = out_dir / "saes" / folder
         if "init" in extra:
             extra = {**extra, "init": str(out_dir / "saes" / extra["init"])}
+        if extra.get("store") == CLT_STORE:
+            extra = {**extra, "store": str(clt_store)}
         # a row may name its own store (bench/pareto.py: a g-SAE on a label-free gradient store)
         cfg = TrainConfig(**{"store": str(store), "site": SITE, "arch": arch, "d_sae": d_sae, "out": str(target),
                              "seed": seed, "tokens": train_tokens, "checkpoint_every": 10**9, "log_every": 5,
@@ -107,27 +128,41 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     import sys
 
     from rich.console import Console
-    print_table(results, Console(width=None if sys.stdout.isatty() else 180))
+    wide = Console(width=None if sys.stdout.isatty() else 180)
+    print_table(results, wide)
+    print_per_layer(results, wide)   # the CLT's replacement model, layer by layer
     write_json(results, out_dir / "results.json", config=eval_cfg.to_dict())
     write_plot(results, out_dir / "pareto.png")
     write_artifact(out_dir / "timing.json", {"seconds": time.perf_counter() - t0}, indent=None)
     page = demo_browser(out_dir, store, paths, console)
     say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "
-        f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr")
-    say(f"feature browser (open it in a web browser, works offline): {page}")
+        f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr, "
+        f"{CLT_STORE}")
+    if page:
+        say(f"feature browser (open it in a web browser, works offline): {page}")
     return results
 
 
 def demo_browser(out_dir: Path, store, paths: list[str], console=None) -> str:
-    """The feature browser for one SAE of every sweep (the middle one in name order; docs/features.md)."""
+    """The feature browser for one SAE of every sweep (the middle one in name order; docs/features.md).
+    A CLT is left out, saying so: the browser reads one site per dictionary from the store, and a
+    CLT's latents read one site per layer (its replacement-model scores are in results.json)."""
     from sae_harvest.evaluate.features import FeaturesConfig, run_features
     from sae_harvest.evaluate.features_out import latent_url
+    from sae_harvest.evaluate.replace import is_clt_folder
 
+    say = console.print if console is not None else print
     by_folder: dict[str, list[str]] = {}
     for p in paths:
+        if is_clt_folder(p):
+            say(f"feature browser: {Path(p).name} left out (a cross-layer transcoder: its latents read every "
+                f"layer's MLP input, the browser one site per dictionary)")
+            continue
         by_folder.setdefault(Path(p).parent.name, []).append(p)
     chosen = [group[len(group) // 2] for group in by_folder.values()]
-    say = console.print if console is not None else print
+    if not chosen:
+        say("feature browser: no dictionary it can show; not written")
+        return ""
     say(f"feature browser for {len(chosen)} SAEs -> {out_dir / 'features'}")
     run_features(FeaturesConfig(store=str(store), saes=tuple(chosen), out=str(out_dir / "features"), tokens=65536,
                                 top=10, band_examples=3), console=console)

@@ -95,6 +95,22 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
     console.print(table)
 
 
+def print_per_layer(results: list[dict], console: Console | None = None) -> None:
+    """Per covered layer, for each CLT row (results[i]["per_layer"]): the NMSE of its prediction of
+    that MLP output inside the replacement model, its L0 and alive latents."""
+    console = console or Console()
+    for r in results:
+        per = r.get("per_layer")
+        if not per:
+            continue
+        table = Table(title=f"{r['name']}: replacement model, per layer (positions >= 1)")
+        for header in ("target", "NMSE", "L0", "alive"):
+            table.add_column(header, justify="left" if header == "target" else "right")
+        for site, m in per.items():
+            table.add_row(site, _fmt(m.get("nmse"), ".4f"), _fmt(m.get("l0"), ".1f"), str(m.get("alive")))
+        console.print(table)
+
+
 # --- files -------------------------------------------------------------------------------------
 def write_json(results: list[dict], path, config: dict | None = None) -> None:
     """{"config": EvalConfig, "results": [...]} in the order evaluated; undefined metrics are null

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from sae_harvest import train
-from sae_harvest.stores import StoreWriter
+from sae_harvest.stores import StoreWriter, open_store
 from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
@@ -62,6 +62,19 @@ def test_clt_recovers_planted_cross_layer_writes(store, tmp_path):
     assert list(held["per_layer"]) == [f"blocks.{t}.mlp_out" for t in range(N_LAYERS)]
     assert held["nmse"] < 0.35, held
     clt = train.load_sae(tmp_path / "clt" / "clt_topk_k4")
+    # explained variance (was missing: the summary table printed nan), by numpy on the held-out rows:
+    # the saved CLT takes raw inputs; the report is in the training space (targets / their scales)
+    scales = summaries["clt_topk_k4"]["target_scales"]
+    outs = [f"blocks.{t}.mlp_out" for t in range(N_LAYERS)]
+    rows = list(open_store(str(path)).batches([f"blocks.{t}.mlp_in" for t in range(N_LAYERS)] + outs, 256,
+                                              seqs="held_out", exclude_pos0=True, epochs=1, drop_last=False))
+    x = np.concatenate([np.concatenate([b["acts"][f"blocks.{t}.mlp_in"] for t in range(N_LAYERS)], 1) for b in rows])
+    y = [np.concatenate([b["acts"][o] for b in rows]) / scales[o] for o in outs]
+    with torch.no_grad():
+        y_hat = [t.numpy() / scales[o] for t, o in zip(clt.decode_layers(clt.encode(torch.from_numpy(x))), outs)]
+    err = sum(((a - b) ** 2).sum() for a, b in zip(y_hat, y))
+    total = sum(((b - b.mean(0)) ** 2).sum() for b in y)
+    assert held["explained_variance"] == pytest.approx(1 - err / total, rel=1e-4)
     assert clt.cfg.clt_layers == 3 and clt.W_dec_0.shape == (32, 3, D) and clt.W_dec_2.shape == (32, 1, D)
     cfg = json.loads((tmp_path / "clt" / "clt_topk_k4" / "cfg.json").read_text())
     assert cfg["sae_harvest"]["targets"] == [f"blocks.{t}.mlp_out" for t in range(N_LAYERS)]

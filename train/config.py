@@ -84,6 +84,11 @@ class TrainConfig:
                                       "mod N; each reads every whole batch and trains its SAEs alone) instead "
                                       "of training every SAE data parallel: for sweeps too large for one GPU's "
                                       "memory. Needs at least N SAEs. Without torchrun it changes nothing.")
+    shard_decoders: bool = opt(False, "Under torchrun, --clt: each rank holds the encoders, decoders and Adam state "
+                                      "of a contiguous slice of source layers and reads every whole batch; one "
+                                      "all-reduce of the reconstruction error per step combines them (a CLT too "
+                                      "large for one GPU). Saved as one file, as unsharded. Without torchrun it "
+                                      "changes nothing.")
 
     def to_dict(self) -> dict:
         """The config as stored (cfg.json, checkpoint/state.json) and logged (wandb): every path

@@ -39,6 +39,7 @@ class World:
     local_rank: int = 0
     sweep_parallel: bool = False   # each rank trains its own SAEs of the sweep (split_sweep)
     results_group: object = None   # sweep parallel: the gloo group the final gather waits in
+    shards: bool = False           # --shard-decoders: each rank holds a slice of a CLT's layers (train/clt_shard.py)
 
     @property
     def main(self) -> bool:

@@ -111,7 +111,10 @@ class Driver:
         self.world = world
         self.writes = world.main or world.sweep_parallel          # this rank saves its runs
         self.lockstep = world.size > 1 and not world.sweep_parallel   # ranks share every step
-        self.where = train_state.rank_dir(world.rank) if world.sweep_parallel else train_state.CHECKPOINT_DIR
+        # --shard-decoders: every rank checkpoints its own slice of the CLT (train/clt_shard.py)
+        self.saves_state = self.writes or world.shards
+        self.where = train_state.rank_dir(world.rank) if world.sweep_parallel or world.shards \
+            else train_state.CHECKPOINT_DIR
         self.total_steps, self.tokens_per_step, self.label = total_steps, tokens_per_step, label
         self.step, self.feed, self.elapsed = 0, None, 0.0
         self.feed_wait = 0.0   # seconds the step loop waited for the next batch: > 0 means the feed binds
@@ -120,7 +123,7 @@ class Driver:
     def prepare(self, resume: bool, overwrite: bool, device) -> dict | None:
         """Restore a checkpoint (returns the saved feed state) or start clean."""
         out = self.out
-        if self.writes and resume:   # repairs a checkpoint killed mid-swap: by its one writer
+        if self.saves_state and resume:   # repairs a checkpoint killed mid-swap: by its one writer
             train_state.has_state(out, self.where)
         distributed.barrier()
         if self.world.main and overwrite and out.exists() and not (resume and train_state.saved_layout(out)):
@@ -159,6 +162,24 @@ class Driver:
         SAEs and step are its own); one process's or a data-parallel one only as either of those."""
         if not saved:
             return
+        mine = [train_state.rank_dir(r) for r in range(self.world.size)]
+        metas = {where: train_state.load_meta(self.out, where) for where in saved if where != train_state.CHECKPOINT_DIR}
+        if any(m.get("shard_decoders") for m in metas.values()):
+            # a sharded CLT's slices only make the whole CLT at one step, on as many ranks
+            steps = sorted({m.get("step") for m in metas.values()})
+            n = {m.get("world_size") for m in metas.values()}
+            n = n.pop() if len(n) == 1 else "?"
+            if self.world.shards and saved == mine and n == self.world.size and len(steps) == 1:
+                return
+            if len(steps) > 1:
+                raise TrainError(f"cannot resume {self.out}: its ranks' checkpoints (--shard-decoders) are at "
+                                 f"steps {', '.join(map(str, steps))}, not one step (a rank died while saving): "
+                                 f"start a new run")
+            raise TrainError(f"cannot resume {self.out}: its checkpoint was saved with --shard-decoders on {n} ranks: "
+                             f"resume the same way (torchrun --nproc-per-node {n} ... --shard-decoders)")
+        if self.world.shards:
+            raise TrainError(f"cannot resume {self.out} with --shard-decoders: its checkpoint was not sharded; "
+                             f"resume it as it was saved")
         if self.world.sweep_parallel:
             mine = {train_state.rank_dir(r) for r in range(self.world.size)}
             sizes = {train_state.load_meta(self.out, where).get("world_size") for where in saved if where in mine}
@@ -175,17 +196,20 @@ class Driver:
         raise TrainError(f"cannot resume {self.out}: its checkpoint was saved {how}")
 
     def checkpoint(self, feed_state: dict | None = None) -> None:
-        if not self.writes:
+        if not self.saves_state:
             return
         feed_state = self.feed.state() if feed_state is None else feed_state
         meta = {"step": self.step, "feed": feed_state, "scale": self.scale, "config": self.cfg.to_dict(),
                 "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel, "runs": list(self.runs),
-                "store_identity": self.store_identity}
+                "shard_decoders": self.world.shards, "store_identity": self.store_identity}
         train_state.save_state(self.out, meta=meta, runs=self.runs, where=self.where)
 
     def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:
         """Checkpoint at the last completed step; the error to stop with (one line)."""
         what = err if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+        if self.world.shards:   # the other ranks may be at another step: only the last checkpoint all wrote is whole
+            return TrainError(f"training stopped at step {self.step} ({what}); --shard-decoders: the ranks' last "
+                              f"periodic checkpoint in {self.out} is kept (continue with --resume)")
         try:
             self.checkpoint(feed_state)
         except Exception as save_err:   # e.g. the disk is full: the previous checkpoint is still there
@@ -240,7 +264,7 @@ class Driver:
                         inputs = prepare(data)
                         if on_step is not None:
                             on_step(StepEvent(self.step, inputs, self.runs, self.scale))
-                        with distributed.data_parallel(parallel):
+                        with distributed.data_parallel(parallel and not self.world.shards):
                             step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup,
                                                       self.cfg.lr_final_fraction), log_now)
                     except Exception as e:
@@ -283,7 +307,7 @@ class Driver:
                 "resumed_from_step": start,
                 "tokens_per_s": timed / self.elapsed if self.elapsed > 0 else None, "input_scale": self.scale,
                 "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel,
-                "rank": self.world.rank if self.world.sweep_parallel else None}   # the one rank that trained it
+                "shard_decoders": self.world.shards, "rank": self.world.rank if self.world.sweep_parallel else None}   # the one rank that trained it
 
     def gather(self, summaries: dict, order: list[str]) -> dict:
         """Sweep parallel: every rank's {name: summary}, in sweep order, on rank 0 ({} elsewhere);

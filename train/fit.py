@@ -2,6 +2,8 @@
 and hand over to the local or the e2e trainer."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch.distributed as dist
 
 from sae_harvest.stores.cli import pick_device
@@ -24,7 +26,14 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     world, device = distributed.init(pick_device(cfg.device), cfg.dist_timeout)
     try:
         check_output(cfg, resume, overwrite)
-        if cfg.sweep_parallel and world.size > 1:
+        if cfg.shard_decoders and not cfg.clt:
+            raise TrainError("--shard-decoders shards a cross-layer transcoder's layers over the ranks: give --clt")
+        if cfg.shard_decoders and world.size > 1:
+            if cfg.sweep_parallel:
+                raise TrainError("--shard-decoders and --sweep-parallel both split the work over the ranks: "
+                                 "give one of them")
+            world = dataclasses.replace(world, shards=True)
+        elif cfg.sweep_parallel and world.size > 1:
             n = sweep_size(cfg) * count_dictionaries(cfg)
             if n < world.size:
                 plural = "s" * (n != 1)

@@ -30,6 +30,7 @@ from sae_harvest.train import distributed
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
 from sae_harvest.train.config import TrainConfig, sweep
 from sae_harvest.train.clt import CLT_ARCHS
+from sae_harvest.train.clt_shard import CLTShard, finish_shard, shard_step, sharded_sites
 from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_clt, finish_crosscoder
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
@@ -255,7 +256,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     first = sources[pairs[0].site]
     tokens = cfg.tokens or first.epoch_tokens * (cfg.epochs or 1)
     batch = min(cfg.batch_size, first.epoch_tokens)
-    if batch % world.size and not world.sweep_parallel:
+    if batch % world.size and not world.sweep_parallel and not world.shards:
         raise TrainError(f"the global batch of {batch} rows does not divide over {world.size} ranks")
     total_steps = max(1, tokens // batch)
     dead_after = max(batch, min(cfg.dead_tokens, tokens // 4))
@@ -267,7 +268,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
         if pair.site == CROSS:
             built = crosscoder_runs(cfg, cross, sources, scales, device)
         elif pair.site == CLT:
-            built = clt_runs(cfg, clt, sources, scales, device)
+            built = clt_runs(cfg, clt, sources, scales, device, world)
         elif pair.target is None:
             src = sources[pair.site]
             built = build_runs(dataclasses.replace(cfg, site=pair.site), src.d_in, src.sample, src.grad_sample,
@@ -290,7 +291,8 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     driver = Driver(cfg, out, runs, scale=1.0, total_steps=total_steps, tokens_per_step=batch, label=label,
                     world=world, store=first.store)
     feed_state = driver.prepare(resume, overwrite, device)
-    part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
+    part = (0, 1) if world.sweep_parallel or world.shards else (world.rank, world.size)
+    shard, own, needed = sharded_sites(runs, clt, needed)   # --shard-decoders: this rank's layers' sites only
     feed = MultiFeed(first.store, needed, batch, seed=cfg.seed, grads=first.grads,
                      exclude_pos0=first.exclude_pos0, state=feed_state, part=part, pin=device.type == "cuda")
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
@@ -309,6 +311,10 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
             if pair.site == CROSS:
                 _step(run, joint, None, factor, cfg, dead_after, autocast, log_now)
                 continue
+            if pair.site == CLT and shard is not None:
+                shard_step(run, torch.cat([x[p.site] for p in own], -1), torch.cat([x[p.target] for p in own], -1),
+                           factor, cfg, dead_after, autocast, log_now)
+                continue
             if pair.site == CLT:
                 _step(run, torch.cat([x[p.site] for p in clt], -1), None, factor, cfg, dead_after, autocast,
                       log_now, target=torch.cat([x[p.target] for p in clt], -1))
@@ -317,13 +323,18 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
             _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target)
 
     driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console, on_step=on_step)
+    sharded = {name: finish_shard(run, clt, sources, scales, run.sae.plan, cfg, device)
+               for name, run in runs.items() if isinstance(run.sae, CLTShard)}   # collective
     if not driver.writes:
+        if sharded:
+            driver.finish()   # each rank checkpoints its own slice
         return {}
     summaries = {}
     for name, run in runs.items():
         pair = pair_of[name]
         if pair.site == CLT:
-            summaries[name] = finish_clt(run, clt, sources, scales, out / name, cfg, device, driver)
+            summaries[name] = finish_clt(run, clt, sources, scales, out / name, cfg, device, driver,
+                                         sharded.get(name))
         elif pair.site == CROSS:
             summaries[name] = finish_crosscoder(run, cross, sources, scales, out / name, cfg, device, driver)
         elif pair.target is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sae_harvest.train.batchtopk import THRESHOLD_ROWS
+from sae_harvest.train.clt_shard import CLTShard, shard_plan
 from sae_harvest.train.config import sweep
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.feeds import held_out_origin
@@ -16,8 +17,10 @@ from sae_harvest.train.runs import Run, new_run, seed_init
 from sae_harvest.train.sae_io import save_sae
 
 
-def clt_runs(cfg, pairs, sources, scales, device) -> dict[str, Run]:
-    """One Run per swept value; --d-sae / --expansion count latents per layer."""
+def clt_runs(cfg, pairs, sources, scales, device, world=None) -> dict[str, Run]:
+    """One Run per swept value; --d-sae / --expansion count latents per layer. --shard-decoders
+    (world.shards): each is built whole, on the host, exactly as one process builds it, and this
+    rank keeps its slice of source layers (train/clt_shard.py)."""
     n = len(pairs)
     y = torch.cat([sources[p.target].sample / scales[p.target] for p in pairs], -1)
     d = sources[pairs[0].site].d_in
@@ -29,6 +32,10 @@ def clt_runs(cfg, pairs, sources, scales, device) -> dict[str, Run]:
         clt = make_sae(sae_cfg)
         clt.init_b_dec(y)
         clt.calibrate(None)
+        if world is not None and world.shards:
+            plan = shard_plan(sae_cfg, world.size)
+            clt = CLTShard(clt, plan[world.rank], world.rank, world.size)
+            clt.plan = plan
         runs[name] = new_run(cfg, name, clt, origin, device)
     return runs
 
@@ -40,6 +47,7 @@ def held_out_layers(clt, store, pairs, scales, batch_size: int, exclude_pos0: bo
     clt.eval()
     sites = [s for p in pairs for s in (p.site, p.target)]
     err, norm2, l0, count = [0.0] * len(pairs), [0.0] * len(pairs), 0.0, 0
+    y_sum = [0.0] * len(pairs)   # per target: the sum of its rows, for the variance around the mean
     fired = torch.zeros(clt.cfg.d_sae, dtype=torch.bool, device=device)
     for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
         x = torch.cat([torch.from_numpy(b["acts"][p.site]).to(device) / scales[p.site] for p in pairs], -1)
@@ -48,28 +56,35 @@ def held_out_layers(clt, store, pairs, scales, batch_size: int, exclude_pos0: bo
             y = torch.from_numpy(b["acts"][p.target]).to(device) / scales[p.target]
             err[t] += (y_hat - y).pow(2).sum().item()
             norm2[t] += y.pow(2).sum().item()
+            y_sum[t] = y_sum[t] + y.double().sum(0)
         l0 += (feats > 0).sum().item()
         fired |= (feats > 0).any(0)
         count += len(x)
     clt.train()
     if count == 0:
         return {}
-    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2),
+    total = sum(m - float(s.pow(2).sum()) / count for m, s in zip(norm2, y_sum))
+    return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2), "explained_variance": 1 - sum(err) / total,
             "per_layer": {p.target: {"nmse": e / m} for p, e, m in zip(pairs, err, norm2)},
             "l0": l0 / count, "l0_per_layer": l0 / count / len(pairs),
             "dead_fraction": 1 - fired.float().mean().item()}
 
 
-def finish_clt(run: Run, pairs, sources, scales, folder: Path, cfg, device, driver) -> dict:
+def finish_clt(run: Run, pairs, sources, scales, folder: Path, cfg, device, driver, sharded=None) -> dict:
+    """sharded: clt_shard.finish_shard's result (its held-out report and the gathered weights)."""
     clt, src = run.sae, sources[pairs[0].site]
-    held = held_out_layers(clt, src.store, pairs, scales, cfg.batch_size, src.exclude_pos0, device)
+    held = sharded["held_out"] if sharded else \
+        held_out_layers(clt, src.store, pairs, scales, cfg.batch_size, src.exclude_pos0, device)
     if held:
         held["origin"] = held_out_origin(src.store, tokens=held["held_out_tokens"])
-    summary = {**driver.summary(), "held_out": held, "parameters": clt.parameter_count(),
+    summary = {**driver.summary(), "held_out": held,
+               "parameters": sharded["parameters"] if sharded else clt.parameter_count(),
                "input_scales": {p.site: scales[p.site] for p in pairs},
                "target_scales": {p.target: scales[p.target] for p in pairs}}
+    if sharded:
+        summary["shards"] = sharded["ranks"]
     saved = make_sae(run.cfg)
-    saved.load_state_dict(clt.state_dict())
+    saved.load_state_dict(sharded["state"] if sharded else clt.state_dict())
     saved.fold_scales([scales[p.site] for p in pairs], [scales[p.target] for p in pairs])
     extra = {**src.provenance, "init": run.init, "sites": [p.site for p in pairs], "targets": [p.target for p in pairs],
              "training": cfg.to_dict(), "sweep_name": folder.name, "lr": run.lr, "summary": summary,
