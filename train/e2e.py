@@ -65,8 +65,11 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     def replace(a):
         part = a[:, first:]
         x = part.reshape(-1, a.shape[-1]).float() / scale
-        feats = sae.encode(x)
-        sae.observe_training_latents(feats)
+        if sae.training:   # the training selection (batchtopk: over the batch), reduced over the ranks
+            feats = sae.encode_train(x, reducer=distributed.current())
+            sae.observe_training_latents(feats, reducer=distributed.current())
+        else:
+            feats = sae.encode(x)
         seen["feats"], seen["x"] = feats, x   # only the positions the loss terms average over
         return keep_clean_positions(a, (sae.decode(feats) * scale).view(part.shape), first)
 

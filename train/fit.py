@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from sae_harvest.stores.cli import pick_device
 from sae_harvest.train import distributed
-from sae_harvest.train.config import TrainConfig, sweep_size
+from sae_harvest.train.config import TrainConfig, check_options, sweep_size
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.e2e import fit_e2e
 from sae_harvest.train.local import fit_local
@@ -23,6 +23,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     world, device = distributed.init(pick_device(cfg.device), cfg.dist_timeout)
     try:
         check_output(cfg, resume, overwrite)
+        check_options(cfg)
         if cfg.sweep_parallel and world.size > 1:
             n = sweep_size(cfg) * count_dictionaries(cfg)
             if n < world.size:
