@@ -110,20 +110,26 @@ class JumpReLUSAE(SAE):
     apply_b_dec_to_input = True
     adam_betas = (0.0, 0.999)   # the paper's (and Gemma Scope's) beta1 = 0
 
+    # where theta started (calibrate), kept with the weights; SAELens has no such tensor, so it
+    # travels in the safetensors header. Saved before it did: cfg.json's threshold_init held it.
+    metadata_buffers = ("threshold_start",)
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.threshold_init)).log())
+        self.register_buffer("threshold_start", torch.tensor(float(cfg.threshold_init)))
 
     @torch.no_grad()
     def calibrate(self, x, grad=None):
         """Start theta at sqrt(lambda), the L0 penalty's fixed point (module docstring), unless theta
-        was loaded (--init) or threshold_init is larger. The start lives in log_threshold (state,
+        was loaded (--init) or threshold_init is larger. The start is state (threshold_start,
         saved with the weights); the config keeps the threshold_init it was given."""
         fresh = torch.equal(self.log_threshold, torch.full_like(self.log_threshold, math.log(self.cfg.threshold_init)))
         if not fresh or self.cfg.l0_penalty != "step" or self.cfg.l1_coeff <= 0:
             return
         theta0 = max(self.cfg.threshold_init, math.sqrt(self.cfg.l1_coeff))
         self.log_threshold.fill_(math.log(theta0))
+        self.threshold_start.fill_(theta0)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -171,7 +177,7 @@ class JumpReLUSAE(SAE):
 
     # SAELens stores theta itself; we train log theta.
     def saelens_state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.state_dict())
+        tensors = super().saelens_state_dict()
         tensors["threshold"] = tensors.pop("log_threshold").exp()
         return tensors
 
