@@ -16,7 +16,7 @@ from sae_harvest.stores.urls import scrub_tree
 from sae_harvest.train import registry
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.registry import make_config
-from sae_harvest.train.sae_config import SAEConfigBase, hyper_fields
+from sae_harvest.train.sae_config import SAEConfigBase, hyper_fields, type_name
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _fmt(v) -> str:
 def _option(name: str, decls: list) -> OptionSpec:
     first = decls[0][1]
     meta = first.metadata["hyper"]
-    kinds = {str(f.type) for _, f in decls}
+    kinds = {type_name(f) for _, f in decls}
     if len(kinds) > 1 or len({f.metadata["hyper"]["sweep"] for _, f in decls}) > 1:
         raise TypeError(f"architectures declare option {name} differently: {sorted(kinds)}")
     # one help per distinct text, naming the architectures it applies to and their defaults
@@ -142,7 +142,7 @@ def _option(name: str, decls: list) -> OptionSpec:
             " (default " + ", ".join(f"{a} {_fmt(d)}" for a, d in uses) + ")")
         texts.append(f"{', '.join(a for a, _ in uses)}: {text}{note}")
     help_text = "; ".join(texts) + (". Comma list = sweep." if meta["sweep"] else ".")
-    return OptionSpec(name=name, field=first.name, type=str(first.type), sweep=meta["sweep"],
+    return OptionSpec(name=name, field=first.name, type=type_name(first), sweep=meta["sweep"],
                       default=meta["option_default"], help=help_text, archs=tuple(a for a, _ in decls),
                       choices=meta["choices"])
 
@@ -201,7 +201,7 @@ def _values(cfg: TrainConfig, arch: str) -> dict[str, tuple]:
         if given is None or given == ():
             given = meta["train_default"] if meta["train_default"] is not None else f.default
             given = (given,) if spec.sweep else given
-        cast = {"int": int, "float": float}.get(str(f.type), lambda v: v)
+        cast = {"int": int, "float": float}.get(type_name(f), lambda v: v)
         out[spec.field] = tuple(cast(v) for v in given) if spec.sweep else (given,)
     first = sae_cls.sweep_field
     return {first: out.pop(first), **out} if first in out else out

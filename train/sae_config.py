@@ -37,6 +37,12 @@ def hyper(default, help: str, *, sweep: bool = False, option: str | None = None,
     return dataclasses.field(default=default, metadata={"hyper": meta})
 
 
+def type_name(f: dataclasses.Field) -> str:
+    """A field's type as written ("int", "tuple[int, ...]"), with or without postponed annotations."""
+    t = f.type
+    return t if isinstance(t, str) else t.__name__ if isinstance(t, type) else str(t)
+
+
 def hyper_fields(config_cls) -> list[dataclasses.Field]:
     """The fields of `config_cls` declared with hyper(), in order."""
     return [f for f in dataclasses.fields(config_cls) if "hyper" in f.metadata]

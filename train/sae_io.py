@@ -21,6 +21,7 @@ from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.artifacts import artifact_json
 from sae_harvest.train import registry
 from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.sae_config import type_name
 from sae_harvest.train.saelens_format import (ForeignCheckpointError, convert_saelens, is_saelens_checkpoint,
                                               tl_hook_name)
 from sae_harvest.train.sae import SAE
@@ -108,7 +109,7 @@ def checked_sae_config(raw, where) -> SAEConfig:
     for f in fields.values():
         if f.name not in raw:
             continue
-        v, kind = raw[f.name], str(f.type)
+        v, kind = raw[f.name], type_name(f)
         if kind == "str" and not isinstance(v, str):
             raise CheckpointError(f"{where}: {f.name} must be a string, got {v!r}")
         if kind == "int":
