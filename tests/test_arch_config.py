@@ -200,3 +200,45 @@ def test_the_reducer_handed_to_loss_does_the_batch_reductions(arch):
     spy2 = _Spy()
     sae.encode_train(torch.randn(16, 8), reducer=spy2)
     assert spy2.calls == ["batch_topk"]
+
+
+# ---- a run checkpointed by the previous version resumes ----
+@pytest.mark.parametrize("arch, kw, option", [("jumprelu", {"l1": (0.3,), "bandwidth": (0.1,)}, "bandwidth"),
+                                              ("gtopk", {"k": (4,)}, None)])
+def test_a_checkpoint_of_the_flat_config_era_resumes_exactly(tmp_path, arch, kw, option):
+    """Its state.json holds the option as one number (now a list) and its safetensors no
+    calibrated buffer (gtopk beta, jumprelu threshold_start: they lived in the config then)."""
+    import signal
+
+    from safetensors.torch import load_file as load, save_file as save
+
+    from sae_harvest.train.driver import TrainInterrupted
+    from sae_harvest.train.fit import fit
+
+    store = tmp_path / "s.zarr"
+    make_store(store, n_seqs=16, ctx=32, window_seqs=8, grads=True)
+    base = dict(store=str(store), site="blocks.0.resid_pre", arch=arch, d_sae=32, batch_size=128, device="cpu",
+                log_every=5, checkpoint_every=1000, tokens=128 * 12, **kw)
+    fit(TrainConfig(out=str(tmp_path / "full"), **base), progress=False)
+
+    def interrupt(event):
+        if event.step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    part = tmp_path / "part"
+    with pytest.raises(TrainInterrupted):
+        fit(TrainConfig(out=str(part), **base), progress=False, on_step=interrupt)
+    ckpt = part / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    if option:
+        state["config"][option] = state["config"][option][0]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    for f in ckpt.glob("*.safetensors"):
+        tensors = load(str(f))
+        removed = [k for k in tensors if k in ("sae.beta", "sae.threshold_start")]
+        assert removed
+        save({k: v for k, v in tensors.items() if k not in removed}, str(f))
+    fit(TrainConfig(out=str(part), **base), resume=True, progress=False)
+    name = next(p.name for p in (tmp_path / "full").iterdir() if p.name != "checkpoint")
+    a, b = load_sae(tmp_path / "full" / name).state_dict(), load_sae(part / name).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
