@@ -25,19 +25,21 @@ class TrainConfig:
     store: str | None = opt(None, "Store path or fsspec URL (from `harvest run`).")
     site: str | None = opt(None, "Site to train on (required when the store has several); a comma list or globs "
                                  "(blocks.*.resid_pre) train one SAE or sweep per site in one pass over the store.")
-    target: str | None = opt(None, "Transcoder: the decoder predicts this site (e.g. blocks.6.mlp_out) from --site "
-                                   "(blocks.6.mlp_in); several sites pair with as many targets in layer order.")
+    target: str | None = opt(None, f"Transcoder: the decoder predicts this site (e.g. blocks.6.mlp_out) from --site "
+                                   f"(blocks.6.mlp_in); several sites pair with as many targets in layer order; "
+                                   f"{', '.join(registry.TRANSCODER_ARCHS)}.")
     skip: bool = opt(False, "Transcoder: add a learned linear skip W_skip x to the output (skip transcoder).")
-    clt: bool = opt(False, "Cross-layer transcoder: --site / --target one MLP input and output per layer, no layer "
-                           "missing (blocks.*.mlp_in / blocks.*.mlp_out); --d-sae is per layer; topk or jumprelu.")
-    crosscoder: bool = opt(False, "Train one crosscoder over every --site (equal widths): per-site encoders "
-                                  "summed, per-site decoders (relu, topk, batchtopk).")
-    decoder_of: str | None = opt(None, "Meta-SAE: train a BatchTopK SAE on this SAE checkpoint's decoder rows.")
+    clt: bool = opt(False, f"Cross-layer transcoder: --site / --target one MLP input and output per layer, no layer "
+                           f"missing (blocks.*.mlp_in / blocks.*.mlp_out); --d-sae is per layer; "
+                           f"{', '.join(registry.CLT_ARCHS)}.")
+    crosscoder: bool = opt(False, f"Train one crosscoder over every --site (equal widths): per-site encoders "
+                                  f"summed, per-site decoders ({', '.join(registry.CROSSCODER_ARCHS)}).")
+    decoder_of: str | None = opt(None, "Meta-SAE: train an SAE (by default the meta-SAE paper's architecture) on "
+                                       "this SAE checkpoint's decoder rows.")
     arch: str = opt("topk", "SAE architecture (the registered ones are listed in `train fit --help`'s --arch).")
     d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")
     expansion: int = opt(16, "Dictionary size as a multiple of d_in, when --d-sae is not given.")
-    lr: float | None = opt(None, "Learning rate (default: the architecture's, 5e-4, or 2e-4/sqrt(d_sae/2^14) "
-                                 "for the TopK family).")
+    lr: float | None = opt(None, "Learning rate (default: the architecture's default_lr(d_sae)).")
     batch_size: int = opt(4096, "Tokens per optimizer step.")
     tokens: int | None = opt(None, "Training tokens (default: one pass; more than the store = epochs).")
     seed: int = opt(0, "Seeds the initialisation and the batch order.")
