@@ -242,3 +242,8 @@ def test_a_checkpoint_of_the_flat_config_era_resumes_exactly(tmp_path, arch, kw,
     name = next(p.name for p in (tmp_path / "full").iterdir() if p.name != "checkpoint")
     a, b = load_sae(tmp_path / "full" / name).state_dict(), load_sae(part / name).state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_config_builds_only_its_own_architecture():
+    with pytest.raises(ValueError, match="cannot build"):
+        make_sae(registry.CONFIGS["topk"]("relu", 4, 8, k=2))

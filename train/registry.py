@@ -153,6 +153,9 @@ def check_dictionary(cfg) -> None:
 
 
 def make_sae(cfg: SAEConfigBase) -> SAE:
+    if cfg.arch not in REGISTRY or not isinstance(cfg, CONFIGS[cfg.arch]):
+        raise ValueError(f"a {type(cfg).__name__} cannot build a {cfg.arch!r} SAE (expected one of {ARCH_NAMES} "
+                         f"with its config class)")
     check_dictionary(cfg)
     if cfg.d_out:
         return transcoder_class(cfg.arch, cfg.skip)(cfg)

@@ -23,16 +23,18 @@ LEGACY_FIELDS = {
 }
 
 
-def hyper(default, help: str, *, sweep: bool = False, option: str | None = None, flag: str | None = None,
-          choices: tuple | None = None, option_default=None, train_default=None):
+def hyper(default, help: str, *, sweep: bool = False, option: str | None = None, choices: tuple | None = None,
+          option_default=None, train_default=None):
     """An architecture hyperparameter: a config field that is also a `train fit` option.
 
     sweep: a comma list of values trains one SAE per value (numeric fields only).
-    option: the TrainConfig field (and so the flag) name, when it is not the field's own (l1_coeff: l1).
+    option: the TrainConfig field (and so the flag) name, when it is not the field's own (l1_coeff: --l1);
+    architectures that share an option name share the option (same type and sweep).
+    choices: the allowed strings.
     option_default: the option's default when not given (shown in --help; None: the field's default).
     train_default: the value `train fit` uses when the option is not given, if not the field's default
     (e.g. relu's lambda 300, while SAEConfig(...) without l1_coeff keeps 0)."""
-    meta = {"help": help, "sweep": sweep, "option": option, "flag": flag, "choices": choices,
+    meta = {"help": help, "sweep": sweep, "option": option, "choices": choices,
             "option_default": option_default, "train_default": train_default}
     return dataclasses.field(default=default, metadata={"hyper": meta})
 
