@@ -14,10 +14,10 @@ from sae_harvest.train.registry import SAEConfig, make_sae
 torch.set_num_threads(1)
 
 
-def grads(sae, x, g, dead):
-    out = sae.loss(x, g, dead_mask=dead)
+def grads(sae, x, g, dead, reducer=distributed.LOCAL):
+    out = sae.loss(x, g, dead_mask=dead, reducer=reducer)
     out.loss.backward()
-    distributed.average_gradients(sae)
+    reducer.average_gradients(sae)
     return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
@@ -40,9 +40,9 @@ def main():
         sparse.enable_sparse_backward()
         reference = grads(one, x, g, dead)    # one process, whole batch
         mine = slice(rank * 32, (rank + 1) * 32)
-        with distributed.data_parallel():
-            got_dense = grads(dense, x[mine], g[mine] if g is not None else None, dead)
-            got_sparse = grads(sparse, x[mine], g[mine] if g is not None else None, dead)
+        with distributed.data_parallel() as reducer:   # the SAEs reduce through what they are handed
+            got_dense = grads(dense, x[mine], g[mine] if g is not None else None, dead, reducer)
+            got_sparse = grads(sparse, x[mine], g[mine] if g is not None else None, dead, reducer)
         for name in reference:
             torch.testing.assert_close(got_sparse[name], got_dense[name], rtol=1e-5, atol=1e-6, msg=f"{arch} {name}")
             torch.testing.assert_close(got_dense[name], reference[name], rtol=1e-4, atol=1e-5, msg=f"{arch} {name}")

@@ -136,8 +136,8 @@ def test_position0_is_neither_spliced_nor_in_the_batch_topk(assets):
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch="batchtopk", d_in=64, d_sae=128, k=4)).train()
     seen, final = [], []
-    encode = sae.encode
-    sae.encode = lambda x, grad=None: (seen.append(len(x)), encode(x))[1]
+    encode = sae.encode_train   # what a training forward asks for (batchtopk: the batch top-k)
+    sae.encode_train = lambda x, grad=None, reducer=None: (seen.append(len(x)), encode(x))[1]
     handle = model.transformer.ln_f.register_forward_hook(lambda m, i, o: final.append(o.detach()))
     site = Site.parse("blocks.1.resid_pre")
     try:

@@ -232,7 +232,7 @@ def test_gtopk_gradient_selection(assets, tmp_path):
     torch.manual_seed(0)
     g = make_sae(SAEConfig("gtopk", D, 128, k=2, beta=1e4))
     t = make_sae(SAEConfig("topk", D, 128, k=2))
-    t.load_state_dict(g.state_dict())
+    t.load_state_dict(g.saelens_state_dict())   # the TopK tensors (not gtopk's calibrated-beta buffer)
     paths = [_save(g, tmp_path / "g", hook), _save(t, tmp_path / "t", hook)]
     causal, with_grad, topk = _eval(assets, "gpt2", paths)   # every g-SAE in both modes, causal first
     assert (causal["grad_mode"], with_grad["grad_mode"], topk["grad_mode"]) == ("causal", "paper", None)

@@ -30,9 +30,10 @@ def test_lambda_sets_l0_in_a_short_run(store, tmp_path):
                   progress=False)
     l0 = [summary[f"jumprelu_l1-{lam}"]["held_out"]["l0"] for lam in ("0.1", "0.3", "1")]
     assert l0[1] < 0.85 * l0[0] and l0[2] < 0.85 * l0[1], l0
-    for lam in (0.1, 0.3, 1.0):   # the saved SAE says where theta started
+    for lam in (0.1, 0.3, 1.0):   # the saved SAE says where theta started (state; its config is as asked)
         sae = load_sae(str(tmp_path / "j" / f"jumprelu_l1-{lam:g}"))
-        assert sae.cfg.threshold_init == pytest.approx(math.sqrt(lam))
+        assert float(sae.threshold_start) == pytest.approx(math.sqrt(lam))
+        assert sae.cfg.threshold_init == 0.01
 
 
 def test_calibrate_starts_theta_at_sqrt_lambda():
@@ -41,7 +42,7 @@ def test_calibrate_starts_theta_at_sqrt_lambda():
         sae = make_sae(SAEConfig("jumprelu", 4, 8, l1_coeff=lam, threshold_init=floor))
         sae.calibrate(x, None)
         torch.testing.assert_close(sae.threshold, torch.full((8,), expected))
-        assert sae.cfg.threshold_init == pytest.approx(expected)
+        assert float(sae.threshold_start) == pytest.approx(expected) and sae.cfg.threshold_init == floor
     tanh = make_sae(SAEConfig("jumprelu", 4, 8, l1_coeff=0.25, l0_penalty="tanh"))
     tanh.calibrate(x, None)   # the tanh penalty trains through f: it keeps threshold_init
     torch.testing.assert_close(tanh.threshold, torch.full((8,), 0.01))

@@ -146,7 +146,8 @@ def test_gtopk_uses_store_gradients(store, tmp_path):
     out = tmp_path / "g"
     summary = fit(_cfg(store, out, arch="gtopk", k=(4,), tokens=256 * 10), progress=False)
     cfg = json.loads((out / "gtopk_k4" / "cfg.json").read_text())
-    assert "without gradients" in cfg["inference"] and cfg["sae_harvest"]["sae"]["beta"] > 0
+    assert "without gradients" in cfg["inference"] and cfg["sae_harvest"]["sae"]["beta"] == 0   # as asked
+    assert float(train.load_sae(out / "gtopk_k4").beta) > 0   # calibrated: state saved with the weights
     assert summary["gtopk_k4"]["held_out"]["l0"] == pytest.approx(4)
 
 

@@ -11,20 +11,31 @@ the inference L0 on those rows is k whatever the training batch size was, and th
 replaced.
 `threshold` is a [d_sae] buffer (one scalar broadcast, SAELens JumpReLU layout); -1 means "not yet
 estimated" (then inference is plain ReLU, since pre >= 0 > -1).
-encode() uses BatchTopK while self.training, JumpReLU otherwise (call .eval() for inference).
+encode() is always the inference rule (JumpReLU with the threshold); encode_train() is the training
+selection (BatchTopK over the batch, global under data parallel through its `reducer`), which the
+trainers ask for explicitly; neither looks at self.training.
 use_sparse_decode is ignored: the per-token number of active latents varies, so decode stays dense.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sae_harvest.train import distributed
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.sae import LossOutput
+from sae_harvest.train.sae_config import hyper
 from sae_harvest.train.sparse_topk import SparsePre
-from sae_harvest.train.topk import TopKSAE
+from sae_harvest.train.topk import TopKConfig, TopKSAE
 
 THRESHOLD_ROWS = 100_000   # rows the final threshold is estimated from (fewer only if the data has fewer)
 _CANDIDATE_FACTOR = 4      # per chunk, keep 4x its share of the n*k kept values as candidates
+
+
+@dataclass(frozen=True)
+class BatchTopKConfig(TopKConfig):
+    threshold_ema: float = hyper(0.99, "EMA decay of the threshold tracked while training (a diagnostic: the "
+                                       "saved threshold is re-estimated from the final weights).", sweep=True)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -35,15 +46,17 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.full((cfg.d_sae,), -1.0))
 
-    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        return distributed.batch_topk(pre, self.cfg.k)   # over the global batch under torchrun
+    def batch_topk(self, pre: torch.Tensor, reducer: Reducer = LOCAL) -> torch.Tensor:
+        return reducer.batch_topk(pre, self.cfg.k)   # over the global batch under data parallel
 
     def jumprelu(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def encode(self, x, grad=None):
-        pre = self.pre_acts(x)
-        return self.batch_topk(pre) if self.training else self.jumprelu(pre)
+        return self.jumprelu(self.pre_acts(x))
+
+    def encode_train(self, x, grad=None, reducer: Reducer = LOCAL):
+        return self.batch_topk(self.pre_acts(x), reducer)
 
     def forward(self, x, grad=None):
         return self.decode(self.encode(x))
@@ -54,9 +67,8 @@ class BatchTopKSAE(TopKSAE):
     def enable_sparse_decode(self):
         return False
 
-    def observe_training_latents(self, feats):
-        if self.training:
-            self.update_threshold(feats)
+    def observe_training_latents(self, feats, reducer: Reducer = LOCAL):
+        self.update_threshold(feats, reducer)
 
     @torch.no_grad()
     def finalize(self, batches):
@@ -66,9 +78,9 @@ class BatchTopKSAE(TopKSAE):
         return {"inference": "jumprelu with the tracked BatchTopK threshold (batch-independent)"}
 
     @torch.no_grad()
-    def update_threshold(self, feats: torch.Tensor) -> None:
+    def update_threshold(self, feats: torch.Tensor, reducer: Reducer = LOCAL) -> None:
         pos = feats[feats > 0]
-        batch_min = distributed.global_min(pos.min() if pos.numel() else feats.new_tensor(float("inf")))
+        batch_min = reducer.global_min(pos.min() if pos.numel() else feats.new_tensor(float("inf")))
         if torch.isinf(batch_min):
             return
         batch_min = batch_min.to(self.threshold.dtype)
@@ -106,21 +118,21 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.fill_(float(theta))
         return n_rows
 
-    def training_latents(self, x):
+    def training_latents(self, x, reducer: Reducer = LOCAL):
         """(pre, feats, values_at) of BatchTopK over the (global) batch, the training objective's
         selection. Sparse backward: feats are built from the kept values alone, which carry the
         gradient; finding them (nonzero) reads their count on the host (one GPU sync a step)."""
         if not self.use_sparse_backward:
             pre = self.pre_acts(x)
-            return pre, self.batch_topk(pre), None
+            return pre, self.batch_topk(pre, reducer), None
         enc = SparsePre(self, x)
-        rows, cols = (self.batch_topk(enc.pre) > 0).nonzero(as_tuple=True)
+        rows, cols = (self.batch_topk(enc.pre, reducer) > 0).nonzero(as_tuple=True)
         feats = torch.zeros_like(enc.pre).index_put((rows, cols), enc.at(rows, cols))
         return enc.pre, feats, enc.gather
 
-    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
-        pre, feats, values_at = self.training_latents(x)   # training objective always uses BatchTopK
-        if self.training:
-            self.update_threshold(feats)
+    def loss(self, x, grad=None, dead_mask=None, reducer: Reducer = LOCAL) -> LossOutput:
+        pre, feats, values_at = self.training_latents(x, reducer)   # the training objective is BatchTopK's
+        if self.training:   # the tracked threshold follows training steps only
+            self.update_threshold(feats, reducer)
         x_hat = self.decode(feats)
-        return self._loss_terms(x, pre, feats, x_hat, dead_mask, values_at)
+        return self._loss_terms(x, pre, feats, x_hat, dead_mask, values_at, reducer)

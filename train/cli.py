@@ -7,6 +7,7 @@ import click
 from sae_harvest.stores.cli import CONTEXT, Group, config_options, console, entry as _entry, fail
 from sae_harvest.stores.artifacts import artifact_json
 
+from . import registry
 from .config import TrainConfig
 
 
@@ -28,10 +29,9 @@ def fit_cmd(resume, overwrite, quiet, **fields):
     """Train one SAE per swept value (--l1 or --k lists), reading the store once."""
     from .driver import TrainInterrupted
     from .fit import fit
-    from .registry import ARCH_NAMES
 
-    if fields["arch"] not in ARCH_NAMES:
-        fail(f"unknown --arch {fields['arch']!r}; choose one of {', '.join(ARCH_NAMES)}")
+    if fields["arch"] not in registry.ARCH_NAMES:
+        fail(f"unknown --arch {fields['arch']!r}; choose one of {', '.join(registry.ARCH_NAMES)}")
     if fields["decoder_of"] and click.get_current_context().get_parameter_source("arch").name == "DEFAULT":
         fields["arch"] = "batchtopk"   # the meta-SAE paper's choice
     try:
@@ -43,6 +43,18 @@ def fit_cmd(resume, overwrite, quiet, **fields):
         fail(str(e).splitlines()[0])
     if quiet:
         click.echo(artifact_json(summaries, indent=None, allow_nan=True))
+
+
+_OWN_PARAMS = len(fit_cmd.params) - len(config_options(TrainConfig)(lambda: None).__click_params__)
+
+
+def _refresh_options() -> None:
+    """Regenerate fit's options after an architecture is registered (TrainConfig's fields changed)."""
+    generated = list(reversed(config_options(TrainConfig)(lambda: None).__click_params__))
+    fit_cmd.params = generated + fit_cmd.params[len(fit_cmd.params) - _OWN_PARAMS:]
+
+
+registry.on_register(_refresh_options)
 
 
 if __name__ == "__main__":

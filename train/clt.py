@@ -8,7 +8,8 @@ output of layer L and of every later layer.
 As in Anthropic's "Circuit Tracing: Revealing Computational Graphs in Language Models" (2025) and
 circuit-tracer. The trainer hands the module the n input sites concatenated, x [N, n*d], and the n
 targets concatenated, y [N, n*d] (each site divided by its own scale, E||x_L / s|| = sqrt(d)), so it
-trains through the same step as an SAE or a transcoder. SAEConfig: clt_layers = n, d_in = n*d,
+trains through the same step as an SAE or a transcoder. Its config is its arch's (TopKConfig,
+JumpReLUConfig) with clt_layers = n, d_in = n*d,
 d_sae = n*F (F latents per layer), k = active latents per layer (topk), l1_coeff = lambda (jumprelu).
 
 Layout, for sharding the decoders over GPUs later (docs/training.md): decoders are stored per source
@@ -119,7 +120,7 @@ class CrossLayerTranscoder(nn.Module):
     def forward(self, x, grad=None):
         return self.decode(self.encode(x))
 
-    def loss(self, x, grad=None, dead_mask=None, target=None) -> LossOutput:
+    def loss(self, x, grad=None, dead_mask=None, target=None, reducer=None) -> LossOutput:
         if target is None:
             raise ValueError("a CLT's loss needs the targets (every layer's MLP output)")
         pre = self.pre_acts(x)

@@ -1,16 +1,22 @@
 """The training config: one frozen dataclass, serialised into every saved SAE; `train fit`'s options
-are generated from its fields."""
+are generated from its fields.
+
+Its architecture options (--k, --l1, --bandwidth, ...) are not written here: they are generated from
+the hyperparameters the registered architectures' config classes declare (train/sae_config.py
+`hyper`), one option per name, and regenerated in place whenever an architecture is registered.
+"""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from sae_harvest.stores.cli import opt
-from sae_harvest.train.jumprelu import L0_PENALTIES
 from sae_harvest.stores.urls import scrub_tree
-from sae_harvest.train.registry import ARCH_NAMES, ARCHITECTURES, SAEConfig
-
-SAE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+from sae_harvest.train import registry
+from sae_harvest.train.errors import TrainError
+from sae_harvest.train.registry import make_config
+from sae_harvest.train.sae_config import SAEConfigBase, hyper_fields, type_name
 
 
 @dataclass(frozen=True)
@@ -19,35 +25,21 @@ class TrainConfig:
     store: str | None = opt(None, "Store path or fsspec URL (from `harvest run`).")
     site: str | None = opt(None, "Site to train on (required when the store has several); a comma list or globs "
                                  "(blocks.*.resid_pre) train one SAE or sweep per site in one pass over the store.")
-    target: str | None = opt(None, "Transcoder: the decoder predicts this site (e.g. blocks.6.mlp_out) from --site "
-                                   "(blocks.6.mlp_in); several sites pair with as many targets in layer order.")
+    target: str | None = opt(None, f"Transcoder: the decoder predicts this site (e.g. blocks.6.mlp_out) from --site "
+                                   f"(blocks.6.mlp_in); several sites pair with as many targets in layer order; "
+                                   f"{', '.join(registry.TRANSCODER_ARCHS)}.")
     skip: bool = opt(False, "Transcoder: add a learned linear skip W_skip x to the output (skip transcoder).")
-    clt: bool = opt(False, "Cross-layer transcoder: --site / --target one MLP input and output per layer, no layer "
-                           "missing (blocks.*.mlp_in / blocks.*.mlp_out); --d-sae is per layer; topk or jumprelu.")
-    crosscoder: bool = opt(False, "Train one crosscoder over every --site (equal widths): per-site encoders "
-                                  "summed, per-site decoders (relu, topk, batchtopk).")
-    decoder_of: str | None = opt(None, "Meta-SAE: train a BatchTopK SAE on this SAE checkpoint's decoder rows.")
-    arch: str = opt("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
+    clt: bool = opt(False, f"Cross-layer transcoder: --site / --target one MLP input and output per layer, no layer "
+                           f"missing (blocks.*.mlp_in / blocks.*.mlp_out); --d-sae is per layer; "
+                           f"{', '.join(registry.CLT_ARCHS)}.")
+    crosscoder: bool = opt(False, f"Train one crosscoder over every --site (equal widths): per-site encoders "
+                                  f"summed, per-site decoders ({', '.join(registry.CROSSCODER_ARCHS)}).")
+    decoder_of: str | None = opt(None, "Meta-SAE: train an SAE (by default the meta-SAE paper's architecture) on "
+                                       "this SAE checkpoint's decoder rows.")
+    arch: str = opt("topk", "SAE architecture (the registered ones are listed in `train fit --help`'s --arch).")
     d_sae: int | None = opt(None, "Dictionary size (default: --expansion x d_in).")
     expansion: int = opt(16, "Dictionary size as a multiple of d_in, when --d-sae is not given.")
-    l1: tuple[float, ...] = opt((), "Sparsity coefficient lambda (relu: phi = lambda/d_in; gated: lambda; jumprelu: "
-                                    "lambda on the L0), on normalised inputs; the e2e paper's / SAELens's scales: "
-                                    "docs/e2e.md. Comma list = sweep. Default: the architecture's (relu 300, "
-                                    "gated 3: L0 16-128 on the default model).")
-    k: tuple[int, ...] = opt((32,), "Active latents for topk/batchtopk/gtopk/matryoshka_batchtopk. "
-                                    "Comma list = sweep.")
-    beta: float | None = opt(None, "gtopk gradient weight (default: calibrated so beta*|W_dec^T grad| ~ 2.4, "
-                                   "the paper's operating point).")
-    bandwidth: float | None = opt(None, "jumprelu: bandwidth eps of the threshold's straight-through "
-                                        f"estimators (default {SAE_DEFAULTS['bandwidth']:g}).")
-    threshold_init: float | None = opt(None, f"jumprelu: floor of the initial threshold; theta starts at "
-                                             f"max(this, sqrt(lambda)) (default {SAE_DEFAULTS['threshold_init']:g}).")
-    l0_penalty: str | None = opt(None, "jumprelu L0 penalty: step (straight-through) or tanh (SAELens) "
-                                       f"(default {SAE_DEFAULTS['l0_penalty']}).", choices=L0_PENALTIES)
-    prefixes: tuple[int, ...] | None = opt(None, "matryoshka_batchtopk: nested dictionary sizes, e.g. "
-                                                 "256,1024,4096 (default d_sae/16,/8,/4,/2; d_sae is always last).")
-    lr: float | None = opt(None, "Learning rate (default 5e-4 for relu/gated/jumprelu, 2e-4/sqrt(d_sae/2^14) "
-                                 "for the TopK family and matryoshka_batchtopk).")
+    lr: float | None = opt(None, "Learning rate (default: the architecture's default_lr(d_sae)).")
     batch_size: int = opt(4096, "Tokens per optimizer step.")
     tokens: int | None = opt(None, "Training tokens (default: one pass; more than the store = epochs).")
     seed: int = opt(0, "Seeds the initialisation and the batch order.")
@@ -90,29 +82,177 @@ class TrainConfig:
                                       "large for one GPU). Saved as one file, as unsharded. Without torchrun it "
                                       "changes nothing.")
 
+    def __post_init__(self):
+        # an architecture option given as one value (or a JSON list) is a sweep of one
+        for spec in _OPTIONS.values():
+            v = getattr(self, spec.name, None)
+            if spec.sweep and v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, spec.name, tuple(v) if isinstance(v, list) else (v,))
+            elif not spec.sweep and isinstance(v, list):
+                object.__setattr__(self, spec.name, tuple(v))
+
     def to_dict(self) -> dict:
         """The config as stored (cfg.json, checkpoint/state.json) and logged (wandb): every path
         and URL scrubbed of credentials, so a resume compares like with like."""
         return scrub_tree(dataclasses.asdict(self))
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """One generated architecture option: the TrainConfig field `name` (flag --name), setting the
+    config field `field` of every architecture in `archs`."""
+    name: str
+    field: str
+    type: str          # the config field's type, e.g. "int"
+    sweep: bool        # a comma list: one SAE per value
+    default: object    # the option's default (None / (): each architecture's own)
+    help: str
+    archs: tuple[str, ...]
+    choices: tuple | None = None
+
+
+_OPTIONS: dict[str, OptionSpec] = {}
+_STATIC = [f for f in dataclasses.fields(TrainConfig)]
+_AFTER = "expansion"   # the architecture options come after this field, as in --help
+
+
+def _declared() -> dict[str, list]:
+    """{option name: [(arch, config field)]} over the registered architectures, in their order."""
+    out: dict[str, list] = {}
+    for arch, cfg_cls in registry.CONFIGS.items():
+        for f in hyper_fields(cfg_cls):
+            out.setdefault(f.metadata["hyper"]["option"] or f.name, []).append((arch, f))
+    return out
+
+
+def _fmt(v) -> str:
+    return ",".join(map(_fmt, v)) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _option(name: str, decls: list) -> OptionSpec:
+    first = decls[0][1]
+    meta = first.metadata["hyper"]
+    kinds = {type_name(f) for _, f in decls}
+    if len(kinds) > 1 or len({f.metadata["hyper"]["sweep"] for _, f in decls}) > 1:
+        raise TypeError(f"architectures declare option {name} differently: {sorted(kinds)}")
+    # one help per distinct text, naming the architectures it applies to and their defaults
+    parts: dict[str, list] = {}
+    for arch, f in decls:
+        m = f.metadata["hyper"]
+        default = m["train_default"] if m["train_default"] is not None else f.default
+        parts.setdefault(m["help"].rstrip("."), []).append((arch, default))
+    texts = []
+    for text, uses in parts.items():
+        defaults = [_fmt(d) for _, d in uses if d not in ((), None)]
+        note = "" if meta["option_default"] not in (None, ()) or not defaults else (
+            f" (default {defaults[0]})" if len(set(defaults)) == 1 else
+            " (default " + ", ".join(f"{a} {_fmt(d)}" for a, d in uses) + ")")
+        texts.append(f"{', '.join(a for a, _ in uses)}: {text}{note}")
+    help_text = "; ".join(texts) + (". Comma list = sweep." if meta["sweep"] else ".")
+    return OptionSpec(name=name, field=first.name, type=type_name(first), sweep=meta["sweep"],
+                      default=meta["option_default"], help=help_text, archs=tuple(a for a, _ in decls),
+                      choices=meta["choices"])
+
+
+def _install_options() -> None:
+    """(Re)generate TrainConfig's architecture options from the registry, in place: the class
+    object stays the same, so every module that imported it sees the new fields."""
+    global _OPTIONS
+    _OPTIONS = {name: _option(name, decls) for name, decls in _declared().items()}
+    static = [f for f in _STATIC if f.name not in _OPTIONS]
+    cut = [f.name for f in static].index(_AFTER) + 1
+    fields = []
+    for spec in _OPTIONS.values():
+        kind = f"tuple[{spec.type}, ...]" if spec.sweep else spec.type
+        kw = {"choices": spec.choices} if spec.choices else {}
+        f = dataclasses.field(default=spec.default, metadata={"help": spec.help, "arch_option": True, **kw})
+        f.name, f.type = spec.name, kind if spec.default is not None and spec.sweep else f"{kind} | None"
+        fields.append(f)
+    ordered = static[:cut] + fields + static[cut:]
+    for name in ("__setattr__", "__delattr__", "__init__", "__repr__", "__eq__", "__hash__", "__match_args__",
+                 "__dataclass_fields__", "__dataclass_params__"):
+        if name in TrainConfig.__dict__:
+            delattr(TrainConfig, name)
+    for name in list(TrainConfig.__dict__.get("__annotations__", {})):
+        if name not in {f.name for f in ordered} and name in TrainConfig.__dict__:
+            delattr(TrainConfig, name)   # an option no registered architecture declares any more
+    TrainConfig.__annotations__ = {f.name: f.type for f in ordered}
+    for f in ordered:
+        setattr(TrainConfig, f.name, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                       metadata=f.metadata))
+    dataclass(frozen=True)(TrainConfig)
+    arch_field = TrainConfig.__dataclass_fields__["arch"]
+    arch_field.metadata = {**arch_field.metadata, "help": f"SAE architecture: {', '.join(registry.ARCH_NAMES)}."}
+
+
+def options() -> dict[str, OptionSpec]:
+    """The architecture options TrainConfig has now, by name."""
+    return dict(_OPTIONS)
+
+
+_install_options()
+registry.on_register(_install_options)
+
+
+def _values(cfg: TrainConfig, arch: str) -> dict[str, tuple]:
+    """{config field: the values to train} for `arch`'s own hyperparameters, primary sweep field first."""
+    sae_cls, cfg_cls = registry.REGISTRY[arch]
+    own = {f.name: f for f in hyper_fields(cfg_cls)}
+    out = {}
+    for spec in _OPTIONS.values():
+        given = getattr(cfg, spec.name)
+        if arch not in spec.archs:
+            continue   # another architecture's option: ignored, as it always was (--k with --arch relu)
+        f = own[spec.field]
+        meta = f.metadata["hyper"]
+        if given is None or given == ():
+            given = meta["train_default"] if meta["train_default"] is not None else f.default
+            given = (given,) if spec.sweep else given
+        cast = {"int": int, "float": float}.get(type_name(f), lambda v: v)
+        out[spec.field] = tuple(cast(v) for v in given) if spec.sweep else (given,)
+    first = sae_cls.sweep_field
+    return {first: out.pop(first), **out} if first in out else out
+
+
+def _part(option: str, value) -> str:
+    return f"k{value}" if option == "k" else f"{option}-{_fmt(value)}"
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """TrainError unless --arch is registered (and its options make valid configs: sweep() checks)."""
+    if cfg.arch not in registry.REGISTRY:
+        raise TrainError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(registry.ARCH_NAMES)}")
+    _values(cfg, cfg.arch)
+
+
+def swept_fields(cfg: TrainConfig) -> tuple[str, ...]:
+    """The config fields this run trains more than one value of."""
+    return tuple(f for f, vals in _values(cfg, cfg.arch).items() if len(vals) > 1) \
+        if cfg.arch in registry.REGISTRY else ()
+
+
 def sweep_size(cfg: TrainConfig) -> int:
     """How many SAEs the sweep trains (known before the data's width is)."""
-    if ARCHITECTURES[cfg.arch].sweep_field == "k":
-        return len(cfg.k)
-    return len(cfg.l1 or (None,))
+    n = 1
+    for vals in _values(cfg, cfg.arch).values():
+        n *= len(vals)
+    return n
 
 
-def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfig]]:
-    """One (folder name, SAEConfig) per swept value; every SAE sees the same batches."""
-    cls = ARCHITECTURES[cfg.arch]
+def sweep(cfg: TrainConfig, d_in: int) -> list[tuple[str, SAEConfigBase]]:
+    """One (folder name, config) per combination of the swept values (the primary field's values
+    outermost); every SAE sees the same batches. Folder: <arch>_k<k> or <arch>_<option>-<value> for
+    the architecture's primary sweep field (topk_k32, relu_l1-300), then _<option>-<value> for each
+    other option given more than one value (topk_k32_aux_coeff-0.03)."""
+    check_options(cfg)
     d_sae = cfg.d_sae or cfg.expansion * d_in
-    # beta 0 tells gtopk to calibrate itself on the data (its calibrate() hook)
-    common = dict(arch=cfg.arch, d_in=d_in, d_sae=d_sae, beta=cfg.beta or 0.0)
-    # unset (None): the SAEConfig default; so a run saved before these options existed still resumes
-    common.update({f: getattr(cfg, f) for f in ("bandwidth", "threshold_init", "l0_penalty", "prefixes")
-                   if getattr(cfg, f) is not None})
-    if cls.sweep_field == "k":
-        return [(f"{cfg.arch}_k{k}", SAEConfig(**common, k=int(k))) for k in cfg.k]
-    return [(f"{cfg.arch}_l1-{l1:g}", SAEConfig(**common, l1_coeff=float(l1)))
-            for l1 in (cfg.l1 or (cls.default_l1,))]
+    values = _values(cfg, cfg.arch)
+    option = {spec.field: spec.name for spec in _OPTIONS.values() if cfg.arch in spec.archs}
+    first = registry.ARCHITECTURES[cfg.arch].sweep_field
+    named = [f for f, vals in values.items() if f == first or len(vals) > 1]
+    out = []
+    for combo in itertools.product(*values.values()):
+        fields = dict(zip(values, combo))
+        name = "_".join([cfg.arch] + [_part(option[f], fields[f]) for f in named])
+        out.append((name, make_config(cfg.arch, d_in, d_sae, **fields)))   # ValueError: a bad value
+    return out

@@ -3,10 +3,12 @@
 Data parallel (the default under torchrun): `--batch-size` is the global batch. Every rank reads the
 same seeded block order and keeps its own contiguous share of the rows of every global batch, so N
 ranks see exactly the rows one process would. While a step runs (`data_parallel()`), the few places
-whose result depends on the whole batch reduce across ranks through the helpers below:
-gradients (averaged: each rank's loss is a mean over its equal share), dead-latent masks (OR),
-AuxK's residual variance, BatchTopK's batch-wide top-k and its threshold (global min), and the
-logged metrics. Outside a step (finalising, held-out evaluation) every call is local again.
+whose result depends on the whole batch reduce across ranks through a `Reducer`: gradients
+(averaged: each rank's loss is a mean over its equal share), dead-latent masks (OR) and the logged
+metrics in the trainers; AuxK's residual variance, BatchTopK's batch-wide top-k and its threshold
+(global min) in the architectures, which get the reducer as an argument (`loss(..., reducer=)`,
+`encode_train(..., reducer=)`; LOCAL by default). Outside a step (finalising, held-out evaluation)
+every call is local again.
 
 Sweep parallel (`--sweep-parallel`): the sweep's SAEs are dealt over the ranks (SAE i of the sweep
 on rank i mod N); every rank reads every whole batch and trains its own SAEs exactly as one process
@@ -29,7 +31,6 @@ import torch.distributed as dist
 # the process-group plumbing and the JSON control messages every command shares (no pickles)
 from sae_harvest.stores.dist import all_gather_json, launched  # noqa: F401  (all_gather_json: driver.gather)
 
-_active = False   # True while a data-parallel step runs
 
 
 @dataclass(frozen=True)
@@ -100,98 +101,134 @@ def anywhere(flag: bool) -> bool:
     return bool(t.item())
 
 
+@dataclass(frozen=True)
+class Reducer:
+    """How one step's batch-wide quantities are combined. An architecture is handed one (its
+    loss() / encode_train() take `reducer=`) instead of asking a module global: LOCAL, the
+    default, is one process (nothing to reduce), so library use needs no process group; the
+    trainers pass `current()`, which inside `data_parallel()` reduces over every rank."""
+    active: bool = False
+
+    def ranks(self) -> int:
+        """How many ranks share the current batch (1 outside a data-parallel step)."""
+        return dist.get_world_size() if self.active else 1
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def global_min(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def any_rank(self, mask: torch.Tensor) -> torch.Tensor:
+        """Elementwise OR of a bool tensor over the ranks."""
+        if not self.active:
+            return mask
+        m = mask.to(torch.uint8)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        return m.bool()
+
+    def global_mean(self, values: dict) -> dict:
+        """Average logged scalars over the ranks (each is a mean over an equal share of the batch)."""
+        if not self.active or not values:
+            return values
+        keys = list(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """Gradients of the global batch from each rank's gradient of its local mean: one all_reduce."""
+        if not self.active:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def residual_variance(self, resid: torch.Tensor) -> torch.Tensor:
+        """sum ||r - mean(r)||^2 over the global batch (AuxK's normaliser)."""
+        if not self.active:
+            return (resid - resid.mean(0)).pow(2).sum()
+        mean = self.all_sum(resid.sum(0)) / (len(resid) * self.ranks())
+        return self.all_sum((resid - mean).pow(2).sum())
+
+    def batch_topk(self, pre: torch.Tensor, k: int) -> torch.Tensor:
+        """Keep the n*k largest entries of pre [n, d] over the batch: over the global batch of n x ranks
+        rows inside a data-parallel step. Exact: each rank offers its own top n_global*k values (no
+        more can win), the n_global*k-th largest of all offers is the global threshold, and each rank
+        keeps its entries at or above it. Entries tied with the threshold are all kept, in one process
+        too: identical rows (every sequence's position 0 in e2e) would otherwise leave which copy wins
+        to torch.topk's order, which differs between one process and several. Ties at 0 keep zeros,
+        which change nothing."""
+        flat = pre.flatten()
+        if not self.active:
+            threshold = flat.detach().topk(min(pre.shape[0] * k, flat.numel()), sorted=False).values.min()
+            return pre * (pre >= threshold)
+        want = pre.shape[0] * self.ranks() * k
+        offer = flat.detach().topk(min(want, flat.numel()), sorted=False).values
+        offers = [torch.empty_like(offer) for _ in range(self.ranks())]
+        dist.all_gather(offers, offer)
+        offers = torch.cat(offers)
+        threshold = offers.topk(min(want, offers.numel()), sorted=False).values.min()
+        return pre * (pre >= threshold)
+
+
+LOCAL = Reducer()
+_current = LOCAL   # the trainers' reducer: data_parallel() swaps it for the length of a step
+
+
 @contextmanager
 def data_parallel(on: bool = True):
-    """Within this block the helpers below reduce across all ranks."""
-    global _active
-    old, _active = _active, bool(on) and dist.is_initialized() and dist.get_world_size() > 1
+    """Within this block current() reduces across all ranks (the trainers hand it to the SAEs)."""
+    global _current
+    old = _current
+    _current = Reducer(bool(on) and dist.is_initialized() and dist.get_world_size() > 1)
     try:
-        yield
+        yield _current
     finally:
-        _active = old
+        _current = old
 
 
+def current() -> Reducer:
+    """The reducer of the step running now (LOCAL outside a data-parallel step)."""
+    return _current
+
+
+# the trainers' shorthands for current()'s reductions
 def ranks() -> int:
-    """How many ranks share the current batch (1 outside a data-parallel step)."""
-    return dist.get_world_size() if _active else 1
+    return _current.ranks()
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
-    if _active:
-        dist.all_reduce(t)
-    return t
+    return _current.all_sum(t)
 
 
 def global_min(t: torch.Tensor) -> torch.Tensor:
-    if _active:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    return _current.global_min(t)
 
 
 def any_rank(mask: torch.Tensor) -> torch.Tensor:
-    """Elementwise OR of a bool tensor over the ranks."""
-    if not _active:
-        return mask
-    m = mask.to(torch.uint8)
-    dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    return m.bool()
+    return _current.any_rank(mask)
 
 
 def global_mean(values: dict) -> dict:
-    """Average logged scalars over the ranks (each is a mean over an equal share of the batch)."""
-    if not _active or not values:
-        return values
-    keys = list(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+    return _current.global_mean(values)
 
 
 def average_gradients(module: torch.nn.Module) -> None:
-    """Gradients of the global batch from each rank's gradient of its local mean: one all_reduce."""
-    if not _active:
-        return
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def residual_variance(resid: torch.Tensor) -> torch.Tensor:
-    """sum ||r - mean(r)||^2 over the global batch (AuxK's normaliser)."""
-    if not _active:
-        return (resid - resid.mean(0)).pow(2).sum()
-    mean = all_sum(resid.sum(0)) / (len(resid) * ranks())
-    return all_sum((resid - mean).pow(2).sum())
-
-
-def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the n*k largest entries of pre [n, d] over the batch: over the global batch of n x ranks
-    rows inside a data-parallel step. Exact: each rank offers its own top n_global*k values (no
-    more can win), the n_global*k-th largest of all offers is the global threshold, and each rank
-    keeps its entries at or above it. Entries tied with the threshold are all kept, in one process
-    too: identical rows (every sequence's position 0 in e2e) would otherwise leave which copy wins
-    to torch.topk's order, which differs between one process and several. Ties at 0 keep zeros,
-    which change nothing."""
-    flat = pre.flatten()
-    if not _active:
-        threshold = flat.detach().topk(min(pre.shape[0] * k, flat.numel()), sorted=False).values.min()
-        return pre * (pre >= threshold)
-    want = pre.shape[0] * ranks() * k
-    offer = flat.detach().topk(min(want, flat.numel()), sorted=False).values
-    offers = [torch.empty_like(offer) for _ in range(ranks())]
-    dist.all_gather(offers, offer)
-    offers = torch.cat(offers)
-    threshold = offers.topk(min(want, offers.numel()), sorted=False).values.min()
-    return pre * (pre >= threshold)
+    _current.average_gradients(module)
 
 
 def share(n: int, world: World) -> slice:

@@ -331,4 +331,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
+    # an option that became a list (a sweep) compares equal to the one value an older run saved
+    v = list(v) if isinstance(v, (tuple, list)) else v
+    return v[0] if isinstance(v, list) and len(v) == 1 else v

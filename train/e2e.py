@@ -115,8 +115,11 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
         part = a[:, first:]
         src = part if read is None else live[read.name][:, first:]
         x = src.reshape(-1, src.shape[-1]).float() / scale
-        feats = sae.encode(x)
-        sae.observe_training_latents(feats)
+        if sae.training:   # the training selection (batchtopk: over the batch), reduced over the ranks
+            feats = sae.encode_train(x, reducer=distributed.current())
+            sae.observe_training_latents(feats, reducer=distributed.current())
+        else:
+            feats = sae.encode(x)
         seen["feats"], seen["x"] = feats, x   # only the positions the loss terms average over
         if read is None:
             return keep_clean_positions(a, (sae.decode(feats) * scale).view(part.shape), first)

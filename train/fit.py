@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from sae_harvest.stores.cli import pick_device
 from sae_harvest.train import distributed
-from sae_harvest.train.config import TrainConfig, sweep_size
+from sae_harvest.train.config import TrainConfig, check_options, sweep_size
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.e2e import fit_e2e
 from sae_harvest.train.e2e_transcoder import is_e2e_transcoder
@@ -26,6 +26,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, prog
     world, device = distributed.init(pick_device(cfg.device), cfg.dist_timeout)
     try:
         check_output(cfg, resume, overwrite)
+        check_options(cfg)
         if cfg.shard_decoders and not cfg.clt:
             raise TrainError("--shard-decoders shards a cross-layer transcoder's layers over the ranks: give --clt")
         if cfg.shard_decoders and world.size > 1:

@@ -31,11 +31,12 @@ beta * mean|W_dec^T grad| over active latents equals the paper's ~2.4, whatever 
 """
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from sae_harvest.train.topk import TopKSAE
+from sae_harvest.train.sae_config import hyper
+from sae_harvest.train.topk import TopKConfig, TopKSAE
 
 PAPER_BETA = 1e5
 PAPER_TOKENS_PER_MEAN = 32 * 255          # smol-sae: 32 sequences x 256 tokens, mean next-token CE
@@ -46,11 +47,32 @@ PAPER_OPERATING_POINT = 2.4               # beta * E|d_i . grad| in the paper (1
 GTOPK_INFERENCE = "topk without gradients; gradient-aware selection when a gradient is supplied"
 
 
+@dataclass(frozen=True)
+class GradTopKConfig(TopKConfig):
+    beta: float = hyper(0.0, "Gradient weight of the selection score (0: calibrated on the data so that "
+                             "beta*|W_dec^T grad| ~ 2.4, the paper's operating point).", sweep=True)
+
+
 class GradTopKSAE(TopKSAE):
+    """beta is cfg.beta when configured; with cfg.beta == 0 it is the value calibrate() measured on
+    the data, which is state, not config: the `beta` buffer (0 until calibrated), saved with the
+    weights. SAELens loads state dicts strictly and has no beta, so it travels in the safetensors
+    header (metadata_buffers). A checkpoint saved before it did has the calibrated value in its
+    cfg.json's beta instead, which then wins as a configured one."""
     arch = "gtopk"
     saelens_architecture = "topk"
     uses_grads = True
     trains_e2e = False   # selection needs the store's gradients, which a spliced forward has not got
+    metadata_buffers = ("beta",)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("beta", torch.tensor(0.0))
+        self._beta = float(cfg.beta)   # the host copy select() multiplies by: no GPU read per step
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_beta())
+
+    def _sync_beta(self) -> None:
+        self._beta = self.cfg.beta or float(self.beta)
 
     def attribution(self, grad: torch.Tensor) -> torch.Tensor:
         """|grad @ W_dec.T| [n, d_sae]: first-order loss change per unit of each latent."""
@@ -61,14 +83,17 @@ class GradTopKSAE(TopKSAE):
             return super().select(pre)
         with torch.no_grad():   # indices only: the score is never differentiated
             p = pre.detach()
-            score = p + self.cfg.beta * p * self.attribution(grad)
+            score = p + self._beta * p * self.attribution(grad)
             idx = score.topk(self.cfg.k, dim=-1, sorted=False).indices
         return pre.gather(-1, idx), idx
 
+    @torch.no_grad()
     def calibrate(self, x, grad):
         """With no beta configured, match the paper's operating point on the data (see above)."""
         if self.cfg.beta == 0.0 and grad is not None:
-            self.cfg = dataclasses.replace(self.cfg, beta=calibrate_beta(self, x, grad))
+            beta = calibrate_beta(self, x, grad)
+            self.beta.fill_(beta)
+            self._beta = beta   # the exact value, as the config held it before beta was a buffer
 
     def saelens_fields(self):
         return {"k": self.cfg.k, "inference": GTOPK_INFERENCE}

@@ -25,11 +25,14 @@ from pathlib import Path
 INIT_SCHEME = "seed+identity"
 
 
-def init_identity(cfg, site: str | None) -> dict:
-    """What makes one SAE of a run itself: architecture, site, widths and swept value (`cfg` is an
-    SAEConfig; both sweep fields are listed, the one not swept is the architecture's constant)."""
-    return {"arch": cfg.arch, "site": site, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k,
-            "l1_coeff": cfg.l1_coeff}
+def init_identity(cfg, site: str | None, swept: tuple[str, ...] = ()) -> dict:
+    """What makes one SAE of a run itself: architecture, site, widths and swept values (`cfg` is an
+    SAE config). k and l1_coeff are always listed (an architecture without one lists the single
+    config's old default), so identities, and so initial weights, are those of earlier versions;
+    any other field `swept` names is added, so SAEs of a sweep over it start apart too."""
+    d = cfg.to_dict()
+    return {"arch": cfg.arch, "site": site, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": d["k"],
+            "l1_coeff": d["l1_coeff"], **{f: d[f] for f in swept if f not in ("k", "l1_coeff")}}
 
 
 def init_stream(seed: int, identity: dict) -> str:

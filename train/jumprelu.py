@@ -33,13 +33,15 @@ tanh penalty (gradient through f, not theta alone) starts at threshold_init as b
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+from sae_harvest.train.sae_config import SAEConfigBase, hyper
 
 L0_PENALTIES = ("step", "tanh")
 
@@ -83,35 +85,51 @@ class StepFunction(torch.autograd.Function):
         return None, grad_theta.to(theta.dtype), None
 
 
+@dataclass(frozen=True)
+class JumpReLUConfig(SAEConfigBase):
+    # lambda per active latent; theta starts at sqrt(lambda) (see calibrate), so 1 is a usable default
+    l1_coeff: float = hyper(0.0, "lambda per active latent (the L0 penalty).", sweep=True, option="l1",
+                            option_default=(), train_default=1.0)
+    bandwidth: float = hyper(0.05, "Bandwidth eps of the threshold's straight-through estimators.", sweep=True)
+    threshold_init: float = hyper(0.01, "Floor of the initial threshold; theta starts at max(this, sqrt(lambda)).",
+                                  sweep=True)
+    l0_penalty: str = hyper("step", "L0 penalty: step (straight-through) or tanh (SAELens).", choices=L0_PENALTIES)
+    tanh_scale: float = hyper(4.0, "c in the tanh L0 penalty tanh(c * f * ||W_dec row||).", sweep=True)
+
+    def check(self):
+        if self.bandwidth <= 0 or self.threshold_init <= 0:
+            raise ValueError(f"jumprelu needs bandwidth > 0 and threshold_init > 0, got "
+                             f"{self.bandwidth}, {self.threshold_init}")
+        if self.l0_penalty not in L0_PENALTIES:
+            raise ValueError(f"unknown l0_penalty {self.l0_penalty!r}; expected one of {L0_PENALTIES}")
+
+
 class JumpReLUSAE(SAE):
     arch = "jumprelu"
     saelens_architecture = "jumprelu"
     apply_b_dec_to_input = True
     adam_betas = (0.0, 0.999)   # the paper's (and Gemma Scope's) beta1 = 0
-    default_l1 = 1.0            # lambda per active latent; theta starts at sqrt(lambda) (see calibrate)
 
-    @classmethod
-    def check_config(cls, cfg):
-        if cfg.bandwidth <= 0 or cfg.threshold_init <= 0:
-            raise ValueError(f"jumprelu needs bandwidth > 0 and threshold_init > 0, got "
-                             f"{cfg.bandwidth}, {cfg.threshold_init}")
-        if cfg.l0_penalty not in L0_PENALTIES:
-            raise ValueError(f"unknown l0_penalty {cfg.l0_penalty!r}; expected one of {L0_PENALTIES}")
+    # where theta started (calibrate), kept with the weights; SAELens has no such tensor, so it
+    # travels in the safetensors header. Saved before it did: cfg.json's threshold_init held it.
+    metadata_buffers = ("threshold_start",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.threshold_init)).log())
+        self.register_buffer("threshold_start", torch.tensor(float(cfg.threshold_init)))
 
     @torch.no_grad()
     def calibrate(self, x, grad=None):
         """Start theta at sqrt(lambda), the L0 penalty's fixed point (module docstring), unless theta
-        was loaded (--init) or threshold_init is larger; cfg.threshold_init records the start."""
+        was loaded (--init) or threshold_init is larger. The start is state (threshold_start,
+        saved with the weights); the config keeps the threshold_init it was given."""
         fresh = torch.equal(self.log_threshold, torch.full_like(self.log_threshold, math.log(self.cfg.threshold_init)))
         if not fresh or self.cfg.l0_penalty != "step" or self.cfg.l1_coeff <= 0:
             return
         theta0 = max(self.cfg.threshold_init, math.sqrt(self.cfg.l1_coeff))
         self.log_threshold.fill_(math.log(theta0))
-        self.cfg = dataclasses.replace(self.cfg, threshold_init=theta0)
+        self.threshold_start.fill_(theta0)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -134,7 +152,7 @@ class JumpReLUSAE(SAE):
             count = StepFunction.apply(pre, self.threshold.to(pre.dtype), self.cfg.bandwidth).sum(-1)
         return self.cfg.l1_coeff * count.mean()
 
-    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+    def loss(self, x, grad=None, dead_mask=None, reducer: Reducer = LOCAL) -> LossOutput:
         pre = self.pre_acts(x)
         feats = self._jumprelu(pre)
         x_hat = self.decode(feats)
@@ -159,7 +177,7 @@ class JumpReLUSAE(SAE):
 
     # SAELens stores theta itself; we train log theta.
     def saelens_state_dict(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.state_dict())
+        tensors = super().saelens_state_dict()
         tensors["threshold"] = tensors.pop("log_threshold").exp()
         return tensors
 

@@ -265,7 +265,8 @@ def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now, target=Non
     # while no latent can be dead yet (the host knows a bound), AuxK is skipped rather than computed as 0
     dead = run.since_fired >= dead_after if run.idle_bound >= dead_after else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = sae.loss(x, g, dead_mask=dead) if target is None else sae.loss(x, g, dead_mask=dead, target=target)
+        out = sae.loss(x, g, dead_mask=dead, reducer=distributed.current(),
+                       **({} if target is None else {"target": target}))
     if target is not None:
         x = target   # the NMSE below is the target's
     out.loss.backward()

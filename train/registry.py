@@ -1,87 +1,162 @@
-"""The architectures, listed once, and the config they share.
+"""The architectures, listed once: name -> (SAE class, config class).
 
-Adding an architecture: write train/<name>.py (a subclass of train.sae.SAE), import it here and add
-it to ARCHITECTURES; add a field to SAEConfig only if it needs a hyperparameter no other one has.
+Adding an architecture: write train/<name>.py (a subclass of train.sae.SAE and a frozen subclass of
+train.sae_config.SAEConfigBase holding its hyperparameters) and add one `register(...)` line below.
+The `train fit` options, the sweep and cfg.json follow from the config class (docs/extending.md).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-from sae_harvest.train.batchtopk import BatchTopKSAE
+from sae_harvest.train.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sae_harvest.train.clt import CLT_ARCHS, CrossLayerTranscoder
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS, crosscoder_class
-from sae_harvest.train.gated import GatedSAE
-from sae_harvest.train.gtopk import GradTopKSAE
-from sae_harvest.train.jumprelu import JumpReLUSAE
-from sae_harvest.train.matryoshka import MatryoshkaBatchTopKSAE
-from sae_harvest.train.relu import ReLUSAE
+from sae_harvest.train.gated import GatedConfig, GatedSAE
+from sae_harvest.train.gtopk import GradTopKConfig, GradTopKSAE
+from sae_harvest.train.jumprelu import JumpReLUConfig, JumpReLUSAE
+from sae_harvest.train.matryoshka import MatryoshkaBatchTopKSAE, MatryoshkaConfig
+from sae_harvest.train.relu import ReLUConfig, ReLUSAE
 from sae_harvest.train.sae import SAE
-from sae_harvest.train.topk import TopKSAE
+from sae_harvest.train.sae_config import LEGACY_FIELDS, SAEConfigBase
+from sae_harvest.train.topk import TopKConfig, TopKSAE
 from sae_harvest.train.transcoder import TRANSCODER_ARCHS, transcoder_class
 
-ARCHITECTURES: dict[str, type[SAE]] = {cls.arch: cls for cls in (
-    ReLUSAE, GatedSAE, TopKSAE, BatchTopKSAE, GradTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE,
-)}
-ARCH_NAMES = tuple(ARCHITECTURES)
+REGISTRY: dict[str, tuple[type[SAE], type[SAEConfigBase]]] = {}
+ARCHITECTURES: dict[str, type[SAE]] = {}        # name -> SAE class (REGISTRY's first column)
+CONFIGS: dict[str, type[SAEConfigBase]] = {}    # name -> config class (its second)
+ARCH_NAMES: tuple[str, ...] = ()                # in registration order; rebound by register()
+_listeners = []
 
 
-@dataclass(frozen=True)
-class SAEConfig:
-    arch: str
-    d_in: int
-    d_sae: int
-    l1_coeff: float = 0.0      # relu: phi = l1_coeff / d_in (e2e paper); gated: lambda on ||ReLU(pi_gate)||_1;
-                               # jumprelu: lambda on the L0
-    k: int = 0                 # topk family: active latents per token (batchtopk: on average)
-    beta: float = 0.0          # gtopk gradient weight (see train/gtopk.py DEFAULT_BETA)
-    aux_k: int = 512           # AuxK: top aux_k dead latents, capped at d_sae // 2
-    aux_coeff: float = 1 / 32
-    threshold_ema: float = 0.99  # batchtopk: EMA decay of the per-batch min kept activation
-    bandwidth: float = 0.05    # jumprelu: width eps of the straight-through estimators' rectangle kernel
-    threshold_init: float = 0.01   # jumprelu: floor of the initial theta (theta starts at max(this, sqrt(lambda)))
-    l0_penalty: str = "step"   # jumprelu: "step" (lambda * ||f||_0 through the STE) or "tanh" (SAELens)
-    tanh_scale: float = 4.0    # jumprelu, l0_penalty "tanh": c in tanh(c * f * ||W_dec row||)
-    prefixes: tuple[int, ...] = ()   # matryoshka: nested dictionary sizes; () = d_sae/16, /8, /4, /2, d_sae
-    d_out: int = 0             # transcoder: the target site's width (0: an SAE, decoding into d_in)
-    skip: bool = False         # transcoder: learned linear skip W_skip x added to the output
-    n_sites: int = 0           # crosscoder: d_in is this many equal-width sites concatenated (0: not one)
-    clt_layers: int = 0        # cross-layer transcoder over this many layers: d_in, d_sae = layers x (d, F)
-
-    def __post_init__(self):
-        object.__setattr__(self, "prefixes", tuple(int(m) for m in self.prefixes))   # JSON gives a list
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE arch {self.arch!r}; expected one of {ARCH_NAMES}")
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
-        ARCHITECTURES[self.arch].check_config(self)
-        if (self.d_out or self.skip) and self.arch not in TRANSCODER_ARCHS:
-            raise ValueError(f"--target: a {self.arch} SAE cannot be a transcoder; transcoders take "
-                             f"{', '.join(TRANSCODER_ARCHS)}")
-        if self.n_sites and (self.arch not in CROSSCODER_ARCHS or self.d_out or self.d_in % self.n_sites):
-            raise ValueError(f"a crosscoder takes {', '.join(CROSSCODER_ARCHS)}, no --target, and d_in a "
-                             f"multiple of its {self.n_sites} sites")
-        if self.clt_layers and (self.arch not in CLT_ARCHS or self.d_out or self.n_sites
-                                or self.d_in % self.clt_layers or self.d_sae % self.clt_layers
-                                or (self.arch == "topk" and self.k > self.d_sae // self.clt_layers)):
-            raise ValueError(f"a cross-layer transcoder takes {', '.join(CLT_ARCHS)}, d_in and d_sae multiples "
-                             f"of its {self.clt_layers} layers, and k <= the latents per layer")
-        if self.skip and not self.d_out:
-            raise ValueError("a skip connection needs a transcoder (--target)")
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "prefixes": list(self.prefixes)}   # as JSON reads it back
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown SAEConfig keys {unknown}")
-        return cls(**d)
+def register(sae_cls: type[SAE], config_cls: type[SAEConfigBase]) -> None:
+    """Make `sae_cls` (named by its `arch`) trainable with `config_cls`: --arch, its options, its
+    sweep and its cfg.json. Code that derives something from the registry (train/config.py's
+    TrainConfig, train/cli.py's options) is told through on_register(), so registering after
+    those are imported works too."""
+    global ARCH_NAMES
+    name = sae_cls.arch
+    if not name or not (isinstance(config_cls, type) and issubclass(config_cls, SAEConfigBase)):
+        raise ValueError(f"register({sae_cls.__name__}, {config_cls!r}): needs an `arch` name and a "
+                         f"SAEConfigBase subclass")
+    if sae_cls.sweep_field not in {f.name for f in dataclasses.fields(config_cls)}:
+        raise ValueError(f"{sae_cls.__name__}.sweep_field {sae_cls.sweep_field!r} is not a field of {config_cls.__name__}")
+    REGISTRY[name] = (sae_cls, config_cls)
+    ARCHITECTURES[name], CONFIGS[name] = sae_cls, config_cls
+    ARCH_NAMES = tuple(REGISTRY)
+    for fn in _listeners:
+        fn()
 
 
-def make_sae(cfg: SAEConfig) -> SAE:
+def unregister(name: str) -> None:
+    """Remove a registered architecture (tests that register a toy one)."""
+    global ARCH_NAMES
+    REGISTRY.pop(name), ARCHITECTURES.pop(name), CONFIGS.pop(name)
+    ARCH_NAMES = tuple(REGISTRY)
+    for fn in _listeners:
+        fn()
+
+
+def on_register(fn) -> None:
+    """Call fn() after every register() / unregister()."""
+    _listeners.append(fn)
+
+
+register(ReLUSAE, ReLUConfig)
+register(GatedSAE, GatedConfig)
+register(TopKSAE, TopKConfig)
+register(BatchTopKSAE, BatchTopKConfig)
+register(GradTopKSAE, GradTopKConfig)
+register(JumpReLUSAE, JumpReLUConfig)
+register(MatryoshkaBatchTopKSAE, MatryoshkaConfig)
+
+
+def field_defaults() -> dict:
+    """Every config field any architecture has, with the default it has where it is foreign: the
+    single config's default for the legacy fields, the declaring class's for newer ones."""
+    out = {}
+    for cfg_cls in CONFIGS.values():
+        for f in dataclasses.fields(cfg_cls):
+            if f.default is not dataclasses.MISSING:
+                out.setdefault(f.name, f.default)
+    out.update({k: v for k, v in LEGACY_FIELDS.items() if v is not None})
+    return out
+
+
+def _same(a, b) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
+    return norm(a) == norm(b)
+
+
+def make_config(arch: str, d_in: int, d_sae: int, *, strict: bool = True, **fields) -> SAEConfigBase:
+    """The config of architecture `arch`. A field it does not have (another architecture's) is
+    dropped at its foreign default; any other value raises when strict (a file that asks for a
+    value this architecture would ignore), and is ignored otherwise (SAEConfig(...)'s keywords,
+    as the single config of earlier versions ignored them)."""
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown SAE arch {arch!r}; expected one of {ARCH_NAMES}")
+    cfg_cls = CONFIGS[arch]
+    own = {f.name for f in dataclasses.fields(cfg_cls)}
+    defaults = field_defaults()
+    unknown = sorted(set(fields) - own - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown SAEConfig keys {unknown}")
+    foreign = {k: v for k, v in fields.items() if k not in own}
+    if strict:
+        bad = [f"{k}={v!r}" for k, v in foreign.items() if not _same(v, defaults[k])]
+        if bad:
+            raise ValueError(f"a {arch} SAE has no {', '.join(bad)}")
+    cfg = cfg_cls(arch=arch, d_in=d_in, d_sae=d_sae, **{k: v for k, v in fields.items() if k in own})
+    check_dictionary(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> SAEConfigBase:
+    """A config from cfg.json's sae_harvest.sae, as every version wrote it (the single flat config
+    of earlier versions included): strict (see make_config)."""
+    d = dict(d)
+    missing = [k for k in ("arch", "d_in", "d_sae") if k not in d]
+    if missing:
+        raise ValueError(f"SAEConfig needs {', '.join(missing)}")
+    return make_config(d.pop("arch"), d.pop("d_in"), d.pop("d_sae"), strict=True, **d)
+
+
+class _Factory(type):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, SAEConfigBase)
+
+
+class SAEConfig(metaclass=_Factory):
+    """SAEConfig(arch, d_in, d_sae, **fields): the config of `arch` (TopKConfig for "topk", ...),
+    taking every keyword the single config of earlier versions took; `SAEConfig.from_dict` reads any
+    cfg.json's sae_harvest.sae. isinstance(c, SAEConfig) is True for every architecture's config."""
+
+    def __new__(cls, arch: str, d_in: int, d_sae: int, **fields) -> SAEConfigBase:
+        return make_config(arch, d_in, d_sae, strict=False, **fields)
+
+    from_dict = staticmethod(config_from_dict)
+
+
+def check_dictionary(cfg) -> None:
+    """What a config's shape fields allow for its architecture: which ones make transcoders,
+    crosscoders and cross-layer transcoders."""
+    if (cfg.d_out or cfg.skip) and cfg.arch not in TRANSCODER_ARCHS:
+        raise ValueError(f"--target: a {cfg.arch} SAE cannot be a transcoder; transcoders take "
+                         f"{', '.join(TRANSCODER_ARCHS)}")
+    if cfg.n_sites and (cfg.arch not in CROSSCODER_ARCHS or cfg.d_out or cfg.d_in % cfg.n_sites):
+        raise ValueError(f"a crosscoder takes {', '.join(CROSSCODER_ARCHS)}, no --target, and d_in a "
+                         f"multiple of its {cfg.n_sites} sites")
+    if cfg.clt_layers and (cfg.arch not in CLT_ARCHS or cfg.d_out or cfg.n_sites
+                           or cfg.d_in % cfg.clt_layers or cfg.d_sae % cfg.clt_layers
+                           or (cfg.arch == "topk" and cfg.k > cfg.d_sae // cfg.clt_layers)):
+        raise ValueError(f"a cross-layer transcoder takes {', '.join(CLT_ARCHS)}, d_in and d_sae multiples "
+                         f"of its {cfg.clt_layers} layers, and k <= the latents per layer")
+
+
+def make_sae(cfg: SAEConfigBase) -> SAE:
+    if cfg.arch not in REGISTRY or not isinstance(cfg, CONFIGS[cfg.arch]):
+        raise ValueError(f"a {type(cfg).__name__} cannot build a {cfg.arch!r} SAE (expected one of {ARCH_NAMES} "
+                         f"with its config class)")
+    check_dictionary(cfg)
     if cfg.d_out:
         return transcoder_class(cfg.arch, cfg.skip)(cfg)
     if cfg.n_sites:

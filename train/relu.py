@@ -12,10 +12,23 @@ April-2024 update, here with the decoder kept at unit norm, so the encoder carri
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+from sae_harvest.train.sae_config import SAEConfigBase, hyper
+
+
+@dataclass(frozen=True)
+class ReLUConfig(SAEConfigBase):
+    # measured: default model, blocks.2.resid_pre, 256 latents, 80k tokens: --l1 100 / 300 / 1000 gave
+    # held-out L0 94 / 47 / 9 (docs/results.md)
+    l1_coeff: float = hyper(0.0, "lambda: phi = lambda / d_in on the latents' L1, on normalised inputs (the e2e "
+                                 "paper's and SAELens's scales: docs/e2e.md).", sweep=True, option="l1",
+                            option_default=(), train_default=300.0)
 
 
 def init_encoder_scale(cfg) -> float:
@@ -44,9 +57,6 @@ class ReLUSAE(SAE):
     arch = "relu"
     saelens_architecture = "standard"
     apply_b_dec_to_input = False
-    # measured: default model, blocks.2.resid_pre, 256 latents, 80k tokens: --l1 100 / 300 / 1000 gave
-    # held-out L0 94 / 47 / 9 (docs/results.md)
-    default_l1 = 300.0
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -56,7 +66,7 @@ class ReLUSAE(SAE):
     def encode(self, x, grad=None):
         return F.relu(x @ self.W_enc + self.b_enc)
 
-    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+    def loss(self, x, grad=None, dead_mask=None, reducer: Reducer = LOCAL) -> LossOutput:
         feats = self.encode(x)
         x_hat = self.decode(feats)
         mse = recon_loss(x, x_hat)

@@ -103,7 +103,11 @@ def load_run(out: str | Path, name: str, run, device, where: str = CHECKPOINT_DI
         raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     sae = run.sae
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    state = {k[4:]: v for k, v in tensors.items() if k.startswith("sae.")}
+    # a checkpoint saved before calibrated values were buffers has none: the run was just built
+    # and calibrated on the same sample, so its own value is the one the checkpoint's run had
+    state.update({n: getattr(sae, n) for n in getattr(sae, "metadata_buffers", ()) if n not in state})
+    sae.load_state_dict(state)
     opt = run.opt
     for pname, p in sae.named_parameters():
         state = {key.rsplit(".", 1)[1]: v.to(device) for key, v in tensors.items()

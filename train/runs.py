@@ -12,7 +12,7 @@ import torch
 from sae_harvest.stores.urls import scrub
 from sae_harvest.stores.artifacts import artifact_json
 from sae_harvest.train import distributed
-from sae_harvest.train.config import TrainConfig, sweep
+from sae_harvest.train.config import TrainConfig, swept_fields, sweep
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.init_streams import INIT_SCHEME, checkpoint_stream, init_identity, init_stream, stream_seed
@@ -55,10 +55,11 @@ def build_runs(cfg: TrainConfig, d_in: int, sample: torch.Tensor, grad_sample: t
     runs = {}
     x = sample / scale
     g = grad_sample * scale if grad_sample is not None else None   # gradient w.r.t. x / scale
+    swept = swept_fields(cfg)
     for index, (name, sae_cfg) in enumerate(sweep(cfg, d_in)):
         if world.sweep_parallel and world.owner(index) != world.rank:
             continue
-        identity = init_identity(sae_cfg, site if site is not None else cfg.site)
+        identity = init_identity(sae_cfg, site if site is not None else cfg.site, swept)
         stream = init_stream(cfg.seed, identity)
         origin = {"scheme": INIT_SCHEME, "seed": cfg.seed, "identity": identity, "stream": stream}
         torch.manual_seed(stream_seed(stream))
@@ -96,7 +97,7 @@ def seed_init(cfg: TrainConfig, sae_cfg: SAEConfig, site: str, **extra) -> dict:
     """Seed torch with the initialisation stream of one dictionary (the seed and its identity: its
     sites, widths, swept value and any `extra` that tells it apart, e.g. a transcoder's target) and
     return the origin recorded in its cfg.json, as build_runs does for an SAE."""
-    identity = {**init_identity(sae_cfg, site), **extra}
+    identity = {**init_identity(sae_cfg, site, swept_fields(cfg)), **extra}
     stream = init_stream(cfg.seed, identity)
     torch.manual_seed(stream_seed(stream))
     return {"scheme": INIT_SCHEME, "seed": cfg.seed, "identity": identity, "stream": stream}

@@ -1,5 +1,6 @@
 """The SAE interface every architecture implements. One architecture per file (relu.py, gated.py,
-topk.py, ...); train/registry.py lists them and holds their shared config, SAEConfig.
+topk.py, ...), each with its own frozen config class (train/sae_config.py); train/registry.py lists
+them, name -> (SAE class, config class).
 
 Conventions (all architectures, SAELens names and shapes):
     W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
@@ -15,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from sae_harvest.train.distributed import LOCAL, Reducer
 
 
 class LossOutput(NamedTuple):
@@ -52,15 +55,12 @@ class SAE(nn.Module):
     arch: str = ""                       # the registry key (--arch)
     saelens_architecture: str = ""       # cfg.json "architecture" for SAELens
     apply_b_dec_to_input: bool = True    # encoder sees x - b_dec (SAELens flag, exported to cfg.json)
-    sweep_field: str = "l1_coeff"        # the SAEConfig field a sweep varies: "l1_coeff" or "k"
-    default_l1: float = 0.0              # --l1 when none is given (L1 architectures)
+    sweep_field: str = "l1_coeff"        # the config field a sweep's folder is named by first ("k": topk_k32)
     uses_grads: bool = False             # encode() takes the store's loss gradients (g-SAE)
     trains_e2e: bool = True              # can be trained through the live model (--loss e2e)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        """Raise ValueError for a config this architecture cannot use."""
+    # buffers saved in the safetensors header rather than as tensors (SAELens loads tensors strictly)
+    metadata_buffers: tuple[str, ...] = ()
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
@@ -84,7 +84,14 @@ class SAE(nn.Module):
 
     # ---- forward pieces (subclasses implement encode / loss) ----
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        """The inference latents (independent of the other rows of the batch)."""
         raise NotImplementedError
+
+    def encode_train(self, x: torch.Tensor, grad: torch.Tensor | None = None,
+                     reducer: Reducer = LOCAL) -> torch.Tensor:
+        """The latents a training forward uses (e2e splices them in); the same as encode() unless
+        the training selection depends on the batch (batchtopk), reduced through `reducer`."""
+        return self.encode(x, grad)
 
     def decode(self, feats: torch.Tensor) -> torch.Tensor:
         return feats @ self.W_dec + self.b_dec
@@ -92,7 +99,9 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, grad))
 
-    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+    def loss(self, x, grad=None, dead_mask=None, reducer: Reducer = LOCAL) -> LossOutput:
+        """The training objective on a batch; `reducer` combines what depends on the whole batch
+        across data-parallel ranks (distributed.LOCAL: this process's batch is the batch)."""
         raise NotImplementedError
 
     # ---- hooks with no-op defaults ----
@@ -101,9 +110,9 @@ class SAE(nn.Module):
         inputs `x` [n, d_in] (training space); None: none."""
         return None
 
-    def observe_training_latents(self, feats: torch.Tensor) -> None:
+    def observe_training_latents(self, feats: torch.Tensor, reducer: Reducer = LOCAL) -> None:
         """Called with the latents of every training forward that does not go through loss()
-        (e2e splices encode() into the model)."""
+        (e2e splices encode_train() into the model)."""
 
     def calibrate(self, x: torch.Tensor, grad: torch.Tensor | None) -> None:
         """Set data-dependent hyperparameters before training, from a sample in the training space."""
@@ -125,8 +134,9 @@ class SAE(nn.Module):
         return {}
 
     def saelens_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors of the saved SAELens checkpoint (e.g. jumprelu trains log theta, saves theta)."""
-        return self.state_dict()
+        """The tensors of the saved SAELens checkpoint (e.g. jumprelu trains log theta, saves theta);
+        metadata_buffers travel in the file's header instead (train/sae_io.py)."""
+        return {n: t for n, t in self.state_dict().items() if n not in self.metadata_buffers}
 
     def load_saelens_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of saelens_state_dict()."""

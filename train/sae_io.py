@@ -19,13 +19,16 @@ from safetensors.torch import save_file
 
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.artifacts import artifact_json
+from sae_harvest.train import registry
 from sae_harvest.train.registry import SAEConfig, make_sae
+from sae_harvest.train.sae_config import type_name
 from sae_harvest.train.saelens_format import (ForeignCheckpointError, convert_saelens, is_saelens_checkpoint,
                                               tl_hook_name)
 from sae_harvest.train.sae import SAE
 
 WEIGHTS_NAME = "sae_weights.safetensors"
 CFG_NAME = "cfg.json"
+BUFFERS_KEY = "sae_harvest.buffers"   # safetensors header metadata: {buffer: value} of metadata_buffers
 
 
 class CheckpointError(UserError, ValueError):
@@ -73,7 +76,11 @@ def save_sae(sae: SAE, out_dir, *, extra_cfg: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = artifact_json(saelens_cfg(sae, dict(extra_cfg)), allow_nan=True)   # fail before touching any file
     tensors = {n: t.detach().cpu().contiguous() for n, t in sae.saelens_state_dict().items()}
-    _replace_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    metadata = {"format": "pt"}
+    side = {n: getattr(sae, n).detach().float().cpu().tolist() for n in getattr(sae, "metadata_buffers", ())}
+    if side:   # calibrated state SAELens has no tensor for (its loader refuses unknown tensors)
+        metadata[BUFFERS_KEY] = artifact_json(side, indent=None)
+    _replace_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _replace_atomically(out_dir / CFG_NAME, lambda p: p.write_text(text))
 
 
@@ -98,10 +105,11 @@ def checked_sae_config(raw, where) -> SAEConfig:
 
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: sae_harvest.sae is a {type(raw).__name__}, not an object")
-    for f in dataclasses.fields(SAEConfig):
+    fields = {f.name: f for cfg_cls in registry.CONFIGS.values() for f in dataclasses.fields(cfg_cls)}
+    for f in fields.values():
         if f.name not in raw:
             continue
-        v, kind = raw[f.name], str(f.type)
+        v, kind = raw[f.name], type_name(f)
         if kind == "str" and not isinstance(v, str):
             raise CheckpointError(f"{where}: {f.name} must be a string, got {v!r}")
         if kind == "int":
@@ -195,18 +203,19 @@ def _load_checkpoint(path, device) -> SAE:
                               f"{cfg_json.get('d_sae')} disagree with sae_harvest.sae {cfg.d_in}/{cfg.d_sae}")
     wpath = d / WEIGHTS_NAME
     check_shapes(cfg, safetensors_header(wpath), wpath)   # before reading or allocating anything
-    return _build(cfg, _read_tensors(wpath), wpath, device)
+    return _build(cfg, *_read_tensors(wpath, with_metadata=True), wpath, device)
 
 
-def _read_tensors(wpath: Path) -> dict:
+def _read_tensors(wpath: Path, with_metadata: bool = False):
     try:
         tensors = {}
         with safe_open(str(wpath), framework="pt", device="cpu") as f:
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
+            metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError / OSError on bad files
         raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({_one_line(e)})") from None
-    return tensors
+    return (tensors, metadata) if with_metadata else tensors
 
 
 def _saelens_cfg(d: Path) -> dict | None:
@@ -229,10 +238,29 @@ def _load_saelens(d: Path, cfg_json: dict, device) -> SAE:
         raise CheckpointError(f"{d / CFG_NAME}: {e}") from None
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{d / CFG_NAME}: unreadable SAELens config ({_one_line(e)})") from None
-    return _build(cfg, tensors, wpath, device)
+    return _build(cfg, tensors, {}, wpath, device)
 
 
-def _build(cfg: SAEConfig, tensors: dict, wpath: Path, device) -> SAE:
+def _metadata_buffers(sae: SAE, metadata: dict, wpath: Path) -> dict[str, torch.Tensor]:
+    """The buffers saved in the safetensors header; one missing (saved before it was kept there)
+    keeps the value the config gave it (gtopk: the beta the old cfg.json recorded)."""
+    names = getattr(sae, "metadata_buffers", ())
+    if not names:
+        return {}
+    try:
+        saved = json.loads(metadata.get(BUFFERS_KEY) or "{}")
+        if not isinstance(saved, dict):
+            raise ValueError("not an object")
+        out = {}
+        for n in names:
+            current = getattr(sae, n)
+            out[n] = torch.tensor(saved[n], dtype=current.dtype).reshape(current.shape) if n in saved else current
+        return out
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{wpath}: unreadable {BUFFERS_KEY} metadata ({_one_line(e)})") from None
+
+
+def _build(cfg: SAEConfig, tensors: dict, metadata: dict, wpath: Path, device) -> SAE:
     # converted SAELens tensors are checked here; ours were checked against the header already
     check_shapes(cfg, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, wpath)
     sae = make_sae(cfg)
@@ -240,5 +268,5 @@ def _build(cfg: SAEConfig, tensors: dict, wpath: Path, device) -> SAE:
     if len(dtypes) != 1 or not all(t.dtype.is_floating_point for t in tensors.values()):
         raise CheckpointError(f"{wpath}: expected one floating dtype, got {sorted(map(str, dtypes))}")
     sae.to(dtype=dtypes.pop())
-    sae.load_saelens_state_dict(tensors)
+    sae.load_saelens_state_dict({**tensors, **_metadata_buffers(sae, metadata, wpath)})
     return sae.to(device).eval()

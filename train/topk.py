@@ -9,18 +9,33 @@ the normalisation of OpenAI/sparsify, so the term is ~1 at worst whatever the ac
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-import math
-
-from sae_harvest.train import distributed
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.sae import SAE, LossOutput, recon_loss
+from sae_harvest.train.sae_config import SAEConfigBase, hyper
 from sae_harvest.train.sparse_topk import SparsePre
 
 
+@dataclass(frozen=True)
+class TopKConfig(SAEConfigBase):
+    k: int = hyper(0, "Active latents per token (batchtopk, matryoshka_batchtopk: on average over the batch).",
+                   sweep=True, option_default=(32,))
+    aux_k: int = hyper(512, "AuxK: the top aux_k dead latents per token (capped at d_sae / 2) predict the "
+                            "residual.", sweep=True)
+    aux_coeff: float = hyper(1 / 32, "Weight of the AuxK dead-latent loss.", sweep=True)
+
+    def check(self):
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"{self.arch} needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+
+
 def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None,
-              values_at=None) -> torch.Tensor:
+              values_at=None, reducer: Reducer = LOCAL) -> torch.Tensor:
     """pre: [n, d_sae] post-ReLU pre-activations; resid: x - x_hat (detached); values_at(idx): the
     differentiable values of pre at idx [n, j] when pre carries no graph (the sparse backward).
 
@@ -41,9 +56,9 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch
     if values_at is not None:
         vals = values_at(idx)
     e_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum")
-    var = distributed.residual_variance(resid).clamp_min(1e-12)
+    var = reducer.residual_variance(resid).clamp_min(1e-12)
     # data parallel: the ratio of global sums; x ranks because the ranks' gradients are averaged
-    return (e_hat - resid).pow(2).sum() / var * distributed.ranks()
+    return (e_hat - resid).pow(2).sum() / var * reducer.ranks()
 
 
 class TopKSAE(SAE):
@@ -53,11 +68,6 @@ class TopKSAE(SAE):
     sweep_field = "k"
     use_sparse_decode = False   # enable_sparse_decode() (GPU, k << d_sae): decode by gathering the k rows
     use_sparse_backward = False  # enable_sparse_backward(): encoder gradients at the chosen latents only
-
-    @classmethod
-    def check_config(cls, cfg):
-        if not 0 < cfg.k <= cfg.d_sae:
-            raise ValueError(f"{cfg.arch} needs 0 < k <= d_sae, got k={cfg.k}, d_sae={cfg.d_sae}")
 
     @classmethod
     def default_lr(cls, d_sae):
@@ -102,7 +112,7 @@ class TopKSAE(SAE):
         return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype),
                                mode="sum") + self.b_dec
 
-    def loss(self, x, grad=None, dead_mask=None) -> LossOutput:
+    def loss(self, x, grad=None, dead_mask=None, reducer: Reducer = LOCAL) -> LossOutput:
         if self.use_sparse_backward:   # pre without a graph; the k chosen values carry the gradient
             enc = SparsePre(self, x)
             pre, values_at = enc.pre, enc.gather
@@ -113,10 +123,10 @@ class TopKSAE(SAE):
             vals, idx = self.select(pre, grad)
         feats = torch.zeros_like(pre).scatter(-1, idx, vals)
         x_hat = self.sparse_decode(idx, vals) if self.use_sparse_decode else self.decode(feats)
-        return self._loss_terms(x, pre, feats, x_hat, dead_mask, values_at)
+        return self._loss_terms(x, pre, feats, x_hat, dead_mask, values_at, reducer)
 
-    def _loss_terms(self, x, pre, feats, x_hat, dead_mask, values_at=None) -> LossOutput:
+    def _loss_terms(self, x, pre, feats, x_hat, dead_mask, values_at=None, reducer: Reducer = LOCAL) -> LossOutput:
         mse = recon_loss(x, x_hat)
-        aux = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask, values_at)
+        aux = self.cfg.aux_coeff * auxk_loss(self, pre, (x - x_hat).detach(), dead_mask, values_at, reducer)
         terms = {"mse": mse, "aux": aux, "l0": (feats > 0).float().sum(-1).mean()}
         return LossOutput(mse + aux, {n: t.detach() for n, t in terms.items()}, feats, x_hat)

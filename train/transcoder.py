@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae_harvest.train.batchtopk import BatchTopKSAE
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.jumprelu import JumpReLUSAE
 from sae_harvest.train.relu import ReLUSAE, init_encoder_scale
 from sae_harvest.train.sae import LossOutput, recon_loss
@@ -74,26 +75,26 @@ class TranscoderMixin:
         """The prediction of the target site from the input site."""
         return self.decode(self.encode(x)) + self.skip_out(x)
 
-    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(self, x: torch.Tensor, reducer: Reducer = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
         """(pre-activations, training latents): what loss() sparsifies, per architecture."""
         if isinstance(self, ReLUSAE):
             pre = x @ self.W_enc + self.b_enc
             return pre, F.relu(pre)
         pre = self.pre_acts(x)
         if isinstance(self, BatchTopKSAE):
-            feats = self.batch_topk(pre)
+            feats = self.batch_topk(pre, reducer)
             if self.training:
-                self.update_threshold(feats)
+                self.update_threshold(feats, reducer)
             return pre, feats
         if isinstance(self, TopKSAE):
             vals, idx = self.select(pre)
             return pre, torch.zeros_like(pre).scatter(-1, idx, vals)
         return pre, self._jumprelu(pre)
 
-    def loss(self, x, grad=None, dead_mask=None, target=None) -> LossOutput:
+    def loss(self, x, grad=None, dead_mask=None, target=None, reducer: Reducer = LOCAL) -> LossOutput:
         if target is None:
             raise ValueError("a transcoder's loss needs the target site's activations")
-        pre, feats = self.latents(x)
+        pre, feats = self.latents(x, reducer)
         y_hat = self.decode(feats) + self.skip_out(x)
         mse = recon_loss(target, y_hat)
         terms = {"mse": mse, "l0": (feats > 0).float().sum(-1).mean()}
@@ -103,7 +104,8 @@ class TranscoderMixin:
             terms["sparsity"] = self.sparsity_penalty(feats)
             terms["l1"] = feats.abs().sum(-1).mean()
         else:   # TopK family: AuxK predicts the target's residual from the dead latents
-            terms["aux"] = self.cfg.aux_coeff * auxk_loss(self, pre, (target - y_hat).detach(), dead_mask)
+            terms["aux"] = self.cfg.aux_coeff * auxk_loss(self, pre, (target - y_hat).detach(), dead_mask,
+                                                           reducer=reducer)
         loss = sum(terms[n] for n in ("mse", "sparsity", "aux") if n in terms)
         return LossOutput(loss, {n: t.detach() for n, t in terms.items()}, feats, y_hat)
 
