@@ -181,6 +181,9 @@ def main():
                                                       "architecture's own default")
     p.add_argument("--e2e", choices=("scratch", "continuation"), default="scratch")
     p.add_argument("--no-label-free", action="store_true", help="skip the label-free gradient store and gtopk_lf")
+    p.add_argument("--store", default=None, help="the store (default --out/store.zarr; another bench's, to share "
+                                                 "one harvest: it is harvested there if missing, else checked)")
+    p.add_argument("--label-free-store", default=None, help="the label-free store (default --out/store-label-free.zarr)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/pareto.json")
     args = p.parse_args()
     args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
@@ -188,13 +191,15 @@ def main():
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
             doc = json.load(f)
-        report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0)
+        # prints only: pareto.json keeps the run's own args and timings
+        report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
     os.makedirs(args.out, exist_ok=True)
-    store = harvest_store(os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
+    store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
     lf_store = None
     if not args.no_label_free:
-        lf_store = harvest_store(os.path.join(args.out, "store-label-free.zarr"), args.tokens, args.eval_every,
+        lf_store = harvest_store(args.label_free_store or os.path.join(args.out, "store-label-free.zarr"),
+                                 args.tokens, args.eval_every,
                                  "model-top1")
         check_same_held_out(store, lf_store)
     local = {**LOCAL, "adam_betas": args.betas}
@@ -225,7 +230,9 @@ def check_same_held_out(store: str, lf_store: str) -> None:
         raise SystemExit(f"{lf_store} does not hold out the same sequences as {store}")
 
 
-def report(args, per_seed, budgets, eval_tokens, t0):
+def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
+    """Every claim's rows (verdicts) from the per-seed series; writes pareto.json (unless not
+    `write`) and prints them with each seed's budgets."""
     comparisons = {}
     for a, b, metric, expected in CLAIMS:
         rows = []
@@ -256,10 +263,12 @@ def report(args, per_seed, budgets, eval_tokens, t0):
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
            "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
-    with open(os.path.join(args.out, "pareto.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    if write:
+        with open(os.path.join(args.out, "pareto.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    origin = eval_tokens if isinstance(eval_tokens, dict) else {"tokens": eval_tokens}   # an int before issue 18
     print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s; evaluated on "
-          f"{(eval_tokens or {}).get('tokens')} held-out tokens ({(eval_tokens or {}).get('sequences')} sequences)")
+          f"{origin.get('tokens')} held-out tokens ({origin.get('sequences')} sequences)")
     for b in budgets:
         print_budget(b)
     for claim, rows in comparisons.items():
@@ -269,6 +278,7 @@ def report(args, per_seed, budgets, eval_tokens, t0):
             ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
                 else f"seeds {r['min']:.2f}-{r['max']:.2f}"
             print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
+    return out
 
 
 def print_budget(b: dict) -> None:

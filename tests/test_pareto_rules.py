@@ -143,19 +143,23 @@ def test_report_only_reproduces_the_verdicts(tmp_path, monkeypatch, capsys):
     args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False)
     budgets = [{"seed": 0, "sweeps": {"relu": {"epochs": 4, "stop": "plateau", "history": [
         {"epochs": 4, "training": {"relu_l1-300": {"steps": 40, "tokens": 40960}}}]}}, "seconds": 1.0}]
-    pareto.report(args, per_seed, budgets, {"tokens": 1024}, 0.0)
+    written = pareto.report(args, per_seed, budgets, {"tokens": 1024}, 0.0)
     doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert doc["comparisons"] == json.loads(json.dumps(written["comparisons"]))
     rows = doc["comparisons"]["gated vs relu: ce_increase <"]
     assert rows and all(r["verdict"] == "agrees" for r in rows)
     assert rows[0]["ratios"] == pytest.approx([0.5, 0.55, 0.6, 0.52, 0.58])
     first = capsys.readouterr().out
     assert "relu: 4 epoch(s) (plateau), 40 steps, 40,960 tokens" in first
     monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
+    real, seen = pareto.report, []
+    monkeypatch.setattr(pareto, "report", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     pareto.main()
-    again = json.loads((tmp_path / "pareto.json").read_text())
-    assert again["comparisons"] == doc["comparisons"]
+    assert json.loads(json.dumps(seen[0]["comparisons"])) == doc["comparisons"]
     assert [ln for ln in capsys.readouterr().out.splitlines() if "agrees" in ln or "tie" in ln] == \
         [ln for ln in first.splitlines() if "agrees" in ln or "tie" in ln]
+    # and it leaves pareto.json as the run wrote it (its args and timings)
+    assert json.loads((tmp_path / "pareto.json").read_text()) == doc
 
 
 def test_jumprelu_gated_compare_uses_the_same_rule():
