@@ -117,16 +117,19 @@ class SeedTrainer:
                 "out": str(self.budget_dir(folder, epochs)), "checkpoint_every": 10**9, "log_every": 5,
                 **self.local, **extra, "epochs": epochs}
 
-    def train(self, folder: str, arch: str, extra: dict, epochs: int) -> dict:
+    def train(self, folder: str, arch: str, extra: dict, epochs: int, force: bool = False) -> dict:
         from sae_harvest.train.config import TrainConfig
         from sae_harvest.train.fit import fit
 
         kwargs = self.config(folder, arch, extra, epochs)
         key = json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str)
         done = self.journal.get(folder, {}).get(str(epochs))
-        if done and done["config"] == key and (done["superseded"] or self._complete(kwargs["out"], done["training"])):
+        if done and not force and done["config"] == key and (done["superseded"] or self._complete(kwargs["out"], done["training"])):
             return done["training"]      # recorded by an earlier, interrupted run of the same config
-        summaries = fit(TrainConfig(**kwargs), overwrite=True, progress=False)
+        # an interrupted run of this budget resumes from its checkpoint (`--overwrite` refuses a folder
+        # whose SAEs have metrics but no cfg.json yet: train/runs.py made_by_train)
+        resume = (Path(kwargs["out"]) / "checkpoint" / "state.json").exists()
+        summaries = fit(TrainConfig(**kwargs), resume=resume, overwrite=not resume, progress=False)
         records = {name: training_record(os.path.join(kwargs["out"], name)) for name in sorted(summaries)}
         self.journal.setdefault(folder, {})[str(epochs)] = {"config": key, "training": records, "superseded": False}
         self._save()
@@ -155,7 +158,9 @@ class SeedTrainer:
                          discard=lambda e: self.discard(folder, e), say=self._reporter(folder))
             final = self.budget_dir(folder, rec["epochs"])
             if not self._complete(str(final), rec["history"][-1]["training"]):
-                raise SystemExit(f"{final}: the evaluated budget's SAEs are missing (deleted by hand?)")
+                # resumed with another --max-epochs: the journal ends at a budget it had deleted
+                say(f"[{self.tag}] {folder}: retraining {rec['epochs']} epoch(s), the budget to evaluate")
+                rec["history"][-1]["training"] = self.train(folder, arch, extra, rec["epochs"], force=True)
             self.final[folder] = final
             budgets[folder] = {**rec, "seconds": time.perf_counter() - t0}
             paths += [str(final / name) for name in rec["history"][-1]["training"]]
