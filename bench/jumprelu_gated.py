@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from pareto import LOCAL, evaluate_seed, harvest_store, interp_ce, print_budget, verdict
+from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict
 from plateau import SeedTrainer, say
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 
@@ -69,6 +69,8 @@ def main():
     p.add_argument("--until-plateau", type=float, default=0.0,
                    help="double each sweep's epochs until every SAE's held-out loss moves < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--plateau-seeds", type=int, default=None,
+                   help="search the plateau on the first N seeds only (as bench/pareto.py)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/jumprelu_gated.json")
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -87,7 +89,8 @@ def main():
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae,
                               local={**LOCAL, "adam_betas": betas}, tag=tag)
-        paths, sweeps_done = trainer.run(SWEEPS, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs)
+        paths, sweeps_done = trainer.run(SWEEPS, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
+                                         fixed=fixed_budgets(budgets, args.plateau_seeds))
         series, _ = evaluate_seed(paths, store, root, tag)
         per_seed.append({k: v for k, v in series.items() if k in ("relu", "gated", "jumprelu")})
         budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,

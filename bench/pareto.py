@@ -177,6 +177,9 @@ def main():
     p.add_argument("--until-plateau", type=float, default=0.0,
                    help="double the epochs until every SAE's held-out loss moves < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--plateau-seeds", type=int, default=None,
+                   help="search the plateau on the first N seeds only; later seeds train each folder once at the "
+                        "largest budget those seeds reached (default: every seed searches)")
     p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture, or 'arch' for each "
                                                       "architecture's own default")
     p.add_argument("--e2e", choices=("scratch", "continuation"), default="scratch")
@@ -209,13 +212,25 @@ def main():
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
         paths, sweeps_done = trainer.run(sweeps(args.e2e, lf_store), first=args.epochs, pct=args.until_plateau,
-                                         max_epochs=args.max_epochs)
+                                         max_epochs=args.max_epochs, fixed=fixed_budgets(budgets, args.plateau_seeds))
         series, eval_tokens = evaluate_seed(paths, store, root, tag)
         per_seed.append(series)
         budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
                         "cpu_seconds": time.process_time() - cpu})
         say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
+
+
+def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None:
+    """{folder: epochs} for a seed past the first plateau_seeds: the largest budget the searched
+    seeds reached per folder (None: search this seed too)."""
+    if plateau_seeds is None or len(budgets) < plateau_seeds:
+        return None
+    out = {}
+    for b in budgets[:plateau_seeds]:
+        for folder, rec in b["sweeps"].items():
+            out[folder] = max(out.get(folder, 0), rec["epochs"])
+    return out
 
 
 def check_same_held_out(store: str, lf_store: str) -> None:

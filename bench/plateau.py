@@ -147,15 +147,22 @@ class SeedTrainer:
             entry["superseded"] = True
             self._save()
 
-    def run(self, rows, *, first: int, pct: float, max_epochs: int) -> tuple[list[str], dict]:
+    def run(self, rows, *, first: int, pct: float, max_epochs: int, fixed: dict | None = None) -> tuple[list[str], dict]:
         """Every row to its plateau, in order (a row with "init" after the row it starts from):
-        (the evaluated SAEs' paths, {folder: search record})."""
+        (the evaluated SAEs' paths, {folder: search record}). `fixed` {folder: epochs}: train those
+        folders once at that budget (another seed's plateau), no search."""
         paths, budgets = [], {}
         for folder, arch, extra in rows:
             t0 = time.perf_counter()
             start = extra.get("epochs") or first   # a continuation row starts at its own budget
-            rec = search(lambda e: self.train(folder, arch, extra, e), start, pct, max_epochs,
+            if fixed and folder in fixed:
+                start, pct_here = fixed[folder], 0.0
+            else:
+                pct_here = pct
+            rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(max_epochs, start),
                          discard=lambda e: self.discard(folder, e), say=self._reporter(folder))
+            if fixed and folder in fixed:
+                rec["stop"] = "fixed (an earlier seed's plateau)"
             final = self.budget_dir(folder, rec["epochs"])
             if not self._complete(str(final), rec["history"][-1]["training"]):
                 # resumed with another --max-epochs: the journal ends at a budget it had deleted

@@ -174,3 +174,19 @@ def test_jumprelu_gated_compare_uses_the_same_rule():
     assert all(r["verdict"] == "agrees" for r in out["gated vs jumprelu: ce_increase >"])
     # gated equals relu's CE at every point, every seed: log ratio 0 with zero spread is a tie
     assert all(r["verdict"] == "tie" for r in out["gated vs relu: ce_increase <"])
+
+
+def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
+    searched = [{"sweeps": {"relu": {"epochs": 8}, "e2e": {"epochs": 2}}},
+                {"sweeps": {"relu": {"epochs": 16}, "e2e": {"epochs": 2}}}]
+    assert pareto.fixed_budgets(searched[:1], 2) is None          # still searching
+    assert pareto.fixed_budgets(searched, None) is None           # default: every seed searches
+    assert pareto.fixed_budgets(searched, 2) == {"relu": 16, "e2e": 2}
+    losses = {"relu": {"relu_l1-300": {16: 0.5}}, "e2e": {"relu_l1-1": {2: 0.2}}}
+    rows = [("relu", "relu", {"l1": (300.0,)}),
+            ("e2e", "relu", {"loss": "e2e", "l1": (1.0,), "init": "relu/relu_l1-300", "epochs": 1})]
+    t = FakeTrainer(tmp_path, losses)
+    _, budgets = t.run(rows, first=1, pct=2.0, max_epochs=8, fixed={"relu": 16, "e2e": 2})
+    assert sorted(t.inits) == [("e2e", 2), ("relu", 16)]          # one budget each, no search
+    assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
+        {"relu": (16, "fixed (an earlier seed's plateau)"), "e2e": (2, "fixed (an earlier seed's plateau)")}
