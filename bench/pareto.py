@@ -55,6 +55,15 @@ CLAIMS = (("e2e", "relu", "ce_increase", "<"), ("e2e_ds", "relu", "ce_increase",
 L0_GRID = (8, 16, 32, 64)
 
 
+def claims(e2e: str) -> tuple:
+    """CLAIMS for an --e2e mode: under continuation the e2e rows' baseline is relu_cont, the local
+    SAEs given the same continuation with their own loss (against the un-continued relu, e2e's
+    extra training would be the difference issue 18 found)."""
+    if e2e != "continuation":
+        return CLAIMS
+    return tuple((a, "relu_cont" if a in ("e2e", "e2e_ds") and b == "relu" else b, m, x) for a, b, m, x in CLAIMS)
+
+
 def sweeps(e2e: str, lf_store: str | None) -> list:
     rows = list(LOCAL_SWEEPS)
     if lf_store:
@@ -194,7 +203,8 @@ def main():
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
             doc = json.load(f)
-        # prints only: pareto.json keeps the run's own args and timings
+        # prints only: pareto.json keeps the run's own args and timings; the claims are its run's
+        args.e2e = doc.get("args", {}).get("e2e", "scratch")
         report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
     os.makedirs(args.out, exist_ok=True)
@@ -249,7 +259,7 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
     """Every claim's rows (verdicts) from the per-seed series; writes pareto.json (unless not
     `write`) and prints them with each seed's budgets."""
     comparisons = {}
-    for a, b, metric, expected in CLAIMS:
+    for a, b, metric, expected in claims(args.e2e):
         rows = []
         for l0 in L0_GRID:
             ratios = []

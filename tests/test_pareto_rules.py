@@ -140,7 +140,7 @@ def _series(ratio_ce: float, seed: int) -> dict:
 
 def test_report_only_reproduces_the_verdicts(tmp_path, monkeypatch, capsys):
     per_seed = [_series(r, s) for s, r in enumerate((0.5, 0.55, 0.6, 0.52, 0.58))]
-    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False)
+    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="scratch")
     budgets = [{"seed": 0, "sweeps": {"relu": {"epochs": 4, "stop": "plateau", "history": [
         {"epochs": 4, "training": {"relu_l1-300": {"steps": 40, "tokens": 40960}}}]}}, "seconds": 1.0}]
     written = pareto.report(args, per_seed, budgets, {"tokens": 1024}, 0.0)
@@ -190,3 +190,29 @@ def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
     assert sorted(t.inits) == [("e2e", 2), ("relu", 16)]          # one budget each, no search
     assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
         {"relu": (16, "fixed (an earlier seed's plateau)"), "e2e": (2, "fixed (an earlier seed's plateau)")}
+
+
+def test_continuation_claims_compare_e2e_with_the_continued_local_saes(tmp_path, monkeypatch):
+    assert pareto.claims("scratch") == pareto.CLAIMS
+    cont = dict(((a, m, x), b) for a, b, m, x in pareto.claims("continuation"))
+    assert cont[("e2e", "ce_increase", "<")] == "relu_cont" and cont[("e2e_ds", "downstream_mse", "~")] == "relu_cont"
+    assert cont[("gated", "ce_increase", "<")] == "relu"
+    # e2e beats the un-continued relu by 2x but only matches relu_cont: a continuation run's
+    # verdict is the tie, and --report-only reads the mode from pareto.json
+    per_seed = []
+    for s in range(5):
+        relu = [{"name": f"r{l0}", "l0": float(l0), "ce_increase": 1.0 / l0, "downstream_mse": 1.0} for l0 in (8, 64)]
+        cont_pts = [{**q, "ce_increase": q["ce_increase"] * 0.5 * (1 + 0.01 * (s - 2))} for q in relu]
+        # on relu_cont's front without the seed's wobble (interp_ce: linear in log L0)
+        e2e = [{"name": "e", "l0": 20.0, "ce_increase": float(np.interp(np.log(20), np.log([8, 64]), [0.5 / 8, 0.5 / 64])),
+                "downstream_mse": 1.0}]
+        per_seed.append({"relu": relu, "relu_cont": cont_pts, "e2e": e2e})
+    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="continuation")
+    out = pareto.report(args, per_seed, [], None, 0.0)
+    assert out["comparisons"]["e2e vs relu_cont: ce_increase <"][0]["verdict"] == "tie"
+    assert "e2e vs relu: ce_increase <" not in out["comparisons"]   # not a claim of this mode
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
+    real, seen = pareto.report, []
+    monkeypatch.setattr(pareto, "report", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    pareto.main()
+    assert "e2e vs relu_cont: ce_increase <" in seen[0]["comparisons"]
