@@ -186,6 +186,10 @@ def main():
     p.add_argument("--until-plateau", type=float, default=0.0,
                    help="double the epochs until every SAE's held-out loss moves < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--e2e-max-epochs", type=int, default=None,
+                   help="a lower --max-epochs for the e2e and e2e+ds sweeps (~20x a local sweep's cost per step)")
+    p.add_argument("--e2e-only", action="store_true",
+                   help="only relu, the e2e sweeps and (continuation) relu_cont: the e2e claims alone")
     p.add_argument("--plateau-seeds", type=int, default=None,
                    help="search the plateau on the first N seeds only; later seeds train each folder once at the "
                         "largest budget those seeds reached (default: every seed searches)")
@@ -210,7 +214,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
     lf_store = None
-    if not args.no_label_free:
+    if not args.no_label_free and not args.e2e_only:
         lf_store = harvest_store(args.label_free_store or os.path.join(args.out, "store-label-free.zarr"),
                                  args.tokens, args.eval_every,
                                  "model-top1")
@@ -221,8 +225,12 @@ def main():
         wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
-        paths, sweeps_done = trainer.run(sweeps(args.e2e, lf_store), first=args.epochs, pct=args.until_plateau,
-                                         max_epochs=args.max_epochs, fixed=fixed_budgets(budgets, args.plateau_seeds))
+        rows = sweeps(args.e2e, lf_store)
+        if args.e2e_only:
+            rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
+        caps = {"e2e": args.e2e_max_epochs, "e2e_ds": args.e2e_max_epochs} if args.e2e_max_epochs else None
+        paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
+                                         fixed=fixed_budgets(budgets, args.plateau_seeds), caps=caps)
         series, eval_tokens = evaluate_seed(paths, store, root, tag)
         per_seed.append(series)
         budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,

@@ -147,10 +147,12 @@ class SeedTrainer:
             entry["superseded"] = True
             self._save()
 
-    def run(self, rows, *, first: int, pct: float, max_epochs: int, fixed: dict | None = None) -> tuple[list[str], dict]:
+    def run(self, rows, *, first: int, pct: float, max_epochs: int, fixed: dict | None = None,
+            caps: dict | None = None) -> tuple[list[str], dict]:
         """Every row to its plateau, in order (a row with "init" after the row it starts from):
         (the evaluated SAEs' paths, {folder: search record}). `fixed` {folder: epochs}: train those
-        folders once at that budget (another seed's plateau), no search."""
+        folders once at that budget (another seed's plateau), no search; `caps` {folder: epochs}:
+        a lower --max-epochs for those folders."""
         paths, budgets = [], {}
         for folder, arch, extra in rows:
             t0 = time.perf_counter()
@@ -159,7 +161,8 @@ class SeedTrainer:
                 start, pct_here = fixed[folder], 0.0
             else:
                 pct_here = pct
-            rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(max_epochs, start),
+            cap = min(max_epochs, (caps or {}).get(folder, max_epochs))
+            rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(cap, start),
                          discard=lambda e: self.discard(folder, e), say=self._reporter(folder))
             if fixed and folder in fixed:
                 rec["stop"] = "fixed (an earlier seed's plateau)"

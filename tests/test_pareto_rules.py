@@ -216,3 +216,11 @@ def test_continuation_claims_compare_e2e_with_the_continued_local_saes(tmp_path,
     monkeypatch.setattr(pareto, "report", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     pareto.main()
     assert "e2e vs relu_cont: ce_increase <" in seen[0]["comparisons"]
+
+
+def test_a_capped_folder_stops_at_its_own_max_epochs(tmp_path):
+    losses = {"relu": {"relu_l1-300": {1: 1.0, 2: 0.5, 4: 0.3, 8: 0.299}},
+              "e2e": {"relu_l1-1": {1: 0.3, 2: 0.2, 4: 0.1, 8: 0.05}}}
+    rows = [("relu", "relu", {"l1": (300.0,)}), ("e2e", "relu", {"loss": "e2e", "l1": (1.0,)})]
+    _, budgets = FakeTrainer(tmp_path, losses).run(rows, first=1, pct=2.0, max_epochs=64, caps={"e2e": 2})
+    assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == {"relu": (8, "plateau"), "e2e": (2, "max-epochs")}
