@@ -10,7 +10,9 @@ comparison is metric(A) / metric(B) at A's own sweep points (B interpolated log-
 there), per seed. Re-running the same command resumes; --report-only recomputes the verdicts from
 jumprelu_gated.json.
 
-    python bench/jumprelu_gated.py --out bench-out/jg --seeds 5 --until-plateau 2
+    python bench/jumprelu_gated.py --out bench-out/jg --seeds 5 --until-plateau 2   # a real plateau: hours
+    python bench/jumprelu_gated.py --out bench-out/jg --store bench-out/pareto/store.zarr --seeds 5 \
+        --until-plateau 2 --max-epochs 8 --plateau-seeds 1                          # capped: ~10 min of one core
     python bench/jumprelu_gated.py --out bench-out/jg --report-only
 """
 from __future__ import annotations

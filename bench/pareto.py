@@ -20,9 +20,11 @@ thresholds and Gated gates are compared with their starts. Writes pareto.json (e
 steps, tokens and held-out loss per SAE, seconds per stage) and prints verdicts; progress lines
 with timings go to stdout as it runs. Re-running the same command resumes (seed{N}/plateau.json).
 
-    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2    # the full rerun
-    python bench/pareto.py --out /tmp/p --seeds 5 --tokens 20000                # smallest, minutes
-    python bench/pareto.py --out bench-out/pareto --report-only                  # verdicts from pareto.json
+    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2     # a real plateau: ~17 h of CPU
+    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2 --max-epochs 8 \
+        --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~37 min of one core
+    python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
+    python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
 """
 from __future__ import annotations
 
