@@ -163,9 +163,10 @@ class SeedTrainer:
                 pct_here = pct
             cap = min(max_epochs, (caps or {}).get(folder, max_epochs))
             rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(cap, start),
-                         discard=lambda e: self.discard(folder, e), say=self._reporter(folder))
+                         discard=lambda e: self.discard(folder, e),
+                         say=self._reporter(folder, bool(fixed and folder in fixed)))
             if fixed and folder in fixed:
-                rec["stop"] = "fixed (an earlier seed's plateau)"
+                rec["stop"] = "fixed (the searched seeds' budget)"
             final = self.budget_dir(folder, rec["epochs"])
             if not self._complete(str(final), rec["history"][-1]["training"]):
                 # resumed with another --max-epochs: the journal ends at a budget it had deleted
@@ -176,8 +177,9 @@ class SeedTrainer:
             paths += [str(final / name) for name in rec["history"][-1]["training"]]
         return paths, budgets
 
-    def _reporter(self, folder: str):
+    def _reporter(self, folder: str, fixed: bool):
         def report(epochs, records, history, stop):
+            stop = "fixed (the searched seeds' budget)" if fixed else stop
             h = history[-1]
             before = history[-2]["training"] if len(history) > 1 else {}
             moves = []

@@ -189,7 +189,7 @@ def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
     _, budgets = t.run(rows, first=1, pct=2.0, max_epochs=8, fixed={"relu": 16, "e2e": 2})
     assert sorted(t.inits) == [("e2e", 2), ("relu", 16)]          # one budget each, no search
     assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
-        {"relu": (16, "fixed (an earlier seed's plateau)"), "e2e": (2, "fixed (an earlier seed's plateau)")}
+        {"relu": (16, "fixed (the searched seeds' budget)"), "e2e": (2, "fixed (the searched seeds' budget)")}
 
 
 def test_continuation_claims_compare_e2e_with_the_continued_local_saes(tmp_path, monkeypatch):
