@@ -201,7 +201,8 @@ def main():
     p.add_argument("--no-label-free", action="store_true", help="skip the label-free gradient store and gtopk_lf")
     p.add_argument("--store", default=None, help="the store (default --out/store.zarr; another bench's, to share "
                                                  "one harvest: it is harvested there if missing, else checked)")
-    p.add_argument("--label-free-store", default=None, help="the label-free store (default --out/store-label-free.zarr)")
+    p.add_argument("--label-free-store", default=None,
+                   help="the label-free store (default --out/store-label-free.zarr)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/pareto.json")
     args = p.parse_args()
     args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
@@ -322,12 +323,14 @@ def print_budget(b: dict) -> None:
     movement from their starts."""
     if "sweeps" in b:
         print(f"seed {b['seed']}: {b['seconds']:.0f} s (CPU {b.get('cpu_seconds', 0):.0f} s)")
-        rows = [(folder, rec["epochs"], rec["stop"], rec["history"][-1]["training"]) for folder, rec in b["sweeps"].items()]
+        rows = [(folder, rec["epochs"], rec["stop"], rec["history"][-1]["training"])
+                for folder, rec in b["sweeps"].items()]
     else:
         rows = [("all", b["epochs"], "plateau" if b.get("plateaued") else "", b["history"][-1]["training"])]
     for folder, epochs, stop, last in rows:
         first = next(iter(last.values()), {})
-        print(f"  {folder}: {epochs} epoch(s) ({stop}), {first.get('steps')} steps, {first.get('tokens') or 0:,} tokens")
+        print(f"  {folder}: {epochs} epoch(s) ({stop}), {first.get('steps')} steps, "
+              f"{first.get('tokens') or 0:,} tokens")
         for k, v in last.items():
             if "moved" in v:
                 m = v["moved"]

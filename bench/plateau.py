@@ -99,7 +99,8 @@ class SeedTrainer:
     {name}: the folder name stays the SAE's parent, which the benches' series keys read)."""
 
     def __init__(self, root: str, *, store: str, site: str, seed: int, d_sae: int, local: dict, tag: str):
-        self.root, self.store, self.site, self.seed, self.d_sae, self.local = Path(root), store, site, seed, d_sae, local
+        self.root, self.store, self.site, self.seed = Path(root), store, site, seed
+        self.d_sae, self.local = d_sae, local
         self.tag = tag
         self.journal_path = self.root / "plateau.json"
         self.journal = json.loads(self.journal_path.read_text()) if self.journal_path.exists() else {}
@@ -124,7 +125,8 @@ class SeedTrainer:
         kwargs = self.config(folder, arch, extra, epochs)
         key = json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str)
         done = self.journal.get(folder, {}).get(str(epochs))
-        if done and not force and done["config"] == key and (done["superseded"] or self._complete(kwargs["out"], done["training"])):
+        if done and not force and done["config"] == key and (
+                done["superseded"] or self._complete(kwargs["out"], done["training"])):
             return done["training"]      # recorded by an earlier, interrupted run of the same config
         # an interrupted run of this budget resumes from its checkpoint (`--overwrite` refuses a folder
         # whose SAEs have metrics but no cfg.json yet: train/runs.py made_by_train)

@@ -90,7 +90,8 @@ def test_seed_trainer_keeps_only_the_evaluated_budgets_and_starts_continuations_
     t = FakeTrainer(tmp_path, losses)
     paths, budgets = t.run(rows, first=1, pct=2.0, max_epochs=64)
     assert {f: b["epochs"] for f, b in budgets.items()} == {"relu": 4, "e2e": 8}
-    assert paths == [str(tmp_path / "epochs4" / "relu" / "relu_l1-300"), str(tmp_path / "epochs8" / "e2e" / "relu_l1-1")]
+    assert paths == [str(tmp_path / "epochs4" / "relu" / "relu_l1-300"),
+                     str(tmp_path / "epochs8" / "e2e" / "relu_l1-1")]
     # on disk: only the evaluated budgets (the superseded ones and their emptied epochs{E} folders are gone)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("epochs*/*")) == ["epochs4/relu", "epochs8/e2e"]
     # the continuation starts from relu's evaluated budget, at every one of its own budgets
@@ -204,8 +205,8 @@ def test_continuation_claims_compare_e2e_with_the_continued_local_saes(tmp_path,
         relu = [{"name": f"r{l0}", "l0": float(l0), "ce_increase": 1.0 / l0, "downstream_mse": 1.0} for l0 in (8, 64)]
         cont_pts = [{**q, "ce_increase": q["ce_increase"] * 0.5 * (1 + 0.01 * (s - 2))} for q in relu]
         # on relu_cont's front without the seed's wobble (interp_ce: linear in log L0)
-        e2e = [{"name": "e", "l0": 20.0, "ce_increase": float(np.interp(np.log(20), np.log([8, 64]), [0.5 / 8, 0.5 / 64])),
-                "downstream_mse": 1.0}]
+        ce = float(np.interp(np.log(20), np.log([8, 64]), [0.5 / 8, 0.5 / 64]))
+        e2e = [{"name": "e", "l0": 20.0, "ce_increase": ce, "downstream_mse": 1.0}]
         per_seed.append({"relu": relu, "relu_cont": cont_pts, "e2e": e2e})
     args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="continuation")
     out = pareto.report(args, per_seed, [], None, 0.0)
@@ -223,4 +224,5 @@ def test_a_capped_folder_stops_at_its_own_max_epochs(tmp_path):
               "e2e": {"relu_l1-1": {1: 0.3, 2: 0.2, 4: 0.1, 8: 0.05}}}
     rows = [("relu", "relu", {"l1": (300.0,)}), ("e2e", "relu", {"loss": "e2e", "l1": (1.0,)})]
     _, budgets = FakeTrainer(tmp_path, losses).run(rows, first=1, pct=2.0, max_epochs=64, caps={"e2e": 2})
-    assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == {"relu": (8, "plateau"), "e2e": (2, "max-epochs")}
+    assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
+        {"relu": (8, "plateau"), "e2e": (2, "max-epochs")}
