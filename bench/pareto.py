@@ -189,7 +189,8 @@ def main():
                    help="double the epochs until every SAE's held-out loss moves < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
     p.add_argument("--e2e-max-epochs", type=int, default=None,
-                   help="a lower --max-epochs for the e2e and e2e+ds sweeps (~20x a local sweep's cost per step)")
+                   help="a lower --max-epochs for the e2e and e2e+ds sweeps (~20x a local sweep's cost per step) "
+                        "and, under --e2e continuation, relu_cont's")
     p.add_argument("--e2e-only", action="store_true",
                    help="only relu, the e2e sweeps and (continuation) relu_cont: the e2e claims alone")
     p.add_argument("--plateau-seeds", type=int, default=None,
@@ -231,7 +232,7 @@ def main():
         rows = sweeps(args.e2e, lf_store)
         if args.e2e_only:
             rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
-        caps = {"e2e": args.e2e_max_epochs, "e2e_ds": args.e2e_max_epochs} if args.e2e_max_epochs else None
+        caps = e2e_caps(rows, args.e2e_max_epochs)
         paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
                                          fixed=fixed_budgets(budgets, args.plateau_seeds), caps=caps)
         series, eval_tokens = evaluate_seed(paths, store, root, tag)
@@ -240,6 +241,14 @@ def main():
                         "cpu_seconds": time.process_time() - cpu})
         say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
+
+
+def e2e_caps(rows, cap: int | None) -> dict | None:
+    """{folder: cap} for the e2e sweeps and, under continuation, relu_cont: the same continuation
+    budget for e2e and local (issue 18)."""
+    if not cap:
+        return None
+    return {r[0]: cap for r in rows if r[0] in ("e2e", "e2e_ds") or r[0].startswith("relu_cont")}
 
 
 def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None:

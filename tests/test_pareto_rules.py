@@ -226,3 +226,13 @@ def test_a_capped_folder_stops_at_its_own_max_epochs(tmp_path):
     _, budgets = FakeTrainer(tmp_path, losses).run(rows, first=1, pct=2.0, max_epochs=64, caps={"e2e": 2})
     assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
         {"relu": (8, "plateau"), "e2e": (2, "max-epochs")}
+
+
+def test_the_e2e_cap_covers_relu_cont_under_continuation():
+    folders = {r[0] for r in pareto.sweeps("continuation", None)}
+    assert pareto.e2e_caps(pareto.sweeps("continuation", None), 2) == \
+        {f: 2 for f in folders if f in ("e2e", "e2e_ds") or f.startswith("relu_cont")}
+    assert {"relu_cont100", "relu_cont300", "relu_cont1000", "e2e", "e2e_ds"} <= set(
+        pareto.e2e_caps(pareto.sweeps("continuation", None), 2))
+    assert set(pareto.e2e_caps(pareto.sweeps("scratch", None), 2)) == {"e2e", "e2e_ds"}
+    assert pareto.e2e_caps(pareto.sweeps("scratch", None), None) is None
