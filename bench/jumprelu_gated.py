@@ -12,7 +12,7 @@ jumprelu_gated.json.
 
     python bench/jumprelu_gated.py --out bench-out/jg --seeds 5 --until-plateau 2   # a real plateau: hours
     python bench/jumprelu_gated.py --out bench-out/jg --store bench-out/pareto/store.zarr --seeds 5 \
-        --until-plateau 2 --max-epochs 8 --plateau-seeds 1                          # capped: ~10 min of one core
+        --until-plateau 2 --max-epochs 8 --plateau-seeds 1                          # capped: ~8 min of one core
     python bench/jumprelu_gated.py --out bench-out/jg --report-only
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
 
     python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2     # a real plateau: ~17 h of CPU
     python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2 --max-epochs 8 \
-        --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~39 min of one core
+        --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~34 min of one core
     python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
 """
