@@ -1,13 +1,19 @@
 """JumpReLU against Gated and ReLU on the Pareto axes of docs/results.md (L0 vs CE increase / NMSE),
 several seeds, after the issue-10 threshold init (theta_0 = sqrt(lambda), train/jumprelu.py).
 
-Same store, budget and evaluation as bench/pareto.py (one pass of 80k tokens, d_sae 256, batch 1024,
-the same Adam betas for all, every held-out token of the store, position 0 clean; verdicts by
-pareto.verdict, >= 5 seeds); only the relu, gated and jumprelu sweeps, with a wider
-jumprelu lambda grid so its L0 range covers gated's. Each comparison is metric(A) / metric(B) at A's
-own sweep points (B interpolated log-linearly in L0 there), per seed.
+Same store, evaluation and rule as bench/pareto.py (d_sae 256, batch 1024, the same Adam betas for
+all, every held-out token of the store, position 0 clean; verdicts by pareto.verdict, >= 5 seeds);
+only the relu, gated and jumprelu sweeps, with a wider jumprelu lambda grid so its L0 range covers
+gated's. Per seed, each sweep folder is trained to its own plateau (--until-plateau P, as in
+bench/pareto.py: training only, bench/plateau.py), then the three are evaluated together once. Each
+comparison is metric(A) / metric(B) at A's own sweep points (B interpolated log-linearly in L0
+there), per seed. Re-running the same command resumes; --report-only recomputes the verdicts from
+jumprelu_gated.json.
 
-    python bench/jumprelu_gated.py --out bench-out/jg      # ~7 min on 2 idle CPU cores (5 seeds)
+    python bench/jumprelu_gated.py --out bench-out/jg --seeds 5 --until-plateau 2   # a real plateau: hours
+    python bench/jumprelu_gated.py --out bench-out/jg --store bench-out/pareto/store.zarr --seeds 5 \
+        --until-plateau 2 --max-epochs 8 --plateau-seeds 1                          # capped: ~8 min of one core
+    python bench/jumprelu_gated.py --out bench-out/jg --report-only
 """
 from __future__ import annotations
 
@@ -18,9 +24,9 @@ import time
 
 import numpy as np
 
-from pareto import LOCAL, interp_ce, training_record, verdict
-from sae_harvest.evaluate.demo import SWEEPS as DEMO_SWEEPS, run_demo
-from sae_harvest.evaluate.report import series_label
+from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict
+from plateau import SeedTrainer, say
+from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 
 JUMPRELU_L1 = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 SWEEPS = [row for row in DEMO_SWEEPS if row[1] in ("relu", "gated") and row[2].get("loss", "local") == "local"]
@@ -59,31 +65,51 @@ def main():
     p.add_argument("--eval-every", type=int, default=10, help="the store holds every N-th sequence out")
     p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture ('arch': each its own)")
     p.add_argument("--d-sae", type=int, default=256)
+    p.add_argument("--store", default=None, help="the store (default --out/store.zarr; bench/pareto.py's, to share "
+                                                 "one harvest)")
+    p.add_argument("--epochs", type=int, default=1, help="the first budget (epochs)")
+    p.add_argument("--until-plateau", type=float, default=0.0,
+                   help="double each sweep's epochs until every SAE's held-out loss moves < this %% (0: one budget)")
+    p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--plateau-seeds", type=int, default=None,
+                   help="search the plateau on the first N seeds only (as bench/pareto.py)")
+    p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/jumprelu_gated.json")
     args = p.parse_args()
-    betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
     t0 = time.perf_counter()
-    store = os.path.join(args.out, "store.zarr")
-    per_seed = []
+    out_json = os.path.join(args.out, "jumprelu_gated.json")
+    if args.report_only:
+        with open(out_json) as f:
+            doc = json.load(f)
+        report(doc["series_per_seed"], compare(doc["series_per_seed"]), doc.get("budgets", []), doc["seconds"])
+        return
+    betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
+    per_seed, budgets = [], []
     for seed in range(args.seeds):
-        results = run_demo(os.path.join(args.out, f"seed{seed}"), tokens=args.tokens, sweeps=SWEEPS, seed=seed,
-                           store=store, local={**LOCAL, "adam_betas": betas}, d_sae=args.d_sae,
-                           eval_every=args.eval_every)
-        series = {}
-        for r in results:
-            rec = training_record(r["sae"])
-            if "moved" in rec:   # thresholds and gates against their starts
-                m = rec["moved"]
-                print(f"seed {seed} {r['name']}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, "
-                      f"{m['q95']:.3f}], {m['moved_over_5pct']:.0%} moved > 5%; {rec['steps']} steps")
-            series.setdefault(series_label(r), []).append(
-                {k: r[k] for k in ("name", "l0", "ce_increase", "nmse_nobos", "alive", "kl")})
-        per_seed.append({k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()})
+        wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
+        root = os.path.join(args.out, f"seed{seed}")
+        trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae,
+                              local={**LOCAL, "adam_betas": betas}, tag=tag)
+        paths, sweeps_done = trainer.run(SWEEPS, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
+                                         fixed=fixed_budgets(budgets, args.plateau_seeds))
+        series, _ = evaluate_seed(paths, store, root, tag)
+        per_seed.append({k: v for k, v in series.items() if k in ("relu", "gated", "jumprelu")})
+        budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
+                        "cpu_seconds": time.process_time() - cpu})
+        say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         comparisons = compare(per_seed)
-        with open(os.path.join(args.out, "jumprelu_gated.json"), "w") as f:
+        with open(out_json, "w") as f:   # after every seed: a cut-off run keeps its data
             json.dump({"seeds_done": len(per_seed), "args": vars(args), "local": LOCAL,
-                       "sweeps": [[f, a, e] for f, a, e in SWEEPS], "series_per_seed": per_seed,
+                       "sweeps": [[f, a, e] for f, a, e in SWEEPS], "budgets": budgets, "series_per_seed": per_seed,
                        "comparisons": comparisons, "seconds": time.perf_counter() - t0}, f, indent=2)
-    print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s")
+    report(per_seed, comparisons, budgets, time.perf_counter() - t0)
+
+
+def report(per_seed, comparisons, budgets, seconds):
+    print(f"--- {len(per_seed)} seed(s), {seconds:.0f} s")
+    for b in budgets:
+        print_budget(b)
     for label in ("relu", "gated", "jumprelu"):
         names = [q["name"] for q in per_seed[0].get(label, [])]
         for name in names:

@@ -1,39 +1,46 @@
 """Pareto fronts of every architecture at one site of the offline default model, over several seeds.
 
-One harvested store (every --eval-every-th sequence held out: no trainer reads it, every evaluation
-reads only it); per seed, every sweep is trained (seeded init and batch order) and all SAEs of that
-seed are evaluated together on all the held-out tokens (g-SAEs under both gradient modes). Each
-paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the verdict rule (verdict(), and
-docs/results.md) is a paired 95% t-interval of the per-seed log ratio over >= 5 seeds: a tie when
-it contains 1, else agrees or disagrees with the claim.
+One harvested store at SITE (every --eval-every-th sequence held out: no trainer reads it, every
+evaluation reads only it). Per seed, each sweep folder is trained to its own plateau (bench/plateau.py:
+--until-plateau P doubles that folder's epochs until every SAE in it moves its held-out training
+loss by < P%; training only, superseded budgets deleted, every budget's record kept), then the
+seed's final SAEs are evaluated together, once, on all the held-out tokens (g-SAEs under both
+gradient modes). Each paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the
+verdict rule (verdict(), and docs/results.md) is a paired 95% t-interval of the per-seed log ratio
+over >= 5 seeds: a tie when it contains 1, else agrees or disagrees with the claim.
 
 Fairness (issue 18): every architecture trains with the same Adam betas (--betas, default 0,0.999,
 the Gated and JumpReLU papers' for baseline and method alike); e2e and local train from scratch on
-the same tokens at each one's default lr (--e2e scratch), or e2e fine-tunes the local relu SAEs and
-local gets the identical continuation with its own loss (--e2e continuation); --until-plateau P
-doubles the epochs until every SAE's held-out training loss moves < P% (steps and tokens reported);
-a second store with the label-free gradient (--grad-target model-top1) trains "gtopk_lf", so the
+the same tokens at each one's default lr (--e2e scratch), each to its own plateau, or e2e
+fine-tunes the local relu SAEs (at relu's plateau) and local gets the same continuation with its
+own loss (--e2e continuation; each continuation doubles from one pass to its own plateau); a
+second store with the label-free gradient (--grad-target model-top1) trains "gtopk_lf", so the
 g-SAE is compared under the paper's protocol and the matched label-free one side by side; JumpReLU
-thresholds and Gated gates are compared with their starts. Writes pareto.json, prints verdicts.
+thresholds and Gated gates are compared with their starts. Writes pareto.json (every budget's
+steps, tokens and held-out loss per SAE, seconds per stage) and prints verdicts; progress lines
+with timings go to stdout as it runs. Re-running the same command resumes (seed{N}/plateau.json).
 
-    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2    # the full rerun
-    python bench/pareto.py --out /tmp/p --seeds 5 --tokens 20000                # smallest, minutes
-    python bench/pareto.py --out bench-out/pareto --report-only                  # verdicts from pareto.json
+    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2     # a real plateau: ~17 h of CPU
+    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2 --max-epochs 8 \
+        --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~34 min of one core
+    python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
+    python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS, run_demo
+from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
+from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 
-LOCAL_SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local"]
+# the demo's local SAE sweeps at SITE (not its transcoder: no claim reads it, and it needs two more sites)
+LOCAL_SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local" and "target" not in row[2]]
 LOCAL = {"batch_size": 1024, "epochs": 1}
 E2E_LR = 1e-3          # docs/e2e.md's default for e2e relu; local SAEs keep their architecture's
 E2E_L1 = (0.3, 1.0, 3.0)   # on KL's scale (docs/e2e.md)
@@ -48,6 +55,15 @@ CLAIMS = (("e2e", "relu", "ce_increase", "<"), ("e2e_ds", "relu", "ce_increase",
           ("gtopk+causal", "topk", "ce_increase", "<"),      # mismatched: trained on labels (old headline)
           ("matryoshka", "batchtopk", "ce_increase", "~"))
 L0_GRID = (8, 16, 32, 64)
+
+
+def claims(e2e: str) -> tuple:
+    """CLAIMS for an --e2e mode: under continuation the e2e rows' baseline is relu_cont, the local
+    SAEs given the same continuation with their own loss (against the un-continued relu, e2e's
+    extra training would be the difference issue 18 found)."""
+    if e2e != "continuation":
+        return CLAIMS
+    return tuple((a, "relu_cont" if a in ("e2e", "e2e_ds") and b == "relu" else b, m, x) for a, b, m, x in CLAIMS)
 
 
 def sweeps(e2e: str, lf_store: str | None) -> list:
@@ -120,63 +136,45 @@ def verdict(ratios: list[float], expected: str = "<") -> dict:
     return {"verdict": result, "outcome": outcome, "ratio": centre, "interval": [lo, hi]}
 
 
-def training_record(path: str) -> dict:
-    """Steps, tokens and the held-out training loss (local: NMSE; e2e: KL) of a saved SAE, and how far
-    JumpReLU's thresholds / Gated's gates moved from their starts (theta_0 = max(init, sqrt(lambda));
-    b_gate_0 = -lambda/2; folding the input scale leaves both unchanged)."""
-    from sae_harvest.train.sae_io import load_sae
+def evaluate_seed(paths: list[str], store: str, out: str, tag: str) -> tuple[dict, dict]:
+    """(series {key: [points]}, evaluation tokens' origin): the seed's evaluated SAEs spliced into
+    the model together, once, on all the store's held-out tokens; results.json beside them."""
+    from sae_harvest.evaluate.config import EvalConfig
+    from sae_harvest.evaluate.replace import evaluate_all
+    from sae_harvest.evaluate.report import write_json
 
-    folder = Path(path)
-    summary = json.loads((folder / "summary.json").read_text())
-    cfg = json.loads((folder / "cfg.json").read_text())["sae_harvest"]
-    held = summary.get("held_out", {})
-    e2e = (cfg.get("training") or {}).get("loss", "local") != "local"
-    out = {"steps": summary.get("steps"), "tokens": summary.get("tokens"),
-           "held_out_loss": held.get("kl") if e2e else held.get("nmse"), "loss_name": "kl" if e2e else "nmse"}
-    sae = load_sae(folder)
-    lam = sae.cfg.l1_coeff
-    if sae.cfg.arch == "jumprelu" and lam > 0:
-        start = max(cfg["sae"].get("threshold_init") or 0.0, math.sqrt(lam))
-        out["moved"] = _moved(sae.threshold.detach().double().numpy() / start, "theta / theta_0")
-    elif sae.cfg.arch == "gated" and lam > 0:
-        out["moved"] = _moved(sae.b_gate.detach().double().numpy() / (-lam / 2), "b_gate / b_gate_0")
-    return out
-
-
-def _moved(ratio: np.ndarray, what: str) -> dict:
-    q = np.quantile(ratio, [0.05, 0.5, 0.95])
-    return {"what": what, "q05": float(q[0]), "median": float(q[1]), "q95": float(q[2]),
-            "moved_over_5pct": float(np.mean(np.abs(ratio - 1) > 0.05))}
-
-
-def train_and_evaluate(args, seed: int, epochs: int, store: str, lf_store: str | None) -> tuple[dict, dict, dict]:
-    """(series {key: [points]}, training {sae folder/name: record}, evaluation tokens' origin) of one
-    seed at one budget."""
-    local = {**LOCAL, "epochs": epochs, "adam_betas": args.betas}
-    out = os.path.join(args.out, f"seed{seed}", f"epochs{epochs}")
-    results = run_demo(out, tokens=args.tokens, sweeps=sweeps(args.e2e, lf_store), seed=seed, store=store,
-                       local=local, d_sae=args.d_sae, eval_every=args.eval_every)
-    series, training = {}, {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    say(f"[{tag}] evaluate {len(paths)} SAEs spliced into the model on the store's held-out tokens")
+    cfg = EvalConfig(saes=tuple(paths), store=store, batch_size=16)
+    results = evaluate_all(cfg, progress=False)
+    write_json(results, os.path.join(out, "results.json"), config=cfg.to_dict())
+    series = {}
     for r in results:
         series.setdefault(series_key(r), []).append(
             {"name": r["name"], "l0": r["l0"], "ce_increase": r["ce_increase"], "kl": r["kl"],
              "alive": r["alive"], "nmse_nobos": r["nmse_nobos"], "grad_mode": r.get("grad_mode"),
              "grad_matched": r.get("grad_matched"), "downstream_mse": r["downstream_mse"],
              "downstream_mse_ln": r["downstream_mse_ln"]})
-        key = f"{Path(r['sae']).parent.name}/{r['name']}"
-        if key not in training:
-            training[key] = training_record(r["sae"])
-    eval_tokens = results[0]["eval_tokens"] if results else None
-    return {k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()}, training, eval_tokens
+    origin = results[0]["eval_tokens"] if results else None
+    say(f"[{tag}] evaluated {len(results)} rows on {(origin or {}).get('tokens')} held-out tokens: "
+        f"{time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)")
+    return {k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()}, origin
 
 
-def plateaued(before: dict, after: dict, pct: float) -> bool:
-    """Every SAE's held-out training loss moved less than pct percent between two budgets."""
-    for key, rec in after.items():
-        a, b = (before.get(key) or {}).get("held_out_loss"), rec.get("held_out_loss")
-        if a is None or b is None or abs(b / a - 1) * 100 >= pct:
-            return False
-    return True
+def harvest_store(path: str, tokens: int, eval_every: int, grad_target: str = "labels") -> str:
+    """The bench's store: the offline default model at SITE only, with gradients (of the labels'
+    CE, or label-free: --grad-target model-top1), every eval_every-th sequence held out."""
+    from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL
+    from sae_harvest.harvest.run import HarvestConfig, harvest
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    harvest(HarvestConfig(out=path, model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITE, grads=True,
+                          grad_target=grad_target, tokens=tokens, ctx_len=128, batch_size=16,
+                          shuffle_window=1 << 16, device="auto", eval_every=eval_every),
+            resume=True, progress=False)
+    say(f"harvest {path} ({tokens:,} tokens, gradients of {grad_target}): {time.perf_counter() - wall:.1f} s "
+        f"(CPU {time.process_time() - cpu:.1f} s)")
+    return path
 
 
 def main():
@@ -190,10 +188,22 @@ def main():
     p.add_argument("--until-plateau", type=float, default=0.0,
                    help="double the epochs until every SAE's held-out loss moves < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--e2e-max-epochs", type=int, default=None,
+                   help="a lower --max-epochs for the e2e and e2e+ds sweeps (~20x a local sweep's cost per step) "
+                        "and, under --e2e continuation, relu_cont's")
+    p.add_argument("--e2e-only", action="store_true",
+                   help="only relu, the e2e sweeps and (continuation) relu_cont: the e2e claims alone")
+    p.add_argument("--plateau-seeds", type=int, default=None,
+                   help="search the plateau on the first N seeds only; later seeds train each folder once at the "
+                        "largest budget those seeds reached (default: every seed searches)")
     p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture, or 'arch' for each "
                                                       "architecture's own default")
     p.add_argument("--e2e", choices=("scratch", "continuation"), default="scratch")
     p.add_argument("--no-label-free", action="store_true", help="skip the label-free gradient store and gtopk_lf")
+    p.add_argument("--store", default=None, help="the store (default --out/store.zarr; another bench's, to share "
+                                                 "one harvest: it is harvested there if missing, else checked)")
+    p.add_argument("--label-free-store", default=None,
+                   help="the label-free store (default --out/store-label-free.zarr)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/pareto.json")
     args = p.parse_args()
     args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
@@ -201,41 +211,56 @@ def main():
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
             doc = json.load(f)
-        report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0)
+        # prints only: pareto.json keeps the run's own args and timings; the claims are its run's
+        args.e2e = doc.get("args", {}).get("e2e", "scratch")
+        report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
     os.makedirs(args.out, exist_ok=True)
-    store = os.path.join(args.out, "store.zarr")
-    lf_store = None if args.no_label_free else label_free_store(args)
+    store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
+    lf_store = None
+    if not args.no_label_free and not args.e2e_only:
+        lf_store = harvest_store(args.label_free_store or os.path.join(args.out, "store-label-free.zarr"),
+                                 args.tokens, args.eval_every,
+                                 "model-top1")
+        check_same_held_out(store, lf_store)
+    local = {**LOCAL, "adam_betas": args.betas}
     per_seed, budgets, eval_tokens = [], [], None
     for seed in range(args.seeds):
-        epochs, history, before = args.epochs, [], None
-        while True:
-            series, training, eval_tokens = train_and_evaluate(args, seed, epochs, store, lf_store)
-            if lf_store and not history:
-                check_same_held_out(store, lf_store)
-            history.append({"epochs": epochs, "training": training})
-            done = not args.until_plateau or (before is not None and plateaued(before, training, args.until_plateau))
-            if done or epochs * 2 > args.max_epochs:
-                break
-            before, epochs = training, epochs * 2
+        wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
+        root = os.path.join(args.out, f"seed{seed}")
+        trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
+        rows = sweeps(args.e2e, lf_store)
+        if args.e2e_only:
+            rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
+        caps = e2e_caps(rows, args.e2e_max_epochs)
+        paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
+                                         fixed=fixed_budgets(budgets, args.plateau_seeds), caps=caps)
+        series, eval_tokens = evaluate_seed(paths, store, root, tag)
         per_seed.append(series)
-        budgets.append({"seed": seed, "epochs": epochs, "plateaued": bool(args.until_plateau) and done,
-                        "history": history})
+        budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
+                        "cpu_seconds": time.process_time() - cpu})
+        say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
 
 
-def label_free_store(args) -> str:
-    """A store of the same corpus, tokens and split as the main one, at the site, with the label-free
-    gradient (--grad-target model-top1)."""
-    from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL
-    from sae_harvest.harvest.run import HarvestConfig, harvest
+def e2e_caps(rows, cap: int | None) -> dict | None:
+    """{folder: cap} for the e2e sweeps and, under continuation, relu_cont: the same continuation
+    budget for e2e and local (issue 18)."""
+    if not cap:
+        return None
+    return {r[0]: cap for r in rows if r[0] in ("e2e", "e2e_ds") or r[0].startswith("relu_cont")}
 
-    path = os.path.join(args.out, "store-label-free.zarr")
-    harvest(HarvestConfig(out=path, model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITE, grads=True,
-                          grad_target="model-top1", tokens=args.tokens, ctx_len=128, batch_size=16,
-                          shuffle_window=1 << 16, device="auto", eval_every=args.eval_every),
-            resume=True, progress=False)
-    return path
+
+def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None:
+    """{folder: epochs} for a seed past the first plateau_seeds: the largest budget the searched
+    seeds reached per folder (None: search this seed too)."""
+    if plateau_seeds is None or len(budgets) < plateau_seeds:
+        return None
+    out = {}
+    for b in budgets[:plateau_seeds]:
+        for folder, rec in b["sweeps"].items():
+            out[folder] = max(out.get(folder, 0), rec["epochs"])
+    return out
 
 
 def check_same_held_out(store: str, lf_store: str) -> None:
@@ -250,9 +275,11 @@ def check_same_held_out(store: str, lf_store: str) -> None:
         raise SystemExit(f"{lf_store} does not hold out the same sequences as {store}")
 
 
-def report(args, per_seed, budgets, eval_tokens, t0):
+def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
+    """Every claim's rows (verdicts) from the per-seed series; writes pareto.json (unless not
+    `write`) and prints them with each seed's budgets."""
     comparisons = {}
-    for a, b, metric, expected in CLAIMS:
+    for a, b, metric, expected in claims(args.e2e):
         rows = []
         for l0 in L0_GRID:
             ratios = []
@@ -281,19 +308,14 @@ def report(args, per_seed, budgets, eval_tokens, t0):
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
            "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
-    with open(os.path.join(args.out, "pareto.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    if write:
+        with open(os.path.join(args.out, "pareto.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    origin = eval_tokens if isinstance(eval_tokens, dict) else {"tokens": eval_tokens}   # an int before issue 18
     print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s; evaluated on "
-          f"{(eval_tokens or {}).get('tokens')} held-out tokens ({(eval_tokens or {}).get('sequences')} sequences)")
+          f"{origin.get('tokens')} held-out tokens ({origin.get('sequences')} sequences)")
     for b in budgets:
-        last = b["history"][-1]["training"]
-        print(f"seed {b['seed']}: {b['epochs']} epoch(s){', plateaued' if b['plateaued'] else ''}; " +
-              ", ".join(f"{k} {v['steps']} steps/{v['tokens']:,} tok" for k, v in list(last.items())[:3]) + ", ...")
-        for k, v in last.items():
-            if "moved" in v:
-                m = v["moved"]
-                print(f"  {k}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, {m['q95']:.3f}], "
-                      f"{m['moved_over_5pct']:.0%} moved > 5%")
+        print_budget(b)
     for claim, rows in comparisons.items():
         print(claim)
         for r in rows:
@@ -301,6 +323,28 @@ def report(args, per_seed, budgets, eval_tokens, t0):
             ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
                 else f"seeds {r['min']:.2f}-{r['max']:.2f}"
             print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
+    return out
+
+
+def print_budget(b: dict) -> None:
+    """One seed's training budgets: per sweep folder its epochs, steps and tokens (a pareto.json of
+    before the per-folder plateau has one budget for the whole seed), and the thresholds' and gates'
+    movement from their starts."""
+    if "sweeps" in b:
+        print(f"seed {b['seed']}: {b['seconds']:.0f} s (CPU {b.get('cpu_seconds', 0):.0f} s)")
+        rows = [(folder, rec["epochs"], rec["stop"], rec["history"][-1]["training"])
+                for folder, rec in b["sweeps"].items()]
+    else:
+        rows = [("all", b["epochs"], "plateau" if b.get("plateaued") else "", b["history"][-1]["training"])]
+    for folder, epochs, stop, last in rows:
+        first = next(iter(last.values()), {})
+        print(f"  {folder}: {epochs} epoch(s) ({stop}), {first.get('steps')} steps, "
+              f"{first.get('tokens') or 0:,} tokens")
+        for k, v in last.items():
+            if "moved" in v:
+                m = v["moved"]
+                print(f"    {k}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, {m['q95']:.3f}], "
+                      f"{m['moved_over_5pct']:.0%} moved > 5%")
 
 
 if __name__ == "__main__":

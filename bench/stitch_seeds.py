@@ -76,12 +76,16 @@ def main():
         for d_sae in sizes:
             out = os.path.join(args.out, f"seed{seed}", f"{args.arch}-{d_sae}")
             if not os.path.exists(os.path.join(out, name, "cfg.json")):
+                wall, cpu = time.perf_counter(), time.process_time()
                 fit(TrainConfig(out=out, store=args.store, site=SITE, arch=args.arch, d_sae=d_sae, **sweep,
                                 batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                                 seed=seed * 1000 + d_sae, device="cpu",   # independent initialisations
                                 checkpoint_every=10**9, log_every=50), overwrite=True, progress=False)
+                print(f"seed {seed}: trained {args.arch} d_sae {d_sae}: {time.perf_counter() - wall:.1f} s "
+                      f"(CPU {time.process_time() - cpu:.1f} s)", flush=True)
         for small, large in zip(sizes, sizes[1:]):
             for theta in thresholds:
+                wall, cpu = time.perf_counter(), time.process_time()
                 doc = run_stitch(StitchConfig(
                     small=os.path.join(args.out, f"seed{seed}", f"{args.arch}-{small}", name),
                     large=os.path.join(args.out, f"seed{seed}", f"{args.arch}-{large}", name),
@@ -94,7 +98,8 @@ def main():
                              "eval_tokens": doc.get("eval_tokens")})
                 print(f"seed {seed} {small}->{large} theta {theta}: " +
                       ", ".join(f"{k} {doc['summary'].get(k)}" for k in ("n_novel", "mse_small", "mse_after_novel",
-                                                                          "mse_large")), flush=True)
+                                                                          "mse_large")) +
+                      f"; {time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)", flush=True)
         with open(os.path.join(args.out, "stitch_seeds.json"), "w") as f:
             json.dump({"args": vars(args), "runs": runs, "seconds": time.perf_counter() - t0}, f, indent=2)
     print(f"--- {args.seeds} seed(s), {time.perf_counter() - t0:.0f} s; mean ± sd over seeds")

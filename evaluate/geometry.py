@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 from sae_harvest.evaluate.results import CrossCosines, GeometryResult, SaeGeometry
 from sae_harvest.stores.cli import opt
-from sae_harvest.stores.urls import scrub_tree
+from sae_harvest.stores.urls import scrub, scrub_tree
 from sae_harvest.train.sae import unit_rows
 from sae_harvest.train.saelens_format import hook_name_of
 
@@ -152,7 +153,7 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
 
 def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
     """(the SAE, its SaeGeometry fields but the nearest-neighbour cosines); `taken`: names in use."""
-    from sae_harvest.evaluate.splice import EvaluateError
+    from sae_harvest.evaluate.splice import EvaluateError, trained_outside_split
     from sae_harvest.train.feeds import held_out_origin
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
@@ -179,6 +180,15 @@ def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
         freq, n, selection = activation_frequencies(sae, store, site, cfg.tokens)
         if n == 0:
             raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
-        entry["frequency"] = {**frequency_summary(freq, n), "selection": selection,
-                              "eval_tokens": held_out_origin(store, tokens=n)}
+        origin = held_out_origin(store, tokens=n)
+        # another store's held-out sequences are not this one's: this store's held-out rows may be
+        # the SAE's training rows (another harvest of the same corpus), so its frequencies are not held out
+        same_split = bool(trained_outside_split(saved, origin))
+        if not same_split:
+            print(f"warning: {scrub(str(path))} was not trained outside the held-out split of {scrub(cfg.store)} "
+                  f"(trained on {scrub(str(ours.get('store')))}, creation id "
+                  f"{(ours.get('held_out') or {}).get('creation_id')}; this store's is {origin.get('creation_id')}): "
+                  f"its frequencies may count its training rows", file=sys.stderr, flush=True)
+        entry["frequency"] = {**frequency_summary(freq, n), "selection": selection, "eval_tokens": origin,
+                              "trained_outside_split": same_split}
     return sae, entry

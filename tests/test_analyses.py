@@ -354,6 +354,32 @@ def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
     assert capped["saes"][0]["frequency"]["tokens"] == 50
 
 
+def test_geometry_warns_when_an_sae_was_trained_on_another_store(store, tmp_path, capsys):
+    """Frequencies on --store's held-out rows are held out only for an SAE trained outside this very
+    store's split: another store (even the same corpus) or no record gets one warning line and
+    frequency.trained_outside_split false."""
+    from sae_harvest.evaluate.geometry import GeometryConfig, run_geometry
+    from sae_harvest.stores import open_store
+
+    s = open_store(store)
+    split = {**s.split.to_attrs(), "creation_id": s.attrs["creation_id"]}
+    rows = [e(j) for j in range(D)]
+    here = save(tied_relu(rows), tmp_path / "here", store=store, held_out=split)
+    there = save(tied_relu(rows), tmp_path / "there", store="/elsewhere/other.zarr",
+                 held_out={**split, "creation_id": "0" * 32})
+    unrecorded = save(tied_relu(rows), tmp_path / "old")
+    doc = run_geometry(GeometryConfig(saes=(here, there, unrecorded), store=store, tokens=64, device="cpu",
+                                      allow_shared_init=True)).to_dict()
+    assert [x["frequency"]["trained_outside_split"] for x in doc["saes"]] == [True, False, False]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "there" in warnings[0] and "/elsewhere/other.zarr" in warnings[0] and "0" * 32 in warnings[0]
+    assert "old" in warnings[1] and s.attrs["creation_id"] in warnings[1]
+    # without --store nothing is compared and nothing warned
+    run_geometry(GeometryConfig(saes=(there,), device="cpu"))
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_geometry_cli_pngs_and_bad_input(store, tmp_path):
     p1 = save(tied_relu([e(j) for j in range(8)]), tmp_path / "a")
     p2 = save(make_sae(SAEConfig("topk", D, 32, k=4)), tmp_path / "b")

@@ -1,12 +1,14 @@
 """bench/pareto.py's verdict rule (issue 18 item 5) on crafted ratios: a paired 95% t-interval of the
 per-seed log ratio over >= 5 seeds, a tie when it contains 1; checked against scipy's t-interval."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))   # pareto.py imports its neighbour plateau.py
 _spec = importlib.util.spec_from_file_location("bench_pareto", Path(__file__).parent.parent / "bench" / "pareto.py")
 pareto = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pareto)

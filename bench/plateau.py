@@ -1,0 +1,205 @@
+"""Training to a plateau, one sweep folder at a time, for the Pareto benches (bench/pareto.py,
+bench/jumprelu_gated.py); the splice evaluation is not part of it.
+
+A sweep folder (one architecture's sweep: relu at lambda 100 / 300 / 1000, topk at k 8 / 16 / 32,
+...) is trained at `first`, 2x, 4x, ... epochs until every SAE of the folder moves its held-out
+training loss (summary.json: NMSE for local SAEs, KL for e2e ones) by less than P% between two
+budgets, or the next budget would pass --max-epochs. Each folder stops on its own: a cheap
+architecture that settles at 4 epochs does not wait for one that needs 32, and each Pareto row
+reports its own epochs, steps and tokens. Every budget is trained from scratch (`train fit
+--epochs E`): the warmup and the cosine decay span the whole run, so continuing a shorter run would
+not give the SAE that E epochs give. A budget's SAEs are deleted as soon as the next budget of the
+folder is trained (only the last one is evaluated); every budget's training record stays in
+`plateau.json` (a journal, so an interrupted run resumes without retraining what it recorded) and
+in the bench's JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def plateaued(before: dict, after: dict, pct: float) -> bool:
+    """Every SAE's held-out training loss moved less than pct percent between two budgets (a rise
+    counts as movement: an L1 SAE's NMSE rises while its L0 is still falling)."""
+    for key, rec in after.items():
+        a, b = (before.get(key) or {}).get("held_out_loss"), rec.get("held_out_loss")
+        if a is None or b is None or a == 0 or abs(b / a - 1) * 100 >= pct:
+            return False
+    return True
+
+
+def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs: None, say=lambda *a: None) -> dict:
+    """Double the epochs from `first` until plateaued(pct) or the next budget would pass max_epochs
+    (pct 0: `first` only). `train(epochs) -> {name: record}` trains one budget; `discard(epochs)`
+    deletes a budget's SAEs once a later one is trained; `say(epochs, records, history, stop)`
+    reports each budget. Returns {"epochs": the last budget (the one to evaluate), "plateaued",
+    "stop": why it stopped, "history": [{"epochs", "training", "seconds", "cpu_seconds"}]}."""
+    if first < 1 or max_epochs < first:
+        raise ValueError(f"need 1 <= first ({first}) <= max_epochs ({max_epochs})")
+    history, epochs = [], first
+    while True:
+        wall, cpu = time.perf_counter(), time.process_time()
+        records = train(epochs)
+        history.append({"epochs": epochs, "training": records, "seconds": time.perf_counter() - wall,
+                        "cpu_seconds": time.process_time() - cpu})
+        if len(history) > 1:
+            discard(history[-2]["epochs"])
+        flat = len(history) > 1 and plateaued(history[-2]["training"], records, pct)
+        stop = "one budget" if not pct else "plateau" if flat else "max-epochs" if epochs * 2 > max_epochs else None
+        say(epochs, records, history, stop)
+        if stop:
+            return {"epochs": epochs, "plateaued": flat, "stop": stop, "history": history}
+        epochs *= 2
+
+
+def training_record(path: str) -> dict:
+    """Steps, tokens, the held-out training loss (local: NMSE; e2e: KL) and L0 of a saved SAE, and
+    how far JumpReLU's thresholds / Gated's gates moved from their starts (theta_0 =
+    max(init, sqrt(lambda)); b_gate_0 = -lambda/2; folding the input scale leaves both unchanged)."""
+    from sae_harvest.train.sae_io import load_sae
+
+    folder = Path(path)
+    summary = json.loads((folder / "summary.json").read_text())
+    cfg = json.loads((folder / "cfg.json").read_text())["sae_harvest"]
+    held = summary.get("held_out", {})
+    e2e = (cfg.get("training") or {}).get("loss", "local") != "local"
+    out = {"steps": summary.get("steps"), "tokens": summary.get("tokens"),
+           "held_out_loss": held.get("kl") if e2e else held.get("nmse"), "loss_name": "kl" if e2e else "nmse",
+           "held_out_l0": held.get("l0")}
+    sae = load_sae(folder)
+    lam = sae.cfg.l1_coeff
+    if sae.cfg.arch == "jumprelu" and lam > 0:
+        start = max(cfg["sae"].get("threshold_init") or 0.0, math.sqrt(lam))
+        out["moved"] = _moved(sae.threshold.detach().double().numpy() / start, "theta / theta_0")
+    elif sae.cfg.arch == "gated" and lam > 0:
+        out["moved"] = _moved(sae.b_gate.detach().double().numpy() / (-lam / 2), "b_gate / b_gate_0")
+    return out
+
+
+def _moved(ratio: np.ndarray, what: str) -> dict:
+    q = np.quantile(ratio, [0.05, 0.5, 0.95])
+    return {"what": what, "q05": float(q[0]), "median": float(q[1]), "q95": float(q[2]),
+            "moved_over_5pct": float(np.mean(np.abs(ratio - 1) > 0.05))}
+
+
+def say(*parts) -> None:
+    """A progress line, unbuffered: a background run's log shows where it is."""
+    print(*parts, flush=True)
+
+
+class SeedTrainer:
+    """Trains the sweep rows of one seed to their plateaus under `root` (root/epochs{E}/{folder}/
+    {name}: the folder name stays the SAE's parent, which the benches' series keys read)."""
+
+    def __init__(self, root: str, *, store: str, site: str, seed: int, d_sae: int, local: dict, tag: str):
+        self.root, self.store, self.site, self.seed = Path(root), store, site, seed
+        self.d_sae, self.local = d_sae, local
+        self.tag = tag
+        self.journal_path = self.root / "plateau.json"
+        self.journal = json.loads(self.journal_path.read_text()) if self.journal_path.exists() else {}
+        self.final: dict[str, Path] = {}   # folder -> its evaluated budget's folder
+
+    def budget_dir(self, folder: str, epochs: int) -> Path:
+        return self.root / f"epochs{epochs}" / folder
+
+    def config(self, folder: str, arch: str, extra: dict, epochs: int) -> dict:
+        extra = dict(extra)
+        if "init" in extra:   # "relu/relu_l1-300": that folder's evaluated budget (trained before this row)
+            parent, name = extra["init"].split("/")
+            extra["init"] = str(self.final[parent] / name)
+        return {"store": self.store, "site": self.site, "arch": arch, "d_sae": self.d_sae, "seed": self.seed,
+                "out": str(self.budget_dir(folder, epochs)), "checkpoint_every": 10**9, "log_every": 5,
+                **self.local, **extra, "epochs": epochs}
+
+    def train(self, folder: str, arch: str, extra: dict, epochs: int, force: bool = False) -> dict:
+        from sae_harvest.train.config import TrainConfig
+        from sae_harvest.train.fit import fit
+
+        kwargs = self.config(folder, arch, extra, epochs)
+        key = json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str)
+        done = self.journal.get(folder, {}).get(str(epochs))
+        if done and not force and done["config"] == key and (
+                done["superseded"] or self._complete(kwargs["out"], done["training"])):
+            return done["training"]      # recorded by an earlier, interrupted run of the same config
+        # an interrupted run of this budget resumes from its checkpoint (`--overwrite` refuses a folder
+        # whose SAEs have metrics but no cfg.json yet: train/runs.py made_by_train)
+        resume = (Path(kwargs["out"]) / "checkpoint" / "state.json").exists()
+        summaries = fit(TrainConfig(**kwargs), resume=resume, overwrite=not resume, progress=False)
+        records = {name: training_record(os.path.join(kwargs["out"], name)) for name in sorted(summaries)}
+        self.journal.setdefault(folder, {})[str(epochs)] = {"config": key, "training": records, "superseded": False}
+        self._save()
+        return records
+
+    def discard(self, folder: str, epochs: int) -> None:
+        """Delete a superseded budget's SAEs (this bench created them), keep its record."""
+        shutil.rmtree(self.budget_dir(folder, epochs), ignore_errors=True)
+        try:
+            self.budget_dir(folder, epochs).parent.rmdir()   # the epochs{E} folder, once no sweep is left in it
+        except OSError:
+            pass
+        entry = self.journal.get(folder, {}).get(str(epochs))
+        if entry:
+            entry["superseded"] = True
+            self._save()
+
+    def run(self, rows, *, first: int, pct: float, max_epochs: int, fixed: dict | None = None,
+            caps: dict | None = None) -> tuple[list[str], dict]:
+        """Every row to its plateau, in order (a row with "init" after the row it starts from):
+        (the evaluated SAEs' paths, {folder: search record}). `fixed` {folder: epochs}: train those
+        folders once at that budget (another seed's plateau), no search; `caps` {folder: epochs}:
+        a lower --max-epochs for those folders."""
+        paths, budgets = [], {}
+        for folder, arch, extra in rows:
+            t0 = time.perf_counter()
+            start = extra.get("epochs") or first   # a continuation row starts at its own budget
+            if fixed and folder in fixed:
+                start, pct_here = fixed[folder], 0.0
+            else:
+                pct_here = pct
+            cap = min(max_epochs, (caps or {}).get(folder, max_epochs))
+            rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(cap, start),
+                         discard=lambda e: self.discard(folder, e),
+                         say=self._reporter(folder, bool(fixed and folder in fixed)))
+            if fixed and folder in fixed:
+                rec["stop"] = "fixed (the searched seeds' budget)"
+            final = self.budget_dir(folder, rec["epochs"])
+            if not self._complete(str(final), rec["history"][-1]["training"]):
+                # resumed with another --max-epochs: the journal ends at a budget it had deleted
+                say(f"[{self.tag}] {folder}: retraining {rec['epochs']} epoch(s), the budget to evaluate")
+                rec["history"][-1]["training"] = self.train(folder, arch, extra, rec["epochs"], force=True)
+            self.final[folder] = final
+            budgets[folder] = {**rec, "seconds": time.perf_counter() - t0}
+            paths += [str(final / name) for name in rec["history"][-1]["training"]]
+        return paths, budgets
+
+    def _reporter(self, folder: str, fixed: bool):
+        def report(epochs, records, history, stop):
+            stop = "fixed (the searched seeds' budget)" if fixed else stop
+            h = history[-1]
+            before = history[-2]["training"] if len(history) > 1 else {}
+            moves = []
+            for name, r in records.items():
+                a, b = (before.get(name) or {}).get("held_out_loss"), r.get("held_out_loss")
+                moves.append(f"{b:.4g}" + (f" ({(b / a - 1) * 100:+.1f}%)" if a and b is not None else ""))
+            any_rec = next(iter(records.values()), {})
+            say(f"[{self.tag}] {folder} {epochs} epoch(s), {any_rec.get('steps')} steps: {h['seconds']:.1f} s "
+                f"(CPU {h['cpu_seconds']:.1f} s); held-out {any_rec.get('loss_name')} " + ", ".join(moves) +
+                (f" -> {stop}" if stop else ""))
+        return report
+
+    @staticmethod
+    def _complete(out: str, records: dict) -> bool:
+        return all((Path(out) / name / "cfg.json").exists() for name in records)
+
+    def _save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.journal_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.journal, indent=1))
+        os.replace(tmp, self.journal_path)

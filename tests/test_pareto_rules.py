@@ -1,0 +1,238 @@
+"""The Pareto benches' pure logic (bench/plateau.py, bench/pareto.py, bench/jumprelu_gated.py):
+the per-folder plateau search, the deletion of superseded budgets, the verdict rule on ratios whose
+interval is computed here by hand, and --report-only reproducing the verdicts from pareto.json."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+import jumprelu_gated  # noqa: E402
+import pareto  # noqa: E402
+import plateau  # noqa: E402
+
+
+def fake_train(losses: dict, calls: list):
+    """train(epochs) for a folder whose SAEs have held-out loss losses[name][epochs]."""
+    def train(epochs):
+        calls.append(epochs)
+        return {name: {"held_out_loss": by_epochs[epochs], "steps": 10 * epochs} for name, by_epochs in losses.items()}
+    return train
+
+
+def test_plateaued_is_every_sae_and_both_directions():
+    before = {"a": {"held_out_loss": 1.0}, "b": {"held_out_loss": 2.0}}
+    assert plateau.plateaued(before, {"a": {"held_out_loss": 0.99}, "b": {"held_out_loss": 2.03}}, 2)
+    # one SAE still moving (down 3%) is enough to go on
+    assert not plateau.plateaued(before, {"a": {"held_out_loss": 0.97}, "b": {"held_out_loss": 2.0}}, 2)
+    # a rise is movement too (an L1 SAE's NMSE rises while its L0 still falls)
+    assert not plateau.plateaued(before, {"a": {"held_out_loss": 1.05}, "b": {"held_out_loss": 2.0}}, 2)
+    # an SAE with no record before, or no loss, is not a plateau
+    assert not plateau.plateaued({"a": before["a"]}, {"a": {"held_out_loss": 1.0}, "b": {"held_out_loss": 2.0}}, 2)
+    assert not plateau.plateaued(before, {"a": {"held_out_loss": None}, "b": {"held_out_loss": 2.0}}, 2)
+
+
+def test_each_folder_stops_at_its_own_plateau():
+    # a cheap folder settles between 2 and 4 epochs, a slow one between 16 and 32
+    fast = {"x1": {1: 1.0, 2: 0.8, 4: 0.795, 8: 0.79}, "x2": {1: 2.0, 2: 1.5, 4: 1.49, 8: 1.48}}
+    slow = {"y": {1: 1.0, 2: 0.8, 4: 0.6, 8: 0.5, 16: 0.45, 32: 0.445, 64: 0.44}}
+    calls_fast, calls_slow, discarded = [], [], []
+    a = plateau.search(fake_train(fast, calls_fast), 1, 2.0, 64, discard=discarded.append)
+    b = plateau.search(fake_train(slow, calls_slow), 1, 2.0, 64)
+    assert (a["epochs"], a["stop"], a["plateaued"]) == (4, "plateau", True)
+    assert (b["epochs"], b["stop"], b["plateaued"]) == (32, "plateau", True)
+    assert calls_fast == [1, 2, 4] and calls_slow == [1, 2, 4, 8, 16, 32]
+    # each budget is deleted once the next one is trained; the evaluated (last) one is kept
+    assert discarded == [1, 2]
+    # every budget's record is kept, with its epochs, steps and timings
+    assert [h["epochs"] for h in a["history"]] == [1, 2, 4]
+    assert a["history"][-1]["training"]["x1"]["steps"] == 40
+    assert all(h["seconds"] >= 0 and h["cpu_seconds"] >= 0 for h in a["history"])
+
+
+def test_search_stops_at_max_epochs_and_without_a_target():
+    moving = {"z": {e: 1.0 / e for e in (1, 2, 4, 8, 16)}}
+    calls = []
+    r = plateau.search(fake_train(moving, calls), 1, 2.0, 10)
+    assert (r["epochs"], r["stop"], r["plateaued"]) == (8, "max-epochs", False) and calls == [1, 2, 4, 8]
+    calls = []
+    r = plateau.search(fake_train(moving, calls), 2, 0.0, 64)
+    assert (r["epochs"], r["stop"], r["plateaued"]) == (2, "one budget", False) and calls == [2]
+    with pytest.raises(ValueError):
+        plateau.search(fake_train(moving, []), 4, 2.0, 2)
+
+
+class FakeTrainer(plateau.SeedTrainer):
+    """SeedTrainer whose train() writes empty SAE folders instead of training."""
+
+    def __init__(self, root, losses):
+        super().__init__(str(root), store="s.zarr", site="blocks.2.resid_pre", seed=0, d_sae=64, local={}, tag="t")
+        self.losses, self.inits = losses, {}
+
+    def train(self, folder, arch, extra, epochs):
+        cfg = self.config(folder, arch, extra, epochs)
+        self.inits[(folder, epochs)] = cfg.get("init")
+        recs = {}
+        for name, by_epochs in self.losses[folder].items():
+            (Path(cfg["out"]) / name).mkdir(parents=True)
+            (Path(cfg["out"]) / name / "cfg.json").write_text("{}")
+            recs[name] = {"held_out_loss": by_epochs[epochs], "steps": epochs}
+        return recs
+
+
+def test_seed_trainer_keeps_only_the_evaluated_budgets_and_starts_continuations_from_them(tmp_path):
+    losses = {"relu": {"relu_l1-300": {1: 1.0, 2: 0.5, 4: 0.499}},
+              "e2e": {"relu_l1-1": {1: 0.3, 2: 0.2, 4: 0.1, 8: 0.0999}}}
+    rows = [("relu", "relu", {"l1": (300.0,)}),
+            ("e2e", "relu", {"loss": "e2e", "l1": (1.0,), "init": "relu/relu_l1-300", "epochs": 1})]
+    t = FakeTrainer(tmp_path, losses)
+    paths, budgets = t.run(rows, first=1, pct=2.0, max_epochs=64)
+    assert {f: b["epochs"] for f, b in budgets.items()} == {"relu": 4, "e2e": 8}
+    assert paths == [str(tmp_path / "epochs4" / "relu" / "relu_l1-300"),
+                     str(tmp_path / "epochs8" / "e2e" / "relu_l1-1")]
+    # on disk: only the evaluated budgets (the superseded ones and their emptied epochs{E} folders are gone)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("epochs*/*")) == ["epochs4/relu", "epochs8/e2e"]
+    # the continuation starts from relu's evaluated budget, at every one of its own budgets
+    assert {e: i for (f, e), i in t.inits.items() if f == "e2e"} == \
+        {e: str(tmp_path / "epochs4" / "relu" / "relu_l1-300") for e in (1, 2, 4, 8)}
+
+
+def _hand_interval(logs):
+    n = len(logs)
+    t = {4: 2.776, 5: 2.571}[n - 1]
+    half = t * np.std(logs, ddof=1) / np.sqrt(n)
+    return np.exp(np.mean(logs) - half), np.exp(np.mean(logs) + half)
+
+
+@pytest.mark.parametrize("shift,expected,verdict,outcome", [
+    (-0.25, "<", "agrees", "lower"),      # half-width 0.196 (5 seeds): the interval is below 1
+    (-0.15, "<", "tie", "tie"),           # contains 1
+    (0.25, "<", "disagrees", "higher"),
+    (0.25, ">", "agrees", "higher"),
+    (-0.15, "~", "agrees", "tie"),        # "no worse": a tie agrees
+    (-0.25, "~", "disagrees", "lower"),   # and a difference either way disagrees
+])
+def test_interval_rule_on_crafted_ratios(shift, expected, verdict, outcome):
+    logs = np.array([-0.2, -0.1, 0.0, 0.1, 0.2]) + shift
+    v = pareto.verdict(list(np.exp(logs)), expected)
+    assert (v["verdict"], v["outcome"]) == (verdict, outcome)
+    assert v["interval"] == pytest.approx(list(_hand_interval(logs)), rel=1e-3)
+    assert v["ratio"] == pytest.approx(np.exp(shift))
+
+
+def test_fewer_than_five_seeds_is_untested():
+    v = pareto.verdict([0.5, 0.5, 0.5, 0.5], "<")
+    assert v["verdict"].startswith("untested") and v["interval"] is None
+    # six seeds use t(5) = 2.571
+    logs = np.array([-0.2, -0.1, 0.0, 0.1, 0.2, 0.0]) - 0.2
+    assert pareto.verdict(list(np.exp(logs)), "<")["interval"] == pytest.approx(list(_hand_interval(logs)), rel=1e-3)
+
+
+def _series(ratio_ce: float, seed: int) -> dict:
+    """One seed's series: relu's CE at L0 8..64, gated's at the same L0 times ratio_ce."""
+    relu = [{"name": f"relu_{l0}", "l0": float(l0), "ce_increase": 1.0 / l0 * (1 + 0.01 * seed),
+             "downstream_mse": 1.0} for l0 in (8, 16, 32, 64)]
+    gated = [{**q, "name": q["name"].replace("relu", "gated"), "ce_increase": q["ce_increase"] * ratio_ce}
+             for q in relu]
+    return {"relu": relu, "gated": gated}
+
+
+def test_report_only_reproduces_the_verdicts(tmp_path, monkeypatch, capsys):
+    per_seed = [_series(r, s) for s, r in enumerate((0.5, 0.55, 0.6, 0.52, 0.58))]
+    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="scratch")
+    budgets = [{"seed": 0, "sweeps": {"relu": {"epochs": 4, "stop": "plateau", "history": [
+        {"epochs": 4, "training": {"relu_l1-300": {"steps": 40, "tokens": 40960}}}]}}, "seconds": 1.0}]
+    written = pareto.report(args, per_seed, budgets, {"tokens": 1024}, 0.0)
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert doc["comparisons"] == json.loads(json.dumps(written["comparisons"]))
+    rows = doc["comparisons"]["gated vs relu: ce_increase <"]
+    assert rows and all(r["verdict"] == "agrees" for r in rows)
+    assert rows[0]["ratios"] == pytest.approx([0.5, 0.55, 0.6, 0.52, 0.58])
+    first = capsys.readouterr().out
+    assert "relu: 4 epoch(s) (plateau), 40 steps, 40,960 tokens" in first
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
+    real, seen = pareto.report, []
+    monkeypatch.setattr(pareto, "report", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    pareto.main()
+    assert json.loads(json.dumps(seen[0]["comparisons"])) == doc["comparisons"]
+    assert [ln for ln in capsys.readouterr().out.splitlines() if "agrees" in ln or "tie" in ln] == \
+        [ln for ln in first.splitlines() if "agrees" in ln or "tie" in ln]
+    # and it leaves pareto.json as the run wrote it (its args and timings)
+    assert json.loads((tmp_path / "pareto.json").read_text()) == doc
+
+
+def test_jumprelu_gated_compare_uses_the_same_rule():
+    per_seed = []
+    for s, r in enumerate((0.5, 0.55, 0.6, 0.52, 0.58)):
+        base = _series(r, s)
+        per_seed.append({"jumprelu": [{**q, "nmse_nobos": q["ce_increase"]} for q in base["gated"]],
+                         "gated": [{**q, "nmse_nobos": q["ce_increase"]} for q in base["relu"]],
+                         "relu": [{**q, "nmse_nobos": 2 * q["ce_increase"]} for q in base["relu"]]})
+    out = jumprelu_gated.compare(per_seed)
+    assert all(r["verdict"] == "agrees" for r in out["jumprelu vs gated: ce_increase <"])
+    assert all(r["verdict"] == "agrees" for r in out["gated vs jumprelu: ce_increase >"])
+    # gated equals relu's CE at every point, every seed: log ratio 0 with zero spread is a tie
+    assert all(r["verdict"] == "tie" for r in out["gated vs relu: ce_increase <"])
+
+
+def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
+    searched = [{"sweeps": {"relu": {"epochs": 8}, "e2e": {"epochs": 2}}},
+                {"sweeps": {"relu": {"epochs": 16}, "e2e": {"epochs": 2}}}]
+    assert pareto.fixed_budgets(searched[:1], 2) is None          # still searching
+    assert pareto.fixed_budgets(searched, None) is None           # default: every seed searches
+    assert pareto.fixed_budgets(searched, 2) == {"relu": 16, "e2e": 2}
+    losses = {"relu": {"relu_l1-300": {16: 0.5}}, "e2e": {"relu_l1-1": {2: 0.2}}}
+    rows = [("relu", "relu", {"l1": (300.0,)}),
+            ("e2e", "relu", {"loss": "e2e", "l1": (1.0,), "init": "relu/relu_l1-300", "epochs": 1})]
+    t = FakeTrainer(tmp_path, losses)
+    _, budgets = t.run(rows, first=1, pct=2.0, max_epochs=8, fixed={"relu": 16, "e2e": 2})
+    assert sorted(t.inits) == [("e2e", 2), ("relu", 16)]          # one budget each, no search
+    assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
+        {"relu": (16, "fixed (the searched seeds' budget)"), "e2e": (2, "fixed (the searched seeds' budget)")}
+
+
+def test_continuation_claims_compare_e2e_with_the_continued_local_saes(tmp_path, monkeypatch):
+    assert pareto.claims("scratch") == pareto.CLAIMS
+    cont = dict(((a, m, x), b) for a, b, m, x in pareto.claims("continuation"))
+    assert cont[("e2e", "ce_increase", "<")] == "relu_cont" and cont[("e2e_ds", "downstream_mse", "~")] == "relu_cont"
+    assert cont[("gated", "ce_increase", "<")] == "relu"
+    # e2e beats the un-continued relu by 2x but only matches relu_cont: a continuation run's
+    # verdict is the tie, and --report-only reads the mode from pareto.json
+    per_seed = []
+    for s in range(5):
+        relu = [{"name": f"r{l0}", "l0": float(l0), "ce_increase": 1.0 / l0, "downstream_mse": 1.0} for l0 in (8, 64)]
+        cont_pts = [{**q, "ce_increase": q["ce_increase"] * 0.5 * (1 + 0.01 * (s - 2))} for q in relu]
+        # on relu_cont's front without the seed's wobble (interp_ce: linear in log L0)
+        ce = float(np.interp(np.log(20), np.log([8, 64]), [0.5 / 8, 0.5 / 64]))
+        e2e = [{"name": "e", "l0": 20.0, "ce_increase": ce, "downstream_mse": 1.0}]
+        per_seed.append({"relu": relu, "relu_cont": cont_pts, "e2e": e2e})
+    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="continuation")
+    out = pareto.report(args, per_seed, [], None, 0.0)
+    assert out["comparisons"]["e2e vs relu_cont: ce_increase <"][0]["verdict"] == "tie"
+    assert "e2e vs relu: ce_increase <" not in out["comparisons"]   # not a claim of this mode
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
+    real, seen = pareto.report, []
+    monkeypatch.setattr(pareto, "report", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    pareto.main()
+    assert "e2e vs relu_cont: ce_increase <" in seen[0]["comparisons"]
+
+
+def test_a_capped_folder_stops_at_its_own_max_epochs(tmp_path):
+    losses = {"relu": {"relu_l1-300": {1: 1.0, 2: 0.5, 4: 0.3, 8: 0.299}},
+              "e2e": {"relu_l1-1": {1: 0.3, 2: 0.2, 4: 0.1, 8: 0.05}}}
+    rows = [("relu", "relu", {"l1": (300.0,)}), ("e2e", "relu", {"loss": "e2e", "l1": (1.0,)})]
+    _, budgets = FakeTrainer(tmp_path, losses).run(rows, first=1, pct=2.0, max_epochs=64, caps={"e2e": 2})
+    assert {f: (b["epochs"], b["stop"]) for f, b in budgets.items()} == \
+        {"relu": (8, "plateau"), "e2e": (2, "max-epochs")}
+
+
+def test_the_e2e_cap_covers_relu_cont_under_continuation():
+    folders = {r[0] for r in pareto.sweeps("continuation", None)}
+    assert pareto.e2e_caps(pareto.sweeps("continuation", None), 2) == \
+        {f: 2 for f in folders if f in ("e2e", "e2e_ds") or f.startswith("relu_cont")}
+    assert {"relu_cont100", "relu_cont300", "relu_cont1000", "e2e", "e2e_ds"} <= set(
+        pareto.e2e_caps(pareto.sweeps("continuation", None), 2))
+    assert set(pareto.e2e_caps(pareto.sweeps("scratch", None), 2)) == {"e2e", "e2e_ds"}
+    assert pareto.e2e_caps(pareto.sweeps("scratch", None), None) is None
