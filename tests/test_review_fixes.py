@@ -142,3 +142,34 @@ def test_a_meta_sae_table_is_not_titled_held_out(tmp_path):
     console = Console(record=True, width=120)
     _print_summary(console, summaries)
     assert "held-out results" in console.export_text()
+
+
+def test_overwrite_replaces_a_run_interrupted_before_its_first_save(tmp_path):
+    """A run stopped after a checkpoint but before any SAE was saved leaves SAE folders holding only
+    metrics.jsonl beside checkpoint/<sae>.safetensors: --overwrite refused them as not ours, so the
+    only way on was deleting by hand. A metrics-only folder with no checkpoint of that SAE stays refused."""
+    import shutil
+    import signal
+
+    from sae_harvest.train.driver import TrainInterrupted
+
+    store = tmp_path / "s.zarr"
+    make_store(store, grads=False)
+    out = tmp_path / "out"
+
+    def stop(event):
+        if event.step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(store, out, tokens=256 * 6), progress=False, on_step=stop)
+    folders = [p for p in out.iterdir() if p.name != "checkpoint"]
+    assert folders and all(not (p / "cfg.json").exists() for p in folders)
+    assert made_by_train(out)
+    fit(_cfg(store, out, tokens=256 * 2), overwrite=True, progress=False)
+    assert all((p / "cfg.json").exists() for p in folders)
+
+    stray = tmp_path / "stray"
+    (stray / folders[0].name).mkdir(parents=True)
+    shutil.copy(out / folders[0].name / "metrics.jsonl", stray / folders[0].name / "metrics.jsonl")
+    assert not made_by_train(stray)

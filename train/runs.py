@@ -164,6 +164,8 @@ def made_by_train(out: Path) -> bool:
         if any(f.name not in ours and not f.name.startswith((".sae_weights.safetensors.tmp-", ".cfg.json.tmp-"))
                for f in entry.iterdir()):
             return False
+        if not (entry / "cfg.json").exists() and _checkpointed(out, entry.name):
+            continue   # a run killed after a checkpoint but before its first save: its log, and its state beside
         try:
             record = json.loads((entry / "cfg.json").read_text())
         except (OSError, ValueError):
@@ -171,6 +173,19 @@ def made_by_train(out: Path) -> bool:
         if not isinstance(record, dict) or not isinstance(record.get("sae_harvest"), dict):
             return False
     return True
+
+
+def _checkpointed(out: Path, name: str) -> bool:
+    """A checkpoint of ours (checked by made_by_train's caller loop) beside an SAE folder holds that SAE's
+    state: `checkpoint/<name>.safetensors` (or a rank's), with a state.json whose config names this tool's."""
+    for folder in (out / "checkpoint", *sorted((out / "checkpoint").glob("rank*"))):
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (folder / f"{name}.safetensors").is_file() and isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return True
+    return False
 
 
 def _checkpoint_folder(folder: Path, depth: int = 0) -> bool:
