@@ -319,9 +319,8 @@ class HarvestLoop:
         try:
             with _waiting(self.waits, "data_s"):
                 pairs = list(islice(self.stream, want))
-            job = compute_window(self.cfg, self.loaded.model, [p[0] for p in pairs], [p[1] for p in pairs], w,
-                                 plan.window_seqs, plan.sites, plan.site_encodings, plan.grad_encoding,
-                                 self.loaded.device, advance, self.pool)
+            job = compute_window(self.cfg, plan, self.loaded.model, self.loaded.device, w, [p[0] for p in pairs],
+                                 [p[1] for p in pairs], advance, self.pool)
             if first:
                 # the first window is checked here, before an old store is replaced; later ones on
                 # the writer thread, while the device runs the next window

@@ -82,11 +82,14 @@ class _Copies:
         self.items = []
 
 
-def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site_enc, grad_enc,
-                   device, advance, pool: BufferPool | None = None) -> "PendingWindow":
-    """Run the window's batches. Its last batch may still be on the device when this returns, so
-    the next window's first batch is queued before anyone waits on it (PendingWindow.finish)."""
-    ctx = cfg.ctx_len
+def compute_window(cfg, plan, model, device, window: int, seqs, positions, advance,
+                   pool: BufferPool | None = None) -> "PendingWindow":
+    """Run window `window`'s sequences (with the stream positions after each) through the model,
+    for the sites and encodings of `plan` (a harvest.config.HarvestPlan). Its last batch may still
+    be on the device when this returns, so the next window's first batch is queued before anyone
+    waits on it (PendingWindow.finish)."""
+    ctx, window_seqs, sites, grad_enc = plan.ctx_len, plan.window_seqs, plan.sites, plan.grad_encoding
+    site_enc = plan.site_encodings
     window_rows = window_seqs * ctx
     # row h of the window (in harvest order) is stored at slot perm[h]
     perm = np.random.default_rng([cfg.seed, window]).permutation(window_rows)
