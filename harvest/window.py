@@ -15,25 +15,12 @@ import threading
 import numpy as np
 import torch
 
+from sae_harvest.stores import layout
+from sae_harvest.stores.writer import WindowJob
+
 from .errors import HarvestError
 from .grad_targets import site_grads
 from .sites import capture
-
-_MAX = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
-
-
-def _to_storage(t: torch.Tensor, encoding: str) -> torch.Tensor:
-    """Encode on the device (halves the copy to host for 16-bit encodings)."""
-    if encoding == "bfloat16":
-        return t.to(torch.bfloat16)
-    return t.to(torch.float16 if encoding == "float16" else torch.float32)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
 
 def _host_copy(values: torch.Tensor) -> torch.Tensor:
     """A pinned host tensor the device copies `values` into without the host waiting (CPU
@@ -88,18 +75,21 @@ class _Copies:
         if self.event is not None:
             self.event.synchronize()
         for buffers, key, host, dest, window_rows in self.items:
-            array = _numpy(host)
+            array = layout.stored_to_numpy(host)
             if buffers[key] is None:
                 buffers[key] = self.pool.take((window_rows, array.shape[1]), array.dtype)
             buffers[key][dest] = array     # rows in harvest order: a plain copy (the writer shuffles)
         self.items = []
 
 
-def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site_enc, grad_enc,
-                   device, advance, pool: BufferPool | None = None) -> "PendingWindow":
-    """Run the window's batches. Its last batch may still be on the device when this returns, so
-    the next window's first batch is queued before anyone waits on it (PendingWindow.finish)."""
-    ctx = cfg.ctx_len
+def compute_window(cfg, plan, model, device, window: int, seqs, positions, advance,
+                   pool: BufferPool | None = None) -> "PendingWindow":
+    """Run window `window`'s sequences (with the stream positions after each) through the model,
+    for the sites and encodings of `plan` (a harvest.config.HarvestPlan). Its last batch may still
+    be on the device when this returns, so the next window's first batch is queued before anyone
+    waits on it (PendingWindow.finish)."""
+    ctx, window_seqs, sites, grad_enc = plan.ctx_len, plan.window_seqs, plan.sites, plan.grad_encoding
+    site_enc = plan.site_encodings
     window_rows = window_seqs * ctx
     # row h of the window (in harvest order) is stored at slot perm[h]
     perm = np.random.default_rng([cfg.seed, window]).permutation(window_rows)
@@ -131,7 +121,7 @@ def compute_window(cfg, model, seqs, positions, window, window_seqs, sites, site
                 peak = values.abs().amax()
                 key = (what, s.name, enc)
                 peaks[key] = peak if key not in peaks else torch.maximum(peaks[key], peak)
-                copies.add(buffers, s.name, _to_storage(values, enc), dest, window_rows)
+                copies.add(buffers, s.name, layout.torch_to_stored(values, enc), dest, window_rows)
         copies.seal()
         if pending is not None:
             pending.drain()      # batch i - 1's copies, while the device works on batch i
@@ -163,7 +153,7 @@ class _Peaks:
         if self.event is not None:
             self.event.synchronize()
         for (what, name, encoding), peak in zip(self.keys, self.host.tolist()):
-            if not math.isfinite(peak) or peak > _MAX[encoding]:
+            if not math.isfinite(peak) or peak > layout.MAX_ABS[encoding]:
                 raise HarvestError(
                     f"non-finite {what} at {name} (in {encoding}): the model overflowed or the encoding can't hold "
                     f"the values; use --dtype float32/bfloat16 and --act-encoding bfloat16/float32")
@@ -171,7 +161,7 @@ class _Peaks:
 
 class PendingWindow:
     """A computed window whose last batch may still be copying off the device. finish() waits for
-    it, checks the values and gives write_window's arguments; the writer thread calls it, so the
+    it, checks the values and gives the WindowJob to write; the writer thread calls it, so the
     device starts the next window meanwhile."""
 
     def __init__(self, window, seqs, positions, ctx, perm, acts, grads, rows_seq, rows_pos, pending, peaks: _Peaks,
@@ -182,7 +172,7 @@ class PendingWindow:
         self._pending, self._peaks, self._pool = pending, peaks, pool
         self._job = None
 
-    def finish(self) -> dict:
+    def finish(self) -> WindowJob:
         if self._job is not None:
             return self._job
         if self._pending is not None:
@@ -195,16 +185,16 @@ class PendingWindow:
         tokens = np.stack(seqs) if seqs else np.zeros((0, ctx), np.int32)
         acts = {k: v for k, v in self._acts.items() if v is not None}
         grads = {k: v for k, v in self._grads.items() if v is not None} if self._grads is not None else None
-        self._job = {"window": self.window, "tokens": tokens, "rows_seq": self._rows_seq, "rows_pos": self._rows_pos,
-                     "acts": acts, "grads": grads, "order": order,
-                     "position": self._positions[-1] if self._positions else None}
+        self._job = WindowJob(window=self.window, tokens=tokens, rows_seq=self._rows_seq, rows_pos=self._rows_pos,
+                              acts=acts, grads=grads, order=order,
+                              position=self._positions[-1] if self._positions else None)
         self._pending = None
         return self._job
 
     def release(self) -> None:
         """After the window is written: its arrays go back to the pool for a later window."""
         if self._job is not None:
-            self._pool.give([*self._job["acts"].values(), *(self._job["grads"] or {}).values()])
+            self._pool.give([*self._job.acts.values(), *(self._job.grads or {}).values()])
         self._job = self._acts = self._grads = None
 
 
@@ -232,7 +222,7 @@ class WindowWriter(threading.Thread):
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
-                    self.writer.write_window(**job.finish())
+                    self.writer.write_job(job.finish())
                     job.release()
                     written += 1
                     if after_record is not None:

@@ -5,7 +5,7 @@ owner, a harvest identity, training summaries).
 Control messages are UTF-8 JSON bytes in uint8 tensors over a gloo group, never pickles: torch's
 *_object collectives unpickle whatever a peer sends, and a peer is another process on another node.
 `train/distributed.py` builds the training reductions (gradients, BatchTopK, dead latents) on this;
-`harvest/run.py` uses `Dist` directly.
+`harvest/run.py` uses `Dist` directly (`stop_if_any`: every rank stops together).
 
 Without torchrun (no RANK / WORLD_SIZE in the environment) everything here is a no-op for one
 process. Under torchrun the process group uses NCCL when the job runs on CUDA, gloo on the CPU; the

@@ -38,8 +38,12 @@ def grads_path(site: str) -> str:
 
 
 # zarr-python 3.1 has no bfloat16 dtype, so bf16 values are stored as their raw
-# bits in uint16 and tagged with attrs["encoding"] = "bfloat16".
+# bits in uint16 and tagged with attrs["encoding"] = "bfloat16". This section is the one codec
+# for that: numpy (encode/decode) and torch (torch_to_stored ... stored_to_torch) sides.
 ENCODINGS = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+# the largest finite magnitude each encoding holds: a harvest refuses a window with more
+MAX_ABS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 
 def storage_dtype(encoding: str) -> np.dtype:
@@ -70,6 +74,58 @@ def decode(stored: np.ndarray, encoding: str) -> np.ndarray:
     if encoding == "bfloat16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
     return stored.astype(np.float32, copy=False)
+
+
+# The torch side. torch's numpy bridge has no bfloat16 (and torch had no uint16 before 2.3), so a
+# bf16 tensor crosses to numpy as its bits (int16 in torch, uint16 in numpy), never converted: no
+# copy, no rounding. torch is imported only here, so reading a store (verify, info) never loads it.
+
+def torch_dtype(encoding: str):
+    """The torch dtype of an encoding's values (bfloat16 for bfloat16, whatever its bits are stored as)."""
+    import torch
+
+    return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[encoding]
+
+
+def torch_to_stored(values, encoding: str):
+    """A tensor cast to the encoding, on its own device (a 16-bit encoding halves the copy to host)."""
+    return values.to(torch_dtype(encoding))
+
+
+def stored_to_numpy(values) -> np.ndarray:
+    """A host tensor of an encoding's torch dtype (torch_to_stored) as the array the store holds,
+    without a copy: bfloat16 as its uint16 bits."""
+    import torch
+
+    if values.dtype == torch.bfloat16:
+        return values.view(torch.int16).numpy().view(np.uint16)
+    return values.numpy()
+
+
+def torch_bits_dtype(stored: np.dtype):
+    """The torch dtype with the bits of a stored numpy dtype (uint16: int16, bfloat16's bits), for
+    buffers allocated by torch that the store's reads then fill."""
+    import torch
+
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+            np.dtype(np.uint16): torch.int16}[np.dtype(stored)]
+
+
+def bf16_bits_to_torch(bits, encoding: str):
+    """A tensor of stored bits (torch_bits_dtype) as the encoding's values, without a copy."""
+    import torch
+
+    return bits.view(torch.bfloat16) if encoding == "bfloat16" else bits
+
+
+def stored_to_torch(values: np.ndarray, encoding: str):
+    """Stored values (as read) as a tensor of the encoding's dtype, without a copy for a contiguous
+    array: bfloat16 from its uint16 bits."""
+    import torch
+
+    values = np.ascontiguousarray(values)
+    return bf16_bits_to_torch(torch.from_numpy(values.view(np.int16) if encoding == "bfloat16" else values),
+                              encoding)
 
 
 CHUNK_MIN_BYTES = 1 << 20      # zarr/object-store reads below ~1 MB are latency bound

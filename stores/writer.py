@@ -16,6 +16,7 @@ import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
@@ -25,6 +26,20 @@ from .errors import StoreError
 from .urls import scrub
 
 _INTS = ("window", "seqs", "rows", "first_seq", "first_row")
+
+
+@dataclass(frozen=True, eq=False)   # arrays: identity, not an elementwise ==
+class WindowJob:
+    """One window's rows as a writer takes them (`StoreWriter.write_job`): what a harvester hands
+    its writer thread, in numpy arrays only, so the store never learns where the rows came from."""
+    window: int
+    tokens: np.ndarray                      # int [seqs, ctx_len]
+    rows_seq: np.ndarray                    # int [rows]: each row's sequence, in harvest order
+    rows_pos: np.ndarray                    # int [rows]: each row's position in its sequence
+    acts: dict[str, np.ndarray]             # site -> [rows, d], as stored (bfloat16 as its uint16 bits)
+    grads: dict[str, np.ndarray] | None = None
+    position: dict | None = None            # the data-stream position after the window (for --resume)
+    order: np.ndarray | None = None         # stored row i is row order[i] (the shuffle); None: as given
 
 
 def _is_count(v) -> bool:
@@ -277,6 +292,11 @@ class StoreWriter:
         else:
             first, count = window * self.window_rows, n_seqs * self.ctx_len
         return [layout.shard_key(name, i, arr.ndim) for i in layout.shard_span(first, count, arr.shards[0])]
+
+    def write_job(self, job: WindowJob) -> dict:
+        """write_window for a WindowJob."""
+        return self.write_window(job.window, job.tokens, job.rows_seq, job.rows_pos, job.acts, job.grads,
+                                 position=job.position, order=job.order)
 
     def write_window(self, window: int, tokens: np.ndarray, rows_seq: np.ndarray, rows_pos: np.ndarray,
                      acts: dict[str, np.ndarray], grads: dict[str, np.ndarray] | None = None,

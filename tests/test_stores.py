@@ -80,6 +80,39 @@ def test_bf16_encoding_matches_torch():
     np.testing.assert_array_equal(layout.decode(ours, "bfloat16"), back)
 
 
+def test_torch_side_of_the_codec_matches_the_numpy_side():
+    """stores/layout.py's torch side (the harvest's device cast and host view, the feed's view) against
+    its numpy side, an independent implementation of the same rounding: the same bits, no copies."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).normal(size=(64, 8)).astype(np.float32) * 50
+    # round-to-nearest-even ties (1 + 2^-8 and 1 + 3 * 2^-8 lie halfway between two bf16 values), zeros,
+    # subnormals, infinities, NaN
+    x.flat[:8] = np.array([0x3F808000, 0x3F818000, 0x80000000, 0x00000001, 0x7F800000, 0xFF800000, 0x7FC00000,
+                           0x3F7FFFFF], np.uint32).view(np.float32)
+    for enc in ("bfloat16", "float16", "float32"):
+        stored = layout.torch_to_stored(torch.from_numpy(x), enc)
+        assert stored.dtype == layout.torch_dtype(enc)
+        host = layout.stored_to_numpy(stored)
+        assert host.dtype == layout.storage_dtype(enc) and host.ctypes.data == stored.data_ptr()   # a view
+        # the same bits, NaN aside: torch's CPU cast gives NaN as 0xFFFF, numpy's as 0x7FC0 (a harvest
+        # refuses a window holding NaN before it is written, harvest/window.py _Peaks)
+        nan = np.isnan(x)
+        np.testing.assert_array_equal(host[~nan], layout.encode(x, enc)[~nan])
+        assert np.isnan(layout.decode(host[nan], enc)).all()
+        back = layout.stored_to_torch(host, enc)
+        assert back.dtype == layout.torch_dtype(enc) and back.data_ptr() == host.ctypes.data
+        np.testing.assert_array_equal(back.float().numpy(), layout.decode(host, enc))
+    bits = layout.encode(x, "bfloat16")
+    assert bits[0, 0] == 0x3F80 and bits[0, 1] == 0x3F82 and bits[0, 6] == 0x7FC0   # ties to even, NaN
+    # buffers torch allocates for the reads: the stored bits, viewed as bfloat16 without a copy
+    buf = torch.empty(bits.shape, dtype=layout.torch_bits_dtype(bits.dtype))
+    buf.numpy()[:] = bits
+    t = layout.bf16_bits_to_torch(buf, "bfloat16")
+    assert t.dtype == torch.bfloat16 and t.data_ptr() == buf.data_ptr()
+    np.testing.assert_array_equal(t.float().numpy(), layout.decode(bits, "bfloat16"))
+    assert layout.bf16_bits_to_torch(buf, "float16") is buf
+
+
 def test_only_standard_codecs_and_sharding(tmp_path):
     path = tmp_path / "s.zarr"
     _write_store(path)

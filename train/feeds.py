@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from sae_harvest.stores.urls import scrub
-from sae_harvest.stores.layout import acts_path, grads_path
+from sae_harvest.stores.layout import acts_path, bf16_bits_to_torch, grads_path, stored_to_torch, torch_bits_dtype
+
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,9 @@ class Batch:
     seqs: torch.Tensor | None = None    # int64 [n] sequence indices into the store's `tokens`
 
 
-def as_tensor(values: np.ndarray, encoding: str) -> torch.Tensor:
-    """Stored values as a tensor of their own 16/32-bit type, without a copy (bfloat16: its bits)."""
-    if encoding == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(values))
-
-
-_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-                 np.dtype(np.uint16): torch.int16}   # bfloat16 is stored as its 16 bits
+# Stored values as a tensor of their own 16/32-bit type, without a copy (bfloat16: from its bits);
+# the codec is the store layout's (stores/layout.py)
+as_tensor = stored_to_torch
 
 
 class PinnedBuffers:
@@ -54,14 +49,14 @@ class PinnedBuffers:
         self._live: dict[int, torch.Tensor] = {}   # data pointer -> tensor, until the batch is yielded
 
     def __call__(self, shape, dtype: np.dtype) -> np.ndarray:
-        t = torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=self.pin)
+        t = torch.empty(shape, dtype=torch_bits_dtype(dtype), pin_memory=self.pin)
         array = t.numpy()
         self._live[array.ctypes.data] = t
         return array
 
     def tensor(self, array: np.ndarray, encoding: str) -> torch.Tensor:
         t = self._live.pop(array.ctypes.data)[:len(array)]
-        return t.view(torch.bfloat16) if encoding == "bfloat16" else t
+        return bf16_bits_to_torch(t, encoding)
 
 
 class StoreFeed:
