@@ -11,7 +11,7 @@ Also printed: the store feed's own rate (StoreFeed alone, widened to fp32 on the
     python bench/train.py --device cuda --dtype bf16 --d-in 768 --d-sae 24576 --k 32 --tokens 20000000
     python bench/train.py --dtype bf16 --decode sparse --d-in 64 --d-sae 1024 --tokens 40960 --repeats 1  # CPU dry run
     python bench/train.py --backward sparse          # the sparse encoder backward (default: on CUDA)
-    python bench/train.py --sites 4     # one 4-site pass (--site 'blocks.*.resid_pre') vs 4 single-site runs
+    python bench/train.py --sites 4     # one 4-site pass (--site 'blocks.*.resid_pre'), unstacked and stacked, vs 4 single-site runs
 """
 from __future__ import annotations
 
@@ -229,30 +229,37 @@ def sites_bench(args) -> None:
     names = multi_site_store(store, args.d_in, args.store_rows or int(1.1 * args.tokens), args.sites)
     print(f"{args.sites}-site store built in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    def run(site: str) -> float:
+    def run(site: str, stack: str = "off") -> float:
         out = os.path.join(tmp, "out")
         shutil.rmtree(out, ignore_errors=True)
         cfg = TrainConfig(store=store, out=out, site=site, arch=args.arch.split(",")[0], d_sae=args.d_sae,
                           k=(args.k,), l1=(1.0,), batch_size=args.batch_size, tokens=args.tokens, device=args.device,
-                          checkpoint_every=10**9)
+                          checkpoint_every=10**9, stack_sweep=stack)
         t = time.perf_counter()
         fit(cfg, progress=False)
         return time.perf_counter() - t
 
     run(names[0])   # warm-up
-    multi, single, ratios = [], [], []
+    multi, stacked, single, ratios, stacked_ratios, loads = [], [], [], [], [], []
     for rep in range(args.repeats):
         m = run(",".join(names))
+        st = run(",".join(names), "on")   # the K sites' SAEs as one stacked step (train/stacked.py)
         s = sum(run(name) for name in names)
+        loads.append(os.getloadavg()[0])
         multi.append(m)
+        stacked.append(st)
         single.append(s)
         ratios.append(m / s)
-        print(f"repeat {rep}: one {args.sites}-site pass {m:.2f} s, {args.sites} single-site runs {s:.2f} s, "
-              f"ratio {m / s:.3f}", flush=True)
+        stacked_ratios.append(st / s)
+        print(f"repeat {rep}: one {args.sites}-site pass {m:.2f} s, stacked {st:.2f} s, {args.sites} single-site "
+              f"runs {s:.2f} s, ratios {m / s:.3f} / stacked {st / s:.3f} (load average {loads[-1]:.1f})", flush=True)
     report({"sites": args.sites, "arch": args.arch.split(",")[0], "d_in": args.d_in, "d_sae": args.d_sae,
             "k": args.k, "batch_size": args.batch_size, "tokens": args.tokens, "device": args.device,
-            "multi_site_s": statistics.median(multi), "single_site_runs_s": statistics.median(single),
-            "ratio_median": statistics.median(ratios), "ratios": ratios, "torch_threads": torch.get_num_threads()},
+            "multi_site_s": statistics.median(multi), "stacked_multi_site_s": statistics.median(stacked),
+            "single_site_runs_s": statistics.median(single),
+            "ratio_median": statistics.median(ratios), "ratios": ratios,
+            "stacked_ratio_median": statistics.median(stacked_ratios), "stacked_ratios": stacked_ratios,
+            "load_averages": loads, "torch_threads": torch.get_num_threads()},
            args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 
