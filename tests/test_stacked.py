@@ -121,8 +121,8 @@ def store(tmp_path_factory):
     return path
 
 
-def _weights(out):
-    return {k: train.load_sae(out / f"topk_k{k}").state_dict() for k in KS}
+def _weights(out, arch="topk"):
+    return {k: train.load_sae(out / f"{arch}_k{k}").state_dict() for k in KS}
 
 
 def test_fit_stacked_sweep_trains_the_loops_weights(store, tmp_path):
@@ -146,8 +146,9 @@ def test_fit_stacked_sweep_trains_the_loops_weights(store, tmp_path):
         assert held[1]["nmse"] == pytest.approx(held[0]["nmse"], rel=1e-3)
 
 
-def test_fit_stacked_sweep_resumes_exactly(store, tmp_path):
-    cfg = dict(k=KS, d_sae=256, tokens=256 * 12, stack_sweep="on", dead_tokens=256 * 3)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])   # batchtopk: its threshold buffer is a view of the stack's too
+def test_fit_stacked_sweep_resumes_exactly(store, tmp_path, arch):
+    cfg = dict(arch=arch, k=KS, d_sae=256, tokens=256 * 12, stack_sweep="on", dead_tokens=256 * 3)
     fit(_cfg(store, tmp_path / "full", **cfg), progress=False)
 
     def interrupt(event):
@@ -157,7 +158,7 @@ def test_fit_stacked_sweep_resumes_exactly(store, tmp_path):
     with pytest.raises(TrainInterrupted):
         fit(_cfg(store, tmp_path / "part", **cfg), progress=False, on_step=interrupt)
     fit(_cfg(store, tmp_path / "part", **cfg), resume=True, progress=False)
-    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    full, part = _weights(tmp_path / "full", arch), _weights(tmp_path / "part", arch)
     for k in KS:
         for name, w in full[k].items():
             torch.testing.assert_close(part[k][name], w, rtol=0, atol=0, msg=f"k={k} {name}")
