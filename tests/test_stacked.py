@@ -36,12 +36,15 @@ SWEEPS = {"topk": (4, 8, 16), "batchtopk": (4, 8, 16), "relu": (3.0, 30.0, 300.0
           "gated": (0.3, 1.0, 3.0)}
 
 
-def _train_both(arch, grad_clip, own_rows: bool, steps=8):
+def _train_both(arch, grad_clip, own_rows: bool, steps=8, d_sae=64, sparse_decode=False):
     """The sweep trained one by one (the trainer's loss + optimizer_step per SAE) and stacked;
     own_rows: each SAE reads its own rows ([S, n, d], several sites) instead of one shared batch."""
-    ks, lr, dead_after, batch, d_sae = SWEEPS[arch], 3e-3, 128, 64, 64
-    one_by_one = _sweep(ks, arch=arch)
+    ks, lr, dead_after, batch = SWEEPS[arch], 3e-3, 128, 64
+    one_by_one = _sweep(ks, arch=arch, d_sae=d_sae)
+    if sparse_decode:
+        assert all(sae.enable_sparse_decode() for sae in one_by_one)
     stack = StackedSAEs(copy.deepcopy(one_by_one))
+    assert stack.sparse_decode == sparse_decode
     betas = one_by_one[0].adam_betas
     runs = [Run(name=str(k), sae=s, opt=make_adam(s.parameters(), lr, betas), lr=lr,
                 since_fired=torch.zeros(d_sae, dtype=torch.long)) for k, s in zip(ks, one_by_one)]
@@ -70,13 +73,26 @@ def test_stacked_sweep_trains_the_weights_one_by_one_does(arch, grad_clip, own_r
     if arch in ("topk", "batchtopk"):
         assert aux_seen > 0   # AuxK ran, so its batched form is part of what is compared
     fresh = _sweep(ks, arch=arch)
+    _same(ks, runs, stack, since, fresh)
+    if arch == "batchtopk":
+        assert all(float(r.sae.threshold[0]) > 0 for r in runs)   # the EMA ran
+
+
+def _same(ks, runs, stack, since, fresh):
     for s, (run, trained) in enumerate(zip(runs, stack.unstack())):
         torch.testing.assert_close(since[s], run.since_fired)
         for name, w in run.sae.state_dict().items():   # batchtopk: its threshold EMA too
             torch.testing.assert_close(trained.state_dict()[name], w, rtol=1e-5, atol=1e-6, msg=f"{ks[s]} {name}")
         assert not torch.equal(trained.W_enc, fresh[s].W_enc)   # it did train
-    if arch == "batchtopk":
-        assert all(float(r.sae.threshold[0]) > 0 for r in runs)   # the EMA ran
+
+
+@pytest.mark.parametrize("own_rows", [False, True])
+def test_stacked_sparse_decode_trains_the_weights_one_by_one_does(own_rows):
+    """TopK SAEs with the sparse decode on (CUDA's default when k <= d_sae/16) decode by gathering
+    their k rows in the stack too."""
+    ks, runs, stack, since, aux_seen = _train_both("topk", 10.0, own_rows, d_sae=256, sparse_decode=True)
+    assert aux_seen > 0
+    _same(ks, runs, stack, since, _sweep(ks, d_sae=256))
 
 
 def test_stacked_rejects_mixed_shapes():

@@ -10,6 +10,8 @@ one's own; the optimizer step mirrors train/runs.py's optimizer_step per SAE: gr
 over the ranks under torchrun, the parallel part of each decoder row's gradient removed,
 gradient-norm clipping per SAE (not over the stack), Adam (elementwise, so one Adam over the stack
 is S Adams), unit-norm decoder rows, dead-latent counts (fired OR-ed over the ranks).
+TopK SAEs whose sparse decode is on (CUDA) decode by gathering their k rows here too; the encoder
+backward is dense (--sparse-backward is not stacked).
 Inputs are [S, n, d_in] (each SAE reads its own site's columns of the batch) or [n, d_in] (one
 site's sweep: every SAE the same rows).
 The SAEs are built (and initialised, each from its own seed stream) one by one first, then
@@ -68,6 +70,7 @@ class StackedSAEs(nn.Module):
         self.threshold_ema, self.bandwidth = c.threshold_ema, c.bandwidth
         self.l0_penalty, self.tanh_scale = c.l0_penalty, c.tanh_scale
         self.apply_b_dec_to_input = self.cls.apply_b_dec_to_input
+        self.sparse_decode = self.cls is TopKSAE and all(s.use_sparse_decode for s in saes)
         self.register_buffer("ks", torch.tensor([s.cfg.k for s in saes], device=device))
         self.k_max = max(s.cfg.k for s in saes)
         # the swept coefficients as the per-SAE code multiplies them: python floats rounded once to float32

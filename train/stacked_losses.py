@@ -35,9 +35,17 @@ def _detached(terms: dict) -> dict:
     return {n: t.detach() for n, t in terms.items()}
 
 
+def gather_decode(st, idx, vals):
+    """sum_j vals[s, n, j] * W_dec[s, idx[s, n, j]]: one embedding-bag over the stacked rows (no bias)."""
+    S, n, j = idx.shape
+    flat = (idx + (torch.arange(S, device=idx.device) * st.d_sae)[:, None, None]).reshape(S * n, j)
+    return F.embedding_bag(flat, st.W_dec.reshape(S * st.d_sae, -1),
+                           per_sample_weights=vals.reshape(S * n, j).to(st.W_dec.dtype), mode="sum").view(S, n, -1)
+
+
 def auxk(st, pre, resid, dead):
     """train/topk.py's auxk_loss per SAE, k_aux_s = min(aux_k, d_sae/2, n_dead_s)."""
-    S = pre.shape[0]
+    S, n = pre.shape[:2]
     if dead is None:
         return pre.new_zeros(S)
     k_aux = dead.sum(-1).clamp(max=min(st.aux_k, st.d_sae // 2))
@@ -48,10 +56,7 @@ def auxk(st, pre, resid, dead):
     vals, idx = masked.topk(k_top, dim=-1, sorted=True)
     keep = torch.arange(k_top, device=pre.device) < k_aux[:, None, None]
     vals = torch.where(keep, vals, torch.zeros_like(vals))
-    n, j = idx.shape[1:]
-    flat = (idx + (torch.arange(S, device=idx.device) * st.d_sae)[:, None, None]).reshape(S * n, j)
-    e_hat = F.embedding_bag(flat, st.W_dec.reshape(S * st.d_sae, -1),
-                            per_sample_weights=vals.reshape(S * n, j).to(st.W_dec.dtype), mode="sum").view(S, n, -1)
+    e_hat = gather_decode(st, idx, vals)
     # distributed.residual_variance per SAE: the global batch's
     mean = distributed.all_sum(resid.sum(1)) / (n * distributed.ranks())
     var = distributed.all_sum((resid - mean[:, None]).pow(2).sum((1, 2))).clamp_min(1e-12)
@@ -64,7 +69,9 @@ def topk(st, x, dead):
     vals, idx = pre.topk(st.k_max, dim=-1, sorted=True)
     vals = vals * (torch.arange(st.k_max, device=x.device) < st.ks[:, None, None])
     feats = torch.zeros_like(pre).scatter(-1, idx, vals)
-    return _topk_terms(st, x, pre, feats, _decode(st, feats), dead)
+    # the SAEs' sparse decode (TopKSAE.enable_sparse_decode: on CUDA when k <= d_sae/16): gather the k rows
+    x_hat = gather_decode(st, idx, vals) + st.b_dec[:, None] if st.sparse_decode else _decode(st, feats)
+    return _topk_terms(st, x, pre, feats, x_hat, dead)
 
 
 def _topk_terms(st, x, pre, feats, x_hat, dead):
