@@ -36,10 +36,10 @@ SWEEPS = {"topk": (4, 8, 16), "batchtopk": (4, 8, 16), "relu": (3.0, 30.0, 300.0
           "gated": (0.3, 1.0, 3.0)}
 
 
-def _train_both(arch, grad_clip, own_rows: bool, steps=8, d_sae=64, sparse_decode=False):
+def _train_both(arch, grad_clip, own_rows: bool, steps=8, d_sae=64, sparse_decode=False, ks=None):
     """The sweep trained one by one (the trainer's loss + optimizer_step per SAE) and stacked;
     own_rows: each SAE reads its own rows ([S, n, d], several sites) instead of one shared batch."""
-    ks, lr, dead_after, batch = SWEEPS[arch], 3e-3, 128, 64
+    ks, lr, dead_after, batch = ks or SWEEPS[arch], 3e-3, 128, 64
     one_by_one = _sweep(ks, arch=arch, d_sae=d_sae)
     if sparse_decode:
         assert all(sae.enable_sparse_decode() for sae in one_by_one)
@@ -84,6 +84,13 @@ def _same(ks, runs, stack, since, fresh):
         for name, w in run.sae.state_dict().items():   # batchtopk: its threshold EMA too
             torch.testing.assert_close(trained.state_dict()[name], w, rtol=1e-5, atol=1e-6, msg=f"{ks[s]} {name}")
         assert not torch.equal(trained.W_enc, fresh[s].W_enc)   # it did train
+
+
+def test_stacked_sites_of_one_k_train_the_weights_one_by_one_does():
+    """One k for every SAE (one SAE per site, or a sweep value across sites): the unranked top-k path."""
+    ks, runs, stack, since, aux_seen = _train_both("topk", 10.0, True, ks=(8, 8, 8))
+    assert stack.one_k and aux_seen > 0
+    _same(ks, runs, stack, since, _sweep(ks))
 
 
 @pytest.mark.parametrize("own_rows", [False, True])

@@ -170,10 +170,8 @@ def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
 
 class MultiFeed:
     """StoreFeed over several sites: yields {"acts": {site: tensor}, "grads": {site: tensor} | None},
-    every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one).
-    direct=True (the default with pin): every site's batch read straight into PinnedBuffers (pinned
-    on CUDA, so the device copies are asynchronous), as StoreFeed does; direct=False with pin: each
-    batch copied into pinned memory on a background thread."""
+    every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one,
+    whose `direct` / `pin` this takes too: reads straight into PinnedBuffers, or copies pinned)."""
 
     def __init__(self, store, sites: list[str], batch_size: int, *, seed: int, grads: bool,
                  exclude_pos0: bool, state: dict | None = None, part=(0, 1), pin: bool = False,

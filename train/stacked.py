@@ -73,6 +73,7 @@ class StackedSAEs(nn.Module):
         self.sparse_decode = self.cls is TopKSAE and all(s.use_sparse_decode for s in saes)
         self.register_buffer("ks", torch.tensor([s.cfg.k for s in saes], device=device))
         self.k_max = max(s.cfg.k for s in saes)
+        self.one_k = all(s.cfg.k == self.k_max for s in saes)
         # the swept coefficients as the per-SAE code multiplies them: python floats rounded once to float32
         self.register_buffer("l1", torch.tensor([s.cfg.l1_coeff for s in saes], device=device))
         self.register_buffer("l1_over_d", torch.tensor([s.cfg.l1_coeff / c.d_in for s in saes], device=device))

@@ -66,8 +66,11 @@ def auxk(st, pre, resid, dead):
 def topk(st, x, dead):
     """train/topk.py: top-k_s of ReLU((x - b_dec) W_enc + b_enc) (top max(k) taken, entries past k_s dropped)."""
     pre = F.relu(torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc))
-    vals, idx = pre.topk(st.k_max, dim=-1, sorted=True)
-    vals = vals * (torch.arange(st.k_max, device=x.device) < st.ks[:, None, None])
+    if st.one_k:   # every SAE the same k (the sites' SAEs of one sweep value): no ranking, no mask
+        vals, idx = pre.topk(st.k_max, dim=-1, sorted=False)
+    else:
+        vals, idx = pre.topk(st.k_max, dim=-1, sorted=True)
+        vals = vals * (torch.arange(st.k_max, device=x.device) < st.ks[:, None, None])
     feats = torch.zeros_like(pre).scatter(-1, idx, vals)
     # the SAEs' sparse decode (TopKSAE.enable_sparse_decode: on CUDA when k <= d_sae/16): gather the k rows
     x_hat = gather_decode(st, idx, vals) + st.b_dec[:, None] if st.sparse_decode else _decode(st, feats)
