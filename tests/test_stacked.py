@@ -36,15 +36,18 @@ SWEEPS = {"topk": (4, 8, 16), "batchtopk": (4, 8, 16), "relu": (3.0, 30.0, 300.0
           "gated": (0.3, 1.0, 3.0)}
 
 
-def _train_both(arch, grad_clip, own_rows: bool, steps=8, d_sae=64, sparse_decode=False, ks=None):
+def _train_both(arch, grad_clip, own_rows: bool, steps=8, d_sae=64, sparse_decode=False, ks=None,
+                sparse_backward=False):
     """The sweep trained one by one (the trainer's loss + optimizer_step per SAE) and stacked;
     own_rows: each SAE reads its own rows ([S, n, d], several sites) instead of one shared batch."""
     ks, lr, dead_after, batch = ks or SWEEPS[arch], 3e-3, 128, 64
     one_by_one = _sweep(ks, arch=arch, d_sae=d_sae)
     if sparse_decode:
         assert all(sae.enable_sparse_decode() for sae in one_by_one)
+    if sparse_backward:
+        assert all(sae.enable_sparse_backward() for sae in one_by_one)
     stack = StackedSAEs(copy.deepcopy(one_by_one))
-    assert stack.sparse_decode == sparse_decode
+    assert stack.sparse_decode == sparse_decode and stack.sparse_backward == (sparse_backward and arch == "topk")
     betas = one_by_one[0].adam_betas
     runs = [Run(name=str(k), sae=s, opt=make_adam(s.parameters(), lr, betas), lr=lr,
                 since_fired=torch.zeros(d_sae, dtype=torch.long)) for k, s in zip(ks, one_by_one)]
@@ -91,6 +94,17 @@ def test_stacked_sites_of_one_k_train_the_weights_one_by_one_does():
     ks, runs, stack, since, aux_seen = _train_both("topk", 10.0, True, ks=(8, 8, 8))
     assert stack.one_k and aux_seen > 0
     _same(ks, runs, stack, since, _sweep(ks))
+
+
+@pytest.mark.parametrize("ks", [(4, 8, 16), (8, 8, 8)])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])   # batchtopk: the stack's dense backward, the same gradients
+def test_stacked_sparse_backward_trains_the_weights_one_by_one_does(arch, ks):
+    """--sparse-backward (CUDA's default for the TopK family): the stacked encoder gradients at the
+    chosen latents only (AuxK's included) against each SAE's own sparse backward."""
+    ks, runs, stack, since, aux_seen = _train_both(arch, 10.0, True, ks=ks, sparse_backward=True, d_sae=256,
+                                                   sparse_decode=arch == "topk")
+    assert aux_seen > 0
+    _same(ks, runs, stack, since, _sweep(ks, arch=arch, d_sae=256))
 
 
 @pytest.mark.parametrize("own_rows", [False, True])

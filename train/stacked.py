@@ -10,8 +10,9 @@ one's own; the optimizer step mirrors train/runs.py's optimizer_step per SAE: gr
 over the ranks under torchrun, the parallel part of each decoder row's gradient removed,
 gradient-norm clipping per SAE (not over the stack), Adam (elementwise, so one Adam over the stack
 is S Adams), unit-norm decoder rows, dead-latent counts (fired OR-ed over the ranks).
-TopK SAEs whose sparse decode is on (CUDA) decode by gathering their k rows here too; the encoder
-backward is dense (--sparse-backward is not stacked).
+TopK SAEs whose sparse decode is on (CUDA) decode by gathering their k rows here too, and those
+with --sparse-backward (CUDA) take the encoder gradients at the chosen latents only, as one sparse
+matmul over the stack (batchtopk's stacked backward stays dense).
 Inputs are [S, n, d_in] (each SAE reads its own site's columns of the batch) or [n, d_in] (one
 site's sweep: every SAE the same rows).
 The SAEs are built (and initialised, each from its own seed stream) one by one first, then
@@ -71,6 +72,7 @@ class StackedSAEs(nn.Module):
         self.l0_penalty, self.tanh_scale = c.l0_penalty, c.tanh_scale
         self.apply_b_dec_to_input = self.cls.apply_b_dec_to_input
         self.sparse_decode = self.cls is TopKSAE and all(s.use_sparse_decode for s in saes)
+        self.sparse_backward = self.cls is TopKSAE and all(s.use_sparse_backward for s in saes)
         self.register_buffer("ks", torch.tensor([s.cfg.k for s in saes], device=device))
         self.k_max = max(s.cfg.k for s in saes)
         self.one_k = all(s.cfg.k == self.k_max for s in saes)

@@ -43,8 +43,9 @@ def gather_decode(st, idx, vals):
                            per_sample_weights=vals.reshape(S * n, j).to(st.W_dec.dtype), mode="sum").view(S, n, -1)
 
 
-def auxk(st, pre, resid, dead):
-    """train/topk.py's auxk_loss per SAE, k_aux_s = min(aux_k, d_sae/2, n_dead_s)."""
+def auxk(st, pre, resid, dead, values_at=None):
+    """train/topk.py's auxk_loss per SAE, k_aux_s = min(aux_k, d_sae/2, n_dead_s); values_at(idx):
+    the differentiable values of pre at idx when pre carries no graph (the sparse backward)."""
     S, n = pre.shape[:2]
     if dead is None:
         return pre.new_zeros(S)
@@ -54,6 +55,8 @@ def auxk(st, pre, resid, dead):
         return pre.new_zeros(S)
     masked = torch.where(dead[:, None, :], pre, torch.full_like(pre, -torch.inf))
     vals, idx = masked.topk(k_top, dim=-1, sorted=True)
+    if values_at is not None:
+        vals = values_at(idx)
     keep = torch.arange(k_top, device=pre.device) < k_aux[:, None, None]
     vals = torch.where(keep, vals, torch.zeros_like(vals))
     e_hat = gather_decode(st, idx, vals)
@@ -63,23 +66,69 @@ def auxk(st, pre, resid, dead):
     return (e_hat - resid).pow(2).sum((1, 2)) / var * distributed.ranks() * (k_aux > 0)
 
 
+class _ValuesAt(torch.autograd.Function):
+    """pre[s, i, idx[s, i, j]], differentiable in W_enc, b_enc and b_dec through the sparse backward
+    of train/sparse_topk.py (its _ValuesAt per SAE), as one sparse matmul over the stack: row
+    s*d_sae + j of a [S*d_sae, S*n] COO matrix holds SAE s's latent j."""
+
+    @staticmethod
+    def forward(ctx, W_enc, b_enc, b_dec, x, pre, idx, center: bool):
+        values = pre.gather(-1, idx)
+        ctx.center = center
+        ctx.save_for_backward(x, W_enc, b_dec, idx, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x, W_enc, b_dec, idx, values = ctx.saved_tensors
+        (S, n, j), (d_in, d_sae) = idx.shape, W_enc.shape[1:]
+        g = (grad_values.float() * (values > 0)).reshape(-1)   # ReLU's gradient, in float32
+        latent = (idx + (torch.arange(S, device=idx.device) * d_sae)[:, None, None]).reshape(-1)
+        row = torch.arange(S * n, device=idx.device).view(S, n, 1).expand(S, n, j).reshape(-1)
+        need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:3]
+        grad_W = grad_b_enc = grad_b_dec = None
+        g_b = torch.zeros(S * d_sae, device=g.device, dtype=torch.float32).index_add_(0, latent, g).view(S, d_sae)
+        if need_W:
+            xc = x.float() - b_dec.float()[:, None] if ctx.center else x.float()
+            by_latent = torch.sparse_coo_tensor(torch.stack([latent, row]), g, (S * d_sae, S * n),
+                                                check_invariants=False)
+            grad_W = torch.sparse.mm(by_latent, xc.reshape(S * n, d_in)).view(S, d_sae, d_in).transpose(1, 2)
+            grad_W = grad_W.to(W_enc.dtype)
+        if need_b_dec and ctx.center:
+            grad_b_dec = -torch.bmm(W_enc.detach().float(), g_b[:, :, None]).squeeze(-1).to(b_dec.dtype)
+        if need_b_enc:
+            grad_b_enc = g_b.to(W_enc.dtype)
+        return grad_W, grad_b_enc, grad_b_dec, None, None, None, None
+
+
 def topk(st, x, dead):
     """train/topk.py: top-k_s of ReLU((x - b_dec) W_enc + b_enc) (top max(k) taken, entries past k_s dropped)."""
-    pre = F.relu(torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc))
+    values_at = None
+    if st.sparse_backward:   # the SAEs' --sparse-backward: pre without a graph, the chosen values carry it
+        with torch.no_grad():
+            pre = F.relu(torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc))
+
+        def values_at(at):
+            return _ValuesAt.apply(st.W_enc, st.b_enc, st.b_dec, x, pre, at, st.apply_b_dec_to_input)
+    else:
+        pre = F.relu(torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc))
     if st.one_k:   # every SAE the same k (the sites' SAEs of one sweep value): no ranking, no mask
         vals, idx = pre.topk(st.k_max, dim=-1, sorted=False)
     else:
         vals, idx = pre.topk(st.k_max, dim=-1, sorted=True)
+    if values_at is not None:
+        vals = values_at(idx)
+    if not st.one_k:
         vals = vals * (torch.arange(st.k_max, device=x.device) < st.ks[:, None, None])
     feats = torch.zeros_like(pre).scatter(-1, idx, vals)
     # the SAEs' sparse decode (TopKSAE.enable_sparse_decode: on CUDA when k <= d_sae/16): gather the k rows
     x_hat = gather_decode(st, idx, vals) + st.b_dec[:, None] if st.sparse_decode else _decode(st, feats)
-    return _topk_terms(st, x, pre, feats, x_hat, dead)
+    return _topk_terms(st, x, pre, feats, x_hat, dead, values_at)
 
 
-def _topk_terms(st, x, pre, feats, x_hat, dead):
+def _topk_terms(st, x, pre, feats, x_hat, dead, values_at=None):
     mse = _mse(x, x_hat)
-    aux = st.aux_coeff * auxk(st, pre, (x - x_hat).detach(), dead)
+    aux = st.aux_coeff * auxk(st, pre, (x - x_hat).detach(), dead, values_at)
     terms = {"mse": mse, "aux": aux, "l0": (feats > 0).float().sum(-1).mean(-1)}
     return mse + aux, _detached(terms), feats, x_hat
 
