@@ -90,6 +90,8 @@ def test_two_ranks_train_the_same_sae_as_one_process(store, tmp_path):
 # threshold, the gradients and the dead masks reduce over the ranks for the whole stack at once
 STACKED = {"topk": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3),
            "batchtopk": dict(arch="batchtopk", k=(2, 4), d_sae=256, dead_tokens=256 * 3),
+           "topk_sparse": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3, sparse_backward="on",
+                               sparse_decode="on"),   # the stacked sparse backward and gather decode
            "relu": dict(arch="relu", l1=(0.3, 3.0)),
            "sites": dict(arch="topk", k=(4,), site="blocks.*.resid_pre")}   # one SAE per site, [S, n, d]
 
@@ -117,7 +119,7 @@ def test_two_ranks_train_the_same_stacked_sweeps_as_one_process(store, tmp_path)
                 assert a.keys() == b.keys()
                 for k in a:
                     assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, sae, k)
-            if name in ("topk", "batchtopk"):
+            if name in ("topk", "topk_sparse", "batchtopk"):
                 assert any(m["aux"] > 0 for m in m1), (name, sae)   # AuxK ran: its global variance is compared
 
 
