@@ -93,7 +93,10 @@ STACKED = {"topk": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3
            "topk_sparse": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3, sparse_backward="on",
                                sparse_decode="on"),   # the stacked sparse backward and gather decode
            "relu": dict(arch="relu", l1=(0.3, 3.0)),
-           "sites": dict(arch="topk", k=(4,), site="blocks.*.resid_pre")}   # one SAE per site, [S, n, d]
+           "sites": dict(arch="topk", k=(4,), site="blocks.*.resid_pre"),   # one SAE per site, [S, n, d]
+           # --sweep-parallel: 2 SAEs on rank 0 (stacked), 1 on rank 1 (alone: `on` must not refuse it there)
+           "sweep_parallel": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3)}
+TWO_RANKS_ONLY = {"sweep_parallel": dict(sweep_parallel=True)}
 
 
 @pytest.mark.slow   # one torchrun job of two processes
@@ -102,7 +105,7 @@ def test_two_ranks_train_the_same_stacked_sweeps_as_one_process(store, tmp_path)
     for name, kw in STACKED.items():
         kw = dict(tokens=256 * 12, log_every=4, stack_sweep="on", **kw)   # on: refused if it could not stack
         names[name] = sorted(fit(_cfg(store, tmp_path / "one" / name, **kw), progress=False))
-        configs.append(_cfg(store, tmp_path / "two" / name, **kw).to_dict())
+        configs.append(_cfg(store, tmp_path / "two" / name, **kw, **TWO_RANKS_ONLY.get(name, {})).to_dict())
     (tmp_path / "configs.json").write_text(json.dumps(configs))
     r = torchrun(WORKER, str(tmp_path / "configs.json"), "--results", str(tmp_path / "results.json"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -119,7 +122,7 @@ def test_two_ranks_train_the_same_stacked_sweeps_as_one_process(store, tmp_path)
                 assert a.keys() == b.keys()
                 for k in a:
                     assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, sae, k)
-            if name in ("topk", "topk_sparse", "batchtopk"):
+            if name in ("topk", "topk_sparse", "batchtopk", "sweep_parallel"):
                 assert any(m["aux"] > 0 for m in m1), (name, sae)   # AuxK ran: its global variance is compared
 
 

@@ -144,7 +144,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
     try:
-        groups = stack_groups(cfg.stack_sweep, runs, device)
+        groups = stack_groups(cfg.stack_sweep, runs, device, refuse=not world.sweep_parallel)
     except ValueError as e:
         raise TrainError(str(e)) from None
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,

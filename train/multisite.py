@@ -288,7 +288,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
             pair_of[name] = pair
 
     try:   # SAEs of one shape, of any of the sites, step as one stacked module (train/stacked.py)
-        groups = stack_groups(cfg.stack_sweep, runs, device, sites={n: pair_of[n].site for n in runs})
+        groups = stack_groups(cfg.stack_sweep, runs, device, sites=pair_of, refuse=not world.sweep_parallel)
     except ValueError as e:
         raise TrainError(str(e)) from None
     label = f"train {len(pairs)} sites" + (f" (rank {world.rank}: {len(runs)} of {len(order)})"

@@ -217,11 +217,13 @@ class StackedRuns:
 StackedSweep = StackedRuns   # older name
 
 
-def stack_groups(setting: str, runs: dict, device, sites: dict | None = None) -> list[list[str]]:
+def stack_groups(setting: str, runs: dict, device, sites: dict | None = None, refuse: bool = True) -> list[list[str]]:
     """`--stack-sweep auto|on|off`: the groups of run names (two or more each) to train as one
-    StackedRuns each. Runs stack when stack_key, learning rate and betas agree (and, with `sites`
-    {name: site}, whatever their sites). auto: on CUDA; on: wherever they can, and ValueError when
-    a run cannot join a stack (the reasons given)."""
+    StackedRuns each. Runs stack when stack_key, learning rate and betas agree, whatever their sites
+    (`sites`: the runs' sites, {name: ...}, for a multi-site run). auto: on CUDA; on: wherever they can, and ValueError when
+    a run cannot join a stack (the reasons given) unless refuse=False (--sweep-parallel: each rank
+    holds its own share of the runs, and a refusal on some ranks only would leave the others
+    waiting at the final gather)."""
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return []
     groups: dict[tuple, list[str]] = {}
@@ -233,7 +235,7 @@ def stack_groups(setting: str, runs: dict, device, sites: dict | None = None) ->
             continue
         groups.setdefault((key, run.lr, tuple(run.opt.param_groups[0]["betas"])), []).append(name)
     out = [names for names in groups.values() if len(names) > 1]
-    if setting == "on":
+    if setting == "on" and refuse:
         alone = [n for names in groups.values() if len(names) == 1 for n in names]
         if len(runs) < 2:
             lone.append("the sweep has one SAE")
