@@ -2,8 +2,8 @@
 # Every GPU measurement in one go; prints one table (bench/gpu_table.py) for docs/benchmarks.md.
 #   bash bench/gpu.sh            # on a CUDA machine: GPT-2-small shapes, full sizes
 #   bash bench/gpu.sh --dry-run  # on a CPU: the same pipeline with tiny sizes (checks the script)
-#   ONLY="harvest train" bash bench/gpu.sh   # some sections (store, harvest, train, parts, codecs, e2e,
-#                                            # evaluate, clt): one device call may run at most 10 minutes
+#   ONLY="harvest train" bash bench/gpu.sh   # some sections (store, harvest, train, parts, sites, codecs,
+#                                            # e2e, evaluate, clt): one device call may run at most 10 minutes
 #   ONLY=clt bash bench/gpu.sh               # a 12-layer CLT step at GPT-2-small shape, F 8192 and 24576
 #                                            # per layer, topk and jumprelu (~3 min estimated; not yet run)
 #   REP=1 ONLY="store train parts codecs" bash bench/gpu.sh   # issue 21's sections, ~7 min estimated on
@@ -30,15 +30,15 @@ fi
 if [ "${1:-}" = "--dry-run" ]; then
   DEV=cpu; MODEL=stdlib-gpt2; CTX=64; HN=4096; TD_IN=64; TD_SAE=1024; TN=16384; TROWS=20000
   E2E_TOKENS=2048; E2E_DSAE=256; E2E_SITE=blocks.2.resid_pre; EN=2048; REP=${REP:-1}; HBATCH=4
-  WSITES=2; WD=64; WROWS=8192; RROWS=65536; RD=64; PBATCH=512; PITERS=1; CTOK=1024; CGPT2=--no-gpt2
+  WSITES=2; WD=64; WROWS=8192; RROWS=65536; RD=64; PBATCH=512; PITERS=1; CTOK=1024; CGPT2=--no-gpt2; SN=4096
   CLT_LAYERS=4; CLT_D=64; CLT_F=128,256; CLT_BATCH=512; CLT_ITERS=2
 else
   DEV=cuda; MODEL=gpt2-small-random; CTX=1024; HN=131072; TD_IN=768; TD_SAE=24576; TN=4096000; TROWS=600000
   E2E_TOKENS=2097152; E2E_DSAE=46080; E2E_SITE=blocks.6.resid_pre; EN=131072; REP=${REP:-2}; HBATCH=16
-  WSITES=4; WD=768; WROWS=131072; RROWS=524288; RD=768; PBATCH=4096; PITERS=20; CTOK=4096; CGPT2=
+  WSITES=4; WD=768; WROWS=131072; RROWS=524288; RD=768; PBATCH=4096; PITERS=20; CTOK=4096; CGPT2=; SN=32768
   CLT_LAYERS=12; CLT_D=768; CLT_F=8192,24576; CLT_BATCH=4096; CLT_ITERS=10
 fi
-ONLY=${ONLY:-store harvest train parts codecs e2e evaluate clt}
+ONLY=${ONLY:-store harvest train parts sites codecs e2e evaluate clt}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 py() { python3 "$@"; }
 MPATH=$MODEL
@@ -72,6 +72,12 @@ if want parts; then
 echo "== the step part by part, and 8 SAEs stacked vs looped vs one"
 py bench/train_parts.py --device $DEV --dtype bf16 --d-in $TD_IN --d-sae $TD_SAE --k 32 --batch-size $PBATCH \
    --iters $PITERS --repeats 3 --compile --json "$OUT/parts.json" | grep -v '^ *[]["{}0-9]'
+fi
+
+if want sites; then
+echo "== 4 sites in one pass, unstacked and stacked (--stack-sweep on), vs 4 single-site runs (issue 20: <= 0.5x)"
+py bench/train.py --sites 4 --device $DEV --d-in 64 --d-sae 512 --k 16 --tokens $SN --batch-size 1024 \
+   --repeats $REP --json "$OUT/sites.json" | grep -v '^ *[]["{}0-9]'
 fi
 
 if want codecs; then

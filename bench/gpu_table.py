@@ -68,6 +68,12 @@ def main(out: Path) -> None:
         rows.append((f"sweep of {len(sw['ks'])} topk SAEs {pa['d_in']}->{pa['d_sae']}",
                      "; ".join(f"{k} {v:.2f} ms" for k, v in sw["ms_per_step"].items()),
                      "; ".join(f"{k} {v:.2f}x one SAE" for k, v in sw["ratio_to_one_sae"].items())))
+    si = load("sites.json")
+    if si:
+        rows.append((f"{si['sites']}-site pass vs {si['sites']} single-site runs, topk {si['d_in']}->{si['d_sae']}",
+                     f"pass {si['multi_site_s']:.1f} s, stacked {si['stacked_multi_site_s']:.1f} s, "
+                     f"runs {si['single_site_runs_s']:.1f} s",
+                     f"{si['ratio_median']:.2f}x unstacked, {si['stacked_ratio_median']:.2f}x stacked (goal <= 0.5x)"))
     c = load("codecs.json")
     if c:
         for model, m in c["models"].items():

@@ -11,7 +11,7 @@ Also printed: the store feed's own rate (StoreFeed alone, widened to fp32 on the
     python bench/train.py --device cuda --dtype bf16 --d-in 768 --d-sae 24576 --k 32 --tokens 20000000
     python bench/train.py --dtype bf16 --decode sparse --d-in 64 --d-sae 1024 --tokens 40960 --repeats 1  # CPU dry run
     python bench/train.py --backward sparse          # the sparse encoder backward (default: on CUDA)
-    python bench/train.py --sites 4     # one 4-site pass (--site 'blocks.*.resid_pre') vs 4 single-site runs
+    python bench/train.py --sites 4     # one 4-site pass (--site 'blocks.*.resid_pre'), unstacked and stacked, vs 4 single-site runs
 """
 from __future__ import annotations
 
@@ -229,30 +229,50 @@ def sites_bench(args) -> None:
     names = multi_site_store(store, args.d_in, args.store_rows or int(1.1 * args.tokens), args.sites)
     print(f"{args.sites}-site store built in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    def run(site: str) -> float:
+    def run(site: str, stack: str = "off") -> tuple[float, float]:
+        """(wall seconds, this process's CPU seconds: less moved by other users of a shared box)."""
         out = os.path.join(tmp, "out")
         shutil.rmtree(out, ignore_errors=True)
         cfg = TrainConfig(store=store, out=out, site=site, arch=args.arch.split(",")[0], d_sae=args.d_sae,
                           k=(args.k,), l1=(1.0,), batch_size=args.batch_size, tokens=args.tokens, device=args.device,
-                          checkpoint_every=10**9)
-        t = time.perf_counter()
+                          checkpoint_every=10**9, stack_sweep=stack)
+        t, c = time.perf_counter(), time.process_time()
         fit(cfg, progress=False)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
+    sides = {"pass": lambda: run(",".join(names)),
+             "stacked": lambda: run(",".join(names), "on"),   # the K sites' SAEs as one stacked step
+             "single": lambda: tuple(map(sum, zip(*[run(name) for name in names])))}
     run(names[0])   # warm-up
-    multi, single, ratios = [], [], []
+    wall = {side: [] for side in sides}
+    cpu = {side: [] for side in sides}
+    loads = []
     for rep in range(args.repeats):
-        m = run(",".join(names))
-        s = sum(run(name) for name in names)
-        multi.append(m)
-        single.append(s)
-        ratios.append(m / s)
-        print(f"repeat {rep}: one {args.sites}-site pass {m:.2f} s, {args.sites} single-site runs {s:.2f} s, "
-              f"ratio {m / s:.3f}", flush=True)
+        order = list(sides)[rep % 3:] + list(sides)[:rep % 3]   # each side first in turn
+        for side in order:
+            w, c = sides[side]()
+            wall[side].append(w)
+            cpu[side].append(c)
+        loads.append(os.getloadavg()[0])
+        print(f"repeat {rep} ({', '.join(order)}): one {args.sites}-site pass {wall['pass'][-1]:.2f} s "
+              f"(cpu {cpu['pass'][-1]:.1f}), stacked {wall['stacked'][-1]:.2f} s (cpu {cpu['stacked'][-1]:.1f}), "
+              f"{args.sites} single-site runs {wall['single'][-1]:.2f} s (cpu {cpu['single'][-1]:.1f}); ratios "
+              f"{wall['pass'][-1] / wall['single'][-1]:.3f} / stacked {wall['stacked'][-1] / wall['single'][-1]:.3f} "
+              f"(load average {loads[-1]:.1f})", flush=True)
+
+    def ratios(times, side):
+        return [a / b for a, b in zip(times[side], times["single"])]
+
     report({"sites": args.sites, "arch": args.arch.split(",")[0], "d_in": args.d_in, "d_sae": args.d_sae,
             "k": args.k, "batch_size": args.batch_size, "tokens": args.tokens, "device": args.device,
-            "multi_site_s": statistics.median(multi), "single_site_runs_s": statistics.median(single),
-            "ratio_median": statistics.median(ratios), "ratios": ratios, "torch_threads": torch.get_num_threads()},
+            "multi_site_s": statistics.median(wall["pass"]), "stacked_multi_site_s": statistics.median(wall["stacked"]),
+            "single_site_runs_s": statistics.median(wall["single"]),
+            "ratio_median": statistics.median(ratios(wall, "pass")), "ratios": ratios(wall, "pass"),
+            "stacked_ratio_median": statistics.median(ratios(wall, "stacked")),
+            "stacked_ratios": ratios(wall, "stacked"),
+            "cpu_ratio_median": statistics.median(ratios(cpu, "pass")),
+            "stacked_cpu_ratio_median": statistics.median(ratios(cpu, "stacked")), "cpu_s": cpu,
+            "load_averages": loads, "torch_threads": torch.get_num_threads()},
            args.json)
     shutil.rmtree(tmp, ignore_errors=True)
 

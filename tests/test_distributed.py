@@ -86,6 +86,46 @@ def test_two_ranks_train_the_same_sae_as_one_process(store, tmp_path):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, k)
 
 
+# stacked sweeps (train/stacked.py) under data parallel: AuxK's variance, BatchTopK's global top-k and
+# threshold, the gradients and the dead masks reduce over the ranks for the whole stack at once
+STACKED = {"topk": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3),
+           "batchtopk": dict(arch="batchtopk", k=(2, 4), d_sae=256, dead_tokens=256 * 3),
+           "topk_sparse": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3, sparse_backward="on",
+                               sparse_decode="on"),   # the stacked sparse backward and gather decode
+           "relu": dict(arch="relu", l1=(0.3, 3.0)),
+           "sites": dict(arch="topk", k=(4,), site="blocks.*.resid_pre"),   # one SAE per site, [S, n, d]
+           # --sweep-parallel: 2 SAEs on rank 0 (stacked), 1 on rank 1 (alone: `on` must not refuse it there)
+           "sweep_parallel": dict(arch="topk", k=(2, 4, 8), d_sae=256, dead_tokens=256 * 3)}
+TWO_RANKS_ONLY = {"sweep_parallel": dict(sweep_parallel=True)}
+
+
+@pytest.mark.slow   # one torchrun job of two processes
+def test_two_ranks_train_the_same_stacked_sweeps_as_one_process(store, tmp_path):
+    configs, names = [], {}
+    for name, kw in STACKED.items():
+        kw = dict(tokens=256 * 12, log_every=4, stack_sweep="on", **kw)   # on: refused if it could not stack
+        names[name] = sorted(fit(_cfg(store, tmp_path / "one" / name, **kw), progress=False))
+        configs.append(_cfg(store, tmp_path / "two" / name, **kw, **TWO_RANKS_ONLY.get(name, {})).to_dict())
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    r = torchrun(WORKER, str(tmp_path / "configs.json"), "--results", str(tmp_path / "results.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for (name, saes), result in zip(names.items(), results):
+        assert sorted(result.get("summaries", {})) == saes, result   # trained, stacked, on two ranks
+        for sae in saes:
+            one, two = tmp_path / "one" / name / sae, tmp_path / "two" / name / sae
+            _assert_same(_weights(one), _weights(two), rtol=1e-5, atol=1e-6)
+            m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+            m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+            assert [m["step"] for m in m2] == [4, 8, 12]
+            for a, b in zip(m1, m2):
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, sae, k)
+            if name in ("topk", "topk_sparse", "batchtopk", "sweep_parallel"):
+                assert any(m["aux"] > 0 for m in m1), (name, sae)   # AuxK ran: its global variance is compared
+
+
 @pytest.mark.slow   # two torchrun jobs: ~35 s on the 2-core box
 def test_killed_rank_ends_the_job_and_resume_continues_exactly(store, tmp_path):
     kw = dict(arch="batchtopk", tokens=256 * 12, log_every=4, checkpoint_every=4)

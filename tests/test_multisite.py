@@ -161,6 +161,66 @@ def test_multisite_resume_continues_exactly(store, tmp_path):
             assert torch.equal(a[name], b[name]), name
 
 
+def test_stacked_sites_train_the_unstacked_weights(store, tmp_path):
+    """--stack-sweep on: the SAEs of three sites (a sweep each) step as one stacked module reading
+    [S, n, d] inputs; the weights, metrics and held-out figures are the unstacked run's (up to the
+    batched matmuls' rounding: the unstacked path is the bitwise reference of single-site runs)."""
+    path, _ = store
+    kw = dict(site="blocks.*.resid_pre", k=(2, 4), dead_tokens=256 * 3, log_every=3)
+    runs = {}
+    seen = []
+    for setting in ("off", "on"):
+        runs[setting] = fit(_cfg(path, tmp_path / setting, stack_sweep=setting, **kw), progress=False,
+                            on_step=lambda e: seen.append(e.runs) if e.step == 0 else None)
+    names = [f"{s}-topk_k{k}" for s in RESID for k in (2, 4)]
+    assert list(runs["on"]) == names
+    # the stacked run's SAEs are views of one stacked tensor: they were stepped together
+    stacked_params = seen[1]
+    base = stacked_params[names[0]].sae.W_enc.untyped_storage().data_ptr()
+    assert all(stacked_params[n].sae.W_enc.untyped_storage().data_ptr() == base for n in names)
+    for name in names:
+        a, b = _weights(tmp_path / "off" / name), _weights(tmp_path / "on" / name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        ma = [json.loads(line) for line in (tmp_path / "off" / name / "metrics.jsonl").read_text().splitlines()]
+        mb = [json.loads(line) for line in (tmp_path / "on" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [list(r) for r in ma] == [list(r) for r in mb]   # the same records, keys in the same order
+        for ra, rb in zip(ma, mb):
+            for key in ("loss", "mse", "aux", "l0", "nmse", "dead_fraction", "lr"):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-6), (name, key)
+        assert runs["on"][name]["held_out"]["nmse"] == pytest.approx(runs["off"][name]["held_out"]["nmse"], rel=1e-3)
+        assert runs["on"][name]["input_scale"] == runs["off"][name]["input_scale"]   # each site its own scale
+
+
+def test_multifeed_reads_into_its_buffers(store):
+    """The multi-site feed's direct path (PinnedBuffers, pinned on CUDA; pin off here): the same
+    bytes as the copying path and as the store's own decoding, in the buffers the reads wrote."""
+    from sae_harvest.train.feeds import PinnedBuffers
+
+    path, _ = store
+    s = open_store(str(path))
+    sites = RESID[:2]
+    kw = dict(seed=3, grads=False, exclude_pos0=True)
+    plain = multisite.MultiFeed(s, sites, 96, **kw, direct=False)
+    direct = multisite.MultiFeed(s, sites, 96, **kw, direct=True)
+    assert isinstance(direct.buffers, PinnedBuffers) and plain.buffers is None
+    allocated, alloc = [], direct.iter.alloc
+    direct.iter.alloc = lambda shape, dtype: allocated.append(alloc(shape, dtype)) or allocated[-1]
+    n = 0
+    for a, b in zip(plain, direct):
+        for site in sites:
+            assert torch.equal(a["acts"][site], b["acts"][site])
+            assert any(b["acts"][site].data_ptr() == arr.ctypes.data for arr in allocated)   # no copy
+        n += 1
+        if n == 8:
+            break
+    assert n == 8 and plain.state() == direct.state()
+    rows = next(iter(s.batches(sites, 96, seqs="train", seed=3, exclude_pos0=True)))["rows"]
+    first = next(iter(multisite.MultiFeed(s, sites, 96, **kw, direct=True)))
+    for site in sites:
+        np.testing.assert_array_equal(first["acts"][site].float().numpy(), s.acts(site, rows))
+
+
 # --- transcoders --------------------------------------------------------------------------------
 def _raw(path, sites):
     s = open_store(str(path))   # the rows of the store's held-out sequences, position 0 excluded
@@ -301,8 +361,9 @@ def _snapshot(root):
     (["--site", "blocks.0.mlp_in", "--skip"], ["--skip is for transcoders"]),
     # one transcoder trains e2e (tests/test_e2e_transcoder.py); several sites or pairs do not
     (["--site", "blocks.[01].resid_pre", "--loss", "e2e"], ["--loss e2e", "one site"]),
-    # the batched sweep steps one site's SAEs: asked for with several sites it was silently not used
-    (["--site", "blocks.[01].resid_pre", "--stack-sweep", "on", "--k", "4,8"], ["--stack-sweep on"]),
+    # SAEs of several sites stack (test_stacked_sites_train_the_unstacked_weights); transcoders do not
+    (["--site", "blocks.0.mlp_in", "--target", "blocks.0.mlp_out", "--stack-sweep", "on", "--k", "4,8"],
+     ["--stack-sweep on", "not a plain"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, args, words):
     path, _ = store

@@ -61,8 +61,9 @@ class TrainConfig:
     sparse_backward: str = opt("auto", "TopK family: encoder gradients only at the chosen latents (sparse "
                                "backward; off: dense autograd, the reference) (auto: on CUDA).",
                                choices=("auto", "on", "off"))
-    stack_sweep: str = opt("auto", "Train a sweep of plain topk SAEs of one shape as one batched step (bmm over "
-                                   "the SAEs) instead of a loop (auto: on CUDA; not data parallel).",
+    stack_sweep: str = opt("auto", "Train the SAEs of one architecture and shape, of a sweep or of several "
+                                   "--site's, as one batched step (bmm over the SAEs) instead of a loop, where "
+                                   "the architecture stacks (auto: on CUDA).",
                            choices=("auto", "on", "off"))
     epochs: int | None = opt(None, "Passes over the data when --tokens is not given (meta-SAE).")
     loss: str = opt("local", "local: reconstruction; e2e / e2e+ds: through the live frozen --model.",

@@ -25,7 +25,7 @@ from sae_harvest.train.registry import ARCHITECTURES
 from sae_harvest.train.runs import Run, build_runs, input_scale, optimizer_step, save_run
 from sae_harvest.train.sae import unit_rows
 from sae_harvest.train.sae_io import load_sae
-from sae_harvest.train.stacked import StackedSweep, wants_stacking
+from sae_harvest.train.stacked import StackedRuns, stack_groups
 
 
 class Source:
@@ -184,7 +184,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     label = f"train (rank {world.rank}: {len(runs)} of {len(order)} SAEs)" if world.sweep_parallel else "train"
     try:
-        stack = wants_stacking(cfg.stack_sweep, runs, device, data_parallel=world.size > 1 and not world.sweep_parallel)
+        groups = stack_groups(cfg.stack_sweep, runs, device, refuse=not world.sweep_parallel)
     except ValueError as e:
         raise TrainError(str(e)) from None
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
@@ -193,7 +193,8 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     if world.main:   # after every check of the input: bad input stays one error line
         for line in source.warnings + short_run_warnings(cfg, source.epoch_tokens, batch, total_steps):
             warn(line, console)
-    stacked = StackedSweep(runs) if stack else None   # after prepare: built from the resumed runs
+    stacks = [StackedRuns([runs[n] for n in names]) for names in groups]   # after prepare: from the resumed runs
+    loose = [run for name, run in runs.items() if not any(name in names for names in groups)]
     scale = driver.scale
     # sweep parallel: every rank reads every whole batch, as one process would
     part = (0, 1) if world.sweep_parallel else (world.rank, world.size)
@@ -208,10 +209,9 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 
     def step_fn(inputs, factor, log_now):
         x, g = inputs
-        if stacked is not None:
-            stacked.step(x, factor, cfg.grad_clip, dead_after, autocast, log_now)
-            return
-        for run in runs.values():
+        for stack in stacks:
+            stack.step(x, factor, cfg.grad_clip, dead_after, autocast, log_now)
+        for run in loose:
             _step(run, x, g, factor, cfg, dead_after, autocast, log_now)
 
     driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console,

@@ -35,12 +35,13 @@ from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_cl
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import _background, as_tensor, held_out_origin
+from sae_harvest.train.feeds import PinnedBuffers, _background, as_tensor, held_out_origin
 from sae_harvest.train.local import StoreSource, _finish, _info, _print_summary, _step
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.init_streams import checkpoint_stream
 from sae_harvest.train.runs import Run, build_runs, input_scale, new_run, seed_init
 from sae_harvest.train.sae_io import save_sae
+from sae_harvest.train.stacked import StackedRuns, stack_groups
 from sae_harvest.train.transcoder import TRANSCODER_ARCHS
 
 
@@ -170,28 +171,34 @@ def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
 
 class MultiFeed:
     """StoreFeed over several sites: yields {"acts": {site: tensor}, "grads": {site: tensor} | None},
-    every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one)."""
+    every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one,
+    whose `direct` / `pin` this takes too: reads straight into PinnedBuffers, or copies pinned)."""
 
     def __init__(self, store, sites: list[str], batch_size: int, *, seed: int, grads: bool,
-                 exclude_pos0: bool, state: dict | None = None, part=(0, 1), pin: bool = False):
+                 exclude_pos0: bool, state: dict | None = None, part=(0, 1), pin: bool = False,
+                 direct: bool | None = None):
+        self.buffers = PinnedBuffers(pin) if (pin if direct is None else direct) else None
         # the rows of the store's training sequences only: held-out sequences are never trained on
         self.iter = store.batches(sites, batch_size, seqs="train", seed=seed, grads=grads,
-                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False)
+                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False,
+                                  alloc=self.buffers)
         self.sites, self.grads, self.pin = sites, grads, pin
         self._state = self.iter.state()
 
     def _tensors(self):
         enc = self.iter.encodings
+        convert = self.buffers.tensor if self.buffers is not None else as_tensor
         for batch in self.iter:
-            acts = {s: as_tensor(batch["acts"][s], enc[acts_path(s)]) for s in self.sites}
-            grads = {s: as_tensor(batch["grads"][s], enc[grads_path(s)]) for s in self.sites} if self.grads else None
-            if self.pin:
+            acts = {s: convert(batch["acts"][s], enc[acts_path(s)]) for s in self.sites}
+            grads = {s: convert(batch["grads"][s], enc[grads_path(s)]) for s in self.sites} if self.grads else None
+            if self.pin and self.buffers is None:
                 acts = {s: a.pin_memory() for s, a in acts.items()}
                 grads = {s: g.pin_memory() for s, g in grads.items()} if grads else None
             yield {"acts": acts, "grads": grads}, self.iter.state()
 
     def __iter__(self):
-        batches = _background(self._tensors()) if self.pin else self._tensors()
+        copies = self.pin and self.buffers is None   # only the copying path needs a thread of its own
+        batches = _background(self._tensors()) if copies else self._tensors()
         for batch, state in batches:
             self._state = state
             yield batch
@@ -243,9 +250,6 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     if cfg.loss != "local":
         raise TrainError(f"--loss {cfg.loss} trains one site (or one --site/--target transcoder) at a time; several "
                          f"sites, crosscoders and CLTs take --loss local")
-    if cfg.stack_sweep == "on":   # the batched sweep (train/stacked.py) steps one site's SAEs only
-        raise TrainError("--stack-sweep on stacks one site's sweep; several sites, --target, crosscoders and CLTs "
-                         "take --stack-sweep auto or off")
     if not cfg.store:
         raise TrainError("give --store")
     out = Path(cfg.out)
@@ -285,6 +289,10 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
             runs[name] = run
             pair_of[name] = pair
 
+    try:   # SAEs of one shape, of any of the sites, step as one stacked module (train/stacked.py)
+        groups = stack_groups(cfg.stack_sweep, runs, device, sites=pair_of, refuse=not world.sweep_parallel)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     label = f"train {len(pairs)} sites" + (f" (rank {world.rank}: {len(runs)} of {len(order)})"
                                            if world.sweep_parallel else "")
     # every dictionary folds its own site's scale; the driver's single scale stays 1
@@ -296,6 +304,8 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     feed = MultiFeed(first.store, needed, batch, seed=cfg.seed, grads=first.grads,
                      exclude_pos0=first.exclude_pos0, state=feed_state, part=part, pin=device.type == "cuda")
     autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda")
+    stacks = [(StackedRuns([runs[n] for n in names]), [pair_of[n].site for n in names]) for names in groups]
+    loose = {n: run for n, run in runs.items() if not any(n in names for names in groups)}
 
     def prepare(data):
         x = {s: a.to(device, non_blocking=True).float() / scales[s] for s, a in data["acts"].items()}
@@ -306,7 +316,10 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
     def step_fn(inputs, factor, log_now):
         x, g = inputs
         joint = torch.cat([x[s] for s in cross], -1) if cross else None   # a crosscoder's input
-        for name, run in runs.items():
+        for stack, sites in stacks:   # one site's sweep shares its rows; SAEs of several sites get [S, n, d]
+            rows = x[sites[0]] if len(set(sites)) == 1 else torch.stack([x[s] for s in sites])
+            stack.step(rows, factor, cfg.grad_clip, dead_after, autocast, log_now)
+        for name, run in loose.items():
             pair = pair_of[name]
             if pair.site == CROSS:
                 _step(run, joint, None, factor, cfg, dead_after, autocast, log_now)

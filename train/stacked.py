@@ -1,96 +1,105 @@
-"""A TopK sweep as one batched step: the sweep's SAEs (one shape, any k) stacked along a leading
-SAE dimension, so the encoder and decoder of all of them are one `bmm` each instead of a Python
-loop of small matmuls, and Adam, the decoder constraint and the dead-latent counts are one call.
+"""A sweep, or the SAEs of several sites, as one batched step: SAEs of one architecture and shape
+stacked along a leading SAE dimension, so the encoder and decoder of all of them are one `bmm` each
+instead of a Python loop of small matmuls, and Adam, the decoder constraint and the dead-latent
+counts are one call. Stackable: topk, batchtopk, relu, jumprelu, gated (train/stacked_losses.py
+holds their batched losses); the swept value (k or the L1/L0 coefficient) may differ, nothing else.
 
-Each SAE keeps exactly its own objective and update (tests/test_stacked.py trains a sweep both
-ways and compares the weights):
-    pre_s  = ReLU((x - b_dec_s) @ W_enc_s + b_enc_s)         [S, n, d_sae]  (one bmm)
-    f_s    = top-k_s of pre_s per token (top max(k) sorted, entries past k_s dropped)
-    x_hat_s = f_s @ W_dec_s + b_dec_s                         (one bmm)
-    loss   = sum_s (mse_s + aux_coeff * AuxK_s)               (the SAEs share no parameter, so
-                                                               each gets its own gradient)
-AuxK per SAE with its own dead latents and k_aux_s = min(aux_k, d_sae/2, n_dead_s), as
-train/topk.py. The optimizer step mirrors train/runs.py's optimizer_step per SAE: the
-parallel part of each decoder row's gradient removed, gradient-norm clipping per SAE (not over
-the stack), Adam (elementwise, so one Adam over the stack is S Adams), unit-norm decoder rows.
+Each SAE keeps exactly its own objective and update (tests/test_stacked.py trains them both ways
+and compares the weights): the SAEs share no parameter, so the gradient of the summed loss is each
+one's own; the optimizer step mirrors train/runs.py's optimizer_step per SAE: gradients averaged
+over the ranks under torchrun, the parallel part of each decoder row's gradient removed,
+gradient-norm clipping per SAE (not over the stack), Adam (elementwise, so one Adam over the stack
+is S Adams), unit-norm decoder rows, dead-latent counts (fired OR-ed over the ranks).
+TopK SAEs whose sparse decode is on (CUDA) decode by gathering their k rows here too, and those
+with --sparse-backward (CUDA) take the encoder gradients at the chosen latents only, as one sparse
+matmul over the stack (batchtopk's stacked backward stays dense).
+Inputs are [S, n, d_in] (each SAE reads its own site's columns of the batch) or [n, d_in] (one
+site's sweep: every SAE the same rows).
 The SAEs are built (and initialised, each from its own seed stream) one by one first, then
-stacked: `StackedTopK(saes)`; `unstack()` writes the trained weights back into them.
+stacked: `StackedSAEs(saes)`; `unstack()` writes the trained weights back into them.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sae_harvest.train import distributed, stacked_losses
+from sae_harvest.train.batchtopk import BatchTopKSAE
+from sae_harvest.train.gated import GatedSAE
+from sae_harvest.train.jumprelu import JumpReLUSAE
+from sae_harvest.train.relu import ReLUSAE
 from sae_harvest.train.runs import make_adam
 from sae_harvest.train.topk import TopKSAE
 
+LOSSES = {TopKSAE: stacked_losses.topk, BatchTopKSAE: stacked_losses.batchtopk, ReLUSAE: stacked_losses.relu,
+          JumpReLUSAE: stacked_losses.jumprelu, GatedSAE: stacked_losses.gated}
+# config fields that may differ within a stack besides the swept one: jumprelu records its theta_0 there
+_FREE_FIELDS = ("threshold_init",)
 
-class StackedTopK(nn.Module):
-    def __init__(self, saes: list[TopKSAE]):
+
+def stack_key(sae) -> tuple | None:
+    """SAEs with equal keys can share a stack (None: this one cannot be stacked): the exact class
+    (a transcoder, crosscoder or CLT is a subclass and is not stacked) and every config field but
+    the swept value."""
+    cls = type(sae)
+    if cls not in LOSSES:
+        return None
+    fields = {k: v for k, v in dataclasses.asdict(sae.cfg).items()
+              if k != cls.sweep_field and k not in _FREE_FIELDS}
+    return (cls, tuple(sorted((k, repr(v)) for k, v in fields.items())))
+
+
+class StackedSAEs(nn.Module):
+    def __init__(self, saes: list):
         super().__init__()
-        first = saes[0].cfg
-        for sae in saes:
-            c = sae.cfg
-            if type(sae) is not TopKSAE or (c.d_in, c.d_sae, c.aux_k, c.aux_coeff) != \
-                    (first.d_in, first.d_sae, first.aux_k, first.aux_coeff):
-                raise ValueError("stacking needs plain topk SAEs of one shape (d_in, d_sae, aux_k, aux_coeff)")
-        self.saes = list(saes)
-        self.W_enc = nn.Parameter(torch.stack([s.W_enc.detach() for s in saes]))   # [S, d_in, d_sae]
-        self.b_enc = nn.Parameter(torch.stack([s.b_enc.detach() for s in saes]))   # [S, d_sae]
-        self.W_dec = nn.Parameter(torch.stack([s.W_dec.detach() for s in saes]))   # [S, d_sae, d_in]
-        self.b_dec = nn.Parameter(torch.stack([s.b_dec.detach() for s in saes]))   # [S, d_in]
-        self.register_buffer("ks", torch.tensor([s.cfg.k for s in saes], device=self.W_enc.device))
-        self.k_max, self.d_sae = max(s.cfg.k for s in saes), first.d_sae
-        self.aux_k, self.aux_coeff = first.aux_k, first.aux_coeff
+        keys = {stack_key(s) for s in saes}
+        if None in keys or len(keys) != 1:
+            raise ValueError(f"stacking needs SAEs of one shape and one stackable architecture "
+                             f"({', '.join(c.arch for c in LOSSES)}); got {', '.join(s.arch for s in saes)}")
+        first = saes[0]
+        self.saes, self.cls, self._loss = list(saes), type(first), LOSSES[type(first)]
+        self.names = [name for name, _ in first.named_parameters()]
+        for name in self.names:   # [S, ...] each, in the SAE's own parameter order
+            setattr(self, name, nn.Parameter(torch.stack([getattr(s, name).detach() for s in saes])))
+        self.buffer_names = [name for name, _ in first.named_buffers()]
+        for name in self.buffer_names:   # batchtopk's threshold
+            self.register_buffer(name, torch.stack([getattr(s, name) for s in saes]))
+        c, device = first.cfg, self.W_enc.device
+        self.d_sae, self.aux_k, self.aux_coeff = c.d_sae, c.aux_k, c.aux_coeff
+        self.threshold_ema, self.bandwidth = c.threshold_ema, c.bandwidth
+        self.l0_penalty, self.tanh_scale = c.l0_penalty, c.tanh_scale
+        self.apply_b_dec_to_input = self.cls.apply_b_dec_to_input
+        self.sparse_decode = self.cls is TopKSAE and all(s.use_sparse_decode for s in saes)
+        self.sparse_backward = self.cls is TopKSAE and all(s.use_sparse_backward for s in saes)
+        self.register_buffer("ks", torch.tensor([s.cfg.k for s in saes], device=device))
+        self.k_max = max(s.cfg.k for s in saes)
+        self.one_k = all(s.cfg.k == self.k_max for s in saes)
+        # the swept coefficients as the per-SAE code multiplies them: python floats rounded once to float32
+        self.register_buffer("l1", torch.tensor([s.cfg.l1_coeff for s in saes], device=device))
+        self.register_buffer("l1_over_d", torch.tensor([s.cfg.l1_coeff / c.d_in for s in saes], device=device))
 
     def __len__(self) -> int:
         return len(self.saes)
 
-    def _gather_decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """sum_j vals[s, n, j] * W_dec[s, idx[s, n, j]] as one embedding-bag over the stacked rows."""
-        S, n, j = idx.shape
-        flat = (idx + (torch.arange(S, device=idx.device) * self.d_sae)[:, None, None]).reshape(S * n, j)
-        rows = F.embedding_bag(flat, self.W_dec.reshape(S * self.d_sae, -1),
-                               per_sample_weights=vals.reshape(S * n, j).to(self.W_dec.dtype), mode="sum")
-        return rows.view(S, n, -1)
-
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None):
-        """(summed loss, per-SAE terms {mse, aux, l0: [S]}, fired [S, d_sae] bool, x_hat [S, n, d_in]).
-        dead: [S, d_sae] bool (an SAE with no dead latent has an all-False row) or None: no AuxK."""
-        S = len(self)
-        xc = x.unsqueeze(0) - self.b_dec[:, None]
-        pre = F.relu(torch.baddbmm(self.b_enc[:, None], xc, self.W_enc))
-        vals, idx = pre.topk(self.k_max, dim=-1, sorted=True)
-        vals = vals * (torch.arange(self.k_max, device=x.device) < self.ks[:, None, None])
-        feats = torch.zeros_like(pre).scatter(-1, idx, vals)
-        x_hat = torch.baddbmm(self.b_dec[:, None], feats, self.W_dec)
-        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
-        aux = self._auxk(pre, (x - x_hat).detach(), dead) if dead is not None else mse.new_zeros(S)
-        aux = self.aux_coeff * aux
-        terms = {"mse": mse.detach(), "aux": aux.detach(), "l0": (feats > 0).float().sum(-1).mean(-1)}
-        return (mse + aux).sum(), terms, (feats > 0).any(1), x_hat
-
-    def _auxk(self, pre, resid, dead):
-        n_dead = dead.sum(-1)
-        k_aux = n_dead.clamp(max=min(self.aux_k, self.d_sae // 2))   # per SAE
-        k_top = int(k_aux.max())    # host read, as train/topk.py's auxk_loss
-        if k_top == 0:
-            return pre.new_zeros(len(self))
-        masked = torch.where(dead[:, None, :], pre, torch.full_like(pre, -torch.inf))
-        vals, idx = masked.topk(k_top, dim=-1, sorted=True)
-        keep = torch.arange(k_top, device=pre.device) < k_aux[:, None, None]
-        vals = torch.where(keep, vals, torch.zeros_like(vals))
-        e_hat = self._gather_decode(idx, vals)
-        var = (resid - resid.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
-        return (e_hat - resid).pow(2).sum((1, 2)) / var * (k_aux > 0)
+        """(summed loss, per-SAE loss [S], per-SAE terms {name: [S]}, fired [S, d_sae] bool, x_hat
+        [S, n, d_in]). x: [S, n, d_in] or [n, d_in] (shared). dead: [S, d_sae] bool (an SAE with no
+        dead latent has an all-False row) or None: no AuxK."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(len(self), -1, -1)
+        per, terms, feats, x_hat = self._loss(self, x, dead)
+        return per.sum(), per.detach(), terms, (feats > 0).any(1), x_hat
 
     @torch.no_grad()
     def prepare_update(self, grad_clip: float) -> None:
-        """Before Adam, per SAE: the decoder rows' radial gradient removed, gradient-norm clipping."""
+        """Before Adam, per SAE: gradients averaged over the ranks, the decoder rows' radial gradient
+        removed, gradient-norm clipping."""
+        distributed.average_gradients(self)
         unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         self.W_dec.grad -= (self.W_dec.grad * unit).sum(-1, keepdim=True) * unit
-        grads = [p.grad for p in self.parameters()]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         # the norm clip_grad_norm_ takes over one SAE's parameters: the norm of the per-tensor norms
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)   # [S]
         coef = (grad_clip / (norms + 1e-6)).clamp(max=1.0)
@@ -102,49 +111,53 @@ class StackedTopK(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
-    def unstack(self) -> list[TopKSAE]:
+    def unstack(self) -> list:
         """Copy the trained weights back into the SAEs they were stacked from; returns them."""
         for s, sae in enumerate(self.saes):
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for name in self.names + self.buffer_names:
                 getattr(sae, name).copy_(getattr(self, name)[s])
         return self.saes
 
 
-def stacked_step(stack: StackedTopK, opt: torch.optim.Optimizer, x: torch.Tensor, since_fired: torch.Tensor,
+StackedTopK = StackedSAEs   # the name bench/train_parts.py and older code use
+
+
+def stacked_step(stack: StackedSAEs, opt: torch.optim.Optimizer, x: torch.Tensor, since_fired: torch.Tensor,
                  dead_after: int, idle_bound: int, lr: float, grad_clip: float) -> dict:
-    """One training step of the whole sweep, the batched form of train/local.py's _step +
+    """One training step of the whole stack, the batched form of train/local.py's _step +
     train/runs.py's optimizer_step. since_fired [S, d_sae] is updated in place; idle_bound is the
     host's upper bound on it (AuxK is skipped while no latent can be dead). Returns the terms."""
     dead = since_fired >= dead_after if idle_bound >= dead_after else None
-    loss, terms, fired, _ = stack.loss(x, dead)
+    loss, _, terms, fired, _ = stack.loss(x, dead)
     loss.backward()
+    _update(stack, opt, lr, grad_clip)
+    since_fired += x.shape[-2] * distributed.ranks()
+    since_fired.masked_fill_(distributed.any_rank(fired), 0)
+    return terms
+
+
+def _update(stack, opt, lr, grad_clip):
     for group in opt.param_groups:
         group["lr"] = lr
     stack.prepare_update(grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     stack.set_decoder_norm_to_unit_norm()
-    since_fired += len(x)
-    since_fired.masked_fill_(fired, 0)
-    return terms
 
 
-PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+class StackedRuns:
+    """Runs of `train fit` trained as one stacked step. The runs stay what the driver checkpoints,
+    resumes, logs and saves: each run's parameters, buffers, Adam moments and dead-latent counts
+    become views of the stack's tensors (built from the runs' resumed state when there is one), so
+    a checkpoint of the runs is a checkpoint of the stack."""
 
-
-class StackedSweep:
-    """`train fit`'s sweep trained as one stacked step. The runs stay what the driver checkpoints,
-    resumes, logs and saves: each run's parameters, Adam moments and dead-latent counts become views
-    of the stack's tensors (built from the runs' resumed state when there is one), so a checkpoint
-    of the runs is a checkpoint of the stack."""
-
-    def __init__(self, runs: dict):
-        self.runs = list(runs.values())
+    def __init__(self, runs: list):
+        self.runs = list(runs)
         first = self.runs[0]
-        self.stack = StackedTopK([r.sae for r in self.runs])
+        self.stack = StackedSAEs([r.sae for r in self.runs])
         self.opt = make_adam(self.stack.parameters(), first.lr, first.opt.param_groups[0]["betas"])
         on_device = bool(self.opt.param_groups[0].get("fused"))
-        for name in PARAMS:
+        for name in self.stack.names:
             stacked = getattr(self.stack, name)
             per_run = [r.opt.state.get(getattr(r.sae, name), {}) for r in self.runs]
             if all(per_run):   # resumed: the runs' saved moments (one step count: they trained together)
@@ -159,65 +172,77 @@ class StackedSweep:
                 param = getattr(run.sae, name)
                 param.data = stacked.data[s]
                 run.opt.state[param] = {"step": step, "exp_avg": avg[s], "exp_avg_sq": avg_sq[s]}
+        for name in self.stack.buffer_names:
+            for s, run in enumerate(self.runs):
+                run.sae._buffers[name] = getattr(self.stack, name)[s]
         self.since = torch.stack([r.since_fired for r in self.runs])
         for s, run in enumerate(self.runs):
             run.since_fired = self.since[s]
 
     def step(self, x, factor: float, grad_clip: float, dead_after: int, autocast: bool, log_now: bool) -> None:
-        """train/local.py's _step + optimizer_step for every run at once."""
+        """train/local.py's _step + optimizer_step for every run at once; x [S, n, d] or [n, d]."""
         can_be_dead = [r.idle_bound >= dead_after for r in self.runs]
         dead = None
         if any(can_be_dead):   # a run whose latents cannot be dead yet gets an all-False row: no AuxK
             dead = (self.since >= dead_after) & torch.tensor(can_be_dead, device=x.device)[:, None]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, terms, fired, x_hat = self.stack.loss(x, dead)
+            loss, per, terms, fired, x_hat = self.stack.loss(x, dead)
         loss.backward()
         lr = self.runs[0].lr * factor
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.stack.prepare_update(grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.stack.set_decoder_norm_to_unit_norm()
-        self.since += len(x)
-        self.since.masked_fill_(fired, 0)
+        _update(self.stack, self.opt, lr, grad_clip)
+        tokens = x.shape[-2] * distributed.ranks()
+        self.since += tokens
+        self.since.masked_fill_(distributed.any_rank(fired), 0)
         for run in self.runs:
-            run.idle_bound += len(x)
+            run.idle_bound += tokens
         if log_now:
-            with torch.no_grad():
-                err = (x_hat.float() - x).pow(2).sum((1, 2)).tolist()
-                norm = float(x.pow(2).sum())
-                dead_fraction = dead.float().mean(1).tolist() if dead is not None else [0.0] * len(self.runs)
-                for s, run in enumerate(self.runs):
-                    t = {k: float(v[s]) for k, v in terms.items()}
-                    run.last = {"loss": t["mse"] + t["aux"], **t, "nmse": err[s] / norm,
-                                "dead_fraction": dead_fraction[s], "lr": lr}
-                    run.idle_bound = int(run.since_fired.max())
+            self._log(x, per, terms, x_hat, dead, lr)
+
+    @torch.no_grad()
+    def _log(self, x, per, terms, x_hat, dead, lr):
+        """Each run's metrics as train/local.py's _step logs them (global means under torchrun)."""
+        err = (x_hat.float() - x).pow(2).sum((-2, -1))
+        norm = x.pow(2).sum((-2, -1)).expand_as(err)
+        sums = distributed.all_sum(torch.stack([err, norm])).tolist()
+        values = {(s, "loss"): v for s, v in enumerate(per.tolist())}
+        values.update({(s, k): v for k, t in terms.items() for s, v in enumerate(t.tolist())})
+        flat = distributed.global_mean({f"{s}:{k}": v for (s, k), v in values.items()})
+        dead_fraction = dead.float().mean(1).tolist() if dead is not None else [0.0] * len(self.runs)
+        for s, run in enumerate(self.runs):
+            logged = {k: flat[f"{s}:{k}"] for k in ("loss", *terms)}
+            run.last = {**logged, "nmse": sums[0][s] / sums[1][s], "dead_fraction": dead_fraction[s], "lr": lr}
+            run.idle_bound = int(run.since_fired.max())
 
 
-def wants_stacking(setting: str, runs: dict, device, data_parallel: bool) -> bool:
-    """`--stack-sweep auto|on|off`: whether to train the runs as a StackedSweep: they can be stacked
-    (two or more plain topk SAEs of one shape, learning rate and betas, not data parallel) and the
-    setting wants it (auto: on CUDA). `on` with runs that cannot be stacked: ValueError."""
+StackedSweep = StackedRuns   # older name
+
+
+def stack_groups(setting: str, runs: dict, device, sites: dict | None = None, refuse: bool = True) -> list[list[str]]:
+    """`--stack-sweep auto|on|off`: the groups of run names (two or more each) to train as one
+    StackedRuns each. Runs stack when stack_key, learning rate and betas agree, whatever their sites
+    (`sites`: the runs' sites, {name: ...}, for a multi-site run). auto: on CUDA; on: wherever they can, and ValueError when
+    a run cannot join a stack (the reasons given) unless refuse=False (--sweep-parallel: each rank
+    holds its own share of the runs, and a refusal on some ranks only would leave the others
+    waiting at the final gather)."""
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return False
-    first = next(iter(runs.values()))
-    reasons = []
-    if len(runs) < 2:
-        reasons.append("the sweep has one SAE")
-    if data_parallel:
-        reasons.append("the sweep trains data parallel")
-    for run in runs.values():
-        if type(run.sae) is not TopKSAE:
-            reasons.append(f"{run.sae.arch} is not plain topk")
-            break
-        c, f = run.sae.cfg, first.sae.cfg
-        if (c.d_in, c.d_sae, c.aux_k, c.aux_coeff, run.lr, run.opt.param_groups[0]["betas"]) != \
-                (f.d_in, f.d_sae, f.aux_k, f.aux_coeff, first.lr, first.opt.param_groups[0]["betas"]):
-            reasons.append("the SAEs differ in shape or optimizer settings")
-            break
-    if reasons:
-        if setting == "on":
-            raise ValueError(f"--stack-sweep on: cannot stack this sweep ({'; '.join(reasons)})")
-        return False
-    return True
+        return []
+    groups: dict[tuple, list[str]] = {}
+    lone = []
+    for name, run in runs.items():
+        key = stack_key(run.sae)
+        if key is None:
+            lone.append(f"{name} is not a plain {' / '.join(c.arch for c in LOSSES)} SAE")
+            continue
+        groups.setdefault((key, run.lr, tuple(run.opt.param_groups[0]["betas"])), []).append(name)
+    out = [names for names in groups.values() if len(names) > 1]
+    if setting == "on" and refuse:
+        alone = [n for names in groups.values() if len(names) == 1 for n in names]
+        if len(runs) < 2:
+            lone.append("the sweep has one SAE")
+        elif alone:
+            lone.append(f"{', '.join(alone)} differ{'s' * (len(alone) == 1)} from every other SAE in shape, "
+                        f"hyperparameters or optimizer settings")
+        if lone:
+            raise ValueError(f"--stack-sweep on: cannot stack {'these SAEs' if sites else 'this sweep'} "
+                             f"({'; '.join(lone)})")
+    return out
