@@ -67,18 +67,21 @@ class StackedSAEs(nn.Module):
         for name in self.buffer_names:   # batchtopk's threshold
             self.register_buffer(name, torch.stack([getattr(s, name) for s in saes]))
         c, device = first.cfg, self.W_enc.device
-        self.d_sae, self.aux_k, self.aux_coeff = c.d_sae, c.aux_k, c.aux_coeff
-        self.threshold_ema, self.bandwidth = c.threshold_ema, c.bandwidth
-        self.l0_penalty, self.tanh_scale = c.l0_penalty, c.tanh_scale
+        # each architecture's config holds only its own fields (train/<arch>.py): what it lacks, its loss never reads
+        field = lambda name, default=None: getattr(c, name, default)   # noqa: E731
+        self.d_sae, self.aux_k, self.aux_coeff = c.d_sae, field("aux_k"), field("aux_coeff")
+        self.threshold_ema, self.bandwidth = field("threshold_ema"), field("bandwidth")
+        self.l0_penalty, self.tanh_scale = field("l0_penalty"), field("tanh_scale")
         self.apply_b_dec_to_input = self.cls.apply_b_dec_to_input
         self.sparse_decode = self.cls is TopKSAE and all(s.use_sparse_decode for s in saes)
         self.sparse_backward = self.cls is TopKSAE and all(s.use_sparse_backward for s in saes)
-        self.register_buffer("ks", torch.tensor([s.cfg.k for s in saes], device=device))
-        self.k_max = max(s.cfg.k for s in saes)
-        self.one_k = all(s.cfg.k == self.k_max for s in saes)
+        ks = [getattr(s.cfg, "k", 0) for s in saes]
+        self.register_buffer("ks", torch.tensor(ks, device=device))
+        self.k_max = max(ks)
+        self.one_k = all(k == self.k_max for k in ks)
         # the swept coefficients as the per-SAE code multiplies them: python floats rounded once to float32
-        self.register_buffer("l1", torch.tensor([s.cfg.l1_coeff for s in saes], device=device))
-        self.register_buffer("l1_over_d", torch.tensor([s.cfg.l1_coeff / c.d_in for s in saes], device=device))
+        self.register_buffer("l1", torch.tensor([getattr(s.cfg, "l1_coeff", 0.0) for s in saes], device=device))
+        self.register_buffer("l1_over_d", torch.tensor([getattr(s.cfg, "l1_coeff", 0.0) / c.d_in for s in saes], device=device))
 
     def __len__(self) -> int:
         return len(self.saes)
