@@ -268,18 +268,24 @@ class ShardReader:
             return out
         chunks = self._chunks(a, b)
         dest = out.reshape(n, -1).view(np.uint8)
-        if keep is None:
-            runs = [(a, 0, n)]
-        else:    # kept rows come in long consecutive runs (only position-0 rows are left out)
-            breaks = (np.flatnonzero(np.diff(keep) != 1) + 1).tolist()
-            runs = [(int(keep[s]), s, e) for s, e in zip([0] + breaks, breaks + [n])]
         size = lay.chunk_rows
-        for row, s, e in runs:      # copy rows row.. into dest[s:e], chunk by chunk
-            while s < e:
+        if keep is None:
+            row, s = a, 0
+            while s < n:            # copy rows a.. into dest, chunk by chunk
                 c, r = divmod(row, size)
-                take = min(e - s, size - r)
+                take = min(n - s, size - r)
                 dest[s:s + take] = chunks[c][r:r + take]
                 s, row = s + take, row + take
+            return out
+        # one gather per chunk, not one copy per run of consecutive rows: held-out sequences leave
+        # a gap every ~`every` rows (rows are shuffled across sequences), so runs are short
+        # (tests/test_split.py); "clip" skips take's buffering, the rows are checked to lie in [a, b)
+        keep = np.asarray(keep, dtype=np.int64)
+        chunk_of = keep // size
+        cuts = (np.flatnonzero(np.diff(chunk_of)) + 1).tolist()
+        for s, e in zip([0] + cuts, cuts + [n]):
+            c = int(chunk_of[s])
+            np.take(chunks[c], keep[s:e] - c * size, axis=0, out=dest[s:e], mode="clip")
         return out
 
 
