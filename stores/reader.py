@@ -73,6 +73,7 @@ class Store:
         self._cache: dict[str, object] = {}
         self._checked: set[str] = set()
         self._readers: dict[str, object] = {}
+        self._kept_cache = None
         # the store this object opened; None for stores made before creation ids (not re-checked)
         self.creation_id = attrs.get("creation_id")
         self._digests = {key: digest for rec in (records or {}).values()
@@ -192,6 +193,15 @@ class Store:
         """The held-out split (stores/split.py): recorded by the harvest, or derived for an older store."""
         from .split import store_split
         return store_split(self.attrs, self.path)
+
+    @property
+    def kept_cache(self):
+        """The rows each training/evaluation feed keeps per block, remembered for this open
+        (stores.batches.KeptCache): later epochs skip the rows/pos and rows/seq reads."""
+        if self._kept_cache is None:
+            from .batches import KeptCache
+            self._kept_cache = KeptCache()
+        return self._kept_cache
 
     @property
     def has_grads(self) -> bool:
