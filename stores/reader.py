@@ -114,9 +114,12 @@ class Store:
         return self.n_seqs if name == layout.TOKENS else self.n_rows
 
     def read_rows(self, name: str, a: int, b: int, keep: np.ndarray | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, confirm: bool = True) -> np.ndarray:
         """Values as stored of rows [a, b) of array `name`, or of the sorted absolute rows `keep`
-        within them, into `out` when given: the training feed's read."""
+        within them, into `out` when given: the training feed's read. confirm=False skips the
+        same-store check after a direct read, for a caller whose every use of these values is
+        followed by a read that checks (the feed's row filter: each block's values are read, and
+        checked, after its rows/pos and rows/seq)."""
         if not 0 <= a <= b <= self._limit(name):
             raise IndexError(f"rows [{a}, {b}) outside [0, {self._limit(name)}) of {name}")
         arr = self._array(name)
@@ -130,7 +133,8 @@ class Store:
             return out
         self._check_rows(name, arr.arr, a, b)
         values = self._guard(name, lambda: reader.read(a, b, out=out, keep=keep))
-        self.confirm_same_store()
+        if confirm:
+            self.confirm_same_store()
         return values
 
     def _check_rows(self, name: str, arr, first: int, stop: int) -> None:
