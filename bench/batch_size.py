@@ -69,11 +69,11 @@ def main():
                                                 d_sae=d_sae, batch_size=batch, tokens=args.tokens, lr=lr,
                                                 device=args.device, checkpoint_every=10**9, seed=0),
                                     progress=False).values()))
+            held = summary["held_out"]
             row = {"lr_scale": rule, "batch_size": batch, "lr": lr, "steps": summary["steps"],
                    "tokens": summary["tokens"], "seconds": summary["seconds"],
                    "steps_per_s": summary["steps"] / summary["seconds"], "tokens_per_s": summary["tokens_per_s"],
-                   "held_out_nmse": summary["held_out"]["nmse"], "held_out_tokens": summary["held_out"]["held_out_tokens"],
-                   "dead_fraction": summary.get("dead_fraction")}
+                   "held_out_nmse": held["nmse"], "held_out_tokens": held["held_out_tokens"]}
             rows.append(row)
             print(f"{rule:>4} batch {batch:>5}: lr {lr:.2e}, {row['steps']} steps, {row['steps_per_s']:.2f} steps/s, "
                   f"{row['tokens_per_s'] or 0:,.0f} tok/s, held-out NMSE {row['held_out_nmse']:.4f}", flush=True)

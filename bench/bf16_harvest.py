@@ -98,11 +98,12 @@ def main():
         for arr in ("rows/seq", "rows/pos"):
             if not np.array_equal(st.read_rows(arr, 0, st.n_rows), ref.read_rows(arr, 0, ref.n_rows)):
                 raise SystemExit(f"{name}: {arr} differs from the reference store's: rows not comparable")
-        errors = {f"{kind} {s}": row_errors((st.acts if kind == "acts" else st.grads)(s, rows), ref_values[(kind, s)])
-                  for (kind, s) in ref_values}
-        result["variants"][name] = {"tok_s": speed[name], "ratio_to_fp32_reference": speed[name] / speed["fp32 reference"],
-                                    "encodings": {"acts": st.encoding(st.sites[0]), "grads": st.encoding(st.sites[0], grads=True)},
-                                    "errors": errors}
+        errors = {f"{kind} {s}": row_errors((st.acts if kind == "acts" else st.grads)(s, rows), want)
+                  for (kind, s), want in ref_values.items()}
+        result["variants"][name] = {
+            "tok_s": speed[name], "ratio_to_fp32_reference": speed[name] / speed["fp32 reference"],
+            "encodings": {"acts": st.encoding(st.sites[0]), "grads": st.encoding(st.sites[0], grads=True)},
+            "errors": errors}
     result["reference_tok_s"] = speed["fp32 reference"]
     report(result, args.json)
     shutil.rmtree(tmp, ignore_errors=True)

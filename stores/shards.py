@@ -6,10 +6,11 @@ stores/chunk_codecs.py) and index codecs [bytes(little), crc32c] at the end. Suc
 each inner chunk's bytes (compressed, if so) followed by their crc32c, in order, then the index
 (offset and length of every chunk, little-endian uint64, C order) and the index's crc32c.
 zarr-python writes exactly these bytes (tests/test_shards.py and test_shards_compressed.py compare
-them), so any Zarr v3 reader still reads what `encode_shard` writes. Going around zarr here is what keeps the harvest's writer and the
-training feed near disk speed: one write or one ranged read per shard span instead of a task per
-chunk. Every chunk's crc32c is still checked on read, before it is decompressed. Arrays with any
-other pipeline (another codec, a store another tool wrote) are read and written through zarr.
+them), so any Zarr v3 reader still reads what `encode_shard` writes. Going around zarr here is
+what keeps the harvest's writer and the training feed near disk speed: one write or one ranged
+read per shard span instead of a task per chunk. Every chunk's crc32c is still checked on read,
+before it is decompressed. Arrays with any other pipeline (another codec, a store another tool
+wrote) are read and written through zarr.
 """
 from __future__ import annotations
 

@@ -149,12 +149,15 @@ def test_harvest_compressor_writes_compressed_shards_with_the_same_rows(tmp_path
         stores[comp] = open_store(str(out))
         assert verify_store(str(out)) == []
     meta = json.loads((tmp_path / "zstd-1.zarr" / "acts" / "blocks.1.resid_pre" / "zarr.json").read_text())
-    assert meta["codecs"][0]["configuration"]["codecs"][1] == {"name": "zstd", "configuration": {"level": 1, "checksum": False}}
+    assert meta["codecs"][0]["configuration"]["codecs"][1] == \
+        {"name": "zstd", "configuration": {"level": 1, "checksum": False}}
     a, b = stores["none"], stores["zstd-1"]
-    rows = slice(0, a.n_rows)
+    rows, site = slice(0, a.n_rows), "blocks.1.resid_pre"
     assert a.n_rows == b.n_rows > 0
-    np.testing.assert_array_equal(a.acts("blocks.1.resid_pre", rows, decode=False), b.acts("blocks.1.resid_pre", rows, decode=False))
-    np.testing.assert_array_equal(a.grads("blocks.1.resid_pre", rows, decode=False), b.grads("blocks.1.resid_pre", rows, decode=False))
-    size = lambda comp: sum(f.stat().st_size for f in (tmp_path / f"{comp}.zarr" / "rows" / "pos").glob("c/**/*")  # noqa: E731
-                            if f.is_file())
+    np.testing.assert_array_equal(a.acts(site, rows, decode=False), b.acts(site, rows, decode=False))
+    np.testing.assert_array_equal(a.grads(site, rows, decode=False), b.grads(site, rows, decode=False))
+
+    def size(comp):
+        return sum(f.stat().st_size for f in (tmp_path / f"{comp}.zarr" / "rows" / "pos").glob("c/**/*")
+                   if f.is_file())
     assert 0 < size("zstd-1") < size("none") / 2         # positions 0..31 as int32 compress well
