@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import tempfile
 
 import torch
@@ -79,6 +80,7 @@ def main():
                   f"{row['tokens_per_s'] or 0:,.0f} tok/s, held-out NMSE {row['held_out_nmse']:.4f}", flush=True)
     report({"store": store, "site": SITE, "d_sae": d_sae, "k": args.k, "base_lr": base_lr,
             "torch_threads": torch.get_num_threads(), "runs": rows}, args.json)
+    shutil.rmtree(tmp, ignore_errors=True)      # the SAEs (and the store, unless --store named it)
 
 
 if __name__ == "__main__":
