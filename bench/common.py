@@ -24,15 +24,17 @@ def gpt2_small_random(root: str) -> str:
     return path
 
 
-def synthetic_store(path: str, d: int, rows: int, ctx: int = 128) -> None:
-    """Sparse combinations of a random dictionary (so the SAE's work is realistic), fp16 like GPT-2."""
+def synthetic_store(path: str, d: int, rows: int, ctx: int = 128, compressor: str | None = None,
+                    encoding: str = "float16") -> None:
+    """Sparse combinations of a random dictionary (so the SAE's work is realistic), fp16 like GPT-2
+    (or `encoding`), chunks compressed with `compressor` (harvest run --compressor)."""
     rng = np.random.default_rng(0)
     n_seqs = rows // ctx
     window_seqs = min(n_seqs, 2048)
     dictionary = rng.normal(size=(4 * d, d)).astype(np.float32) / math.sqrt(d)
     w = StoreWriter.create(path, meta={"model": {"name": "synthetic"}},
-                           sites={"blocks.0.resid_pre": {"d": d, "encoding": "float16"}}, grads=None,
-                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs)
+                           sites={"blocks.0.resid_pre": {"d": d, "encoding": encoding}}, grads=None,
+                           ctx_len=ctx, n_seqs=n_seqs, window_seqs=window_seqs, compressor=compressor)
     for win in range(-(-n_seqs // window_seqs)):
         seqs = np.arange(win * window_seqs, min((win + 1) * window_seqs, n_seqs))
         n = len(seqs) * ctx

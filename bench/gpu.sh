@@ -3,9 +3,11 @@
 #   bash bench/gpu.sh            # on a CUDA machine: GPT-2-small shapes, full sizes
 #   bash bench/gpu.sh --dry-run  # on a CPU: the same pipeline with tiny sizes (checks the script)
 #   ONLY="harvest train" bash bench/gpu.sh   # some sections (store, harvest, train, parts, sites, codecs,
-#                                            # e2e, evaluate, clt): one device call may run at most 10 minutes
+#                                            # bf16, e2e, evaluate, clt): one device call may run at most 10 min
 #   ONLY=clt bash bench/gpu.sh               # a 12-layer CLT step at GPT-2-small shape, F 8192 and 24576
 #                                            # per layer, topk and jumprelu (~3 min estimated; not yet run)
+#   ONLY=bf16 bash bench/gpu.sh              # issue 21's bf16 harvest table (4 harvests of 131k tokens:
+#                                            # ~2 min estimated on an H100/H200, not yet run there)
 #   REP=1 ONLY="store train parts codecs" bash bench/gpu.sh   # issue 21's sections, ~7 min estimated on
 #                                            # an H100/H200 (not yet run there)
 # Needs the offline default model's tokenizer (built on first use, or SAE_HARVEST_CACHE pointing at
@@ -31,14 +33,14 @@ if [ "${1:-}" = "--dry-run" ]; then
   DEV=cpu; MODEL=stdlib-gpt2; CTX=64; HN=4096; TD_IN=64; TD_SAE=1024; TN=16384; TROWS=20000
   E2E_TOKENS=2048; E2E_DSAE=256; E2E_SITE=blocks.2.resid_pre; EN=2048; REP=${REP:-1}; HBATCH=4
   WSITES=2; WD=64; WROWS=8192; RROWS=65536; RD=64; PBATCH=512; PITERS=1; CTOK=1024; CGPT2=--no-gpt2; SN=4096
-  CLT_LAYERS=4; CLT_D=64; CLT_F=128,256; CLT_BATCH=512; CLT_ITERS=2
+  CLT_LAYERS=4; CLT_D=64; CLT_F=128,256; CLT_BATCH=512; CLT_ITERS=2; BTOK=4096
 else
   DEV=cuda; MODEL=gpt2-small-random; CTX=1024; HN=131072; TD_IN=768; TD_SAE=24576; TN=4096000; TROWS=600000
   E2E_TOKENS=2097152; E2E_DSAE=46080; E2E_SITE=blocks.6.resid_pre; EN=131072; REP=${REP:-2}; HBATCH=16
   WSITES=4; WD=768; WROWS=131072; RROWS=524288; RD=768; PBATCH=4096; PITERS=20; CTOK=4096; CGPT2=; SN=32768
-  CLT_LAYERS=12; CLT_D=768; CLT_F=8192,24576; CLT_BATCH=4096; CLT_ITERS=10
+  CLT_LAYERS=12; CLT_D=768; CLT_F=8192,24576; CLT_BATCH=4096; CLT_ITERS=10; BTOK=131072
 fi
-ONLY=${ONLY:-store harvest train parts sites codecs e2e evaluate clt}
+ONLY=${ONLY:-store harvest train parts sites codecs bf16 e2e evaluate clt}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 py() { python3 "$@"; }
 MPATH=$MODEL
@@ -84,6 +86,12 @@ if want codecs; then
 echo "== codecs: compression ratio and GB/s per core on harvested activations and gradients"
 py bench/codecs.py --device $DEV --tokens $CTOK $CGPT2 --disk-gbs 1.0 --threads 8 --json "$OUT/codecs.json" \
    | grep -v '^ *[]["{}0-9]'
+fi
+
+if want bf16; then
+echo "== bf16 harvest: --dtype bfloat16 and fp32 under bf16 autocast vs fp32, tok/s and per-row error vs the fp32 store"
+py bench/bf16_harvest.py --model "$MPATH" --device $DEV --ctx-len $CTX --batch-size $HBATCH --tokens $BTOK \
+   --json "$OUT/bf16.json" | grep -v '^ *[]["{}0-9]'
 fi
 
 if want e2e; then

@@ -107,6 +107,18 @@ def main(out: Path) -> None:
         rows.append((f"evaluate splice, {e['n_saes']} SAEs d_sae={e['d_sae']}",
                      f"{e['evaluate_tok_s']:,.0f} tok/s vs bare forward {e['bare_forward_tok_s']:,.0f} tok/s",
                      f"{e['clean_forwards_per_sae']:.2f} clean forwards per SAE"))
+    b = load("bf16.json")
+    if b:
+        rows.append((f"harvest fp32 reference (fp32 compute and storage), {b['attn_implementation']} attention, "
+                     f"ctx {b['ctx_len']}", f"{b['reference_tok_s']:,.0f} tok/s", "1.00x"))
+        for name, v in b["variants"].items():
+            worst = max(v["errors"].items(), key=lambda kv: kv[1].get("frac_above_1e-2", 0))
+            med = lambda kind: max(e.get("median", 0) for k, e in v["errors"].items() if k.startswith(kind))  # noqa: E731
+            rows.append((f"harvest {name} (acts {v['encodings']['acts']}, grads {v['encodings']['grads']})",
+                         f"{v['tok_s']:,.0f} tok/s; per-row rel. error vs fp32 store, worst site's median: acts "
+                         f"{med('acts'):.1e}, grads {med('grads'):.1e}",
+                         f"{v['ratio_to_fp32_reference']:.2f}x; rows > 1e-2: up to "
+                         f"{100 * worst[1].get('frac_above_1e-2', 0):.2f}% ({worst[0]})"))
     print("| measurement | rate | ratio / derived |\n|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

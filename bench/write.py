@@ -38,13 +38,14 @@ def windows(args):
                np.tile(np.arange(ctx, dtype=np.int32), seqs), arrays, arrays)
 
 
-def store_seconds(root: str, args, direct: bool) -> tuple[float, int]:
+def store_seconds(root: str, args, direct: bool, compressor: str | None = None) -> tuple[float, int]:
     path = os.path.join(root, "s.zarr")
     shutil.rmtree(path, ignore_errors=True)
     sites = {f"blocks.{i}.resid_pre": {"d": args.d, "encoding": "float16"} for i in range(args.sites)}
     w = StoreWriter.create(path, meta={"model": {"name": "bench"}}, sites=sites,
                            grads={"encoding": "float16", "definition": "bench"}, ctx_len=128,
-                           n_seqs=args.windows * args.window_rows // 128, window_seqs=args.window_rows // 128)
+                           n_seqs=args.windows * args.window_rows // 128, window_seqs=args.window_rows // 128,
+                           compressor=compressor)
     if not direct:
         w._plain = {name: None for name in w._plain}
     n = 0
@@ -82,16 +83,21 @@ def main():
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", help="where to write (default: a temporary folder)")
+    p.add_argument("--compressors", default="", help="also the store writer with these --compressor values "
+                   "(comma list; rates in uncompressed bytes)")
     p.add_argument("--json")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="bench-write-", dir=args.dir)
     _, shard_rows = layout.row_geometry(args.window_rows, 2 * args.d)
-    sides = {"raw write": [], "store writer": [], "zarr + read-back (old)": []}
+    runs = [("raw write", lambda: raw_seconds(root, args, shard_rows * 2 * args.d)),
+            ("store writer", lambda: store_seconds(root, args, True)),
+            ("zarr + read-back (old)", lambda: store_seconds(root, args, False))]
+    runs += [(f"store writer, {c}", lambda c=c: store_seconds(root, args, True, c))
+             for c in args.compressors.split(",") if c]
+    sides = {name: [] for name, _ in runs}
     try:
         for _ in range(args.repeats):
-            for name, run in (("raw write", lambda: raw_seconds(root, args, shard_rows * 2 * args.d)),
-                              ("store writer", lambda: store_seconds(root, args, True)),
-                              ("zarr + read-back (old)", lambda: store_seconds(root, args, False))):
+            for name, run in runs:
                 t, n = run()
                 sides[name].append(n / t)
     finally:

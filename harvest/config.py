@@ -48,7 +48,9 @@ class HarvestConfig:
     act_encoding: str = opt("auto", "auto: float16 for GPT-2, bfloat16 for Gemma (fp16 overflows there).",
                             choices=("auto", "float16", "bfloat16", "float32"))
     grad_encoding: str = opt("bfloat16", "Encoding of the stored gradients.", choices=("bfloat16", "float32"))
-    compressor: str = opt("none", "Chunk compression.", choices=("none", "zstd"))
+    compressor: str = opt("none", "Chunk compression (standard Zarr v3 codecs; zstd = level 3; blosc with byte "
+                                  "shuffle; docs/store-format.md).",
+                          choices=("none", "zstd", "zstd-1", "blosc-zstd", "blosc-lz4"))
     trust_remote_code: bool = opt(False, "Allow model code from the hub (off by default).")
     grad_target: str = opt("labels", "With --grads, the gradient of: labels = the summed next-token CE (gradient "
                                      "paper); model-top1 = each position's CE against the model's own top "

@@ -7,12 +7,54 @@ its arguments, and `state()` / `state=` resume it exactly.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import layout
+
+
+class KeptCache:
+    """Which rows of each block a feed keeps (position 0 and the held-out or training sequences
+    filtered out), kept per store open (`Store.kept_cache`) so epochs after the first read no
+    `rows/pos` or `rows/seq`: one bit per row and filter (128 MiB per billion rows; past `budget`
+    bytes nothing more is cached and blocks are filtered by reading, as before). Every entry holds
+    its kept-row count: an entry whose bitmap does not have its block's length or count is dropped
+    and the block's rows are read again, never trusted."""
+
+    def __init__(self, budget: int = 256 << 20):
+        self.budget, self.nbytes = budget, 0
+        self._entries: dict[tuple, tuple[int, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, a: int, b: int) -> np.ndarray | None:
+        """The kept absolute rows of block [a, b) under filter `key`, or None (not cached, or an
+        entry that does not fit the block: dropped)."""
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            return None
+        count, bits = entry
+        if len(bits) == -(-(b - a) // 8):
+            keep = np.flatnonzero(np.unpackbits(bits, count=b - a))
+            if len(keep) == count:
+                return keep + a
+        with self._lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+                self.nbytes -= bits.nbytes
+        return None
+
+    def put(self, key: tuple, a: int, b: int, keep: np.ndarray) -> None:
+        mask = np.zeros(b - a, dtype=bool)
+        mask[keep - a] = True
+        bits = np.packbits(mask)
+        with self._lock:
+            if key not in self._entries and self.nbytes + bits.nbytes <= self.budget:
+                self._entries[key] = (len(keep), bits)
+                self.nbytes += bits.nbytes
 
 
 class BlockBatches:
@@ -80,13 +122,25 @@ class BlockBatches:
         if not self.exclude_pos0 and self.split is None:
             return None
         a, b = self.blocks[index]
+        cache = getattr(self.store, "kept_cache", None)
+        key = (a, b, self.exclude_pos0, self.seqs, None if self.split is None else self.split.every)
+        if cache is not None:
+            cached = cache.get(key, a, b)
+            if cached is not None:
+                return cached
         keep = np.ones(b - a, dtype=bool)
+        # no same-store check after these two reads (a read of zarr.json each, a GET on object
+        # storage): the block's values are read after them, and that read checks; a block whose
+        # rows are all filtered out returns nothing
         if self.exclude_pos0:
-            keep &= self.store.read_rows(layout.ROWS_POS, a, b) != 0
+            keep &= self.store.read_rows(layout.ROWS_POS, a, b, confirm=False) != 0
         if self.split is not None:
-            held = self.split.is_held_out(self.store.read_rows(layout.ROWS_SEQ, a, b))
+            held = self.split.is_held_out(self.store.read_rows(layout.ROWS_SEQ, a, b, confirm=False))
             keep &= held if self.seqs == "held_out" else ~held
-        return np.flatnonzero(keep) + a
+        keep = np.flatnonzero(keep) + a
+        if cache is not None:
+            cache.put(key, a, b, keep)
+        return keep
 
     def _plan(self, pool):
         """Cut the blocks into batches from row counts alone (no values read yet). Per block yields

@@ -73,6 +73,7 @@ class Store:
         self._cache: dict[str, object] = {}
         self._checked: set[str] = set()
         self._readers: dict[str, object] = {}
+        self._kept_cache = None
         # the store this object opened; None for stores made before creation ids (not re-checked)
         self.creation_id = attrs.get("creation_id")
         self._digests = {key: digest for rec in (records or {}).values()
@@ -113,9 +114,12 @@ class Store:
         return self.n_seqs if name == layout.TOKENS else self.n_rows
 
     def read_rows(self, name: str, a: int, b: int, keep: np.ndarray | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, confirm: bool = True) -> np.ndarray:
         """Values as stored of rows [a, b) of array `name`, or of the sorted absolute rows `keep`
-        within them, into `out` when given: the training feed's read."""
+        within them, into `out` when given: the training feed's read. confirm=False skips the
+        same-store check after a direct read, for a caller whose every use of these values is
+        followed by a read that checks (the feed's row filter: each block's values are read, and
+        checked, after its rows/pos and rows/seq)."""
         if not 0 <= a <= b <= self._limit(name):
             raise IndexError(f"rows [{a}, {b}) outside [0, {self._limit(name)}) of {name}")
         arr = self._array(name)
@@ -129,7 +133,8 @@ class Store:
             return out
         self._check_rows(name, arr.arr, a, b)
         values = self._guard(name, lambda: reader.read(a, b, out=out, keep=keep))
-        self.confirm_same_store()
+        if confirm:
+            self.confirm_same_store()
         return values
 
     def _check_rows(self, name: str, arr, first: int, stop: int) -> None:
@@ -192,6 +197,15 @@ class Store:
         """The held-out split (stores/split.py): recorded by the harvest, or derived for an older store."""
         from .split import store_split
         return store_split(self.attrs, self.path)
+
+    @property
+    def kept_cache(self):
+        """The rows each training/evaluation feed keeps per block, remembered for this open
+        (stores.batches.KeptCache): later epochs skip the rows/pos and rows/seq reads."""
+        if self._kept_cache is None:
+            from .batches import KeptCache
+            self._kept_cache = KeptCache()
+        return self._kept_cache
 
     @property
     def has_grads(self) -> bool:

@@ -1,14 +1,16 @@
 """The plain shard layout this tool writes, encoded and read without zarr's per-chunk machinery.
 
 Every array of a store is a Zarr v3 `sharding_indexed` array split along its first axis, with
-inner codecs [bytes(little), crc32c] and index codecs [bytes(little), crc32c] at the end. Such a
-shard is: each inner chunk's bytes followed by their crc32c, in order, then the index (offset and
-length of every chunk, little-endian uint64, C order) and the index's crc32c. zarr-python writes
-exactly these bytes (tests/test_shards.py compares them), so any Zarr v3 reader still reads what
-`encode_shard` writes. Going around zarr here is what keeps the harvest's writer and the
-training feed near disk speed: one write or one ranged read per shard span instead of a task per
-chunk. Every chunk's crc32c is still checked on read. Arrays with any other pipeline (zstd, a
-store another tool wrote) are read and written through zarr.
+inner codecs [bytes(little), crc32c] (or [bytes(little), zstd or blosc, crc32c]: `--compressor`,
+stores/chunk_codecs.py) and index codecs [bytes(little), crc32c] at the end. Such a shard is:
+each inner chunk's bytes (compressed, if so) followed by their crc32c, in order, then the index
+(offset and length of every chunk, little-endian uint64, C order) and the index's crc32c.
+zarr-python writes exactly these bytes (tests/test_shards.py and test_shards_compressed.py compare
+them), so any Zarr v3 reader still reads what `encode_shard` writes. Going around zarr here is
+what keeps the harvest's writer and the training feed near disk speed: one write or one ranged
+read per shard span instead of a task per chunk. Every chunk's crc32c is still checked on read,
+before it is decompressed. Arrays with any other pipeline (another codec, a store another tool
+wrote) are read and written through zarr.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import google_crc32c
 import numpy as np
 import xxhash
 
-from . import fs
+from . import chunk_codecs, fs
 from .errors import StoreError
 
 _EMPTY = np.uint64(2**64 - 1)       # an index entry for a chunk that was never written
-_PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_PLAIN_CODECS = [_BYTES, {"name": "crc32c"}]
 
 
 def _crc(buf) -> bytes:
@@ -44,6 +47,12 @@ class Plain:
     shard_rows: int
     chunk_rows: int
     dtype: np.dtype
+    compressor: str | None = None     # the chunks' compressor entry as JSON text; None: stored raw
+
+    @property
+    def codec(self):
+        """The numcodecs compressor (configured as zarr-python configures it), or None."""
+        return None if self.compressor is None else chunk_codecs.compressor(self.compressor)
 
     @property
     def row_shape(self) -> tuple:
@@ -81,8 +90,13 @@ def plain(name: str, arr) -> Plain | None:
     if meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}:
         return None
     conf = codecs[0].get("configuration", {})
-    if conf.get("codecs") != _PLAIN_CODECS or conf.get("index_codecs") != _PLAIN_CODECS \
-            or conf.get("index_location", "end") != "end":
+    inner = conf.get("codecs") or []
+    compressor = None
+    if len(inner) == 3 and [inner[0], inner[2]] == _PLAIN_CODECS and chunk_codecs.readable(inner[1]):
+        compressor = json.dumps(inner[1], sort_keys=True)
+    elif inner != _PLAIN_CODECS:
+        return None
+    if conf.get("index_codecs") != _PLAIN_CODECS or conf.get("index_location", "end") != "end":
         return None
     shape = tuple(meta["shape"])
     shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -91,7 +105,7 @@ def plain(name: str, arr) -> Plain | None:
     if dtype is None or dtype.kind not in "iuf" or not shape or shard[1:] != shape[1:] \
             or chunk[1:] != shape[1:] or shard[0] % chunk[0]:
         return None
-    return Plain(name, shape, int(shard[0]), int(chunk[0]), dtype.newbyteorder("<"))
+    return Plain(name, shape, int(shard[0]), int(chunk[0]), dtype.newbyteorder("<"), compressor)
 
 
 def encode_shard(layout: Plain, values: np.ndarray) -> list:
@@ -110,6 +124,8 @@ def encode_shard(layout: Plain, values: np.ndarray) -> list:
             full[:len(rows)] = rows
             rows = full
         data = memoryview(rows).cast("B")
+        if layout.codec is not None:
+            data = layout.codec.encode(data)
         pieces += [data, _crc(data)]
         index[c] = (offset, len(data) + 4)
         offset += len(data) + 4
@@ -118,11 +134,11 @@ def encode_shard(layout: Plain, values: np.ndarray) -> list:
     return pieces
 
 
-def _runs(index: np.ndarray, first: int, last: int, nbytes: int) -> list[list[int]]:
+def _runs(index: np.ndarray, first: int, last: int) -> list[list[int]]:
     """Chunks first..last grouped into runs stored back to back (one read each)."""
     runs = [[first]]
     for c in range(first + 1, last + 1):
-        if int(index[c, 0]) == int(index[runs[-1][-1], 0]) + nbytes:
+        if int(index[c, 0]) == int(index[runs[-1][-1], 0]) + int(index[runs[-1][-1], 1]):
             runs[-1].append(c)
         else:
             runs.append([c])
@@ -149,10 +165,13 @@ class ShardReader:
         return StoreError(f"store {self.path}: array {self.layout.name}: corrupt data in shard "
                           f"{self.layout.key(shard)} ({what})")
 
-    def _buffer(self, n: int) -> memoryview:
-        buf = getattr(self._buffers, "buf", None)
+    def _buffer(self, n: int, which: str = "raw") -> memoryview:
+        """A per-thread buffer of n bytes, reused: "raw" for what storage returns, "plain" for
+        decompressed chunks."""
+        buf = getattr(self._buffers, which, None)
         if buf is None or len(buf) < n:
-            buf = self._buffers.buf = bytearray(n)
+            buf = bytearray(n)
+            setattr(self._buffers, which, buf)
         return memoryview(buf)[:n]
 
     def index(self, shard: int) -> np.ndarray:
@@ -167,7 +186,9 @@ class ShardReader:
                 raise self._corrupt(shard, "shard index checksum mismatch")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
             written = index[:, 0] != _EMPTY     # zarr leaves chunks a partial write never touched
-            if (index[written, 1] != lay.chunk_bytes + 4).any():
+            lengths = index[written, 1]
+            # a compressed chunk has any length; a crc32c and at least one byte of frame it must have
+            if (lengths != lay.chunk_bytes + 4).any() if lay.codec is None else (lengths < 5).any():
                 raise self._corrupt(shard, "chunk lengths differ from the array's geometry")
             self._index[shard] = index
             self._index_raw[shard] = raw
@@ -186,9 +207,10 @@ class ShardReader:
 
     def _chunks(self, a: int, b: int) -> dict[int, np.ndarray]:
         """{global chunk number: its rows as [chunk_rows, row_bytes] uint8} for every chunk rows
-        [a, b) touch, each read in as few reads as the shard's layout allows and crc-checked."""
+        [a, b) touch, each read in as few reads as the shard's layout allows, crc-checked, then
+        decompressed (into a reused per-thread buffer) when the array is compressed."""
         lay = self.layout
-        plan = []          # (shard, chunks stored back to back)
+        plan = []          # (shard, chunks stored back to back, their bytes)
         for shard in range(a // lay.shard_rows, (b - 1) // lay.shard_rows + 1):
             base = shard * lay.shard_rows
             first = (max(a, base) - base) // lay.chunk_rows
@@ -196,21 +218,37 @@ class ShardReader:
             index = self.index(shard)
             if (index[first:last + 1, 0] == _EMPTY).any():
                 raise self._corrupt(shard, "a chunk holding recorded rows was never written")
-            plan += [(shard, run) for run in _runs(index, first, last, lay.chunk_bytes + 4)]
-        step = lay.chunk_bytes + 4
-        buf = self._buffer(sum(len(run) for _, run in plan) * step) if self._local else None
-        chunks, at = {}, 0
-        for shard, run in plan:
+            plan += [(shard, run, int(index[run, 1].sum())) for run in _runs(index, first, last)]
+        buf = self._buffer(sum(n for _, _, n in plan)) if self._local else None
+        codec = lay.codec
+        plain = self._buffer(sum(len(run) for _, run, _ in plan) * lay.chunk_bytes, "plain") if codec else None
+        chunks, at, k = {}, 0, 0
+        for shard, run, nbytes in plan:
             lo = int(self._index[shard][run[0], 0])
-            raw = fs.read_range(self.path, lay.key(shard), lo, lo + len(run) * step,
-                                into=None if buf is None else buf[at:at + len(run) * step])
-            at += len(run) * step
-            if len(raw) != len(run) * step:
-                raise self._corrupt(shard, f"{len(raw)} bytes where the index says {len(run) * step}")
-            for i, c in enumerate(run):
-                data = raw[i * step:i * step + lay.chunk_bytes]
-                if _crc(data) != raw[i * step + lay.chunk_bytes:(i + 1) * step]:
+            raw = fs.read_range(self.path, lay.key(shard), lo, lo + nbytes,
+                                into=None if buf is None else buf[at:at + nbytes])
+            at += nbytes
+            if len(raw) != nbytes:
+                raise self._corrupt(shard, f"{len(raw)} bytes where the index says {nbytes}")
+            raw = memoryview(raw)
+            pos = 0
+            for c in run:
+                size = int(self._index[shard][c, 1])
+                data, crc = raw[pos:pos + size - 4], raw[pos + size - 4:pos + size]
+                pos += size
+                if _crc(data) != crc:
                     raise self._corrupt(shard, f"chunk {c} checksum mismatch")
+                if codec is not None:
+                    out = plain[k * lay.chunk_bytes:(k + 1) * lay.chunk_bytes]
+                    k += 1
+                    try:    # in place only when the frame says it fills the buffer exactly
+                        exact = chunk_codecs.stated_size(codec, data) == lay.chunk_bytes
+                        data = codec.decode(data, out=out) if exact else codec.decode(data)
+                    except Exception as e:     # a frame that passed its crc32c but does not decode
+                        raise self._corrupt(shard, f"chunk {c} does not decompress: {e}") from None
+                    if memoryview(data).nbytes != lay.chunk_bytes:
+                        raise self._corrupt(shard, f"chunk {c} decompresses to {memoryview(data).nbytes} "
+                                                   f"bytes, not {lay.chunk_bytes}")
                 chunks[shard * lay.chunks_per_shard + c] = \
                     np.frombuffer(data, dtype=np.uint8).reshape(lay.chunk_rows, lay.row_bytes)
             self._check_whole(shard, run, raw)
@@ -231,18 +269,24 @@ class ShardReader:
             return out
         chunks = self._chunks(a, b)
         dest = out.reshape(n, -1).view(np.uint8)
-        if keep is None:
-            runs = [(a, 0, n)]
-        else:    # kept rows come in long consecutive runs (only position-0 rows are left out)
-            breaks = (np.flatnonzero(np.diff(keep) != 1) + 1).tolist()
-            runs = [(int(keep[s]), s, e) for s, e in zip([0] + breaks, breaks + [n])]
         size = lay.chunk_rows
-        for row, s, e in runs:      # copy rows row.. into dest[s:e], chunk by chunk
-            while s < e:
+        if keep is None:
+            row, s = a, 0
+            while s < n:            # copy rows a.. into dest, chunk by chunk
                 c, r = divmod(row, size)
-                take = min(e - s, size - r)
+                take = min(n - s, size - r)
                 dest[s:s + take] = chunks[c][r:r + take]
                 s, row = s + take, row + take
+            return out
+        # one gather per chunk, not one copy per run of consecutive rows: held-out sequences leave
+        # a gap every ~`every` rows (rows are shuffled across sequences), so runs are short
+        # (tests/test_split.py); "clip" skips take's buffering, the rows are checked to lie in [a, b)
+        keep = np.asarray(keep, dtype=np.int64)
+        chunk_of = keep // size
+        cuts = (np.flatnonzero(np.diff(chunk_of)) + 1).tolist()
+        for s, e in zip([0] + cuts, cuts + [n]):
+            c = int(chunk_of[s])
+            np.take(chunks[c], keep[s:e] - c * size, axis=0, out=dest[s:e], mode="clip")
         return out
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from . import fs, layout, shards
+from . import chunk_codecs, fs, layout, shards
 from .errors import StoreError
 from .urls import scrub
 
@@ -167,7 +167,8 @@ class StoreWriter:
         plain = self._plain[name]
         if plain is not None:
             return shards.write_shards(self.path, plain, first, values)
-        # another codec pipeline (zstd): zarr writes it, and the checksums are of the bytes read back
+        # a codec pipeline the direct writer does not handle: zarr writes it, and the checksums are of
+        # the bytes read back
         arr = self._arrays[name]
         arr[first:first + len(values)] = values
         out = []
@@ -224,11 +225,10 @@ class StoreWriter:
             "creation_id": creation_id or uuid.uuid4().hex,
         }
         # crc32c on every chunk (and every shard index): any Zarr v3 reader detects a flipped bit
-        codecs = [zarr.codecs.Crc32cCodec()]
-        if compressor == "zstd":
-            codecs = [zarr.codecs.ZstdCodec(level=3), *codecs]
-        elif compressor not in (None, "none"):
-            raise StoreError(f"unknown compressor {compressor!r}; use none or zstd")
+        try:
+            codecs = chunk_codecs.zarr_codecs(compressor)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
         others = [k for k in fs.list_keys(path, "") if k != layout.LEASE_KEY] if fs.anything_at(path) else []
         if others:
             raise StoreError(f"cannot create a store at {scrub(path)}: it already holds {others[0]}"

@@ -106,9 +106,9 @@ def test_one_pass_reads_each_block_once(store, tmp_path, monkeypatch):
     reads = []
     real = Store.read_rows
 
-    def counting(self, name, a, b, keep=None, out=None):
+    def counting(self, name, a, b, keep=None, out=None, **kwargs):
         reads.append((name, a, b))
-        return real(self, name, a, b, keep=keep, out=out)
+        return real(self, name, a, b, keep=keep, out=out, **kwargs)
 
     monkeypatch.setattr(Store, "read_rows", counting)
     n_rows = open_store(str(path)).n_rows
