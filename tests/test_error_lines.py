@@ -46,14 +46,14 @@ def _free_port() -> int:
 DDP_WORKER = """
 import os, sys
 from sae_harvest.train import distributed
-real = distributed.average_gradients
+real = distributed.Reducer.average_gradients
 calls = []
-def average_gradients(module):
+def average_gradients(self, module):
     calls.append(1)
     if os.environ["RANK"] == "1" and len(calls) == 3:
         os._exit(17)          # rank 1 dies: rank 0's next collective fails with gloo's [/...] message
-    return real(module)
-distributed.average_gradients = average_gradients
+    return real(self, module)
+distributed.Reducer.average_gradients = average_gradients
 from sae_harvest.train.cli import entry
 sys.argv = ["train", "fit", *sys.argv[1:]]
 entry()

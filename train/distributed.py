@@ -2,13 +2,14 @@
 
 Data parallel (the default under torchrun): `--batch-size` is the global batch. Every rank reads the
 same seeded block order and keeps its own contiguous share of the rows of every global batch, so N
-ranks see exactly the rows one process would. While a step runs (`data_parallel()`), the few places
-whose result depends on the whole batch reduce across ranks through a `Reducer`: gradients
+ranks see exactly the rows one process would. Each step is handed a `Reducer` (`data_parallel()`
+yields it; the driver passes it to the step function, which passes it on), through which the few
+places whose result depends on the whole batch reduce across ranks: gradients
 (averaged: each rank's loss is a mean over its equal share), dead-latent masks (OR) and the logged
 metrics in the trainers; AuxK's residual variance, BatchTopK's batch-wide top-k and its threshold
 (global min) in the architectures, which get the reducer as an argument (`loss(..., reducer=)`,
 `encode_train(..., reducer=)`; LOCAL by default). Outside a step (finalising, held-out evaluation)
-every call is local again.
+nothing holds a reducer, so every call is local.
 
 Sweep parallel (`--sweep-parallel`): the sweep's SAEs are dealt over the ranks (SAE i of the sweep
 on rank i mod N); every rank reads every whole batch and trains its own SAEs exactly as one process
@@ -106,7 +107,7 @@ class Reducer:
     """How one step's batch-wide quantities are combined. An architecture is handed one (its
     loss() / encode_train() take `reducer=`) instead of asking a module global: LOCAL, the
     default, is one process (nothing to reduce), so library use needs no process group; the
-    trainers pass `current()`, which inside `data_parallel()` reduces over every rank."""
+    trainers pass the one their step was handed, which under torchrun reduces over every rank."""
     active: bool = False
 
     def ranks(self) -> int:
@@ -122,6 +123,14 @@ class Reducer:
         if self.active:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's t, in rank order, concatenated along dim (t itself in one process)."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.ranks())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim)
 
     def any_rank(self, mask: torch.Tensor) -> torch.Tensor:
         """Elementwise OR of a bool tensor over the ranks."""
@@ -178,57 +187,19 @@ class Reducer:
             return pre * (pre >= threshold)
         want = pre.shape[0] * self.ranks() * k
         offer = flat.detach().topk(min(want, flat.numel()), sorted=False).values
-        offers = [torch.empty_like(offer) for _ in range(self.ranks())]
-        dist.all_gather(offers, offer)
-        offers = torch.cat(offers)
+        offers = self.all_gather(offer)
         threshold = offers.topk(min(want, offers.numel()), sorted=False).values.min()
         return pre * (pre >= threshold)
 
 
-LOCAL = Reducer()
-_current = LOCAL   # the trainers' reducer: data_parallel() swaps it for the length of a step
+LOCAL = Reducer()   # immutable: the one module-level reducer, and it reduces nothing
 
 
 @contextmanager
 def data_parallel(on: bool = True):
-    """Within this block current() reduces across all ranks (the trainers hand it to the SAEs)."""
-    global _current
-    old = _current
-    _current = Reducer(bool(on) and dist.is_initialized() and dist.get_world_size() > 1)
-    try:
-        yield _current
-    finally:
-        _current = old
-
-
-def current() -> Reducer:
-    """The reducer of the step running now (LOCAL outside a data-parallel step)."""
-    return _current
-
-
-# the trainers' shorthands for current()'s reductions
-def ranks() -> int:
-    return _current.ranks()
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    return _current.all_sum(t)
-
-
-def global_min(t: torch.Tensor) -> torch.Tensor:
-    return _current.global_min(t)
-
-
-def any_rank(mask: torch.Tensor) -> torch.Tensor:
-    return _current.any_rank(mask)
-
-
-def global_mean(values: dict) -> dict:
-    return _current.global_mean(values)
-
-
-def average_gradients(module: torch.nn.Module) -> None:
-    _current.average_gradients(module)
+    """The reducer of one training step: over every rank when `on` under torchrun, else LOCAL. The
+    driver hands what this yields to the step function, which hands it on (no hidden state here)."""
+    yield Reducer(True) if on and dist.is_initialized() and dist.get_world_size() > 1 else LOCAL
 
 
 def share(n: int, world: World) -> slice:

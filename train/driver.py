@@ -226,8 +226,9 @@ class Driver:
                           f"fix the cause and continue with --resume")
 
     def run(self, feed, prepare, step_fn, info_fn, *, progress: bool, console, on_step=None) -> None:
-        """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now)
-        trains every run on it; info_fn() -> the metrics shown under the step line after each logged
+        """prepare(data) -> inputs puts a batch in training form; step_fn(inputs, lr_factor, log_now,
+        reducer) trains every run on it, reducing batch-wide quantities through `reducer` (the
+        step's distributed.Reducer: over every rank in lockstep data parallel, else LOCAL); info_fn() -> the metrics shown under the step line after each logged
         step: rows {"sae": name, metric: value} (one line each) or one line of text."""
         self.feed = feed
         main, writes = self.world.main, self.writes
@@ -264,9 +265,9 @@ class Driver:
                         inputs = prepare(data)
                         if on_step is not None:
                             on_step(StepEvent(self.step, inputs, self.runs, self.scale))
-                        with distributed.data_parallel(parallel and not self.world.shards):
+                        with distributed.data_parallel(parallel and not self.world.shards) as reducer:
                             step_fn(inputs, lr_factor(self.step, self.total_steps, self.warmup,
-                                                      self.cfg.lr_final_fraction), log_now)
+                                                      self.cfg.lr_final_fraction), log_now, reducer)
                     except Exception as e:
                         raise self._save_after_fault(e, before) from e
                     self.step += 1

@@ -99,7 +99,7 @@ def clean_pass(model, ids, downstream) -> dict:
 
 def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff: float = 1.0,
              downstream_coeff: float = 0.0, downstream=(), include_bos: bool = False, read=None,
-             out_scale: float | None = None) -> dict:
+             out_scale: float | None = None, reducer: distributed.Reducer = distributed.LOCAL) -> dict:
     """One spliced forward. Returns {"loss": scalar with grad, "fired": bool [d_sae]} and detached
     scalars: kl, ds:<site> (MSE, mean over tokens and d), downstream_mse (mean over those sites),
     l1, l0, sparsity (if the architecture has one), ce, ce_clean. As in local training and in
@@ -107,7 +107,8 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     BatchTopK's batch top-k) unless include_bos; the terms average over the same positions (GPT-2's
     position 0 has norm ~3000).
     A transcoder (read: its input site) writes `site` with its prediction (skip path included) from
-    read's live value in the same forward, x divided by `scale` and the output times `out_scale`."""
+    read's live value in the same forward, x divided by `scale` and the output times `out_scale`.
+    In training mode the SAE's batch-wide selection reduces through `reducer` (the step's)."""
     seen = {}
     first = 0 if include_bos else 1
 
@@ -116,8 +117,8 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
         src = part if read is None else live[read.name][:, first:]
         x = src.reshape(-1, src.shape[-1]).float() / scale
         if sae.training:   # the training selection (batchtopk: over the batch), reduced over the ranks
-            feats = sae.encode_train(x, reducer=distributed.current())
-            sae.observe_training_latents(feats, reducer=distributed.current())
+            feats = sae.encode_train(x, reducer=reducer)
+            sae.observe_training_latents(feats, reducer=reducer)
         else:
             feats = sae.encode(x)
         seen["feats"], seen["x"] = feats, x   # only the positions the loss terms average over
@@ -157,7 +158,7 @@ def e2e_loss(model, sae, site, ids, *, clean: dict, scale: float = 1.0, kl_coeff
     return out
 
 
-def _pass(model, site, runs, ids, opts: E2EStepOptions, train: bool):
+def _pass(model, site, runs, ids, opts: E2EStepOptions, train: bool, reducer=distributed.LOCAL):
     """Every SAE on the sequences `ids`, in micro-batches that each share one clean forward.
     Returns ({name: mean of each term}, {name: latents that fired}); with train, gradients
     accumulate to those of the whole batch (each sequence counts the same number of tokens)."""
@@ -174,7 +175,7 @@ def _pass(model, site, runs, ids, opts: E2EStepOptions, train: bool):
         for name, run in runs.items():
             run.sae.train(train)   # batchtopk: batch top-k in training, its threshold otherwise
             with torch.set_grad_enabled(train), amp:
-                t = e2e_loss(model, run.sae, site, chunk, clean=clean, **opts.loss_kw())
+                t = e2e_loss(model, run.sae, site, chunk, clean=clean, reducer=reducer, **opts.loss_kw())
             run.sae.train()
             if train:
                 (t["loss"] * w).backward()
@@ -185,14 +186,16 @@ def _pass(model, site, runs, ids, opts: E2EStepOptions, train: bool):
     return sums, fired
 
 
-def _train_step(model, site, runs, ids, opts: E2EStepOptions, factor: float, log_now: bool) -> None:
-    """One optimiser step of every SAE of the sweep on the sequences `ids`."""
-    sums, fired = _pass(model, site, runs, ids, opts, train=True)
-    counted = (ids.numel() - (0 if opts.include_bos else len(ids))) * distributed.ranks()
+def _train_step(model, site, runs, ids, opts: E2EStepOptions, factor: float, log_now: bool,
+                reducer: distributed.Reducer = distributed.LOCAL) -> None:
+    """One optimiser step of every SAE of the sweep on the sequences `ids`; batch-wide quantities
+    reduce through `reducer` (the driver's, for this step)."""
+    sums, fired = _pass(model, site, runs, ids, opts, train=True, reducer=reducer)
+    counted = (ids.numel() - (0 if opts.include_bos else len(ids))) * reducer.ranks()
     for name, run in runs.items():
-        optimizer_step(run, factor, opts.grad_clip, fired=fired[name], tokens=counted)
+        optimizer_step(run, factor, opts.grad_clip, fired=fired[name], tokens=counted, reducer=reducer)
         if log_now:
-            m = distributed.global_mean({k: float(v) for k, v in sums[name].items()})   # equal shares
+            m = reducer.global_mean({k: float(v) for k, v in sums[name].items()})   # equal shares
             run.last = {**m, "ce_increase": m["ce"] - m["ce_clean"], "lr": run.lr * factor,
                         "dead_fraction": float((run.since_fired >= opts.dead_after).float().mean())}
 
@@ -348,8 +351,8 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     def prepare(batch: Batch):
         return _read(env, batch.seqs.numpy())
 
-    def step_fn(ids, factor, log_now):
-        _train_step(env.model, write, runs, ids, opts, factor, log_now)
+    def step_fn(ids, factor, log_now, reducer):
+        _train_step(env.model, write, runs, ids, opts, factor, log_now, reducer)
 
     def info():
         return " | ".join(f"{n}: kl {r.last['kl']:.3g} l0 {r.last['l0']:.1f}" for n, r in list(runs.items())[:3])

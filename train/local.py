@@ -207,12 +207,12 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
         g = batch.grads.to(device, non_blocking=True).float() * scale if batch.grads is not None else None
         return x, g
 
-    def step_fn(inputs, factor, log_now):
+    def step_fn(inputs, factor, log_now, reducer):
         x, g = inputs
         for stack in stacks:
-            stack.step(x, factor, cfg.grad_clip, dead_after, autocast, log_now)
+            stack.step(x, factor, cfg.grad_clip, dead_after, autocast, log_now, reducer)
         for run in loose:
-            _step(run, x, g, factor, cfg, dead_after, autocast, log_now)
+            _step(run, x, g, factor, cfg, dead_after, autocast, log_now, reducer=reducer)
 
     driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console,
                on_step=on_step)
@@ -259,22 +259,24 @@ def warn(line: str, console=None) -> None:
         warnings.warn(line, stacklevel=3)
 
 
-def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now, target=None):
-    """One optimizer step of one SAE on x; a transcoder (train/transcoder.py) predicts `target`."""
+def _step(run: Run, x, g, factor, cfg, dead_after, autocast, log_now, target=None, reducer=distributed.LOCAL):
+    """One optimizer step of one SAE on x; a transcoder (train/transcoder.py) predicts `target`.
+    `reducer` combines the batch-wide parts over the ranks (the driver's, for this step)."""
     sae = run.sae
     # while no latent can be dead yet (the host knows a bound), AuxK is skipped rather than computed as 0
     dead = run.since_fired >= dead_after if run.idle_bound >= dead_after else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = sae.loss(x, g, dead_mask=dead, reducer=distributed.current(),
+        out = sae.loss(x, g, dead_mask=dead, reducer=reducer,
                        **({} if target is None else {"target": target}))
     if target is not None:
         x = target   # the NMSE below is the target's
     out.loss.backward()
-    optimizer_step(run, factor, cfg.grad_clip, fired=(out.feats > 0).any(0), tokens=len(x) * distributed.ranks())
+    optimizer_step(run, factor, cfg.grad_clip, fired=(out.feats > 0).any(0), tokens=len(x) * reducer.ranks(),
+                   reducer=reducer)
     if log_now:   # every term is a mean over the rank's equal share: averaging gives the global batch's
         with torch.no_grad():
-            sums = distributed.all_sum(torch.stack([(out.x_hat.float() - x).pow(2).sum(), x.pow(2).sum()]))
-        terms = distributed.global_mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()}})
+            sums = reducer.all_sum(torch.stack([(out.x_hat.float() - x).pow(2).sum(), x.pow(2).sum()]))
+        terms = reducer.global_mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.terms.items()}})
         dead_fraction = float(dead.float().mean()) if dead is not None else 0.0
         run.last = {**terms, "nmse": float(sums[0] / sums[1]), "dead_fraction": dead_fraction, "lr": run.lr * factor}
         run.idle_bound = int(run.since_fired.max())   # the step syncs here anyway: tighten the bound

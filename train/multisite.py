@@ -313,16 +313,16 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
              for s, a in data["grads"].items()} if data["grads"] is not None else {}
         return x, g
 
-    def step_fn(inputs, factor, log_now):
+    def step_fn(inputs, factor, log_now, reducer):
         x, g = inputs
         joint = torch.cat([x[s] for s in cross], -1) if cross else None   # a crosscoder's input
         for stack, sites in stacks:   # one site's sweep shares its rows; SAEs of several sites get [S, n, d]
             rows = x[sites[0]] if len(set(sites)) == 1 else torch.stack([x[s] for s in sites])
-            stack.step(rows, factor, cfg.grad_clip, dead_after, autocast, log_now)
+            stack.step(rows, factor, cfg.grad_clip, dead_after, autocast, log_now, reducer)
         for name, run in loose.items():
             pair = pair_of[name]
             if pair.site == CROSS:
-                _step(run, joint, None, factor, cfg, dead_after, autocast, log_now)
+                _step(run, joint, None, factor, cfg, dead_after, autocast, log_now, reducer=reducer)
                 continue
             if pair.site == CLT and shard is not None:
                 shard_step(run, torch.cat([x[p.site] for p in own], -1), torch.cat([x[p.target] for p in own], -1),
@@ -330,10 +330,11 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
                 continue
             if pair.site == CLT:
                 _step(run, torch.cat([x[p.site] for p in clt], -1), None, factor, cfg, dead_after, autocast,
-                      log_now, target=torch.cat([x[p.target] for p in clt], -1))
+                      log_now, target=torch.cat([x[p.target] for p in clt], -1), reducer=reducer)
                 continue
             target = x[pair.target] if pair.target else None
-            _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target)
+            _step(run, x[pair.site], g.get(pair.site), factor, cfg, dead_after, autocast, log_now, target=target,
+                  reducer=reducer)
 
     driver.run(feed, prepare, step_fn, lambda: _info(runs), progress=progress, console=console, on_step=on_step)
     sharded = {name: finish_shard(run, clt, sources, scales, run.sae.plan, cfg, device)

@@ -113,12 +113,13 @@ def make_adam(params, lr: float, betas) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
-def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Tensor, tokens: int) -> None:
+def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Tensor, tokens: int,
+                   reducer: distributed.Reducer = distributed.LOCAL) -> None:
     """Apply the accumulated gradients: decoder-norm constraint, clipping, Adam, dead-latent counts.
-    Data parallel: gradients and `fired` are reduced over the ranks first; `tokens` is global."""
+    Data parallel: gradients and `fired` are reduced over the ranks by `reducer` first; `tokens` is global."""
     sae, opt = run.sae, run.opt
-    distributed.average_gradients(sae)
-    fired = distributed.any_rank(fired)
+    reducer.average_gradients(sae)
+    fired = reducer.any_rank(fired)
     for group in opt.param_groups:
         group["lr"] = run.lr * lr_factor
     sae.remove_gradient_parallel_to_decoder_directions()

@@ -25,7 +25,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from sae_harvest.train import distributed, stacked_losses
+from sae_harvest.train import stacked_losses
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.batchtopk import BatchTopKSAE
 from sae_harvest.train.gated import GatedSAE
 from sae_harvest.train.jumprelu import JumpReLUSAE
@@ -86,20 +87,21 @@ class StackedSAEs(nn.Module):
     def __len__(self) -> int:
         return len(self.saes)
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None):
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None, reducer: Reducer = LOCAL):
         """(summed loss, per-SAE loss [S], per-SAE terms {name: [S]}, fired [S, d_sae] bool, x_hat
         [S, n, d_in]). x: [S, n, d_in] or [n, d_in] (shared). dead: [S, d_sae] bool (an SAE with no
-        dead latent has an all-False row) or None: no AuxK."""
+        dead latent has an all-False row) or None: no AuxK. `reducer`: the batch-wide parts' (as the
+        architectures' loss())."""
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(len(self), -1, -1)
-        per, terms, feats, x_hat = self._loss(self, x, dead)
+        per, terms, feats, x_hat = self._loss(self, x, dead, reducer)
         return per.sum(), per.detach(), terms, (feats > 0).any(1), x_hat
 
     @torch.no_grad()
-    def prepare_update(self, grad_clip: float) -> None:
-        """Before Adam, per SAE: gradients averaged over the ranks, the decoder rows' radial gradient
-        removed, gradient-norm clipping."""
-        distributed.average_gradients(self)
+    def prepare_update(self, grad_clip: float, reducer: Reducer = LOCAL) -> None:
+        """Before Adam, per SAE: gradients averaged over the ranks (by `reducer`), the decoder rows'
+        radial gradient removed, gradient-norm clipping."""
+        reducer.average_gradients(self)
         unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         self.W_dec.grad -= (self.W_dec.grad * unit).sum(-1, keepdim=True) * unit
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -126,23 +128,24 @@ StackedTopK = StackedSAEs   # the name bench/train_parts.py and older code use
 
 
 def stacked_step(stack: StackedSAEs, opt: torch.optim.Optimizer, x: torch.Tensor, since_fired: torch.Tensor,
-                 dead_after: int, idle_bound: int, lr: float, grad_clip: float) -> dict:
+                 dead_after: int, idle_bound: int, lr: float, grad_clip: float, reducer: Reducer = LOCAL) -> dict:
     """One training step of the whole stack, the batched form of train/local.py's _step +
     train/runs.py's optimizer_step. since_fired [S, d_sae] is updated in place; idle_bound is the
-    host's upper bound on it (AuxK is skipped while no latent can be dead). Returns the terms."""
+    host's upper bound on it (AuxK is skipped while no latent can be dead); `reducer` combines the
+    batch-wide parts over the ranks. Returns the terms."""
     dead = since_fired >= dead_after if idle_bound >= dead_after else None
-    loss, _, terms, fired, _ = stack.loss(x, dead)
+    loss, _, terms, fired, _ = stack.loss(x, dead, reducer)
     loss.backward()
-    _update(stack, opt, lr, grad_clip)
-    since_fired += x.shape[-2] * distributed.ranks()
-    since_fired.masked_fill_(distributed.any_rank(fired), 0)
+    _update(stack, opt, lr, grad_clip, reducer)
+    since_fired += x.shape[-2] * reducer.ranks()
+    since_fired.masked_fill_(reducer.any_rank(fired), 0)
     return terms
 
 
-def _update(stack, opt, lr, grad_clip):
+def _update(stack, opt, lr, grad_clip, reducer):
     for group in opt.param_groups:
         group["lr"] = lr
-    stack.prepare_update(grad_clip)
+    stack.prepare_update(grad_clip, reducer)
     opt.step()
     opt.zero_grad(set_to_none=True)
     stack.set_decoder_norm_to_unit_norm()
@@ -182,34 +185,36 @@ class StackedRuns:
         for s, run in enumerate(self.runs):
             run.since_fired = self.since[s]
 
-    def step(self, x, factor: float, grad_clip: float, dead_after: int, autocast: bool, log_now: bool) -> None:
-        """train/local.py's _step + optimizer_step for every run at once; x [S, n, d] or [n, d]."""
+    def step(self, x, factor: float, grad_clip: float, dead_after: int, autocast: bool, log_now: bool,
+             reducer: Reducer = LOCAL) -> None:
+        """train/local.py's _step + optimizer_step for every run at once; x [S, n, d] or [n, d];
+        `reducer`: the step's (the driver's)."""
         can_be_dead = [r.idle_bound >= dead_after for r in self.runs]
         dead = None
         if any(can_be_dead):   # a run whose latents cannot be dead yet gets an all-False row: no AuxK
             dead = (self.since >= dead_after) & torch.tensor(can_be_dead, device=x.device)[:, None]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, per, terms, fired, x_hat = self.stack.loss(x, dead)
+            loss, per, terms, fired, x_hat = self.stack.loss(x, dead, reducer)
         loss.backward()
         lr = self.runs[0].lr * factor
-        _update(self.stack, self.opt, lr, grad_clip)
-        tokens = x.shape[-2] * distributed.ranks()
+        _update(self.stack, self.opt, lr, grad_clip, reducer)
+        tokens = x.shape[-2] * reducer.ranks()
         self.since += tokens
-        self.since.masked_fill_(distributed.any_rank(fired), 0)
+        self.since.masked_fill_(reducer.any_rank(fired), 0)
         for run in self.runs:
             run.idle_bound += tokens
         if log_now:
-            self._log(x, per, terms, x_hat, dead, lr)
+            self._log(x, per, terms, x_hat, dead, lr, reducer)
 
     @torch.no_grad()
-    def _log(self, x, per, terms, x_hat, dead, lr):
+    def _log(self, x, per, terms, x_hat, dead, lr, reducer):
         """Each run's metrics as train/local.py's _step logs them (global means under torchrun)."""
         err = (x_hat.float() - x).pow(2).sum((-2, -1))
         norm = x.pow(2).sum((-2, -1)).expand_as(err)
-        sums = distributed.all_sum(torch.stack([err, norm])).tolist()
+        sums = reducer.all_sum(torch.stack([err, norm])).tolist()
         values = {(s, "loss"): v for s, v in enumerate(per.tolist())}
         values.update({(s, k): v for k, t in terms.items() for s, v in enumerate(t.tolist())})
-        flat = distributed.global_mean({f"{s}:{k}": v for (s, k), v in values.items()})
+        flat = reducer.global_mean({f"{s}:{k}": v for (s, k), v in values.items()})
         dead_fraction = dead.float().mean(1).tolist() if dead is not None else [0.0] * len(self.runs)
         for s, run in enumerate(self.runs):
             logged = {k: flat[f"{s}:{k}"] for k in ("loss", *terms)}

@@ -2,20 +2,20 @@
 leading SAE dimension S, term for term what the architecture's own file computes per SAE.
 
 Every function takes the stack `st` (parameters [S, ...], per-SAE hyperparameters as [S] buffers),
-the inputs `x` [S, n, d_in] (each SAE its own rows: a site each) and the dead mask [S, d_sae] or
-None, and returns (per-SAE loss [S], per-SAE detached terms {name: [S]} in the order the
-architecture's loss() logs them, feats [S, n, d_sae], x_hat [S, n, d_in]).
+the inputs `x` [S, n, d_in] (each SAE its own rows: a site each), the dead mask [S, d_sae] or
+None and the step's `reducer` (train/distributed.py's Reducer; LOCAL: one process), and returns
+(per-SAE loss [S], per-SAE detached terms {name: [S]} in the order the architecture's loss() logs
+them, feats [S, n, d_sae], x_hat [S, n, d_in]).
 The SAEs share no parameter, so the gradient of sum_s loss_s is each SAE's own.
 Under torchrun data parallel the batch-wide parts (AuxK's residual variance, BatchTopK's top-k and
-its threshold) reduce over the ranks through train/distributed.py, as the per-SAE code does.
+its threshold) reduce over the ranks through that reducer, as the per-SAE code does.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from sae_harvest.train import distributed
+from sae_harvest.train.distributed import LOCAL, Reducer
 from sae_harvest.train.jumprelu import rectangle
 
 
@@ -43,7 +43,7 @@ def gather_decode(st, idx, vals):
                            per_sample_weights=vals.reshape(S * n, j).to(st.W_dec.dtype), mode="sum").view(S, n, -1)
 
 
-def auxk(st, pre, resid, dead, values_at=None):
+def auxk(st, pre, resid, dead, values_at=None, reducer: Reducer = LOCAL):
     """train/topk.py's auxk_loss per SAE, k_aux_s = min(aux_k, d_sae/2, n_dead_s); values_at(idx):
     the differentiable values of pre at idx when pre carries no graph (the sparse backward)."""
     S, n = pre.shape[:2]
@@ -60,10 +60,10 @@ def auxk(st, pre, resid, dead, values_at=None):
     keep = torch.arange(k_top, device=pre.device) < k_aux[:, None, None]
     vals = torch.where(keep, vals, torch.zeros_like(vals))
     e_hat = gather_decode(st, idx, vals)
-    # distributed.residual_variance per SAE: the global batch's
-    mean = distributed.all_sum(resid.sum(1)) / (n * distributed.ranks())
-    var = distributed.all_sum((resid - mean[:, None]).pow(2).sum((1, 2))).clamp_min(1e-12)
-    return (e_hat - resid).pow(2).sum((1, 2)) / var * distributed.ranks() * (k_aux > 0)
+    # Reducer.residual_variance per SAE: the global batch's
+    mean = reducer.all_sum(resid.sum(1)) / (n * reducer.ranks())
+    var = reducer.all_sum((resid - mean[:, None]).pow(2).sum((1, 2))).clamp_min(1e-12)
+    return (e_hat - resid).pow(2).sum((1, 2)) / var * reducer.ranks() * (k_aux > 0)
 
 
 class _ValuesAt(torch.autograd.Function):
@@ -101,7 +101,7 @@ class _ValuesAt(torch.autograd.Function):
         return grad_W, grad_b_enc, grad_b_dec, None, None, None, None
 
 
-def topk(st, x, dead):
+def topk(st, x, dead, reducer: Reducer = LOCAL):
     """train/topk.py: top-k_s of ReLU((x - b_dec) W_enc + b_enc) (top max(k) taken, entries past k_s dropped)."""
     values_at = None
     if st.sparse_backward:   # the SAEs' --sparse-backward: pre without a graph, the chosen values carry it
@@ -123,54 +123,53 @@ def topk(st, x, dead):
     feats = torch.zeros_like(pre).scatter(-1, idx, vals)
     # the SAEs' sparse decode (TopKSAE.enable_sparse_decode: on CUDA when k <= d_sae/16): gather the k rows
     x_hat = gather_decode(st, idx, vals) + st.b_dec[:, None] if st.sparse_decode else _decode(st, feats)
-    return _topk_terms(st, x, pre, feats, x_hat, dead, values_at)
+    return _topk_terms(st, x, pre, feats, x_hat, dead, reducer, values_at)
 
 
-def _topk_terms(st, x, pre, feats, x_hat, dead, values_at=None):
+def _topk_terms(st, x, pre, feats, x_hat, dead, reducer, values_at=None):
     mse = _mse(x, x_hat)
-    aux = st.aux_coeff * auxk(st, pre, (x - x_hat).detach(), dead, values_at)
+    aux = st.aux_coeff * auxk(st, pre, (x - x_hat).detach(), dead, values_at, reducer)
     terms = {"mse": mse, "aux": aux, "l0": (feats > 0).float().sum(-1).mean(-1)}
     return mse + aux, _detached(terms), feats, x_hat
 
 
-def batch_thresholds(pre: torch.Tensor, ks: torch.Tensor, k_max: int) -> torch.Tensor:
-    """distributed.batch_topk's cutoff per SAE: the (n_global k_s)-th largest entry of pre[s]. Each
+def batch_thresholds(pre: torch.Tensor, ks: torch.Tensor, k_max: int, reducer: Reducer = LOCAL) -> torch.Tensor:
+    """Reducer.batch_topk's cutoff per SAE: the (n_global k_s)-th largest entry of pre[s]. Each
     rank offers its top n_global max(k) values per SAE (a superset of its top n_global k_s, so the
     cutoff is the same value), gathered in one all_gather for the whole stack."""
     S, n, d = pre.shape
     flat = pre.detach().reshape(S, -1)
-    offer = flat.topk(min(n * distributed.ranks() * k_max, flat.shape[1]), dim=1, sorted=True).values
-    if distributed.ranks() > 1:
-        offers = [torch.empty_like(offer) for _ in range(distributed.ranks())]
-        dist.all_gather(offers, offer.contiguous())
-        offer = torch.cat(offers, 1).topk(offer.shape[1], dim=1, sorted=True).values
-    want = n * distributed.ranks() * ks
+    ranks = reducer.ranks()
+    offer = flat.topk(min(n * ranks * k_max, flat.shape[1]), dim=1, sorted=True).values
+    if ranks > 1:
+        offer = reducer.all_gather(offer.contiguous(), dim=1).topk(offer.shape[1], dim=1, sorted=True).values
+    want = n * ranks * ks
     return offer.gather(1, (want - 1)[:, None]).squeeze(1)
 
 
-def batchtopk(st, x, dead):
+def batchtopk(st, x, dead, reducer: Reducer = LOCAL):
     """train/batchtopk.py: the n k_s largest pre-activations of each SAE over the (global) batch;
     in training mode each SAE's threshold EMA is updated as update_threshold does."""
     pre = F.relu(torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc))
-    cut = batch_thresholds(pre, st.ks, st.k_max)
+    cut = batch_thresholds(pre, st.ks, st.k_max, reducer)
     feats = pre * (pre >= cut[:, None, None])
     if st.training:
-        _update_thresholds(st, feats)
-    return _topk_terms(st, x, pre, feats, _decode(st, feats), dead)
+        _update_thresholds(st, feats, reducer)
+    return _topk_terms(st, x, pre, feats, _decode(st, feats), dead, reducer)
 
 
 @torch.no_grad()
-def _update_thresholds(st, feats):
+def _update_thresholds(st, feats, reducer):
     """BatchTopKSAE.update_threshold per SAE: the EMA of the (global) batch's least kept activation."""
     least = torch.where(feats > 0, feats, torch.full_like(feats, torch.inf)).amin((1, 2))
-    least = distributed.global_min(least.float()).to(st.threshold.dtype)[:, None]
+    least = reducer.global_min(least.float()).to(st.threshold.dtype)[:, None]
     d = st.threshold_ema
     ema = st.threshold.mul(d).add((1 - d) * least)
     fresh = st.threshold[:, :1] < 0
     st.threshold.copy_(torch.where(torch.isinf(least), st.threshold, torch.where(fresh, least.expand_as(ema), ema)))
 
 
-def relu(st, x, dead):
+def relu(st, x, dead, reducer: Reducer = LOCAL):   # nothing batch-wide: reducer unused
     """train/relu.py: ReLU(x W_enc + b_enc) (no centring), L1 weighted l1_s / d_in."""
     feats = F.relu(torch.baddbmm(st.b_enc[:, None], x, st.W_enc))
     x_hat = _decode(st, feats)
@@ -215,7 +214,7 @@ class _Step(torch.autograd.Function):
         return None, grad_theta.to(theta.dtype), None
 
 
-def jumprelu(st, x, dead):
+def jumprelu(st, x, dead, reducer: Reducer = LOCAL):   # nothing batch-wide: reducer unused
     """train/jumprelu.py: JumpReLU with theta_s = exp(log_threshold_s); lambda_s times the L0 stand-in."""
     pre = torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc)
     theta = st.log_threshold.exp()[:, None].to(pre.dtype)
@@ -231,7 +230,7 @@ def jumprelu(st, x, dead):
     return mse + sparsity, _detached(terms), feats, x_hat
 
 
-def gated(st, x, dead):
+def gated(st, x, dead, reducer: Reducer = LOCAL):   # nothing batch-wide: reducer unused
     """train/gated.py: gate and magnitude paths tied through W_enc, L1 on ReLU(pi_gate), and the
     gate's reconstruction through the frozen decoder."""
     xw = torch.bmm(_center(st, x), st.W_enc)
