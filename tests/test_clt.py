@@ -19,9 +19,13 @@ D, N_LAYERS, F_PLANT = 16, 3, 12
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """mlp_in of layers 0-2 random; mlp_out_T = sum_{L<=T} ReLU(mlp_in_L @ E_L - 3) @ D[L->T]: each
-    layer's planted latents write into its own and every later layer's output."""
-    path = tmp_path_factory.mktemp("clt") / "s.zarr"
+    return planted_clt_store(tmp_path_factory.mktemp("clt") / "s.zarr")
+
+
+def planted_clt_store(path):
+    """(path, planted decoders): mlp_in of layers 0-2 random; mlp_out_T = sum_{L<=T}
+    ReLU(mlp_in_L @ E_L - 3) @ D[L->T]: each layer's planted latents write into its own and every
+    later layer's output."""
     rng = np.random.default_rng(7)
     n_seqs, ctx, window_seqs = 64, 32, 16
     sites = {f"blocks.{l}.{k}": {"d": D, "encoding": "float32"} for l in range(N_LAYERS) for k in ("mlp_in", "mlp_out")}

@@ -14,8 +14,15 @@ from sae_harvest.train.registry import SAEConfig, make_sae
 from sae_harvest.train.cli import main as train_cli
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.fit import fit
-from tests.test_clt import N_LAYERS, _cfg, store  # noqa: F401  (store: the planted CLT store fixture)
+from tests.test_clt import N_LAYERS, _cfg, planted_clt_store
 from tests.test_distributed import WORKER, _assert_same, torchrun
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The planted CLT store of tests/test_clt.py, built for this module."""
+    return planted_clt_store(tmp_path_factory.mktemp("clt") / "s.zarr")
+
 
 ARCHS = {"topk": dict(arch="topk", k=(4,)), "jumprelu": dict(arch="jumprelu", k=(32,), l1=(0.01,))}
 
