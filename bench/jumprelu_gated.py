@@ -27,6 +27,7 @@ import numpy as np
 from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict
 from plateau import SeedTrainer, say
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
+from sae_harvest.stores.urls import scrub_tree
 
 JUMPRELU_L1 = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 SWEEPS = [row for row in DEMO_SWEEPS if row[1] in ("relu", "gated") and row[2].get("loss", "local") == "local"]
@@ -100,9 +101,10 @@ def main():
         say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         comparisons = compare(per_seed)
         with open(out_json, "w") as f:   # after every seed: a cut-off run keeps its data
-            json.dump({"seeds_done": len(per_seed), "args": vars(args), "local": LOCAL,
-                       "sweeps": [[f, a, e] for f, a, e in SWEEPS], "budgets": budgets, "series_per_seed": per_seed,
-                       "comparisons": comparisons, "seconds": time.perf_counter() - t0}, f, indent=2)
+            json.dump(scrub_tree({"seeds_done": len(per_seed), "args": vars(args), "local": LOCAL,
+                                  "sweeps": [[f, a, e] for f, a, e in SWEEPS], "budgets": budgets,
+                                  "series_per_seed": per_seed, "comparisons": comparisons,
+                                  "seconds": time.perf_counter() - t0}), f, indent=2)
     report(per_seed, comparisons, budgets, time.perf_counter() - t0)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
+from sae_harvest.stores.urls import scrub_tree
 
 # the demo's local SAE sweeps at SITE (not its transcoder: no claim reads it, and it needs two more sites)
 LOCAL_SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local" and "target" not in row[2]]
@@ -310,7 +311,7 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     if write:
         with open(os.path.join(args.out, "pareto.json"), "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump(scrub_tree(out), f, indent=2)   # --store may be a URL with credentials
     origin = eval_tokens if isinstance(eval_tokens, dict) else {"tokens": eval_tokens}   # an int before issue 18
     print(f"--- {len(per_seed)} seed(s), {time.perf_counter() - t0:.0f} s; evaluated on "
           f"{origin.get('tokens')} held-out tokens ({origin.get('sequences')} sequences)")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_harvest.stores.urls import scrub_text, scrub_tree
+
 
 def plateaued(before: dict, after: dict, pct: float) -> bool:
     """Every SAE's held-out training loss moved less than pct percent between two budgets (a rise
@@ -74,9 +76,9 @@ def training_record(path: str) -> dict:
            "held_out_loss": held.get("kl") if e2e else held.get("nmse"), "loss_name": "kl" if e2e else "nmse",
            "held_out_l0": held.get("l0")}
     sae = load_sae(folder)
-    lam = sae.cfg.l1_coeff
+    lam = getattr(sae.cfg, "l1_coeff", 0.0)   # each architecture's config holds only its own fields
     if sae.cfg.arch == "jumprelu" and lam > 0:
-        start = max(cfg["sae"].get("threshold_init") or 0.0, math.sqrt(lam))
+        start = max(getattr(sae.cfg, "threshold_init", 0.0) or 0.0, math.sqrt(lam))
         out["moved"] = _moved(sae.threshold.detach().double().numpy() / start, "theta / theta_0")
     elif sae.cfg.arch == "gated" and lam > 0:
         out["moved"] = _moved(sae.b_gate.detach().double().numpy() / (-lam / 2), "b_gate / b_gate_0")
@@ -123,7 +125,7 @@ class SeedTrainer:
         from sae_harvest.train.fit import fit
 
         kwargs = self.config(folder, arch, extra, epochs)
-        key = json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str)
+        key = scrub_text(json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str))
         done = self.journal.get(folder, {}).get(str(epochs))
         if done and not force and done["config"] == key and (
                 done["superseded"] or self._complete(kwargs["out"], done["training"])):
@@ -201,5 +203,5 @@ class SeedTrainer:
     def _save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.journal_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.journal, indent=1))
+        tmp.write_text(json.dumps(scrub_tree(self.journal), indent=1))   # never a store URL's credentials
         os.replace(tmp, self.journal_path)

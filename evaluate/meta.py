@@ -138,7 +138,7 @@ def run_meta(cfg: MetaConfig) -> MetaResult:
     return MetaResult(
         config=cfg.to_dict(),
         sae=SaeRef(path=cfg.sae, arch=sae.cfg.arch, d_sae=n, d_in=sae.cfg.d_in),
-        meta=MetaSaeRef(path=cfg.meta, arch=meta.cfg.arch, d_sae=meta.cfg.d_sae, k=meta.cfg.k,
+        meta=MetaSaeRef(path=cfg.meta, arch=meta.cfg.arch, d_sae=meta.cfg.d_sae, k=getattr(meta.cfg, "k", 0),
                         trained_on=trained_on, trained_on_this_sae=_same(trained_on, cfg.sae)),
         # no tokens: the meta-SAE decomposes decoder rows (and is scored on all of them, as it trained)
         eval_tokens={"source": "decoder rows", "held_out": None, "tokens": 0},

@@ -456,3 +456,18 @@ def test_result_fields_left_out_when_not_measured():
                                             "ce_increase_large"]
     assert SaeRef("p", "topk", 8).to_dict() == {"path": "p", "arch": "topk", "d_sae": 8}
     assert SaeRef("p", "topk", 8, d_in=4).to_dict() == {"path": "p", "arch": "topk", "d_sae": 8, "d_in": 4}
+
+
+def test_meta_report_takes_a_relu_meta_sae(meta_pair, tmp_path):
+    """`train fit --decoder-of ... --arch relu` makes a meta-SAE with no k: the report read
+    `meta.cfg.k` and stopped on the per-architecture config (a ReLU config has no k field)."""
+    from sae_harvest.evaluate.meta import MetaConfig, run_meta
+
+    p_sae = meta_pair[0]
+    meta = make_sae(SAEConfig("relu", D, 8, l1_coeff=1.0))
+    with torch.no_grad():
+        meta.W_dec.copy_(torch.eye(D)[:8])
+        meta.W_enc.copy_(torch.eye(D)[:, :8])
+    p_meta = save(meta, tmp_path / "meta", hook=f"meta:{p_sae}", decoder_of=p_sae)
+    doc = run_meta(MetaConfig(sae=p_sae, meta=p_meta, latents=(0,), device="cpu")).to_dict()
+    assert doc["meta"]["arch"] == "relu" and doc["meta"]["k"] == 0

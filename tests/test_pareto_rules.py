@@ -236,3 +236,29 @@ def test_the_e2e_cap_covers_relu_cont_under_continuation():
         pareto.e2e_caps(pareto.sweeps("continuation", None), 2))
     assert set(pareto.e2e_caps(pareto.sweeps("scratch", None), 2)) == {"e2e", "e2e_ds"}
     assert pareto.e2e_caps(pareto.sweeps("scratch", None), None) is None
+
+
+@pytest.mark.parametrize("arch,extra", [("topk", {"k": (4,)}), ("jumprelu", {"l1": (0.01,)}), ("gated", {"l1": (0.3,)})])
+def test_training_record_reads_every_architectures_own_config(tmp_path, arch, extra):
+    """Per-architecture configs hold only their own fields: the record read `sae.cfg.l1_coeff` of a
+    TopK SAE and crashed the Pareto rerun at its first TopK row."""
+    from sae_harvest.train.config import TrainConfig
+    from sae_harvest.train.fit import fit
+    from tests.test_train_loop import make_store
+
+    make_store(tmp_path / "s.zarr", grads=False)
+    cfg = TrainConfig(store=str(tmp_path / "s.zarr"), out=str(tmp_path / "o"), site="blocks.0.resid_pre", arch=arch,
+                      d_sae=32, batch_size=256, device="cpu", tokens=256 * 3, checkpoint_every=1000, **extra)
+    fit(cfg, progress=False)
+    (folder,) = [p for p in (tmp_path / "o").iterdir() if p.name != "checkpoint"]
+    record = plateau.training_record(str(folder))
+    assert record["steps"] == 3 and record["loss_name"] == "nmse" and record["held_out_loss"] > 0
+    assert ("moved" in record) == (arch != "topk")
+
+
+def test_journal_and_pareto_json_never_hold_a_store_urls_credentials(tmp_path):
+    trainer = plateau.SeedTrainer.__new__(plateau.SeedTrainer)
+    trainer.root, trainer.journal_path = tmp_path, tmp_path / "plateau.json"
+    trainer.journal = {"relu": {"1": {"config": '{"store": "s3://AKIAKEY:SeCrEt@bucket/s.zarr"}'}}}
+    trainer._save()
+    assert "SeCrEt" not in trainer.journal_path.read_text() and "AKIAKEY" not in trainer.journal_path.read_text()
