@@ -7,6 +7,7 @@ The `train fit` options, the sweep and cfg.json follow from the config class (do
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from sae_harvest.train.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sae_harvest.train.clt import CLT_ARCHS, CrossLayerTranscoder
@@ -100,11 +101,19 @@ def make_config(arch: str, d_in: int, d_sae: int, *, strict: bool = True, **fiel
     unknown = sorted(set(fields) - own - set(defaults))
     if unknown:
         raise ValueError(f"unknown SAEConfig keys {unknown}")
-    foreign = {k: v for k, v in fields.items() if k not in own}
+    foreign = {k: v for k, v in fields.items() if k not in own and not _same(v, defaults[k])}
     if strict:
-        bad = [f"{k}={v!r}" for k, v in foreign.items() if not _same(v, defaults[k])]
+        # the single flat config of earlier versions stored every field, and `train fit` passed e.g.
+        # --beta to every architecture, which ignored it: such a file still loads (the value never
+        # acted), with a warning; a newer field this architecture lacks is a file asking for
+        # something it would not do, and raises
+        ignored = [f"{k}={v!r}" for k, v in foreign.items() if k in LEGACY_FIELDS]
+        bad = [f"{k}={v!r}" for k, v in foreign.items() if k not in LEGACY_FIELDS]
         if bad:
             raise ValueError(f"a {arch} SAE has no {', '.join(bad)}")
+        if ignored:
+            warnings.warn(f"a {arch} SAE has no {', '.join(ignored)}: written by an earlier version, which "
+                          f"ignored it; dropped", stacklevel=3)
     cfg = cfg_cls(arch=arch, d_in=d_in, d_sae=d_sae, **{k: v for k, v in fields.items() if k in own})
     check_dictionary(cfg)
     return cfg
