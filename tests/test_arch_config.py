@@ -250,3 +250,21 @@ def test_a_checkpoint_of_the_flat_config_era_resumes_exactly(tmp_path, arch, kw,
 def test_a_config_builds_only_its_own_architecture():
     with pytest.raises(ValueError, match="cannot build"):
         make_sae(registry.CONFIGS["topk"]("relu", 4, 8, k=2))
+
+
+@pytest.mark.parametrize("arch,flag,value", [
+    ("topk", "--aux-k", "-3"), ("topk", "--aux-coeff", "-0.1"), ("topk", "--aux-coeff", "nan"),
+    ("batchtopk", "--threshold-ema", "5"), ("jumprelu", "--tanh-scale", "nan"), ("jumprelu", "--bandwidth", "inf"),
+])
+def test_out_of_range_hyperparameters_are_one_line_exit_2_nothing_written(tmp_path, arch, flag, value):
+    """The options the per-architecture configs opened (--aux-k, --aux-coeff, --threshold-ema,
+    --tanh-scale) were unchecked: --aux-k -3 died at step 2 in torch, leaving a checkpoint; nan trained."""
+    store = tmp_path / "s.zarr"
+    make_store(store, n_seqs=16, ctx=32, window_seqs=8, grads=False)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(train_cli, ["fit", "--store", str(store), "--site", "blocks.0.resid_pre", "--arch", arch,
+                                       flag, value, "--d-sae", "32", "--batch-size", "128", "--tokens", "512",
+                                       "--device", "cpu", "--out", str(out), "--quiet"])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert "Traceback" not in r.output and not out.exists()

@@ -37,6 +37,11 @@ class BatchTopKConfig(TopKConfig):
     threshold_ema: float = hyper(0.99, "EMA decay of the threshold tracked while training (a diagnostic: the "
                                        "saved threshold is re-estimated from the final weights).", sweep=True)
 
+    def check(self):
+        super().check()
+        if not 0 <= self.threshold_ema <= 1:   # also refuses nan
+            raise ValueError(f"{self.arch} needs 0 <= threshold_ema <= 1, got {self.threshold_ema}")
+
 
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"

@@ -97,9 +97,10 @@ class JumpReLUConfig(SAEConfigBase):
     tanh_scale: float = hyper(4.0, "c in the tanh L0 penalty tanh(c * f * ||W_dec row||).", sweep=True)
 
     def check(self):
-        if self.bandwidth <= 0 or self.threshold_init <= 0:
-            raise ValueError(f"jumprelu needs bandwidth > 0 and threshold_init > 0, got "
-                             f"{self.bandwidth}, {self.threshold_init}")
+        if not (self.bandwidth > 0 and self.threshold_init > 0 and self.tanh_scale > 0) or not all(
+                math.isfinite(v) for v in (self.bandwidth, self.threshold_init, self.tanh_scale)):
+            raise ValueError(f"jumprelu needs finite bandwidth, threshold_init and tanh_scale > 0, got "
+                             f"{self.bandwidth}, {self.threshold_init}, {self.tanh_scale}")
         if self.l0_penalty not in L0_PENALTIES:
             raise ValueError(f"unknown l0_penalty {self.l0_penalty!r}; expected one of {L0_PENALTIES}")
 

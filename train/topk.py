@@ -32,6 +32,9 @@ class TopKConfig(SAEConfigBase):
     def check(self):
         if not 0 < self.k <= self.d_sae:
             raise ValueError(f"{self.arch} needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+        if self.aux_k < 0 or not (math.isfinite(self.aux_coeff) and self.aux_coeff >= 0):
+            raise ValueError(f"{self.arch} needs aux_k >= 0 and a finite aux_coeff >= 0, got "
+                             f"{self.aux_k}, {self.aux_coeff}")
 
 
 def auxk_loss(sae: SAE, pre: torch.Tensor, resid: torch.Tensor, dead_mask: torch.Tensor | None,
