@@ -207,3 +207,18 @@ def test_distributed_keeps_no_module_level_mutable_state():
         assert not hasattr(distributed, gone), gone
     with distributed.data_parallel() as reducer:   # no process group: the step's reducer is LOCAL
         assert reducer is distributed.LOCAL
+
+
+def test_stacked_batch_cutoff_when_the_global_k_passes_one_ranks_entries():
+    """n ranks k > n d (k near d_sae, several ranks): each rank's offer is capped at its n d entries,
+    and the gathered offers were cut back to one rank's length, so the cutoff's index ran past it
+    (IndexError). The cutoff must be the one-process cutoff over the whole batch."""
+    from sae_harvest.train.stacked_losses import batch_thresholds
+
+    g = torch.Generator().manual_seed(5)
+    pre = torch.rand(2, 8, 6, generator=g)      # [S, n_global, d]
+    ks = torch.tensor([3, 6])
+    whole = batch_thresholds(pre, ks, 6)
+    halves = _on_two_ranks(lambda red, p: batch_thresholds(p, ks, 6, red), [pre[:, :4], pre[:, 4:]])
+    for cut, calls in halves:
+        assert torch.equal(cut, whole) and "all_gather" in calls

@@ -142,7 +142,10 @@ def batch_thresholds(pre: torch.Tensor, ks: torch.Tensor, k_max: int, reducer: R
     ranks = reducer.ranks()
     offer = flat.topk(min(n * ranks * k_max, flat.shape[1]), dim=1, sorted=True).values
     if ranks > 1:
-        offer = reducer.all_gather(offer.contiguous(), dim=1).topk(offer.shape[1], dim=1, sorted=True).values
+        # the global batch holds n ranks d entries: when n ranks k_max > n d a rank's offer (capped at
+        # its n d) is shorter than the cutoff's rank, so keep that many of the gathered offers, not one offer's
+        offers = reducer.all_gather(offer.contiguous(), dim=1)
+        offer = offers.topk(min(n * ranks * k_max, offers.shape[1]), dim=1, sorted=True).values
     want = n * ranks * ks
     return offer.gather(1, (want - 1)[:, None]).squeeze(1)
 
