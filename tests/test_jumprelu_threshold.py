@@ -86,3 +86,13 @@ def test_long_run_theta_settles_near_sqrt_lambda(store, tmp_path, monkeypatch):
         lam = float(name.split("-")[1])
         theta = load_sae(str(tmp_path / "l" / name)).threshold.median().item()
         assert 0.9 * math.sqrt(lam) < theta < 1.5 * math.sqrt(lam), (lam, theta)
+
+
+@pytest.mark.parametrize("init", [0.01, 0.123, 0.05, 0.2])
+def test_calibrate_starts_at_sqrt_lambda_for_any_threshold_init(init):
+    """calibrate() compared theta with a float64 log cast to float32, __init__ set it with a float32
+    log: for --threshold-init 0.123 they differ by one ulp and the start at sqrt(lambda) was skipped."""
+    sae = make_sae(SAEConfig(arch="jumprelu", d_in=4, d_sae=8, l1_coeff=0.64, threshold_init=init))
+    sae.calibrate(torch.zeros(2, 4))
+    assert torch.allclose(sae.threshold, torch.full((8,), max(init, 0.8)))
+    assert float(sae.threshold_start) == pytest.approx(max(init, 0.8))

@@ -125,7 +125,9 @@ class JumpReLUSAE(SAE):
         """Start theta at sqrt(lambda), the L0 penalty's fixed point (module docstring), unless theta
         was loaded (--init) or threshold_init is larger. The start is state (threshold_start,
         saved with the weights); the config keeps the threshold_init it was given."""
-        fresh = torch.equal(self.log_threshold, torch.full_like(self.log_threshold, math.log(self.cfg.threshold_init)))
+        # the very expression __init__ used (float32 log of the float32 value): a float64 log cast
+        # down differs by one ulp for some values (0.123) and skipped the start at sqrt(lambda)
+        fresh = torch.equal(self.log_threshold, torch.full_like(self.log_threshold, float(self.cfg.threshold_init)).log())
         if not fresh or self.cfg.l0_penalty != "step" or self.cfg.l1_coeff <= 0:
             return
         theta0 = max(self.cfg.threshold_init, math.sqrt(self.cfg.l1_coeff))
