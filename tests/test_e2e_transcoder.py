@@ -169,3 +169,28 @@ def test_bad_pairs_are_one_line_exit_2(assets, tmp_path, args, words):
     assert len(lines) == 1 and "Traceback" not in r.output, r.output
     assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_under_the_saved_target_scale(assets, tmp_path):
+    """The input scale was restored from the checkpoint but the target scale recomputed from a fresh
+    sample: on another device the two halves of a run could train under different output scales.
+    The checkpoint's target scale (set here to a value no sample gives) must be the one saved."""
+    import signal
+
+    from sae_harvest.train.driver import TrainInterrupted
+
+    out = tmp_path / "run"
+
+    def stop(event):
+        if event.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(assets, out), progress=False, on_step=stop)
+    state = out / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    assert meta["target_scale"] > 0
+    meta["target_scale"] *= 1.5
+    state.write_text(json.dumps(meta))
+    (summary,) = fit(_cfg(assets, out), resume=True, progress=False).values()
+    assert summary["target_scale"] == meta["target_scale"]

@@ -104,8 +104,12 @@ class Driver:
     their files and its own checkpoint (checkpoint/rank<r>/), at its own pace."""
 
     def __init__(self, cfg, out: Path, runs: dict, *, scale: float, total_steps: int, tokens_per_step: int,
-                 label: str, world: distributed.World = distributed.World(), store=None):
+                 label: str, world: distributed.World = distributed.World(), store=None,
+                 target_scale: float | None = None):
         self.cfg, self.out, self.runs, self.scale = cfg, Path(out), runs, scale
+        # an e2e transcoder's output scale: like `scale`, a resume continues under the saved one (a
+        # fresh sample's scale, on another device, may differ in its last bits)
+        self.target_scale = target_scale
         # which store the SAEs train on, saved in every checkpoint: a resume refuses another one
         self.store_identity = identity_of(store).to_dict() if store is not None else None
         self.world = world
@@ -153,6 +157,8 @@ class Driver:
             raise TrainError(f"cannot resume {out}: {self.where} holds {', '.join(meta.get('runs') or [])}, but "
                              f"rank {self.world.rank} of {self.world.size} trains {', '.join(self.runs)}")
         self.step, self.scale = meta["step"], meta["scale"]
+        if meta.get("target_scale") is not None:
+            self.target_scale = meta["target_scale"]
         for name, run in self.runs.items():
             train_state.load_run(out, name, run, device, self.where)
         return meta["feed"]
@@ -202,6 +208,8 @@ class Driver:
         meta = {"step": self.step, "feed": feed_state, "scale": self.scale, "config": self.cfg.to_dict(),
                 "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel, "runs": list(self.runs),
                 "shard_decoders": self.world.shards, "store_identity": self.store_identity}
+        if self.target_scale is not None:
+            meta["target_scale"] = self.target_scale
         train_state.save_state(self.out, meta=meta, runs=self.runs, where=self.where)
 
     def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:

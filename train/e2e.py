@@ -335,9 +335,9 @@ def fit_e2e(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, 
     downstream = downstream_sites(write, env.adapter.n_layers)
     batch_tokens = seqs_per_step * ctx
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch_tokens,
-                    label=cfg.loss, world=world, store=env.store)
+                    label=cfg.loss, world=world, store=env.store, target_scale=out_scale)
     feed_state = driver.prepare(resume, overwrite, device)
-    scale = driver.scale   # a resumed run's, which the options must carry
+    scale, out_scale = driver.scale, driver.target_scale   # a resumed run's, which the options must carry
     opts = E2EStepOptions(downstream=downstream, scale=scale, kl_coeff=kl_coeff, downstream_coeff=ds_coeff,
                           include_bos=cfg.include_bos, grad_clip=cfg.grad_clip, device=device,
                           autocast=cfg.autocast == "on" or (cfg.autocast == "auto" and device.type == "cuda"),
