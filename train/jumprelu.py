@@ -99,7 +99,7 @@ class JumpReLUConfig(SAEConfigBase):
     def check(self):
         if not (self.bandwidth > 0 and self.threshold_init > 0 and self.tanh_scale > 0) or not all(
                 math.isfinite(v) for v in (self.bandwidth, self.threshold_init, self.tanh_scale)):
-            raise ValueError(f"jumprelu needs finite bandwidth, threshold_init and tanh_scale > 0, got "
+            raise ValueError(f"jumprelu needs bandwidth > 0, threshold_init > 0 and tanh_scale > 0, all finite, got "
                              f"{self.bandwidth}, {self.threshold_init}, {self.tanh_scale}")
         if self.l0_penalty not in L0_PENALTIES:
             raise ValueError(f"unknown l0_penalty {self.l0_penalty!r}; expected one of {L0_PENALTIES}")
@@ -127,7 +127,8 @@ class JumpReLUSAE(SAE):
         saved with the weights); the config keeps the threshold_init it was given."""
         # the very expression __init__ used (float32 log of the float32 value): a float64 log cast
         # down differs by one ulp for some values (0.123) and skipped the start at sqrt(lambda)
-        fresh = torch.equal(self.log_threshold, torch.full_like(self.log_threshold, float(self.cfg.threshold_init)).log())
+        fresh = torch.equal(self.log_threshold,
+                            torch.full_like(self.log_threshold, float(self.cfg.threshold_init)).log())
         if not fresh or self.cfg.l0_penalty != "step" or self.cfg.l1_coeff <= 0:
             return
         theta0 = max(self.cfg.threshold_init, math.sqrt(self.cfg.l1_coeff))
