@@ -64,7 +64,9 @@ class JumpReLUFunction(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_z = (z > theta).to(grad_out.dtype) * grad_out
-        grad_theta = (-(theta / eps) * rectangle((z - theta) / eps) * grad_out).sum(0)
+        # summed over every dimension theta was broadcast along: the rows ([n, F] -> [F]), and a
+        # stack's rows too ([S, n, F] -> [S, 1, F], train/stacked_losses.py)
+        grad_theta = (-(theta / eps) * rectangle((z - theta) / eps) * grad_out).sum_to_size(theta.shape)
         return grad_z, grad_theta.to(theta.dtype), None
 
 
@@ -81,7 +83,7 @@ class StepFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = (-(1.0 / eps) * rectangle((z - theta) / eps) * grad_out).sum(0)
+        grad_theta = (-(1.0 / eps) * rectangle((z - theta) / eps) * grad_out).sum_to_size(theta.shape)
         return None, grad_theta.to(theta.dtype), None
 
 

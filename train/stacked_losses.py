@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_harvest.train.distributed import LOCAL, Reducer
-from sae_harvest.train.jumprelu import rectangle
+from sae_harvest.train.jumprelu import JumpReLUFunction, StepFunction
 
 
 def _mse(x, x_hat):
@@ -183,51 +183,17 @@ def relu(st, x, dead, reducer: Reducer = LOCAL):   # nothing batch-wide: reducer
     return mse + sparsity, _detached(terms), feats, x_hat
 
 
-class _JumpReLU(torch.autograd.Function):
-    """jumprelu.JumpReLUFunction with theta [S, 1, d_sae]: its gradient summed over each SAE's rows."""
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth: float):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return z * (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_z = (z > theta).to(grad_out.dtype) * grad_out
-        grad_theta = (-(theta / eps) * rectangle((z - theta) / eps) * grad_out).sum(1, keepdim=True)
-        return grad_z, grad_theta.to(theta.dtype), None
-
-
-class _Step(torch.autograd.Function):
-    """jumprelu.StepFunction with theta [S, 1, d_sae]."""
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth: float):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, theta = ctx.saved_tensors
-        grad_theta = (-(1.0 / ctx.bandwidth) * rectangle((z - theta) / ctx.bandwidth) * grad_out).sum(1, keepdim=True)
-        return None, grad_theta.to(theta.dtype), None
-
-
 def jumprelu(st, x, dead, reducer: Reducer = LOCAL):   # nothing batch-wide: reducer unused
     """train/jumprelu.py: JumpReLU with theta_s = exp(log_threshold_s); lambda_s times the L0 stand-in."""
     pre = torch.baddbmm(st.b_enc[:, None], _center(st, x), st.W_enc)
     theta = st.log_threshold.exp()[:, None].to(pre.dtype)
-    feats = _JumpReLU.apply(pre, theta, st.bandwidth)
+    feats = JumpReLUFunction.apply(pre, theta, st.bandwidth)
     x_hat = _decode(st, feats)
     mse = _mse(x, x_hat)
     if st.l0_penalty == "tanh":
         count = torch.tanh(st.tanh_scale * feats * st.W_dec.norm(dim=-1)[:, None]).sum(-1)
     else:
-        count = _Step.apply(pre, theta, st.bandwidth).sum(-1)
+        count = StepFunction.apply(pre, theta, st.bandwidth).sum(-1)
     sparsity = st.l1 * count.mean(-1)
     terms = {"mse": mse, "sparsity": sparsity, "l0": (feats > 0).float().sum(-1).mean(-1)}
     return mse + sparsity, _detached(terms), feats, x_hat
