@@ -26,7 +26,7 @@ from sae_harvest.stores.urls import scrub_tree
 
 from .features_out import written_by_us
 from .features_stats import ROW_LIMIT, BandSamples, LatentStats, encode, encoded_slices, merged_keys
-from .splice import EvaluateError
+from .splice import EvaluateError, check_fits_store
 
 
 
@@ -98,12 +98,7 @@ def check_inputs(cfg: FeaturesConfig, dev) -> tuple[object, list[Source]]:
         folder = Path(path).parent if Path(path).is_file() else Path(path)
         saved = json.loads((folder / CFG_NAME).read_text())
         site = hook_name_of(saved)
-        if site not in store.sites:
-            raise EvaluateError(f"{path}: its site {site!r} is not in store {cfg.store} "
-                                f"(it has: {', '.join(store.sites)})")
-        if store.width(site) != sae.cfg.d_in:
-            raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of {site} "
-                                f"in store {cfg.store}")
+        check_fits_store(path, sae, site, store, cfg.store)
         name = (saved.get("sae_harvest") or {}).get("sweep_name") or folder.name
         if name in {s.name for s in sources}:
             name = f"{name} ({i})"

@@ -153,7 +153,7 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
 
 def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
     """(the SAE, its SaeGeometry fields but the nearest-neighbour cosines); `taken`: names in use."""
-    from sae_harvest.evaluate.splice import EvaluateError, trained_outside_split
+    from sae_harvest.evaluate.splice import EvaluateError, check_fits_store, trained_outside_split
     from sae_harvest.train.feeds import held_out_origin
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 
@@ -171,12 +171,7 @@ def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
              "d_sae": sae.cfg.d_sae}
     if store is not None:
         site = entry["site"]
-        if site not in store.sites:
-            raise EvaluateError(f"{path}: its site {site!r} is not in store {cfg.store} "
-                                f"(it has: {', '.join(store.sites)})")
-        if store.width(site) != sae.cfg.d_in:
-            raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of "
-                                f"{site} in store {cfg.store}")
+        check_fits_store(path, sae, site, store, cfg.store)
         freq, n, selection = activation_frequencies(sae, store, site, cfg.tokens)
         if n == 0:
             raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")

@@ -396,3 +396,13 @@ def _result(e: Entry, site_sums: Sums, clean_sums: Sums, ids, model_name, dtype,
         "tokens": int(ids.numel()), "sequences": int(ids.shape[0]), "ctx_len": int(ids.shape[1]),
     }
     return {**head, **result_metrics(e.sums, site_sums, clean_sums, e.downstream)}
+
+
+def check_fits_store(path, sae, site: str, store, store_label: str) -> None:
+    """An SAE read against a store's rows (features, geometry): its site is in the store, at its width."""
+    if site not in store.sites:
+        raise EvaluateError(f"{path}: its site {site!r} is not in store {store_label} "
+                            f"(it has: {', '.join(store.sites)})")
+    if store.width(site) != sae.cfg.d_in:
+        raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of {site} "
+                            f"in store {store_label}")
