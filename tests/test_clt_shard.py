@@ -126,6 +126,7 @@ def test_shard_decoders_needs_clt(store, tmp_path):  # noqa: F811
     r = CliRunner().invoke(train_cli, ["fit", "--store", str(path), "--site", "blocks.0.mlp_in", "--out", str(out),
                                        "--shard-decoders", "--device", "cpu"])
     assert r.exit_code == 2 and "--shard-decoders" in r.output and "--clt" in r.output, r.output
+    assert len([line for line in r.output.splitlines() if line.strip()]) == 1 and "Traceback" not in r.output
     assert not out.exists()
 
 
