@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lr_tune import load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
@@ -206,7 +207,18 @@ def main():
     p.add_argument("--label-free-store", default=None,
                    help="the label-free store (default --out/store-label-free.zarr)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/pareto.json")
+    p.add_argument("--lrs", default=None, help="tuned learning rates (bench/lr_tune.py's --out folder, or a JSON "
+                                               "{folder: lr}) for the local sweeps; default: each architecture's")
+    p.add_argument("--local-only", action="store_true", help="skip the e2e sweeps (their claims stay untested)")
+    p.add_argument("--only-seeds", default=None, help="train (and evaluate) only these seeds, e.g. 2,3,4: to train "
+                                                      "seeds in parallel processes sharing --out")
+    p.add_argument("--train-only", action="store_true", help="train, do not evaluate or report (with --only-seeds "
+                                                             "and --fixed-epochs: a second process's share)")
+    p.add_argument("--fixed-epochs", type=int, default=None,
+                   help="train every folder once at this budget, no search (the budget the searched seed reaches)")
     args = p.parse_args()
+    if args.only_seeds and not args.train_only:
+        p.error("--only-seeds needs --train-only (the verdicts are computed over all --seeds by one process)")
     args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
     t0 = time.perf_counter()
     if args.report_only:
@@ -225,23 +237,43 @@ def main():
                                  "model-top1")
         check_same_held_out(store, lf_store)
     local = {**LOCAL, "adam_betas": args.betas}
+    lrs = load_lrs(args.lrs) if args.lrs else {}
+    args.tuned_lrs = lrs   # into pareto.json's args
     per_seed, budgets, eval_tokens = [], [], None
-    for seed in range(args.seeds):
+    seeds = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
+    for seed in seeds:
         wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
-        rows = sweeps(args.e2e, lf_store)
+        rows = with_lrs(sweeps(args.e2e, lf_store), lrs)
+        if args.local_only:
+            rows = [r for r in rows if r[0] not in ("e2e", "e2e_ds") and not r[0].startswith("relu_cont")]
         if args.e2e_only:
             rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
         caps = e2e_caps(rows, args.e2e_max_epochs)
+        fixed = {r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else fixed_budgets(budgets, args.plateau_seeds)
         paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
-                                         fixed=fixed_budgets(budgets, args.plateau_seeds), caps=caps)
+                                         fixed=fixed, caps=caps)
+        if args.train_only:
+            say(f"[{tag}] trained (--train-only): {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
+            continue
         series, eval_tokens = evaluate_seed(paths, store, root, tag)
         per_seed.append(series)
         budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
                         "cpu_seconds": time.process_time() - cpu})
         say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
+
+
+def with_lrs(rows: list, lrs: dict) -> list:
+    """The sweep rows with each tuned folder's lr (bench/lr_tune.py); e2e and continuation rows keep
+    theirs (they were not tuned)."""
+    out = []
+    for folder, arch, extra in rows:
+        if folder in lrs and extra.get("loss", "local") == "local" and "init" not in extra:
+            extra = {**extra, "lr": lrs[folder]}
+        out.append((folder, arch, extra))
+    return out
 
 
 def e2e_caps(rows, cap: int | None) -> dict | None:
