@@ -14,6 +14,9 @@ jumprelu_gated.json.
     python bench/jumprelu_gated.py --out bench-out/jg --store bench-out/pareto/store.zarr --seeds 5 \
         --until-plateau 2 --max-epochs 8 --plateau-seeds 1                          # capped: ~8 min of one core
     python bench/jumprelu_gated.py --out bench-out/jg --report-only
+    # each folder at its tuned lr (bench/lr_tune.py: jumprelu's tuned on lambda 0.1 / 0.3 / 1)
+    python bench/jumprelu_gated.py --out bench-out/jg-tuned --store bench-out/pareto/store.zarr --seeds 5 \
+        --until-plateau 2 --max-epochs 64 --plateau-seeds 1 --lrs bench-out/lr-tune
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import time
 
 import numpy as np
 
-from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict
+from lr_tune import load_lrs
+from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict, with_lrs
 from plateau import SeedTrainer, say
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
@@ -75,6 +79,8 @@ def main():
     p.add_argument("--plateau-seeds", type=int, default=None,
                    help="search the plateau on the first N seeds only (as bench/pareto.py)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/jumprelu_gated.json")
+    p.add_argument("--lrs", default=None, help="tuned learning rates (bench/lr_tune.py's --out folder, or a JSON "
+                                               "{folder: lr}); default: each architecture's")
     args = p.parse_args()
     t0 = time.perf_counter()
     out_json = os.path.join(args.out, "jumprelu_gated.json")
@@ -86,13 +92,15 @@ def main():
     betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
     os.makedirs(args.out, exist_ok=True)
     store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
+    args.tuned_lrs = load_lrs(args.lrs) if args.lrs else {}
+    rows = with_lrs(SWEEPS, args.tuned_lrs)
     per_seed, budgets = [], []
     for seed in range(args.seeds):
         wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae,
                               local={**LOCAL, "adam_betas": betas}, tag=tag)
-        paths, sweeps_done = trainer.run(SWEEPS, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
+        paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
                                          fixed=fixed_budgets(budgets, args.plateau_seeds))
         series, _ = evaluate_seed(paths, store, root, tag)
         per_seed.append({k: v for k, v in series.items() if k in ("relu", "gated", "jumprelu")})
@@ -102,7 +110,7 @@ def main():
         comparisons = compare(per_seed)
         with open(out_json, "w") as f:   # after every seed: a cut-off run keeps its data
             json.dump(scrub_tree({"seeds_done": len(per_seed), "args": vars(args), "local": LOCAL,
-                                  "sweeps": [[f, a, e] for f, a, e in SWEEPS], "budgets": budgets,
+                                  "sweeps": [[f, a, e] for f, a, e in rows], "budgets": budgets,
                                   "series_per_seed": per_seed, "comparisons": comparisons,
                                   "seconds": time.perf_counter() - t0}), f, indent=2)
     report(per_seed, comparisons, budgets, time.perf_counter() - t0)

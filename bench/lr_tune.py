@@ -128,6 +128,30 @@ def load_lrs(path: str) -> dict:
     return out
 
 
+def adopt_records(trainer: SeedTrainer, tuning: str) -> int:
+    """Copy each tuned folder's chosen-candidate training record (its SeedTrainer journal entry) into
+    `trainer`'s journal: the tuning trained that folder at that lr, seed and budget already, so a
+    plateau search of the same config reuses the record instead of training it again (SeedTrainer.train
+    compares the whole config before it reuses anything). Returns how many records it adopted."""
+    root = Path(tuning)
+    if not root.is_dir():
+        return 0
+    adopted = 0
+    for f in sorted(root.glob("*.json")):
+        doc = json.loads(f.read_text())
+        if "folder" not in doc or "multiplier" not in doc:
+            continue
+        journal = root / f"x{doc['multiplier']:g}" / "plateau.json"
+        entry = (json.loads(journal.read_text()) if journal.exists() else {}).get(doc["folder"], {}).get(str(doc["epochs"]))
+        mine = trainer.journal.setdefault(doc["folder"], {})
+        if entry and str(doc["epochs"]) not in mine:
+            mine[str(doc["epochs"])] = {**entry, "superseded": True}   # its SAEs were deleted after tuning
+            adopted += 1
+    if adopted:
+        trainer._save()
+    return adopted
+
+
 def _write(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -25,6 +25,13 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
         --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~34 min of one core
     python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
+    # each folder at its tuned lr (bench/lr_tune.py, seed 0, 32 epochs), the search from 32 epochs to 64,
+    # seeds 2-4 trained by a second process into the same --out (the first one finds their records)
+    python bench/lr_tune.py --store S --label-free-store LF --out bench-out/lr-tune --epochs 32
+    python bench/pareto.py --out bench-out/pareto-tuned --store S --label-free-store LF --lrs bench-out/lr-tune \
+        --local-only --epochs 32 --until-plateau 2 --max-epochs 64 --plateau-seeds 1 --seeds 5 &
+    python bench/pareto.py --out bench-out/pareto-tuned --store S --label-free-store LF --lrs bench-out/lr-tune \
+        --local-only --only-seeds 2,3,4 --train-only --fixed-epochs 64
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lr_tune import load_lrs
+from lr_tune import adopt_records, load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
@@ -245,6 +252,8 @@ def main():
         wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
+        if args.lrs:
+            adopt_records(trainer, args.lrs)   # the tuning's runs at the chosen lr are this seed's, if it was tuned on it
         rows = with_lrs(sweeps(args.e2e, lf_store), lrs)
         if args.local_only:
             rows = [r for r in rows if r[0] not in ("e2e", "e2e_ds") and not r[0].startswith("relu_cont")]

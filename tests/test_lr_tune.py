@@ -93,3 +93,29 @@ def test_a_real_tuning_chooses_by_the_logged_training_objective(tmp_path, store)
                                 d_sae=32, local=local, multipliers=[0.1, 10.0], epochs=2)
     assert again["candidates"] == cands
     assert lr_tune.load_lrs(str(tmp_path / "tune")) == {"topk": rec["lr"]}
+
+
+def test_a_search_reuses_the_tuning_run_of_its_exact_config_and_nothing_else(tmp_path, store, monkeypatch):
+    import plateau
+    site, row = "blocks.0.resid_pre", ("topk", "topk", {"k": (4,)})
+    local = {"batch_size": 64, "epochs": 1, "adam_betas": (0.0, 0.999)}
+    rec = lr_tune.tune_folder(row, root=str(tmp_path / "tune"), store=str(store), site=site, seed=0, d_sae=32,
+                              local=local, multipliers=[1.0, 3.0], epochs=2)
+    calls = []
+    monkeypatch.setattr("sae_harvest.train.fit.fit", lambda cfg, **kw: calls.append(cfg) or (_ for _ in ()).throw(
+        RuntimeError("trained")))
+
+    def trainer(seed, root):
+        return plateau.SeedTrainer(str(tmp_path / root), store=str(store), site=site, seed=seed, d_sae=32,
+                                   local=local, tag="t")
+    same = trainer(0, "same")
+    assert lr_tune.adopt_records(same, str(tmp_path / "tune")) == 1
+    got = same.train("topk", "topk", {"k": (4,), "lr": lr_tune.load_lrs(str(tmp_path / "tune"))["topk"]}, 2)
+    chosen = rec["candidates"][f"{rec['multiplier']:g}"]
+    assert not calls and set(got) == set(chosen["tails"])   # the record, not a new run
+    # another seed, another lr or another budget is trained, never served the tuning's record
+    for seed, lr, epochs in ((1, rec["lr"], 2), (0, rec["lr"] * 7, 2), (0, rec["lr"], 4)):
+        t = trainer(seed, f"other{seed}-{epochs}-{lr}")
+        lr_tune.adopt_records(t, str(tmp_path / "tune"))
+        with pytest.raises(RuntimeError, match="trained"):
+            t.train("topk", "topk", {"k": (4,), "lr": lr}, epochs)
