@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from lr_tune import load_lrs
+from lr_tune import adopt_records, load_lrs
 from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict, with_lrs
 from plateau import SeedTrainer, say
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
@@ -100,6 +100,8 @@ def main():
         root = os.path.join(args.out, f"seed{seed}")
         trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae,
                               local={**LOCAL, "adam_betas": betas}, tag=tag)
+        if args.lrs:
+            adopt_records(trainer, args.lrs)   # the tuning's runs of the same config (relu, gated at seed 0)
         paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
                                          fixed=fixed_budgets(budgets, args.plateau_seeds))
         series, _ = evaluate_seed(paths, store, root, tag)

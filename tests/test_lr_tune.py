@@ -119,3 +119,12 @@ def test_a_search_reuses_the_tuning_run_of_its_exact_config_and_nothing_else(tmp
         lr_tune.adopt_records(t, str(tmp_path / "tune"))
         with pytest.raises(RuntimeError, match="trained"):
             t.train("topk", "topk", {"k": (4,), "lr": lr}, epochs)
+
+
+def test_only_seeds_without_train_only_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    # a partial set of seeds would overwrite pareto.json's verdicts with fewer seeds than --seeds
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), "--only-seeds", "2,3"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    assert e.value.code == 2 and "--only-seeds needs --train-only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
