@@ -195,25 +195,22 @@ def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     if crosscoders and cfg.all_at_once:
         raise EvaluateError("--all-at-once does not take crosscoders or CLTs: they already splice all their "
                             "sites at once; evaluate them on their own")
-    results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress,
-                            console=console) if plain else []
     spliced = [p for p in cfg.saes if p not in crosscoders]
-    live = open_live(spliced, cfg)
-    crossed = [(clt_row if is_clt_folder(p) else crosscoder_row)(live, p, cfg.batch_size, cfg.splice_bos)
-               for p in crosscoders]
-    for r in crossed:   # how many evaluation tokens and where from, as evaluate_saes's rows say
-        r["eval_tokens"] = live.origin
-    if not spliced:
-        return results + crossed
+    live = open_live(spliced, cfg)   # the one model every row below is spliced into
     reps = [replacement_of(e, live.adapter) for e in live.entries]
     written = [r.write for r in reps]
     if cfg.all_at_once and len(set(written)) < len(written):
         raise EvaluateError("--all-at-once: two dictionaries write the same site "
                             f"({', '.join(sorted({s.name for s in written if written.count(s) > 1}))})")
+    saes = [e for p, e in zip(spliced, live.entries) if p not in transcoders]
+    results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress, console=console,
+                            live=dataclasses.replace(live, entries=saes)) if plain else []
+    crossed = [(clt_row if is_clt_folder(p) else crosscoder_row)(live, p, cfg.batch_size, cfg.splice_bos)
+               for p in crosscoders]
     index = {p: i for i, p in enumerate(spliced)}
     groups = [[index[p]] for p in transcoders] + ([list(range(len(reps)))] if cfg.all_at_once else [])
-    rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos)
-    for r in rows:   # how many evaluation tokens and where from, as evaluate_saes's rows say
+    rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos) if groups else []
+    for r in crossed + rows:   # how many evaluation tokens and where from, as evaluate_saes's rows say
         r["eval_tokens"] = live.origin
     by_name = {r["sae"]: r for r in rows if isinstance(r["sae"], str)}
     return results + [by_name[scrub(p)] for p in transcoders] + crossed + \
