@@ -35,7 +35,7 @@ from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_cl
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import PinnedBuffers, _background, as_tensor, held_out_origin
+from sae_harvest.train.feeds import StoreFeed, as_tensor, held_out_origin
 from sae_harvest.train.local import StoreSource, _finish, _info, _print_summary, _step
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.init_streams import checkpoint_stream
@@ -169,21 +169,15 @@ def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
     return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
 
 
-class MultiFeed:
+class MultiFeed(StoreFeed):
     """StoreFeed over several sites: yields {"acts": {site: tensor}, "grads": {site: tensor} | None},
     every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one,
-    whose `direct` / `pin` this takes too: reads straight into PinnedBuffers, or copies pinned)."""
+    whose `direct` / `pin`, read-ahead and resume state this shares: reads straight into
+    PinnedBuffers, or copies pinned)."""
 
-    def __init__(self, store, sites: list[str], batch_size: int, *, seed: int, grads: bool,
-                 exclude_pos0: bool, state: dict | None = None, part=(0, 1), pin: bool = False,
-                 direct: bool | None = None):
-        self.buffers = PinnedBuffers(pin) if (pin if direct is None else direct) else None
-        # the rows of the store's training sequences only: held-out sequences are never trained on
-        self.iter = store.batches(sites, batch_size, seqs="train", seed=seed, grads=grads,
-                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False,
-                                  alloc=self.buffers)
-        self.sites, self.grads, self.pin = sites, grads, pin
-        self._state = self.iter.state()
+    def __init__(self, store, sites: list[str], batch_size: int, **kw):
+        super().__init__(store, sites, batch_size, **kw)
+        self.sites = sites
 
     def _tensors(self):
         enc = self.iter.encodings
@@ -195,16 +189,6 @@ class MultiFeed:
                 acts = {s: a.pin_memory() for s, a in acts.items()}
                 grads = {s: g.pin_memory() for s, g in grads.items()} if grads else None
             yield {"acts": acts, "grads": grads}, self.iter.state()
-
-    def __iter__(self):
-        copies = self.pin and self.buffers is None   # only the copying path needs a thread of its own
-        batches = _background(self._tensors()) if copies else self._tensors()
-        for batch, state in batches:
-            self._state = state
-            yield batch
-
-    def state(self) -> dict:
-        return self._state
 
 
 def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]:
