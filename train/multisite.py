@@ -169,6 +169,22 @@ def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
     return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
 
 
+def claim_runs(built: dict, pair: Pair, cfg: TrainConfig, world, runs: dict, order: list) -> list[str]:
+    """Name each of `built` (run_name) and append it to `order`, the same list on every rank; put in
+    `runs` the ones this rank trains (all of them unless --sweep-parallel spreads them over the ranks
+    by their index in `order`). The names put in `runs`."""
+    kept = []
+    for sweep_name, run in built.items():
+        name = run_name(pair, sweep_name, cfg)
+        order.append(name)
+        if world.sweep_parallel and world.owner(len(order) - 1) != world.rank:
+            continue
+        run.name = name
+        runs[name] = run
+        kept.append(name)
+    return kept
+
+
 class MultiFeed(StoreFeed):
     """StoreFeed over several sites: yields {"acts": {site: tensor}, "grads": {site: tensor} | None},
     every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one,
@@ -263,15 +279,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
                                device, scales[pair.site])
         else:
             built = _transcoder_runs(cfg, pair, sources, scales, device)
-        for sweep_name, run in built.items():
-            name = run_name(pair, sweep_name, cfg)
-            index = len(order)
-            order.append(name)
-            if world.sweep_parallel and world.owner(index) != world.rank:
-                continue
-            run.name = name
-            runs[name] = run
-            pair_of[name] = pair
+        pair_of.update((name, pair) for name in claim_runs(built, pair, cfg, world, runs, order))
 
     try:   # SAEs of one shape, of any of the sites, step as one stacked module (train/stacked.py)
         groups = stack_groups(cfg.stack_sweep, runs, device, sites=pair_of, refuse=not world.sweep_parallel)
