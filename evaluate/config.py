@@ -11,6 +11,9 @@ from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
 
 TOKENS_HELP = "Evaluation tokens (rounded up to whole sequences)."
+# --allow-shared-init of the analyses that compare dictionaries (stitch, meta, geometry)
+ALLOW_SHARED_INIT_HELP = ("Compare SAEs even when their cfg.json says they started from the same initial rows "
+                          "(same seed stream): their latents then pair up by index.")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_harvest.evaluate.config import ALLOW_SHARED_INIT_HELP
 from sae_harvest.evaluate.results import CrossCosines, GeometryResult, SaeGeometry
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub, scrub_tree
@@ -39,8 +40,7 @@ class GeometryConfig:
     tokens: int = opt(65536, "Held-out rows read per site for the frequencies (position 0 excluded).")
     bins: int = opt(50, "Histogram bins.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
-                                         "initial rows (same seed stream): their latents then pair up by index.")
+    allow_shared_init: bool = opt(False, ALLOW_SHARED_INIT_HELP)
 
     def to_dict(self) -> dict:
         return scrub_tree(dataclasses.asdict(self))

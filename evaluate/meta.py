@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sae_harvest.evaluate.config import ALLOW_SHARED_INIT_HELP
 from sae_harvest.evaluate.results import LatentDecomposition, MetaResult, MetaSaeRef, SaeRef
 from sae_harvest.stores.cli import opt
 from sae_harvest.stores.urls import scrub_tree
@@ -36,8 +37,7 @@ class MetaConfig:
     neighbours: int = opt(5, "Latents listed per meta-latent, and sharing latents per sample.")
     seed: int = opt(0, "Seed of the random sample of latents.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
-                                         "initial rows (same seed stream): their latents then pair up by index.")
+    allow_shared_init: bool = opt(False, ALLOW_SHARED_INIT_HELP)
 
     def to_dict(self) -> dict:
         return scrub_tree(dataclasses.asdict(self))

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.metrics import ce_from_log_probs, kl_per_token, kl_reference, log_probs
-from sae_harvest.evaluate.replace_clt import Tally, _keep_pos0, add_scores, clt_row
+from sae_harvest.evaluate.replace_clt import clt_row
+from sae_harvest.evaluate.replace_scores import Tally, forward_log_probs, keep_pos0, replacement_row, score_replacements
 from sae_harvest.evaluate.splice import EvaluateError, Live, evaluate_saes, open_live
 from sae_harvest.stores.urls import scrub
 
@@ -114,20 +114,20 @@ def spliced_forward(model, ids, reps: list[Replacement], splice_bos: bool, zero:
         for i, r in enumerate(reps):
             tally = tallies[i] if tallies is not None else None
             stack.enter_context(splice(model, r.write, _writer(r, live, splice_bos, zero, tally)))
-        return log_probs(model(input_ids=ids, use_cache=False).logits)
+        return forward_log_probs(model, ids)
 
 
 def _writer(r: Replacement, live: dict, splice_bos: bool, zero: bool, tally: Tally | None):
     def write(a):
         if zero:
-            return _keep_pos0(torch.zeros_like(a), a, splice_bos)
+            return keep_pos0(torch.zeros_like(a), a, splice_bos)
         x = a if r.read == r.write else live[r.read.name]
         rows = x.reshape(-1, x.shape[-1]).to(r.module.W_dec.dtype)
         y_hat, feats = r.predict(rows)
         y_hat = y_hat.view(*a.shape[:-1], -1).to(a.dtype)
         if tally is not None:
             tally.add(y_hat[:, 1:], a[:, 1:], feats.view(*a.shape[:-1], -1)[:, 1:])
-        return _keep_pos0(y_hat, a, splice_bos)
+        return keep_pos0(y_hat, a, splice_bos)
     return write
 
 
@@ -136,39 +136,23 @@ def evaluate_replacements(live: Live, reps: list[Replacement], groups: list[list
     """One result per group of replacement indices (spliced together), all on live.ids; a joint row
     also holds each member's NMSE / L0 inside that joint forward ("per_dictionary")."""
     model = live.model
-    sums = [{"ce": 0.0, "kl": 0.0, "ce_zero": 0.0} for _ in groups]
     tallies = [[Tally() for _ in group] for group in groups]
-    ce_clean, n_pred = 0.0, 0
-    with torch.no_grad():
-        for ids in live.ids.split(batch_size):
-            ids = ids.to(live.device)
-            clean = log_probs(model(input_ids=ids, use_cache=False).logits)
-            ref = kl_reference(clean[:, :-1])
-            ce_clean += float(ce_from_log_probs(clean, ids).double().sum())
-            n_pred += ids.shape[0] * (ids.shape[1] - 1)
-            for i, group in enumerate(groups):
-                members = [reps[j] for j in group]
-                logp = spliced_forward(model, ids, members, splice_bos, tallies=tallies[i])
-                sums[i]["ce"] += float(ce_from_log_probs(logp, ids).double().sum())
-                sums[i]["kl"] += float(kl_per_token(None, logp[:, :-1], ref=ref).double().sum())
-                zero = spliced_forward(model, ids, members, splice_bos, zero=True)
-                sums[i]["ce_zero"] += float(ce_from_log_probs(zero, ids).double().sum())
+
+    def forwards(ids):
+        return forward_log_probs(model, ids), [
+            lambda zero, members=[reps[j] for j in group], t=t: spliced_forward(
+                model, ids, members, splice_bos, zero=zero, tallies=None if zero else t)
+            for group, t in zip(groups, tallies)]
+
     results = []
-    for i, group in enumerate(groups):
+    for group, t, scores in zip(groups, tallies, score_replacements(live, batch_size, forwards)):
         members = [reps[j] for j in group]
-        ce, kl, ce_zero = (sums[i][k] / n_pred for k in ("ce", "kl", "ce_zero"))
-        clean = ce_clean / n_pred
-        recovered = None if ce_zero == clean else 1 - (ce - clean) / (ce_zero - clean)
         one = len(group) == 1
-        row = {"name": members[0].name if one else "all at once",
-               "sae": scrub(members[0].path) if one else [scrub(r.path) for r in members],
-               "arch": members[0].arch if one else "all at once",
-               "site": _site_label(members), "loss": "local", "grad_mode": None,
-               "model": scrub(live.model_name), "tokens": int(live.ids.numel()), "splice_bos": splice_bos,
-               "ce_clean": clean, "ce_clean_nobos": None, "ce_spliced": ce, "ce_increase": ce - clean, "kl": kl,
-               "ce_zero_ablation": ce_zero, "loss_recovered_zero": recovered,
+        row = {**replacement_row(live, members[0].name if one else "all at once",
+                                 scrub(members[0].path) if one else [scrub(r.path) for r in members],
+                                 members[0].arch if one else "all at once", _site_label(members), splice_bos, scores),
                "d_sae": sum(r.d_sae for r in members)}
-        per = {r.name: {"site": _site_label([r]), **t.metrics()} for r, t in zip(members, tallies[i])}
+        per = {r.name: {"site": _site_label([r]), **tally.metrics()} for r, tally in zip(members, t)}
         if one:
             row.update(per[members[0].name])
         else:
@@ -195,25 +179,22 @@ def evaluate_all(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
     if crosscoders and cfg.all_at_once:
         raise EvaluateError("--all-at-once does not take crosscoders or CLTs: they already splice all their "
                             "sites at once; evaluate them on their own")
-    results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress,
-                            console=console) if plain else []
     spliced = [p for p in cfg.saes if p not in crosscoders]
-    live = open_live(spliced, cfg)
-    crossed = [(clt_row if is_clt_folder(p) else crosscoder_row)(live, p, cfg.batch_size, cfg.splice_bos)
-               for p in crosscoders]
-    for r in crossed:   # how many evaluation tokens and where from, as evaluate_saes's rows say
-        r["eval_tokens"] = live.origin
-    if not spliced:
-        return results + crossed
+    live = open_live(spliced, cfg)   # the one model every row below is spliced into
     reps = [replacement_of(e, live.adapter) for e in live.entries]
     written = [r.write for r in reps]
     if cfg.all_at_once and len(set(written)) < len(written):
         raise EvaluateError("--all-at-once: two dictionaries write the same site "
                             f"({', '.join(sorted({s.name for s in written if written.count(s) > 1}))})")
+    saes = [e for p, e in zip(spliced, live.entries) if p not in transcoders]
+    results = evaluate_saes(dataclasses.replace(cfg, saes=tuple(plain)), progress=progress, console=console,
+                            live=dataclasses.replace(live, entries=saes)) if plain else []
+    crossed = [(clt_row if is_clt_folder(p) else crosscoder_row)(live, p, cfg.batch_size, cfg.splice_bos)
+               for p in crosscoders]
     index = {p: i for i, p in enumerate(spliced)}
     groups = [[index[p]] for p in transcoders] + ([list(range(len(reps)))] if cfg.all_at_once else [])
-    rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos)
-    for r in rows:   # how many evaluation tokens and where from, as evaluate_saes's rows say
+    rows = evaluate_replacements(live, reps, groups, cfg.batch_size, cfg.splice_bos) if groups else []
+    for r in crossed + rows:   # how many evaluation tokens and where from, as evaluate_saes's rows say
         r["eval_tokens"] = live.origin
     by_name = {r["sae"]: r for r in rows if isinstance(r["sae"], str)}
     return results + [by_name[scrub(p)] for p in transcoders] + crossed + \
@@ -241,33 +222,29 @@ def crosscoder_row(live: Live, path: str, batch_size: int, splice_bos: bool) -> 
             raise EvaluateError(f"{path}: crosscoder site {site.name} does not fit this model "
                                 f"(d_in {cc.cfg.d_in} over {len(sites)} sites)")
     model, tallies = live.model, [Tally() for _ in sites]
-    sums, n_pred = {"clean": 0.0, "ce": 0.0, "kl": 0.0, "zero": 0.0}, 0
-    with torch.no_grad():
-        for ids in live.ids.split(batch_size):
-            ids = ids.to(live.device)
-            with record(model, sites) as rec:
-                clean = log_probs(model(input_ids=ids, use_cache=False).logits)
-            xs = [rec[s.name] for s in sites]
-            feats = cc.encode(torch.cat(xs, -1).reshape(-1, cc.cfg.d_in).to(cc.W_dec.dtype))
-            parts = cc.decode(feats).split(cc.cfg.d_in // len(sites), -1)
-            feats = feats.view(*ids.shape, -1)
-            recons = {s.name: p.view_as(x).to(x.dtype) for s, p, x in zip(sites, parts, xs)}
-            for t, s, x in zip(tallies, sites, xs):
-                t.add(recons[s.name][:, 1:], x[:, 1:], feats[:, 1:])
-            for key, value in (("ce", recons), ("zero", {k: torch.zeros_like(v) for k, v in recons.items()})):
-                with ExitStack() as stack:
-                    for s in sites:
-                        stack.enter_context(splice(model, s, lambda a, v=value[s.name]: _keep_pos0(v, a, splice_bos)))
-                    logp = log_probs(model(input_ids=ids, use_cache=False).logits)
-                add_scores(sums, key, logp, ids, clean)
-            sums["clean"] += float(ce_from_log_probs(clean, ids).double().sum())
-            n_pred += ids.shape[0] * (ids.shape[1] - 1)
-    clean, ce, kl, zero = (sums[k] / n_pred for k in ("clean", "ce", "kl", "zero"))
+
+    def forwards(ids):
+        with record(model, sites) as rec:
+            clean = forward_log_probs(model, ids)
+        xs = [rec[s.name] for s in sites]
+        feats = cc.encode(torch.cat(xs, -1).reshape(-1, cc.cfg.d_in).to(cc.W_dec.dtype))
+        parts = cc.decode(feats).split(cc.cfg.d_in // len(sites), -1)
+        feats = feats.view(*ids.shape, -1)
+        recons = [p.view_as(x).to(x.dtype) for p, x in zip(parts, xs)]
+        for t, r, x in zip(tallies, recons, xs):
+            t.add(r[:, 1:], x[:, 1:], feats[:, 1:])
+
+        def spliced(zero: bool):
+            with ExitStack() as stack:
+                for s, r in zip(sites, recons):
+                    v = torch.zeros_like(r) if zero else r
+                    stack.enter_context(splice(model, s, lambda a, v=v: keep_pos0(v, a, splice_bos)))
+                return forward_log_probs(model, ids)
+        return clean, [spliced]
+
+    (scores,) = score_replacements(live, batch_size, forwards)
     per = {s.name: t.metrics() for s, t in zip(sites, tallies)}
-    return {"name": d.name, "sae": scrub(path), "arch": f"crosscoder ({cc.cfg.arch})",
-            "site": ", ".join(s.name for s in sites), "loss": "local", "grad_mode": None,
-            "model": scrub(live.model_name), "tokens": int(live.ids.numel()), "splice_bos": splice_bos,
-            "ce_clean": clean, "ce_clean_nobos": None, "ce_spliced": ce, "ce_increase": ce - clean, "kl": kl,
-            "ce_zero_ablation": zero, "loss_recovered_zero": None if zero == clean else 1 - (ce - clean) / (zero - clean),
+    return {**replacement_row(live, d.name, scrub(path), f"crosscoder ({cc.cfg.arch})",
+                              ", ".join(s.name for s in sites), splice_bos, scores),
             "d_sae": cc.cfg.d_sae, "l0": per[sites[0].name]["l0"], "alive": per[sites[0].name]["alive"],
             "nmse": sum(t.err for t in tallies) / max(sum(t.norm2 for t in tallies), 1e-30), "per_site": per}

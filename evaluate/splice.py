@@ -323,9 +323,10 @@ def _eval_batch(model, adapter, ids, entries, site_sums, clean_sums, means, spli
 
 
 # --- entry point -------------------------------------------------------------------------------
-def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]:
+def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None, live: Live | None = None) -> list[dict]:
     """Splice each SAE into the model on the same held-out tokens; one metrics dict per SAE,
-    in the order given. Raises a UserError for any input problem."""
+    in the order given. Raises a UserError for any input problem. `live`: the SAEs (its entries),
+    model and tokens already open (evaluate_all, whose transcoders and CLTs share that model)."""
     from sae_harvest.stores.progress import token_progress
 
     if not cfg.saes:
@@ -333,7 +334,7 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None) -> list[dict]
     bad = sorted(set(cfg.grad_modes) - set(GRAD_MODES))
     if bad or not cfg.grad_modes:
         raise EvaluateError(f"--grad-modes: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(GRAD_MODES)}")
-    live = open_live(cfg.saes, cfg)
+    live = live if live is not None else open_live(cfg.saes, cfg)
     model, adapter, ids, model_name, dev = live.model, live.adapter, live.ids, live.model_name, live.device
     origin = live.origin
     entries = []

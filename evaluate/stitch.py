@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_harvest.evaluate.config import TOKENS_HELP, LiveOptions
+from sae_harvest.evaluate.config import ALLOW_SHARED_INIT_HELP, TOKENS_HELP, LiveOptions
 from sae_harvest.evaluate.results import SaeRef, StitchResult, StitchSummary
 from sae_harvest.stores.cli import opt
 from sae_harvest.train.sae import unit_rows
@@ -53,8 +53,7 @@ class StitchConfig(LiveOptions, _StitchPair):   # the pair's fields first (see e
                                    "store's held-out tokens when fewer; more than it holds is refused.")
     ce_points: int = opt(17, "Steps of the path at which the CE increase is measured (spliced forwards; "
                              "always incl. both ends); 0: MSE and L0 only.")
-    allow_shared_init: bool = opt(False, "Compare SAEs even when their cfg.json says they started from the same "
-                                         "initial rows (same seed stream): their latents then pair up by index.")
+    allow_shared_init: bool = opt(False, ALLOW_SHARED_INIT_HELP)
 
 
 # --- matching ----------------------------------------------------------------------------------

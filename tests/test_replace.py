@@ -279,3 +279,26 @@ def test_clt_replacement_model(assets, tmp_path):
     assert r["ce_spliced"] == pytest.approx(float(torch.cat(ces).mean()), rel=1e-5)
     for t in range(3):
         assert r["per_layer"][f"blocks.{t}.mlp_out"]["nmse"] == pytest.approx(errs[t][0] / errs[t][1], rel=1e-4)
+
+
+def test_saes_transcoders_and_clts_together_load_the_model_once(assets, tmp_path, monkeypatch):
+    """One `evaluate splice` over an SAE, a transcoder and a CLT loads the model once (it loaded it
+    once for the SAEs and again for the rest), and each row is the one that dictionary gets alone."""
+    import sae_harvest.harvest.models as models
+
+    model, _ = load_model(assets["model"])
+    sae = make_sae(SAEConfig("relu", D, 2 * D))
+    sae_path = str(tmp_path / "sae")
+    save_sae(sae, sae_path, extra_cfg={"hook_name": "blocks.0.resid_post", "sweep_name": "sae"})
+    paths = [sae_path, _save(_mlp_as_skip_transcoder(model, 1, 0.3, seed=1), tmp_path / "tc", 1),
+             _save_clt(_clt_of_linear_mlps(model, 0.02), tmp_path / "clt")]
+    alone = [_eval(assets, [p])[0] for p in paths]
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    rows = _eval(assets, paths)
+    assert len(loads) == 1
+    assert [r["name"] for r in rows] == ["sae", "tc", "clt"] and rows == alone
+    loads.clear()
+    rows = _eval(assets, paths[:2], all_at_once=True)   # the joint row shares that one load too
+    assert len(loads) == 1 and rows[:2] == alone[:2] and rows[2]["name"] == "all at once"

@@ -59,19 +59,13 @@ def transcoder_runs(cfg: TrainConfig, site: Site, target: Site, x: torch.Tensor,
                     scales: tuple[float, float], device, world) -> tuple[dict, list[str]]:
     """({name: Run} this rank trains, every name of the sweep in order): built exactly as a local
     transcoder sweep (seed streams, --init, b_dec at the target's geometric median), named as one."""
-    from sae_harvest.train.multisite import Pair, _transcoder_runs, run_name
+    from sae_harvest.train.multisite import Pair, _transcoder_runs, claim_runs
 
     pair = Pair(site.name, target.name)
     built = _transcoder_runs(cfg, pair, {site.name: _Rows(x), target.name: _Rows(y)},
                              {site.name: scales[0], target.name: scales[1]}, device)
     runs, order = {}, []
-    for index, (sweep_name, run) in enumerate(built.items()):
-        name = run_name(pair, sweep_name, cfg)
-        order.append(name)
-        if world.sweep_parallel and world.owner(index) != world.rank:
-            continue
-        run.name = name
-        runs[name] = run
+    claim_runs(built, pair, cfg, world, runs, order)
     return runs, order
 
 

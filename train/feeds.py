@@ -61,7 +61,8 @@ class PinnedBuffers:
 
 class StoreFeed:
     """direct=True (the default with pin): batches read straight into PinnedBuffers; direct=False
-    with pin: the previous path, each batch copied into pinned memory on a background thread."""
+    with pin: the previous path, each batch copied into pinned memory on a background thread.
+    train/multisite.py's MultiFeed is this over several sites (`site` a list, its own _tensors)."""
 
     def __init__(self, store, site: str, batch_size: int, *, seed: int, grads: bool, exclude_pos0: bool,
                  state: dict | None = None, part: tuple[int, int] = (0, 1), pin: bool = False,

@@ -28,6 +28,39 @@ def capped(batches: Iterable[tuple], limit: int | None) -> Iterator[tuple]:
             return
 
 
+class HeldOutSums:
+    """The running sums every held-out report is built from: per part (the one target of an SAE or
+    transcoder, each site of a crosscoder, each target layer of a CLT) the squared error, the squared
+    norm and the sum of the target rows (float64 with double_sums), for the variance around the mean;
+    over the dictionary the L0, the latents that ever fired and the row count."""
+
+    def __init__(self, parts, d_sae: int, device, double_sums: bool = False):
+        self.err = {p: 0.0 for p in parts}
+        self.norm2 = dict(self.err)
+        self.row_sum: dict = {}
+        self.double_sums = double_sums
+        self.l0, self.count = 0.0, 0
+        self.fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def add(self, part, out: torch.Tensor, target: torch.Tensor) -> None:
+        self.err[part] += (out - target).pow(2).sum().item()
+        self.norm2[part] += target.pow(2).sum().item()
+        rows = target.double().sum(0) if self.double_sums else target.sum(0)
+        self.row_sum[part] = rows if part not in self.row_sum else self.row_sum[part] + rows
+
+    def add_latents(self, feats: torch.Tensor) -> None:
+        self.l0 += (feats > 0).sum().item()
+        self.fired |= (feats > 0).any(0)
+        self.count += len(feats)
+
+    def centred(self, part) -> float:
+        """sum ||target - mean||^2 over the part's rows."""
+        return self.norm2[part] - float(self.row_sum[part].pow(2).sum()) / self.count
+
+    def dead_fraction(self) -> float:
+        return 1 - self.fired.float().mean().item()
+
+
 @torch.no_grad()
 def held_out_report(sae, batches: Iterable[tuple], device) -> dict:
     """NMSE, explained variance, L0 and dead fraction of `sae` on batches of (x, g, y) in the
@@ -35,29 +68,23 @@ def held_out_report(sae, batches: Iterable[tuple], device) -> dict:
     transcoder predicts (its skip path included; it also gets "fvu", 1 - explained variance), or
     None when the dictionary reconstructs x. {} when there are no rows."""
     sae.eval()
-    err = norm2 = l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    target_sum, count, predicts = None, 0, False
+    sums, predicts = HeldOutSums([0], sae.cfg.d_sae, device), False
     for x, g, y in batches:
         feats = sae.encode(x, g)
         if y is None:
-            target, out = x, sae.decode(feats)
+            sums.add(0, sae.decode(feats), x)
         else:
-            target, out, predicts = y, sae.decode(feats) + sae.skip_out(x), True
-        err += (out - target).pow(2).sum().item()
-        norm2 += target.pow(2).sum().item()
-        target_sum = target.sum(0) if target_sum is None else target_sum + target.sum(0)
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-        count += len(x)
+            sums.add(0, sae.decode(feats) + sae.skip_out(x), y)
+            predicts = True
+        sums.add_latents(feats)
     sae.train()
-    if count == 0:
+    if sums.count == 0:
         return {}
-    total = norm2 - target_sum.pow(2).sum().item() / count   # sum ||target - mean||^2
-    report = {"held_out_tokens": count, "nmse": err / norm2, "explained_variance": 1 - err / total}
+    err, total = sums.err[0], sums.centred(0)
+    report = {"held_out_tokens": sums.count, "nmse": err / sums.norm2[0], "explained_variance": 1 - err / total}
     if predicts:
         report["fvu"] = err / total
-    report.update(l0=l0 / count, dead_fraction=1 - fired.float().mean().item())
+    report.update(l0=sums.l0 / sums.count, dead_fraction=sums.dead_fraction())
     return report
 
 

@@ -35,7 +35,7 @@ from sae_harvest.train.multisite_fit import clt_runs, crosscoder_runs, finish_cl
 from sae_harvest.train.crosscoder import CROSSCODER_ARCHS
 from sae_harvest.train.driver import Driver
 from sae_harvest.train.errors import TrainError
-from sae_harvest.train.feeds import PinnedBuffers, _background, as_tensor, held_out_origin
+from sae_harvest.train.feeds import StoreFeed, as_tensor, held_out_origin
 from sae_harvest.train.local import StoreSource, _finish, _info, _print_summary, _step
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.init_streams import checkpoint_stream
@@ -169,21 +169,31 @@ def run_name(pair: Pair, sweep_name: str, cfg: TrainConfig) -> str:
     return f"{pair.site}-{pair.target}-{'skip_' if cfg.skip else ''}transcoder_{sweep_name}"
 
 
-class MultiFeed:
+def claim_runs(built: dict, pair: Pair, cfg: TrainConfig, world, runs: dict, order: list) -> list[str]:
+    """Name each of `built` (run_name) and append it to `order`, the same list on every rank; put in
+    `runs` the ones this rank trains (all of them unless --sweep-parallel spreads them over the ranks
+    by their index in `order`). The names put in `runs`."""
+    kept = []
+    for sweep_name, run in built.items():
+        name = run_name(pair, sweep_name, cfg)
+        order.append(name)
+        if world.sweep_parallel and world.owner(len(order) - 1) != world.rank:
+            continue
+        run.name = name
+        runs[name] = run
+        kept.append(name)
+    return kept
+
+
+class MultiFeed(StoreFeed):
     """StoreFeed over several sites: yields {"acts": {site: tensor}, "grads": {site: tensor} | None},
     every site's columns of the same rows, read in one pass (train/feeds.py StoreFeed for one,
-    whose `direct` / `pin` this takes too: reads straight into PinnedBuffers, or copies pinned)."""
+    whose `direct` / `pin`, read-ahead and resume state this shares: reads straight into
+    PinnedBuffers, or copies pinned)."""
 
-    def __init__(self, store, sites: list[str], batch_size: int, *, seed: int, grads: bool,
-                 exclude_pos0: bool, state: dict | None = None, part=(0, 1), pin: bool = False,
-                 direct: bool | None = None):
-        self.buffers = PinnedBuffers(pin) if (pin if direct is None else direct) else None
-        # the rows of the store's training sequences only: held-out sequences are never trained on
-        self.iter = store.batches(sites, batch_size, seqs="train", seed=seed, grads=grads,
-                                  exclude_pos0=exclude_pos0, state=state, part=part, decode=False,
-                                  alloc=self.buffers)
-        self.sites, self.grads, self.pin = sites, grads, pin
-        self._state = self.iter.state()
+    def __init__(self, store, sites: list[str], batch_size: int, **kw):
+        super().__init__(store, sites, batch_size, **kw)
+        self.sites = sites
 
     def _tensors(self):
         enc = self.iter.encodings
@@ -195,16 +205,6 @@ class MultiFeed:
                 acts = {s: a.pin_memory() for s, a in acts.items()}
                 grads = {s: g.pin_memory() for s, g in grads.items()} if grads else None
             yield {"acts": acts, "grads": grads}, self.iter.state()
-
-    def __iter__(self):
-        copies = self.pin and self.buffers is None   # only the copying path needs a thread of its own
-        batches = _background(self._tensors()) if copies else self._tensors()
-        for batch, state in batches:
-            self._state = state
-            yield batch
-
-    def state(self) -> dict:
-        return self._state
 
 
 def _transcoder_runs(cfg, pair: Pair, sources, scales, device) -> dict[str, Run]:
@@ -279,15 +279,7 @@ def fit_multisite(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = F
                                device, scales[pair.site])
         else:
             built = _transcoder_runs(cfg, pair, sources, scales, device)
-        for sweep_name, run in built.items():
-            name = run_name(pair, sweep_name, cfg)
-            index = len(order)
-            order.append(name)
-            if world.sweep_parallel and world.owner(index) != world.rank:
-                continue
-            run.name = name
-            runs[name] = run
-            pair_of[name] = pair
+        pair_of.update((name, pair) for name in claim_runs(built, pair, cfg, world, runs, order))
 
     try:   # SAEs of one shape, of any of the sites, step as one stacked module (train/stacked.py)
         groups = stack_groups(cfg.stack_sweep, runs, device, sites=pair_of, refuse=not world.sweep_parallel)

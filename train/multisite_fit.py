@@ -13,6 +13,7 @@ from sae_harvest.train.clt_shard import CLTShard, shard_plan
 from sae_harvest.train.config import sweep
 from sae_harvest.train.registry import make_sae
 from sae_harvest.train.feeds import held_out_origin
+from sae_harvest.train.held_out import HeldOutSums
 from sae_harvest.train.runs import Run, new_run, seed_init
 from sae_harvest.train.sae_io import save_sae
 
@@ -46,28 +47,22 @@ def held_out_layers(clt, store, pairs, scales, batch_size: int, exclude_pos0: bo
     the rows of the store's held-out sequences (stores/split.py)."""
     clt.eval()
     sites = [s for p in pairs for s in (p.site, p.target)]
-    err, norm2, l0, count = [0.0] * len(pairs), [0.0] * len(pairs), 0.0, 0
-    y_sum = [0.0] * len(pairs)   # per target: the sum of its rows, for the variance around the mean
-    fired = torch.zeros(clt.cfg.d_sae, dtype=torch.bool, device=device)
+    sums = HeldOutSums(range(len(pairs)), clt.cfg.d_sae, device, double_sums=True)
     for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
         x = torch.cat([torch.from_numpy(b["acts"][p.site]).to(device) / scales[p.site] for p in pairs], -1)
         feats = clt.encode(x)
         for t, (p, y_hat) in enumerate(zip(pairs, clt.decode_layers(feats))):
-            y = torch.from_numpy(b["acts"][p.target]).to(device) / scales[p.target]
-            err[t] += (y_hat - y).pow(2).sum().item()
-            norm2[t] += y.pow(2).sum().item()
-            y_sum[t] = y_sum[t] + y.double().sum(0)
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-        count += len(x)
+            sums.add(t, y_hat, torch.from_numpy(b["acts"][p.target]).to(device) / scales[p.target])
+        sums.add_latents(feats)
     clt.train()
-    if count == 0:
+    if sums.count == 0:
         return {}
-    total = sum(m - float(s.pow(2).sum()) / count for m, s in zip(norm2, y_sum))
+    err, norm2, count = list(sums.err.values()), list(sums.norm2.values()), sums.count
+    total = sum(sums.centred(t) for t in range(len(pairs)))
     return {"held_out_tokens": count, "nmse": sum(err) / sum(norm2), "explained_variance": 1 - sum(err) / total,
             "per_layer": {p.target: {"nmse": e / m} for p, e, m in zip(pairs, err, norm2)},
-            "l0": l0 / count, "l0_per_layer": l0 / count / len(pairs),
-            "dead_fraction": 1 - fired.float().mean().item()}
+            "l0": sums.l0 / count, "l0_per_layer": sums.l0 / count / len(pairs),
+            "dead_fraction": sums.dead_fraction()}
 
 
 def finish_clt(run: Run, pairs, sources, scales, folder: Path, cfg, device, driver, sharded=None) -> dict:
@@ -115,28 +110,20 @@ def held_out_sites(sae, store, sites: list[str], scales, batch_size: int, exclud
     """Per site NMSE and explained variance of the crosscoder's reconstruction, plus L0 and dead
     fraction, on the rows of the store's held-out sequences (stores/split.py; training space)."""
     sae.eval()
-    err = {s: 0.0 for s in sites}
-    norm2, total_sum, l0, count = dict(err), {}, 0.0, 0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    sums = HeldOutSums(sites, sae.cfg.d_sae, device)
     for b in store.batches(sites, batch_size, seqs="held_out", exclude_pos0=exclude_pos0, epochs=1, drop_last=False):
         xs = [torch.from_numpy(b["acts"][s]).to(device) / scales[s] for s in sites]
         feats = sae.encode(torch.cat(xs, -1))
-        parts = sae.decode(feats).split([x.shape[1] for x in xs], -1)
-        for s, x, x_hat in zip(sites, xs, parts):
-            err[s] += (x_hat - x).pow(2).sum().item()
-            norm2[s] += x.pow(2).sum().item()
-            total_sum[s] = x.sum(0) if s not in total_sum else total_sum[s] + x.sum(0)
-        l0 += (feats > 0).sum().item()
-        fired |= (feats > 0).any(0)
-        count += len(feats)
+        for s, x, x_hat in zip(sites, xs, sae.decode(feats).split([x.shape[1] for x in xs], -1)):
+            sums.add(s, x_hat, x)
+        sums.add_latents(feats)
     sae.train()
-    if count == 0:
+    if sums.count == 0:
         return {}
-    per_site = {s: {"nmse": err[s] / norm2[s],
-                    "explained_variance": 1 - err[s] / (norm2[s] - total_sum[s].pow(2).sum().item() / count)}
-                for s in sites}
-    return {"held_out_tokens": count, "nmse": sum(err.values()) / sum(norm2.values()), "per_site": per_site,
-            "l0": l0 / count, "dead_fraction": 1 - fired.float().mean().item()}
+    err, norm2 = sums.err, sums.norm2
+    per_site = {s: {"nmse": err[s] / norm2[s], "explained_variance": 1 - err[s] / sums.centred(s)} for s in sites}
+    return {"held_out_tokens": sums.count, "nmse": sum(err.values()) / sum(norm2.values()), "per_site": per_site,
+            "l0": sums.l0 / sums.count, "dead_fraction": sums.dead_fraction()}
 
 
 def finish_crosscoder(run: Run, sites: list[str], sources, scales, folder: Path, cfg, device, driver) -> dict:
