@@ -121,6 +121,8 @@ def load_lrs(path: str) -> dict:
         doc = json.loads(f.read_text())
         if "folder" in doc and "lr" in doc:
             out[doc["folder"]] = float(doc["lr"])
+        elif "candidates" in doc:   # a folder still tuning (or cut off): it would train at its default lr
+            raise SystemExit(f"{f}: this folder's tuning has not finished; rerun bench/lr_tune.py first")
         elif p.is_file():
             out.update({k: float(v) for k, v in doc.items()})
     if not out:

@@ -66,8 +66,11 @@ def test_with_lrs_sets_only_the_tuned_local_rows():
 def test_load_lrs_reads_a_tuning_folder_or_a_json_and_refuses_an_empty_one(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "relu.json").write_text(json.dumps({"folder": "relu", "lr": 0.002, "candidates": {}}))
-    (tmp_path / "t" / "half.json").write_text(json.dumps({"key": {}, "candidates": {}}))   # still tuning
     assert lr_tune.load_lrs(str(tmp_path / "t")) == {"relu": 0.002}
+    (tmp_path / "t" / "half.json").write_text(json.dumps({"key": {}, "candidates": {}}))   # still tuning
+    with pytest.raises(SystemExit, match="half.json: this folder's tuning has not finished"):
+        lr_tune.load_lrs(str(tmp_path / "t"))   # not silently at its default lr
+    (tmp_path / "t" / "half.json").unlink()
     (tmp_path / "lrs.json").write_text(json.dumps({"topk": 0.01}))
     assert lr_tune.load_lrs(str(tmp_path / "lrs.json")) == {"topk": 0.01}
     (tmp_path / "empty").mkdir()
