@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from lr_tune import adopt_records, load_lrs
+from lr_tune import TunedLrError, adopt_records, load_lrs
 from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict, with_lrs
 from plateau import SeedTrainer, say
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
@@ -89,10 +89,18 @@ def main():
             doc = json.load(f)
         report(doc["series_per_seed"], compare(doc["series_per_seed"]), doc.get("budgets", []), doc["seconds"])
         return
-    betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
+    try:
+        betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
+    except ValueError as e:
+        p.error(f"--betas: {e}")
+    args.tuned_lrs = {}
+    if args.lrs:   # before the harvest: a bad --lrs is one line now
+        try:
+            args.tuned_lrs = load_lrs(args.lrs, rows=SWEEPS, d_sae=args.d_sae, local={**LOCAL, "adam_betas": betas})
+        except TunedLrError as e:
+            p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
-    args.tuned_lrs = load_lrs(args.lrs) if args.lrs else {}
     rows = with_lrs(SWEEPS, args.tuned_lrs)
     per_seed, budgets = [], []
     for seed in range(args.seeds):

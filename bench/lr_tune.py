@@ -52,8 +52,11 @@ def tail_objective(sae_dir: str | os.PathLike, tail: float = TAIL) -> dict:
 
 
 def score(tails: dict) -> float:
-    """A candidate's score: the mean log training objective over its sweep's SAEs (lower is better)."""
+    """A candidate's score: the mean log training objective over its sweep's SAEs (lower is better);
+    +inf when a run diverged (a NaN or infinite objective: that lr loses, and the tuning goes on)."""
     values = [t["objective"] for t in tails.values()]
+    if any(v is not None and not math.isfinite(v) for v in values):
+        return math.inf
     if not values or any(v is None or not v > 0 for v in values):
         raise ValueError(f"a non-positive or missing objective among {sorted(tails)}")
     return sum(math.log(v) for v in values) / len(values)
@@ -92,41 +95,81 @@ def tune_folder(row: tuple, *, root: str, store: str, site: str, seed: int, d_sa
             continue
         trainer = SeedTrainer(os.path.join(root, f"x{m:g}"), store=store, site=site, seed=seed, d_sae=d_sae,
                               local=local, tag=f"lr x{m:g}")
-        trainer.train(folder, arch, {**extra, "lr": lr}, epochs)
         out = trainer.budget_dir(folder, epochs)
-        tails = {name.name: tail_objective(name) for name in sorted(out.iterdir()) if (name / "cfg.json").exists()}
+        # force: a journal record whose SAEs are gone (this file deleted to redo the folder, or a
+        # kill between the deletion and the write below) has no metrics left to read
+        records = trainer.train(folder, arch, {**extra, "lr": lr}, epochs, force=not out.is_dir())
+        tails = {name: tail_objective(out / name) for name in sorted(records)}
         done["candidates"][f"{m:g}"] = {"multiplier": m, "lr": lr, "tails": tails, "score": score(tails)}
-        trainer.discard(folder, epochs)   # the SAEs are not needed again; their record is
         _write(path, done)
+        trainer.discard(folder, epochs)   # the SAEs are not needed again; their record is
         say(f"[lr] {folder} x{m:g} (lr {lr:.3g}): mean log objective {done['candidates'][f'{m:g}']['score']:.4f}, "
             + ", ".join(f"{n} L0 {t['l0']:.1f} nmse {t['nmse']:.4f}" for n, t in tails.items()))
     best = choose([c for c in done["candidates"].values() if c["multiplier"] in multipliers])
     done.update(folder=folder, arch=arch, default_lr=base, lr=best["lr"], multiplier=best["multiplier"],
                 epochs=epochs, seed=seed,
                 rule="lowest mean log training objective over the sweep, last 10% of the logged steps")
-    edge = best["multiplier"] in (min(multipliers), max(multipliers)) and len(multipliers) > 1
-    done["at_grid_edge"] = bool(edge and best["multiplier"] != 1)
+    done["at_grid_edge"] = bool(len(multipliers) > 1 and best["multiplier"] in (min(multipliers), max(multipliers)))
     _write(path, done)
     say(f"[lr] {folder}: x{best['multiplier']:g} (lr {best['lr']:.3g})"
         + ("  (at the grid's edge: widen --multipliers)" if done["at_grid_edge"] else ""))
     return done
 
 
-def load_lrs(path: str) -> dict:
-    """{folder: lr} from a tuning folder (every {folder}.json with a choice in it) or one JSON file."""
+class TunedLrError(ValueError):
+    """--lrs cannot be used for this run (the benches print it as one line and exit 2)."""
+
+
+def load_lrs(path: str, *, rows: list | None = None, d_sae: int | None = None, local: dict | None = None) -> dict:
+    """{folder: lr} from a tuning folder (every {folder}.json with a choice in it) or one JSON file
+    {folder: lr}. With `rows`, every local sweep folder of the run (no e2e, no continuation) must have
+    one (a folder left out would silently train at its default lr), and a {folder: lr} file may name
+    no other folder. With
+    d_sae / local, a tuning folder's records must have been tuned at the same d_sae, batch size and
+    Adam betas (an lr is not portable across them: TopK's default scales with 1/sqrt(d_sae))."""
     p = Path(path)
+    if not p.exists():
+        raise TunedLrError(f"--lrs {path}: no such file or folder")
     files = sorted(p.glob("*.json")) if p.is_dir() else [p]
     out = {}
     for f in files:
-        doc = json.loads(f.read_text())
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise TunedLrError(f"--lrs {f}: not readable JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise TunedLrError(f"--lrs {f}: not a JSON object")
         if "folder" in doc and "lr" in doc:
+            key = doc.get("key") or {}
+            if d_sae is not None and key.get("d_sae") != d_sae:
+                raise TunedLrError(f"--lrs {f}: tuned at d_sae {key.get('d_sae')}, this run trains {d_sae}")
+            if local is not None:
+                want = json.loads(json.dumps(local, default=str))
+                got = key.get("local") or {}
+                for field in ("batch_size", "adam_betas"):
+                    if got.get(field) != want.get(field):
+                        raise TunedLrError(f"--lrs {f}: tuned at {field} {got.get(field)}, this run uses "
+                                           f"{want.get(field)}")
             out[doc["folder"]] = float(doc["lr"])
         elif "candidates" in doc:   # a folder still tuning (or cut off): it would train at its default lr
-            raise SystemExit(f"{f}: this folder's tuning has not finished; rerun bench/lr_tune.py first")
+            raise TunedLrError(f"--lrs {f}: this folder's tuning has not finished; rerun bench/lr_tune.py first")
         elif p.is_file():
-            out.update({k: float(v) for k, v in doc.items()})
+            for k, v in doc.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    raise TunedLrError(f"--lrs {f}: {k}: {v!r} is not a positive learning rate")
+                out[k] = float(v)
     if not out:
-        raise SystemExit(f"{path}: no tuned learning rates in it")
+        raise TunedLrError(f"--lrs {path}: no tuned learning rates in it")
+    if rows is not None:
+        tunable = [f for f, _, e in rows if e.get("loss", "local") == "local" and "init" not in e]
+        missing = [f for f in tunable if f not in out]
+        # a typo in a hand-written {folder: lr} file; a tuning folder may hold more than this bench's
+        unknown = sorted(set(out) - {f for f, _, _ in rows}) if p.is_file() else []
+        if missing:
+            raise TunedLrError(f"--lrs {path}: no tuned lr for {', '.join(missing)} (they would train at their "
+                               f"default lr); tune them with bench/lr_tune.py --folders")
+        if unknown:
+            raise TunedLrError(f"--lrs {path}: {', '.join(unknown)} is not a sweep folder of this run")
     return out
 
 
@@ -172,17 +215,25 @@ def main():
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--d-sae", type=int, default=256)
-    p.add_argument("--betas", default="0,0.999")
+    p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture ('arch': each its own)")
     p.add_argument("--folders", default=None, help="only these sweep folders (comma list; default: every local one)")
     args = p.parse_args()
-    mults = [float(m) for m in args.multipliers.split(",")]
-    local = {**LOCAL, "adam_betas": tuple(float(b) for b in args.betas.split(","))}
+    try:
+        mults = [float(m) for m in args.multipliers.split(",")]
+        betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
+    except ValueError as e:
+        p.error(f"--multipliers / --betas: {e}")
+    if not mults or any(not (m > 0 and math.isfinite(m)) for m in mults):
+        p.error("--multipliers: positive numbers, e.g. 1,3,10,30")
+    if args.epochs < 1:
+        p.error("--epochs: at least 1")
+    local = {**LOCAL, "adam_betas": betas}
     rows = [r for r in sweeps("scratch", args.label_free_store) if r[0] not in ("e2e", "e2e_ds")]
     if args.folders:
         wanted = args.folders.split(",")
         unknown = sorted(set(wanted) - {r[0] for r in rows})
         if unknown:
-            raise SystemExit(f"--folders: no such sweep folder {', '.join(unknown)} (have {', '.join(r[0] for r in rows)})")
+            p.error(f"--folders: no such sweep folder {', '.join(unknown)} (have {', '.join(r[0] for r in rows)})")
         rows = [r for r in rows if r[0] in wanted]
     for row in rows:
         tune_folder(row, root=args.out, store=args.store, site=SITE, seed=args.seed, d_sae=args.d_sae, local=local,

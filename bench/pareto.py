@@ -36,6 +36,8 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lr_tune import adopt_records, load_lrs
+from lr_tune import TunedLrError, adopt_records, load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
@@ -224,9 +226,19 @@ def main():
     p.add_argument("--fixed-epochs", type=int, default=None,
                    help="train every folder once at this budget, no search (the budget the searched seed reaches)")
     args = p.parse_args()
-    if args.only_seeds and not args.train_only:
-        p.error("--only-seeds needs --train-only (the verdicts are computed over all --seeds by one process)")
-    args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
+    try:
+        args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
+        only = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else None
+    except ValueError as e:
+        p.error(f"--betas / --only-seeds: {e}")
+    if only is not None:
+        if not args.train_only or not args.fixed_epochs:
+            p.error("--only-seeds needs --train-only and --fixed-epochs (the verdicts are computed over all --seeds "
+                    "by one process, at the budget its searched seeds reach)")
+        if any(not 0 <= s < args.seeds for s in only):
+            p.error(f"--only-seeds: every seed in 0..{args.seeds - 1} (--seeds {args.seeds})")
+    if args.fixed_epochs is not None and args.fixed_epochs < 1:
+        p.error("--fixed-epochs: at least 1")
     t0 = time.perf_counter()
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
@@ -235,6 +247,14 @@ def main():
         args.e2e = doc.get("args", {}).get("e2e", "scratch")
         report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
+    local = {**LOCAL, "adam_betas": args.betas}
+    lrs = {}
+    if args.lrs:   # before the harvests: a bad --lrs is one line now, not after them
+        try:
+            lrs = load_lrs(args.lrs, rows=run_rows(args, None if args.no_label_free else "label-free"),
+                           d_sae=args.d_sae, local=local)
+        except TunedLrError as e:
+            p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
     lf_store = None
@@ -243,35 +263,64 @@ def main():
                                  args.tokens, args.eval_every,
                                  "model-top1")
         check_same_held_out(store, lf_store)
-    local = {**LOCAL, "adam_betas": args.betas}
-    lrs = load_lrs(args.lrs) if args.lrs else {}
     args.tuned_lrs = lrs   # into pareto.json's args
     per_seed, budgets, eval_tokens = [], [], None
-    seeds = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else range(args.seeds)
-    for seed in seeds:
-        wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
-        root = os.path.join(args.out, f"seed{seed}")
-        trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
-        if args.lrs:
-            adopt_records(trainer, args.lrs)   # the tuning's runs at the chosen lr are this seed's, if it was tuned on it
-        rows = with_lrs(sweeps(args.e2e, lf_store), lrs)
-        if args.local_only:
-            rows = [r for r in rows if r[0] not in ("e2e", "e2e_ds") and not r[0].startswith("relu_cont")]
-        if args.e2e_only:
-            rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
-        caps = e2e_caps(rows, args.e2e_max_epochs)
-        fixed = {r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else fixed_budgets(budgets, args.plateau_seeds)
-        paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
-                                         fixed=fixed, caps=caps)
-        if args.train_only:
-            say(f"[{tag}] trained (--train-only): {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
-            continue
-        series, eval_tokens = evaluate_seed(paths, store, root, tag)
-        per_seed.append(series)
-        budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
-                        "cpu_seconds": time.process_time() - cpu})
-        say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
-        report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
+    for seed in only if only is not None else range(args.seeds):
+        with seed_lock(os.path.join(args.out, f"seed{seed}"), f"seed {seed}"):
+            eval_tokens = run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0) or eval_tokens
+
+
+def run_rows(args, lf_store) -> list:
+    """The sweep rows this run trains (--local-only, --e2e-only), before the tuned lrs."""
+    rows = sweeps(args.e2e, lf_store)
+    if args.local_only:
+        rows = [r for r in rows if r[0] not in ("e2e", "e2e_ds") and not r[0].startswith("relu_cont")]
+    if args.e2e_only:
+        rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
+    return rows
+
+
+@contextlib.contextmanager
+def seed_lock(root: str, tag: str):
+    """One process at a time on a seed folder: two processes sharing --out (--only-seeds) would
+    otherwise rewrite each other's journal and train into the same folders. The lock file is the
+    bench's own; it is left in place (an empty file), and the OS releases the lock if a process dies."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"[{tag}] another process is on this seed; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
+    """Train (and unless --train-only evaluate and report) one seed, under its lock: the journal is
+    read only now, so another process's records for this seed are seen."""
+    wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
+    root = os.path.join(args.out, f"seed{seed}")
+    trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
+    if args.lrs:
+        adopt_records(trainer, args.lrs)   # the tuning's runs at the chosen lr are this seed's, if it was tuned on it
+    rows = with_lrs(run_rows(args, lf_store), lrs)
+    caps = e2e_caps(rows, args.e2e_max_epochs)
+    fixed = {r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else fixed_budgets(budgets, args.plateau_seeds)
+    paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
+                                     fixed=fixed, caps=caps)
+    if args.train_only:
+        say(f"[{tag}] trained (--train-only): {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
+        return None
+    series, eval_tokens = evaluate_seed(paths, store, root, tag)
+    per_seed.append(series)
+    budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
+                    "cpu_seconds": time.process_time() - cpu})
+    say(f"[{tag}] done: {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
+    report(args, per_seed, budgets, eval_tokens, t0)   # after every seed: a cut-off run keeps its data
+    return eval_tokens
 
 
 def with_lrs(rows: list, lrs: dict) -> list:

@@ -68,13 +68,13 @@ def test_load_lrs_reads_a_tuning_folder_or_a_json_and_refuses_an_empty_one(tmp_p
     (tmp_path / "t" / "relu.json").write_text(json.dumps({"folder": "relu", "lr": 0.002, "candidates": {}}))
     assert lr_tune.load_lrs(str(tmp_path / "t")) == {"relu": 0.002}
     (tmp_path / "t" / "half.json").write_text(json.dumps({"key": {}, "candidates": {}}))   # still tuning
-    with pytest.raises(SystemExit, match="half.json: this folder's tuning has not finished"):
+    with pytest.raises(lr_tune.TunedLrError, match="half.json: this folder.s tuning has not finished"):
         lr_tune.load_lrs(str(tmp_path / "t"))   # not silently at its default lr
     (tmp_path / "t" / "half.json").unlink()
     (tmp_path / "lrs.json").write_text(json.dumps({"topk": 0.01}))
     assert lr_tune.load_lrs(str(tmp_path / "lrs.json")) == {"topk": 0.01}
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no tuned learning rates"):
+    with pytest.raises(lr_tune.TunedLrError, match="no tuned learning rates"):
         lr_tune.load_lrs(str(tmp_path / "empty"))
 
 
@@ -90,12 +90,36 @@ def test_a_real_tuning_chooses_by_the_logged_training_objective(tmp_path, store)
         assert c["score"] == pytest.approx(sum(math.log(t["objective"]) for t in c["tails"].values()) / 2)
     best = min(cands.values(), key=lambda c: c["score"])
     assert rec["lr"] == pytest.approx(best["lr"]) and rec["multiplier"] == best["multiplier"]
+    assert rec["at_grid_edge"]   # two candidates: the winner is always at an edge, x1 or not
     # the candidates' SAEs are gone, their records stay; a rerun trains nothing
     assert not list((tmp_path / "tune").glob("x*/epochs*/topk/*/sae_weights.safetensors"))
     again = lr_tune.tune_folder(row, root=str(tmp_path / "tune"), store=str(store), site=site, seed=0,
                                 d_sae=32, local=local, multipliers=[0.1, 10.0], epochs=2)
     assert again["candidates"] == cands
     assert lr_tune.load_lrs(str(tmp_path / "tune")) == {"topk": rec["lr"]}
+    # the record deleted to redo the folder: the candidates train again (their SAEs were deleted)
+    (tmp_path / "tune" / "topk.json").unlink()
+    redo = lr_tune.tune_folder(row, root=str(tmp_path / "tune"), store=str(store), site=site, seed=0,
+                               d_sae=32, local=local, multipliers=[0.1, 10.0], epochs=2)
+    assert redo["candidates"] == cands   # seeded: the same runs, the same objectives
+
+
+def test_the_tails_are_each_saes_own_training_log(tmp_path, store, monkeypatch):
+    import plateau
+    monkeypatch.setattr(plateau.SeedTrainer, "discard", lambda self, folder, epochs: None)   # keep the SAEs
+    local = {"batch_size": 64, "epochs": 1, "adam_betas": (0.0, 0.999)}
+    rec = lr_tune.tune_folder(("topk", "topk", {"k": (4, 8)}), root=str(tmp_path / "tune"), store=str(store),
+                              site="blocks.0.resid_pre", seed=0, d_sae=32, local=local, multipliers=[1.0], epochs=3)
+    for name, tail in rec["candidates"]["1"]["tails"].items():
+        lines = (tmp_path / "tune" / "x1" / "epochs3" / "topk" / name / "metrics.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
+        last = recs[-1]["step"]
+        window = [r["loss"] for r in recs if r["step"] >= 0.9 * last] or [r["loss"] for r in recs[-3:]]
+        if len(window) < 3:
+            window = [r["loss"] for r in recs[-3:]]
+        assert tail["objective"] == pytest.approx(sum(window) / len(window))
+        assert tail["steps"] == last
+    assert rec["candidates"]["1"]["tails"]["topk_k4"]["objective"] != rec["candidates"]["1"]["tails"]["topk_k8"]["objective"]
 
 
 def test_a_search_reuses_the_tuning_run_of_its_exact_config_and_nothing_else(tmp_path, store, monkeypatch):
@@ -124,10 +148,90 @@ def test_a_search_reuses_the_tuning_run_of_its_exact_config_and_nothing_else(tmp
             t.train("topk", "topk", {"k": (4,), "lr": lr}, epochs)
 
 
-def test_only_seeds_without_train_only_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("argv,message", [
     # a partial set of seeds would overwrite pareto.json's verdicts with fewer seeds than --seeds
-    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), "--only-seeds", "2,3"])
+    (["--only-seeds", "2,3"], "--only-seeds needs --train-only and --fixed-epochs"),
+    # without a fixed budget the second process would search its own, which the first would not reuse
+    (["--only-seeds", "2,3", "--train-only"], "--only-seeds needs --train-only and --fixed-epochs"),
+    (["--only-seeds", "2,9", "--train-only", "--fixed-epochs", "4"], "--only-seeds: every seed in 0..4"),
+    (["--only-seeds", "2,x", "--train-only", "--fixed-epochs", "4"], "--betas / --only-seeds"),
+    (["--fixed-epochs", "0"], "--fixed-epochs: at least 1"),
+    (["--lrs", "/nonexistent/lr-tune"], "no such file or folder"),   # before any harvest
+])
+def test_bad_bench_flags_are_one_line_and_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys, argv,
+                                                                          message):
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), *argv])
     with pytest.raises(SystemExit) as e:
         pareto.main()
-    assert e.value.code == 2 and "--only-seeds needs --train-only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def rows_of(*folders):
+    return [(f, f, {"k": (8,)}) for f in folders] + [("e2e", "relu", {"loss": "e2e"})]
+
+
+def tuned(folder_dir: Path, folder: str, lr: float, d_sae=256, batch_size=1024, betas=(0.0, 0.999)):
+    folder_dir.mkdir(parents=True, exist_ok=True)
+    key = {"d_sae": d_sae, "local": {"batch_size": batch_size, "epochs": 1, "adam_betas": list(betas)}}
+    (folder_dir / f"{folder}.json").write_text(json.dumps({"key": key, "folder": folder, "lr": lr, "candidates": {}}))
+
+
+def test_load_lrs_refuses_a_folder_without_a_tuned_lr_or_tuned_for_another_run(tmp_path):
+    local = {"batch_size": 1024, "epochs": 1, "adam_betas": (0.0, 0.999)}
+    tuned(tmp_path / "t", "relu", 0.005)
+    tuned(tmp_path / "t", "topk", 0.016)
+    assert lr_tune.load_lrs(str(tmp_path / "t"), rows=rows_of("relu", "topk"), d_sae=256, local=local) == \
+        {"relu": 0.005, "topk": 0.016}
+    # gated has no record (never tuned, or killed in its first candidate): it would train at its default
+    with pytest.raises(lr_tune.TunedLrError, match="no tuned lr for gated"):
+        lr_tune.load_lrs(str(tmp_path / "t"), rows=rows_of("relu", "topk", "gated"))
+    # tuned at another width, batch size or betas: the lr does not carry over
+    with pytest.raises(lr_tune.TunedLrError, match="tuned at d_sae 256, this run trains 64"):
+        lr_tune.load_lrs(str(tmp_path / "t"), d_sae=64, local=local)
+    with pytest.raises(lr_tune.TunedLrError, match="tuned at adam_betas"):
+        lr_tune.load_lrs(str(tmp_path / "t"), d_sae=256, local={**local, "adam_betas": None})
+    with pytest.raises(lr_tune.TunedLrError, match="tuned at batch_size 1024, this run uses 512"):
+        lr_tune.load_lrs(str(tmp_path / "t"), d_sae=256, local={**local, "batch_size": 512})
+    # a hand-written file: a typo or a bad value is refused, not ignored
+    (tmp_path / "typo.json").write_text(json.dumps({"relu": 0.005, "topk": 0.01, "topkk": 0.01}))
+    with pytest.raises(lr_tune.TunedLrError, match="topkk is not a sweep folder"):
+        lr_tune.load_lrs(str(tmp_path / "typo.json"), rows=rows_of("relu", "topk"))
+    (tmp_path / "bad.json").write_text(json.dumps({"relu": "fast"}))
+    with pytest.raises(lr_tune.TunedLrError, match="'fast' is not a positive learning rate"):
+        lr_tune.load_lrs(str(tmp_path / "bad.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(lr_tune.TunedLrError, match="not readable JSON"):
+        lr_tune.load_lrs(str(tmp_path / "broken.json"))
+
+
+def test_a_diverged_candidate_loses_instead_of_stopping_the_tuning():
+    assert lr_tune.score({"a": {"objective": float("nan")}, "b": {"objective": 1.0}}) == math.inf
+    assert lr_tune.score({"a": {"objective": float("inf")}}) == math.inf
+    ok = {"multiplier": 1, "lr": 1e-3, "score": lr_tune.score({"a": {"objective": 2.0}})}
+    assert lr_tune.choose([{"multiplier": 30, "lr": 3e-2, "score": math.inf}, ok]) is ok
+
+
+def test_seed_lock_makes_a_second_process_wait(tmp_path, capsys):
+    import threading
+    held, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with pareto.seed_lock(str(tmp_path / "seed3"), "seed 3"):
+            held.set()
+            release.wait(10)
+
+    def second():
+        with pareto.seed_lock(str(tmp_path / "seed3"), "seed 3"):
+            entered.set()
+    a = threading.Thread(target=first)
+    a.start()
+    assert held.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    assert not entered.wait(0.5)          # blocked while the first holds the seed
+    release.set()
+    assert entered.wait(10)               # and in once it is released
+    a.join(), b.join()
+    assert "another process is on this seed; waiting for it" in capsys.readouterr().out
