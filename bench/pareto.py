@@ -100,15 +100,22 @@ def series_key(r: dict) -> str:
     return folder + (f"+{r['grad_mode']}" if r.get("grad_mode") not in (None, "none") else "")
 
 
-def interp_ce(points, l0):
-    """A metric (CE increase, downstream MSE) of a series at a given L0, by log-linear interpolation (None outside its range)."""
+L0_SLACK = 0.02   # how far (relative) past a series' L0 range its end point still stands for it
+
+
+def interp_ce(points, l0, slack: float = L0_SLACK):
+    """A metric (CE increase, downstream MSE) of a series at a given L0, by log-linear interpolation;
+    within `slack` past either end of the series' L0 range, that end's value (a TopK SAE at k = 32
+    fires 31.9 latents on average when a selected pre-activation is <= 0, and would otherwise drop
+    out of every comparison at L0 32); None further out."""
     pts = sorted(p for p in points if p[0] > 0)
     if not pts:
         return None
     xs, ys = np.log([p[0] for p in pts]), [p[1] for p in pts]
-    if not (xs[0] <= np.log(l0) <= xs[-1]):
+    x = np.log(l0)
+    if not (xs[0] + np.log1p(-slack) <= x <= xs[-1] + np.log1p(slack)):
         return None
-    return float(np.interp(np.log(l0), xs, ys))
+    return float(np.interp(x, xs, ys))   # np.interp holds the end values past the ends
 
 
 # two-sided 95% Student t quantiles t(0.975, df); beyond the table the df-30 value is conservative
