@@ -91,6 +91,21 @@ def _moved(ratio: np.ndarray, what: str) -> dict:
             "moved_over_5pct": float(np.mean(np.abs(ratio - 1) > 0.05))}
 
 
+# A budget killed mid-fit (a session's end) resumes from its last checkpoint instead of being refused
+# (a folder with metrics but no cfg.json and no checkpoint is not provably train fit's).
+CHECKPOINT_EVERY = 500
+UNRECORDED = ("checkpoint_every",)   # config fields that do not change the trained SAEs
+
+
+def same_config(recorded: str, key: str) -> bool:
+    """A journal record's config is this run's, up to fields that do not change the SAEs (a record
+    from before CHECKPOINT_EVERY, written with checkpoint_every 10**9, still counts)."""
+    a, b = json.loads(recorded), json.loads(key)
+    for field in UNRECORDED:
+        a.pop(field, None), b.pop(field, None)
+    return a == b
+
+
 def say(*parts) -> None:
     """A progress line, unbuffered: a background run's log shows where it is."""
     print(*parts, flush=True)
@@ -117,7 +132,7 @@ class SeedTrainer:
             parent, name = extra["init"].split("/")
             extra["init"] = str(self.final[parent] / name)
         return {"store": self.store, "site": self.site, "arch": arch, "d_sae": self.d_sae, "seed": self.seed,
-                "out": str(self.budget_dir(folder, epochs)), "checkpoint_every": 10**9, "log_every": 5,
+                "out": str(self.budget_dir(folder, epochs)), "checkpoint_every": CHECKPOINT_EVERY, "log_every": 5,
                 **self.local, **extra, "epochs": epochs}
 
     def train(self, folder: str, arch: str, extra: dict, epochs: int, force: bool = False) -> dict:
@@ -127,7 +142,7 @@ class SeedTrainer:
         kwargs = self.config(folder, arch, extra, epochs)
         key = scrub_text(json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str))
         done = self.journal.get(folder, {}).get(str(epochs))
-        if done and not force and done["config"] == key and (
+        if done and not force and same_config(done["config"], key) and (
                 done["superseded"] or self._complete(kwargs["out"], done["training"])):
             return done["training"]      # recorded by an earlier, interrupted run of the same config
         # an interrupted run of this budget resumes from its checkpoint (`--overwrite` refuses a folder

@@ -246,3 +246,12 @@ def test_interp_holds_a_series_end_within_two_percent_of_l0_and_no_further():
     # inside the range: linear in log L0, as before
     assert pareto.interp_ce(topk, (8 * 16) ** 0.5) == pytest.approx(0.25)
     assert pareto.interp_ce(topk, 32, slack=0.0) is None
+
+
+def test_a_record_differing_only_in_checkpoint_every_is_reused_and_nothing_else_is():
+    import plateau
+    base = {"arch": "topk", "k": [8], "lr": 0.016, "epochs": 64, "checkpoint_every": 10**9, "seed": 0}
+    old = json.dumps(base, sort_keys=True)
+    assert plateau.same_config(old, json.dumps({**base, "checkpoint_every": plateau.CHECKPOINT_EVERY}, sort_keys=True))
+    for field, value in (("lr", 0.0161), ("epochs", 128), ("seed", 1), ("k", [16])):
+        assert not plateau.same_config(old, json.dumps({**base, field: value}, sort_keys=True))
