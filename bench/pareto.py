@@ -404,6 +404,7 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
         comparisons[f"{a} vs {b}: {metric} {expected}"] = rows
     out = {"seeds_done": len(per_seed), "args": {k: v for k, v in vars(args).items()}, "local": LOCAL,
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
+           "l0_slack": L0_SLACK,
            "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     if write:

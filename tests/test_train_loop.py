@@ -142,6 +142,27 @@ def test_resume_continues_exactly(store, tmp_path):
     assert steps[-1] == 24
 
 
+def test_resume_with_another_checkpoint_interval_continues_exactly(store, tmp_path):
+    # how often state is saved does not change the weights, so it may change across a resume (the
+    # Pareto benches moved from no checkpoints to one every 500 steps); any other option still may not
+    full = tmp_path / "full"
+    fit(_cfg(store, full, k=(4,), tokens=256 * 24), progress=False)
+    part = tmp_path / "part"
+
+    def interrupt_at_11(event):
+        if event.step == 10:
+            signal.raise_signal(signal.SIGINT)
+    with pytest.raises(TrainInterrupted):
+        fit(_cfg(store, part, k=(4,), tokens=256 * 24, checkpoint_every=10**9), progress=False,
+            on_step=interrupt_at_11)
+    with pytest.raises(TrainError, match="options differ from the saved run: lr"):
+        fit(_cfg(store, part, k=(4,), tokens=256 * 24, checkpoint_every=7, lr=1e-2), resume=True, progress=False)
+    fit(_cfg(store, part, k=(4,), tokens=256 * 24, checkpoint_every=7), resume=True, progress=False)
+    a, b = train.load_sae(full / "topk_k4").state_dict(), train.load_sae(part / "topk_k4").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
 def test_gtopk_uses_store_gradients(store, tmp_path):
     out = tmp_path / "g"
     summary = fit(_cfg(store, out, arch="gtopk", k=(4,), tokens=256 * 10), progress=False)

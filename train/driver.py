@@ -141,7 +141,9 @@ class Driver:
             return None   # sweep parallel: this rank died before its first checkpoint
         meta = train_state.load_meta(out, self.where)
         saved, now = meta["config"], self.cfg.to_dict()
-        free = ("device", "wandb", "out", "dist_timeout", "sweep_parallel", "sparse_backward", "stack_sweep")
+        # options that do not change the trained weights (checkpoint_every: how often state is saved)
+        free = ("device", "wandb", "out", "dist_timeout", "sweep_parallel", "sparse_backward", "stack_sweep",
+                "checkpoint_every")
         gone = sorted(k for k in saved if k not in now and k not in free)
         if gone:   # e.g. holdout_fraction: trained on the old split and init, which a resume cannot continue
             raise TrainError(f"cannot resume {out}: its checkpoint was saved by an older version (options "
