@@ -2,7 +2,7 @@
 several seeds, after the issue-10 threshold init (theta_0 = sqrt(lambda), train/jumprelu.py).
 
 Same store, evaluation and rule as bench/pareto.py (d_sae 256, batch 1024, the same Adam betas for
-all, every held-out token of the store, position 0 clean; verdicts by pareto.verdict, >= 5 seeds);
+all, every held-out token of the store, position 0 clean; verdicts by bench/verdicts.py, >= 5 seeds);
 only the relu, gated and jumprelu sweeps, with a wider jumprelu lambda grid so its L0 range covers
 gated's. Per seed, each sweep folder is trained to its own plateau (--until-plateau P, as in
 bench/pareto.py: training only, bench/plateau.py), then the three are evaluated together once. Each
@@ -28,10 +28,11 @@ import time
 import numpy as np
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
-from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, interp_ce, print_budget, verdict, with_lrs
+from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, with_lrs
 from plateau import SeedTrainer, say
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
+from verdicts import at_points, print_budget, print_rows
 
 JUMPRELU_L1 = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 SWEEPS = [row for row in DEMO_SWEEPS if row[1] in ("relu", "gated") and row[2].get("loss", "local") == "local"]
@@ -43,23 +44,9 @@ METRICS = ("ce_increase", "nmse_nobos")
 
 
 def compare(per_seed):
-    out = {}
-    for a, b, expected in PAIRS:
-        for metric in METRICS:
-            rows = []
-            for name in sorted({q["name"] for s in per_seed for q in s.get(a, [])}):
-                ratios, l0s = [], []
-                for s in per_seed:
-                    qa = next((q for q in s.get(a, []) if q["name"] == name), None)
-                    vb = None if qa is None else interp_ce([(q["l0"], q[metric]) for q in s.get(b, [])], qa["l0"])
-                    if vb:
-                        ratios.append(qa[metric] / vb)
-                        l0s.append(qa["l0"])
-                if len(ratios) == len(per_seed):
-                    rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios,
-                                 "min": min(ratios), "max": max(ratios), **verdict(ratios, expected)})
-            out[f"{a} vs {b}: {metric} {expected}"] = rows
-    return out
+    """Every pair's rows at A's own sweep points, B interpolated there (bench/verdicts.py)."""
+    return {f"{a} vs {b}: {metric} {expected}": at_points(per_seed, a, b, metric, expected)
+            for a, b, expected in PAIRS for metric in METRICS}
 
 
 def main():
@@ -138,11 +125,7 @@ def report(per_seed, comparisons, budgets, seconds):
             print(f"{name:>22}: L0 {l0.mean():6.1f}±{l0.std(ddof=1) if len(l0) > 1 else 0:.1f}  "
                   f"CE+ {ce.mean():.3f}±{ce.std(ddof=1) if len(ce) > 1 else 0:.3f}  NMSE {nm.mean():.3f}")
     for claim, rows in comparisons.items():
-        print(claim)
-        for r in rows:
-            ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
-                else f"seeds {r['min']:.2f}-{r['max']:.2f}"
-            print(f"  {r['at']} (L0 {r['l0']:.1f}): ratio {ci}  {r['verdict']}")
+        print_rows(claim, rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ evaluation reads only it). Per seed, each sweep folder is trained to its own pla
 loss by < P%; training only, superseded budgets deleted, every budget's record kept), then the
 seed's final SAEs are evaluated together, once, on all the held-out tokens (g-SAEs under both
 gradient modes). Each paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the
-verdict rule (verdict(), and docs/results.md) is a paired 95% t-interval of the per-seed log ratio
+verdict rule (bench/verdicts.py, and docs/results.md) is a paired 95% t-interval of the per-seed log ratio
 over >= 5 seeds: a tie when it contains 1, else agrees or disagrees with the claim.
 
 Fairness (issue 18): every architecture trains with the same Adam betas (--betas, default 0,0.999,
@@ -49,6 +49,7 @@ from lr_tune import TunedLrError, adopt_records, load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
+from verdicts import L0_SLACK, at_grid, at_points, print_budget, print_rows
 
 # the demo's local SAE sweeps at SITE (not its transcoder: no claim reads it, and it needs two more sites)
 LOCAL_SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local" and "target" not in row[2]]
@@ -98,60 +99,6 @@ def series_key(r: dict) -> str:
     folder = Path(r["sae"]).parent.name
     folder = "relu_cont" if folder.startswith("relu_cont") else folder
     return folder + (f"+{r['grad_mode']}" if r.get("grad_mode") not in (None, "none") else "")
-
-
-L0_SLACK = 0.02   # how far (relative) past a series' L0 range its end point still stands for it
-
-
-def interp_ce(points, l0, slack: float = L0_SLACK):
-    """A metric (CE increase, downstream MSE) of a series at a given L0, by log-linear interpolation;
-    within `slack` past either end of the series' L0 range, that end's value (a TopK SAE at k = 32
-    fires 31.9 latents on average when a selected pre-activation is <= 0, and would otherwise drop
-    out of every comparison at L0 32); None further out."""
-    pts = sorted(p for p in points if p[0] > 0)
-    if not pts:
-        return None
-    xs, ys = np.log([p[0] for p in pts]), [p[1] for p in pts]
-    x = np.log(l0)
-    if not (xs[0] + np.log1p(-slack) <= x <= xs[-1] + np.log1p(slack)):
-        return None
-    return float(np.interp(x, xs, ys))   # np.interp holds the end values past the ends
-
-
-# two-sided 95% Student t quantiles t(0.975, df); beyond the table the df-30 value is conservative
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042}
-MIN_SEEDS = 5
-
-
-def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
-    """(geometric mean, low, high): the 95% Student t-interval of the mean per-seed log ratio,
-    exponentiated. Paired: each seed's A and B share the store, the evaluation tokens and the seed."""
-    logs = np.log(np.asarray(ratios, dtype=np.float64))
-    n = len(logs)
-    mean = float(logs.mean())
-    half = T975[max(d for d in T975 if d <= n - 1)] * float(logs.std(ddof=1)) / np.sqrt(n)
-    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
-
-
-def verdict(ratios: list[float], expected: str = "<") -> dict:
-    """The one verdict rule (docs/results.md): over >= MIN_SEEDS seeds, the 95% t-interval of the
-    per-seed log ratio metric(A) / metric(B); "tie" when it contains 1, else A is "lower" or
-    "higher". The claim "<" (A lower) or ">" (A higher) agrees or disagrees with a non-tie; a tie
-    is a tie. The claim "~" (A no worse than B within noise) agrees with a tie and disagrees with
-    either side. Fewer seeds: "untested"."""
-    if len(ratios) < MIN_SEEDS:
-        return {"verdict": f"untested (fewer than {MIN_SEEDS} seeds)", "outcome": None, "interval": None}
-    centre, lo, hi = ratio_interval(ratios)
-    outcome = "tie" if lo <= 1 <= hi else ("lower" if hi < 1 else "higher")
-    if expected == "~":
-        result = "agrees" if outcome == "tie" else "disagrees"
-    elif outcome == "tie":
-        result = "tie"
-    else:
-        result = "agrees" if (outcome == "lower") == (expected == "<") else "disagrees"
-    return {"verdict": result, "outcome": outcome, "ratio": centre, "interval": [lo, hi]}
 
 
 def evaluate_seed(paths: list[str], store: str, out: str, tag: str) -> tuple[dict, dict]:
@@ -374,34 +321,11 @@ def check_same_held_out(store: str, lf_store: str) -> None:
 
 
 def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
-    """Every claim's rows (verdicts) from the per-seed series; writes pareto.json (unless not
-    `write`) and prints them with each seed's budgets."""
-    comparisons = {}
-    for a, b, metric, expected in claims(args.e2e):
-        rows = []
-        for l0 in L0_GRID:
-            ratios = []
-            for series in per_seed:
-                ca = interp_ce([(q["l0"], q[metric]) for q in series.get(a, [])], l0)
-                cb = interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], l0)
-                if ca is not None and cb is not None and cb > 0:
-                    ratios.append(ca / cb)
-            if ratios and len(ratios) == len(per_seed):
-                rows.append({"l0": l0, "ratios": ratios, "min": min(ratios), "max": max(ratios),
-                             **verdict(ratios, expected)})
-        # and at A's own sweep points (B interpolated there): works when the L0 ranges barely overlap
-        for name in sorted({q["name"] for series in per_seed for q in series.get(a, [])}):
-            ratios, l0s = [], []
-            for series in per_seed:
-                qa = next((q for q in series.get(a, []) if q["name"] == name), None)
-                cb = None if qa is None else interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], qa["l0"])
-                if qa is not None and cb is not None and cb > 0 and qa[metric] is not None:
-                    ratios.append(qa[metric] / cb)
-                    l0s.append(qa["l0"])
-            if ratios and len(ratios) == len(per_seed):
-                rows.append({"at": name, "l0": float(np.mean(l0s)), "ratios": ratios, "min": min(ratios),
-                             "max": max(ratios), **verdict(ratios, expected)})
-        comparisons[f"{a} vs {b}: {metric} {expected}"] = rows
+    """Every claim's rows (verdicts) from the per-seed series: at the L0 grid, and at A's own sweep
+    points; writes pareto.json (unless not `write`) and prints them with each seed's budgets."""
+    comparisons = {f"{a} vs {b}: {metric} {expected}": at_grid(per_seed, a, b, metric, expected, L0_GRID)
+                   + at_points(per_seed, a, b, metric, expected)
+                   for a, b, metric, expected in claims(args.e2e)}
     out = {"seeds_done": len(per_seed), "args": {k: v for k, v in vars(args).items()}, "local": LOCAL,
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
            "l0_slack": L0_SLACK,
@@ -416,34 +340,8 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
     for b in budgets:
         print_budget(b)
     for claim, rows in comparisons.items():
-        print(claim)
-        for r in rows:
-            where = f"{r['at']} (L0 {r['l0']:.1f})" if "at" in r else f"L0 {r['l0']:>3}"
-            ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
-                else f"seeds {r['min']:.2f}-{r['max']:.2f}"
-            print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
+        print_rows(claim, rows)
     return out
-
-
-def print_budget(b: dict) -> None:
-    """One seed's training budgets: per sweep folder its epochs, steps and tokens (a pareto.json of
-    before the per-folder plateau has one budget for the whole seed), and the thresholds' and gates'
-    movement from their starts."""
-    if "sweeps" in b:
-        print(f"seed {b['seed']}: {b['seconds']:.0f} s (CPU {b.get('cpu_seconds', 0):.0f} s)")
-        rows = [(folder, rec["epochs"], rec["stop"], rec["history"][-1]["training"])
-                for folder, rec in b["sweeps"].items()]
-    else:
-        rows = [("all", b["epochs"], "plateau" if b.get("plateaued") else "", b["history"][-1]["training"])]
-    for folder, epochs, stop, last in rows:
-        first = next(iter(last.values()), {})
-        print(f"  {folder}: {epochs} epoch(s) ({stop}), {first.get('steps')} steps, "
-              f"{first.get('tokens') or 0:,} tokens")
-        for k, v in last.items():
-            if "moved" in v:
-                m = v["moved"]
-                print(f"    {k}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, {m['q95']:.3f}], "
-                      f"{m['moved_over_5pct']:.0%} moved > 5%")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 import lr_tune  # noqa: E402
 import pareto  # noqa: E402
+import verdicts  # noqa: E402
 
 
 def write_metrics(folder: Path, records: list[dict]) -> Path:
@@ -239,13 +240,13 @@ def test_seed_lock_makes_a_second_process_wait(tmp_path, capsys):
 
 def test_interp_holds_a_series_end_within_two_percent_of_l0_and_no_further():
     topk = [(8.0, 0.30), (16.0, 0.20), (31.9, 0.10)]
-    assert pareto.interp_ce(topk, 32) == pytest.approx(0.10)            # 0.3% past the end: its end value
-    assert pareto.interp_ce(topk, 31.9 * 1.021) is None                 # 2.1% past: outside
-    assert pareto.interp_ce(topk, 8 * 0.985) == pytest.approx(0.30)
-    assert pareto.interp_ce(topk, 8 * 0.97) is None
+    assert verdicts.interp_ce(topk, 32) == pytest.approx(0.10)            # 0.3% past the end: its end value
+    assert verdicts.interp_ce(topk, 31.9 * 1.021) is None                 # 2.1% past: outside
+    assert verdicts.interp_ce(topk, 8 * 0.985) == pytest.approx(0.30)
+    assert verdicts.interp_ce(topk, 8 * 0.97) is None
     # inside the range: linear in log L0, as before
-    assert pareto.interp_ce(topk, (8 * 16) ** 0.5) == pytest.approx(0.25)
-    assert pareto.interp_ce(topk, 32, slack=0.0) is None
+    assert verdicts.interp_ce(topk, (8 * 16) ** 0.5) == pytest.approx(0.25)
+    assert verdicts.interp_ce(topk, 32, slack=0.0) is None
 
 
 def test_a_record_differing_only_in_checkpoint_every_is_reused_and_nothing_else_is():

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 import jumprelu_gated  # noqa: E402
 import pareto  # noqa: E402
+import verdicts  # noqa: E402
 import plateau  # noqa: E402
 
 
@@ -116,18 +117,18 @@ def _hand_interval(logs):
 ])
 def test_interval_rule_on_crafted_ratios(shift, expected, verdict, outcome):
     logs = np.array([-0.2, -0.1, 0.0, 0.1, 0.2]) + shift
-    v = pareto.verdict(list(np.exp(logs)), expected)
+    v = verdicts.verdict(list(np.exp(logs)), expected)
     assert (v["verdict"], v["outcome"]) == (verdict, outcome)
     assert v["interval"] == pytest.approx(list(_hand_interval(logs)), rel=1e-3)
     assert v["ratio"] == pytest.approx(np.exp(shift))
 
 
 def test_fewer_than_five_seeds_is_untested():
-    v = pareto.verdict([0.5, 0.5, 0.5, 0.5], "<")
+    v = verdicts.verdict([0.5, 0.5, 0.5, 0.5], "<")
     assert v["verdict"].startswith("untested") and v["interval"] is None
     # six seeds use t(5) = 2.571
     logs = np.array([-0.2, -0.1, 0.0, 0.1, 0.2, 0.0]) - 0.2
-    assert pareto.verdict(list(np.exp(logs)), "<")["interval"] == pytest.approx(list(_hand_interval(logs)), rel=1e-3)
+    assert verdicts.verdict(list(np.exp(logs)), "<")["interval"] == pytest.approx(list(_hand_interval(logs)), rel=1e-3)
 
 
 def _series(ratio_ce: float, seed: int) -> dict:

@@ -1,0 +1,128 @@
+"""The verdict rule the result benches share (bench/pareto.py, bench/jumprelu_gated.py; docs/results.md).
+
+A claim is a ratio metric(A) / metric(B) at equal L0, one per seed, B interpolated log-linearly in
+L0. Over >= MIN_SEEDS seeds the 95% Student t-interval of the mean per-seed log ratio,
+exponentiated, decides: a tie when it contains 1, else A is lower or higher, and the claim agrees or
+disagrees. Pure functions of the per-seed series ({series: [{"name", "l0", metric...}]}): no model,
+no store, so tests check them against hand computations.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+L0_SLACK = 0.02   # how far (relative) past a series' L0 range its end point still stands for it
+MIN_SEEDS = 5
+# two-sided 95% Student t quantiles t(0.975, df); beyond the table the df-30 value is conservative
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def interp_ce(points, l0, slack: float = L0_SLACK):
+    """A metric (CE increase, downstream MSE) of a series at a given L0, by log-linear interpolation;
+    within `slack` past either end of the series' L0 range, that end's value (a TopK SAE at k = 32
+    fires 31.9 latents on average when a selected pre-activation is <= 0, and would otherwise drop
+    out of every comparison at L0 32); None further out."""
+    pts = sorted(p for p in points if p[0] > 0)
+    if not pts:
+        return None
+    xs, ys = np.log([p[0] for p in pts]), [p[1] for p in pts]
+    x = np.log(l0)
+    if not (xs[0] + np.log1p(-slack) <= x <= xs[-1] + np.log1p(slack)):
+        return None
+    return float(np.interp(x, xs, ys))   # np.interp holds the end values past the ends
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high): the 95% Student t-interval of the mean per-seed log ratio,
+    exponentiated. Paired: each seed's A and B share the store, the evaluation tokens and the seed."""
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    n = len(logs)
+    mean = float(logs.mean())
+    half = T975[max(d for d in T975 if d <= n - 1)] * float(logs.std(ddof=1)) / np.sqrt(n)
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
+def verdict(ratios: list[float], expected: str = "<") -> dict:
+    """The one verdict rule (docs/results.md): over >= MIN_SEEDS seeds, the 95% t-interval of the
+    per-seed log ratio metric(A) / metric(B); "tie" when it contains 1, else A is "lower" or
+    "higher". The claim "<" (A lower) or ">" (A higher) agrees or disagrees with a non-tie; a tie
+    is a tie. The claim "~" (A no worse than B within noise) agrees with a tie and disagrees with
+    either side. Fewer seeds: "untested"."""
+    if len(ratios) < MIN_SEEDS:
+        return {"verdict": f"untested (fewer than {MIN_SEEDS} seeds)", "outcome": None, "interval": None}
+    centre, lo, hi = ratio_interval(ratios)
+    outcome = "tie" if lo <= 1 <= hi else ("lower" if hi < 1 else "higher")
+    if expected == "~":
+        result = "agrees" if outcome == "tie" else "disagrees"
+    elif outcome == "tie":
+        result = "tie"
+    else:
+        result = "agrees" if (outcome == "lower") == (expected == "<") else "disagrees"
+    return {"verdict": result, "outcome": outcome, "ratio": centre, "interval": [lo, hi]}
+
+
+def _row(ratios: list[float], expected: str, **where) -> dict:
+    return {**where, "ratios": ratios, "min": min(ratios), "max": max(ratios), **verdict(ratios, expected)}
+
+
+def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, grid) -> list[dict]:
+    """One row per L0 of `grid` where both series reach it in every seed (both interpolated)."""
+    rows = []
+    for l0 in grid:
+        ratios = []
+        for series in per_seed:
+            ca = interp_ce([(q["l0"], q[metric]) for q in series.get(a, [])], l0)
+            cb = interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], l0)
+            if ca is not None and cb is not None and cb > 0:
+                ratios.append(ca / cb)
+        if ratios and len(ratios) == len(per_seed):
+            rows.append(_row(ratios, expected, l0=l0))
+    return rows
+
+
+def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str) -> list[dict]:
+    """One row per SAE of A (by name) present in every seed, B interpolated at its L0: works when
+    the two L0 ranges barely overlap."""
+    rows = []
+    for name in sorted({q["name"] for series in per_seed for q in series.get(a, [])}):
+        ratios, l0s = [], []
+        for series in per_seed:
+            qa = next((q for q in series.get(a, []) if q["name"] == name), None)
+            cb = None if qa is None else interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], qa["l0"])
+            if qa is not None and cb is not None and cb > 0 and qa[metric] is not None:
+                ratios.append(qa[metric] / cb)
+                l0s.append(qa["l0"])
+        if ratios and len(ratios) == len(per_seed):
+            rows.append(_row(ratios, expected, at=name, l0=float(np.mean(l0s))))
+    return rows
+
+
+def print_rows(claim: str, rows: list[dict]) -> None:
+    print(claim)
+    for r in rows:
+        where = f"{r['at']} (L0 {r['l0']:.1f})" if "at" in r else f"L0 {r['l0']:>3}"
+        ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
+            else f"seeds {r['min']:.2f}-{r['max']:.2f}"
+        print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
+
+
+def print_budget(b: dict) -> None:
+    """One seed's training budgets: per sweep folder its epochs, steps and tokens (a pareto.json of
+    before the per-folder plateau has one budget for the whole seed), and the thresholds' and gates'
+    movement from their starts."""
+    if "sweeps" in b:
+        print(f"seed {b['seed']}: {b['seconds']:.0f} s (CPU {b.get('cpu_seconds', 0):.0f} s)")
+        rows = [(folder, rec["epochs"], rec["stop"], rec["history"][-1]["training"])
+                for folder, rec in b["sweeps"].items()]
+    else:
+        rows = [("all", b["epochs"], "plateau" if b.get("plateaued") else "", b["history"][-1]["training"])]
+    for folder, epochs, stop, last in rows:
+        first = next(iter(last.values()), {})
+        print(f"  {folder}: {epochs} epoch(s) ({stop}), {first.get('steps')} steps, "
+              f"{first.get('tokens') or 0:,} tokens")
+        for k, v in last.items():
+            if "moved" in v:
+                m = v["moved"]
+                print(f"    {k}: {m['what']} median {m['median']:.3f} [{m['q05']:.3f}, {m['q95']:.3f}], "
+                      f"{m['moved_over_5pct']:.0%} moved > 5%")
