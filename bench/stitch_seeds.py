@@ -21,6 +21,18 @@ The paper's regime (Leask et al.: L1-ReLU GPT-2 SAEs of 768 to 98,304 latents at
 ReLU/L1 SAEs at least 8x overcomplete, at doubling sizes (d = 128 here: 1024 -> 2048 -> 4096):
 
     python bench/stitch_seeds.py --store STORE.zarr --out bench-out/stitch-paper --paper-regime --seeds 5
+
+Each size at its own tuned lr (--lr-tune 1,3,10,30: multiples of the architecture's default lr, each
+size trained on seed 0 at each, the lowest training objective over the last 10% of the logged steps
+wins, bench/lr_tune.py's rule; held-out tokens decide nothing; the winner is seed 0's run):
+
+    python bench/stitch_seeds.py --store STORE.zarr --out bench-out/stitch-tuned --paper-regime --seeds 5 \
+        --epochs 4 --lr-tune 1,3,10,30
+
+Verdicts (bench/verdicts.py's rule: the 95% t-interval over the seeds of the per-seed log ratio, a
+tie when it contains 1) for the premise and each of the paper's claims, per pair and threshold, are
+printed and written to stitch_seeds.json. A rerun resumes: a trained SAE whose config matches is
+kept; one trained with another config stops the run (use another --out).
 """
 from __future__ import annotations
 
@@ -31,15 +43,110 @@ import time
 
 import numpy as np
 
+from lr_tune import choose, default_lr, score, tail_objective
 from sae_harvest.evaluate.demo import SITE
 from sae_harvest.evaluate.stitch import StitchConfig, run_stitch
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
+from sae_harvest.stores.urls import scrub_tree
+from verdicts import verdict
 
 KEYS = ("large_matched", "small_matched", "n_novel", "n_reconstruction", "n_groups", "n_orphans", "mse_small", "mse_after_novel", "mse_after_swaps",
         "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
         "largest_step_mse_increase_rel", "novel_alone_lowering_mse", "reconstruction_alone_raising_mse",
         "ce_increase_small", "ce_increase_after_novel", "ce_increase_large")
+
+
+# (claim, numerator, denominator): the paper's claims as per-seed ratios, each expected below 1
+CLAIMS = (("premise: the larger SAE reconstructs better", "mse_large", "mse_small"),
+          ("adding the novel latents lowers MSE", "mse_after_novel", "mse_small"),
+          ("adding the novel latents lowers the CE increase", "ce_increase_after_novel", "ce_increase_small"),
+          ("swapping the groups lowers MSE further", "mse_after_swaps", "mse_after_novel"))
+
+
+def stitch_verdicts(runs: list[dict], sizes: list[int], thresholds: list[float]) -> list[dict]:
+    """Per pair, threshold and claim: the per-seed ratios and bench/verdicts.py's verdict ("<")."""
+    out = []
+    for small, large in zip(sizes, sizes[1:]):
+        for theta in thresholds:
+            rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == theta]
+            for claim, num, den in CLAIMS:
+                ratios = [r[num] / r[den] for r in rows if r.get(num) is not None and r.get(den)]
+                if len(ratios) == len(rows) and ratios:
+                    out.append({"pair": f"{small}->{large}", "threshold": theta, "claim": claim,
+                                "ratio_of": f"{num} / {den}", "ratios": ratios, **verdict(ratios, "<")})
+    return out
+
+
+UNWEIGHTED = ("out", "log_every", "checkpoint_every")   # config keys that do not change the weights
+
+
+def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | None, seed: int) -> None:
+    """One SAE into out/name; kept if already there with the same config (a resumed run), refused if
+    there with another (its numbers would be mixed into this run's)."""
+    cfg = TrainConfig(out=out, store=args.store, site=SITE, arch=args.arch, d_sae=d_sae, **sweep,
+                      batch_size=args.batch_size, epochs=args.epochs, lr=lr,
+                      seed=seed * 1000 + d_sae, device="cpu",   # independent initialisations
+                      checkpoint_every=10**9, log_every=10)   # the tuning reads the log's tail
+    path = os.path.join(out, name, "cfg.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f).get("sae_harvest", {}).get("training", {})
+        want = json.loads(json.dumps(scrub_tree(cfg.to_dict())))
+        diff = sorted(k for k, v in want.items() if k not in UNWEIGHTED and old.get(k, v) != v)
+        if diff or not old:
+            raise SystemExit(f"{os.path.join(out, name)} was trained with another config "
+                             f"({', '.join(diff) or 'unreadable'}): use another --out")
+        return
+    wall, cpu = time.perf_counter(), time.process_time()
+    fit(cfg, overwrite=True, progress=False)
+    print(f"seed {seed}: trained {args.arch} d_sae {d_sae} (lr {'default' if lr is None else f'{lr:.3g}'}): "
+          f"{time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)", flush=True)
+
+
+def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[float]) -> dict:
+    """{d_sae: lr}: each size at each multiple of its default lr on seed 0, the lowest tail training
+    objective wins (bench/lr_tune.py's rule); records every candidate in --out/lr_tune.json. The
+    winner's run is seed 0's (the same config): it is moved there, not retrained."""
+    path = os.path.join(args.out, "lr_tune.json")
+    doc = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    key = scrub_tree({"store": args.store, "arch": args.arch, **sweep, "epochs": args.epochs,
+                      "batch_size": args.batch_size})
+    key = json.loads(json.dumps(key))
+    if doc.get("key") not in (None, key):
+        raise SystemExit(f"{path} was tuned for another run ({doc['key']}): use another --out")
+    doc.update(key=key, rule="lowest log training objective, last 10% of the logged steps, seed 0")
+    sizes_doc = doc.setdefault("sizes", {})
+    lrs = {}
+    for d_sae in sizes:
+        cands = sizes_doc.setdefault(str(d_sae), {})
+        base = default_lr(args.arch, d_sae)
+        for m in multipliers:
+            if f"{m:g}" in cands:
+                continue
+            out = os.path.join(args.out, "lr-tune", f"x{m:g}", f"{args.arch}-{d_sae}")
+            train_one(args, out, d_sae, sweep, name, base * m, seed=0)
+            tail = tail_objective(os.path.join(out, name))
+            cands[f"{m:g}"] = {"multiplier": m, "lr": base * m, "tail": tail, "score": score({name: tail}),
+                               "dir": out}
+            with open(path, "w") as f:
+                json.dump(doc, f, indent=1)
+        best = choose([c for c in cands.values() if c["multiplier"] in multipliers])
+        lrs[d_sae] = best["lr"]
+        edge = len(multipliers) > 1 and best["multiplier"] in (min(multipliers), max(multipliers))
+        print(f"[lr] d_sae {d_sae}: x{best['multiplier']:g} (lr {best['lr']:.3g})"
+              + ("  (at the grid's edge: widen --lr-tune)" if edge else ""), flush=True)
+        final = os.path.join(args.out, "seed0", f"{args.arch}-{d_sae}")
+        if not os.path.exists(final) and os.path.isdir(best["dir"]):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(best["dir"], final)
+    doc["lrs"] = {str(d): lr for d, lr in lrs.items()}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return lrs
 
 
 def main():
@@ -49,8 +156,10 @@ def main():
     p.add_argument("--sizes", default="128,256,512")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=None, help="one learning rate for every size (default: TopK's, "
-                                                           "2e-4/sqrt(d_sae/2^14), lower for larger SAEs)")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every size (default: the "
+                                                           "architecture's; TopK's 2e-4/sqrt(d_sae/2^14) falls with size)")
+    p.add_argument("--lr-tune", default=None, help="tune each size's lr on seed 0 over these multiples of its "
+                                                    "default (e.g. 1,3,10,30); overrides --lr")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--thresholds", default="0.7,0.4")
@@ -62,27 +171,30 @@ def main():
                    help="ReLU/L1 SAEs at 8x, 16x, 32x the site's width (overrides --arch and --sizes)")
     p.add_argument("--ce-points", type=int, default=3)
     args = p.parse_args()
+    try:
+        multipliers = [float(m) for m in args.lr_tune.split(",")] if args.lr_tune else None
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError as e:
+        p.error(f"--lr-tune / --thresholds / --sizes: {e}")
+    if multipliers is not None and not all(m > 0 for m in multipliers):
+        p.error("--lr-tune: positive multiples")
     if args.paper_regime:
         from sae_harvest.stores import open_store
         d = open_store(args.store).width(SITE)
         args.arch, args.sizes = "relu", f"{8 * d},{16 * d},{32 * d}"
-    sizes = [int(s) for s in args.sizes.split(",")]
+        sizes = [8 * d, 16 * d, 32 * d]
     name = f"topk_k{args.k}" if args.arch == "topk" else f"relu_l1-{args.l1:g}"
     sweep = {"k": (args.k,)} if args.arch == "topk" else {"l1": (args.l1,)}
-    thresholds = [float(t) for t in args.thresholds.split(",")]
     t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    lrs = tune_lrs(args, sizes, sweep, name, multipliers) if multipliers else {d: args.lr for d in sizes}
+    args.tuned_lrs = {str(d): lr for d, lr in lrs.items()} if multipliers else None
     runs = []
     for seed in range(args.seeds):
         for d_sae in sizes:
-            out = os.path.join(args.out, f"seed{seed}", f"{args.arch}-{d_sae}")
-            if not os.path.exists(os.path.join(out, name, "cfg.json")):
-                wall, cpu = time.perf_counter(), time.process_time()
-                fit(TrainConfig(out=out, store=args.store, site=SITE, arch=args.arch, d_sae=d_sae, **sweep,
-                                batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                                seed=seed * 1000 + d_sae, device="cpu",   # independent initialisations
-                                checkpoint_every=10**9, log_every=50), overwrite=True, progress=False)
-                print(f"seed {seed}: trained {args.arch} d_sae {d_sae}: {time.perf_counter() - wall:.1f} s "
-                      f"(CPU {time.process_time() - cpu:.1f} s)", flush=True)
+            train_one(args, os.path.join(args.out, f"seed{seed}", f"{args.arch}-{d_sae}"), d_sae, sweep, name,
+                      lrs[d_sae], seed)
         for small, large in zip(sizes, sizes[1:]):
             for theta in thresholds:
                 wall, cpu = time.perf_counter(), time.process_time()
@@ -100,15 +212,14 @@ def main():
                       ", ".join(f"{k} {doc['summary'].get(k)}" for k in ("n_novel", "mse_small", "mse_after_novel",
                                                                           "mse_large")) +
                       f"; {time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)", flush=True)
-        with open(os.path.join(args.out, "stitch_seeds.json"), "w") as f:
-            json.dump({"args": vars(args), "runs": runs, "seconds": time.perf_counter() - t0}, f, indent=2)
-    print(f"--- {args.seeds} seed(s), {time.perf_counter() - t0:.0f} s; mean ± sd over seeds")
-    # the experiment's premise: the larger SAE of each pair reconstructs better, in every seed
-    for small, large in zip(sizes, sizes[1:]):
-        rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == thresholds[0]]
-        ratio = np.array([r["mse_large"] / r["mse_small"] for r in rows])
-        print(f"premise {small}->{large}: MSE(large) / MSE(small) per seed {np.round(ratio, 3).tolist()}: "
-              + ("holds in every seed" if (ratio < 1).all() else "FAILS in at least one seed"))
+        with open(os.path.join(args.out, "stitch_seeds.json"), "w") as f:   # after every seed: a cut-off run keeps it
+            json.dump(scrub_tree({"args": vars(args), "runs": runs, "verdicts": stitch_verdicts(runs, sizes, thresholds),
+                                  "seconds": time.perf_counter() - t0}), f, indent=2)
+    report(runs, sizes, thresholds, args.seeds, time.perf_counter() - t0)
+
+
+def report(runs: list[dict], sizes: list[int], thresholds: list[float], seeds: int, seconds: float) -> None:
+    print(f"--- {seeds} seed(s), {seconds:.0f} s; mean ± sd over seeds")
     for small, large in zip(sizes, sizes[1:]):
         for theta in thresholds:
             rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == theta]
@@ -118,6 +229,11 @@ def main():
                 if len(vals):
                     print(f"  {key:>34}: {vals.mean():.4g} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.2g}  "
                           f"[{vals.min():.4g}, {vals.max():.4g}]")
+    print("verdicts (95% t-interval of the per-seed log ratio; a tie when it contains 1):")
+    for v in stitch_verdicts(runs, sizes, thresholds):
+        ci = f"{v['ratio']:.4f} [{v['interval'][0]:.4f}, {v['interval'][1]:.4f}]" if v["interval"] else \
+            f"seeds {min(v['ratios']):.4f}-{max(v['ratios']):.4f}"
+        print(f"  {v['pair']} theta {v['threshold']:g}: {v['claim']} ({v['ratio_of']}): {ci}  {v['verdict']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""bench/stitch_seeds.py: the stitching bench's verdicts, lr tuning and resume (issue 18's stitching
+rerun). The verdicts are checked against docs/results.md's table (computed by hand from the same
+JSON before the bench computed them), the tuning against its SAEs' own training logs, the resume
+against a run trained with another config (refused, not mixed in)."""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+import lr_tune  # noqa: E402
+import stitch_seeds  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+SITE = "blocks.0.resid_pre"   # conftest's planted-dictionary store
+
+
+def test_the_verdicts_reproduce_the_documented_table():
+    doc = json.loads((ROOT / "docs" / "results-stitch-paper.json").read_text())
+    rows = stitch_seeds.stitch_verdicts(doc["runs"], [1024, 2048, 4096], [0.7, 0.4])
+    got = {(r["pair"], r["threshold"], r["ratio_of"]): r for r in rows}
+    assert len(rows) == 2 * 2 * len(stitch_seeds.CLAIMS)
+    # (pair, theta, ratio): (centre, low, high, verdict) as docs/results.md prints them
+    table = {("1024->2048", 0.7, "mse_after_novel / mse_small"): (0.68, 0.67, 0.70, "agrees"),
+             ("2048->4096", 0.7, "mse_after_novel / mse_small"): (0.72, 0.71, 0.73, "agrees"),
+             ("1024->2048", 0.4, "mse_after_novel / mse_small"): (1.0006, 0.999, 1.002, "tie"),
+             ("1024->2048", 0.7, "ce_increase_after_novel / ce_increase_small"): (0.77, 0.74, 0.81, "agrees"),
+             ("2048->4096", 0.4, "ce_increase_after_novel / ce_increase_small"): (0.99, 0.98, 1.01, "tie"),
+             ("1024->2048", 0.7, "mse_after_swaps / mse_after_novel"): (1.02, 1.002, 1.05, "disagrees"),
+             ("2048->4096", 0.7, "mse_after_swaps / mse_after_novel"): (1.00, 0.99, 1.02, "tie"),
+             ("1024->2048", 0.4, "mse_after_swaps / mse_after_novel"): (0.92, 0.91, 0.94, "agrees")}
+    for key, (centre, lo, hi, verdict) in table.items():
+        r = got[key]
+        digits = len(str(centre).split(".")[1])
+        assert round(r["ratio"], digits) == pytest.approx(centre), key
+        assert [round(x, len(str(b).split(".")[1])) for x, b in zip(r["interval"], (lo, hi))] == \
+            pytest.approx([lo, hi]), key
+        assert r["verdict"] == verdict and len(r["ratios"]) == 5
+    premise = [r for r in rows if r["claim"].startswith("premise")]
+    assert premise and all(r["verdict"] == "agrees" for r in premise)
+
+
+def test_fewer_than_five_seeds_is_untested():
+    runs = [{"pair": "8->16", "threshold": 0.7, "mse_small": 2.0, "mse_large": 1.0, "mse_after_novel": 1.5,
+             "mse_after_swaps": 1.4, "ce_increase_small": 0.2, "ce_increase_after_novel": 0.1}] * 4
+    rows = stitch_seeds.stitch_verdicts(runs, [8, 16], [0.7])
+    assert rows and all(r["verdict"].startswith("untested") for r in rows)
+
+
+def _args(tmp_path, store, **kw):
+    base = dict(store=str(store), arch="topk", batch_size=64, epochs=1, out=str(tmp_path / "out"))
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_a_resumed_run_keeps_a_matching_sae_and_refuses_one_trained_with_another_config(tmp_path, store,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(stitch_seeds, "SITE", SITE)
+    args, sweep, name = _args(tmp_path, store), {"k": (4,)}, "topk_k4"
+    out = str(tmp_path / "out" / "seed0" / "topk-32")
+    stitch_seeds.train_one(args, out, 32, sweep, name, 1e-3, seed=0)
+    weights = Path(out, name, "sae_weights.safetensors")
+    before = weights.read_bytes()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(stitch_seeds, "fit", no_training)
+    stitch_seeds.train_one(args, out, 32, sweep, name, 1e-3, seed=0)        # same config: kept
+    for lr, epochs, seed in ((2e-3, 1, 0), (1e-3, 2, 0), (1e-3, 1, 1)):    # another lr, budget or seed
+        with pytest.raises(SystemExit, match="another config"):
+            stitch_seeds.train_one(_args(tmp_path, store, epochs=epochs), out, 32, sweep, name, lr, seed=seed)
+    assert weights.read_bytes() == before
+
+
+def test_tuning_picks_each_sizes_lowest_training_objective_and_hands_the_winner_to_seed_0(tmp_path, store,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(stitch_seeds, "SITE", SITE)
+    args, sweep, name = _args(tmp_path, store, epochs=2, batch_size=16), {"k": (4,)}, "topk_k4"
+    lrs = stitch_seeds.tune_lrs(args, [16, 32], sweep, name, [0.1, 10.0])
+    doc = json.loads((tmp_path / "out" / "lr_tune.json").read_text())
+    for d_sae in (16, 32):
+        cands = doc["sizes"][str(d_sae)]
+        assert set(cands) == {"0.1", "10"}
+        base = 2e-4 / math.sqrt(d_sae / 2**14)   # TopK's default (Gao et al.)
+        for m, c in cands.items():
+            assert c["lr"] == pytest.approx(base * float(m))
+            assert c["score"] == pytest.approx(math.log(c["tail"]["objective"]))
+        best = min(cands.values(), key=lambda c: (c["score"], c["lr"]))
+        assert lrs[d_sae] == pytest.approx(best["lr"])
+        # the winner is seed 0's run: its own log, moved, and a final train_one keeps it
+        final = tmp_path / "out" / "seed0" / f"topk-{d_sae}" / name
+        assert lr_tune.tail_objective(final)["objective"] == pytest.approx(best["tail"]["objective"])
+        assert not Path(best["dir"]).exists()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(stitch_seeds, "fit", no_training)
+    for d_sae in (16, 32):
+        stitch_seeds.train_one(args, str(tmp_path / "out" / "seed0" / f"topk-{d_sae}"), d_sae, sweep, name,
+                               lrs[d_sae], seed=0)
+    assert stitch_seeds.tune_lrs(args, [16, 32], sweep, name, [0.1, 10.0]) == lrs   # resumed: nothing trained
+    with pytest.raises(SystemExit, match="another run"):
+        stitch_seeds.tune_lrs(_args(tmp_path, store, epochs=3, batch_size=16), [16, 32], sweep, name, [0.1, 10.0])
+
+
+@pytest.mark.parametrize("argv", [["--lr-tune", "1,x"], ["--lr-tune", "0,3"], ["--sizes", "64,abc"]])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["stitch_seeds.py", "--store", str(tmp_path / "none.zarr"), "--out", str(out),
+                                      *argv])
+    with pytest.raises(SystemExit) as e:
+        stitch_seeds.main()
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err and not out.exists()
