@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -48,13 +49,21 @@ from sae_harvest.evaluate.demo import SITE
 from sae_harvest.evaluate.stitch import StitchConfig, run_stitch
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
-from sae_harvest.stores.urls import scrub_tree
-from verdicts import verdict
+from sae_harvest.stores.urls import scrub_text, scrub_tree
+from verdicts import ratio, verdict
 
 KEYS = ("large_matched", "small_matched", "n_novel", "n_reconstruction", "n_groups", "n_orphans", "mse_small", "mse_after_novel", "mse_after_swaps",
         "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
         "largest_step_mse_increase_rel", "novel_alone_lowering_mse", "reconstruction_alone_raising_mse",
         "ce_increase_small", "ce_increase_after_novel", "ce_increase_large")
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Whole or not at all: a run killed mid-write keeps the previous record."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(scrub_tree(doc), f, indent=1)
+    os.replace(tmp, path)
 
 
 # (claim, numerator, denominator): the paper's claims as per-seed ratios, each expected below 1
@@ -71,14 +80,16 @@ def stitch_verdicts(runs: list[dict], sizes: list[int], thresholds: list[float])
         for theta in thresholds:
             rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == theta]
             for claim, num, den in CLAIMS:
-                ratios = [r[num] / r[den] for r in rows if r.get(num) is not None and r.get(den)]
-                if len(ratios) == len(rows) and ratios:
+                if any(r.get(num) is None or r.get(den) is None for r in rows):
+                    raise ValueError(f"{small}->{large} theta {theta}: {num} or {den} missing in a seed's summary")
+                ratios = [ratio(r[num], r[den]) for r in rows]   # a zero or negative one: "untestable"
+                if ratios:
                     out.append({"pair": f"{small}->{large}", "threshold": theta, "claim": claim,
                                 "ratio_of": f"{num} / {den}", "ratios": ratios, **verdict(ratios, "<")})
     return out
 
 
-UNWEIGHTED = ("out", "log_every", "checkpoint_every")   # config keys that do not change the weights
+UNWEIGHTED = ("out", "checkpoint_every")   # config keys that do not change the weights
 
 
 def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | None, seed: int) -> None:
@@ -104,6 +115,15 @@ def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | No
           f"{time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)", flush=True)
 
 
+def trained_lr(sae_dir: str) -> float | None:
+    """The lr an SAE folder was trained at (its cfg.json's resolved lr), None if unreadable."""
+    try:
+        with open(os.path.join(sae_dir, "cfg.json")) as f:
+            return float(json.load(f)["sae_harvest"]["lr"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[float]) -> dict:
     """{d_sae: lr}: each size at each multiple of its default lr on seed 0, the lowest tail training
     objective wins (bench/lr_tune.py's rule); records every candidate in --out/lr_tune.json. The
@@ -118,6 +138,8 @@ def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[f
     key = json.loads(json.dumps(key))
     if doc.get("key") not in (None, key):
         raise SystemExit(f"{path} was tuned for another run ({doc['key']}): use another --out")
+    if not doc and os.path.exists(os.path.join(args.out, "seed0")):
+        raise SystemExit(f"{args.out} holds SAEs trained without --lr-tune: use another --out")
     doc.update(key=key, rule="lowest log training objective, last 10% of the logged steps, seed 0")
     sizes_doc = doc.setdefault("sizes", {})
     lrs = {}
@@ -132,20 +154,26 @@ def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[f
             tail = tail_objective(os.path.join(out, name))
             cands[f"{m:g}"] = {"multiplier": m, "lr": base * m, "tail": tail, "score": score({name: tail}),
                                "dir": out}
-            with open(path, "w") as f:
-                json.dump(doc, f, indent=1)
+            write_json(path, doc)
         best = choose([c for c in cands.values() if c["multiplier"] in multipliers])
         lrs[d_sae] = best["lr"]
         edge = len(multipliers) > 1 and best["multiplier"] in (min(multipliers), max(multipliers))
         print(f"[lr] d_sae {d_sae}: x{best['multiplier']:g} (lr {best['lr']:.3g})"
               + ("  (at the grid's edge: widen --lr-tune)" if edge else ""), flush=True)
         final = os.path.join(args.out, "seed0", f"{args.arch}-{d_sae}")
-        if not os.path.exists(final) and os.path.isdir(best["dir"]):
+        if os.path.exists(final):   # moved there by an earlier pass of this tuning: still the winner?
+            trained = trained_lr(os.path.join(final, name))
+            if trained is None or not math.isclose(trained, best["lr"], rel_tol=1e-9):
+                raise SystemExit(f"{final} was trained at lr {trained}, the tuning picks {best['lr']:.3g} "
+                                 "(the grid changed?): use another --out")
+        else:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.rename(best["dir"], final)
+            doc.setdefault("moved", {})[str(d_sae)] = f"{best['multiplier']:g}"
+            best["dir"] = final
+            write_json(path, doc)
     doc["lrs"] = {str(d): lr for d, lr in lrs.items()}
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_json(path, doc)
     return lrs
 
 
@@ -177,11 +205,14 @@ def main():
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError as e:
         p.error(f"--lr-tune / --thresholds / --sizes: {e}")
-    if multipliers is not None and not all(m > 0 for m in multipliers):
-        p.error("--lr-tune: positive multiples")
-    if args.paper_regime:
-        from sae_harvest.stores import open_store
+    if multipliers is not None and not all(0 < m < float("inf") for m in multipliers):
+        p.error("--lr-tune: positive, finite multiples")
+    from sae_harvest.stores import open_store
+    try:   # before anything is written: a bad --store is one line
         d = open_store(args.store).width(SITE)
+    except Exception as e:
+        p.error(scrub_text(f"--store {args.store}: {type(e).__name__}: {e}"))
+    if args.paper_regime:
         args.arch, args.sizes = "relu", f"{8 * d},{16 * d},{32 * d}"
         sizes = [8 * d, 16 * d, 32 * d]
     name = f"topk_k{args.k}" if args.arch == "topk" else f"relu_l1-{args.l1:g}"
@@ -212,9 +243,9 @@ def main():
                       ", ".join(f"{k} {doc['summary'].get(k)}" for k in ("n_novel", "mse_small", "mse_after_novel",
                                                                           "mse_large")) +
                       f"; {time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)", flush=True)
-        with open(os.path.join(args.out, "stitch_seeds.json"), "w") as f:   # after every seed: a cut-off run keeps it
-            json.dump(scrub_tree({"args": vars(args), "runs": runs, "verdicts": stitch_verdicts(runs, sizes, thresholds),
-                                  "seconds": time.perf_counter() - t0}), f, indent=2)
+        write_json(os.path.join(args.out, "stitch_seeds.json"),   # after every seed: a cut-off run keeps it
+                   {"args": vars(args), "runs": runs, "verdicts": stitch_verdicts(runs, sizes, thresholds),
+                    "seconds": time.perf_counter() - t0})
     report(runs, sizes, thresholds, args.seeds, time.perf_counter() - t0)
 
 

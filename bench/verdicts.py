@@ -51,6 +51,9 @@ def verdict(ratios: list[float], expected: str = "<") -> dict:
     either side. Fewer seeds: "untested"."""
     if len(ratios) < MIN_SEEDS:
         return {"verdict": f"untested (fewer than {MIN_SEEDS} seeds)", "outcome": None, "interval": None}
+    if not all(np.isfinite(r) and r > 0 for r in ratios):   # e.g. a negative CE increase: no log ratio
+        return {"verdict": "untestable (a ratio <= 0 or not finite: the log-ratio rule cannot judge it)",
+                "outcome": None, "interval": None}
     centre, lo, hi = ratio_interval(ratios)
     outcome = "tie" if lo <= 1 <= hi else ("lower" if hi < 1 else "higher")
     if expected == "~":
@@ -66,16 +69,30 @@ def _row(ratios: list[float], expected: str, **where) -> dict:
     return {**where, "ratios": ratios, "min": min(ratios), "max": max(ratios), **verdict(ratios, expected)}
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, inf for b = 0: verdict() calls such a seed untestable instead of the row vanishing."""
+    return a / b if b != 0 else float("inf")
+
+
+def _points(series: dict, key: str, metric: str) -> list[tuple[float, float]]:
+    """(L0, metric) of a series; raises if an evaluated SAE lacks the metric (missing data is not a
+    seed to skip)."""
+    pts = [(q["l0"], q.get(metric)) for q in series.get(key, [])]
+    if any(v is None for _, v in pts):
+        raise ValueError(f"{key}: {metric} missing for an evaluated SAE")
+    return pts
+
+
 def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, grid) -> list[dict]:
     """One row per L0 of `grid` where both series reach it in every seed (both interpolated)."""
     rows = []
     for l0 in grid:
         ratios = []
         for series in per_seed:
-            ca = interp_ce([(q["l0"], q[metric]) for q in series.get(a, [])], l0)
-            cb = interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], l0)
-            if ca is not None and cb is not None and cb > 0:
-                ratios.append(ca / cb)
+            ca = interp_ce(_points(series, a, metric), l0)
+            cb = interp_ce(_points(series, b, metric), l0)
+            if ca is not None and cb is not None:   # both reach this L0 in this seed
+                ratios.append(ratio(ca, cb))
         if ratios and len(ratios) == len(per_seed):
             rows.append(_row(ratios, expected, l0=l0))
     return rows
@@ -88,10 +105,11 @@ def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str) 
     for name in sorted({q["name"] for series in per_seed for q in series.get(a, [])}):
         ratios, l0s = [], []
         for series in per_seed:
+            _points(series, a, metric)
             qa = next((q for q in series.get(a, []) if q["name"] == name), None)
-            cb = None if qa is None else interp_ce([(q["l0"], q[metric]) for q in series.get(b, [])], qa["l0"])
-            if qa is not None and cb is not None and cb > 0 and qa[metric] is not None:
-                ratios.append(qa[metric] / cb)
+            cb = None if qa is None else interp_ce(_points(series, b, metric), qa["l0"])
+            if cb is not None:   # A has this SAE in this seed, and B reaches its L0
+                ratios.append(ratio(qa[metric], cb))
                 l0s.append(qa["l0"])
         if ratios and len(ratios) == len(per_seed):
             rows.append(_row(ratios, expected, at=name, l0=float(np.mean(l0s))))

@@ -23,31 +23,48 @@ def test_the_verdicts_reproduce_the_documented_table():
     rows = stitch_seeds.stitch_verdicts(doc["runs"], [1024, 2048, 4096], [0.7, 0.4])
     got = {(r["pair"], r["threshold"], r["ratio_of"]): r for r in rows}
     assert len(rows) == 2 * 2 * len(stitch_seeds.CLAIMS)
-    # (pair, theta, ratio): (centre, low, high, verdict) as docs/results.md prints them
-    table = {("1024->2048", 0.7, "mse_after_novel / mse_small"): (0.68, 0.67, 0.70, "agrees"),
-             ("2048->4096", 0.7, "mse_after_novel / mse_small"): (0.72, 0.71, 0.73, "agrees"),
-             ("1024->2048", 0.4, "mse_after_novel / mse_small"): (1.0006, 0.999, 1.002, "tie"),
-             ("1024->2048", 0.7, "ce_increase_after_novel / ce_increase_small"): (0.77, 0.74, 0.81, "agrees"),
-             ("2048->4096", 0.4, "ce_increase_after_novel / ce_increase_small"): (0.99, 0.98, 1.01, "tie"),
-             ("1024->2048", 0.7, "mse_after_swaps / mse_after_novel"): (1.02, 1.002, 1.05, "disagrees"),
-             ("2048->4096", 0.7, "mse_after_swaps / mse_after_novel"): (1.00, 0.99, 1.02, "tie"),
-             ("1024->2048", 0.4, "mse_after_swaps / mse_after_novel"): (0.92, 0.91, 0.94, "agrees")}
+    # (pair, theta, ratio): centre [low, high] and verdict, as docs/results.md prints them (strings:
+    # each number is checked to the digits printed)
+    table = {("1024->2048", 0.7, "mse_after_novel / mse_small"): ("0.68", "0.67", "0.70", "agrees"),
+             ("2048->4096", 0.7, "mse_after_novel / mse_small"): ("0.72", "0.71", "0.73", "agrees"),
+             ("1024->2048", 0.4, "mse_after_novel / mse_small"): ("1.0006", "0.999", "1.002", "tie"),
+             ("1024->2048", 0.7, "ce_increase_after_novel / ce_increase_small"): ("0.77", "0.74", "0.81", "agrees"),
+             ("2048->4096", 0.4, "ce_increase_after_novel / ce_increase_small"): ("0.99", "0.98", "1.01", "tie"),
+             ("1024->2048", 0.7, "mse_after_swaps / mse_after_novel"): ("1.02", "1.002", "1.05", "disagrees"),
+             ("2048->4096", 0.7, "mse_after_swaps / mse_after_novel"): ("1.00", "0.99", "1.02", "tie"),
+             ("1024->2048", 0.4, "mse_after_swaps / mse_after_novel"): ("0.92", "0.91", "0.94", "agrees")}
+
+    def printed(x: float, like: str) -> str:
+        return f"{x:.{len(like.split('.')[1])}f}"
     for key, (centre, lo, hi, verdict) in table.items():
         r = got[key]
-        digits = len(str(centre).split(".")[1])
-        assert round(r["ratio"], digits) == pytest.approx(centre), key
-        assert [round(x, len(str(b).split(".")[1])) for x, b in zip(r["interval"], (lo, hi))] == \
-            pytest.approx([lo, hi]), key
+        assert (printed(r["ratio"], centre), printed(r["interval"][0], lo), printed(r["interval"][1], hi)) == \
+            (centre, lo, hi), key
         assert r["verdict"] == verdict and len(r["ratios"]) == 5
     premise = [r for r in rows if r["claim"].startswith("premise")]
     assert premise and all(r["verdict"] == "agrees" for r in premise)
 
 
+def _run(**kw):
+    return {"pair": "8->16", "threshold": 0.7, "mse_small": 2.0, "mse_large": 1.0, "mse_after_novel": 1.5,
+            "mse_after_swaps": 1.4, "ce_increase_small": 0.2, "ce_increase_after_novel": 0.1, **kw}
+
+
 def test_fewer_than_five_seeds_is_untested():
-    runs = [{"pair": "8->16", "threshold": 0.7, "mse_small": 2.0, "mse_large": 1.0, "mse_after_novel": 1.5,
-             "mse_after_swaps": 1.4, "ce_increase_small": 0.2, "ce_increase_after_novel": 0.1}] * 4
-    rows = stitch_seeds.stitch_verdicts(runs, [8, 16], [0.7])
+    rows = stitch_seeds.stitch_verdicts([_run()] * 4, [8, 16], [0.7])
     assert rows and all(r["verdict"].startswith("untested") for r in rows)
+
+
+def test_a_zero_or_negative_ce_increase_is_untestable_and_a_missing_one_raises():
+    runs = [_run()] * 4 + [_run(ce_increase_small=0.0)]
+    rows = {r["ratio_of"]: r for r in stitch_seeds.stitch_verdicts(runs, [8, 16], [0.7])}
+    assert rows["ce_increase_after_novel / ce_increase_small"]["verdict"].startswith("untestable")
+    assert rows["mse_after_novel / mse_small"]["verdict"] == "agrees"   # the other claims still judged
+    runs = [_run()] * 4 + [_run(ce_increase_small=-0.01)]
+    rows = {r["ratio_of"]: r for r in stitch_seeds.stitch_verdicts(runs, [8, 16], [0.7])}
+    assert rows["ce_increase_after_novel / ce_increase_small"]["verdict"].startswith("untestable")
+    with pytest.raises(ValueError, match="missing"):
+        stitch_seeds.stitch_verdicts([_run()] * 4 + [_run(ce_increase_small=None)], [8, 16], [0.7])
 
 
 def _args(tmp_path, store, **kw):
@@ -92,7 +109,8 @@ def test_tuning_picks_each_sizes_lowest_training_objective_and_hands_the_winner_
         # the winner is seed 0's run: its own log, moved, and a final train_one keeps it
         final = tmp_path / "out" / "seed0" / f"topk-{d_sae}" / name
         assert lr_tune.tail_objective(final)["objective"] == pytest.approx(best["tail"]["objective"])
-        assert not Path(best["dir"]).exists()
+        assert best["dir"] == str(final.parent) and doc["moved"][str(d_sae)] == f"{best['multiplier']:g}"
+        assert not (tmp_path / "out" / "lr-tune" / f"x{best['multiplier']:g}" / f"topk-{d_sae}").exists()
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
@@ -103,11 +121,28 @@ def test_tuning_picks_each_sizes_lowest_training_objective_and_hands_the_winner_
     assert stitch_seeds.tune_lrs(args, [16, 32], sweep, name, [0.1, 10.0]) == lrs   # resumed: nothing trained
     with pytest.raises(SystemExit, match="another run"):
         stitch_seeds.tune_lrs(_args(tmp_path, store, epochs=3, batch_size=16), [16, 32], sweep, name, [0.1, 10.0])
+    # a narrower grid whose winner is not the run already in seed0: refused, seed0 unchanged
+    loser = {d: next(m for m, c in doc["sizes"][str(d)].items() if c["lr"] != pytest.approx(lrs[d])) for d in (16, 32)}
+    weights = tmp_path / "out" / "seed0" / "topk-16" / name / "sae_weights.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(SystemExit, match="the tuning picks"):
+        stitch_seeds.tune_lrs(args, [16, 32], sweep, name, [float(loser[16])])
+    assert weights.read_bytes() == before
 
 
-@pytest.mark.parametrize("argv", [["--lr-tune", "1,x"], ["--lr-tune", "0,3"], ["--sizes", "64,abc"]])
+def test_an_out_with_untuned_saes_is_refused_before_any_tuning(tmp_path, store, monkeypatch):
+    monkeypatch.setattr(stitch_seeds, "SITE", SITE)
+    args, sweep, name = _args(tmp_path, store), {"k": (4,)}, "topk_k4"
+    stitch_seeds.train_one(args, str(tmp_path / "out" / "seed0" / "topk-16"), 16, sweep, name, None, seed=0)
+    with pytest.raises(SystemExit, match="without --lr-tune"):
+        stitch_seeds.tune_lrs(args, [16], sweep, name, [1.0, 3.0])
+    assert not (tmp_path / "out" / "lr_tune.json").exists() and not (tmp_path / "out" / "lr-tune").exists()
+
+
+@pytest.mark.parametrize("argv", [["--lr-tune", "1,x"], ["--lr-tune", "0,3"], ["--lr-tune", "1,inf"],
+                                  ["--sizes", "64,abc"], ["--paper-regime"], []])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv):
-    out = tmp_path / "out"
+    out = tmp_path / "out"   # the store does not exist: refused before anything is written
     monkeypatch.setattr(sys, "argv", ["stitch_seeds.py", "--store", str(tmp_path / "none.zarr"), "--out", str(out),
                                       *argv])
     with pytest.raises(SystemExit) as e:
