@@ -61,7 +61,7 @@ def main():
                                                  "one harvest)")
     p.add_argument("--epochs", type=int, default=1, help="the first budget (epochs)")
     p.add_argument("--until-plateau", type=float, default=0.0,
-                   help="double each sweep's epochs until every SAE's held-out loss moves < this %% (0: one budget)")
+                   help="double each sweep's epochs until every SAE's held-out loss and L0 move < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
     p.add_argument("--plateau-seeds", type=int, default=None,
                    help="search the plateau on the first N seeds only (as bench/pareto.py)")

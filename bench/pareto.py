@@ -3,7 +3,7 @@
 One harvested store at SITE (every --eval-every-th sequence held out: no trainer reads it, every
 evaluation reads only it). Per seed, each sweep folder is trained to its own plateau (bench/plateau.py:
 --until-plateau P doubles that folder's epochs until every SAE in it moves its held-out training
-loss by < P%; training only, superseded budgets deleted, every budget's record kept), then the
+loss and L0 by < P%; training only, superseded budgets deleted, every budget's record kept), then the
 seed's final SAEs are evaluated together, once, on all the held-out tokens (g-SAEs under both
 gradient modes). Each paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the
 verdict rule (bench/verdicts.py, and docs/results.md) is a paired 95% t-interval of the per-seed log ratio
@@ -151,7 +151,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=10, help="the store holds every N-th sequence out")
     p.add_argument("--epochs", type=int, default=1, help="local and e2e-from-scratch epochs (the first budget)")
     p.add_argument("--until-plateau", type=float, default=0.0,
-                   help="double the epochs until every SAE's held-out loss moves < this %% (0: one budget)")
+                   help="double the epochs until every SAE's held-out loss and L0 move < this %% (0: one budget)")
     p.add_argument("--max-epochs", type=int, default=64)
     p.add_argument("--e2e-max-epochs", type=int, default=None,
                    help="a lower --max-epochs for the e2e and e2e+ds sweeps (~20x a local sweep's cost per step) "

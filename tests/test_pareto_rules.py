@@ -35,6 +35,22 @@ def test_plateaued_is_every_sae_and_both_directions():
     assert not plateau.plateaued(before, {"a": {"held_out_loss": None}, "b": {"held_out_loss": 2.0}}, 2)
 
 
+def test_plateau_needs_the_l0_still_too():
+    # seed 0's tuned ReLU at 64 -> 128 epochs (the journal's numbers): NMSE moved 1.1-1.6%, L0 fell 7-11%
+    before = {"l1-100": {"held_out_loss": 0.03125, "held_out_l0": 20.0}, "l1-300": {"held_out_loss": 0.08095, "held_out_l0": 8.3}}
+    after = {"l1-100": {"held_out_loss": 0.03076, "held_out_l0": 18.5}, "l1-300": {"held_out_loss": 0.07989, "held_out_l0": 7.4}}
+    assert not plateau.plateaued(before, after, 2)
+    assert plateau.plateaued(before, after, 12)   # both move < 12%
+    flat_l0 = {k: {**v, "held_out_l0": before[k]["held_out_l0"] * 1.01} for k, v in after.items()}
+    assert plateau.plateaued(before, flat_l0, 2)
+    # a journal from before L0 was kept: the loss alone decides, as it did then
+    no_l0 = {k: {"held_out_loss": v["held_out_loss"]} for k, v in after.items()}
+    assert plateau.plateaued({k: {"held_out_loss": v["held_out_loss"]} for k, v in before.items()}, no_l0, 2)
+    # an L0 of 0 before (every latent dead) cannot be a plateau of a ratio
+    assert not plateau.plateaued({"x": {"held_out_loss": 1.0, "held_out_l0": 0.0}},
+                                 {"x": {"held_out_loss": 1.0, "held_out_l0": 0.0}}, 2)
+
+
 def test_each_folder_stops_at_its_own_plateau():
     # a cheap folder settles between 2 and 4 epochs, a slow one between 16 and 32
     fast = {"x1": {1: 1.0, 2: 0.8, 4: 0.795, 8: 0.79}, "x2": {1: 2.0, 2: 1.5, 4: 1.49, 8: 1.48}}
