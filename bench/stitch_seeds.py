@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -56,6 +57,15 @@ KEYS = ("large_matched", "small_matched", "n_novel", "n_reconstruction", "n_grou
         "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
         "largest_step_mse_increase_rel", "novel_alone_lowering_mse", "reconstruction_alone_raising_mse",
         "ce_increase_small", "ce_increase_after_novel", "ce_increase_large")
+
+
+class Refused(SystemExit):
+    """A run this bench will not do (it would mix two runs' SAEs): main prints it as one line and
+    exits 2; str() is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
 
 
 def write_json(path: str, doc: dict) -> None:
@@ -106,7 +116,7 @@ def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | No
         want = json.loads(json.dumps(scrub_tree(cfg.to_dict())))
         diff = sorted(k for k, v in want.items() if k not in UNWEIGHTED and old.get(k, v) != v)
         if diff or not old:
-            raise SystemExit(f"{os.path.join(out, name)} was trained with another config "
+            raise Refused(f"{os.path.join(out, name)} was trained with another config "
                              f"({', '.join(diff) or 'unreadable'}): use another --out")
         return
     wall, cpu = time.perf_counter(), time.process_time()
@@ -137,9 +147,9 @@ def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[f
                       "batch_size": args.batch_size})
     key = json.loads(json.dumps(key))
     if doc.get("key") not in (None, key):
-        raise SystemExit(f"{path} was tuned for another run ({doc['key']}): use another --out")
+        raise Refused(f"{path} was tuned for another run ({doc['key']}): use another --out")
     if not doc and os.path.exists(os.path.join(args.out, "seed0")):
-        raise SystemExit(f"{args.out} holds SAEs trained without --lr-tune: use another --out")
+        raise Refused(f"{args.out} holds SAEs trained without --lr-tune: use another --out")
     doc.update(key=key, rule="lowest log training objective, last 10% of the logged steps, seed 0")
     sizes_doc = doc.setdefault("sizes", {})
     lrs = {}
@@ -164,7 +174,7 @@ def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[f
         if os.path.exists(final):   # moved there by an earlier pass of this tuning: still the winner?
             trained = trained_lr(os.path.join(final, name))
             if trained is None or not math.isclose(trained, best["lr"], rel_tol=1e-9):
-                raise SystemExit(f"{final} was trained at lr {trained}, the tuning picks {best['lr']:.3g} "
+                raise Refused(f"{final} was trained at lr {trained}, the tuning picks {best['lr']:.3g} "
                                  "(the grid changed?): use another --out")
         else:
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -199,6 +209,14 @@ def main():
                    help="ReLU/L1 SAEs at 8x, 16x, 32x the site's width (overrides --arch and --sizes)")
     p.add_argument("--ce-points", type=int, default=3)
     args = p.parse_args()
+    try:
+        run(p, args)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(p, args) -> None:
     try:
         multipliers = [float(m) for m in args.lr_tune.split(",")] if args.lr_tune else None
         thresholds = [float(t) for t in args.thresholds.split(",")]

@@ -148,3 +148,18 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv):
     with pytest.raises(SystemExit) as e:
         stitch_seeds.main()
     assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err and not out.exists()
+
+
+def test_a_refused_run_is_one_line_and_exit_2_with_nothing_changed(tmp_path, store, monkeypatch, capsys):
+    monkeypatch.setattr(stitch_seeds, "SITE", SITE)
+    args = _args(tmp_path, store)
+    stitch_seeds.train_one(args, str(tmp_path / "out" / "seed0" / "topk-16"), 16, {"k": (4,)}, "topk_k4", None, seed=0)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+    monkeypatch.setattr(sys, "argv", ["stitch_seeds.py", "--store", str(store), "--out", str(tmp_path / "out"),
+                                      "--sizes", "16", "--k", "4", "--batch-size", "64", "--epochs", "1",
+                                      "--lr-tune", "1,3"])
+    with pytest.raises(SystemExit) as e:
+        stitch_seeds.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "without --lr-tune" in err[0]
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
