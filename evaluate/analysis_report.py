@@ -35,7 +35,8 @@ def print_stitch(doc: StitchResult, console: Console) -> None:
     t = Table(title=f"SAE stitching {doc.small.d_sae} -> {doc.large.d_sae} latents at "
                     f"{doc.site}, theta {doc.threshold:g}",
               caption=f"{s.n_novel} novel and {s.n_reconstruction} reconstruction latents in "
-                      f"{s.n_groups} swap groups; {s.n_orphans} small latents without a partner. "
+                      f"{s.n_groups} swap groups; {s.n_orphans} small latents without a partner"
+                      f"{_dead_text(doc)}. "
                       f"MSE: squared error summed over d, mean over {doc.tokens:,} tokens (position >= 1), "
                       f"{escape(origin_text(doc.eval_tokens))}.")
     for col in ("point", "latents", "L0", "MSE", "ΔCE"):
@@ -54,6 +55,15 @@ def print_stitch(doc: StitchResult, console: Console) -> None:
                   f"{_pct(s.novel_alone_lowering_mse)} of novel latents lower MSE, "
                   f"{_pct(s.reconstruction_alone_raising_mse)} of reconstruction latents raise it.",
                   highlight=False)
+
+
+def _dead_text(doc: StitchResult) -> str:
+    """Dead latents (firing on none of the tokens): left out with --live-only, else counted above."""
+    s = doc.summary
+    if s.n_dead_small is None:
+        return ""
+    how = "left out" if doc.live_only else "counted in the classes"
+    return f"; dead on these tokens: {s.n_dead_small} small, {s.n_dead_large} large ({how})"
 
 
 def _pct(v) -> str:

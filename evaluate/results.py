@@ -64,7 +64,7 @@ CE_SUMMARY = ("ce_clean", "ce_increase_small", "ce_increase_after_novel", "ce_in
 class StitchSummary(Result):
     """The paper's claims as numbers (evaluate/stitch.py summarise); the CE fields only when the
     path's CE was measured (--ce-points > 0)."""
-    _optional: ClassVar[tuple[str, ...]] = CE_SUMMARY
+    _optional: ClassVar[tuple[str, ...]] = CE_SUMMARY + ("n_dead_small", "n_dead_large")
     n_novel: int
     n_reconstruction: int
     n_groups: int
@@ -82,6 +82,8 @@ class StitchSummary(Result):
     largest_step_mse_increase_rel: float | None
     novel_alone_lowering_mse: float | None
     reconstruction_alone_raising_mse: float | None
+    n_dead_small: int | None = None    # latents firing on none of the tokens (older documents: None)
+    n_dead_large: int | None = None
     ce_clean: float | None = None
     ce_increase_small: float | None = None
     ce_increase_after_novel: float | None = None
@@ -92,6 +94,7 @@ class StitchSummary(Result):
 class StitchResult(Result):
     """`evaluate stitch`: the latent classes, swap groups and the path (one dict per step:
     evaluate/stitch.py stitch_path)."""
+    _optional: ClassVar[tuple[str, ...]] = ("dead_small", "dead_large")
     _nested: ClassVar[dict] = {"small": SaeRef, "large": SaeRef, "summary": StitchSummary}
     config: dict
     model: str
@@ -111,6 +114,9 @@ class StitchResult(Result):
     alone_delta_mse: list
     summary: StitchSummary
     path: list           # [{"step", "phase", "added", "removed", "n_small", "n_large", "latents", "l0", ...}]
+    live_only: bool = False          # dead latents left out of the path (older documents: all latents)
+    dead_small: list | None = None   # latents firing on none of the tokens (older documents: None)
+    dead_large: list | None = None
 
 
 # --- meta --------------------------------------------------------------------------------------

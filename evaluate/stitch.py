@@ -23,6 +23,12 @@ are removed and its large ones inserted (L0 falls on average). Small latents wit
 are then dropped one by one (the paper does not say what it does with them; without this step the
 path would not end at the large SAE). Every step is scored by MSE and L0 on the same tokens; the
 CE increase (spliced into the live model) at `ce_points` evenly spaced steps.
+
+Dead latents (`--live-only`): a latent that fires on none of the evaluation tokens has a decoder row
+no other latent needs to resemble, so eq. 6 calls it novel although adding it changes nothing but
+the bias weight a. With live_only, such latents are left out of both SAEs: each SAE's output on these
+tokens is unchanged (the path keeps its ends), and the novel set, the groups, the orphans and a count
+live latents only. The dead latents are reported either way.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import torch
 
 from sae_harvest.evaluate.config import ALLOW_SHARED_INIT_HELP, TOKENS_HELP, LiveOptions
 from sae_harvest.evaluate.results import SaeRef, StitchResult, StitchSummary
+from sae_harvest.evaluate.stitch_path import Columns, Snapshot, ce_steps, path_length, stitch_path  # noqa: F401
 from sae_harvest.stores.cli import opt
 from sae_harvest.train.sae import unit_rows
 
@@ -54,6 +61,8 @@ class StitchConfig(LiveOptions, _StitchPair):   # the pair's fields first (see e
     ce_points: int = opt(17, "Steps of the path at which the CE increase is measured (spliced forwards; "
                              "always incl. both ends); 0: MSE and L0 only.")
     allow_shared_init: bool = opt(False, ALLOW_SHARED_INIT_HELP)
+    live_only: bool = opt(False, "Leave out the latents that fire on none of the evaluation tokens (dead), in both "
+                                 "SAEs: the path's ends stay; novel set, groups and bias weight count live ones.")
 
 
 # --- matching ----------------------------------------------------------------------------------
@@ -71,16 +80,19 @@ def match_latents(large_dec: torch.Tensor, small_dec: torch.Tensor, threshold: f
     return torch.cat(best).cpu(), torch.cat(arg).cpu(), torch.cat(edges).cpu()
 
 
-def classify(max_cos: torch.Tensor, threshold: float) -> tuple[list[int], list[int]]:
-    """(novel, reconstruction) indices of the large SAE by eq. 6."""
-    novel = (max_cos < threshold).nonzero().flatten().tolist()
-    recon = (max_cos >= threshold).nonzero().flatten().tolist()
+def classify(max_cos: torch.Tensor, threshold: float, keep: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """(novel, reconstruction) indices of the large SAE by eq. 6; `keep` (bool [F1]): only those."""
+    keep = torch.ones_like(max_cos, dtype=torch.bool) if keep is None else keep
+    novel = ((max_cos < threshold) & keep).nonzero().flatten().tolist()
+    recon = ((max_cos >= threshold) & keep).nonzero().flatten().tolist()
     return novel, recon
 
 
-def swap_groups(edges: torch.Tensor, n_small: int) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+def swap_groups(edges: torch.Tensor, n_small: int,
+                keep: torch.Tensor | None = None) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
     """Connected components of the bipartite graph: ([(small latents, large latents)], orphans),
-    groups ordered by their first large latent, orphans = small latents with no edge."""
+    groups ordered by their first large latent, orphans = small latents with no edge (of those in
+    `keep`, bool [F0], when given)."""
     parent: dict = {}
 
     def root(v):
@@ -100,157 +112,47 @@ def swap_groups(edges: torch.Tensor, n_small: int) -> tuple[list[tuple[list[int]
               for vs in members.values()]
     groups.sort(key=lambda g: g[1][0])
     linked = {j for small, _ in groups for j in small}
-    return groups, [j for j in range(n_small) if j not in linked]
+    return groups, [j for j in range(n_small) if j not in linked and (keep is None or bool(keep[j]))]
 
 
-# --- the path ----------------------------------------------------------------------------------
-class Columns:
-    """The latents of an SAE on tokens x, stored per latent (CSR): the tokens it fires on and its
-    values, so adding or removing one latent touches only those tokens."""
-
-    def __init__(self, sae, x: torch.Tensor):
-        chunk = max(256, (1 << 22) // sae.cfg.d_sae)   # dense latents of one chunk: ~16 MB
-        toks, lats, vals = [], [], []
-        with torch.no_grad():
-            for lo in range(0, len(x), chunk):
-                f = sae.encode(x[lo:lo + chunk].to(sae.W_dec.dtype))
-                nz = f.nonzero()
-                toks.append(nz[:, 0] + lo), lats.append(nz[:, 1]), vals.append(f[nz[:, 0], nz[:, 1]])
-        lat = torch.cat(lats)
-        order = torch.sort(lat, stable=True).indices
-        self.tok = torch.cat(toks)[order]
-        self.val = torch.cat(vals)[order].double()
-        counts = torch.bincount(lat, minlength=sae.cfg.d_sae)
-        self.fires = counts.cpu()
-        self.ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-        self.dec = sae.W_dec.detach().double()
-        self.b_dec = sae.b_dec.detach().double()
-
-    def delta(self, i: int):
-        """(tokens, contribution [n, d]) of latent i."""
-        lo, hi = self.ptr[i], self.ptr[i + 1]
-        return self.tok[lo:hi], self.val[lo:hi, None] * self.dec[i]
-
-
-class Residual:
-    """x - x_hat without the bias term (r) and its running sums, so that the squared error for any
-    bias c, sum_t ||r_t - c||^2 = q - 2 c.s + n ||c||^2, costs O(d) and a latent O(its tokens x d)."""
-
-    def __init__(self, x: torch.Tensor, decoded: torch.Tensor):
-        self.r = x.double() - decoded.double()
-        self.q = self.r.pow(2).sum()
-        self.s = self.r.sum(0)
-        self.n = len(x)
-
-    def error(self, c: torch.Tensor, dq=0.0, ds=0.0) -> float:
-        q, s = self.q + dq, self.s + ds
-        return float(q - 2 * (c @ s) + self.n * (c @ c))
-
-    def change(self, tok, contribution, sign: float):
-        """(dq, ds, new rows) if `sign` * contribution is added to x_hat on tokens `tok`."""
-        old = self.r[tok]
-        new = old - sign * contribution
-        return new.pow(2).sum() - old.pow(2).sum(), -sign * contribution.sum(0), new
-
-    def apply(self, tok, contribution, sign: float) -> None:
-        dq, ds, new = self.change(tok, contribution, sign)
-        self.q, self.s = self.q + dq, self.s + ds
-        self.r[tok] = new
+def live_edges(edges: torch.Tensor, live_small: torch.Tensor, live_large: torch.Tensor) -> torch.Tensor:
+    """The edges whose two latents are both live."""
+    return edges[live_large[edges[:, 0]] & live_small[edges[:, 1]]]
 
 
 @dataclass
-class Snapshot:
-    """Which latents of each SAE a point of the path uses; reconstruct() is eq. 5."""
-    small: torch.Tensor   # bool [F0]
-    large: torch.Tensor   # bool [F1]
-
-    def reconstruct(self, small_sae, large_sae, x: torch.Tensor) -> torch.Tensor:
-        n0, n1 = int(self.small.sum()), int(self.large.sum())
-        alpha = n0 / (n0 + n1)
-        x = x.to(small_sae.W_dec.dtype)
-        f0 = small_sae.encode(x) * self.small.to(x.device)
-        f1 = large_sae.encode(x) * self.large.to(x.device)
-        return f0 @ small_sae.W_dec + f1 @ large_sae.W_dec + alpha * small_sae.b_dec + (1 - alpha) * large_sae.b_dec
-
-
-def stitch_path(small, large, x: torch.Tensor, novel, groups, orphans, snapshot_steps=()):
-    """Walk the path on tokens x [n, d]; ([one dict per step], {step: Snapshot}, independent dMSE).
-
-    "mse" is the squared error summed over d, mean over tokens (the training loss's term); the
-    independent dMSE of a large latent is the MSE change when it alone is added to the small SAE
-    (the paper's fig. 4)."""
-    c0, c1 = Columns(small, x), Columns(large, x)
-    n, f0, f1 = len(x), small.cfg.d_sae, large.cfg.d_sae
-    with torch.no_grad():
-        decoded = torch.cat([small.decode(small.encode(p.to(small.W_dec.dtype))) - small.b_dec
-                             for p in x.split(4096)])
-    res = Residual(x, decoded)
-    norm2 = float(x.double().pow(2).sum())
-    in0, in1 = torch.ones(f0, dtype=torch.bool), torch.zeros(f1, dtype=torch.bool)
-    fires0, fires1 = c0.fires.double(), c1.fires.double()
-
-    def bias(k0, k1):
-        a = k0 / (k0 + k1)
-        return a * c0.b_dec + (1 - a) * c1.b_dec
-
-    start_err = res.error(bias(f0, 0))
-    independent = []
-    for i in range(f1):
-        tok, contrib = c1.delta(i)
-        dq, ds, _ = res.change(tok, contrib, +1)
-        independent.append((res.error(bias(f0, 1), dq, ds) - start_err) / n)
-
-    steps, snaps = [], {}
-    snapshot_steps = set(snapshot_steps)
-
-    def record(phase, added, removed):
-        k0, k1 = int(in0.sum()), int(in1.sum())
-        err = res.error(bias(k0, k1))
-        steps.append({"step": len(steps), "phase": phase, "added": added, "removed": removed,
-                      "n_small": k0, "n_large": k1, "latents": k0 + k1,
-                      "l0": float(fires0[in0].sum() + fires1[in1].sum()) / n,
-                      "mse": err / n, "nmse": err / norm2 if norm2 else None,
-                      "ce_increase": None, "kl": None})
-        if steps[-1]["step"] in snapshot_steps:
-            snaps[steps[-1]["step"]] = Snapshot(in0.clone(), in1.clone())
-
-    def add(i):
-        res.apply(*c1.delta(i), +1)
-        in1[i] = True
-
-    def remove(j):
-        res.apply(*c0.delta(j), -1)
-        in0[j] = False
-
-    record("start", [], [])
-    for i in novel:
-        add(i)
-        record("novel", [i], [])
-    for small_ids, large_ids in groups:
-        for j in small_ids:
-            remove(j)
-        for i in large_ids:
-            add(i)
-        record("swap", large_ids, small_ids)
-    for j in orphans:
-        remove(j)
-        record("drop", [], [j])
-    return steps, snaps, independent
+class PairClasses:
+    """What eq. 6 makes of a pair on tokens x: the latent classes, groups and orphans, and which
+    latents fire on none of the tokens (dead)."""
+    columns: tuple            # (Columns(small, x), Columns(large, x))
+    dead_small: list[int]
+    dead_large: list[int]
+    live_small: torch.Tensor  # bool [F0]: the small latents the path starts with
+    max_cos: torch.Tensor     # [F1], against the small latents the path uses
+    best: torch.Tensor        # [F1] small latent index
+    novel: list[int]
+    reconstruction: list[int]
+    groups: list
+    orphans: list[int]
 
 
-def path_length(novel, groups, orphans) -> int:
-    return 1 + len(novel) + len(groups) + len(orphans)
+def classify_pair(small, large, x: torch.Tensor, threshold: float, live_only: bool) -> PairClasses:
+    """Eq. 6 over all latents, or (live_only) over those that fire on x: a dead small row can make
+    no large latent a reconstruction one, a dead large latent is neither novel nor reconstruction."""
+    from sae_harvest.evaluate.splice import EvaluateError
 
-
-def ce_steps(novel, groups, orphans, points: int) -> list[int]:
-    """`points` evenly spaced steps, always with both ends and the end of the novel phase."""
-    last = path_length(novel, groups, orphans) - 1
-    if points <= 0:
-        return []
-    picked = {0, last, len(novel)}
-    if points > 1:
-        picked |= {round(k * last / (points - 1)) for k in range(points)}
-    return sorted(picked)
+    columns = Columns(small, x), Columns(large, x)
+    dead_small, dead_large = ((c.fires == 0).nonzero().flatten().tolist() for c in columns)
+    live0, live1 = ((c.fires > 0) if live_only else torch.ones_like(c.fires, dtype=torch.bool) for c in columns)
+    if not live0.any() or not live1.any():
+        raise EvaluateError(f"--live-only: the {'small' if not live0.any() else 'large'} SAE fires on none of "
+                            f"the {len(x):,} evaluation tokens")
+    ids = live0.nonzero().flatten()
+    max_cos, best, edges = match_latents(large.W_dec, small.W_dec[ids], threshold)
+    best, edges = ids[best], live_edges(torch.stack([edges[:, 0], ids[edges[:, 1]]], 1), live0, live1)
+    novel, recon = classify(max_cos, threshold, live1)
+    groups, orphans = swap_groups(edges, small.cfg.d_sae, live0)
+    return PairClasses(columns, dead_small, dead_large, live0, max_cos, best, novel, recon, groups, orphans)
 
 
 def summarise(steps, independent, novel, recon, small_mse, large_mse) -> StitchSummary:
@@ -314,11 +216,11 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> StitchResul
     site = small_e.site
     x = site_activations(live, site, cfg.batch_size)
 
-    max_cos, best, edges = match_latents(large.W_dec, small.W_dec, cfg.threshold)
-    novel, recon = classify(max_cos, cfg.threshold)
-    groups, orphans = swap_groups(edges, small.cfg.d_sae)
+    pair = classify_pair(small, large, x, cfg.threshold, cfg.live_only)
+    novel, recon, groups, orphans = pair.novel, pair.reconstruction, pair.groups, pair.orphans
     at = ce_steps(novel, groups, orphans, cfg.ce_points)
-    steps, snaps, independent = stitch_path(small, large, x, novel, groups, orphans, snapshot_steps=at)
+    steps, snaps, independent = stitch_path(small, large, x, novel, groups, orphans, snapshot_steps=at,
+                                            live_small=pair.live_small, columns=pair.columns)
     own = {name: _own_mse(sae, x) for name, sae in (("small", small), ("large", large))}
 
     if at:
@@ -327,7 +229,8 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> StitchResul
             ce = _path_ce(live, site, small, large, [snaps[k] for k in at], cfg.batch_size, bar)
         for k, (ce_inc, kl) in zip(at, ce["points"]):
             steps[k]["ce_increase"], steps[k]["kl"] = ce_inc, kl
-    summary = summarise(steps, independent, novel, recon, own["small"], own["large"])
+    summary = dataclasses.replace(summarise(steps, independent, novel, recon, own["small"], own["large"]),
+                                  n_dead_small=len(pair.dead_small), n_dead_large=len(pair.dead_large))
     if at:
         summary = dataclasses.replace(summary, ce_clean=ce["clean"], ce_increase_small=steps[0]["ce_increase"],
                                       ce_increase_after_novel=steps[len(novel)]["ce_increase"],
@@ -340,9 +243,10 @@ def run_stitch(cfg: StitchConfig, *, progress=True, console=None) -> StitchResul
         threshold=cfg.threshold,
         novel=novel, reconstruction=recon,
         groups=[{"small": s, "large": l} for s, l in groups], orphans=orphans,
-        max_cosine=[round(v, 6) for v in max_cos.tolist()], best_small=best.tolist(),
+        max_cosine=[round(v, 6) for v in pair.max_cos.tolist()], best_small=pair.best.tolist(),
         alone_delta_mse=independent,
-        summary=summary, path=steps,
+        summary=summary, path=steps, live_only=cfg.live_only, dead_small=pair.dead_small,
+        dead_large=pair.dead_large,
     )
 
 

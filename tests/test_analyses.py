@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from sae_harvest.evaluate.cli import main as evaluate_cli
-from sae_harvest.evaluate.stitch import (StitchConfig, classify, match_latents, run_stitch, stitch_path,
-                                         swap_groups)
+from sae_harvest.evaluate.stitch import (StitchConfig, classify, classify_pair, match_latents, run_stitch,
+                                         stitch_path, swap_groups)
 from sae_harvest.harvest.data import open_dataset, packed_sequences
 from sae_harvest.harvest.models import load_model
 from sae_harvest.train.registry import SAEConfig, make_sae
@@ -146,6 +146,55 @@ def test_incremental_mse_matches_direct_on_random_saes_with_orphans():
     assert torch.allclose(snaps[len(steps) - 1].reconstruct(small, large, x), large(x), atol=1e-6)
 
 
+def test_live_only_leaves_dead_latents_out_of_the_classes_and_keeps_the_ends():
+    """Dead latents (rows no token fires): e30 in the small SAE, e31 and e32 in the large one. Over
+    all latents eq. 6 calls e31, e32 novel and e30 an orphan (the defect the tuned stitching run
+    showed: 43-77% dead latents filled the novel set); live-only leaves them out, and the path's
+    ends and every step still equal eq. 5 computed directly."""
+    small = tied_relu([e(i) for i in range(8)] + [e(30)], b_dec=0.01 * torch.ones(D))
+    large = tied_relu([e(31)] + [e(i) for i in (20, 21, 22)] + [e(32)] + [0.9 * e(i) + math.sqrt(0.19) * e(40 + i)
+                                                                          for i in range(8)])
+    x = _planted_data()
+    every = classify_pair(small, large, x, 0.7, live_only=False)
+    live = classify_pair(small, large, x, 0.7, live_only=True)
+    assert (every.dead_small, every.dead_large) == ([8], [0, 4]) == (live.dead_small, live.dead_large)
+    assert every.novel == [0, 1, 2, 3, 4] and live.novel == [1, 2, 3]
+    assert every.orphans == [8] and live.orphans == []
+    assert live.reconstruction == every.reconstruction == list(range(5, 13))
+    assert live.live_small.tolist() == [True] * 8 + [False]
+    steps, snaps, _ = stitch_path(small, large, x, live.novel, live.groups, live.orphans,
+                                  snapshot_steps=range(100), live_small=live.live_small, columns=live.columns)
+    own = lambda sae: (x.double() - sae(x).double()).pow(2).sum(-1).mean().item()  # noqa: E731
+    assert steps[0]["mse"] == pytest.approx(own(small), rel=1e-6)
+    assert steps[-1]["mse"] == pytest.approx(own(large), rel=1e-6)
+    assert (steps[0]["n_small"], steps[-1]["n_small"], steps[-1]["n_large"]) == (8, 0, 11)
+    for s in steps:
+        x_hat = snaps[s["step"]].reconstruct(small, large, x)
+        assert s["mse"] == pytest.approx((x - x_hat).double().pow(2).sum(-1).mean().item(), rel=1e-6)
+    assert all(b["mse"] < a["mse"] for a, b in zip(steps[:4], steps[1:4]))   # each live novel latent helps
+    # over all latents, a dead "novel" latent's step moves nothing but eq. 5's bias weight: x_hat
+    # shifts by one vector, the same on every token
+    _, snaps_all, _ = stitch_path(small, large, x, every.novel, every.groups, every.orphans, snapshot_steps=range(6))
+    for step, latent in enumerate(every.novel, start=1):
+        shift = snaps_all[step].reconstruct(small, large, x) - snaps_all[step - 1].reconstruct(small, large, x)
+        assert (shift.std(0).max() < 1e-6) == (latent in every.dead_large)
+
+
+def test_a_path_started_without_a_firing_small_latent_matches_eq5():
+    """live_small may leave out a latent that fires: the start subtracts its contribution."""
+    small = tied_relu([e(i) for i in range(8)], b_dec=0.05 * torch.ones(D))
+    large = tied_relu([e(i) for i in range(8)] + [e(20)])
+    x = _planted_data()
+    keep = torch.tensor([True] * 7 + [False])
+    pair = classify_pair(small, large, x, 0.7, live_only=False)
+    groups = [g for g in pair.groups if 7 not in g[0]]
+    steps, snaps, _ = stitch_path(small, large, x, pair.novel, groups, [], snapshot_steps=range(100), live_small=keep)
+    for s in steps:
+        x_hat = snaps[s["step"]].reconstruct(small, large, x)
+        assert s["mse"] == pytest.approx((x - x_hat).double().pow(2).sum(-1).mean().item(), rel=1e-6)
+    assert steps[0]["n_small"] == 7
+
+
 # --- stitch: live model ----------------------------------------------------------------------------
 def _ids(assets):
     _, tok = load_model(assets["gpt2"])
@@ -197,10 +246,36 @@ def test_stitch_live_ends_equal_each_sae_spliced(assets, live_pair):
         loss, _ = _spliced_loss(assets, sae)
         assert step["ce_increase"] == pytest.approx(loss - clean, abs=1e-5)
         assert step["mse"] == pytest.approx((x - sae(x)).pow(2).sum(-1).mean().item(), rel=1e-5)
-    assert doc["summary"]["mse_small"] == pytest.approx(doc["path"][0]["mse"], rel=1e-9)
+    assert doc["summary"]["mse_small"] == pytest.approx(doc["path"][0]["mse"], rel=1e-6)
     assert doc["summary"]["mse_large"] == pytest.approx(doc["path"][-1]["mse"], rel=1e-6)
     measured = [s["step"] for s in doc["path"] if s["ce_increase"] is not None]
     assert 0 in measured and len(doc["path"]) - 1 in measured and len(doc["novel"]) in measured
+
+
+def test_stitch_live_only_on_the_live_model(assets, live_pair, tmp_path):
+    """Large latents 90-95 can never fire (encoder column 0, bias -100); over all latents they are
+    novel, with --live-only they are out of every class, and both ends are the same SAEs' spliced
+    numbers as without it."""
+    small, large, p_small, _ = live_pair
+    dead = make_sae(SAEConfig("topk", D, 96, k=6))
+    with torch.no_grad():
+        dead.load_state_dict(large.state_dict())
+        dead.W_enc[:, 90:] = 0.0
+        dead.b_enc[90:] = -100.0
+    p_dead = save(dead, tmp_path / "dead")
+    docs = {flag: run_stitch(StitchConfig(small=p_small, large=p_dead, model=assets["gpt2"], dataset=assets["corpus"],
+                                          tokens=CTX * N_SEQS, ctx_len=CTX, batch_size=4, device="cpu", ce_points=2,
+                                          live_only=flag), progress=False).to_dict() for flag in (False, True)}
+    every, live = docs[False], docs[True]
+    assert set(range(90, 96)) <= set(every["dead_large"]) == set(live["dead_large"])
+    assert set(range(90, 96)) <= set(every["novel"])
+    assert not set(live["dead_large"]) & set(live["novel"] + live["reconstruction"])
+    assert sorted(live["novel"] + live["reconstruction"] + live["dead_large"]) == list(range(96))
+    assert not set(live["dead_small"]) & set(live["orphans"])
+    assert live["live_only"] is True and every["live_only"] is False
+    assert live["summary"]["n_dead_large"] == len(live["dead_large"])
+    for key in ("mse_small", "mse_large", "ce_increase_small", "ce_increase_large"):
+        assert live["summary"][key] == pytest.approx(every["summary"][key], rel=1e-9, abs=1e-12)
 
 
 def test_stitch_cli_json_png_and_bad_input(assets, live_pair, tmp_path):
