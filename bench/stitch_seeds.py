@@ -29,6 +29,10 @@ wins, bench/lr_tune.py's rule; held-out tokens decide nothing; the winner is see
     python bench/stitch_seeds.py --store STORE.zarr --out bench-out/stitch-tuned --paper-regime --seeds 5 \
         --epochs 4 --lr-tune 1,3,10,30
 
+On the live latents only (`--live-only`, evaluate stitch's flag: latents that fire on none of the
+evaluation tokens are left out of both SAEs; the SAEs of the run are reused, the record goes to
+stitch_seeds-live.json beside the all-latents one): the same command plus --live-only.
+
 Verdicts (bench/verdicts.py's rule: the 95% t-interval over the seeds of the per-seed log ratio, a
 tie when it contains 1) for the premise and each of the paper's claims, per pair and threshold, are
 printed and written to stitch_seeds.json. A rerun resumes: a trained SAE whose config matches is
@@ -53,8 +57,8 @@ from sae_harvest.train.fit import fit
 from sae_harvest.stores.urls import scrub_text, scrub_tree
 from verdicts import ratio, verdict
 
-KEYS = ("large_matched", "small_matched", "n_novel", "n_reconstruction", "n_groups", "n_orphans", "mse_small", "mse_after_novel", "mse_after_swaps",
-        "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
+KEYS = ("large_matched", "small_matched", "dead_small", "dead_large", "n_novel", "n_reconstruction", "n_groups",
+        "n_orphans", "mse_small", "mse_after_novel", "mse_after_swaps", "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
         "largest_step_mse_increase_rel", "novel_alone_lowering_mse", "reconstruction_alone_raising_mse",
         "ce_increase_small", "ce_increase_after_novel", "ce_increase_large")
 
@@ -90,13 +94,28 @@ def stitch_verdicts(runs: list[dict], sizes: list[int], thresholds: list[float])
         for theta in thresholds:
             rows = [r for r in runs if r["pair"] == f"{small}->{large}" and r["threshold"] == theta]
             for claim, num, den in CLAIMS:
-                if any(r.get(num) is None or r.get(den) is None for r in rows):
+                measured = [r.get(num) is not None and r.get(den) is not None for r in rows]
+                if not any(measured):   # not measured in this run (--ce-points 0): no verdict
+                    continue
+                if not all(measured):
                     raise ValueError(f"{small}->{large} theta {theta}: {num} or {den} missing in a seed's summary")
                 ratios = [ratio(r[num], r[den]) for r in rows]   # a zero or negative one: "untestable"
                 if ratios:
                     out.append({"pair": f"{small}->{large}", "threshold": theta, "claim": claim,
                                 "ratio_of": f"{num} / {den}", "ratios": ratios, **verdict(ratios, "<")})
     return out
+
+
+RECORD = {False: "stitch_seeds.json", True: "stitch_seeds-live.json"}   # by --live-only
+
+
+def pair_overlap(summary: dict, small: int, large: int, live_only: bool) -> dict:
+    """The shares of the large SAE's latents that match a small one (reconstruction latents) and of
+    the small SAE's latents that some large one matches; over live latents with --live-only."""
+    n_large = large - (summary["n_dead_large"] if live_only else 0)
+    n_small = small - (summary["n_dead_small"] if live_only else 0)
+    return {"large_matched": summary["n_reconstruction"] / n_large, "small_matched": 1 - summary["n_orphans"] / n_small,
+            "dead_large": summary["n_dead_large"] / large, "dead_small": summary["n_dead_small"] / small}
 
 
 UNWEIGHTED = ("out", "checkpoint_every")   # config keys that do not change the weights
@@ -208,6 +227,10 @@ def main():
     p.add_argument("--paper-regime", action="store_true",
                    help="ReLU/L1 SAEs at 8x, 16x, 32x the site's width (overrides --arch and --sizes)")
     p.add_argument("--ce-points", type=int, default=3)
+    p.add_argument("--live-only", action="store_true",
+                   help="stitch the live latents only (evaluate stitch --live-only): latents that fire on none of "
+                        "the evaluation tokens are left out of both SAEs; writes stitch_seeds-live.json (the "
+                        "all-latents record stays)")
     args = p.parse_args()
     try:
         run(p, args)
@@ -251,17 +274,16 @@ def run(p, args) -> None:
                     small=os.path.join(args.out, f"seed{seed}", f"{args.arch}-{small}", name),
                     large=os.path.join(args.out, f"seed{seed}", f"{args.arch}-{large}", name),
                     store=args.store, tokens=args.tokens, ce_points=args.ce_points, threshold=theta,
-                    device="cpu"), progress=False).to_dict()
+                    device="cpu", live_only=args.live_only), progress=False).to_dict()
                 summary = doc["summary"]
-                overlap = {"large_matched": summary["n_reconstruction"] / large,   # reconstruction latents
-                           "small_matched": 1 - summary["n_orphans"] / small}      # small latents some large one matches
+                overlap = pair_overlap(summary, small, large, args.live_only)
                 runs.append({"seed": seed, "pair": f"{small}->{large}", "threshold": theta, **summary, **overlap,
                              "eval_tokens": doc.get("eval_tokens")})
                 print(f"seed {seed} {small}->{large} theta {theta}: " +
                       ", ".join(f"{k} {doc['summary'].get(k)}" for k in ("n_novel", "mse_small", "mse_after_novel",
                                                                           "mse_large")) +
                       f"; {time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)", flush=True)
-        write_json(os.path.join(args.out, "stitch_seeds.json"),   # after every seed: a cut-off run keeps it
+        write_json(os.path.join(args.out, RECORD[args.live_only]),   # after every seed: a cut-off run keeps it
                    {"args": vars(args), "runs": runs, "verdicts": stitch_verdicts(runs, sizes, thresholds),
                     "seconds": time.perf_counter() - t0})
     report(runs, sizes, thresholds, args.seeds, time.perf_counter() - t0)

@@ -65,6 +65,10 @@ def test_a_zero_or_negative_ce_increase_is_untestable_and_a_missing_one_raises()
     assert rows["ce_increase_after_novel / ce_increase_small"]["verdict"].startswith("untestable")
     with pytest.raises(ValueError, match="missing"):
         stitch_seeds.stitch_verdicts([_run()] * 4 + [_run(ce_increase_small=None)], [8, 16], [0.7])
+    # not measured in any seed (--ce-points 0): that claim has no verdict, the others do
+    rows = stitch_seeds.stitch_verdicts([_run(ce_increase_small=None, ce_increase_after_novel=None)] * 5, [8, 16], [0.7])
+    assert {r["ratio_of"] for r in rows} == {"mse_large / mse_small", "mse_after_novel / mse_small",
+                                             "mse_after_swaps / mse_after_novel"}
 
 
 def _args(tmp_path, store, **kw):
@@ -163,3 +167,37 @@ def test_a_refused_run_is_one_line_and_exit_2_with_nothing_changed(tmp_path, sto
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "without --lr-tune" in err[0]
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
+
+
+def test_overlap_counts_live_latents_only_with_live_only():
+    summary = {"n_reconstruction": 30, "n_orphans": 4, "n_dead_large": 40, "n_dead_small": 8}
+    every = stitch_seeds.pair_overlap(summary, 32, 100, live_only=False)
+    live = stitch_seeds.pair_overlap(summary, 32, 100, live_only=True)
+    assert every == {"large_matched": 0.3, "small_matched": 1 - 4 / 32, "dead_large": 0.4, "dead_small": 0.25}
+    assert live == {"large_matched": 0.5, "small_matched": 1 - 4 / 24, "dead_large": 0.4, "dead_small": 0.25}
+
+
+def test_live_only_writes_its_own_record_beside_the_all_latents_one(e2e_assets, tmp_path, monkeypatch, capsys):
+    """One seed, 16 -> 32 latents on a tiny GPT-2's store: --live-only reuses the trained SAEs and
+    writes stitch_seeds-live.json, leaving stitch_seeds.json as it was."""
+    monkeypatch.setattr(stitch_seeds, "SITE", "blocks.1.resid_pre")
+    out = tmp_path / "out"
+    argv = ["stitch_seeds.py", "--store", e2e_assets["store"], "--out", str(out), "--sizes", "16,32", "--k", "4",
+            "--seeds", "1", "--epochs", "1", "--batch-size", "64", "--thresholds", "0.7", "--ce-points", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    stitch_seeds.main()
+    record = (out / "stitch_seeds.json").read_bytes()
+    assert not (out / "stitch_seeds-live.json").exists()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(stitch_seeds, "fit", no_training)
+    monkeypatch.setattr(sys, "argv", argv + ["--live-only"])
+    stitch_seeds.main()
+    assert (out / "stitch_seeds.json").read_bytes() == record
+    every, live = (json.loads((out / f).read_text())["runs"][0] for f in ("stitch_seeds.json", "stitch_seeds-live.json"))
+    assert live["n_dead_large"] == every["n_dead_large"] and live["n_dead_small"] == every["n_dead_small"]
+    assert live["n_novel"] + live["n_reconstruction"] == 32 - live["n_dead_large"]
+    assert every["n_novel"] + every["n_reconstruction"] == 32
+    assert live["mse_small"] == every["mse_small"] and live["mse_large"] == every["mse_large"]
+    assert live["large_matched"] == pytest.approx(live["n_reconstruction"] / (32 - live["n_dead_large"]))
