@@ -1,0 +1,197 @@
+"""The meta-SAE on an SAE's live decoder rows, in the paper's proportions (Leask, Bussmann et al.
+2024, "Sparse Autoencoders Do Not Find Canonical Units of Analysis", sec. 5; issue 18 item 7).
+
+The paper trains a BatchTopK meta-SAE of 2,304 meta-latents, k = 4, on the 49,152 decoder rows of
+its GPT-2 SAE (d = 768), 2,000 epochs, Adam lr 1e-4, batch 4,096, and reports 55.47% explained
+variance. Two proportions define that shape: meta-latents per dimension (2304 / 768 = 3) and rows
+per meta-latent (49152 / 2304 = 21.3). A base SAE here whose latents are mostly dead (an L1 SAE at
+its tuned lr: 86% of an 8,192-latent one fire on none of the held-out tokens) hands the meta-SAE
+mostly rows the reconstruction does not use, so this bench keeps the live ones:
+
+1. the base SAE's firing counts on the store's held-out rows (evaluate geometry's counter); a
+   latent is live if it fires on at least one;
+2. OUT/live-sae: the base SAE restricted to its live latents (each kept latent's encoder column,
+   bias and decoder row unchanged; cfg.json records the base, the rule and the kept indices);
+3. per meta size and seed: the paper's meta-SAE on those rows (`train fit --decoder-of`), then
+   `evaluate meta` for its explained variance.
+
+With n live rows, one shape cannot match both proportions unless n = 64 d, so the default runs
+both: 3 d meta-latents (the paper's meta-latents per dimension) and n / 21.3 (its rows per
+meta-latent). Each is reported as mean ± sd over the seeds beside the paper's 55.47%; the verdict
+is which side of 55.47% each shape's seed range lies on (a tie when the range contains it).
+
+    python bench/meta_live.py --sae BASE/relu_l1-300 --store STORE.zarr --out bench-out/meta-live --seeds 5
+
+A rerun resumes: a trained meta-SAE is kept, a killed one continues from its checkpoint, and
+OUT/live-sae is rebuilt only if absent (one built from another base or rule is refused).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from sae_harvest.stores.urls import scrub_text, scrub_tree
+
+PAPER = {"rows": 49152, "meta_latents": 2304, "d": 768, "k": 4, "epochs": 2000, "lr": 1e-4, "batch_size": 4096,
+         "explained_variance": 0.5547}
+ROWS_PER_META = PAPER["rows"] / PAPER["meta_latents"]   # 21.3
+META_PER_DIM = PAPER["meta_latents"] / PAPER["d"]       # 3
+
+
+class Refused(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+def write_json(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(scrub_tree(doc), f, indent=1)
+    os.replace(tmp, path)
+
+
+def live_latents(sae, store, site: str) -> tuple[list[int], int]:
+    """(latents firing on >= 1 held-out row, held-out rows counted)."""
+    from sae_harvest.evaluate.geometry import activation_frequencies
+
+    freq, n, _ = activation_frequencies(sae, store, site, tokens=store.n_rows)
+    if n == 0:
+        raise Refused("the store has no held-out rows at " + site)
+    return (freq > 0).nonzero().flatten().tolist(), n
+
+
+def restrict(sae, keep: list[int]):
+    """The SAE with only latents `keep`: a ReLU SAE's encoder columns, biases and decoder rows."""
+    from sae_harvest.train.registry import SAEConfig, make_sae
+
+    if sae.cfg.arch != "relu":
+        raise Refused(f"the base SAE is {sae.cfg.arch}; this bench restricts ReLU SAEs (the paper's L1 SAEs)")
+    idx = torch.tensor(keep)
+    out = make_sae(SAEConfig(**{**sae.cfg.to_dict(), "d_sae": len(keep)}))
+    with torch.no_grad():
+        out.W_enc.copy_(sae.W_enc[:, idx])
+        out.b_enc.copy_(sae.b_enc[idx])
+        out.W_dec.copy_(sae.W_dec[idx])
+        out.b_dec.copy_(sae.b_dec)
+    return out
+
+
+def build_live_sae(args, out_dir: str) -> dict:
+    """OUT/live-sae (built once; a record from another base is refused); returns its record."""
+    from sae_harvest.stores import open_store
+    from sae_harvest.train.sae_io import load_sae, save_sae
+
+    record_path = os.path.join(args.out, "live_sae.json")
+    base = os.path.abspath(args.sae)
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            rec = json.load(f)
+        if rec["base"] != base or rec["store"] != os.path.abspath(args.store):
+            raise Refused(f"{args.out} holds a live SAE of {rec['base']} on {rec['store']}: use another --out")
+        return rec
+    sae = load_sae(args.sae)
+    with open(os.path.join(args.sae, "cfg.json")) as f:
+        cfg = json.load(f)
+    ours = cfg.get("sae_harvest", {})
+    site = ours.get("hook_name")
+    keep, n = live_latents(sae, open_store(args.store), site)
+    rule = f"fires on >= 1 of the store's {n:,} held-out rows at {site} (position 0 excluded)"
+    extra = {k: v for k, v in ours.items() if k != "sae"}
+    extra.update({k: cfg[k] for k in ("model_name", "hook_layer", "context_size", "prepend_bos", "dataset_path")
+                  if k in cfg})
+    extra["restricted"] = {"from": base, "rule": rule, "kept": keep, "of": sae.cfg.d_sae}
+    save_sae(restrict(sae, keep), out_dir, extra_cfg=extra)
+    rec = {"base": base, "store": os.path.abspath(args.store), "rule": rule, "d_sae": sae.cfg.d_sae,
+           "live": len(keep), "held_out_rows": n, "d": sae.cfg.d_in}
+    write_json(record_path, rec)
+    return rec
+
+
+def train_meta(args, live_dir: str, m: int, seed: int) -> str:
+    from sae_harvest.train.config import TrainConfig
+    from sae_harvest.train.fit import fit
+
+    out = os.path.join(args.out, f"meta{m}-s{seed}")
+    done = os.path.join(out, f"batchtopk_k{args.k}", "cfg.json")
+    if os.path.exists(done):
+        return os.path.dirname(done)
+    cfg = TrainConfig(out=out, decoder_of=live_dir, arch="batchtopk", d_sae=m, k=(args.k,), epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", checkpoint_every=500)
+    resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))
+    wall = time.perf_counter()
+    fit(cfg, resume=resume, overwrite=not resume, progress=False)
+    print(f"meta {m} seed {seed}: trained in {time.perf_counter() - wall:.0f} s", flush=True)
+    return os.path.dirname(done)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", required=True, help="the base ReLU/L1 SAE folder")
+    p.add_argument("--store", required=True, help="the store it was trained on (its held-out rows decide liveness)")
+    p.add_argument("--out", default="bench-out/meta-live")
+    p.add_argument("--meta-latents", default=None, help="comma list (default: 3 d and live rows / 21.3)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--k", type=int, default=PAPER["k"])
+    p.add_argument("--epochs", type=int, default=PAPER["epochs"])
+    p.add_argument("--batch-size", type=int, default=PAPER["batch_size"])
+    p.add_argument("--lr", type=float, default=PAPER["lr"])
+    args = p.parse_args()
+    try:
+        run(p, args)
+    except Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(p, args) -> None:
+    from sae_harvest.evaluate.meta import MetaConfig, run_meta
+
+    if not os.path.isfile(os.path.join(args.sae, "cfg.json")):
+        p.error(scrub_text(f"--sae {args.sae}: no cfg.json there"))
+    try:
+        from sae_harvest.stores import open_store
+        open_store(args.store)
+    except Exception as e:
+        p.error(scrub_text(f"--store {args.store}: {type(e).__name__}: {e}"))
+    os.makedirs(args.out, exist_ok=True)
+    live_dir = os.path.join(args.out, "live-sae")
+    rec = build_live_sae(args, live_dir)
+    print(f"live latents: {rec['live']:,} of {rec['d_sae']:,} ({rec['rule']})", flush=True)
+    shapes = {round(META_PER_DIM * rec["d"]): "meta-latents per dimension as the paper (3 d)",
+              max(1, round(rec["live"] / ROWS_PER_META)): "rows per meta-latent as the paper (21.3)"}
+    if args.meta_latents:
+        shapes = {int(m): "given" for m in args.meta_latents.split(",")}
+    results = []
+    for m, why in shapes.items():
+        evs = []
+        for seed in range(1, args.seeds + 1):
+            meta_dir = train_meta(args, live_dir, m, seed)
+            doc = run_meta(MetaConfig(sae=live_dir, meta=meta_dir, samples=0, device="cpu")).to_dict()
+            evs.append(doc["explained_variance"])
+            print(f"meta {m} seed {seed}: explained variance {evs[-1]:.4f}, meta-L0 {doc['meta_l0']:.2f}, "
+                  f"{doc['alive_meta_latents']} meta-latents alive", flush=True)
+        lo, hi = min(evs), max(evs)
+        side = "above" if lo > PAPER["explained_variance"] else "below" if hi < PAPER["explained_variance"] else "tie"
+        results.append({"meta_latents": m, "shape": why, "rows_per_meta_latent": rec["live"] / m,
+                        "meta_latents_per_dim": m / rec["d"], "explained_variance": evs,
+                        "mean": float(np.mean(evs)), "sd": float(np.std(evs, ddof=1)) if len(evs) > 1 else 0.0,
+                        "vs_paper": side})
+        write_json(os.path.join(args.out, "meta_live.json"),
+                   {"args": vars(args), "live_sae": rec, "paper": PAPER, "results": results,
+                    "rule": "vs_paper: above / below when every seed's explained variance is on that side of "
+                            "the paper's 55.47%, else tie"})
+    for r in results:
+        print(f"{r['meta_latents']} meta-latents ({r['shape']}; {r['rows_per_meta_latent']:.1f} rows each): "
+              f"explained variance {r['mean']:.3f} ± {r['sd']:.3f} over {len(r['explained_variance'])} seeds "
+              f"[{min(r['explained_variance']):.3f}, {max(r['explained_variance']):.3f}]; paper 0.555: {r['vs_paper']}")
+
+
+if __name__ == "__main__":
+    main()
