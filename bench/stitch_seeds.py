@@ -118,7 +118,7 @@ def pair_overlap(summary: dict, small: int, large: int, live_only: bool) -> dict
             "dead_large": summary["n_dead_large"] / large, "dead_small": summary["n_dead_small"] / small}
 
 
-UNWEIGHTED = ("out", "checkpoint_every")   # config keys that do not change the weights
+UNWEIGHTED = ("out", "checkpoint_every", "log_every")   # config keys that do not change the weights
 
 
 def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | None, seed: int) -> None:

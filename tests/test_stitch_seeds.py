@@ -89,6 +89,11 @@ def test_a_resumed_run_keeps_a_matching_sae_and_refuses_one_trained_with_another
         raise AssertionError("trained again")
     monkeypatch.setattr(stitch_seeds, "fit", no_training)
     stitch_seeds.train_one(args, out, 32, sweep, name, 1e-3, seed=0)        # same config: kept
+    cfg_path = Path(out, name, "cfg.json")   # an SAE logged at another interval (an older run): same weights, kept
+    cfg = json.loads(cfg_path.read_text())
+    cfg["sae_harvest"]["training"]["log_every"] = 5
+    cfg_path.write_text(json.dumps(cfg))
+    stitch_seeds.train_one(args, out, 32, sweep, name, 1e-3, seed=0)
     for lr, epochs, seed in ((2e-3, 1, 0), (1e-3, 2, 0), (1e-3, 1, 1)):    # another lr, budget or seed
         with pytest.raises(SystemExit, match="another config"):
             stitch_seeds.train_one(_args(tmp_path, store, epochs=epochs), out, 32, sweep, name, lr, seed=seed)
