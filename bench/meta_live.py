@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,6 +43,9 @@ PAPER = {"rows": 49152, "meta_latents": 2304, "d": 768, "k": 4, "epochs": 2000, 
          "explained_variance": 0.5547}
 ROWS_PER_META = PAPER["rows"] / PAPER["meta_latents"]   # 21.3
 META_PER_DIM = PAPER["meta_latents"] / PAPER["d"]       # 3
+# 12 batches of 4,096 per epoch: 24,000 Adam steps. With fewer rows than a batch, an epoch is one
+# step, so the paper's 2,000 epochs are 2,000 steps here: each is reported with its step count.
+PAPER_STEPS = math.ceil(PAPER["rows"] / PAPER["batch_size"]) * PAPER["epochs"]
 
 
 class Refused(SystemExit):
@@ -101,7 +105,11 @@ def build_live_sae(args, out_dir: str) -> dict:
         cfg = json.load(f)
     ours = cfg.get("sae_harvest", {})
     site = ours.get("hook_name")
+    if not site:
+        raise Refused(f"{args.sae}: its cfg.json names no site (sae_harvest.hook_name); train it with this tool")
     keep, n = live_latents(sae, open_store(args.store), site)
+    if not keep:
+        raise Refused(f"{args.sae} fires on none of the store's {n:,} held-out rows at {site}: nothing to decompose")
     rule = f"fires on >= 1 of the store's {n:,} held-out rows at {site} (position 0 excluded)"
     extra = {k: v for k, v in ours.items() if k != "sae"}
     extra.update({k: cfg[k] for k in ("model_name", "hook_layer", "context_size", "prepend_bos", "dataset_path")
@@ -114,16 +122,28 @@ def build_live_sae(args, out_dir: str) -> dict:
     return rec
 
 
+UNWEIGHTED = ("out", "checkpoint_every", "log_every")   # config keys that do not change the weights
+
+
 def train_meta(args, live_dir: str, m: int, seed: int) -> str:
+    """One meta-SAE into OUT/meta{m}-s{seed}; a finished one is kept when its config matches and
+    refused when it was trained with another (its number would be mixed into this run's)."""
     from sae_harvest.train.config import TrainConfig
     from sae_harvest.train.fit import fit
 
     out = os.path.join(args.out, f"meta{m}-s{seed}")
     done = os.path.join(out, f"batchtopk_k{args.k}", "cfg.json")
-    if os.path.exists(done):
-        return os.path.dirname(done)
     cfg = TrainConfig(out=out, decoder_of=live_dir, arch="batchtopk", d_sae=m, k=(args.k,), epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", checkpoint_every=500)
+    if os.path.exists(done):
+        with open(done) as f:
+            old = json.load(f).get("sae_harvest", {}).get("training", {})
+        want = json.loads(json.dumps(scrub_tree(cfg.to_dict())))
+        diff = sorted(k for k, v in want.items() if k not in UNWEIGHTED and old.get(k, v) != v)
+        if diff or not old:
+            raise Refused(f"{out} was trained with another config ({', '.join(diff) or 'unreadable'}): "
+                          f"use another --out")
+        return os.path.dirname(done)
     resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))
     wall = time.perf_counter()
     fit(cfg, resume=resume, overwrite=not resume, progress=False)
@@ -153,6 +173,13 @@ def main():
 def run(p, args) -> None:
     from sae_harvest.evaluate.meta import MetaConfig, run_meta
 
+    try:
+        given = [int(m) for m in args.meta_latents.split(",")] if args.meta_latents else None
+    except ValueError as e:
+        p.error(f"--meta-latents: {e}")
+    if given is not None and min(given) < 1 or min(args.seeds, args.epochs, args.batch_size, args.k) < 1 \
+            or not args.lr > 0:
+        p.error("--meta-latents, --seeds, --epochs, --batch-size and --k must be positive, --lr too")
     if not os.path.isfile(os.path.join(args.sae, "cfg.json")):
         p.error(scrub_text(f"--sae {args.sae}: no cfg.json there"))
     try:
@@ -166,21 +193,24 @@ def run(p, args) -> None:
     print(f"live latents: {rec['live']:,} of {rec['d_sae']:,} ({rec['rule']})", flush=True)
     shapes = {round(META_PER_DIM * rec["d"]): "meta-latents per dimension as the paper (3 d)",
               max(1, round(rec["live"] / ROWS_PER_META)): "rows per meta-latent as the paper (21.3)"}
-    if args.meta_latents:
-        shapes = {int(m): "given" for m in args.meta_latents.split(",")}
+    if given:
+        shapes = {m: "given" for m in given}
     results = []
     for m, why in shapes.items():
-        evs = []
+        evs, steps = [], []
         for seed in range(1, args.seeds + 1):
             meta_dir = train_meta(args, live_dir, m, seed)
             doc = run_meta(MetaConfig(sae=live_dir, meta=meta_dir, samples=0, device="cpu")).to_dict()
             evs.append(doc["explained_variance"])
+            with open(os.path.join(meta_dir, "summary.json")) as f:
+                steps.append(json.load(f)["steps"])
             print(f"meta {m} seed {seed}: explained variance {evs[-1]:.4f}, meta-L0 {doc['meta_l0']:.2f}, "
                   f"{doc['alive_meta_latents']} meta-latents alive", flush=True)
         lo, hi = min(evs), max(evs)
         side = "above" if lo > PAPER["explained_variance"] else "below" if hi < PAPER["explained_variance"] else "tie"
         results.append({"meta_latents": m, "shape": why, "rows_per_meta_latent": rec["live"] / m,
-                        "meta_latents_per_dim": m / rec["d"], "explained_variance": evs,
+                        "meta_latents_per_dim": m / rec["d"], "explained_variance": evs, "steps": steps,
+                        "paper_steps": PAPER_STEPS,
                         "mean": float(np.mean(evs)), "sd": float(np.std(evs, ddof=1)) if len(evs) > 1 else 0.0,
                         "vs_paper": side})
         write_json(os.path.join(args.out, "meta_live.json"),
@@ -188,7 +218,8 @@ def run(p, args) -> None:
                     "rule": "vs_paper: above / below when every seed's explained variance is on that side of "
                             "the paper's 55.47%, else tie"})
     for r in results:
-        print(f"{r['meta_latents']} meta-latents ({r['shape']}; {r['rows_per_meta_latent']:.1f} rows each): "
+        print(f"{r['meta_latents']} meta-latents ({r['shape']}; {r['rows_per_meta_latent']:.1f} rows each; "
+              f"{max(r['steps']):,} steps, the paper's {PAPER_STEPS:,}): "
               f"explained variance {r['mean']:.3f} ± {r['sd']:.3f} over {len(r['explained_variance'])} seeds "
               f"[{min(r['explained_variance']):.3f}, {max(r['explained_variance']):.3f}]; paper 0.555: {r['vs_paper']}")
 

@@ -118,7 +118,9 @@ def pair_overlap(summary: dict, small: int, large: int, live_only: bool) -> dict
             "dead_large": summary["n_dead_large"] / large, "dead_small": summary["n_dead_small"] / small}
 
 
-UNWEIGHTED = ("out", "checkpoint_every", "log_every")   # config keys that do not change the weights
+# config keys that do not change the weights (log_every moves the logged grid: a tuning candidate
+# kept on resume before it was recorded is scored on its own log's grid, the last 10% either way)
+UNWEIGHTED = ("out", "checkpoint_every", "log_every")
 
 
 def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | None, seed: int) -> None:
@@ -232,10 +234,12 @@ def main():
                         "the evaluation tokens are left out of both SAEs; writes stitch_seeds-live.json (the "
                         "all-latents record stays)")
     args = p.parse_args()
+    from sae_harvest.evaluate.splice import EvaluateError
+
     try:
         run(p, args)
-    except Refused as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (Refused, EvaluateError) as e:   # e.g. --live-only on an SAE that fires on no evaluation token
+        print(scrub_text(f"error: {e}"), file=sys.stderr)
         sys.exit(2)
 
 

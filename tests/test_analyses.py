@@ -180,6 +180,36 @@ def test_live_only_leaves_dead_latents_out_of_the_classes_and_keeps_the_ends():
         assert (shift.std(0).max() < 1e-6) == (latent in every.dead_large)
 
 
+def test_live_only_matches_against_live_rows_and_drops_dead_copies():
+    """Dead latents with partners: the small SAE's dead row e30 is copied by a live large latent
+    (decoder 0.9 e30 + ..., encoder reading e20: it fires), and a dead large latent copies the live
+    small e5. Over all latents both are reconstruction latents in groups with their partners; live
+    only, the first is novel (its one partner is dead) and the second is in no class or group."""
+    small = tied_relu([e(i) for i in range(8)] + [e(30)])
+    copy30 = 0.9 * e(30) + math.sqrt(0.19) * e(41)
+    large = tied_relu([copy30] + [e(i) for i in range(8)] + [0.95 * e(5) + math.sqrt(1 - 0.95**2) * e(42)])
+    with torch.no_grad():
+        large.W_enc[:, 0] = e(20)         # latent 0 fires on e20's tokens
+        large.W_enc[:, 9] = 0.0           # latent 9 (a copy of e5) never fires
+        large.b_enc[9] = -1.0
+    x = _planted_data()
+    every = classify_pair(small, large, x, 0.7, live_only=False)
+    live = classify_pair(small, large, x, 0.7, live_only=True)
+    assert (every.dead_small, every.dead_large) == ([8], [9])
+    assert every.novel == [] and 0 in every.reconstruction and 9 in every.reconstruction
+    assert ([8], [0]) in every.groups and ([5], [6, 9]) in every.groups
+    assert live.novel == [0] and 9 not in live.novel + live.reconstruction
+    assert ([5], [6]) in live.groups and all(8 not in s and 9 not in l for s, l in live.groups)
+    assert live.max_cos[0].item() < 0.7 and live.best[0].item() != 8   # matched against live rows only
+    assert every.best[0].item() == 8 and every.max_cos[0].item() == pytest.approx(0.9, abs=1e-6)
+    steps, snaps, _ = stitch_path(small, large, x, live.novel, live.groups, live.orphans, snapshot_steps=range(100),
+                                  live_small=live.live_small, columns=live.columns)
+    assert (steps[-1]["n_small"], steps[-1]["n_large"]) == (0, 9)
+    for s in steps:
+        x_hat = snaps[s["step"]].reconstruct(small, large, x)
+        assert s["mse"] == pytest.approx((x - x_hat).double().pow(2).sum(-1).mean().item(), rel=1e-6)
+
+
 def test_a_path_started_without_a_firing_small_latent_matches_eq5():
     """live_small may leave out a latent that fires: the start subtracts its contribution."""
     small = tied_relu([e(i) for i in range(8)], b_dec=0.05 * torch.ones(D))
@@ -246,7 +276,7 @@ def test_stitch_live_ends_equal_each_sae_spliced(assets, live_pair):
         loss, _ = _spliced_loss(assets, sae)
         assert step["ce_increase"] == pytest.approx(loss - clean, abs=1e-5)
         assert step["mse"] == pytest.approx((x - sae(x)).pow(2).sum(-1).mean().item(), rel=1e-5)
-    assert doc["summary"]["mse_small"] == pytest.approx(doc["path"][0]["mse"], rel=1e-6)
+    assert doc["summary"]["mse_small"] == pytest.approx(doc["path"][0]["mse"], rel=1e-9)
     assert doc["summary"]["mse_large"] == pytest.approx(doc["path"][-1]["mse"], rel=1e-6)
     measured = [s["step"] for s in doc["path"] if s["ce_increase"] is not None]
     assert 0 in measured and len(doc["path"]) - 1 in measured and len(doc["novel"]) in measured
@@ -274,8 +304,11 @@ def test_stitch_live_only_on_the_live_model(assets, live_pair, tmp_path):
     assert not set(live["dead_small"]) & set(live["orphans"])
     assert live["live_only"] is True and every["live_only"] is False
     assert live["summary"]["n_dead_large"] == len(live["dead_large"])
-    for key in ("mse_small", "mse_large", "ce_increase_small", "ce_increase_large"):
+    for key in ("ce_increase_small", "ce_increase_large"):
         assert live["summary"][key] == pytest.approx(every["summary"][key], rel=1e-9, abs=1e-12)
+    for end in (0, -1):   # the path's own ends (mse_small / mse_large are computed apart from the path)
+        assert live["path"][end]["mse"] == pytest.approx(every["path"][end]["mse"], rel=1e-9)
+    assert live["path"][-1]["n_small"] == 0 and live["path"][-1]["n_large"] == 96 - len(live["dead_large"])
 
 
 def test_stitch_cli_json_png_and_bad_input(assets, live_pair, tmp_path):

@@ -71,3 +71,48 @@ def test_a_non_relu_base_is_refused(store, tmp_path):
     with pytest.raises(SystemExit, match="restricts ReLU"):
         meta_live.build_live_sae(args, str(tmp_path / "out" / "live-sae"))
     assert not (tmp_path / "out" / "live-sae").exists()
+
+
+def _main(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", ["meta_live.py", *argv])
+    meta_live.main()
+
+
+def test_a_run_records_steps_and_refuses_to_mix_another_config(store, tmp_path, monkeypatch, capsys):
+    _, base = _base(store, tmp_path)
+    out = tmp_path / "out"
+    argv = ["--sae", base, "--store", str(store), "--out", str(out), "--seeds", "2", "--epochs", "3",
+            "--meta-latents", "8"]
+    _main(monkeypatch, argv)
+    doc = json.loads((out / "meta_live.json").read_text())
+    (r,) = doc["results"]
+    assert r["meta_latents"] == 8 and len(r["explained_variance"]) == 2 and r["steps"] == [3, 3]
+    assert r["paper_steps"] == 24000 and r["vs_paper"] in ("above", "below", "tie")
+    before = (out / "meta_live.json").read_bytes()
+    with pytest.raises(SystemExit) as e:   # the same --out, another lr: refused, nothing changed
+        _main(monkeypatch, argv + ["--lr", "3e-4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "another config (lr)" in err[0]
+    assert (out / "meta_live.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra", [["--meta-latents", "8,x"], ["--seeds", "0"], ["--meta-latents", "0"],
+                                   ["--lr", "0"]])
+def test_bad_flags_are_one_line_and_exit_2(store, tmp_path, monkeypatch, capsys, extra):
+    _, base = _base(store, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        _main(monkeypatch, ["--sae", base, "--store", str(store), "--out", str(tmp_path / "out"), *extra])
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_that_never_fires_is_one_line(store, tmp_path, monkeypatch, capsys):
+    sae = make_sae(SAEConfig("relu", 16, 8, l1_coeff=1.0))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)
+    save_sae(sae, tmp_path / "silent", extra_cfg={"hook_name": SITE})
+    with pytest.raises(SystemExit) as e:
+        _main(monkeypatch, ["--sae", str(tmp_path / "silent"), "--store", str(store), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "fires on none" in err[0]
+    assert not (tmp_path / "out" / "live-sae").exists()

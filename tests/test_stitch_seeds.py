@@ -206,3 +206,16 @@ def test_live_only_writes_its_own_record_beside_the_all_latents_one(e2e_assets, 
     assert every["n_novel"] + every["n_reconstruction"] == 32
     assert live["mse_small"] == every["mse_small"] and live["mse_large"] == every["mse_large"]
     assert live["large_matched"] == pytest.approx(live["n_reconstruction"] / (32 - live["n_dead_large"]))
+
+
+def test_an_evaluate_error_mid_run_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from sae_harvest.evaluate.splice import EvaluateError
+
+    def fails(*a, **k):
+        raise EvaluateError("--live-only: the small SAE fires on none of the 48 evaluation tokens")
+    monkeypatch.setattr(stitch_seeds, "run", fails)
+    monkeypatch.setattr(sys, "argv", ["stitch_seeds.py", "--store", str(tmp_path / "s.zarr"), "--live-only"])
+    with pytest.raises(SystemExit) as e:
+        stitch_seeds.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --live-only: the small SAE fires on none of the 48 evaluation tokens"]
