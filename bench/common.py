@@ -10,6 +10,42 @@ import torch
 
 from sae_harvest.harvest.default_model import OFFLINE_MODEL, resolve_model
 from sae_harvest.stores import StoreWriter
+from sae_harvest.stores.urls import scrub_tree
+
+# training-config keys that do not change the weights (log_every moves only the logged grid)
+UNWEIGHTED = ("out", "checkpoint_every", "log_every")
+
+
+class Refused(SystemExit):
+    """A run a bench will not do (it would mix two runs' artifacts): its main prints it as one line
+    and exits 2; str() is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+def write_json(path: str, doc: dict) -> None:
+    """Whole or not at all: a run killed mid-write keeps the previous record."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(scrub_tree(doc), f, indent=1)
+    os.replace(tmp, path)
+
+
+def trained_with(cfg_json: str, want) -> bool:
+    """True if the SAE whose cfg.json is at `cfg_json` exists and was trained with TrainConfig `want`
+    (up to UNWEIGHTED keys), False if absent; Refused if it was trained with another config."""
+    if not os.path.exists(cfg_json):
+        return False
+    with open(cfg_json) as f:
+        old = json.load(f).get("sae_harvest", {}).get("training", {})
+    new = json.loads(json.dumps(scrub_tree(want.to_dict())))
+    diff = sorted(k for k, v in new.items() if k not in UNWEIGHTED and old.get(k, v) != v)
+    if diff or not old:
+        raise Refused(f"{os.path.dirname(cfg_json)} was trained with another config "
+                      f"({', '.join(diff) or 'unreadable'}): use another --out")
+    return True
 
 
 def gpt2_small_random(root: str) -> str:

@@ -37,7 +37,8 @@ import time
 import numpy as np
 import torch
 
-from sae_harvest.stores.urls import scrub_text, scrub_tree
+from common import Refused, trained_with, write_json
+from sae_harvest.stores.urls import scrub_text
 
 PAPER = {"rows": 49152, "meta_latents": 2304, "d": 768, "k": 4, "epochs": 2000, "lr": 1e-4, "batch_size": 4096,
          "explained_variance": 0.5547}
@@ -46,19 +47,6 @@ META_PER_DIM = PAPER["meta_latents"] / PAPER["d"]       # 3
 # 12 batches of 4,096 per epoch: 24,000 Adam steps. With fewer rows than a batch, an epoch is one
 # step, so the paper's 2,000 epochs are 2,000 steps here: each is reported with its step count.
 PAPER_STEPS = math.ceil(PAPER["rows"] / PAPER["batch_size"]) * PAPER["epochs"]
-
-
-class Refused(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.code = 2
-
-
-def write_json(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(scrub_tree(doc), f, indent=1)
-    os.replace(tmp, path)
 
 
 def live_latents(sae, store, site: str) -> tuple[list[int], int]:
@@ -122,9 +110,6 @@ def build_live_sae(args, out_dir: str) -> dict:
     return rec
 
 
-UNWEIGHTED = ("out", "checkpoint_every", "log_every")   # config keys that do not change the weights
-
-
 def train_meta(args, live_dir: str, m: int, seed: int) -> str:
     """One meta-SAE into OUT/meta{m}-s{seed}; a finished one is kept when its config matches and
     refused when it was trained with another (its number would be mixed into this run's)."""
@@ -135,14 +120,7 @@ def train_meta(args, live_dir: str, m: int, seed: int) -> str:
     done = os.path.join(out, f"batchtopk_k{args.k}", "cfg.json")
     cfg = TrainConfig(out=out, decoder_of=live_dir, arch="batchtopk", d_sae=m, k=(args.k,), epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", checkpoint_every=500)
-    if os.path.exists(done):
-        with open(done) as f:
-            old = json.load(f).get("sae_harvest", {}).get("training", {})
-        want = json.loads(json.dumps(scrub_tree(cfg.to_dict())))
-        diff = sorted(k for k, v in want.items() if k not in UNWEIGHTED and old.get(k, v) != v)
-        if diff or not old:
-            raise Refused(f"{out} was trained with another config ({', '.join(diff) or 'unreadable'}): "
-                          f"use another --out")
+    if trained_with(done, cfg):   # another config: Refused
         return os.path.dirname(done)
     resume = os.path.exists(os.path.join(out, "checkpoint", "state.json"))
     wall = time.perf_counter()

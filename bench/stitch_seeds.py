@@ -49,6 +49,7 @@ import time
 
 import numpy as np
 
+from common import Refused, trained_with, write_json
 from lr_tune import choose, default_lr, score, tail_objective
 from sae_harvest.evaluate.demo import SITE
 from sae_harvest.evaluate.stitch import StitchConfig, run_stitch
@@ -61,23 +62,6 @@ KEYS = ("large_matched", "small_matched", "dead_small", "dead_large", "n_novel",
         "n_orphans", "mse_small", "mse_after_novel", "mse_after_swaps", "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
         "largest_step_mse_increase_rel", "novel_alone_lowering_mse", "reconstruction_alone_raising_mse",
         "ce_increase_small", "ce_increase_after_novel", "ce_increase_large")
-
-
-class Refused(SystemExit):
-    """A run this bench will not do (it would mix two runs' SAEs): main prints it as one line and
-    exits 2; str() is the message."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.code = 2
-
-
-def write_json(path: str, doc: dict) -> None:
-    """Whole or not at all: a run killed mid-write keeps the previous record."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(scrub_tree(doc), f, indent=1)
-    os.replace(tmp, path)
 
 
 # (claim, numerator, denominator): the paper's claims as per-seed ratios, each expected below 1
@@ -118,11 +102,6 @@ def pair_overlap(summary: dict, small: int, large: int, live_only: bool) -> dict
             "dead_large": summary["n_dead_large"] / large, "dead_small": summary["n_dead_small"] / small}
 
 
-# config keys that do not change the weights (log_every moves the logged grid: a tuning candidate
-# kept on resume before it was recorded is scored on its own log's grid, the last 10% either way)
-UNWEIGHTED = ("out", "checkpoint_every", "log_every")
-
-
 def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | None, seed: int) -> None:
     """One SAE into out/name; kept if already there with the same config (a resumed run), refused if
     there with another (its numbers would be mixed into this run's)."""
@@ -130,15 +109,7 @@ def train_one(args, out: str, d_sae: int, sweep: dict, name: str, lr: float | No
                       batch_size=args.batch_size, epochs=args.epochs, lr=lr,
                       seed=seed * 1000 + d_sae, device="cpu",   # independent initialisations
                       checkpoint_every=10**9, log_every=10)   # the tuning reads the log's tail
-    path = os.path.join(out, name, "cfg.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f).get("sae_harvest", {}).get("training", {})
-        want = json.loads(json.dumps(scrub_tree(cfg.to_dict())))
-        diff = sorted(k for k, v in want.items() if k not in UNWEIGHTED and old.get(k, v) != v)
-        if diff or not old:
-            raise Refused(f"{os.path.join(out, name)} was trained with another config "
-                             f"({', '.join(diff) or 'unreadable'}): use another --out")
+    if trained_with(os.path.join(out, name, "cfg.json"), cfg):   # another config: Refused
         return
     wall, cpu = time.perf_counter(), time.process_time()
     fit(cfg, overwrite=True, progress=False)
