@@ -3,7 +3,9 @@
 One harvested store at SITE (every --eval-every-th sequence held out: no trainer reads it, every
 evaluation reads only it). Per seed, each sweep folder is trained to its own plateau (bench/plateau.py:
 --until-plateau P doubles that folder's epochs until every SAE in it moves its held-out training
-loss and L0 by < P%; training only, superseded budgets deleted, every budget's record kept), then the
+loss and L0 by < P%, or until its held-out loss turns up (every L0 steady, none better by P%, one
+worse by P%: the budget before is evaluated); training only, superseded budgets deleted, every
+budget's record kept), then the
 seed's final SAEs are evaluated together, once, on all the held-out tokens (g-SAEs under both
 gradient modes). Each paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the
 verdict rule (bench/verdicts.py, and docs/results.md) is a paired 95% t-interval of the per-seed log ratio

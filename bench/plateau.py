@@ -44,12 +44,31 @@ def plateaued(before: dict, after: dict, pct: float) -> bool:
     return True
 
 
+def past_optimum(before: dict, after: dict, pct: float) -> bool:
+    """The held-out loss turned up: every SAE's L0 moved less than pct percent (so a rise is not an
+    L1 SAE trading NMSE for L0), none improved its held-out loss by pct percent or more, and at
+    least one got worse by pct percent or more. Seed 0's tuned TopK at 128 -> 256 epochs: +2.5,
+    +3.2, +7.1% at a steady L0; the budget before is the better one (early stopping)."""
+    worse = False
+    for key, rec in after.items():
+        prev = before.get(key) or {}
+        a, b = prev.get("held_out_loss"), rec.get("held_out_loss")
+        l0a, l0b = prev.get("held_out_l0"), rec.get("held_out_l0")
+        if a is None or b is None or a == 0 or l0a is None or l0b is None or l0a == 0:
+            return False
+        if abs(l0b / l0a - 1) * 100 >= pct or (b / a - 1) * 100 <= -pct:
+            return False
+        worse = worse or (b / a - 1) * 100 >= pct
+    return worse
+
+
 def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs: None, say=lambda *a: None) -> dict:
-    """Double the epochs from `first` until plateaued(pct) or the next budget would pass max_epochs
-    (pct 0: `first` only). `train(epochs) -> {name: record}` trains one budget; `discard(epochs)`
-    deletes a budget's SAEs once a later one is trained; `say(epochs, records, history, stop)`
-    reports each budget. Returns {"epochs": the last budget (the one to evaluate), "plateaued",
-    "stop": why it stopped, "history": [{"epochs", "training", "seconds", "cpu_seconds"}]}."""
+    """Double the epochs from `first` until plateaued(pct), past_optimum(pct) (then the budget before
+    is the one to evaluate) or the next budget would pass max_epochs (pct 0: `first` only).
+    `train(epochs) -> {name: record}` trains one budget; `discard(epochs)` deletes the SAEs of a
+    budget that is not evaluated, once the comparison is made; `say(epochs, records, history, stop)`
+    reports each budget. Returns {"epochs": the budget to evaluate, "plateaued", "stop": why it
+    stopped, "history": [{"epochs", "training", "seconds", "cpu_seconds"}], every budget trained}."""
     if first < 1 or max_epochs < first:
         raise ValueError(f"need 1 <= first ({first}) <= max_epochs ({max_epochs})")
     history, epochs = [], first
@@ -58,13 +77,16 @@ def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs
         records = train(epochs)
         history.append({"epochs": epochs, "training": records, "seconds": time.perf_counter() - wall,
                         "cpu_seconds": time.process_time() - cpu})
+        turned = bool(pct) and len(history) > 1 and past_optimum(history[-2]["training"], records, pct)
+        flat = not turned and len(history) > 1 and plateaued(history[-2]["training"], records, pct)
         if len(history) > 1:
-            discard(history[-2]["epochs"])
-        flat = len(history) > 1 and plateaued(history[-2]["training"], records, pct)
-        stop = "one budget" if not pct else "plateau" if flat else "max-epochs" if epochs * 2 > max_epochs else None
+            discard(epochs if turned else history[-2]["epochs"])
+        stop = "one budget" if not pct else "turned" if turned else "plateau" if flat else \
+            "max-epochs" if epochs * 2 > max_epochs else None
         say(epochs, records, history, stop)
         if stop:
-            return {"epochs": epochs, "plateaued": flat, "stop": stop, "history": history}
+            return {"epochs": history[-2]["epochs"] if turned else epochs, "plateaued": flat or turned,
+                    "stop": stop, "history": history}
         epochs *= 2
 
 
@@ -194,13 +216,14 @@ class SeedTrainer:
             if fixed and folder in fixed:
                 rec["stop"] = "fixed (the searched seeds' budget)"
             final = self.budget_dir(folder, rec["epochs"])
-            if not self._complete(str(final), rec["history"][-1]["training"]):
-                # resumed with another --max-epochs: the journal ends at a budget it had deleted
+            evaluated = next(h for h in rec["history"] if h["epochs"] == rec["epochs"])
+            if not self._complete(str(final), evaluated["training"]):
+                # resumed with another --max-epochs or rule: the budget to evaluate was deleted as superseded
                 say(f"[{self.tag}] {folder}: retraining {rec['epochs']} epoch(s), the budget to evaluate")
-                rec["history"][-1]["training"] = self.train(folder, arch, extra, rec["epochs"], force=True)
+                evaluated["training"] = self.train(folder, arch, extra, rec["epochs"], force=True)
             self.final[folder] = final
             budgets[folder] = {**rec, "seconds": time.perf_counter() - t0}
-            paths += [str(final / name) for name in rec["history"][-1]["training"]]
+            paths += [str(final / name) for name in evaluated["training"]]
         return paths, budgets
 
     def _reporter(self, folder: str, fixed: bool):

@@ -88,12 +88,13 @@ class FakeTrainer(plateau.SeedTrainer):
         super().__init__(str(root), store="s.zarr", site="blocks.2.resid_pre", seed=0, d_sae=64, local={}, tag="t")
         self.losses, self.inits = losses, {}
 
-    def train(self, folder, arch, extra, epochs):
+    def train(self, folder, arch, extra, epochs, force=False):
         cfg = self.config(folder, arch, extra, epochs)
         self.inits[(folder, epochs)] = cfg.get("init")
+        self.trained = getattr(self, "trained", []) + [(folder, epochs)]
         recs = {}
         for name, by_epochs in self.losses[folder].items():
-            (Path(cfg["out"]) / name).mkdir(parents=True)
+            (Path(cfg["out"]) / name).mkdir(parents=True, exist_ok=True)
             (Path(cfg["out"]) / name / "cfg.json").write_text("{}")
             recs[name] = {"held_out_loss": by_epochs[epochs], "steps": epochs}
         return recs
@@ -114,6 +115,70 @@ def test_seed_trainer_keeps_only_the_evaluated_budgets_and_starts_continuations_
     # the continuation starts from relu's evaluated budget, at every one of its own budgets
     assert {e: i for (f, e), i in t.inits.items() if f == "e2e"} == \
         {e: str(tmp_path / "epochs4" / "relu" / "relu_l1-300") for e in (1, 2, 4, 8)}
+
+
+def test_past_optimum_is_a_rise_at_a_steady_l0():
+    # seed 0's tuned TopK at 128 -> 256 epochs (the journal's numbers): +2.5 / +3.2 / +7.1% at L0 8 / 16 / 32
+    before = {"k8": {"held_out_loss": 0.0431, "held_out_l0": 8.0}, "k16": {"held_out_loss": 0.01779, "held_out_l0": 16.0},
+              "k32": {"held_out_loss": 0.00531, "held_out_l0": 32.0}}
+    after = {"k8": {"held_out_loss": 0.0442, "held_out_l0": 8.0}, "k16": {"held_out_loss": 0.01835, "held_out_l0": 16.0},
+             "k32": {"held_out_loss": 0.00568, "held_out_l0": 31.97}}
+    assert plateau.past_optimum(before, after, 2) and not plateau.plateaued(before, after, 2)
+    # one SAE still improving by >= 2% (Matryoshka k = 8: -3.8%): not past the optimum
+    improving = {**after, "k8": {"held_out_loss": 0.0431 * 0.962, "held_out_l0": 8.0}}
+    assert not plateau.past_optimum(before, improving, 2)
+    # a rise while the L0 falls is an L1 SAE's trade, not a turn
+    trading = {k: {**v, "held_out_l0": before[k]["held_out_l0"] * 0.94} for k, v in after.items()}
+    assert not plateau.past_optimum(before, trading, 2)
+    # all within 2%: a plateau, not a turn; no L0 recorded: never a turn
+    flat = {k: {**v, "held_out_loss": before[k]["held_out_loss"] * 1.01} for k, v in after.items()}
+    assert not plateau.past_optimum(before, flat, 2) and plateau.plateaued(before, flat, 2)
+    no_l0 = {k: {"held_out_loss": v["held_out_loss"]} for k, v in after.items()}
+    assert not plateau.past_optimum({k: {"held_out_loss": v["held_out_loss"]} for k, v in before.items()}, no_l0, 2)
+
+
+def test_search_evaluates_the_budget_before_a_turn_and_deletes_the_worse_one():
+    losses = {"k16": {1: 1.0, 2: 0.8, 4: 0.7, 8: 0.74}}
+    calls, discarded = [], []
+
+    def train(epochs):
+        calls.append(epochs)
+        return {n: {"held_out_loss": by[epochs], "held_out_l0": 16.0} for n, by in losses.items()}
+    r = plateau.search(train, 1, 2.0, 64, discard=discarded.append)
+    assert (r["epochs"], r["stop"], r["plateaued"]) == (4, "turned", True)
+    assert calls == [1, 2, 4, 8] and discarded == [1, 2, 8]   # 4 (the better) is kept, 8 deleted
+    assert [h["epochs"] for h in r["history"]] == [1, 2, 4, 8]   # every budget's record stays
+
+
+def test_seed_trainer_evaluates_the_kept_budget_after_a_turn_and_retrains_it_if_deleted(tmp_path):
+    losses = {"topk": {"topk_k16": {1: 1.0, 2: 0.8, 4: 0.85}}}
+
+    class WithL0(FakeTrainer):
+        def train(self, folder, arch, extra, epochs, force=False):
+            recs = super().train(folder, arch, extra, epochs, force)
+            return {n: {**r, "held_out_l0": 16.0} for n, r in recs.items()}
+    t = WithL0(tmp_path, losses)
+    paths, budgets = t.run([("topk", "topk", {"k": (16,)})], first=1, pct=2.0, max_epochs=64)
+    assert budgets["topk"]["epochs"] == 2 and budgets["topk"]["stop"] == "turned"
+    assert paths == [str(tmp_path / "epochs2" / "topk" / "topk_k16")]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("epochs*/*")) == ["epochs2/topk"]
+    # a journal whose evaluated budget was deleted (an older run went on past it, as stop 13's did):
+    # replayed from the records, then only that budget is retrained, and its own record replaced
+
+    class Journaled(WithL0):
+        def train(self, folder, arch, extra, epochs, force=False):
+            if not force:   # recorded earlier: no training, no files
+                return {"topk_k16": {"held_out_loss": losses[folder]["topk_k16"][epochs], "held_out_l0": 16.0,
+                                     "steps": epochs}}
+            return super().train(folder, arch, extra, epochs, force)
+    import shutil
+    shutil.rmtree(tmp_path / "epochs2")
+    t2 = Journaled(tmp_path, losses)
+    paths, budgets = t2.run([("topk", "topk", {"k": (16,)})], first=1, pct=2.0, max_epochs=64)
+    assert t2.trained == [("topk", 2)] and paths == [str(tmp_path / "epochs2" / "topk" / "topk_k16")]
+    assert (tmp_path / "epochs2" / "topk" / "topk_k16" / "cfg.json").exists()
+    assert [(h["epochs"], h["training"]["topk_k16"]["held_out_loss"]) for h in budgets["topk"]["history"]] == \
+        [(1, 1.0), (2, 0.8), (4, 0.85)]
 
 
 def _hand_interval(logs):
