@@ -125,13 +125,19 @@ def print_rows(claim: str, rows: list[dict]) -> None:
         print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
 
 
+def evaluated_budget(rec: dict) -> dict:
+    """The history entry of the budget a search record evaluates (the one before a turn, else the
+    last one trained)."""
+    return next((h for h in rec["history"] if h["epochs"] == rec["epochs"]), rec["history"][-1])
+
+
 def print_budget(b: dict) -> None:
     """One seed's training budgets: per sweep folder its epochs, steps and tokens (a pareto.json of
     before the per-folder plateau has one budget for the whole seed), and the thresholds' and gates'
     movement from their starts."""
     if "sweeps" in b:
         print(f"seed {b['seed']}: {b['seconds']:.0f} s (CPU {b.get('cpu_seconds', 0):.0f} s)")
-        rows = [(folder, rec["epochs"], rec["stop"], rec["history"][-1]["training"])
+        rows = [(folder, rec["epochs"], rec["stop"], evaluated_budget(rec)["training"])
                 for folder, rec in b["sweeps"].items()]
     else:
         rows = [("all", b["epochs"], "plateau" if b.get("plateaued") else "", b["history"][-1]["training"])]

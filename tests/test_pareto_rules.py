@@ -150,6 +150,15 @@ def test_search_evaluates_the_budget_before_a_turn_and_deletes_the_worse_one():
     assert [h["epochs"] for h in r["history"]] == [1, 2, 4, 8]   # every budget's record stays
 
 
+def test_the_printed_budget_after_a_turn_is_the_evaluated_one(capsys):
+    losses = {"k16": {1: 1.0, 2: 0.8, 4: 0.85}}
+    rec = plateau.search(lambda e: {n: {"held_out_loss": by[e], "held_out_l0": 16.0, "steps": 10 * e, "tokens": 100 * e}
+                                    for n, by in losses.items()}, 1, 2.0, 64)
+    verdicts.print_budget({"seed": 0, "seconds": 1.0, "sweeps": {"topk": rec}})
+    out = capsys.readouterr().out
+    assert "topk: 2 epoch(s) (turned), 20 steps, 200 tokens" in out
+
+
 def test_seed_trainer_evaluates_the_kept_budget_after_a_turn_and_retrains_it_if_deleted(tmp_path):
     losses = {"topk": {"topk_k16": {1: 1.0, 2: 0.8, 4: 0.85}}}
 
