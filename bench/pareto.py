@@ -28,12 +28,13 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
     python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
     # each folder at its tuned lr (bench/lr_tune.py, seed 0, 32 epochs), the search from 32 epochs to 64,
-    # seeds 2-4 trained by a second process into the same --out (the first one finds their records)
+    # seeds 2-4 trained by a second process into the same --out (the first one finds their records);
+    # --follow-searched: at each folder's budget the first process's seed 0 evaluates, once it has one
     python bench/lr_tune.py --store S --label-free-store LF --out bench-out/lr-tune --epochs 32
-    python bench/pareto.py --out bench-out/pareto-tuned --store S --label-free-store LF --lrs bench-out/lr-tune \
-        --local-only --epochs 32 --until-plateau 2 --max-epochs 64 --plateau-seeds 1 --seeds 5 &
-    python bench/pareto.py --out bench-out/pareto-tuned --store S --label-free-store LF --lrs bench-out/lr-tune \
-        --local-only --only-seeds 2,3,4 --train-only --fixed-epochs 64
+    A="--out bench-out/pareto-tuned --store S --label-free-store LF --lrs bench-out/lr-tune --local-only \
+        --epochs 32 --until-plateau 2 --max-epochs 64 --plateau-seeds 1 --seeds 5"
+    python bench/pareto.py $A &
+    python bench/pareto.py $A --only-seeds 2,3,4 --train-only --follow-searched   # or --fixed-epochs 64
 """
 from __future__ import annotations
 
@@ -181,6 +182,9 @@ def main():
                                                              "and --fixed-epochs: a second process's share)")
     p.add_argument("--fixed-epochs", type=int, default=None,
                    help="train every folder once at this budget, no search (the budget the searched seed reaches)")
+    p.add_argument("--follow-searched", action="store_true",
+                   help="with --only-seeds: train each folder once at the budget the searched seeds evaluate "
+                        "(read from --out/pareto.json; a folder stopped early keeps its earlier budget)")
     args = p.parse_args()
     try:
         args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
@@ -188,13 +192,21 @@ def main():
     except ValueError as e:
         p.error(f"--betas / --only-seeds: {e}")
     if only is not None:
-        if not args.train_only or not args.fixed_epochs:
-            p.error("--only-seeds needs --train-only and --fixed-epochs (the verdicts are computed over all --seeds "
-                    "by one process, at the budget its searched seeds reach)")
+        if not args.train_only or not (args.fixed_epochs or args.follow_searched):
+            p.error("--only-seeds needs --train-only and --fixed-epochs or --follow-searched (the verdicts are "
+                    "computed over all --seeds by one process, at the budget its searched seeds reach)")
         if any(not 0 <= s < args.seeds for s in only):
             p.error(f"--only-seeds: every seed in 0..{args.seeds - 1} (--seeds {args.seeds})")
     if args.fixed_epochs is not None and args.fixed_epochs < 1:
         p.error("--fixed-epochs: at least 1")
+    if args.follow_searched and (only is None or args.fixed_epochs):
+        p.error("--follow-searched goes with --only-seeds, instead of --fixed-epochs")
+    args.followed = None
+    if args.follow_searched:
+        try:
+            args.followed = searched_budgets(os.path.join(args.out, "pareto.json"), args)
+        except (OSError, ValueError) as e:
+            p.error(f"--follow-searched: {e}")
     t0 = time.perf_counter()
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
@@ -264,7 +276,8 @@ def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
         adopt_records(trainer, args.lrs)   # the tuning's runs at the chosen lr are this seed's, if it was tuned on it
     rows = with_lrs(run_rows(args, lf_store), lrs)
     caps = e2e_caps(rows, args.e2e_max_epochs)
-    fixed = {r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else fixed_budgets(budgets, args.plateau_seeds)
+    fixed = ({r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else
+             args.followed if args.followed else fixed_budgets(budgets, args.plateau_seeds))
     paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
                                      fixed=fixed, caps=caps)
     if args.train_only:
@@ -307,6 +320,22 @@ def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None
     for b in budgets[:plateau_seeds]:
         for folder, rec in b["sweeps"].items():
             out[folder] = max(out.get(folder, 0), rec["epochs"])
+    return out
+
+
+def searched_budgets(pareto_json: str, args) -> dict:
+    """{folder: epochs} the searching process's seeds evaluate, from its pareto.json: that process
+    must search under this run's rule and cap, and must have finished its --plateau-seeds."""
+    with open(pareto_json) as f:
+        doc = json.load(f)
+    ran = doc.get("args", {})
+    for key in ("until_plateau", "max_epochs", "epochs", "plateau_seeds"):
+        if ran.get(key) != getattr(args, key):
+            raise ValueError(f"{pareto_json} was searched with --{key.replace('_', '-')} {ran.get(key)}, "
+                             f"this run has {getattr(args, key)}")
+    out = fixed_budgets(doc.get("budgets", []), ran["plateau_seeds"])
+    if not out:
+        raise ValueError(f"{pareto_json} has not finished its searched seeds yet")
     return out
 
 

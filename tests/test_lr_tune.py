@@ -151,9 +151,14 @@ def test_a_search_reuses_the_tuning_run_of_its_exact_config_and_nothing_else(tmp
 
 @pytest.mark.parametrize("argv,message", [
     # a partial set of seeds would overwrite pareto.json's verdicts with fewer seeds than --seeds
-    (["--only-seeds", "2,3"], "--only-seeds needs --train-only and --fixed-epochs"),
+    (["--only-seeds", "2,3"], "--only-seeds needs --train-only and --fixed-epochs or --follow-searched"),
     # without a fixed budget the second process would search its own, which the first would not reuse
-    (["--only-seeds", "2,3", "--train-only"], "--only-seeds needs --train-only and --fixed-epochs"),
+    (["--only-seeds", "2,3", "--train-only"], "--only-seeds needs --train-only and --fixed-epochs or --follow"),
+    (["--follow-searched"], "--follow-searched goes with --only-seeds"),
+    (["--only-seeds", "2", "--train-only", "--follow-searched", "--fixed-epochs", "4"],
+     "--follow-searched goes with --only-seeds, instead of --fixed-epochs"),
+    # no searching process has written its budgets yet
+    (["--only-seeds", "2", "--train-only", "--follow-searched"], "--follow-searched: [Errno 2]"),
     (["--only-seeds", "2,9", "--train-only", "--fixed-epochs", "4"], "--only-seeds: every seed in 0..4"),
     (["--only-seeds", "2,x", "--train-only", "--fixed-epochs", "4"], "--betas / --only-seeds"),
     (["--fixed-epochs", "0"], "--fixed-epochs: at least 1"),

@@ -1,6 +1,7 @@
 """The Pareto benches' pure logic (bench/plateau.py, bench/pareto.py, bench/jumprelu_gated.py):
 the per-folder plateau search, the deletion of superseded budgets, the verdict rule on ratios whose
 interval is computed here by hand, and --report-only reproducing the verdicts from pareto.json."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -266,6 +267,23 @@ def test_jumprelu_gated_compare_uses_the_same_rule():
     assert all(r["verdict"] == "agrees" for r in out["gated vs jumprelu: ce_increase >"])
     # gated equals relu's CE at every point, every seed: log ratio 0 with zero spread is a tie
     assert all(r["verdict"] == "tie" for r in out["gated vs relu: ce_increase <"])
+
+
+def test_a_second_process_follows_the_budgets_the_searched_seeds_evaluate(tmp_path):
+    """--follow-searched: a folder the search stopped early (its held-out loss turned) is trained
+    at the budget before the turn, not at the cap; another rule or cap, or an unfinished search, is refused."""
+    ran = {"until_plateau": 2.0, "max_epochs": 256, "epochs": 32, "plateau_seeds": 1}
+    doc = {"args": ran, "budgets": [{"seed": 0, "sweeps": {"relu": {"epochs": 256, "stop": "max-epochs"},
+                                                           "topk": {"epochs": 128, "stop": "turned"}}}]}
+    path = tmp_path / "pareto.json"
+    path.write_text(json.dumps(doc))
+    args = argparse.Namespace(**ran)
+    assert pareto.searched_budgets(str(path), args) == {"relu": 256, "topk": 128}
+    with pytest.raises(ValueError, match="--max-epochs 256, this run has 128"):
+        pareto.searched_budgets(str(path), argparse.Namespace(**{**ran, "max_epochs": 128}))
+    path.write_text(json.dumps({**doc, "args": {**ran, "plateau_seeds": 2}}))
+    with pytest.raises(ValueError, match="not finished"):
+        pareto.searched_budgets(str(path), argparse.Namespace(**{**ran, "plateau_seeds": 2}))
 
 
 def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
