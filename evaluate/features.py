@@ -26,7 +26,7 @@ from sae_harvest.stores.urls import scrub_tree
 
 from .features_out import written_by_us
 from .features_stats import ROW_LIMIT, BandSamples, LatentStats, encode, encoded_slices, merged_keys
-from .splice import EvaluateError, check_fits_store
+from .eval_tokens import EvaluateError, check_fits_store
 
 
 

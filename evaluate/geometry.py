@@ -153,7 +153,7 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
 
 def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
     """(the SAE, its SaeGeometry fields but the nearest-neighbour cosines); `taken`: names in use."""
-    from sae_harvest.evaluate.splice import EvaluateError, check_fits_store, trained_outside_split
+    from sae_harvest.evaluate.eval_tokens import EvaluateError, check_fits_store, trained_outside_split
     from sae_harvest.train.feeds import held_out_origin
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
 

@@ -76,7 +76,7 @@ def test_resume_refuses_a_checkpoint_of_an_older_version(tmp_path):
 def test_trained_outside_split_means_this_stores_split():
     """An SAE trained outside store A's held-out sequences says nothing of store B's, even at the same
     `every` (another harvest of the same corpus): only the same store's creation id counts."""
-    from sae_harvest.evaluate.splice import trained_outside_split
+    from sae_harvest.evaluate.eval_tokens import trained_outside_split
 
     def sae(cid):
         return {"sae_harvest": {"held_out": {"rule": "seq % every == 0", "every": 20, "creation_id": cid}}}

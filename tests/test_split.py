@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from sae_harvest.evaluate.cli import main as evaluate_cli
 from sae_harvest.evaluate.config import EvalConfig
-from sae_harvest.evaluate.splice import store_tokens
+from sae_harvest.evaluate.eval_tokens import store_tokens
 from sae_harvest.harvest.cli import main as harvest_cli
 from sae_harvest.harvest.run import HarvestConfig, harvest
 from sae_harvest.stores import open_store
@@ -148,7 +148,7 @@ def test_splice_refuses_more_tokens_than_held_out_and_says_where_its_tokens_came
 
 
 def test_dataset_overlap_warning_and_skip_docs(assets, tmp_path):
-    from sae_harvest.evaluate.splice import dataset_tokens
+    from sae_harvest.evaluate.eval_tokens import dataset_tokens
     from sae_harvest.harvest.models import load_model
 
     _, tokenizer = load_model(assets["model"])
