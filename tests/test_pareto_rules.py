@@ -14,6 +14,7 @@ import jumprelu_gated  # noqa: E402
 import pareto  # noqa: E402
 import verdicts  # noqa: E402
 import plateau  # noqa: E402
+import settled  # noqa: E402
 
 
 def fake_train(losses: dict, calls: list):
@@ -371,3 +372,44 @@ def test_journal_and_pareto_json_never_hold_a_store_urls_credentials(tmp_path):
     trainer.journal = {"relu": {"1": {"config": '{"store": "s3://AKIAKEY:SeCrEt@bucket/s.zarr"}'}}}
     trainer._save()
     assert "SeCrEt" not in trainer.journal_path.read_text() and "AKIAKEY" not in trainer.journal_path.read_text()
+
+
+def _run_doc(verdicts_at: dict, rule: str = "paired 95% t-interval", slack=0.02):
+    """A pareto.json holding one claim's rows: {point: verdict} (a point "k16" is an SAE, 16 an L0)."""
+    rows = []
+    for where, v in verdicts_at.items():
+        real = v in settled.REAL
+        row = {"l0": 16.0, "verdict": v, "ratio": 0.9 if real else None, "interval": [0.8, 1.1] if real else None}
+        rows.append({**row, "at": where} if isinstance(where, str) else {**row, "l0": where})
+    return {"rule": rule, "l0_slack": slack, "comparisons": {"a vs b: ce_increase <": rows}}
+
+
+def test_settled_marks_a_point_settled_only_when_every_run_gives_the_same_real_verdict(tmp_path, capsys):
+    small = _run_doc({8: "agrees", 16: "tie", 32: "tie", "a_k8": "untested (fewer than 5 seeds)", "a_k16": "agrees"})
+    large = _run_doc({8: "agrees", 16: "disagrees", 32: "tie", "a_k8": "untested (fewer than 5 seeds)"})
+    got = {q.where: q.status for q in settled.points([small, large])}
+    assert got == {"L0 8": "settled", "L0 16": "moved", "L0 32": "settled",
+                   "a_k8": "not comparable",     # untested at both: the same word, still no verdict
+                   "a_k16": "not comparable"}    # missing from the larger run
+    paths = []
+    for name, doc in (("64", small), ("128", large)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(doc))
+    assert settled.main([*paths, "--labels", "64,128"]) == 0
+    out = capsys.readouterr().out
+    assert "a vs b: ce_increase < @ L0 16: moved" in out and "5 points: 2 settled, 1 moved, 2 not comparable" in out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"l0_slack": 0.0}, "different verdict rules or L0 slacks"),
+    ({"rule": "sign test"}, "different verdict rules"),
+    ({"rule": None}, "records no verdict rule"),
+])
+def test_settled_refuses_runs_judged_by_different_rules(tmp_path, capsys, change, message):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_run_doc({8: "agrees"})))
+    b.write_text(json.dumps({**_run_doc({8: "agrees"}), **change}))
+    with pytest.raises(SystemExit) as e:
+        settled.main([str(a), str(b)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err

@@ -1,0 +1,114 @@
+"""Which verdicts hold at every budget (or scale): the same claims from several pareto.json runs,
+point by point, and whether each point's verdict is the same in all of them.
+
+A verdict that changes between two budgets (64 and 128 epochs, 128 and 256) is not settled,
+whichever way it points at the larger one; one that is the same at both is what docs/results.md
+calls settled. A point is a fixed L0 of the grid ("L0 16") or one of A's SAEs by name
+("batchtopk_k16"), the rows bench/verdicts.py writes into a pareto.json's "comparisons". Only real
+verdicts count (agrees, disagrees, tie): an untested or untestable row, or a point missing from a
+run, is "not comparable", never settled.
+
+    python bench/settled.py docs/results-pareto-tuned-64.json docs/results-pareto-tuned.json \\
+        --labels 64,128                        # a line per point, then the counts
+    python bench/settled.py A.json B.json --markdown   # the rows as a docs/results.md table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+REAL = ("agrees", "disagrees", "tie")
+
+
+@dataclass(frozen=True)
+class Point:
+    claim: str
+    where: str                       # "L0 16" or an SAE's name
+    rows: tuple[dict | None, ...]    # one per run; None: the point is not in that run
+
+    @property
+    def status(self) -> str:
+        verdicts = [None if r is None else r["verdict"] for r in self.rows]
+        if any(v not in REAL for v in verdicts):
+            return "not comparable"
+        return "settled" if len(set(verdicts)) == 1 else "moved"
+
+
+def where_of(row: dict) -> str:
+    return row["at"] if "at" in row else f"L0 {row['l0']:g}"
+
+
+def points(docs: list[dict]) -> list[Point]:
+    """Every (claim, point) found in any run, in the first run's order, then the others' new ones."""
+    keys, seen = [], set()
+    for doc in docs:
+        for claim, rows in doc.get("comparisons", {}).items():
+            for r in rows:
+                if (claim, where_of(r)) not in seen:
+                    seen.add((claim, where_of(r)))
+                    keys.append((claim, where_of(r)))
+    out = []
+    for claim, where in keys:
+        per_run = tuple(next((r for r in doc.get("comparisons", {}).get(claim, []) if where_of(r) == where), None)
+                        for doc in docs)
+        out.append(Point(claim, where, per_run))
+    return out
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if not row.get("interval"):
+        return row["verdict"]
+    lo, hi = row["interval"]
+    return f"{row['verdict']} {row['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="pareto.json files, smallest budget first")
+    p.add_argument("--labels", default=None, help="a name per run, comma-separated (default: run 1, run 2, ...)")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = p.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [f"run {i + 1}" for i in range(len(args.runs))]
+    if len(labels) != len(args.runs):
+        p.error(f"--labels: {len(labels)} names for {len(args.runs)} runs")
+    if len(args.runs) < 2:
+        p.error("at least two runs to compare")
+    docs = []
+    for path in args.runs:
+        try:
+            with open(path) as f:
+                docs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            p.error(f"{path}: {e}")
+    for path, d in zip(args.runs, docs):
+        if not d.get("rule"):
+            p.error(f"{path} records no verdict rule (written before the one rule): its verdicts do not compare")
+    # one rule and one L0 slack (bench/verdicts.py L0_SLACK; absent = 0), or the comparison says nothing
+    rules = {(d["rule"], d.get("l0_slack") or 0.0) for d in docs}
+    if len(rules) > 1:
+        p.error("the runs use different verdict rules or L0 slacks: " +
+                "; ".join(f"{r} (slack {s:g})" for r, s in sorted(rules)))
+    pts = points(docs)
+    if args.markdown:
+        print("| claim | point | " + " | ".join(labels) + " | same at all? |")
+        print("|---|---|" + "---|" * len(labels) + "---|")
+    for q in pts:
+        if args.markdown:
+            print(f"| {q.claim} | {q.where} | " + " | ".join(cell(r) for r in q.rows) + f" | {q.status} |")
+        else:
+            print(f"{q.claim} @ {q.where}: {q.status}")
+            for label, r in zip(labels, q.rows):
+                print(f"    {label}: {cell(r)}")
+    counts = {s: sum(q.status == s for q in pts) for s in ("settled", "moved", "not comparable")}
+    print(f"{len(pts)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()) +
+          f" (rule: {next(iter(rules))[0]})", file=sys.stderr if args.markdown else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
