@@ -46,7 +46,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
@@ -340,14 +339,13 @@ def searched_budgets(pareto_json: str, args) -> dict:
 
 
 def check_same_held_out(store: str, lf_store: str) -> None:
-    """Both stores hold out the same sequences with the same tokens (one corpus, one split)."""
+    """Both stores hold out the same sequences with the same tokens (one corpus, one split): what lets
+    `evaluate splice` count the label-free g-SAE, trained on lf_store, as trained outside store's split."""
     from sae_harvest.stores import open_store
+    from sae_harvest.stores.split import same_held_out
 
     a, b = open_store(store), open_store(lf_store)
-    held = a.split.held_out_seqs(a.n_seqs)
-    if not (np.array_equal(held, b.split.held_out_seqs(b.n_seqs)) and np.array_equal(
-            np.asarray(a.tokens.get_orthogonal_selection((held, slice(None)))),
-            np.asarray(b.tokens.get_orthogonal_selection((held, slice(None)))))):
+    if a.n_seqs != b.n_seqs or not same_held_out(b, a):
         raise SystemExit(f"{lf_store} does not hold out the same sequences as {store}")
 
 

@@ -80,17 +80,42 @@ def warn_dataset_overlap(dataset: str, saes: list, skip_docs: int) -> str | None
     return None
 
 
-def trained_outside_split(sae_cfg: dict, origin: dict) -> bool | None:
-    """Whether the SAE was trained by a version that skipped the store's held-out sequences (its
-    cfg.json records the split it trained under) and that split is the one evaluated; None when the
-    evaluation is not on a store."""
+def trained_outside_split(sae_cfg: dict, origin: dict, store=None, seen: dict | None = None) -> bool | None:
+    """Whether the SAE was trained outside the evaluated held-out sequences; None when the evaluation
+    is not on a store. True when its cfg.json records this store's split (the same creation id), or,
+    given the open evaluation `store`, when the store it trained on (recorded in cfg.json, still
+    readable, the same creation id) holds out the same sequences token by token (stores/split.py
+    same_held_out: a sibling harvest of one corpus, e.g. the label-free gradient store). False when
+    nothing recorded proves it (an older version, another split, an unreadable training store).
+    `seen`: one comparison per training store within one evaluation (the caller's dict, not a
+    process-wide cache: a store can be moved or replaced between two evaluations)."""
     if origin.get("source") != "store":
         return None
-    recorded = (sae_cfg.get("sae_harvest") or {}).get("held_out")
-    # the same split of the same store: another store (another harvest of the same corpus) has other
-    # held-out sequences, whatever its `every`
-    return (isinstance(recorded, dict) and recorded.get("every") == origin.get("every")
-            and recorded.get("creation_id") == origin.get("creation_id"))
+    ours = sae_cfg.get("sae_harvest") or {}
+    recorded = ours.get("held_out")
+    if not isinstance(recorded, dict) or recorded.get("every") != origin.get("every"):
+        return False
+    if recorded.get("creation_id") == origin.get("creation_id"):
+        return True
+    if store is None or not ours.get("store") or not recorded.get("creation_id"):
+        return False
+    seen = {} if seen is None else seen
+    key = (ours["store"], recorded["creation_id"])
+    if key not in seen:
+        seen[key] = _sibling_holds_out_same(ours["store"], recorded["creation_id"], store, origin.get("sequences"))
+    return seen[key]
+
+
+def _sibling_holds_out_same(train_path: str, creation_id: str, store, sequences: int | None) -> bool:
+    from sae_harvest.stores import StoreError, open_store
+    from sae_harvest.stores.split import same_held_out
+
+    try:
+        trained_on = open_store(train_path)
+    except (StoreError, OSError, ValueError):   # moved, deleted, or credentials not at hand
+        return False
+    # the creation id proves the store at that path is the one the SAE trained on, not a new harvest there
+    return trained_on.attrs.get("creation_id") == creation_id and same_held_out(trained_on, store, sequences)
 
 
 def check_fits_store(path, sae, site: str, store, store_label: str) -> None:

@@ -178,7 +178,7 @@ def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
         origin = held_out_origin(store, tokens=n)
         # another store's held-out sequences are not this one's: this store's held-out rows may be
         # the SAE's training rows (another harvest of the same corpus), so its frequencies are not held out
-        same_split = bool(trained_outside_split(saved, origin))
+        same_split = bool(trained_outside_split(saved, origin, store))
         if not same_split:
             print(f"warning: {scrub(str(path))} was not trained outside the held-out split of {scrub(cfg.store)} "
                   f"(trained on {scrub(str(ours.get('store')))}, creation id "

@@ -47,6 +47,7 @@ class Entry:
     grad_mode: str | None = None   # gtopk: "causal" / "paper" gradient-aware selection, "none"; else None
     downstream: list[str] = field(default_factory=list)  # resid_post sites after the SAE's site
     sums: Sums = field(default_factory=Sums)
+    outside_split: bool | None = None   # trained outside the evaluated held-out sequences (None: not a store)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -127,10 +128,13 @@ def open_live(paths, opts: LiveOptions, *, default_tokens: int | None = None) ->
                   f"{scrub(opts.store)} (--model chooses another)", file=sys.stderr, flush=True)
     if not model_name:
         raise EvaluateError("no model given (--model)")
+    seen = {}
     for e in entries if origin is not None else ():
-        if not trained_outside_split(e.cfg, origin):
+        e.outside_split = trained_outside_split(e.cfg, origin, store_obj, seen)
+        if not e.outside_split:
             print(f"warning: {scrub(e.path)} does not record training outside this store's held-out split "
-                  f"(trained by an older version, or elsewhere): its numbers may include training tokens",
+                  f"(trained by an older version, or on a store not readable here that may hold out other sequences): "
+                  f"its numbers may include training tokens",
                   file=sys.stderr, flush=True)
     quiet_transformers()
     model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
@@ -291,7 +295,7 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None, live: Live | 
             _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means, cfg.splice_bos)
             bar.update(task, advance=batch.numel())
     return [{**_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype, cfg.splice_bos),
-             "eval_tokens": origin, "trained_outside_split": trained_outside_split(e.cfg, origin)}
+             "eval_tokens": origin, "trained_outside_split": e.outside_split}
             for e in entries]
 
 

@@ -75,3 +75,23 @@ def store_split(attrs: dict, path: str = "store") -> Split:
         raise StoreError(f"{path}: root attribute split = {split!r} is not a split this tool reads "
                          f"(rule {RULE!r}, every >= 2)")
     return Split(every, "harvest")
+
+
+def same_held_out(a, b, sequences: int | None = None, chunk: int = 4096) -> bool:
+    """Whether open stores a and b hold out the same sequences: the same rule, and b's first
+    `sequences` held-out sequences (all of them when None) are a's, index by index and token by
+    token. Two harvests of one corpus with one split (e.g. the labels and the label-free gradient
+    store) pass; an SAE trained on a, which skipped a's held-out sequences, then never saw b's
+    evaluated ones. Read in chunks of sequences: memory follows `chunk`, not the store."""
+    if a.split.every != b.split.every or a.ctx_len != b.ctx_len:
+        return False
+    held = b.split.held_out_seqs(b.n_seqs)
+    held = held if sequences is None else held[:sequences]
+    if len(held) and held[-1] >= a.n_seqs:
+        return False
+    for i in range(0, len(held), chunk):
+        idx = held[i:i + chunk]
+        if not np.array_equal(np.asarray(a.tokens.get_orthogonal_selection((idx, slice(None)))),
+                              np.asarray(b.tokens.get_orthogonal_selection((idx, slice(None))))):
+            return False
+    return True

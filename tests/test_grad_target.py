@@ -82,3 +82,66 @@ def test_gsae_records_its_gradient_target_and_resume_refuses_another(assets, tmp
     r = CliRunner().invoke(harvest_cli, ["run", "--model", assets["model"], "--dataset", assets["corpus"],
                                          "--out", assets["stores"]["labels"], "--grads", "--grad-target", "bogus"])
     assert r.exit_code == 2 and "--grad-target" in r.output, r.output
+
+
+def test_an_sae_from_a_sibling_store_is_proved_outside_the_evaluated_split(assets, tmp_path):
+    """The label-free g-SAE trains on the model-top1 store and is evaluated on the labels store
+    (bench/pareto.py): two harvests of one corpus with one split. cfg.json records the other store's
+    creation id, so the id alone proves nothing; the training store, still readable, holding out the
+    same sequences token by token does (stores/split.py same_held_out). Moved away, or replaced by
+    another harvest at its path, it proves nothing again."""
+    import shutil
+
+    from sae_harvest.evaluate.cli import main as evaluate_cli
+
+    lf = str(tmp_path / "lf.zarr")
+    shutil.copytree(assets["stores"]["model-top1"], lf)
+    fit(TrainConfig(store=lf, out=str(tmp_path / "g"), arch="gtopk", k=(2,), d_sae=32, batch_size=64,
+                    tokens=64 * 3, device="cpu", checkpoint_every=10**9), progress=False)
+
+    def splice():
+        out = tmp_path / "r.json"
+        r = CliRunner().invoke(evaluate_cli, ["splice", "--sae", str(tmp_path / "g" / "gtopk_k2"), "--store",
+                                              assets["stores"]["labels"], "--device", "cpu", "--json", str(out),
+                                              "--quiet", "--batch-size", "16"])
+        assert r.exit_code == 0, r.output
+        return {x["trained_outside_split"] for x in json.loads(out.read_text())["results"]}, r.output
+
+    got, said = splice()
+    assert got == {True} and "may include training tokens" not in said
+    moved = tmp_path / "moved.zarr"
+    shutil.move(lf, moved)
+    got, said = splice()
+    assert got == {False} and "may include training tokens" in said
+    # another harvest at the recorded path: same corpus and split, another creation id
+    shutil.copytree(assets["stores"]["labels"], lf)
+    got, _ = splice()
+    assert got == {False}
+
+
+def test_same_held_out_compares_the_held_out_sequences_token_by_token():
+    from sae_harvest.stores.split import Split, same_held_out
+
+    class Tokens:
+        def __init__(self, a):
+            self.a = a
+
+        def get_orthogonal_selection(self, sel):
+            return self.a[sel[0]]
+
+    class Store:
+        def __init__(self, tokens, every=4):
+            self.tokens, self.n_seqs, self.ctx_len, self.split = Tokens(tokens), len(tokens), tokens.shape[1], \
+                Split(every, "harvest")
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 50, size=(20, 8))
+    b = a.copy()
+    b[5] += 1                                        # a training sequence differs: still the same split
+    assert same_held_out(Store(a), Store(b), chunk=2)
+    c = a.copy()
+    c[12, 3] += 1                                    # a held-out one (12 % 4 == 0) differs by one token
+    assert not same_held_out(Store(a), Store(c), chunk=2)
+    assert same_held_out(Store(a), Store(c), sequences=3, chunk=2)   # only 0, 4, 8 evaluated
+    assert not same_held_out(Store(a), Store(a, every=5))
+    assert not same_held_out(Store(a[:10]), Store(a))   # b's held-out 12, 16 are not in a
