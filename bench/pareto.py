@@ -80,19 +80,22 @@ def claims(e2e: str) -> tuple:
     return tuple((a, "relu_cont" if a in ("e2e", "e2e_ds") and b == "relu" else b, m, x) for a, b, m, x in CLAIMS)
 
 
-def sweeps(e2e: str, lf_store: str | None) -> list:
+def sweeps(e2e: str, lf_store: str | None, e2e_ds_l1: tuple = E2E_L1) -> list:
+    """The sweep rows: the local ones, the label-free g-SAE, and e2e / e2e+ds from scratch or as a
+    continuation; e2e_ds_l1: e2e+ds's λ grid (its L0 falls slowly with λ: a wider grid reaches the
+    local ReLUs' L0s, without which its claims have no point to compare at)."""
     rows = list(LOCAL_SWEEPS)
     if lf_store:
         rows.append(("gtopk_lf", "gtopk", {"k": (8, 16, 32), "store": lf_store}))
     if e2e == "scratch":      # the same tokens, batch and epochs as local (the feed's LOCAL), own lr
         rows += [("e2e", "relu", {"loss": "e2e", "l1": E2E_L1, "lr": E2E_LR}),
-                 ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": E2E_L1, "lr": E2E_LR})]
+                 ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": tuple(e2e_ds_l1), "lr": E2E_LR})]
     else:                     # one identical extra pass from each local relu SAE, e2e and local alike
         cont = {"batch_size": 2048, "lr": E2E_LR, "epochs": 1}
         rows += [(f"relu_cont{l1:g}", "relu", {"l1": (l1,), "init": f"relu/relu_l1-{l1:g}", **cont})
                  for l1 in DEMO_SWEEPS[0][2]["l1"]]
         rows += [("e2e", "relu", {"loss": "e2e", "l1": E2E_L1, "init": "relu/relu_l1-300", **cont}),
-                 ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": E2E_L1, "init": "relu/relu_l1-300", **cont})]
+                 ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": tuple(e2e_ds_l1), "init": "relu/relu_l1-300", **cont})]
     return rows
 
 
@@ -166,6 +169,8 @@ def main():
     p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture, or 'arch' for each "
                                                       "architecture's own default")
     p.add_argument("--e2e", choices=("scratch", "continuation"), default="scratch")
+    p.add_argument("--e2e-ds-l1", default=",".join(f"{x:g}" for x in E2E_L1),
+                   help="e2e+ds's λ grid, comma-separated (default the e2e grid; on KL's scale, docs/e2e.md)")
     p.add_argument("--no-label-free", action="store_true", help="skip the label-free gradient store and gtopk_lf")
     p.add_argument("--store", default=None, help="the store (default --out/store.zarr; another bench's, to share "
                                                  "one harvest: it is harvested there if missing, else checked)")
@@ -188,8 +193,11 @@ def main():
     try:
         args.betas = None if args.betas == "arch" else tuple(float(b) for b in args.betas.split(","))
         only = [int(s) for s in args.only_seeds.split(",")] if args.only_seeds else None
+        args.e2e_ds_l1 = tuple(float(x) for x in args.e2e_ds_l1.split(","))
     except ValueError as e:
-        p.error(f"--betas / --only-seeds: {e}")
+        p.error(f"--betas / --only-seeds / --e2e-ds-l1: {e}")
+    if any(not x > 0 for x in args.e2e_ds_l1):
+        p.error("--e2e-ds-l1: every λ > 0")
     if only is not None:
         if not args.train_only or not (args.fixed_epochs or args.follow_searched):
             p.error("--only-seeds needs --train-only and --fixed-epochs or --follow-searched (the verdicts are "
@@ -239,7 +247,7 @@ def main():
 
 def run_rows(args, lf_store) -> list:
     """The sweep rows this run trains (--local-only, --e2e-only), before the tuned lrs."""
-    rows = sweeps(args.e2e, lf_store)
+    rows = sweeps(args.e2e, lf_store, args.e2e_ds_l1)
     if args.local_only:
         rows = [r for r in rows if r[0] not in ("e2e", "e2e_ds") and not r[0].startswith("relu_cont")]
     if args.e2e_only:

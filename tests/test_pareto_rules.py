@@ -413,3 +413,11 @@ def test_settled_refuses_runs_judged_by_different_rules(tmp_path, capsys, change
         settled.main([str(a), str(b)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_e2e_ds_grid_reaches_both_regimes_and_leaves_e2e_alone():
+    for regime in ("scratch", "continuation"):
+        rows = {r[0]: r[2] for r in pareto.sweeps(regime, None, (3.0, 10.0, 30.0))}
+        assert rows["e2e_ds"]["l1"] == (3.0, 10.0, 30.0) and rows["e2e_ds"]["loss"] == "e2e+ds"
+        assert rows["e2e"]["l1"] == pareto.E2E_L1
+        assert {r[0]: r[2] for r in pareto.sweeps(regime, None)}["e2e_ds"]["l1"] == pareto.E2E_L1
