@@ -29,11 +29,12 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
     # each folder at its tuned lr (bench/lr_tune.py, seed 0, 32 epochs), the search from 32 epochs to 64,
     # seeds 2-4 trained by a second process into the same --out (the first one finds their records);
-    # --follow-searched: at each folder's budget the first process's seed 0 evaluates, once it has one
+    # --follow-searched: at each folder's budget the first process's seed 0 evaluates, so start it
+    # once the first has written pareto.json after seed 0 (before, it stops with one line)
     python bench/lr_tune.py --store S --label-free-store LF --out bench-out/lr-tune --epochs 32
     A="--out bench-out/pareto-tuned --store S --label-free-store LF --lrs bench-out/lr-tune --local-only \
         --epochs 32 --until-plateau 2 --max-epochs 64 --plateau-seeds 1 --seeds 5"
-    python bench/pareto.py $A &
+    python bench/pareto.py $A &      # then, after seed 0:
     python bench/pareto.py $A --only-seeds 2,3,4 --train-only --follow-searched   # or --fixed-epochs 64
 """
 from __future__ import annotations
@@ -214,6 +215,11 @@ def main():
             args.followed = searched_budgets(os.path.join(args.out, "pareto.json"), args)
         except (OSError, ValueError) as e:
             p.error(f"--follow-searched: {e}")
+        # a row the searched seeds did not train would be searched here, by a process that never reports
+        missing = [r[0] for r in run_rows(args, None if args.no_label_free else "label-free")
+                   if r[0] not in args.followed]
+        if missing:
+            p.error(f"--follow-searched: the searched seeds have no budget for {', '.join(missing)}")
     t0 = time.perf_counter()
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
@@ -330,16 +336,27 @@ def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None
     return out
 
 
+# arguments that say what this process does, not what the seeds are trained on
+PROCESS_LOCAL = ("out", "only_seeds", "train_only", "fixed_epochs", "follow_searched", "followed", "report_only",
+                 "tuned_lrs")
+
+
 def searched_budgets(pareto_json: str, args) -> dict:
     """{folder: epochs} the searching process's seeds evaluate, from its pareto.json: that process
-    must search under this run's rule and cap, and must have finished its --plateau-seeds."""
+    must have run with this run's arguments (the rule, the cap, the rows, the store, the lrs: all
+    but PROCESS_LOCAL) and finished its --plateau-seeds."""
     with open(pareto_json) as f:
         doc = json.load(f)
-    ran = doc.get("args", {})
-    for key in ("until_plateau", "max_epochs", "epochs", "plateau_seeds"):
-        if ran.get(key) != getattr(args, key):
-            raise ValueError(f"{pareto_json} was searched with --{key.replace('_', '-')} {ran.get(key)}, "
-                             f"this run has {getattr(args, key)}")
+    ran = doc.get("args", {}) if isinstance(doc, dict) else {}
+    for key, value in sorted(ran.items()):
+        if key in PROCESS_LOCAL or not hasattr(args, key):
+            continue
+        ours = json.loads(json.dumps(getattr(args, key)))   # tuples as the JSON's lists
+        if value != ours:
+            raise ValueError(f"{pareto_json} was searched with --{key.replace('_', '-')} {value}, "
+                             f"this run has {ours}")
+    if not ran.get("plateau_seeds"):
+        raise ValueError(f"{pareto_json} searched every seed (no --plateau-seeds): there is no budget to follow")
     out = fixed_budgets(doc.get("budgets", []), ran["plateau_seeds"])
     if not out:
         raise ValueError(f"{pareto_json} has not finished its searched seeds yet")

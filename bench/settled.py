@@ -30,10 +30,18 @@ class Point:
 
     @property
     def status(self) -> str:
-        verdicts = [None if r is None else r["verdict"] for r in self.rows]
-        if any(v not in REAL for v in verdicts):
+        if any(r is None or r["verdict"] not in REAL for r in self.rows):
             return "not comparable"
-        return "settled" if len(set(verdicts)) == 1 else "moved"
+        # the outcome too: a "~" claim disagrees both when A is lower and when it is higher
+        return "settled" if len({(r["verdict"], outcome(r)) for r in self.rows}) == 1 else "moved"
+
+
+def outcome(row: dict) -> str:
+    """lower / higher / tie, from the row (bench/verdicts.py writes it) or its interval."""
+    if row.get("outcome"):
+        return row["outcome"]
+    lo, hi = row["interval"]
+    return "tie" if lo <= 1 <= hi else ("lower" if hi < 1 else "higher")
 
 
 def where_of(row: dict) -> str:
@@ -55,6 +63,18 @@ def points(docs: list[dict]) -> list[Point]:
                         for doc in docs)
         out.append(Point(claim, where, per_run))
     return out
+
+
+def problem(doc) -> str | None:
+    """Why a loaded JSON is not a pareto.json this reads (None: it is)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("comparisons", {}), dict):
+        return "not a pareto.json (an object with \"comparisons\")"
+    for claim, rows in doc.get("comparisons", {}).items():
+        for r in rows if isinstance(rows, list) else [None]:
+            if not isinstance(r, dict) or "verdict" not in r or ("at" not in r and "l0" not in r) or (
+                    r["verdict"] in REAL and not (r.get("outcome") or r.get("interval"))):
+                return f"claim {claim!r} has a row without a verdict, a point or an interval"
+    return None
 
 
 def cell(row: dict | None) -> str:
@@ -85,6 +105,9 @@ def main(argv=None) -> int:
                 docs.append(json.load(f))
         except (OSError, ValueError) as e:
             p.error(f"{path}: {e}")
+        bad = problem(docs[-1])
+        if bad:
+            p.error(f"{path}: {bad}")
     for path, d in zip(args.runs, docs):
         if not d.get("rule"):
             p.error(f"{path} records no verdict rule (written before the one rule): its verdicts do not compare")

@@ -86,7 +86,9 @@ def trained_outside_split(sae_cfg: dict, origin: dict, store=None, seen: dict | 
     given the open evaluation `store`, when the store it trained on (recorded in cfg.json, still
     readable, the same creation id) holds out the same sequences token by token (stores/split.py
     same_held_out: a sibling harvest of one corpus, e.g. the label-free gradient store). False when
-    nothing recorded proves it (an older version, another split, an unreadable training store).
+    nothing recorded proves it (an older version, another split, a store with no creation id, a
+    training store not readable here; a relative recorded path is read from the current folder, and
+    the creation id check makes another store found there count as not proved).
     `seen`: one comparison per training store within one evaluation (the caller's dict, not a
     process-wide cache: a store can be moved or replaced between two evaluations)."""
     if origin.get("source") != "store":
@@ -95,9 +97,11 @@ def trained_outside_split(sae_cfg: dict, origin: dict, store=None, seen: dict | 
     recorded = ours.get("held_out")
     if not isinstance(recorded, dict) or recorded.get("every") != origin.get("every"):
         return False
-    if recorded.get("creation_id") == origin.get("creation_id"):
+    if not recorded.get("creation_id"):   # a store from before creation ids: which store it was is unknown
+        return False
+    if recorded["creation_id"] == origin.get("creation_id"):
         return True
-    if store is None or not ours.get("store") or not recorded.get("creation_id"):
+    if store is None or not ours.get("store"):
         return False
     seen = {} if seen is None else seen
     key = (ours["store"], recorded["creation_id"])
@@ -107,15 +111,18 @@ def trained_outside_split(sae_cfg: dict, origin: dict, store=None, seen: dict | 
 
 
 def _sibling_holds_out_same(train_path: str, creation_id: str, store, sequences: int | None) -> bool:
-    from sae_harvest.stores import StoreError, open_store
+    from sae_harvest.stores import open_store
     from sae_harvest.stores.split import same_held_out
 
+    # a proof that cannot be made is no proof, never a failed evaluation: moved or deleted, another
+    # harvest in its place, credentials or a filesystem package not at hand here (botocore's and
+    # fsspec's errors are not OSErrors), a chunk that no longer reads
     try:
         trained_on = open_store(train_path)
-    except (StoreError, OSError, ValueError):   # moved, deleted, or credentials not at hand
+        # the creation id proves the store at that path is the one the SAE trained on, not a new harvest there
+        return trained_on.attrs.get("creation_id") == creation_id and same_held_out(trained_on, store, sequences)
+    except Exception:   # noqa: BLE001
         return False
-    # the creation id proves the store at that path is the one the SAE trained on, not a new harvest there
-    return trained_on.attrs.get("creation_id") == creation_id and same_held_out(trained_on, store, sequences)
 
 
 def check_fits_store(path, sae, site: str, store, store_label: str) -> None:

@@ -134,11 +134,11 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
         raise EvaluateError(shared)
     dev = pick_device(cfg.device)
     store = open_store(cfg.store) if cfg.store else None
-    saes, entries, nn = [], [], []
+    saes, entries, nn, seen = [], [], [], {}
     with token_progress(console, disable=not progress, unit="SAE", transient=True) as bar:
         task = bar.add_task("geometry", total=len(cfg.saes), info="")
         for path in cfg.saes:
-            sae, entry = _one_sae(cfg, path, dev, store, {e["name"] for e in entries})
+            sae, entry = _one_sae(cfg, path, dev, store, {e["name"] for e in entries}, seen)
             saes.append(sae), entries.append(entry), nn.append(nearest_neighbour_cosines(sae.W_dec))
             bar.advance(task)
     # one histogram range per figure, so that the series of a plot share their bins
@@ -151,8 +151,9 @@ def run_geometry(cfg: GeometryConfig, *, progress: bool = False, console=None) -
     return GeometryResult(config=cfg.to_dict(), saes=out, cross=cross)
 
 
-def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
-    """(the SAE, its SaeGeometry fields but the nearest-neighbour cosines); `taken`: names in use."""
+def _one_sae(cfg, path, dev, store, taken: set, seen: dict) -> tuple:
+    """(the SAE, its SaeGeometry fields but the nearest-neighbour cosines); `taken`: names in use;
+    `seen`: the training stores whose split was compared with this one (trained_outside_split)."""
     from sae_harvest.evaluate.eval_tokens import EvaluateError, check_fits_store, trained_outside_split
     from sae_harvest.train.feeds import held_out_origin
     from sae_harvest.train.sae_io import CFG_NAME, load_sae
@@ -176,11 +177,11 @@ def _one_sae(cfg, path, dev, store, taken: set) -> tuple:
         if n == 0:
             raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")
         origin = held_out_origin(store, tokens=n)
-        # another store's held-out sequences are not this one's: this store's held-out rows may be
-        # the SAE's training rows (another harvest of the same corpus), so its frequencies are not held out
-        same_split = bool(trained_outside_split(saved, origin, store))
+        # another harvest's held-out sequences are not this one's unless its tokens prove them the same
+        # (a sibling store): otherwise this store's held-out rows may be the SAE's training rows
+        same_split = bool(trained_outside_split(saved, origin, store, seen))
         if not same_split:
-            print(f"warning: {scrub(str(path))} was not trained outside the held-out split of {scrub(cfg.store)} "
+            print(f"warning: {scrub(str(path))} is not proved trained outside the held-out split of {scrub(cfg.store)} "
                   f"(trained on {scrub(str(ours.get('store')))}, creation id "
                   f"{(ours.get('held_out') or {}).get('creation_id')}; this store's is {origin.get('creation_id')}): "
                   f"its frequencies may count its training rows", file=sys.stderr, flush=True)

@@ -133,7 +133,7 @@ def open_live(paths, opts: LiveOptions, *, default_tokens: int | None = None) ->
         e.outside_split = trained_outside_split(e.cfg, origin, store_obj, seen)
         if not e.outside_split:
             print(f"warning: {scrub(e.path)} does not record training outside this store's held-out split "
-                  f"(trained by an older version, or on a store not readable here that may hold out other sequences): "
+                  f"(its cfg.json records no split, another split, or a training store not readable here): "
                   f"its numbers may include training tokens",
                   file=sys.stderr, flush=True)
     quiet_transformers()

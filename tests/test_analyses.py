@@ -2,6 +2,7 @@
 answers are known exactly, and the live-model parts against independent HF forwards."""
 import json
 import math
+import shutil
 from itertools import islice
 
 import numpy as np
@@ -463,8 +464,9 @@ def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
 
 
 def test_geometry_warns_when_an_sae_was_trained_on_another_store(store, tmp_path, capsys):
-    """Frequencies on --store's held-out rows are held out only for an SAE trained outside this very
-    store's split: another store (even the same corpus) or no record gets one warning line and
+    """Frequencies on --store's held-out rows are held out only for an SAE proved trained outside
+    them: this store's split, or a sibling store that holds out the same sequences token by token;
+    another store that is not readable here, or no record, gets one warning line and
     frequency.trained_outside_split false."""
     from sae_harvest.evaluate.geometry import GeometryConfig, run_geometry
     from sae_harvest.stores import open_store
@@ -476,9 +478,16 @@ def test_geometry_warns_when_an_sae_was_trained_on_another_store(store, tmp_path
     there = save(tied_relu(rows), tmp_path / "there", store="/elsewhere/other.zarr",
                  held_out={**split, "creation_id": "0" * 32})
     unrecorded = save(tied_relu(rows), tmp_path / "old")
-    doc = run_geometry(GeometryConfig(saes=(here, there, unrecorded), store=store, tokens=64, device="cpu",
-                                      allow_shared_init=True)).to_dict()
-    assert [x["frequency"]["trained_outside_split"] for x in doc["saes"]] == [True, False, False]
+    # a sibling: the same tokens and split under another creation id (another harvest of one corpus)
+    shutil.copytree(store, tmp_path / "sib.zarr")
+    root = json.loads((tmp_path / "sib.zarr" / "zarr.json").read_text())
+    root["attributes"]["sae_store"]["creation_id"] = "1" * 32
+    (tmp_path / "sib.zarr" / "zarr.json").write_text(json.dumps(root))
+    sibling = save(tied_relu(rows), tmp_path / "sib", store=str(tmp_path / "sib.zarr"),
+                   held_out={**split, "creation_id": "1" * 32})
+    doc = run_geometry(GeometryConfig(saes=(here, there, unrecorded, sibling), store=store, tokens=64,
+                                      device="cpu", allow_shared_init=True)).to_dict()
+    assert [x["frequency"]["trained_outside_split"] for x in doc["saes"]] == [True, False, False, True]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2
     assert "there" in warnings[0] and "/elsewhere/other.zarr" in warnings[0] and "0" * 32 in warnings[0]

@@ -282,9 +282,39 @@ def test_a_second_process_follows_the_budgets_the_searched_seeds_evaluate(tmp_pa
     assert pareto.searched_budgets(str(path), args) == {"relu": 256, "topk": 128}
     with pytest.raises(ValueError, match="--max-epochs 256, this run has 128"):
         pareto.searched_budgets(str(path), argparse.Namespace(**{**ran, "max_epochs": 128}))
+    # anything the seeds train on, not only the search's own arguments; the process's own ones are free
+    with pytest.raises(ValueError, match="--e2e-ds-l1 \\[3.0, 10.0\\], this run has \\[0.3, 1.0, 3.0\\]"):
+        path.write_text(json.dumps({**doc, "args": {**ran, "e2e_ds_l1": [3.0, 10.0]}}))
+        pareto.searched_budgets(str(path), argparse.Namespace(**ran, e2e_ds_l1=(0.3, 1.0, 3.0)))
+    path.write_text(json.dumps({**doc, "args": {**ran, "only_seeds": None, "train_only": False}}))
+    assert pareto.searched_budgets(str(path), argparse.Namespace(**ran, only_seeds="3,4", train_only=True))
     path.write_text(json.dumps({**doc, "args": {**ran, "plateau_seeds": 2}}))
     with pytest.raises(ValueError, match="not finished"):
         pareto.searched_budgets(str(path), argparse.Namespace(**{**ran, "plateau_seeds": 2}))
+    path.write_text(json.dumps({**doc, "args": {**ran, "plateau_seeds": None}}))
+    with pytest.raises(ValueError, match="no --plateau-seeds"):
+        pareto.searched_budgets(str(path), argparse.Namespace(**{**ran, "plateau_seeds": None}))
+
+
+def test_follow_searched_refuses_rows_the_searched_seeds_never_trained(tmp_path, monkeypatch, capsys):
+    """A folder missing from the searched budgets (e.g. the searching run had --no-label-free) would be
+    searched by the second process, which never reports: one line, exit 2, before any harvest."""
+    out = tmp_path / "o"
+    out.mkdir()
+    args = ["--local-only", "--seeds", "5", "--epochs", "32", "--until-plateau", "2", "--max-epochs", "256",
+            "--plateau-seeds", "1"]
+    budgets = {f: {"epochs": 256} for f in ("relu", "gated", "jumprelu", "topk", "batchtopk", "gtopk",
+                                             "matryoshka")}   # no gtopk_lf
+    ran = {"until_plateau": 2.0, "max_epochs": 256, "epochs": 32, "plateau_seeds": 1, "seeds": 5,
+           "local_only": True}
+    (out / "pareto.json").write_text(json.dumps({"args": ran, "budgets": [{"seed": 0, "sweeps": budgets}]}))
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(out), *args, "--only-seeds", "3",
+                                      "--train-only", "--follow-searched"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no budget for gtopk_lf" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.json"]
 
 
 def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
@@ -398,17 +428,27 @@ def test_settled_marks_a_point_settled_only_when_every_run_gives_the_same_real_v
     assert settled.main([*paths, "--labels", "64,128"]) == 0
     out = capsys.readouterr().out
     assert "a vs b: ce_increase < @ L0 16: moved" in out and "5 points: 2 settled, 1 moved, 2 not comparable" in out
+    # a "~" claim disagrees when A is better and when it is worse: a flip between the two is not settled
+    better, worse = _run_doc({16: "disagrees"}), _run_doc({16: "disagrees"})
+    better["comparisons"]["a vs b: ce_increase <"][0].update(ratio=0.7, interval=[0.6, 0.8])
+    worse["comparisons"]["a vs b: ce_increase <"][0].update(ratio=1.4, interval=[1.2, 1.6])
+    assert [q.status for q in settled.points([better, worse])] == ["moved"]
+    assert [q.status for q in settled.points([worse, worse])] == ["settled"]
 
 
 @pytest.mark.parametrize("change,message", [
     ({"l0_slack": 0.0}, "different verdict rules or L0 slacks"),
     ({"rule": "sign test"}, "different verdict rules"),
     ({"rule": None}, "records no verdict rule"),
+    ({"comparisons": {"a vs b": [{"l0": 8}]}}, "has a row without a verdict"),
+    ({"comparisons": {"a vs b": [{"l0": 8, "verdict": "agrees"}]}}, "without a verdict, a point or an interval"),
+    ({"comparisons": []}, "not a pareto.json"),
 ])
 def test_settled_refuses_runs_judged_by_different_rules(tmp_path, capsys, change, message):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_run_doc({8: "agrees"})))
     b.write_text(json.dumps({**_run_doc({8: "agrees"}), **change}))
+    assert settled.problem(["a list"]) is not None
     with pytest.raises(SystemExit) as e:
         settled.main([str(a), str(b)])
     err = capsys.readouterr().err

@@ -87,6 +87,28 @@ def test_trained_outside_split_means_this_stores_split():
     assert trained_outside_split(sae("a" * 32), {**origin, "every": 10}) is False
     assert trained_outside_split({"sae_harvest": {}}, origin) is False
     assert trained_outside_split(sae("a" * 32), {"source": "dataset"}) is None
+    # two stores from before creation ids: None == None says nothing of which store either was
+    assert trained_outside_split(sae(None), {**origin, "creation_id": None}) is False
+
+
+@pytest.mark.parametrize("recorded_store", ["gs://no-such-bucket/lf.zarr", "s3://no-such-bucket/lf.zarr",
+                                            "/nonexistent/lf.zarr", "relative/not/here.zarr"])
+def test_a_sibling_proof_that_cannot_be_made_is_false_not_an_error(recorded_store, monkeypatch):
+    """The training store recorded in cfg.json is read only to prove a sibling split: a store that
+    cannot be opened here (any error: credentials, a missing filesystem package, a missing path)
+    leaves the SAE unproved (a warning), never stops the evaluation."""
+    from sae_harvest import stores
+    from sae_harvest.evaluate.eval_tokens import trained_outside_split
+
+    def refuse(path, *a, **k):   # what botocore / fsspec raise offline, none of them OSError
+        raise RuntimeError(f"cannot reach {path}")
+
+    if "://" in recorded_store:
+        monkeypatch.setattr(stores, "open_store", refuse)
+    cfg = {"sae_harvest": {"store": recorded_store,
+                           "held_out": {"rule": "seq % every == 0", "every": 20, "creation_id": "a" * 32}}}
+    origin = {"source": "store", "every": 20, "creation_id": "b" * 32, "sequences": 1}
+    assert trained_outside_split(cfg, origin, store=object()) is False
 
 
 def test_a_fresh_sae_records_the_store_it_trained_outside_of(tmp_path):
