@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -197,8 +198,10 @@ def main():
         args.e2e_ds_l1 = tuple(float(x) for x in args.e2e_ds_l1.split(","))
     except ValueError as e:
         p.error(f"--betas / --only-seeds / --e2e-ds-l1: {e}")
-    if any(not x > 0 for x in args.e2e_ds_l1):
-        p.error("--e2e-ds-l1: every λ > 0")
+    if any(not (math.isfinite(x) and x > 0) for x in args.e2e_ds_l1):
+        p.error("--e2e-ds-l1: every λ finite and > 0")
+    if len({f"{x:g}" for x in args.e2e_ds_l1}) != len(args.e2e_ds_l1):   # the SAEs' names are relu_l1-{λ:g}
+        p.error("--e2e-ds-l1: every λ once")
     if only is not None:
         if not args.train_only or not (args.fixed_epochs or args.follow_searched):
             p.error("--only-seeds needs --train-only and --fixed-epochs or --follow-searched (the verdicts are "
@@ -339,21 +342,27 @@ def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None
 # arguments that say what this process does, not what the seeds are trained on
 PROCESS_LOCAL = ("out", "only_seeds", "train_only", "fixed_epochs", "follow_searched", "followed", "report_only",
                  "tuned_lrs")
+# arguments added after a pareto.json may have been written: the value every older run had
+ADDED_LATER = {"e2e_ds_l1": list(E2E_L1)}
 
 
 def searched_budgets(pareto_json: str, args) -> dict:
     """{folder: epochs} the searching process's seeds evaluate, from its pareto.json: that process
     must have run with this run's arguments (the rule, the cap, the rows, the store, the lrs: all
-    but PROCESS_LOCAL) and finished its --plateau-seeds."""
+    but PROCESS_LOCAL) and finished its --plateau-seeds. Compared and printed scrubbed: pareto.json
+    holds store URLs without their credentials."""
     with open(pareto_json) as f:
         doc = json.load(f)
     ran = doc.get("args", {}) if isinstance(doc, dict) else {}
-    for key, value in sorted(ran.items()):
-        if key in PROCESS_LOCAL or not hasattr(args, key):
+    for key in sorted(set(ran) | set(vars(args))):
+        if key in PROCESS_LOCAL:
             continue
-        ours = json.loads(json.dumps(getattr(args, key)))   # tuples as the JSON's lists
-        if value != ours:
-            raise ValueError(f"{pareto_json} was searched with --{key.replace('_', '-')} {value}, "
+        if key not in ran and key not in ADDED_LATER:
+            raise ValueError(f"{pareto_json} records no --{key.replace('_', '-')}: written by another version")
+        theirs = ran.get(key, ADDED_LATER.get(key))
+        ours = scrub_tree(json.loads(json.dumps(getattr(args, key, None))))   # tuples as the JSON's lists
+        if theirs != ours:
+            raise ValueError(f"{pareto_json} was searched with --{key.replace('_', '-')} {scrub_tree(theirs)}, "
                              f"this run has {ours}")
     if not ran.get("plateau_seeds"):
         raise ValueError(f"{pareto_json} searched every seed (no --plateau-seeds): there is no budget to follow")

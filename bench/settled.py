@@ -71,9 +71,15 @@ def problem(doc) -> str | None:
         return "not a pareto.json (an object with \"comparisons\")"
     for claim, rows in doc.get("comparisons", {}).items():
         for r in rows if isinstance(rows, list) else [None]:
-            if not isinstance(r, dict) or "verdict" not in r or ("at" not in r and "l0" not in r) or (
-                    r["verdict"] in REAL and not (r.get("outcome") or r.get("interval"))):
-                return f"claim {claim!r} has a row without a verdict, a point or an interval"
+            if not isinstance(r, dict) or "verdict" not in r or ("at" not in r and "l0" not in r):
+                return f"claim {claim!r} has a row without a verdict or a point"
+            if r["verdict"] not in REAL:
+                continue
+            interval = r.get("interval")
+            if not (isinstance(interval, list) and len(interval) == 2
+                    and all(isinstance(x, (int, float)) for x in interval)) or \
+                    r.get("outcome") not in (None, "lower", "higher", "tie") or not isinstance(r.get("ratio"), (int, float)):
+                return f"claim {claim!r} has a verdict without a ratio, an interval [low, high] or a known outcome"
     return None
 
 

@@ -463,7 +463,7 @@ def test_geometry_frequencies_on_held_out_store_rows(store, tmp_path):
     assert capped["saes"][0]["frequency"]["tokens"] == 50
 
 
-def test_geometry_warns_when_an_sae_was_trained_on_another_store(store, tmp_path, capsys):
+def test_geometry_warns_when_an_sae_was_trained_on_another_store(store, tmp_path, capsys, monkeypatch):
     """Frequencies on --store's held-out rows are held out only for an SAE proved trained outside
     them: this store's split, or a sibling store that holds out the same sequences token by token;
     another store that is not readable here, or no record, gets one warning line and
@@ -483,11 +483,16 @@ def test_geometry_warns_when_an_sae_was_trained_on_another_store(store, tmp_path
     root = json.loads((tmp_path / "sib.zarr" / "zarr.json").read_text())
     root["attributes"]["sae_store"]["creation_id"] = "1" * 32
     (tmp_path / "sib.zarr" / "zarr.json").write_text(json.dumps(root))
-    sibling = save(tied_relu(rows), tmp_path / "sib", store=str(tmp_path / "sib.zarr"),
-                   held_out={**split, "creation_id": "1" * 32})
-    doc = run_geometry(GeometryConfig(saes=(here, there, unrecorded, sibling), store=store, tokens=64,
+    sibling, sibling2 = (save(tied_relu(rows), tmp_path / name, store=str(tmp_path / "sib.zarr"),
+                              held_out={**split, "creation_id": "1" * 32}) for name in ("sib", "sib2"))
+    from sae_harvest.stores import split as split_module
+    compared = []
+    real = split_module.same_held_out
+    monkeypatch.setattr(split_module, "same_held_out", lambda *a, **k: compared.append(1) or real(*a, **k))
+    doc = run_geometry(GeometryConfig(saes=(here, there, unrecorded, sibling, sibling2), store=store, tokens=64,
                                       device="cpu", allow_shared_init=True)).to_dict()
-    assert [x["frequency"]["trained_outside_split"] for x in doc["saes"]] == [True, False, False, True]
+    assert [x["frequency"]["trained_outside_split"] for x in doc["saes"]] == [True, False, False, True, True]
+    assert len(compared) == 1    # one comparison per training store, not per SAE
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2
     assert "there" in warnings[0] and "/elsewhere/other.zarr" in warnings[0] and "0" * 32 in warnings[0]

@@ -163,7 +163,9 @@ def test_a_search_reuses_the_tuning_run_of_its_exact_config_and_nothing_else(tmp
     (["--only-seeds", "2,x", "--train-only", "--fixed-epochs", "4"], "--betas / --only-seeds"),
     (["--fixed-epochs", "0"], "--fixed-epochs: at least 1"),
     (["--e2e-ds-l1", "3,x"], "--e2e-ds-l1: could not convert"),
-    (["--e2e-ds-l1", "3,0"], "--e2e-ds-l1: every λ > 0"),
+    (["--e2e-ds-l1", "3,0"], "--e2e-ds-l1: every λ finite and > 0"),
+    (["--e2e-ds-l1", "3,inf"], "--e2e-ds-l1: every λ finite and > 0"),
+    (["--e2e-ds-l1", "10,1e1"], "--e2e-ds-l1: every λ once"),
     (["--lrs", "/nonexistent/lr-tune"], "no such file or folder"),   # before any harvest
 ])
 def test_bad_bench_flags_are_one_line_and_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys, argv,

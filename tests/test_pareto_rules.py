@@ -296,25 +296,78 @@ def test_a_second_process_follows_the_budgets_the_searched_seeds_evaluate(tmp_pa
         pareto.searched_budgets(str(path), argparse.Namespace(**{**ran, "plateau_seeds": None}))
 
 
+def _searching_args(tmp_path, monkeypatch, argv) -> dict:
+    """The args a searching process records in pareto.json (main(), stopped before any training)."""
+    seen = {}
+
+    def grab(args, *a, **k):
+        seen.update(json.loads(json.dumps(vars(args))))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pareto, "harvest_store", lambda *a, **k: "store")
+    monkeypatch.setattr(pareto, "check_same_held_out", lambda *a: None)
+    monkeypatch.setattr(pareto, "run_seed", grab)
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "first"), *argv])
+    with pytest.raises(SystemExit):
+        pareto.main()
+    monkeypatch.undo()
+    return seen
+
+
+SEARCH = ["--local-only", "--seeds", "5", "--epochs", "32", "--until-plateau", "2", "--max-epochs", "256",
+          "--plateau-seeds", "1"]
+BUDGETS = {f: {"epochs": 256} for f in ("relu", "gated", "jumprelu", "topk", "batchtopk", "gtopk", "matryoshka",
+                                         "gtopk_lf")}
+
+
+def _follow(tmp_path, monkeypatch, capsys, ran: dict, budgets: dict, argv) -> tuple[int, str]:
+    out = tmp_path / "o"
+    out.mkdir(exist_ok=True)
+    (out / "pareto.json").write_text(json.dumps({"args": ran, "budgets": [{"seed": 0, "sweeps": budgets}]}))
+    monkeypatch.setattr(pareto, "harvest_store", lambda *a, **k: "store")   # reached: the checks passed
+    monkeypatch.setattr(pareto, "check_same_held_out", lambda *a: None)
+    monkeypatch.setattr(pareto, "run_seed", lambda args, *a, **k: print(f"followed {args.followed}"))
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(out), *argv, "--only-seeds", "3", "--train-only",
+                                      "--follow-searched"])
+    try:
+        pareto.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
 def test_follow_searched_refuses_rows_the_searched_seeds_never_trained(tmp_path, monkeypatch, capsys):
     """A folder missing from the searched budgets (e.g. the searching run had --no-label-free) would be
     searched by the second process, which never reports: one line, exit 2, before any harvest."""
-    out = tmp_path / "o"
-    out.mkdir()
-    args = ["--local-only", "--seeds", "5", "--epochs", "32", "--until-plateau", "2", "--max-epochs", "256",
-            "--plateau-seeds", "1"]
-    budgets = {f: {"epochs": 256} for f in ("relu", "gated", "jumprelu", "topk", "batchtopk", "gtopk",
-                                             "matryoshka")}   # no gtopk_lf
-    ran = {"until_plateau": 2.0, "max_epochs": 256, "epochs": 32, "plateau_seeds": 1, "seeds": 5,
-           "local_only": True}
-    (out / "pareto.json").write_text(json.dumps({"args": ran, "budgets": [{"seed": 0, "sweeps": budgets}]}))
-    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(out), *args, "--only-seeds", "3",
-                                      "--train-only", "--follow-searched"])
-    with pytest.raises(SystemExit) as e:
-        pareto.main()
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "no budget for gtopk_lf" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["pareto.json"]
+    ran = _searching_args(tmp_path, monkeypatch, SEARCH)
+    code, said = _follow(tmp_path, monkeypatch, capsys, ran, BUDGETS, SEARCH)
+    assert code == 0 and "'topk': 256" in said                      # the same arguments: followed
+    code, said = _follow(tmp_path, monkeypatch, capsys, ran, {k: v for k, v in BUDGETS.items() if k != "gtopk_lf"},
+                         SEARCH)
+    assert code == 2 and "no budget for gtopk_lf" in said and "Traceback" not in said
+
+
+def test_follow_searched_compares_scrubbed_and_every_argument(tmp_path, monkeypatch, capsys):
+    """pareto.json records store URLs scrubbed: the same URL with credentials is the same store, and
+    a refusal never prints them. An argument the JSON lacks is refused unless it came later with the
+    value older runs had (ADDED_LATER), so another e2e+ds grid cannot follow an older run."""
+    url = ["--store", "s3://AKIA:secret@bucket/x.zarr"]
+    ran = _searching_args(tmp_path, monkeypatch, SEARCH + url)
+    assert ran["store"] == "s3://AKIA:secret@bucket/x.zarr"   # vars(args); report() writes it scrubbed
+    ran["store"] = "s3://bucket/x.zarr"
+    code, said = _follow(tmp_path, monkeypatch, capsys, ran, BUDGETS, SEARCH + url)
+    assert code == 0, said
+    code, said = _follow(tmp_path, monkeypatch, capsys, ran, BUDGETS, SEARCH + ["--store", "s3://K:secret@b/y.zarr"])
+    assert code == 2 and "s3://b/y.zarr" in said and "secret" not in said
+    older = {k: v for k, v in ran.items() if k != "e2e_ds_l1"}
+    assert _follow(tmp_path, monkeypatch, capsys, older, BUDGETS, SEARCH + url)[0] == 0
+    code, said = _follow(tmp_path, monkeypatch, capsys, older, BUDGETS, SEARCH + url + ["--e2e-ds-l1", "3,10"])
+    assert code == 2 and "--e2e-ds-l1 [0.3, 1.0, 3.0], this run has [3.0, 10.0]" in said
+    code, said = _follow(tmp_path, monkeypatch, capsys, {k: v for k, v in ran.items() if k != "d_sae"}, BUDGETS,
+                         SEARCH + url)
+    assert code == 2 and "records no --d-sae" in said
 
 
 def test_later_seeds_train_once_at_the_searched_seeds_largest_budget(tmp_path):
@@ -429,9 +482,8 @@ def test_settled_marks_a_point_settled_only_when_every_run_gives_the_same_real_v
     out = capsys.readouterr().out
     assert "a vs b: ce_increase < @ L0 16: moved" in out and "5 points: 2 settled, 1 moved, 2 not comparable" in out
     # a "~" claim disagrees when A is better and when it is worse: a flip between the two is not settled
-    better, worse = _run_doc({16: "disagrees"}), _run_doc({16: "disagrees"})
-    better["comparisons"]["a vs b: ce_increase <"][0].update(ratio=0.7, interval=[0.6, 0.8])
-    worse["comparisons"]["a vs b: ce_increase <"][0].update(ratio=1.4, interval=[1.2, 1.6])
+    better, worse = ({"rule": "paired", "comparisons": {"a vs b: ce_increase ~": [
+        {"l0": 16, "verdict": "disagrees", "ratio": r, "interval": [r - 0.1, r + 0.1]}]}} for r in (0.7, 1.4))
     assert [q.status for q in settled.points([better, worse])] == ["moved"]
     assert [q.status for q in settled.points([worse, worse])] == ["settled"]
 
@@ -441,7 +493,10 @@ def test_settled_marks_a_point_settled_only_when_every_run_gives_the_same_real_v
     ({"rule": "sign test"}, "different verdict rules"),
     ({"rule": None}, "records no verdict rule"),
     ({"comparisons": {"a vs b": [{"l0": 8}]}}, "has a row without a verdict"),
-    ({"comparisons": {"a vs b": [{"l0": 8, "verdict": "agrees"}]}}, "without a verdict, a point or an interval"),
+    ({"comparisons": {"a vs b": [{"l0": 8, "verdict": "agrees"}]}}, "a verdict without a ratio, an interval"),
+    ({"comparisons": {"a vs b": [{"l0": 8, "verdict": "tie", "ratio": 1.0, "interval": [0.9]}]}}, "an interval"),
+    ({"comparisons": {"a vs b": [{"l0": 8, "verdict": "tie", "ratio": 1.0, "interval": [0.9, 1.1],
+                                  "outcome": "sideways"}]}}, "a known outcome"),
     ({"comparisons": []}, "not a pareto.json"),
 ])
 def test_settled_refuses_runs_judged_by_different_rules(tmp_path, capsys, change, message):
