@@ -3,9 +3,9 @@
 One harvested store at SITE (every --eval-every-th sequence held out: no trainer reads it, every
 evaluation reads only it). Per seed, each sweep folder is trained to its own plateau (bench/plateau.py:
 --until-plateau P doubles that folder's epochs until every SAE in it moves its held-out training
-loss and L0 by < P%, or until its held-out loss turns up (every L0 steady, none better by P%, one
-worse by P%: the budget before is evaluated); training only, superseded budgets deleted, every
-budget's record kept), then the
+loss and L0 by < P%, or, with --early-stop, until its held-out loss turns up (every L0 steady, none
+better by P%, one worse by P%: the budget before is evaluated; off by default, as one seed's turn
+proved to be noise); training only, superseded budgets deleted, every budget's record kept), then the
 seed's final SAEs are evaluated together, once, on all the held-out tokens (g-SAEs under both
 gradient modes). Each paper claim is a ratio metric(A) / metric(B) at equal L0 per seed; the
 verdict rule (bench/verdicts.py, and docs/results.md) is a paired 95% t-interval of the per-seed log ratio
@@ -188,6 +188,9 @@ def main():
                                                              "and --fixed-epochs: a second process's share)")
     p.add_argument("--fixed-epochs", type=int, default=None,
                    help="train every folder once at this budget, no search (the budget the searched seed reaches)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="stop a folder whose held-out loss turned (bench/plateau.py past_optimum) and evaluate "
+                        "the budget before; off by default: judged on one searched seed it reads noise")
     p.add_argument("--follow-searched", action="store_true",
                    help="with --only-seeds: train each folder once at the budget the searched seeds evaluate "
                         "(read from --out/pareto.json; a folder stopped early keeps its earlier budget)")
@@ -295,7 +298,7 @@ def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
     fixed = ({r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else
              args.followed if args.followed else fixed_budgets(budgets, args.plateau_seeds))
     paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
-                                     fixed=fixed, caps=caps)
+                                     fixed=fixed, caps=caps, early_stop=args.early_stop)
     if args.train_only:
         say(f"[{tag}] trained (--train-only): {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         return None
@@ -343,7 +346,7 @@ def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None
 PROCESS_LOCAL = ("out", "only_seeds", "train_only", "fixed_epochs", "follow_searched", "followed", "report_only",
                  "tuned_lrs")
 # arguments added after a pareto.json may have been written: the value every older run had
-ADDED_LATER = {"e2e_ds_l1": list(E2E_L1)}
+ADDED_LATER = {"e2e_ds_l1": list(E2E_L1), "early_stop": True}   # stop 13's runs stopped early
 
 
 def searched_budgets(pareto_json: str, args) -> dict:

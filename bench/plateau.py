@@ -62,9 +62,13 @@ def past_optimum(before: dict, after: dict, pct: float) -> bool:
     return worse
 
 
-def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs: None, say=lambda *a: None) -> dict:
-    """Double the epochs from `first` until plateaued(pct), past_optimum(pct) (then the budget before
-    is the one to evaluate) or the next budget would pass max_epochs (pct 0: `first` only).
+def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs: None, say=lambda *a: None,
+           early_stop: bool = False) -> dict:
+    """Double the epochs from `first` until plateaued(pct), with early_stop past_optimum(pct) (then
+    the budget before is the one to evaluate), or until the next budget would pass max_epochs (pct 0:
+    `first` only). Early stopping is off by default: on the tuned runs one seed's change between two
+    budgets varied by ±4-7% across seeds (bench/overfit.py, docs/results.md), so a turn judged on one
+    searched seed is mostly noise, and it would hand that folder a smaller budget than the others.
     `train(epochs) -> {name: record}` trains one budget; `discard(epochs)` deletes the SAEs of a
     budget that is not evaluated, once the comparison is made; `say(epochs, records, history, stop)`
     reports each budget. Returns {"epochs": the budget to evaluate, "plateaued", "stop": why it
@@ -77,7 +81,7 @@ def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs
         records = train(epochs)
         history.append({"epochs": epochs, "training": records, "seconds": time.perf_counter() - wall,
                         "cpu_seconds": time.process_time() - cpu})
-        turned = bool(pct) and len(history) > 1 and past_optimum(history[-2]["training"], records, pct)
+        turned = early_stop and bool(pct) and len(history) > 1 and past_optimum(history[-2]["training"], records, pct)
         flat = not turned and len(history) > 1 and plateaued(history[-2]["training"], records, pct)
         if len(history) > 1:
             discard(epochs if turned else history[-2]["epochs"])
@@ -196,7 +200,7 @@ class SeedTrainer:
             self._save()
 
     def run(self, rows, *, first: int, pct: float, max_epochs: int, fixed: dict | None = None,
-            caps: dict | None = None) -> tuple[list[str], dict]:
+            caps: dict | None = None, early_stop: bool = False) -> tuple[list[str], dict]:
         """Every row to its plateau, in order (a row with "init" after the row it starts from):
         (the evaluated SAEs' paths, {folder: search record}). `fixed` {folder: epochs}: train those
         folders once at that budget (another seed's plateau), no search; `caps` {folder: epochs}:
@@ -212,7 +216,7 @@ class SeedTrainer:
             cap = min(max_epochs, (caps or {}).get(folder, max_epochs))
             rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(cap, start),
                          discard=lambda e: self.discard(folder, e),
-                         say=self._reporter(folder, bool(fixed and folder in fixed)))
+                         say=self._reporter(folder, bool(fixed and folder in fixed)), early_stop=early_stop)
             if fixed and folder in fixed:
                 rec["stop"] = "fixed (the searched seeds' budget)"
             final = self.budget_dir(folder, rec["epochs"])
