@@ -8,6 +8,8 @@
 #                                            # per layer, topk and jumprelu (~3 min estimated; not yet run)
 #   ONLY=bf16 bash bench/gpu.sh              # issue 21's bf16 harvest table (4 harvests of 131k tokens:
 #                                            # ~2 min estimated on an H100/H200, not yet run there)
+#   ONLY=pareto bash bench/gpu.sh            # issue 18's wider-store Pareto (5 seeds, d_sae 2048, 2M tokens,
+#                                            # PW_EPOCHS=2 epochs: ~8 min estimated, not yet run)
 #   REP=1 ONLY="store train parts codecs" bash bench/gpu.sh   # issue 21's sections, ~7 min estimated on
 #                                            # an H100/H200 (not yet run there)
 # Needs the offline default model's tokenizer (built on first use, or SAE_HARVEST_CACHE pointing at
@@ -34,13 +36,15 @@ if [ "${1:-}" = "--dry-run" ]; then
   E2E_TOKENS=2048; E2E_DSAE=256; E2E_SITE=blocks.2.resid_pre; EN=2048; REP=${REP:-1}; HBATCH=4
   WSITES=2; WD=64; WROWS=8192; RROWS=65536; RD=64; PBATCH=512; PITERS=1; CTOK=1024; CGPT2=--no-gpt2; SN=4096
   CLT_LAYERS=4; CLT_D=64; CLT_F=128,256; CLT_BATCH=512; CLT_ITERS=2; BTOK=4096
+  PW_TOKENS=12000; PW_DSAE=64; PW_EVERY=10; PW_EPOCHS=${PW_EPOCHS:-1}
 else
   DEV=cuda; MODEL=gpt2-small-random; CTX=1024; HN=131072; TD_IN=768; TD_SAE=24576; TN=4096000; TROWS=600000
   E2E_TOKENS=2097152; E2E_DSAE=46080; E2E_SITE=blocks.6.resid_pre; EN=131072; REP=${REP:-2}; HBATCH=16
   WSITES=4; WD=768; WROWS=131072; RROWS=524288; RD=768; PBATCH=4096; PITERS=20; CTOK=4096; CGPT2=; SN=32768
   CLT_LAYERS=12; CLT_D=768; CLT_F=8192,24576; CLT_BATCH=4096; CLT_ITERS=10; BTOK=131072
+  PW_TOKENS=2000000; PW_DSAE=2048; PW_EVERY=40; PW_EPOCHS=${PW_EPOCHS:-2}
 fi
-ONLY=${ONLY:-store harvest train parts sites codecs bf16 e2e evaluate clt}
+ONLY=${ONLY:-store harvest train parts sites codecs bf16 e2e evaluate clt}   # pareto: only when named
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 py() { python3 "$@"; }
 MPATH=$MODEL
@@ -115,6 +119,19 @@ if want clt; then
 echo "== CLT step: $CLT_LAYERS layers x d $CLT_D, F per layer $CLT_F, batch $CLT_BATCH (tokens/s, peak memory)"
 py bench/clt.py --device $DEV --layers $CLT_LAYERS --d $CLT_D --f $CLT_F --k 32 --batch-size $CLT_BATCH \
    --iters $CLT_ITERS --repeats 3 --json "$OUT/clt.json" > /dev/null
+fi
+
+if want pareto; then
+# issue 18's wider store: the offline default model (d = 128) at d_sae = 16x d on 25x the CPU runs'
+# tokens, every local architecture, 5 seeds, one equal budget of PW_EPOCHS epochs (a GPU-hour would
+# search a plateau; this is sized for one device call: ~8 min estimated, not yet run), the
+# architectures' default lrs (the CPU tuning was at d_sae 256). Stores and SAEs stay in $T; only
+# pareto.json comes back.
+echo "== pareto, wider store: $PW_TOKENS tokens, d_sae $PW_DSAE, $PW_EPOCHS epoch(s), 5 seeds"
+py bench/pareto.py --out "$T/pareto-wide" --tokens $PW_TOKENS --d-sae $PW_DSAE --eval-every $PW_EVERY \
+   --local-only --seeds 5 --epochs $PW_EPOCHS --max-epochs $PW_EPOCHS --until-plateau 2 --plateau-seeds 1 \
+   | grep -v "^warning:" | tail -n 60
+mkdir -p "$OUT/pareto-wide" && cp "$T/pareto-wide/pareto.json" "$OUT/pareto-wide/"
 fi
 
 py bench/gpu_table.py "$OUT"
