@@ -48,7 +48,6 @@ import os
 import time
 from pathlib import Path
 
-
 from lr_tune import TunedLrError, adopt_records, load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
