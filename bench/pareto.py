@@ -50,6 +50,7 @@ from pathlib import Path
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
+from seed_budgets import fixed_budgets, searched_budgets  # noqa: F401  (tests call them as pareto.*)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
 from verdicts import L0_SLACK, at_grid, at_points, print_budget, print_rows
@@ -327,51 +328,6 @@ def e2e_caps(rows, cap: int | None) -> dict | None:
     if not cap:
         return None
     return {r[0]: cap for r in rows if r[0] in ("e2e", "e2e_ds") or r[0].startswith("relu_cont")}
-
-
-def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None:
-    """{folder: epochs} for a seed past the first plateau_seeds: the largest budget the searched
-    seeds reached per folder (None: search this seed too)."""
-    if plateau_seeds is None or len(budgets) < plateau_seeds:
-        return None
-    out = {}
-    for b in budgets[:plateau_seeds]:
-        for folder, rec in b["sweeps"].items():
-            out[folder] = max(out.get(folder, 0), rec["epochs"])
-    return out
-
-
-# arguments that say what this process does, not what the seeds are trained on
-PROCESS_LOCAL = ("out", "only_seeds", "train_only", "fixed_epochs", "follow_searched", "followed", "report_only",
-                 "tuned_lrs")
-# arguments added after a pareto.json may have been written: the value every older run had
-ADDED_LATER = {"e2e_ds_l1": list(E2E_L1), "early_stop": True}   # stop 13's runs stopped early
-
-
-def searched_budgets(pareto_json: str, args) -> dict:
-    """{folder: epochs} the searching process's seeds evaluate, from its pareto.json: that process
-    must have run with this run's arguments (the rule, the cap, the rows, the store, the lrs: all
-    but PROCESS_LOCAL) and finished its --plateau-seeds. Compared and printed scrubbed: pareto.json
-    holds store URLs without their credentials."""
-    with open(pareto_json) as f:
-        doc = json.load(f)
-    ran = doc.get("args", {}) if isinstance(doc, dict) else {}
-    for key in sorted(set(ran) | set(vars(args))):
-        if key in PROCESS_LOCAL:
-            continue
-        if key not in ran and key not in ADDED_LATER:
-            raise ValueError(f"{pareto_json} records no --{key.replace('_', '-')}: written by another version")
-        theirs = ran.get(key, ADDED_LATER.get(key))
-        ours = scrub_tree(json.loads(json.dumps(getattr(args, key, None))))   # tuples as the JSON's lists
-        if theirs != ours:
-            raise ValueError(f"{pareto_json} was searched with --{key.replace('_', '-')} {scrub_tree(theirs)}, "
-                             f"this run has {ours}")
-    if not ran.get("plateau_seeds"):
-        raise ValueError(f"{pareto_json} searched every seed (no --plateau-seeds): there is no budget to follow")
-    out = fixed_budgets(doc.get("budgets", []), ran["plateau_seeds"])
-    if not out:
-        raise ValueError(f"{pareto_json} has not finished its searched seeds yet")
-    return out
 
 
 def check_same_held_out(store: str, lf_store: str) -> None:

@@ -530,3 +530,8 @@ def test_e2e_ds_grid_reaches_both_regimes_and_leaves_e2e_alone():
         assert rows["e2e_ds"]["l1"] == (3.0, 10.0, 30.0) and rows["e2e_ds"]["loss"] == "e2e+ds"
         assert rows["e2e"]["l1"] == pareto.E2E_L1
         assert {r[0]: r[2] for r in pareto.sweeps(regime, None)}["e2e_ds"]["l1"] == pareto.E2E_L1
+
+
+def test_added_later_records_the_value_older_runs_had():
+    import seed_budgets
+    assert seed_budgets.ADDED_LATER["e2e_ds_l1"] == list(pareto.E2E_L1)   # the grid before --e2e-ds-l1 existed
