@@ -5,7 +5,8 @@ A held-out loss that rises between two budgets (bench/plateau.py's "turned") has
 SAE fits the training split (its training NMSE still falls while the held-out one rises), or the
 optimisation itself went worse (both rise). The NMSE is the one the trainer reports (train/held_out.py:
 sum ||x - x_hat||^2 / sum ||x||^2, position 0 left out as in training, g-SAEs selecting with the
-store's gradients), so the held-out column reproduces each SAE's summary.json.
+store's gradients), so the held-out column reproduces each SAE's summary.json. Each SAE is read
+against the store it trained on (the label-free g-SAE against the label-free store).
 
     python bench/overfit.py --store bench-out/pareto/store.zarr \\
         --budgets bench-out/pareto-tuned/seed3/epochs128 bench-out/pareto-tuned/seed3/epochs256 \\
@@ -44,8 +45,10 @@ def nmse_on(sae, store, site: str, seqs: str, exclude_pos0: bool, batch_size: in
         return held_out_reconstruction(sae, rows(), 1.0, "cpu")
 
 
-def measure(store_path: str, budgets: list[str]) -> dict:
-    """{folder/name: {budget root: {"train": report, "held_out": report}}} for the SAEs every budget has."""
+def measure(store_path: str | None, budgets: list[str]) -> dict:
+    """{folder/name: {budget root: {"train": report, "held_out": report}}} for the SAEs every budget
+    has, each read against the store it trained on (its cfg.json's; `store_path` instead must be that
+    store: the same creation id), so a g-SAE selects with the gradients it trained with."""
     from sae_harvest.stores import open_store
     from sae_harvest.train.sae_io import load_sae
 
@@ -53,13 +56,21 @@ def measure(store_path: str, budgets: list[str]) -> dict:
     names = sorted(set.intersection(*(set(sae_names(r)) for r in roots)))
     if not names:
         raise ValueError(f"no SAE (folder/name/cfg.json) is under every one of {', '.join(budgets)}")
-    store = open_store(store_path)
+    opened = {}
     out = {}
     for name in names:
         out[name] = {}
         for root in roots:
             cfg = json.loads((root / name / "cfg.json").read_text())
             ours = cfg.get("sae_harvest") or {}
+            path = store_path or ours.get("store")
+            if not path:
+                raise ValueError(f"{root / name}: its cfg.json records no store; give --store")
+            store = opened.get(path) or opened.setdefault(path, open_store(path))
+            trained_on = (ours.get("held_out") or {}).get("creation_id")
+            if trained_on != store.attrs.get("creation_id"):
+                raise ValueError(f"{root / name} was trained on another store (creation id {trained_on}) than "
+                                 f"{path} ({store.attrs.get('creation_id')})")
             site = ours.get("hook_name")
             exclude_pos0 = not (ours.get("training") or {}).get("include_bos", False)   # as train/local.py
             sae = load_sae(str(root / name), device="cpu")
@@ -71,7 +82,8 @@ def measure(store_path: str, budgets: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", required=True, help="the store the SAEs were trained on")
+    p.add_argument("--store", default=None,
+                   help="the store the SAEs were trained on (default: each SAE's own, from its cfg.json)")
     p.add_argument("--budgets", nargs="+", required=True,
                    help="budget folders of one run, smallest first (e.g. seed3/epochs128 seed3/epochs256)")
     p.add_argument("--json", default=None, help="write the reports here")

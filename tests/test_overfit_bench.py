@@ -59,3 +59,21 @@ def test_budgets_without_a_common_sae_are_one_line(tmp_path, capsys):
         overfit.main(["--store", str(tmp_path / "none.zarr"), "--budgets", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no SAE" in err and "Traceback" not in err
+
+
+def test_each_sae_is_read_against_the_store_it_trained_on(tmp_path, capsys):
+    """A g-SAE trained on another store (the label-free one) selects with that store's gradients:
+    without --store each SAE reads its own; a --store it did not train on is one line, exit 2."""
+    make_store(tmp_path / "a.zarr", grads=False)
+    make_store(tmp_path / "b.zarr", grads=False, seed=1)
+    for epochs in (1, 2):
+        fit(_cfg(str(tmp_path / "b.zarr"), str(tmp_path / f"epochs{epochs}" / "topk"), arch="topk", k=(4,),
+                 epochs=epochs, site=SITE), progress=False)
+    roots = [str(tmp_path / "epochs1"), str(tmp_path / "epochs2")]
+    got = overfit.measure(None, roots)
+    summary = json.loads(Path(f"{roots[0]}/topk/topk_k4/summary.json").read_text())
+    assert got["topk/topk_k4"][roots[0]]["held_out"]["nmse"] == pytest.approx(summary["held_out"]["nmse"], rel=1e-4)
+    with pytest.raises(SystemExit) as e:
+        overfit.main(["--store", str(tmp_path / "a.zarr"), "--budgets", *roots])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "was trained on another store" in err and "Traceback" not in err
