@@ -67,7 +67,7 @@ def search(train, first: int, pct: float, max_epochs: int, discard=lambda epochs
     """Double the epochs from `first` until plateaued(pct), with early_stop past_optimum(pct) (then
     the budget before is the one to evaluate), or until the next budget would pass max_epochs (pct 0:
     `first` only). Early stopping is off by default: on the tuned runs one seed's change between two
-    budgets varied by ±4-7% across seeds (bench/overfit.py, docs/results.md), so a turn judged on one
+    budgets varied by ±4-10% across seeds (bench/overfit.py, docs/results.md), so a turn judged on one
     searched seed is mostly noise, and it would hand that folder a smaller budget than the others.
     `train(epochs) -> {name: record}` trains one budget; `discard(epochs)` deletes the SAEs of a
     budget that is not evaluated, once the comparison is made; `say(epochs, records, history, stop)`
