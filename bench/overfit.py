@@ -66,7 +66,9 @@ def measure(store_path: str | None, budgets: list[str]) -> dict:
             path = store_path or ours.get("store")
             if not path:
                 raise ValueError(f"{root / name}: its cfg.json records no store; give --store")
-            store = opened.get(path) or opened.setdefault(path, open_store(path))
+            if path not in opened:
+                opened[path] = open_store(path)
+            store = opened[path]
             trained_on = (ours.get("held_out") or {}).get("creation_id")
             if trained_on != store.attrs.get("creation_id"):
                 raise ValueError(f"{root / name} was trained on another store (creation id {trained_on}) than "
