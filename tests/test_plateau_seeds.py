@@ -1,0 +1,99 @@
+"""bench/plateau_seeds.py: the plateau judged across seeds, against hand-computed t-intervals on
+crafted plateau.json journals (no training)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+import plateau_seeds  # noqa: E402
+
+
+def _cfg(seed, epochs, lr=0.001):
+    return json.dumps({"arch": "topk", "epochs": epochs, "lr": lr, "seed": seed, "checkpoint_every": epochs})
+
+
+def _write(root, seed, budgets, folder="topk"):
+    """budgets: {epochs: {sae: (loss, l0)}} or {epochs: (config, {sae: (loss, l0)})}."""
+    journal = {folder: {}}
+    for epochs, recs in budgets.items():
+        cfg, recs = recs if isinstance(recs, tuple) else (_cfg(seed, epochs), recs)
+        journal[folder][str(epochs)] = {"config": cfg, "superseded": False, "training": {
+            sae: {"held_out_loss": loss, "held_out_l0": l0, "loss_name": "nmse"} for sae, (loss, l0) in recs.items()}}
+    (root / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+    (root / f"seed{seed}" / "plateau.json").write_text(json.dumps(journal))
+
+
+def _hand_interval(ratios):
+    logs = [math.log(r) for r in ratios]
+    n = len(logs)
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    half = {4: 2.776, 5: 2.571}[n - 1] * sd / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def test_intervals_and_statuses_match_hand_computation(tmp_path):
+    falls = [0.90, 0.92, 0.88, 0.91, 0.89]         # loss falls ~10%
+    flat = [1.001, 0.999, 1.002, 0.998, 1.000]    # inside ±2%
+    noisy = [0.95, 1.06, 0.97, 1.04, 1.00]        # contains 1, wider than ±2%
+    rises = [1.05, 1.07, 1.06, 1.08, 1.05]
+    for seed in range(5):
+        _write(tmp_path, seed, {
+            64: {"a": (1.0, 10.0), "b": (1.0, 10.0), "c": (1.0, 10.0), "d": (1.0, 10.0)},
+            128: {"a": (falls[seed], 10.0), "b": (flat[seed], 10.0 * flat[seed]),
+                  "c": (noisy[seed], 10.0), "d": (rises[seed], 10.0)}})
+    rep = plateau_seeds.report(plateau_seeds.journals(str(tmp_path)), pct=2)
+    saes = rep["folders"]["topk"]["pairs"]["64->128"]["saes"]
+    for name, ratios in (("a", falls), ("b", flat), ("c", noisy), ("d", rises)):
+        assert saes[name]["loss"]["ratio"] == pytest.approx(_hand_interval(ratios), rel=1e-9)
+        assert saes[name]["seeds"] == [0, 1, 2, 3, 4]
+    assert saes["a"]["status"] == "loss falls, L0 settled"
+    assert saes["b"]["status"] == "settled"
+    assert saes["c"]["status"] == "loss undecided, L0 settled"
+    assert saes["d"]["status"] == "loss rises, L0 settled"
+    assert rep["folders"]["topk"]["pairs"]["64->128"]["plateau"] is False
+
+
+def test_a_folder_plateaus_only_when_loss_and_l0_of_every_sae_settle(tmp_path):
+    l0_falls = [0.9, 0.91, 0.89, 0.9, 0.92]
+    for seed in range(5):
+        _write(tmp_path, seed, {64: {"a": (1.0, 10.0), "b": (1.0, 10.0)},
+                                128: {"a": (1.0 + seed * 1e-3, 10.0), "b": (1.0, 10.0 * l0_falls[seed])}})
+    rep = plateau_seeds.report(plateau_seeds.journals(str(tmp_path)), pct=2)
+    pair = rep["folders"]["topk"]["pairs"]["64->128"]
+    assert pair["saes"]["a"]["status"] == "settled"
+    assert pair["saes"]["b"]["status"] == "loss settled, L0 falls"   # an L1 SAE still trading NMSE for L0
+    assert pair["plateau"] is False
+    rep = plateau_seeds.report(plateau_seeds.journals(str(tmp_path)), pct=20)
+    assert rep["folders"]["topk"]["pairs"]["64->128"]["plateau"] is True
+
+
+def test_records_of_another_seed_or_config_do_not_count(tmp_path):
+    for seed in range(5):
+        budgets = {64: {"a": (1.0, 10.0)}, 128: {"a": (0.9, 10.0)}}
+        if seed == 1:   # lr_tune.py copies seed 0's tuning record into every journal
+            budgets[64] = (_cfg(0, 64), {"a": (1.0, 10.0)})
+        if seed == 2:   # a budget trained at another lr is not the same SAE's next budget
+            budgets[128] = (_cfg(2, 128, lr=0.01), {"a": (0.9, 10.0)})
+        _write(tmp_path, seed, budgets)
+    rep = plateau_seeds.report(plateau_seeds.journals(str(tmp_path)), pct=2)
+    pair = rep["folders"]["topk"]["pairs"]["64->128"]
+    assert pair["saes"]["a"]["seeds"] == [0, 3, 4]
+    assert pair["saes"]["a"]["status"] == "untested" and pair["plateau"] is None
+
+
+def test_cli_writes_json_and_refuses_a_folder_without_journals(tmp_path, capsys):
+    for seed in range(5):
+        _write(tmp_path / "run", seed, {64: {"a": (1.0, 10.0)}, 128: {"a": (0.9 + seed / 100, 10.0)}})
+    assert plateau_seeds.main([str(tmp_path / "run"), "--json", str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["seeds"] == [0, 1, 2, 3, 4] and "1 ± 2%" in doc["rule"]
+    assert "topk 64->128: not plateaued" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        plateau_seeds.main([str(tmp_path / "empty")])
+    assert e.value.code == 2
+    assert "no seed<N>/plateau.json" in capsys.readouterr().err
