@@ -35,6 +35,14 @@ def test_plateaued_is_every_sae_and_both_directions():
     # an SAE with no record before, or no loss, is not a plateau
     assert not plateau.plateaued({"a": before["a"]}, {"a": {"held_out_loss": 1.0}, "b": {"held_out_loss": 2.0}}, 2)
     assert not plateau.plateaued(before, {"a": {"held_out_loss": None}, "b": {"held_out_loss": 2.0}}, 2)
+    # a diverged SAE (NaN loss or L0) is not flat: NaN compares False with any bound
+    nan = float("nan")
+    assert not plateau.plateaued(before, {"a": {"held_out_loss": nan}, "b": {"held_out_loss": 2.0}}, 2)
+    assert not plateau.plateaued({"a": {"held_out_loss": nan}}, {"a": {"held_out_loss": 1.0}}, 2)
+    assert not plateau.plateaued({"a": {"held_out_loss": 1.0, "held_out_l0": 5.0}},
+                                 {"a": {"held_out_loss": 1.0, "held_out_l0": nan}}, 2)
+    assert not plateau.past_optimum({"a": {"held_out_loss": 1.0, "held_out_l0": 5.0}},
+                                    {"a": {"held_out_loss": float("inf"), "held_out_l0": 5.0}}, 2)
 
 
 def test_plateau_needs_the_l0_still_too():
