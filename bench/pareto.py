@@ -19,7 +19,8 @@ own loss (--e2e continuation; each continuation doubles from one pass to its own
 second store with the label-free gradient (--grad-target model-top1) trains "gtopk_lf", so the
 g-SAE is compared under the paper's protocol and the matched label-free one side by side; JumpReLU
 thresholds and Gated gates are compared with their starts. Writes pareto.json (every budget's
-steps, tokens and held-out loss per SAE, seconds per stage) and prints verdicts; progress lines
+steps, tokens and held-out loss per SAE, seconds per stage; with --until-plateau, whether each
+folder plateaued judged across every seed's journal, bench/plateau_seeds.py) and prints verdicts; progress lines
 with timings go to stdout as it runs. Re-running the same command resumes (seed{N}/plateau.json).
 
     python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2     # a real plateau: ~17 h of CPU
@@ -49,6 +50,7 @@ import time
 from pathlib import Path
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
+import plateau_seeds
 from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
 from seed_budgets import fixed_budgets, searched_budgets  # noqa: F401  (tests call them as pareto.*)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
@@ -232,6 +234,7 @@ def main():
             doc = json.load(f)
         # prints only: pareto.json keeps the run's own args and timings; the claims are its run's
         args.e2e = doc.get("args", {}).get("e2e", "scratch")
+        args.until_plateau = args.until_plateau or doc.get("args", {}).get("until_plateau", 0)
         report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
     local = {**LOCAL, "adam_betas": args.betas}
@@ -352,6 +355,9 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
            "l0_slack": L0_SLACK,
            "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
+    pct = getattr(args, "until_plateau", 0)
+    if pct:   # one seed's search reads noise at ±4-10%; the plateau judged over every seed's journal
+        out["plateau_across_seeds"] = {"pct": pct, "folders": plateau_seeds.summary(args.out, pct)}
     if write:
         with open(os.path.join(args.out, "pareto.json"), "w") as f:
             json.dump(scrub_tree(out), f, indent=2)   # --store may be a URL with credentials
@@ -360,6 +366,10 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
           f"{origin.get('tokens')} held-out tokens ({origin.get('sequences')} sequences)")
     for b in budgets:
         print_budget(b)
+    if "plateau_across_seeds" in out:
+        print(f"plateau judged across seeds (±{pct:g}%, bench/plateau_seeds.py):")
+        for folder, pairs in out["plateau_across_seeds"]["folders"].items():
+            print(f"  {folder}: " + ", ".join(f"{pair} {v}" for pair, v in pairs.items()))
     for claim, rows in comparisons.items():
         print_rows(claim, rows)
     return out

@@ -182,6 +182,14 @@ def report(per_seed: dict[int, dict], pct: float) -> dict:
                     "every SAE of it does", "pct": pct, "folders": folders}
 
 
+def summary(out: str, pct: float) -> dict:
+    """{folder: {"B->2B": "plateaued" | "not plateaued" | "untested"}}: what bench/pareto.py writes
+    into pareto.json beside the rows, so each row's budget says whether its folder plateaued across
+    seeds."""
+    rep = report(journals(out), pct)
+    return {folder: {pair: VERDICT[e["plateau"]] for pair, e in f["pairs"].items()} for folder, f in rep["folders"].items()}
+
+
 def _pct(iv) -> str:
     if iv is None:
         return "-"

@@ -543,3 +543,24 @@ def test_e2e_ds_grid_reaches_both_regimes_and_leaves_e2e_alone():
 def test_added_later_records_the_value_older_runs_had():
     import seed_budgets
     assert seed_budgets.ADDED_LATER["e2e_ds_l1"] == list(pareto.E2E_L1)   # the grid before --e2e-ds-l1 existed
+
+
+def test_pareto_json_says_whether_each_folder_plateaued_across_seeds(tmp_path, monkeypatch, capsys):
+    from tests.test_plateau_seeds import _write
+    for seed in range(5):   # relu still falls ~10% per doubling in every seed; topk is flat
+        _write(tmp_path, seed, {64: {"relu_l1-300": (1.0, 8.0)}, 128: {"relu_l1-300": (0.9 - seed / 1000, 8.0)}},
+               folder="relu")
+        journal = json.loads((tmp_path / f"seed{seed}" / "plateau.json").read_text())
+        _write(tmp_path, seed, {64: {"topk_k8": (1.0, 8.0)}, 128: {"topk_k8": (1.0 + seed / 1000, 8.0)}}, folder="topk")
+        journal.update(json.loads((tmp_path / f"seed{seed}" / "plateau.json").read_text()))
+        (tmp_path / f"seed{seed}" / "plateau.json").write_text(json.dumps(journal))
+    per_seed = [_series(r, s) for s, r in enumerate((0.5, 0.55, 0.6, 0.52, 0.58))]
+    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="scratch", until_plateau=2.0)
+    out = pareto.report(args, per_seed, [], {"tokens": 1024}, 0.0)
+    assert out["plateau_across_seeds"] == {"pct": 2.0, "folders": {"relu": {"64->128": "not plateaued"},
+                                                                   "topk": {"64->128": "plateaued"}}}
+    assert "  relu: 64->128 not plateaued" in capsys.readouterr().out
+    # --report-only reads the run's --until-plateau from pareto.json and judges the journals again
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
+    pareto.main()
+    assert "  topk: 64->128 plateaued" in capsys.readouterr().out
