@@ -28,6 +28,8 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
         --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~34 min of one core
     python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
+    # the plateau judged on every seed at once (bench/plateau_seeds.py): all seeds train each budget
+    python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2 --plateau-across-seeds
     # each folder at its tuned lr (bench/lr_tune.py, seed 0, 32 epochs), the search from 32 epochs to 64,
     # seeds 2-4 trained by a second process into the same --out (the first one finds their records);
     # --follow-searched: at each folder's budget the first process's seed 0 evaluates, so start it
@@ -41,8 +43,6 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import math
 import os
@@ -51,8 +51,8 @@ from pathlib import Path
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
 import plateau_seeds
-from plateau import SeedTrainer, say, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
-from seed_budgets import fixed_budgets, searched_budgets  # noqa: F401  (tests call them as pareto.*)
+from plateau import SeedTrainer, say, seed_lock, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
+from seed_budgets import fixed_budgets, lockstep_budgets, searched_budgets  # noqa: F401  (tests call them as pareto.*)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
 from verdicts import L0_SLACK, at_grid, at_points, print_budget, print_rows
@@ -170,6 +170,9 @@ def main():
     p.add_argument("--plateau-seeds", type=int, default=None,
                    help="search the plateau on the first N seeds only; later seeds train each folder once at the "
                         "largest budget those seeds reached (default: every seed searches)")
+    p.add_argument("--plateau-across-seeds", action="store_true",
+                   help="search the plateau on every seed at once: all seeds train each budget, and a folder "
+                        "stops where the 95%% interval over the seeds settles (bench/plateau_seeds.py)")
     p.add_argument("--betas", default="0,0.999", help="Adam betas for every architecture, or 'arch' for each "
                                                       "architecture's own default")
     p.add_argument("--e2e", choices=("scratch", "continuation"), default="scratch")
@@ -217,6 +220,12 @@ def main():
         p.error("--fixed-epochs: at least 1")
     if args.follow_searched and (only is None or args.fixed_epochs):
         p.error("--follow-searched goes with --only-seeds, instead of --fixed-epochs")
+    if args.plateau_across_seeds and (not args.until_plateau or only is not None or args.fixed_epochs
+                                      or args.follow_searched or args.plateau_seeds or args.early_stop
+                                      or args.e2e == "continuation"):
+        p.error("--plateau-across-seeds needs --until-plateau, and not --only-seeds, --fixed-epochs, "
+                "--follow-searched, --plateau-seeds, --early-stop or --e2e continuation (one process searches "
+                "every seed)")
     args.followed = None
     if args.follow_searched:
         try:
@@ -255,6 +264,9 @@ def main():
         check_same_held_out(store, lf_store)
     args.tuned_lrs = lrs   # into pareto.json's args
     per_seed, budgets, eval_tokens = [], [], None
+    if args.plateau_across_seeds:   # then each seed trains nothing more and evaluates those budgets
+        args.lockstep = across_seeds(args, store, lf_store, local, lrs)
+        args.followed = {f: r["epochs"] for f, r in args.lockstep.items()}
     for seed in only if only is not None else range(args.seeds):
         with seed_lock(os.path.join(args.out, f"seed{seed}"), f"seed {seed}"):
             eval_tokens = run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0) or eval_tokens
@@ -270,22 +282,32 @@ def run_rows(args, lf_store) -> list:
     return rows
 
 
-@contextlib.contextmanager
-def seed_lock(root: str, tag: str):
-    """One process at a time on a seed folder: two processes sharing --out (--only-seeds) would
-    otherwise rewrite each other's journal and train into the same folders. The lock file is the
-    bench's own; it is left in place (an empty file), and the OS releases the lock if a process dies."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"[{tag}] another process is on this seed; waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def across_seeds(args, store, lf_store, local, lrs) -> dict:
+    """--plateau-across-seeds: seed_budgets.lockstep_budgets over every seed, each seed's budget
+    trained under its lock, judged by bench/plateau_seeds.py on all the journals."""
+    rows = with_lrs(run_rows(args, lf_store), lrs)
+    by_folder = {r[0]: r for r in rows}
+
+    def trainer(seed):
+        t = SeedTrainer(os.path.join(args.out, f"seed{seed}"), store=store, site=SITE, seed=seed,
+                        d_sae=args.d_sae, local=local, tag=f"seed {seed}")
+        if args.lrs:
+            adopt_records(t, args.lrs)
+        return t
+
+    def train(seed, folder_budgets):
+        with seed_lock(os.path.join(args.out, f"seed{seed}"), f"seed {seed}"):
+            trainer(seed).run([by_folder[f] for f in folder_budgets], first=args.epochs, pct=0.0,
+                              max_epochs=max(folder_budgets.values()), fixed=folder_budgets,
+                              fixed_stop="all seeds at this budget")
+
+    def discard(seed, folder, epochs):
+        with seed_lock(os.path.join(args.out, f"seed{seed}"), f"seed {seed}"):
+            trainer(seed).discard(folder, epochs)
+
+    return lockstep_budgets(train, lambda: plateau_seeds.summary(args.out, args.until_plateau), list(range(args.seeds)),
+                            list(by_folder), args.epochs, args.max_epochs, e2e_caps(rows, args.e2e_max_epochs),
+                            discard, say)
 
 
 def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
@@ -300,8 +322,13 @@ def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
     caps = e2e_caps(rows, args.e2e_max_epochs)
     fixed = ({r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else
              args.followed if args.followed else fixed_budgets(budgets, args.plateau_seeds))
+    lockstep = getattr(args, "lockstep", None) or {}
     paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
-                                     fixed=fixed, caps=caps, early_stop=args.early_stop)
+                                     fixed=fixed, caps=caps, early_stop=args.early_stop,
+                                     **({"fixed_stop": "the budget judged across seeds"} if lockstep else {}))
+    for folder, stop in lockstep.items():
+        if folder in sweeps_done:
+            sweeps_done[folder]["stop"] = stop["stop"]   # not "fixed": the search was across seeds
     if args.train_only:
         say(f"[{tag}] trained (--train-only): {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         return None

@@ -15,6 +15,8 @@ in the bench's JSON.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -154,6 +156,24 @@ def say(*parts) -> None:
     print(*parts, flush=True)
 
 
+@contextlib.contextmanager
+def seed_lock(root: str, tag: str):
+    """One process at a time on a seed folder: two processes sharing --out (--only-seeds) would
+    otherwise rewrite each other's journal and train into the same folders. The lock file is the
+    bench's own; it is left in place (an empty file), and the OS releases the lock if a process dies."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"[{tag}] another process is on this seed; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class SeedTrainer:
     """Trains the sweep rows of one seed to their plateaus under `root` (root/epochs{E}/{folder}/
     {name}: the folder name stays the SAE's parent, which the benches' series keys read)."""
@@ -210,7 +230,8 @@ class SeedTrainer:
             self._save()
 
     def run(self, rows, *, first: int, pct: float, max_epochs: int, fixed: dict | None = None,
-            caps: dict | None = None, early_stop: bool = False) -> tuple[list[str], dict]:
+            caps: dict | None = None, early_stop: bool = False,
+            fixed_stop: str = "fixed (the searched seeds' budget)") -> tuple[list[str], dict]:
         """Every row to its plateau, in order (a row with "init" after the row it starts from):
         (the evaluated SAEs' paths, {folder: search record}). `fixed` {folder: epochs}: train those
         folders once at that budget (another seed's plateau), no search; `caps` {folder: epochs}:
@@ -226,9 +247,10 @@ class SeedTrainer:
             cap = min(max_epochs, (caps or {}).get(folder, max_epochs))
             rec = search(lambda e: self.train(folder, arch, extra, e), start, pct_here, max(cap, start),
                          discard=lambda e: self.discard(folder, e),
-                         say=self._reporter(folder, bool(fixed and folder in fixed)), early_stop=early_stop)
+                         say=self._reporter(folder, fixed_stop if fixed and folder in fixed else None),
+                         early_stop=early_stop)
             if fixed and folder in fixed:
-                rec["stop"] = "fixed (the searched seeds' budget)"
+                rec["stop"] = fixed_stop
             final = self.budget_dir(folder, rec["epochs"])
             evaluated = next(h for h in rec["history"] if h["epochs"] == rec["epochs"])
             if not self._complete(str(final), evaluated["training"]):
@@ -240,9 +262,9 @@ class SeedTrainer:
             paths += [str(final / name) for name in evaluated["training"]]
         return paths, budgets
 
-    def _reporter(self, folder: str, fixed: bool):
+    def _reporter(self, folder: str, fixed_stop: str | None):
         def report(epochs, records, history, stop):
-            stop = "fixed (the searched seeds' budget)" if fixed else stop
+            stop = fixed_stop or stop
             h = history[-1]
             before = history[-2]["training"] if len(history) > 1 else {}
             moves = []

@@ -21,9 +21,9 @@ def fixed_budgets(budgets: list[dict], plateau_seeds: int | None) -> dict | None
 
 # arguments that say what this process does, not what the seeds are trained on
 PROCESS_LOCAL = ("out", "only_seeds", "train_only", "fixed_epochs", "follow_searched", "followed", "report_only",
-                 "tuned_lrs")
+                 "tuned_lrs", "lockstep")
 # arguments added after a pareto.json may have been written: the value every older run had
-ADDED_LATER = {"e2e_ds_l1": [0.3, 1.0, 3.0], "early_stop": True}   # bench/pareto.py's E2E_L1; stop 13's runs stopped early
+ADDED_LATER = {"e2e_ds_l1": [0.3, 1.0, 3.0], "early_stop": True, "plateau_across_seeds": False}   # bench/pareto.py's E2E_L1; stop 13's runs stopped early
 
 
 def searched_budgets(pareto_json: str, args) -> dict:
@@ -50,3 +50,36 @@ def searched_budgets(pareto_json: str, args) -> dict:
     if not out:
         raise ValueError(f"{pareto_json} has not finished its searched seeds yet")
     return out
+
+
+def lockstep_budgets(train, judge, seeds: list[int], folders: list[str], first: int, max_epochs: int,
+                     caps: dict | None = None, discard=lambda seed, folder, epochs: None,
+                     say=lambda *a: None) -> dict[str, dict]:
+    """The plateau searched on every seed at once (bench/pareto.py --plateau-across-seeds): every seed
+    trains every open folder at budget B (`train(seed, {folder: B})`), then `judge()` ({folder: {"B/2->B":
+    verdict}}, bench/plateau_seeds.py summary over all the seeds' journals) decides: a folder whose
+    pair "plateaued" stops at B; the others double, until the next budget would pass max_epochs (or
+    the folder's cap). One seed's search reads noise at ±4-10% (docs/results.md); this reads the
+    95% interval over the seeds. A budget no longer needed is discarded once the next one is
+    judged. Returns {folder: {"epochs", "stop": "plateau across seeds" | "max-epochs"}}."""
+    if first < 1 or max_epochs < first:
+        raise ValueError(f"need 1 <= first ({first}) <= max_epochs ({max_epochs})")
+    open_, done, epochs = list(folders), {}, first
+    while open_:
+        for seed in seeds:
+            train(seed, {f: epochs for f in open_})
+        verdicts = judge() if epochs > first else {}
+        for f in list(open_):
+            verdict = verdicts.get(f, {}).get(f"{epochs // 2}->{epochs}")
+            cap = min(max_epochs, (caps or {}).get(f, max_epochs))
+            if epochs > first:
+                for seed in seeds:
+                    discard(seed, f, epochs // 2)
+            if verdict == "plateaued" or epochs * 2 > cap:
+                done[f] = {"epochs": epochs, "stop": "plateau across seeds" if verdict == "plateaued" else "max-epochs"}
+                open_.remove(f)
+        say(f"[all seeds] {epochs} epoch(s): " + ", ".join(
+            f"{f} {verdicts.get(f, {}).get(f'{epochs // 2}->{epochs}', 'first budget')}" for f in folders
+            if f in open_ or done[f]["epochs"] == epochs))
+        epochs *= 2
+    return done
