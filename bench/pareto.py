@@ -51,11 +51,12 @@ from pathlib import Path
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
 import plateau_seeds
-from plateau import SeedTrainer, say, seed_lock, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
+from plateau import JournalError, SeedTrainer, say, seed_lock, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
+from seed_budgets import across_seeds as seed_across_seeds
 from seed_budgets import fixed_budgets, lockstep_budgets, searched_budgets  # noqa: F401  (tests call them as pareto.*)
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
-from verdicts import L0_SLACK, at_grid, at_points, print_budget, print_rows
+from verdicts import L0_SLACK, MIN_SEEDS, at_grid, at_points, print_budget, print_rows
 
 # the demo's local SAE sweeps at SITE (not its transcoder: no claim reads it, and it needs two more sites)
 LOCAL_SWEEPS = [row for row in DEMO_SWEEPS if row[2].get("loss", "local") == "local" and "target" not in row[2]]
@@ -220,6 +221,12 @@ def main():
         p.error("--fixed-epochs: at least 1")
     if args.follow_searched and (only is None or args.fixed_epochs):
         p.error("--follow-searched goes with --only-seeds, instead of --fixed-epochs")
+    if not (math.isfinite(args.until_plateau) and args.until_plateau >= 0):
+        p.error("--until-plateau: a percentage >= 0")
+    if args.max_epochs < args.epochs:
+        p.error(f"--max-epochs ({args.max_epochs}) below --epochs ({args.epochs})")
+    if args.plateau_across_seeds and args.seeds < MIN_SEEDS:
+        p.error(f"--plateau-across-seeds needs --seeds >= {MIN_SEEDS} (fewer cannot judge a plateau)")
     if args.plateau_across_seeds and (not args.until_plateau or only is not None or args.fixed_epochs
                                       or args.follow_searched or args.plateau_seeds or args.early_stop
                                       or args.e2e == "continuation"):
@@ -263,6 +270,13 @@ def main():
                                  "model-top1")
         check_same_held_out(store, lf_store)
     args.tuned_lrs = lrs   # into pareto.json's args
+    try:
+        train_and_evaluate(args, only, store, lf_store, local, lrs, t0)
+    except JournalError as e:   # one line, and nothing of the journal rewritten or deleted
+        raise SystemExit(f"pareto: error: {e}") from None
+
+
+def train_and_evaluate(args, only, store, lf_store, local, lrs, t0) -> None:
     per_seed, budgets, eval_tokens = [], [], None
     if args.plateau_across_seeds:   # then each seed trains nothing more and evaluates those budgets
         args.lockstep = across_seeds(args, store, lf_store, local, lrs)
@@ -283,10 +297,8 @@ def run_rows(args, lf_store) -> list:
 
 
 def across_seeds(args, store, lf_store, local, lrs) -> dict:
-    """--plateau-across-seeds: seed_budgets.lockstep_budgets over every seed, each seed's budget
-    trained under its lock, judged by bench/plateau_seeds.py on all the journals."""
+    """--plateau-across-seeds: seed_budgets.across_seeds over every seed, on this run's rows."""
     rows = with_lrs(run_rows(args, lf_store), lrs)
-    by_folder = {r[0]: r for r in rows}
 
     def trainer(seed):
         t = SeedTrainer(os.path.join(args.out, f"seed{seed}"), store=store, site=SITE, seed=seed,
@@ -295,19 +307,9 @@ def across_seeds(args, store, lf_store, local, lrs) -> dict:
             adopt_records(t, args.lrs)
         return t
 
-    def train(seed, folder_budgets):
-        with seed_lock(os.path.join(args.out, f"seed{seed}"), f"seed {seed}"):
-            trainer(seed).run([by_folder[f] for f in folder_budgets], first=args.epochs, pct=0.0,
-                              max_epochs=max(folder_budgets.values()), fixed=folder_budgets,
-                              fixed_stop="all seeds at this budget")
-
-    def discard(seed, folder, epochs):
-        with seed_lock(os.path.join(args.out, f"seed{seed}"), f"seed {seed}"):
-            trainer(seed).discard(folder, epochs)
-
-    return lockstep_budgets(train, lambda: plateau_seeds.summary(args.out, args.until_plateau), list(range(args.seeds)),
-                            list(by_folder), args.epochs, args.max_epochs, e2e_caps(rows, args.e2e_max_epochs),
-                            discard, say)
+    return seed_across_seeds(args.out, list(range(args.seeds)), rows, trainer, first=args.epochs,
+                             max_epochs=args.max_epochs, pct=args.until_plateau,
+                             caps=e2e_caps(rows, args.e2e_max_epochs))
 
 
 def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
@@ -326,9 +328,10 @@ def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
     paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
                                      fixed=fixed, caps=caps, early_stop=args.early_stop,
                                      **({"fixed_stop": "the budget judged across seeds"} if lockstep else {}))
-    for folder, stop in lockstep.items():
-        if folder in sweeps_done:
-            sweeps_done[folder]["stop"] = stop["stop"]   # not "fixed": the search was across seeds
+    for folder, judged in lockstep.items():
+        if folder in sweeps_done:   # not "fixed": the search was across seeds, each pair's verdict kept
+            sweeps_done[folder].update(stop=judged["stop"], plateaued=judged["stop"] == "plateau across seeds",
+                                       verdicts=judged["verdicts"])
     if args.train_only:
         say(f"[{tag}] trained (--train-only): {time.perf_counter() - wall:.0f} s (CPU {time.process_time() - cpu:.0f} s)")
         return None
@@ -384,7 +387,11 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     pct = getattr(args, "until_plateau", 0)
     if pct:   # one seed's search reads noise at ±4-10%; the plateau judged over every seed's journal
-        out["plateau_across_seeds"] = {"pct": pct, "folders": plateau_seeds.summary(args.out, pct)}
+        try:
+            seeds = list(range(args.seeds)) if getattr(args, "seeds", None) else None
+            out["plateau_across_seeds"] = {"pct": pct, "folders": plateau_seeds.summary(args.out, pct, seeds)}
+        except ValueError as e:   # an unreadable journal must not cost the verdicts
+            out["plateau_across_seeds"] = {"pct": pct, "error": str(e)}
     if write:
         with open(os.path.join(args.out, "pareto.json"), "w") as f:
             json.dump(scrub_tree(out), f, indent=2)   # --store may be a URL with credentials
@@ -394,8 +401,9 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
     for b in budgets:
         print_budget(b)
     if "plateau_across_seeds" in out:
-        print(f"plateau judged across seeds (±{pct:g}%, bench/plateau_seeds.py):")
-        for folder, pairs in out["plateau_across_seeds"]["folders"].items():
+        print(f"plateau judged across seeds (±{pct:g}%, bench/plateau_seeds.py):",
+              out["plateau_across_seeds"].get("error", ""))
+        for folder, pairs in out["plateau_across_seeds"].get("folders", {}).items():
             print(f"  {folder}: " + ", ".join(f"{pair} {v}" for pair, v in pairs.items()))
     for claim, rows in comparisons.items():
         print_rows(claim, rows)

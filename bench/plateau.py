@@ -156,6 +156,30 @@ def say(*parts) -> None:
     print(*parts, flush=True)
 
 
+class JournalError(ValueError):
+    """A plateau.json this bench cannot read (the message names the file)."""
+
+
+def check_journal(journal) -> None:
+    """The shape SeedTrainer writes: {folder: {epochs: {"config": JSON text, "superseded",
+    "training": {name: record}}}} (ValueError otherwise; a journal is read back, never trusted)."""
+    if not isinstance(journal, dict):
+        raise ValueError("not a bench/plateau.py journal (an object of sweep folders)")
+    for folder, budgets in journal.items():
+        if not isinstance(budgets, dict) or not all(b.isdigit() for b in budgets):
+            raise ValueError(f"folder {folder!r}: not an object of epoch budgets")
+        for b, entry in budgets.items():
+            ok = isinstance(entry, dict) and isinstance(entry.get("config"), str) and \
+                isinstance(entry.get("training"), dict) and all(isinstance(r, dict) for r in entry["training"].values())
+            if ok:
+                try:
+                    ok = isinstance(json.loads(entry["config"]), dict)
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise ValueError(f"folder {folder!r}, {b} epochs: not a record with a config and training records")
+
+
 @contextlib.contextmanager
 def seed_lock(root: str, tag: str):
     """One process at a time on a seed folder: two processes sharing --out (--only-seeds) would
@@ -183,7 +207,13 @@ class SeedTrainer:
         self.d_sae, self.local = d_sae, local
         self.tag = tag
         self.journal_path = self.root / "plateau.json"
-        self.journal = json.loads(self.journal_path.read_text()) if self.journal_path.exists() else {}
+        self.journal = {}
+        if self.journal_path.exists():
+            try:
+                self.journal = json.loads(self.journal_path.read_text())
+                check_journal(self.journal)
+            except ValueError as e:   # never train on, or rewrite, a journal this bench cannot read
+                raise JournalError(f"{self.journal_path}: {e}") from None
         self.final: dict[str, Path] = {}   # folder -> its evaluated budget's folder
 
     def budget_dir(self, folder: str, epochs: int) -> Path:

@@ -37,45 +37,29 @@ import sys
 import textwrap
 from pathlib import Path
 
+from plateau import JournalError, check_journal
 from verdicts import MIN_SEEDS, ratio_interval
 
 IGNORED = ("epochs", "checkpoint_every", "log_every")   # config fields a budget may change
 PER_SEED = ("seed", "out", "init")                       # config fields seeds may differ in
 
 
-def journals(out: str) -> dict[int, dict]:
-    """{seed: its plateau.json}, from OUT/seed<N>/plateau.json, each checked for the shape
-    bench/plateau.py writes (ValueError naming the file otherwise)."""
+def journals(out: str, seeds: list[int] | None = None) -> dict[int, dict]:
+    """{seed: its plateau.json}, from OUT/seed<N>/plateau.json (only `seeds`, if given: a run's own,
+    not another run's left in the folder), each checked for the shape bench/plateau.py writes
+    (ValueError naming the file otherwise)."""
     found = {}
     for path in sorted(Path(out).glob("seed*/plateau.json")):
         m = re.fullmatch(r"seed(\d+)", path.parent.name)
-        if not m:
+        if not m or (seeds is not None and int(m.group(1)) not in seeds):
             continue
         try:
             journal = json.loads(path.read_text())
-            _check(journal)
+            check_journal(journal)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise JournalError(f"{path}: {e}") from None
         found[int(m.group(1))] = journal
     return found
-
-
-def _check(journal) -> None:
-    if not isinstance(journal, dict):
-        raise ValueError("not a bench/plateau.py journal (an object of sweep folders)")
-    for folder, budgets in journal.items():
-        if not isinstance(budgets, dict) or not all(b.isdigit() for b in budgets):
-            raise ValueError(f"folder {folder!r}: not an object of epoch budgets")
-        for b, entry in budgets.items():
-            ok = isinstance(entry, dict) and isinstance(entry.get("config"), str) and \
-                isinstance(entry.get("training"), dict) and all(isinstance(r, dict) for r in entry["training"].values())
-            if ok:
-                try:
-                    ok = isinstance(json.loads(entry["config"]), dict)
-                except ValueError:
-                    ok = False
-            if not ok:
-                raise ValueError(f"folder {folder!r}, {b} epochs: not a record with a config and training records")
 
 
 def _config(entry: dict, seed: int) -> dict | None:
@@ -182,11 +166,11 @@ def report(per_seed: dict[int, dict], pct: float) -> dict:
                     "every SAE of it does", "pct": pct, "folders": folders}
 
 
-def summary(out: str, pct: float) -> dict:
+def summary(out: str, pct: float, seeds: list[int] | None = None) -> dict:
     """{folder: {"B->2B": "plateaued" | "not plateaued" | "untested"}}: what bench/pareto.py writes
     into pareto.json beside the rows, so each row's budget says whether its folder plateaued across
-    seeds."""
-    rep = report(journals(out), pct)
+    seeds (the run's `seeds` only)."""
+    rep = report(journals(out, seeds), pct)
     return {folder: {pair: VERDICT[e["plateau"]] for pair, e in f["pairs"].items()} for folder, f in rep["folders"].items()}
 
 

@@ -3,7 +3,11 @@ a searching process recorded in its pareto.json (a second process, --follow-sear
 from __future__ import annotations
 
 import json
+import os
+import time
 
+import plateau_seeds
+from plateau import say, seed_lock
 from sae_harvest.stores.urls import scrub_tree
 
 
@@ -61,25 +65,54 @@ def lockstep_budgets(train, judge, seeds: list[int], folders: list[str], first: 
     pair "plateaued" stops at B; the others double, until the next budget would pass max_epochs (or
     the folder's cap). One seed's search reads noise at ±4-10% (docs/results.md); this reads the
     95% interval over the seeds. A budget no longer needed is discarded once the next one is
-    judged. Returns {folder: {"epochs", "stop": "plateau across seeds" | "max-epochs"}}."""
+    judged. Returns {folder: {"epochs", "stop": "plateau across seeds" | "max-epochs", "verdicts":
+    {"B/2->B": verdict} for every pair judged}}."""
     if first < 1 or max_epochs < first:
         raise ValueError(f"need 1 <= first ({first}) <= max_epochs ({max_epochs})")
     open_, done, epochs = list(folders), {}, first
+    history: dict[str, dict] = {f: {} for f in folders}
     while open_:
         for seed in seeds:
             train(seed, {f: epochs for f in open_})
         verdicts = judge() if epochs > first else {}
         for f in list(open_):
-            verdict = verdicts.get(f, {}).get(f"{epochs // 2}->{epochs}")
+            pair = f"{epochs // 2}->{epochs}"
+            verdict = verdicts.get(f, {}).get(pair, "untested")
             cap = min(max_epochs, (caps or {}).get(f, max_epochs))
             if epochs > first:
+                history[f][pair] = verdict
                 for seed in seeds:
                     discard(seed, f, epochs // 2)
             if verdict == "plateaued" or epochs * 2 > cap:
-                done[f] = {"epochs": epochs, "stop": "plateau across seeds" if verdict == "plateaued" else "max-epochs"}
+                done[f] = {"epochs": epochs, "stop": "plateau across seeds" if verdict == "plateaued" else "max-epochs",
+                           "verdicts": history[f]}
                 open_.remove(f)
         say(f"[all seeds] {epochs} epoch(s): " + ", ".join(
-            f"{f} {verdicts.get(f, {}).get(f'{epochs // 2}->{epochs}', 'first budget')}" for f in folders
+            f"{f} {history[f].get(f'{epochs // 2}->{epochs}', 'first budget')}" for f in folders
             if f in open_ or done[f]["epochs"] == epochs))
         epochs *= 2
     return done
+
+
+def across_seeds(out: str, seeds: list[int], rows: list, trainer, *, first: int, max_epochs: int, pct: float,
+                 caps: dict | None = None) -> dict[str, dict]:
+    """lockstep_budgets with bench/plateau.py's SeedTrainer (`trainer(seed)` makes one for a seed)
+    and bench/plateau_seeds.py as the judge, each seed's journal touched under its lock. `rows`
+    are (folder, arch, extra) without "init" (a continuation starts from another folder's budget)."""
+    by_folder = {r[0]: r for r in rows}
+
+    def train(seed, folder_budgets):
+        with seed_lock(os.path.join(out, f"seed{seed}"), f"seed {seed}"):
+            t = trainer(seed)
+            for folder, epochs in folder_budgets.items():
+                _, arch, extra = by_folder[folder]
+                wall = time.perf_counter()
+                records = t.train(folder, arch, extra, epochs)   # a journalled budget, kept or discarded, is not retrained
+                say(f"[seed {seed}] {folder} {epochs} epoch(s): {time.perf_counter() - wall:.1f} s; held-out "
+                    + ", ".join(f"{r.get('held_out_loss', float('nan')):.4g}" for r in records.values()))
+
+    def discard(seed, folder, epochs):
+        with seed_lock(os.path.join(out, f"seed{seed}"), f"seed {seed}"):
+            trainer(seed).discard(folder, epochs)
+
+    return lockstep_budgets(train, lambda: plateau_seeds.summary(out, pct, seeds), seeds, list(by_folder), first, max_epochs, caps, discard, say)

@@ -1,8 +1,9 @@
 """bench/pareto.py --plateau-across-seeds: every seed trains each budget, and a folder stops where
-bench/plateau_seeds.py's interval over the seeds settles; seed_budgets.lockstep_budgets on a fake
-trainer that writes real journals (no SAE is trained)."""
+bench/plateau_seeds.py's interval over the seeds settles. The real SeedTrainer (journal, discard,
+resume) with only fit() faked: it writes an SAE folder and the crafted held-out loss, no training."""
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,98 +13,164 @@ import pareto  # noqa: E402
 import plateau  # noqa: E402
 import seed_budgets  # noqa: E402
 
-# per folder, the held-out loss at each budget (seed s adds s/1000 of noise): "flat" settles between
-# 32 and 64 epochs in every seed; "moving" falls 10% per doubling; "noisy" settles on average but
-# its seeds scatter ±6% around it at every budget, the case one seed's 2% rule misreads
+# per folder, the held-out loss at each budget (seed s adds s/1000): "flat" settles between 32 and 64
+# epochs in every seed; "moving" falls 10% per doubling; "noisy" is flat on average but its seeds
+# scatter ±6% around it at every budget, the case one seed's 2% rule misreads (seed 0 has no noise)
 LOSS = {"flat": {32: 1.0, 64: 0.995, 128: 0.994, 256: 0.993},
         "moving": {32: 1.0, 64: 0.9, 128: 0.81, 256: 0.73},
         "noisy": {32: 1.0, 64: 1.0, 128: 1.0, 256: 1.0}}
-NOISE = {"noisy": [0.0, 0.06, -0.06, 0.05, -0.05]}
+NOISE = [0.0, 0.06, -0.06, 0.05, -0.05]
 
 
-class JournalingFake(plateau.SeedTrainer):
-    """SeedTrainer whose train() journals a crafted record and an empty SAE folder instead of training."""
-    trained: list = []
+def loss(folder, seed, epochs):
+    noise = NOISE[seed] * {32: 0, 64: 1, 128: -1, 256: 1}[epochs] if folder == "noisy" else 0.0
+    return LOSS[folder][epochs] * (1 + seed / 1000) * (1 + noise)
 
-    def train(self, folder, arch, extra, epochs, force=False):
-        kwargs = self.config(folder, arch, extra, epochs)
-        key = json.dumps({k: v for k, v in kwargs.items() if k != "out"}, sort_keys=True, default=str)
-        done = self.journal.get(folder, {}).get(str(epochs))
-        if done and plateau.same_config(done["config"], key):
-            return done["training"]
-        JournalingFake.trained.append((self.seed, folder, epochs))
-        noise = NOISE.get(folder, [0] * 5)[self.seed] * {32: 0, 64: 1, 128: -1, 256: 1}[epochs]
-        loss = LOSS[folder][epochs] * (1 + self.seed / 1000) * (1 + noise)
-        name = f"{folder}_k8"
-        (Path(kwargs["out"]) / name).mkdir(parents=True, exist_ok=True)
-        (Path(kwargs["out"]) / name / "cfg.json").write_text("{}")
-        records = {name: {"held_out_loss": loss, "held_out_l0": 8.0, "steps": epochs, "loss_name": "nmse"}}
-        self.journal.setdefault(folder, {})[str(epochs)] = {"config": key, "training": records, "superseded": False}
-        self._save()
-        return records
+
+class Killed(Exception):
+    pass
 
 
 @pytest.fixture
-def args(tmp_path, monkeypatch):
-    monkeypatch.setattr(pareto, "SeedTrainer", JournalingFake)
+def run(tmp_path, monkeypatch):
+    """(args, fit calls, kill_after: a list whose first item, if set, makes the n+1-th fit raise)."""
+    calls, kill_after = [], [None]
+
+    def fit(cfg, resume=False, overwrite=False, progress=False):
+        if kill_after[0] is not None and len(calls) >= kill_after[0]:
+            raise Killed
+        calls.append((cfg.seed, Path(cfg.out).name, cfg.epochs))
+        d = Path(cfg.out) / f"{Path(cfg.out).name}_k8"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cfg.json").write_text("{}")
+        (d / "m.json").write_text(json.dumps(loss(Path(cfg.out).name, cfg.seed, cfg.epochs)))
+        return {d.name: {}}
+
+    monkeypatch.setattr("sae_harvest.train.fit.fit", fit)
+    monkeypatch.setattr("sae_harvest.train.config.TrainConfig", lambda **k: types.SimpleNamespace(**k))
+    monkeypatch.setattr(plateau, "training_record", lambda p: {
+        "held_out_loss": json.loads((Path(p) / "m.json").read_text()), "held_out_l0": 8.0, "loss_name": "nmse"})
     monkeypatch.setattr(pareto, "run_rows", lambda a, lf: [(f, "topk", {"k": (8,)}) for f in LOSS])
-    JournalingFake.trained = []
-    return pareto.argparse.Namespace(out=str(tmp_path), seeds=5, d_sae=64, lrs=None, epochs=32, max_epochs=256,
+    args = pareto.argparse.Namespace(out=str(tmp_path), seeds=5, d_sae=64, lrs=None, epochs=32, max_epochs=256,
                                      until_plateau=2.0, e2e_max_epochs=None)
+    return args, calls, kill_after
 
 
-def test_each_folder_stops_where_the_interval_over_the_seeds_settles(args, tmp_path):
+EXPECTED = {"flat": (64, "plateau across seeds"), "moving": (256, "max-epochs"), "noisy": (256, "max-epochs")}
+
+
+def _budgets(got):
+    return {f: (r["epochs"], r["stop"]) for f, r in got.items()}
+
+
+def test_each_folder_stops_where_the_interval_over_the_seeds_settles(run, tmp_path):
+    args, calls, _ = run
     got = pareto.across_seeds(args, "s.zarr", None, {}, {})
-    assert got == {"flat": {"epochs": 64, "stop": "plateau across seeds"},
-                   "moving": {"epochs": 256, "stop": "max-epochs"},
-                   "noisy": {"epochs": 256, "stop": "max-epochs"}}   # its interval is wider than ±2%
-    # every seed trained every open folder at each budget, and nothing past a folder's stop
-    for folder, last in (("flat", 64), ("moving", 256)):
-        assert sorted({e for s, f, e in JournalingFake.trained if f == folder}) == [b for b in (32, 64, 128, 256)
-                                                                                    if b <= last]
-        assert {s for s, f, e in JournalingFake.trained if f == folder and e == last} == {0, 1, 2, 3, 4}
+    assert _budgets(got) == EXPECTED   # noisy: its interval stays wider than ±2%
+    assert got["flat"]["verdicts"] == {"32->64": "plateaued"}
+    assert got["moving"]["verdicts"] == {"32->64": "not plateaued", "64->128": "not plateaued",
+                                         "128->256": "not plateaued"}
+    # every seed trained every open folder at each budget, once, and nothing past a folder's stop
+    assert len(calls) == len(set(calls)) == 5 * (2 + 4 + 4)
+    assert {(s, e) for s, f, e in calls if f == "flat"} == {(s, e) for s in range(5) for e in (32, 64)}
     # only the budget each folder evaluates is left on disk; every budget's record stays in the journal
     assert sorted(str(p.relative_to(tmp_path / "seed3")) for p in (tmp_path / "seed3").glob("epochs*/*")) == \
         ["epochs256/moving", "epochs256/noisy", "epochs64/flat"]
     journal = json.loads((tmp_path / "seed3" / "plateau.json").read_text())
     assert journal["flat"]["32"]["superseded"] and not journal["flat"]["64"]["superseded"]
-    # resumed: nothing is trained again, the same budgets come back
-    JournalingFake.trained = []
-    assert pareto.across_seeds(args, "s.zarr", None, {}, {}) == got and JournalingFake.trained == []
+    # run again (the documented resume): nothing is trained again, the same budgets come back
+    calls.clear()
+    assert pareto.across_seeds(args, "s.zarr", None, {}, {}) == got and calls == []
 
 
-def test_every_seed_then_evaluates_the_judged_budgets_without_training_again(args, monkeypatch):
+@pytest.mark.parametrize("kill_after", [12, 17, 33])   # mid-budget, after some seeds' discard, late
+def test_a_killed_run_resumes_without_retraining_what_it_journalled(run, kill_after):
+    args, calls, kill = run
+    kill[0] = kill_after
+    with pytest.raises(Killed):
+        pareto.across_seeds(args, "s.zarr", None, {}, {})
+    before = list(calls)
+    kill[0] = None
+    got = pareto.across_seeds(args, "s.zarr", None, {}, {})
+    assert _budgets(got) == EXPECTED
+    assert len(calls) == len(set(calls)) == 50   # the 50 of an uninterrupted run, none twice
+    assert calls[:len(before)] == before
+
+
+def test_another_runs_seed_left_in_the_folder_is_not_judged(run, tmp_path):
+    args, calls, _ = run
+    (tmp_path / "seed7").mkdir()
+    (tmp_path / "seed7" / "plateau.json").write_text(json.dumps({"flat": {
+        "32": {"config": json.dumps({"seed": 7, "lr": 9.0}), "superseded": True, "training": {}},
+        "64": {"config": json.dumps({"seed": 7, "lr": 9.0}), "superseded": False, "training": {
+            "flat_k8": {"held_out_loss": 5.0, "held_out_l0": 1.0}}}}}))
+    assert _budgets(pareto.across_seeds(args, "s.zarr", None, {}, {})) == EXPECTED
+
+
+def test_the_evaluation_records_the_judged_budgets_without_training_again(run, monkeypatch):
+    args, calls, _ = run
     args.lockstep = pareto.across_seeds(args, "s.zarr", None, {}, {})
     args.followed = {f: r["epochs"] for f, r in args.lockstep.items()}
     for k, v in dict(fixed_epochs=None, plateau_seeds=None, early_stop=False, train_only=False, e2e="scratch").items():
         setattr(args, k, v)
-    JournalingFake.trained, evaluated = [], []
+    calls.clear()
+    evaluated = []
     monkeypatch.setattr(pareto, "evaluate_seed", lambda paths, *a: evaluated.append(paths) or ({}, {"tokens": 1}))
     monkeypatch.setattr(pareto, "report", lambda *a, **k: None)
     budgets = []
     pareto.run_seed(args, 2, "s.zarr", None, {}, {}, [], budgets, 0.0)
-    assert JournalingFake.trained == []
-    assert evaluated == [[str(Path(args.out) / "seed2" / f"epochs{e}" / f / f"{f}_k8")
-                          for f, e in (("flat", 64), ("moving", 256), ("noisy", 256))]]
-    assert {f: (b["epochs"], b["stop"]) for f, b in budgets[0]["sweeps"].items()} == \
-        {"flat": (64, "plateau across seeds"), "moving": (256, "max-epochs"), "noisy": (256, "max-epochs")}
+    assert calls == []
+    assert evaluated == [[str(Path(args.out) / "seed2" / f"epochs{e}" / f / f"{f}_k8") for f, (e, _) in EXPECTED.items()]]
+    sweeps = budgets[0]["sweeps"]
+    assert {f: (b["epochs"], b["stop"]) for f, b in sweeps.items()} == EXPECTED
+    assert sweeps["flat"]["plateaued"] is True and sweeps["moving"]["plateaued"] is False
+    assert sweeps["moving"]["verdicts"]["128->256"] == "not plateaued"
 
 
-def test_one_searched_seed_would_have_stopped_the_noisy_folder(args):
-    """The contrast: seed 0 alone (noise 0) reads "noisy" as flat at 64 epochs, as plateau.search does."""
-    history = [{k: {"held_out_loss": LOSS["noisy"][e], "held_out_l0": 8.0}} for e, k in ((32, "a"), (64, "a"))]
-    assert plateau.plateaued(history[0], history[1], 2.0)
+def test_one_searched_seed_stops_the_noisy_folder_where_all_seeds_do_not(run):
+    """The contrast, on the same losses: bench/plateau.py's one-seed search on seed 0 calls "noisy"
+    flat at 64 epochs; across the seeds it is not (above: it runs on to the cap)."""
+    one = plateau.search(lambda e: {"noisy_k8": {"held_out_loss": loss("noisy", 0, e), "held_out_l0": 8.0}},
+                         32, 2.0, 256)
+    assert (one["epochs"], one["stop"]) == (64, "plateau")
 
 
-def test_lockstep_needs_the_search_rule_and_one_process(tmp_path, monkeypatch, capsys):
-    for extra in (["--plateau-seeds", "1"], ["--only-seeds", "3", "--train-only", "--fixed-epochs", "8"], []):
-        argv = ["pareto.py", "--out", str(tmp_path / "o"), "--plateau-across-seeds", *extra]
-        if extra:
-            argv += ["--until-plateau", "2"]
-        monkeypatch.setattr(sys, "argv", argv)
-        with pytest.raises(SystemExit) as e:
-            pareto.main()
-        assert e.value.code == 2 and "--plateau-across-seeds needs --until-plateau" in capsys.readouterr().err
+def test_an_unreadable_journal_stops_the_search_with_one_line_and_keeps_the_verdicts(run, tmp_path, monkeypatch):
+    args, calls, _ = run
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "plateau.json").write_text("[1]")
+    with pytest.raises(plateau.JournalError, match="seed1/plateau.json: not a bench/plateau.py journal"):
+        pareto.across_seeds(args, "s.zarr", None, {}, {})
+    assert (tmp_path / "seed1" / "plateau.json").read_text() == "[1]"   # not rewritten
+    # what bench/pareto.py prints: one line, no traceback
+    monkeypatch.setattr(pareto, "harvest_store", lambda *a, **k: "s.zarr")
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--until-plateau", "2", "--epochs", "32",
+                                      "--max-epochs", "256", "--plateau-across-seeds", "--no-label-free"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    assert str(e.value).startswith("pareto: error: ") and "seed1/plateau.json" in str(e.value)
+    # the report of a normal run still writes pareto.json, the error in place of the judgement
+    args.e2e, args.report_only = "scratch", False
+    out = pareto.report(args, [], [], None, 0.0)
+    assert "seed1/plateau.json" in out["plateau_across_seeds"]["error"]
+    assert json.loads((tmp_path / "pareto.json").read_text())["plateau_across_seeds"]["error"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--plateau-seeds", "1", "--until-plateau", "2"], "--plateau-across-seeds needs --until-plateau"),
+    (["--only-seeds", "3", "--train-only", "--fixed-epochs", "8", "--until-plateau", "2"],
+     "--plateau-across-seeds needs --until-plateau"),
+    ([], "--plateau-across-seeds needs --until-plateau"),
+    (["--until-plateau", "2", "--seeds", "3"], "needs --seeds >= 5"),
+    (["--until-plateau", "nan"], "--until-plateau: a percentage >= 0"),
+    (["--until-plateau", "2", "--epochs", "64", "--max-epochs", "32"], "--max-epochs (32) below --epochs (64)"),
+])
+def test_lockstep_flags_are_checked_before_anything_is_written(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), "--plateau-across-seeds", *extra])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
