@@ -28,7 +28,9 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
         --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~34 min of one core
     python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
-    # the plateau judged on every seed at once (bench/plateau_seeds.py): all seeds train each budget
+    # the plateau judged on every seed at once (bench/plateau_seeds.py): all seeds train each budget;
+    # a second process may train some seeds at a budget of it (--only-seeds 4,3 --train-only
+    # --fixed-epochs B): the first finds those journalled records and does not train them again
     python bench/pareto.py --out bench-out/pareto --seeds 5 --until-plateau 2 --plateau-across-seeds
     # each folder at its tuned lr (bench/lr_tune.py, seed 0, 32 epochs), the search from 32 epochs to 64,
     # seeds 2-4 trained by a second process into the same --out (the first one finds their records);
