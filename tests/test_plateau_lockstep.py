@@ -177,3 +177,18 @@ def test_lockstep_flags_are_checked_before_anything_is_written(tmp_path, monkeyp
 def test_lockstep_budgets_refuses_an_empty_range():
     with pytest.raises(ValueError):
         seed_budgets.lockstep_budgets(lambda s, b: None, lambda: {}, [0], ["a"], 64, 32)
+
+
+def test_a_second_process_training_some_seeds_at_a_budget_is_not_trained_again(run):
+    """The documented two-process run: `--only-seeds 4,3 --train-only --fixed-epochs 64` beside the
+    lockstep search; the search finds those journalled records under each seed's lock."""
+    args, calls, _ = run
+    second = pareto.argparse.Namespace(**{**vars(args), "fixed_epochs": 64, "train_only": True, "followed": None,
+                                          "plateau_seeds": None, "early_stop": False, "e2e": "scratch"})
+    for seed in (4, 3):
+        pareto.run_seed(second, seed, "s.zarr", None, {}, {}, [], [], 0.0)
+    by_second = list(calls)
+    assert sorted({(s, e) for s, f, e in by_second}) == [(3, 64), (4, 64)]
+    calls.clear()
+    assert _budgets(pareto.across_seeds(args, "s.zarr", None, {}, {})) == EXPECTED
+    assert not set(by_second) & set(calls) and len(calls) == 50 - len(by_second)
