@@ -129,4 +129,8 @@ def report(per_seed, comparisons, budgets, seconds):
 
 
 if __name__ == "__main__":
-    main()
+    from plateau import JournalError
+    try:
+        main()
+    except JournalError as e:   # one line; the journal is neither trained on nor rewritten
+        raise SystemExit(f"jumprelu_gated: error: {e}") from None

@@ -241,4 +241,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from plateau import JournalError
+    try:
+        main()
+    except JournalError as e:   # one line; the journal is neither trained on nor rewritten
+        raise SystemExit(f"lr_tune: error: {e}") from None

@@ -253,6 +253,7 @@ def main():
         # prints only: pareto.json keeps the run's own args and timings; the claims are its run's
         args.e2e = doc.get("args", {}).get("e2e", "scratch")
         args.until_plateau = args.until_plateau or doc.get("args", {}).get("until_plateau", 0)
+        args.seeds = doc.get("args", {}).get("seeds", args.seeds)   # judge the run's seeds, not the default
         report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
     local = {**LOCAL, "adam_betas": args.betas}

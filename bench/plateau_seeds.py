@@ -91,7 +91,8 @@ def _change(before: dict | None, after: dict | None, b: int) -> dict:
 
 def changes(per_seed: dict[int, dict]) -> dict:
     """{folder: {"B->2B": {"config_ok": bool, "saes": {sae: {seed: change}}}}} for every consecutive
-    doubling both of whose budgets a seed trained with its own seed and one config."""
+    doubling both of whose budgets a seed trained with its own seed; a seed whose two budgets had
+    different configs makes the SAE untestable (never dropped: the others would be judged alone)."""
     out: dict = {}
     configs: dict = {}
     for seed, journal in sorted(per_seed.items()):
@@ -101,13 +102,14 @@ def changes(per_seed: dict[int, dict]) -> dict:
                 if hi is None:
                     continue
                 ca, cb = _config(lo, seed), _config(hi, seed)
-                if ca is None or cb is None or ca != cb:
-                    continue
+                if ca is None or cb is None:
+                    continue   # another seed's record (lr_tune.py's copy): not this seed's SAE
                 pair = f"{b}->{2 * b}"
                 configs.setdefault((folder, pair), []).append(ca)
                 saes = out.setdefault(folder, {}).setdefault(pair, {"config_ok": True, "saes": {}})["saes"]
                 for sae in set(lo["training"]) | set(hi["training"]):
-                    saes.setdefault(sae, {})[seed] = _change(lo["training"].get(sae), hi["training"].get(sae), b)
+                    saes.setdefault(sae, {})[seed] = _change(lo["training"].get(sae), hi["training"].get(sae), b) \
+                        if ca == cb else {"loss": None, "l0": None, "why": "its two budgets had different configs"}
     for (folder, pair), cfgs in configs.items():
         out[folder][pair]["config_ok"] = all(c == cfgs[0] for c in cfgs)
     return out

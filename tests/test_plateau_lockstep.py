@@ -192,3 +192,56 @@ def test_a_second_process_training_some_seeds_at_a_budget_is_not_trained_again(r
     calls.clear()
     assert _budgets(pareto.across_seeds(args, "s.zarr", None, {}, {})) == EXPECTED
     assert not set(by_second) & set(calls) and len(calls) == 50 - len(by_second)
+
+
+def test_a_second_process_mid_training_on_a_seed_is_waited_for_not_overwritten(run, monkeypatch):
+    """The second process holds seed 3's lock mid-fit when the search reaches seed 3: the search
+    waits, then reads the journal the second process wrote (read under the lock), so nothing is
+    trained twice and no record is overwritten with a stale journal."""
+    import threading
+    import time
+
+    import sae_harvest.train.fit as fitmod
+    args, calls, _ = run
+    inner, in_fit, go = fitmod.fit, threading.Event(), threading.Event()
+
+    def slow_fit(cfg, **k):
+        if cfg.seed == 3 and cfg.epochs == 64 and threading.current_thread().name == "second":
+            in_fit.set()
+            go.wait(10)
+        return inner(cfg, **k)
+
+    monkeypatch.setattr("sae_harvest.train.fit.fit", slow_fit)
+    second = pareto.argparse.Namespace(**{**vars(args), "fixed_epochs": 64, "train_only": True, "followed": None,
+                                          "plateau_seeds": None, "early_stop": False, "e2e": "scratch"})
+
+    def other_process():
+        with pareto.seed_lock(str(Path(args.out) / "seed3"), "seed 3"):
+            pareto.run_seed(second, 3, "s.zarr", None, {}, {}, [], [], 0.0)
+
+    tb = threading.Thread(target=other_process, name="second")
+    tb.start()
+    assert in_fit.wait(10)
+    got = {}
+    ta = threading.Thread(target=lambda: got.update(pareto.across_seeds(args, "s.zarr", None, {}, {})))
+    ta.start()
+    time.sleep(1.0)
+    go.set()
+    tb.join()
+    ta.join()
+    assert _budgets(got) == EXPECTED
+    assert len(calls) == len(set(calls)) == 50
+
+
+def test_lr_tune_stops_with_one_line_on_an_unreadable_journal(tmp_path):
+    """The other benches that keep SeedTrainer journals: one line, exit non-zero, the file untouched."""
+    import subprocess
+    (tmp_path / "x1").mkdir()
+    (tmp_path / "x1" / "plateau.json").write_text("{")
+    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "lr_tune.py"), "--store",
+                        str(tmp_path / "none.zarr"), "--out", str(tmp_path), "--folders", "topk", "--multipliers", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"lr_tune: error: {tmp_path / 'x1' / 'plateau.json'}: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)"]
+    assert (tmp_path / "x1" / "plateau.json").read_text() == "{"

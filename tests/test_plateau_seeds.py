@@ -71,18 +71,27 @@ def test_a_folder_plateaus_only_when_loss_and_l0_of_every_sae_settle(tmp_path):
     assert rep["folders"]["topk"]["pairs"]["64->128"]["plateau"] is True
 
 
-def test_records_of_another_seed_or_config_do_not_count(tmp_path):
+def test_records_of_another_seed_do_not_count(tmp_path):
     for seed in range(5):
         budgets = {64: {"a": (1.0, 10.0)}, 128: {"a": (0.9, 10.0)}}
-        if seed == 1:   # lr_tune.py copies seed 0's tuning record into every journal
+        if seed in (1, 2):   # lr_tune.py copies seed 0's tuning record into every journal
             budgets[64] = (_cfg(0, 64), {"a": (1.0, 10.0)})
-        if seed == 2:   # a budget trained at another lr is not the same SAE's next budget
-            budgets[128] = (_cfg(2, 128, lr=0.01), {"a": (0.9, 10.0)})
         _write(tmp_path, seed, budgets)
     rep = plateau_seeds.report(plateau_seeds.journals(str(tmp_path)), pct=2)
     pair = rep["folders"]["topk"]["pairs"]["64->128"]
     assert pair["saes"]["a"]["seeds"] == [0, 3, 4]
     assert pair["saes"]["a"]["status"] == "untested" and pair["plateau"] is None
+
+
+def test_a_seed_whose_two_budgets_differ_in_config_is_untestable_not_dropped(tmp_path):
+    for seed in range(6):   # six seeds: dropping seed 5 would leave five to judge "plateaued" on
+        lr = 0.01 if seed == 5 else 0.001
+        _write(tmp_path, seed, {64: (_cfg(seed, 64, lr), {"a": (1.0, 10.0)}),
+                                128: (_cfg(seed, 128), {"a": (1.0, 10.0)})})
+    pair = plateau_seeds.report(plateau_seeds.journals(str(tmp_path)), pct=2)["folders"]["topk"]["pairs"]["64->128"]
+    assert pair["saes"]["a"]["status"] == "untestable" and "seed 5: its two budgets had different configs" in \
+        pair["saes"]["a"]["why"]
+    assert pair["plateau"] is False
 
 
 def test_a_seed_trained_at_another_config_makes_the_sae_untestable(tmp_path):
