@@ -133,4 +133,4 @@ if __name__ == "__main__":
     try:
         main()
     except JournalError as e:   # one line; the journal is neither trained on nor rewritten
-        raise SystemExit(f"jumprelu_gated: error: {e}") from None
+        raise e.exit("jumprelu_gated") from None

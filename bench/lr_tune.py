@@ -245,4 +245,4 @@ if __name__ == "__main__":
     try:
         main()
     except JournalError as e:   # one line; the journal is neither trained on nor rewritten
-        raise SystemExit(f"lr_tune: error: {e}") from None
+        raise e.exit("lr_tune") from None

@@ -276,7 +276,7 @@ def main():
     try:
         train_and_evaluate(args, only, store, lf_store, local, lrs, t0)
     except JournalError as e:   # one line, and nothing of the journal rewritten or deleted
-        raise SystemExit(f"pareto: error: {e}") from None
+        raise e.exit("pareto") from None
 
 
 def train_and_evaluate(args, only, store, lf_store, local, lrs, t0) -> None:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -158,6 +159,11 @@ def say(*parts) -> None:
 
 class JournalError(ValueError):
     """A plateau.json this bench cannot read (the message names the file)."""
+
+    def exit(self, bench: str) -> SystemExit:
+        """What a bench's main raises: the one line on stderr, exit 2 (bad input, as argparse's)."""
+        print(f"{bench}: error: {self}", file=sys.stderr)
+        return SystemExit(2)
 
 
 def check_journal(journal) -> None:

@@ -135,7 +135,7 @@ def test_one_searched_seed_stops_the_noisy_folder_where_all_seeds_do_not(run):
     assert (one["epochs"], one["stop"]) == (64, "plateau")
 
 
-def test_an_unreadable_journal_stops_the_search_with_one_line_and_keeps_the_verdicts(run, tmp_path, monkeypatch):
+def test_an_unreadable_journal_stops_the_search_with_one_line_and_keeps_the_verdicts(run, tmp_path, monkeypatch, capsys):
     args, calls, _ = run
     (tmp_path / "seed1").mkdir()
     (tmp_path / "seed1" / "plateau.json").write_text("[1]")
@@ -148,7 +148,8 @@ def test_an_unreadable_journal_stops_the_search_with_one_line_and_keeps_the_verd
                                       "--max-epochs", "256", "--plateau-across-seeds", "--no-label-free"])
     with pytest.raises(SystemExit) as e:
         pareto.main()
-    assert str(e.value).startswith("pareto: error: ") and "seed1/plateau.json" in str(e.value)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("pareto: error: ") and "seed1/plateau.json" in err[0]
     # the report of a normal run still writes pareto.json, the error in place of the judgement
     args.e2e, args.report_only = "scratch", False
     out = pareto.report(args, [], [], None, 0.0)
@@ -241,7 +242,7 @@ def test_lr_tune_stops_with_one_line_on_an_unreadable_journal(tmp_path):
     r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "lr_tune.py"), "--store",
                         str(tmp_path / "none.zarr"), "--out", str(tmp_path), "--folders", "topk", "--multipliers", "1"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"lr_tune: error: {tmp_path / 'x1' / 'plateau.json'}: Expecting property name enclosed in double quotes: "
         "line 1 column 2 (char 1)"]
     assert (tmp_path / "x1" / "plateau.json").read_text() == "{"
