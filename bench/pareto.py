@@ -302,17 +302,19 @@ def run_rows(args, lf_store) -> list:
 def across_seeds(args, store, lf_store, local, lrs) -> dict:
     """--plateau-across-seeds: seed_budgets.across_seeds over every seed, on this run's rows."""
     rows = with_lrs(run_rows(args, lf_store), lrs)
-
-    def trainer(seed):
-        t = SeedTrainer(os.path.join(args.out, f"seed{seed}"), store=store, site=SITE, seed=seed,
-                        d_sae=args.d_sae, local=local, tag=f"seed {seed}")
-        if args.lrs:
-            adopt_records(t, args.lrs)
-        return t
-
-    return seed_across_seeds(args.out, list(range(args.seeds)), rows, trainer, first=args.epochs,
+    return seed_across_seeds(args.out, list(range(args.seeds)), rows,
+                             lambda seed: seed_trainer(args, seed, store, local), first=args.epochs,
                              max_epochs=args.max_epochs, pct=args.until_plateau,
                              caps=e2e_caps(rows, args.e2e_max_epochs))
+
+
+def seed_trainer(args, seed, store, local) -> SeedTrainer:
+    """A seed's SeedTrainer (its journal read now: call it under the seed's lock)."""
+    trainer = SeedTrainer(os.path.join(args.out, f"seed{seed}"), store=store, site=SITE, seed=seed,
+                          d_sae=args.d_sae, local=local, tag=f"seed {seed}")
+    if args.lrs:
+        adopt_records(trainer, args.lrs)   # the tuning's runs at the chosen lr are this seed's, if it was tuned on it
+    return trainer
 
 
 def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
@@ -320,9 +322,7 @@ def run_seed(args, seed, store, lf_store, local, lrs, per_seed, budgets, t0):
     read only now, so another process's records for this seed are seen."""
     wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
     root = os.path.join(args.out, f"seed{seed}")
-    trainer = SeedTrainer(root, store=store, site=SITE, seed=seed, d_sae=args.d_sae, local=local, tag=tag)
-    if args.lrs:
-        adopt_records(trainer, args.lrs)   # the tuning's runs at the chosen lr are this seed's, if it was tuned on it
+    trainer = seed_trainer(args, seed, store, local)
     rows = with_lrs(run_rows(args, lf_store), lrs)
     caps = e2e_caps(rows, args.e2e_max_epochs)
     fixed = ({r[0]: args.fixed_epochs for r in rows} if args.fixed_epochs else

@@ -40,21 +40,21 @@ def plateaued(before: dict, after: dict, pct: float) -> bool:
         prev = before.get(key) or {}
         a, b = prev.get("held_out_loss"), rec.get("held_out_loss")
         # `not (< pct)`: a NaN (a diverged SAE) compares False both ways and must not read as flat
-        if not _positive(a) or not _finite(b) or not abs(b / a - 1) * 100 < pct:
+        if not positive(a) or not finite(b) or not abs(b / a - 1) * 100 < pct:
             return False
         l0a, l0b = prev.get("held_out_l0"), rec.get("held_out_l0")
         if l0a is not None and l0b is not None and (
-                not _positive(l0a) or not _finite(l0b) or not abs(l0b / l0a - 1) * 100 < pct):
+                not positive(l0a) or not finite(l0b) or not abs(l0b / l0a - 1) * 100 < pct):
             return False
     return True
 
 
-def _finite(x) -> bool:
+def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _positive(x) -> bool:
-    return _finite(x) and x > 0
+def positive(x) -> bool:
+    return finite(x) and x > 0
 
 
 def past_optimum(before: dict, after: dict, pct: float) -> bool:
@@ -67,7 +67,7 @@ def past_optimum(before: dict, after: dict, pct: float) -> bool:
         prev = before.get(key) or {}
         a, b = prev.get("held_out_loss"), rec.get("held_out_loss")
         l0a, l0b = prev.get("held_out_l0"), rec.get("held_out_l0")
-        if not (_positive(a) and _finite(b) and _positive(l0a) and _finite(l0b)):
+        if not (positive(a) and finite(b) and positive(l0a) and finite(l0b)):
             return False
         if abs(l0b / l0a - 1) * 100 >= pct or (b / a - 1) * 100 <= -pct:
             return False

@@ -37,7 +37,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from plateau import JournalError, check_journal
+from plateau import JournalError, check_journal, positive
 from verdicts import MIN_SEEDS, ratio_interval
 
 IGNORED = ("epochs", "checkpoint_every", "log_every")   # config fields a budget may change
@@ -70,21 +70,17 @@ def _config(entry: dict, seed: int) -> dict | None:
     return {k: v for k, v in cfg.items() if k not in IGNORED + PER_SEED}
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _change(before: dict | None, after: dict | None, b: int) -> dict:
     """One seed's change of one SAE: {"loss": ratio | None, "l0": ratio | None, "why": problem | None}."""
     if before is None or after is None:
         return {"loss": None, "l0": None, "why": f"missing at {2 * b if after is None else b} epochs"}
     a, z = before.get("held_out_loss"), after.get("held_out_loss")
-    if not (_finite(a) and _finite(z) and a > 0 and z > 0):
+    if not (positive(a) and positive(z)):
         return {"loss": None, "l0": None, "why": "held-out loss missing, not finite or <= 0"}
     la, lz = before.get("held_out_l0"), after.get("held_out_l0")
     if la is None or lz is None:
         return {"loss": z / a, "l0": None, "why": None}
-    if not (_finite(la) and _finite(lz)) or la <= 0 or lz <= 0:
+    if not (positive(la) and positive(lz)):
         return {"loss": None, "l0": None, "why": "L0 is 0 or not finite (a dead SAE)"}
     return {"loss": z / a, "l0": lz / la, "why": None}
 
