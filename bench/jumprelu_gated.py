@@ -28,8 +28,9 @@ import time
 import numpy as np
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
-from pareto import LOCAL, evaluate_seed, fixed_budgets, harvest_store, with_lrs
+from pareto import LOCAL, fixed_budgets, with_lrs
 from plateau import SeedTrainer, say
+from seed_eval import evaluate_seed, harvest_store
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
 from verdicts import at_points, print_budget, print_rows

@@ -49,13 +49,13 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 from lr_tune import TunedLrError, adopt_records, load_lrs
 import plateau_seeds
-from plateau import JournalError, SeedTrainer, say, seed_lock, training_record  # noqa: F401  (training_record: bench/jumprelu_gated.py)
+from plateau import JournalError, SeedTrainer, say, seed_lock
 from seed_budgets import across_seeds as seed_across_seeds
-from seed_budgets import fixed_budgets, lockstep_budgets, searched_budgets  # noqa: F401  (tests call them as pareto.*)
+from seed_budgets import fixed_budgets, searched_budgets
+from seed_eval import check_same_held_out, evaluate_seed, harvest_store
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
 from verdicts import L0_SLACK, MIN_SEEDS, at_grid, at_points, print_budget, print_rows
@@ -104,54 +104,6 @@ def sweeps(e2e: str, lf_store: str | None, e2e_ds_l1: tuple = E2E_L1) -> list:
         rows += [("e2e", "relu", {"loss": "e2e", "l1": E2E_L1, "init": "relu/relu_l1-300", **cont}),
                  ("e2e_ds", "relu", {"loss": "e2e+ds", "l1": tuple(e2e_ds_l1), "init": "relu/relu_l1-300", **cont})]
     return rows
-
-
-def series_key(r: dict) -> str:
-    """The sweep folder (relu_cont100 ... merge into relu_cont), plus the g-SAE's gradient mode."""
-    folder = Path(r["sae"]).parent.name
-    folder = "relu_cont" if folder.startswith("relu_cont") else folder
-    return folder + (f"+{r['grad_mode']}" if r.get("grad_mode") not in (None, "none") else "")
-
-
-def evaluate_seed(paths: list[str], store: str, out: str, tag: str) -> tuple[dict, dict]:
-    """(series {key: [points]}, evaluation tokens' origin): the seed's evaluated SAEs spliced into
-    the model together, once, on all the store's held-out tokens; results.json beside them."""
-    from sae_harvest.evaluate.config import EvalConfig
-    from sae_harvest.evaluate.replace import evaluate_all
-    from sae_harvest.evaluate.report import write_json
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    say(f"[{tag}] evaluate {len(paths)} SAEs spliced into the model on the store's held-out tokens")
-    cfg = EvalConfig(saes=tuple(paths), store=store, batch_size=16)
-    results = evaluate_all(cfg, progress=False)
-    write_json(results, os.path.join(out, "results.json"), config=cfg.to_dict())
-    series = {}
-    for r in results:
-        series.setdefault(series_key(r), []).append(
-            {"name": r["name"], "l0": r["l0"], "ce_increase": r["ce_increase"], "kl": r["kl"],
-             "alive": r["alive"], "nmse_nobos": r["nmse_nobos"], "grad_mode": r.get("grad_mode"),
-             "grad_matched": r.get("grad_matched"), "downstream_mse": r["downstream_mse"],
-             "downstream_mse_ln": r["downstream_mse_ln"]})
-    origin = results[0]["eval_tokens"] if results else None
-    say(f"[{tag}] evaluated {len(results)} rows on {(origin or {}).get('tokens')} held-out tokens: "
-        f"{time.perf_counter() - wall:.1f} s (CPU {time.process_time() - cpu:.1f} s)")
-    return {k: sorted(v, key=lambda q: q["l0"]) for k, v in series.items()}, origin
-
-
-def harvest_store(path: str, tokens: int, eval_every: int, grad_target: str = "labels") -> str:
-    """The bench's store: the offline default model at SITE only, with gradients (of the labels'
-    CE, or label-free: --grad-target model-top1), every eval_every-th sequence held out."""
-    from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL
-    from sae_harvest.harvest.run import HarvestConfig, harvest
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    harvest(HarvestConfig(out=path, model=OFFLINE_MODEL, dataset=OFFLINE_DATASET, sites=SITE, grads=True,
-                          grad_target=grad_target, tokens=tokens, ctx_len=128, batch_size=16,
-                          shuffle_window=1 << 16, device="auto", eval_every=eval_every),
-            resume=True, progress=False)
-    say(f"harvest {path} ({tokens:,} tokens, gradients of {grad_target}): {time.perf_counter() - wall:.1f} s "
-        f"(CPU {time.process_time() - cpu:.1f} s)")
-    return path
 
 
 def main():
@@ -364,17 +316,6 @@ def e2e_caps(rows, cap: int | None) -> dict | None:
     if not cap:
         return None
     return {r[0]: cap for r in rows if r[0] in ("e2e", "e2e_ds") or r[0].startswith("relu_cont")}
-
-
-def check_same_held_out(store: str, lf_store: str) -> None:
-    """Both stores hold out the same sequences with the same tokens (one corpus, one split): what lets
-    `evaluate splice` count the label-free g-SAE, trained on lf_store, as trained outside store's split."""
-    from sae_harvest.stores import open_store
-    from sae_harvest.stores.split import same_held_out
-
-    a, b = open_store(store), open_store(lf_store)
-    if a.n_seqs != b.n_seqs or not same_held_out(b, a):
-        raise SystemExit(f"{lf_store} does not hold out the same sequences as {store}")
 
 
 def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
