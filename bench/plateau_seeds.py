@@ -205,6 +205,38 @@ def lines(rep: dict, markdown: bool = False) -> list[str]:
     return out
 
 
+def wide_lines(rep: dict) -> list[str]:
+    """Markdown, one row per SAE: its loss and L0 change at every budget pair judged on >= MIN_SEEDS
+    seeds, side by side, and its status at the last; a bold row per folder says whether it plateaued
+    at each pair (the table of docs/results.md)."""
+    def judged(entry):
+        return any(s["loss"]["ratio"] is not None for s in entry["saes"].values())
+    pairs = sorted({pair for f in rep["folders"].values() for pair, e in f["pairs"].items() if judged(e)},
+                   key=lambda pair: int(pair.split("->")[0]))
+    if not pairs:
+        return ["(no budget pair has enough seeds to judge)"]
+    last = pairs[-1].replace("->", " → ")
+    head = [f"held-out loss, {p.replace('->', ' → ')} | L0, {p.replace('->', ' → ')}" for p in pairs]
+    out = ["| SAE (mean change over the seeds [95% CI]) | " + " | ".join(head) + f" | at {last.split(' → ')[1]} |",
+           "|---|" + "---|---|" * len(pairs) + "---|"]
+    for folder, f in rep["folders"].items():
+        saes = sorted({sae for e in f["pairs"].values() for sae in e["saes"]}, key=_natural)
+        for sae in saes:
+            cells = []
+            for pair in pairs:
+                s = f["pairs"].get(pair, {}).get("saes", {}).get(sae)
+                cells += [_pct(s["loss"]["ratio"]), _pct(s["l0"]["ratio"])] if s else ["-", "-"]
+            s = f["pairs"].get(pairs[-1], {}).get("saes", {}).get(sae)
+            status = (s["status"] + (f" ({s['why']})" if s.get("why") else "")) if s else "-"
+            name = sae if sae.startswith(folder + "_") else f"{folder}/{sae}"
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {status} |")
+        cells = []
+        for pair in pairs:
+            cells += [f"**{VERDICT[f['pairs'][pair]['plateau']]}**" if pair in f["pairs"] else "-", ""]
+        out.append(f"| **{folder}** | " + " | ".join(cells) + " | |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--pct", type=float, default=2.0, help="the plateau band, percent (default 2, bench/plateau.py's)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--wide", action="store_true",
+                   help="print a markdown table with a row per SAE and its budget pairs side by side")
     args = p.parse_args(argv)
     if not (args.pct > 0 and math.isfinite(args.pct)):
         p.error("--pct must be a number > 0")
@@ -229,7 +263,7 @@ def main(argv=None) -> int:
     rep = report(per_seed, args.pct)
     rep["seeds"] = sorted(per_seed)
     print(textwrap.fill(f"plateau judged across seeds {rep['seeds']}: {rep['rule']}", 88))
-    print("\n".join(lines(rep, args.markdown)))
+    print("\n".join(wide_lines(rep) if args.wide else lines(rep, args.markdown)))
     if args.json:
         try:
             Path(args.json).write_text(json.dumps(rep, indent=1) + "\n")

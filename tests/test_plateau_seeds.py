@@ -171,3 +171,15 @@ def test_cli_writes_json_and_refuses_a_folder_without_journals(tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert plateau_seeds.main([str(tmp_path / "empty")]) == 2
     assert "no seed<N>/plateau.json" in capsys.readouterr().err
+
+
+def test_wide_table_puts_every_judged_pair_of_an_sae_on_one_row(tmp_path, capsys):
+    for seed in range(5):   # 32 -> 64 only in seed 0 (too few seeds: no column); 64 -> 128 -> 256 in all
+        budgets = {64: {"a": (1.0, 10.0)}, 128: {"a": (0.9, 10.0)}, 256: {"a": (0.9, 10.0)}}
+        _write(tmp_path, seed, ({32: {"a": (1.2, 10.0)}} if seed == 0 else {}) | budgets)
+    assert plateau_seeds.main([str(tmp_path), "--wide"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("|")]
+    assert "32 → 64" not in rows[0] and "held-out loss, 128 → 256 | L0, 128 → 256 | at 256 |" in rows[0]
+    assert "| topk/a | -10.0% [-10.0, -10.0] | +0.0% [+0.0, +0.0] | +0.0% [+0.0, +0.0] | +0.0% [+0.0, +0.0] | settled |" in rows
+    assert "| **topk** | **not plateaued** |  | **plateaued** |  | |" in rows
+    assert len({r.count("|") for r in rows}) == 1   # every row as many cells as the header
