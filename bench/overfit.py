@@ -81,15 +81,74 @@ def measure(store_path: str | None, budgets: list[str]) -> dict:
     return out
 
 
+def summarise(reports: dict[str, dict], rose_pct: float = 2.0) -> dict:
+    """Over every report (a label, e.g. a seed, to measure()'s JSON) and consecutive budget pair
+    of it, per SAE: the held-out/train NMSE gap before and after, and the change of each NMSE; the
+    counts docs/results.md quotes (the gap widens or narrows; where the held-out NMSE rose by more
+    than rose_pct, whether the training NMSE rose with it: a worse optimum, not a fit to the rows)."""
+    pairs = []
+    for label, rep in sorted(reports.items()):
+        budgets = [str(Path(b)) for b in rep["budgets"]]
+        for before, after in zip(budgets, budgets[1:]):
+            for sae, per in sorted(rep["saes"].items()):
+                if before not in per or after not in per:
+                    continue
+                a, b = per[before], per[after]
+                gap = [r["held_out"]["nmse"] / r["train"]["nmse"] - 1 for r in (a, b)]
+                pairs.append({"run": label, "sae": sae, "budgets": [Path(before).name, Path(after).name],
+                              "gap": gap, "held_out_change": b["held_out"]["nmse"] / a["held_out"]["nmse"] - 1,
+                              "train_change": b["train"]["nmse"] / a["train"]["nmse"] - 1})
+    if not pairs:
+        raise ValueError("no SAE is in two budgets of any report")
+    moves = [100 * (q["gap"][1] - q["gap"][0]) for q in pairs]
+    gaps = [100 * g for q in pairs for g in q["gap"]]
+    rose = [q for q in pairs if q["held_out_change"] > rose_pct / 100]
+    return {"pairs": len(pairs), "gap_pct": [min(gaps), max(gaps)], "widens": sum(m > 0 for m in moves),
+            "narrows": sum(m <= 0 for m in moves), "gap_change_points": [min(moves), max(moves)],
+            "gap_change_mean": sum(moves) / len(moves), "held_out_rose": len(rose),
+            "train_rose_with_it": sum(q["train_change"] > rose_pct / 100 for q in rose),
+            "rose_pct": rose_pct, "rows": pairs}
+
+
+def summary_lines(s: dict) -> list[str]:
+    lo, hi = s["gap_change_points"]
+    out = [f"{s['pairs']} SAE-run pairs; the held-out NMSE sits {s['gap_pct'][0]:.1f}% to {s['gap_pct'][1]:.1f}% "
+           f"above the training NMSE",
+           f"the gap widens in {s['widens']}, narrows in {s['narrows']} ({lo:+.1f} to {hi:+.1f} points, mean "
+           f"{s['gap_change_mean']:+.2f})",
+           f"held-out NMSE up > {s['rose_pct']:g}% in {s['held_out_rose']}; the training NMSE rose > "
+           f"{s['rose_pct']:g}% with it in {s['train_rose_with_it']}"]
+    for q in s["rows"]:
+        if q["held_out_change"] > s["rose_pct"] / 100:
+            out.append(f"  {q['run']} {q['sae']}: held-out {100 * q['held_out_change']:+.1f}%, "
+                       f"train {100 * q['train_change']:+.1f}%")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=None,
                    help="the store the SAEs were trained on (default: each SAE's own, from its cfg.json)")
-    p.add_argument("--budgets", nargs="+", required=True,
+    p.add_argument("--budgets", nargs="+",
                    help="budget folders of one run, smallest first (e.g. seed3/epochs128 seed3/epochs256)")
     p.add_argument("--json", default=None, help="write the reports here")
+    p.add_argument("--summary", nargs="+", default=None, metavar="JSON",
+                   help="instead: summarise --json reports (each one run's, or one file of {run: report}), "
+                        "no SAE read")
     args = p.parse_args(argv)
+    if (args.summary is None) == (args.budgets is None):
+        p.error("give --budgets (measure) or --summary (summarise reports), one of them")
+    if args.summary:
+        try:
+            reports = {}
+            for path in args.summary:
+                doc = json.loads(Path(path).read_text())
+                reports.update({path: doc} if "saes" in doc else doc)
+            print("\n".join(summary_lines(summarise(reports))))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+            p.error(f"--summary: {type(e).__name__}: {e}")
+        return 0
     try:
         result = measure(args.store, args.budgets)
     except Exception as e:   # noqa: BLE001  (a bad path or a store that does not read: one line)

@@ -77,3 +77,35 @@ def test_each_sae_is_read_against_the_store_it_trained_on(tmp_path, capsys):
         overfit.main(["--store", str(tmp_path / "a.zarr"), "--budgets", *roots])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "was trained on another store" in err and "Traceback" not in err
+
+
+def _rep(budgets, saes):
+    """A measure() report: saes {name: [(train, held_out) per budget]}."""
+    return {"store": None, "budgets": budgets, "saes": {
+        name: {b: {"train": {"nmse": t}, "held_out": {"nmse": h}} for b, (t, h) in zip(budgets, vals)}
+        for name, vals in saes.items()}}
+
+
+def test_summary_counts_match_hand_computation(tmp_path, capsys):
+    b = ["r/epochs128", "r/epochs256"]
+    runs = {"seed1": _rep(b, {"a/x": [(1.0, 1.05), (1.0, 1.10)],      # gap 5% -> 10%: widens; held-out +4.8%
+                              "a/y": [(2.0, 2.2), (2.2, 2.42)]}),      # gap 10% -> 10%: narrows (not wider); both +10%
+            "seed2": _rep(b, {"a/x": [(1.0, 1.02), (0.9, 0.918)]})}    # gap 2% -> 2%, both fall
+    s = overfit.summarise(runs)
+    assert s["pairs"] == 3 and s["widens"] == 1 and s["narrows"] == 2
+    assert s["gap_pct"] == pytest.approx([2.0, 10.0]) and s["gap_change_points"][1] == pytest.approx(5.0)
+    assert s["held_out_rose"] == 2 and s["train_rose_with_it"] == 1     # a/y in seed1 only
+    (tmp_path / "m.json").write_text(json.dumps(runs))
+    assert overfit.main(["--summary", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "3 SAE-run pairs" in out and "seed1 a/x: held-out +4.8%, train +0.0%" in out
+
+
+def test_summary_of_a_malformed_report_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"seed1": {"budgets": ["a", "b"]}}')
+    with pytest.raises(SystemExit) as e:
+        overfit.main(["--summary", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--summary" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        overfit.main([])     # neither mode
