@@ -30,7 +30,7 @@ D_SAE = 1024
 # The tuned sweep of each architecture (values of its sweep field). An architecture registered in
 # train/registry.py without a row here still runs, with DEFAULT_SWEEP for its sweep field.
 TUNED = {
-    "relu": {"l1": (100.0, 300.0, 1000.0)},   # L0 ~94 / 47 / 9 (docs/results.md)
+    "relu": {"l1": (100.0, 300.0, 1000.0)},   # L0 ~96 / 49 / 10 (docs/results-pareto.json)
     "gated": {"l1": (0.3, 1.0, 3.0)},
     "topk": {"k": (8, 16, 32)},
     "batchtopk": {"k": (8, 16, 32)},

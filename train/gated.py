@@ -14,7 +14,7 @@ alone explains x's component c along it, the gate's own terms, (c - pi)^2 + lamb
 are smallest at pi = c - lambda/2: the gate is a soft threshold at lambda/2, and with W_enc = W_dec^T
 at init pi_gate = c + b_gate. Adam moves b_gate by ~lr per step whatever the gradient (0.04 over an
 80-step CPU run), so a gate started at 0 never reaches that point on short runs and every lambda
-gave the same L0 (docs/results.md); started there, lambda sets the L0 from the first step. A gate
+gave the same L0 (docs/results-withdrawn.md); started there, lambda sets the L0 from the first step. A gate
 loaded with --init is kept.
 Parameters follow SAELens's gated naming: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec (no b_enc).
 """
@@ -35,7 +35,7 @@ from sae_harvest.train.sae_config import SAEConfigBase, hyper
 
 @dataclass(frozen=True)
 class GatedConfig(SAEConfigBase):
-    # 3: held-out L0 ~ 23 at d_sae 256 on the default model (docs/results.md)
+    # 3: L0 ~23 at d_sae 256 on the default model after one epoch at the default lr (docs/results-pareto.json)
     l1_coeff: float = hyper(0.0, "lambda on ||ReLU(pi_gate)||_1, on normalised inputs.", sweep=True, option="l1",
                             option_default=(), train_default=3.0)
 

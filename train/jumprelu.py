@@ -20,14 +20,14 @@ Why: Adam moves log theta by at most ~lr per step whatever the gradient's size, 
 can only change by a factor ~exp(lr * T). The paper (lr 7e-5 over 10^5+ steps) has tens of log-units
 of travel; a short run here has ~0.04 (lr 5e-4, ~80 steps), so theta stayed where it started and
 lambda only chose the sign of an update too small to matter: every lambda gave the same L0
-(docs/results.md). The expected-loss derivative the estimators target is
+(docs/results-withdrawn.md). The expected-loss derivative the estimators target is
     d/dtheta_i E[loss] = p_i(theta_i) * (E[gain_i | z_i = theta_i] - lambda),
 gain_i = the squared error saved by keeping activation z_i = theta_i (raising theta past z_i gives
 that up and saves lambda, so descent raises theta while gain < lambda); for a latent whose decoder row
 (unit norm here) alone explains its direction, gain = theta^2, so theta* = sqrt(lambda) in the space
 the SAE trains in (inputs with E||x|| = sqrt(d_in), reconstruction summed over d_in). Measured: run
 long enough to get there from theta_0 = 0.01 (2000 steps at lr 5e-3, tests' store), the median
-learned theta is 1.1-1.3 sqrt(lambda) for lambda = 0.1, 0.3, 1 (docs/results.md). `threshold_init`
+learned theta is 1.1-1.3 sqrt(lambda) for lambda = 0.1, 0.3, 1 (docs/results-withdrawn.md). `threshold_init`
 stays a floor (theta_0 = max(threshold_init, sqrt(lambda))); a theta loaded with --init is kept; the
 tanh penalty (gradient through f, not theta alone) starts at threshold_init as before.
 """

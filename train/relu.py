@@ -25,7 +25,8 @@ from sae_harvest.train.sae_config import SAEConfigBase, hyper
 @dataclass(frozen=True)
 class ReLUConfig(SAEConfigBase):
     # measured: default model, blocks.2.resid_pre, 256 latents, 80k tokens: --l1 100 / 300 / 1000 gave
-    # held-out L0 94 / 47 / 9 (docs/results.md)
+    # L0 ~96 / 49 / 10 after one epoch at the default lr (docs/results-pareto.json; 17 / 7 / 1.6 after
+    # 256 epochs at the tuned lr, docs/results-pareto-tuned-256.json)
     l1_coeff: float = hyper(0.0, "lambda: phi = lambda / d_in on the latents' L1, on normalised inputs (the e2e "
                                  "paper's and SAELens's scales: docs/e2e.md).", sweep=True, option="l1",
                             option_default=(), train_default=300.0)
