@@ -6,7 +6,8 @@ whichever way it points at the larger one; one that is the same at both is what 
 calls settled. A point is a fixed L0 of the grid ("L0 16") or one of A's SAEs by name
 ("batchtopk_k16"), the rows bench/verdicts.py writes into a pareto.json's "comparisons". Only real
 verdicts count (agrees, disagrees, tie): an untested or untestable row, or a point missing from a
-run, is "not comparable", never settled.
+run, is "not comparable", never settled. A row that exists only through the L0 slack (a series' end
+value held past its range in some seed, bench/verdicts.py) is marked "held end".
 
     python bench/settled.py docs/results-pareto-tuned-64.json docs/results-pareto-tuned.json \\
         --labels 64,128                        # a line per point, then the counts
@@ -18,6 +19,8 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+
+from verdicts import held_seeds
 
 REAL = ("agrees", "disagrees", "tie")
 
@@ -83,13 +86,25 @@ def problem(doc) -> str | None:
     return None
 
 
+def mark_held_ends(doc: dict) -> None:
+    """Each row's held_end (bench/verdicts.py: in how many seeds it uses a series' end value held
+    past its L0 range, i.e. exists only through the L0 slack), from the run's own series where the
+    JSON predates the field."""
+    per_seed = doc.get("series_per_seed")
+    for claim, rows in doc.get("comparisons", {}).items():
+        for r in rows:
+            if "held_end" not in r and per_seed and " vs " in claim:
+                r["held_end"] = held_seeds(per_seed, claim, r)
+
+
 def cell(row: dict | None) -> str:
     if row is None:
         return "-"
     if not row.get("interval"):
         return row["verdict"]
     lo, hi = row["interval"]
-    return f"{row['verdict']} {row['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+    held = f" (held end, {row['held_end']} seeds)" if row.get("held_end") else ""
+    return f"{row['verdict']} {row['ratio']:.2f} [{lo:.2f}, {hi:.2f}]{held}"
 
 
 def main(argv=None) -> int:
@@ -114,6 +129,10 @@ def main(argv=None) -> int:
         bad = problem(docs[-1])
         if bad:
             p.error(f"{path}: {bad}")
+        try:
+            mark_held_ends(docs[-1])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            p.error(f"{path}: its series_per_seed do not read ({type(e).__name__}: {e})")
     for path, d in zip(args.runs, docs):
         if not d.get("rule"):
             p.error(f"{path} records no verdict rule (written before the one rule): its verdicts do not compare")

@@ -33,6 +33,29 @@ def interp_ce(points, l0, slack: float = L0_SLACK):
     return float(np.interp(x, xs, ys))   # np.interp holds the end values past the ends
 
 
+def held(points, l0) -> bool:
+    """Whether the series' value at l0 is an end value held past its L0 range (interp_ce's slack):
+    such a point exists only through the slack, and a held end overstates a metric that falls with
+    L0 (the series' own, in its favour or against it), so rows built on one say so (held_end)."""
+    l0s = [p[0] for p in points if p[0] > 0]
+    return bool(l0s) and not (min(l0s) <= l0 <= max(l0s))
+
+
+def held_seeds(per_seed: list[dict], claim: str, row: dict) -> int:
+    """In how many seeds a row of claim "A vs B: metric expected" uses a held end value: at a grid
+    L0 either series', at one of A's SAEs B's (at that SAE's own L0 in the seed)."""
+    a, b = claim.split(":")[0].split(" vs ")
+    count = 0
+    for series in per_seed:
+        lb = [(q["l0"], 0) for q in series.get(b, [])]
+        if "at" in row:
+            qa = next((q for q in series.get(a, []) if q["name"] == row["at"]), None)
+            count += qa is not None and held(lb, qa["l0"])
+        else:
+            count += held([(q["l0"], 0) for q in series.get(a, [])], row["l0"]) or held(lb, row["l0"])
+    return count
+
+
 def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     """(geometric mean, low, high): the 95% Student t-interval of the mean per-seed log ratio,
     exponentiated. Paired: each seed's A and B share the store, the evaluation tokens and the seed."""
@@ -95,7 +118,7 @@ def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, gr
                 ratios.append(ratio(ca, cb))
         if ratios and len(ratios) == len(per_seed):
             rows.append(_row(ratios, expected, l0=l0))
-    return rows
+    return _with_held(per_seed, a, b, metric, expected, rows)
 
 
 def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str) -> list[dict]:
@@ -113,6 +136,12 @@ def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str) 
                 l0s.append(qa["l0"])
         if ratios and len(ratios) == len(per_seed):
             rows.append(_row(ratios, expected, at=name, l0=float(np.mean(l0s))))
+    return _with_held(per_seed, a, b, metric, expected, rows)
+
+
+def _with_held(per_seed, a, b, metric, expected, rows):
+    for r in rows:
+        r["held_end"] = held_seeds(per_seed, f"{a} vs {b}: {metric} {expected}", r)
     return rows
 
 
@@ -122,7 +151,8 @@ def print_rows(claim: str, rows: list[dict]) -> None:
         where = f"{r['at']} (L0 {r['l0']:.1f})" if "at" in r else f"L0 {r['l0']:>3}"
         ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
             else f"seeds {r['min']:.2f}-{r['max']:.2f}"
-        print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}")
+        note = f"  (held end in {r['held_end']} seed(s): exists through the L0 slack)" if r.get("held_end") else ""
+        print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}{note}")
 
 
 def evaluated_budget(rec: dict) -> dict:

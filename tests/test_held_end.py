@@ -1,0 +1,57 @@
+"""bench/verdicts.py's held_end: a verdict row that exists only through the L0 slack (a series' end
+value held past its L0 range in some seed) says so, counted per seed by hand on crafted series; and
+bench/settled.py marks such rows in JSONs written before the field, from their own series."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+import settled  # noqa: E402
+import verdicts  # noqa: E402
+
+
+def _series(topk_top_l0: float, batchtopk_top_l0: float = 32.2):
+    """One seed: TopK fires slightly under k at k = 32 (a selected pre-activation <= 0 is zeroed)."""
+    return {"topk": [{"name": "topk_k16", "l0": 15.8, "ce_increase": 0.20},
+                     {"name": "topk_k32", "l0": topk_top_l0, "ce_increase": 0.10}],
+            "batchtopk": [{"name": "batchtopk_k16", "l0": 15.9, "ce_increase": 0.15},
+                          {"name": "batchtopk_k32", "l0": batchtopk_top_l0, "ce_increase": 0.08}]}
+
+
+def test_rows_count_the_seeds_that_use_a_held_end():
+    # seeds 0-2: TopK tops out at 31.9 (BatchTopK's 32.2 and the grid's 32 lie past it: held);
+    # seeds 3-4: TopK reaches 32.5, so every value is inside both ranges
+    per_seed = [_series(31.9)] * 3 + [_series(32.5)] * 2
+    grid = {r["l0"]: r for r in verdicts.at_grid(per_seed, "batchtopk", "topk", "ce_increase", "<", (16, 32))}
+    assert grid[32]["held_end"] == 3 and grid[16]["held_end"] == 0
+    points = {r["at"]: r for r in verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<")}
+    assert points["batchtopk_k32"]["held_end"] == 3 and points["batchtopk_k16"]["held_end"] == 0
+    # the row exists only through the slack: without it, TopK has no value at 32 in those seeds
+    assert verdicts.interp_ce([(16.0, 0.2), (31.9, 0.1)], 32, slack=0.0) is None
+    assert verdicts.held([(16.0, 0), (31.9, 0)], 32) and not verdicts.held([(16.0, 0), (31.9, 0)], 31.9)
+
+
+def test_printed_rows_say_held_end(capsys):
+    per_seed = [_series(31.9)] * 5
+    verdicts.print_rows("claim", verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<"))
+    out = capsys.readouterr().out.splitlines()
+    assert any("batchtopk_k32" in line and "held end in 5 seed(s)" in line for line in out)
+    assert not any("batchtopk_k16" in line and "held end" in line for line in out)
+
+
+def test_settled_marks_held_ends_from_the_series_of_a_json_without_the_field(tmp_path, capsys):
+    per_seed = [_series(31.9)] * 5
+    docs = []
+    for name in ("64", "128"):
+        comparisons = {"batchtopk vs topk: ce_increase <":
+                       verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<")}
+        for r in comparisons["batchtopk vs topk: ce_increase <"]:
+            del r["held_end"]   # as written before the field
+        doc = {"rule": "paired", "l0_slack": 0.02, "comparisons": comparisons, "series_per_seed": per_seed}
+        docs.append(str(tmp_path / f"{name}.json"))
+        Path(docs[-1]).write_text(json.dumps(doc))
+    assert settled.main([*docs, "--labels", "64,128", "--markdown"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| batchtopk")]
+    k32 = next(r for r in rows if "| batchtopk_k32 |" in r)
+    k16 = next(r for r in rows if "| batchtopk_k16 |" in r)
+    assert k32.count("(held end, 5 seeds)") == 2 and "held end" not in k16
