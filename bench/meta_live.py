@@ -17,10 +17,15 @@ mostly rows the reconstruction does not use, so this bench keeps the live ones:
 
 With n live rows, one shape cannot match both proportions unless n = 64 d, so the default runs
 both: 3 d meta-latents (the paper's meta-latents per dimension) and n / 21.3 (its rows per
-meta-latent). Each is reported as mean ± sd over the seeds beside the paper's 55.47%; the verdict
-is which side of 55.47% each shape's seed range lies on (a tie when the range contains it).
+meta-latent). Each is reported as mean ± sd over the seeds beside the paper's 55.47%, and judged by
+the one verdict rule of bench/verdicts.py on the per-seed ratio explained variance / 55.47% (>= 5
+seeds, the 95% t-interval of the mean log ratio): a tie with the paper when it contains 1, else
+above or below it.
 
     python bench/meta_live.py --sae BASE/relu_l1-300 --store STORE.zarr --out bench-out/meta-live --seeds 5
+    python bench/meta_live.py --report-only docs/results-meta-live.json     # re-judge a stored run
+    python bench/meta_live.py --judge M-s1/meta.json M-s2/meta.json ... --json OUT.json
+        # judge `evaluate meta` JSONs, one per seed of one meta-SAE shape (e.g. on all rows)
 
 A rerun resumes: a trained meta-SAE is kept, a killed one continues from its checkpoint, and
 OUT/live-sae is rebuilt only if absent (one built from another base or rule is refused).
@@ -39,6 +44,7 @@ import torch
 
 from common import Refused, trained_with, write_json
 from sae_harvest.stores.urls import scrub_text
+from verdicts import MIN_SEEDS, verdict
 
 PAPER = {"rows": 49152, "meta_latents": 2304, "d": 768, "k": 4, "epochs": 2000, "lr": 1e-4, "batch_size": 4096,
          "explained_variance": 0.5547}
@@ -47,6 +53,49 @@ META_PER_DIM = PAPER["meta_latents"] / PAPER["d"]       # 3
 # 12 batches of 4,096 per epoch: 24,000 Adam steps. With fewer rows than a batch, an epoch is one
 # step, so the paper's 2,000 epochs are 2,000 steps here: each is reported with its step count.
 PAPER_STEPS = math.ceil(PAPER["rows"] / PAPER["batch_size"]) * PAPER["epochs"]
+
+
+RULE = (f"vs_paper: bench/verdicts.py's rule on the per-seed ratio explained variance / 55.47% (>= {MIN_SEEDS} "
+        "seeds): the 95% t-interval of the mean log ratio; tie when it contains 1, else above or below")
+
+
+def vs_paper(evs: list[float]) -> dict:
+    """The paper's 55.47% judged by the one verdict rule: {"vs_paper": above | below | tie | untested
+    ..., "vs_paper_ratio", "vs_paper_interval"}."""
+    v = verdict([ev / PAPER["explained_variance"] for ev in evs], "~")
+    side = {"higher": "above", "lower": "below", "tie": "tie"}.get(v["outcome"], v["verdict"])
+    return {"vs_paper": side, "vs_paper_ratio": v.get("ratio"), "vs_paper_interval": v["interval"]}
+
+
+def print_result(r: dict) -> None:
+    evs = r["explained_variance"]
+    iv = r.get("vs_paper_interval")
+    ratio = f" (ratio {r['vs_paper_ratio']:.3f} [{iv[0]:.3f}, {iv[1]:.3f}])" if iv else ""
+    steps = f"; {max(r['steps']):,} steps, the paper's {PAPER_STEPS:,}" if r.get("steps") else ""
+    print(f"{r['meta_latents']} meta-latents ({r['shape']}; {r['rows_per_meta_latent']:.1f} rows each{steps}): "
+          f"explained variance {np.mean(evs):.4f} ± {np.std(evs, ddof=1) if len(evs) > 1 else 0:.4f} over "
+          f"{len(evs)} seeds [{min(evs):.4f}, {max(evs):.4f}]; paper 0.5547: {r['vs_paper']}{ratio}")
+
+
+def judge_files(paths: list[str]) -> dict:
+    """A result entry from `evaluate meta` JSONs, one per seed of one shape: the same base SAE and the
+    same meta-SAE size in each, or Refused."""
+    docs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                docs.append(json.load(f))
+            docs[-1]["sae"]["d_sae"], docs[-1]["meta"]["d_sae"], float(docs[-1]["explained_variance"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Refused(f"{path}: not an `evaluate meta` JSON ({type(e).__name__}: {e})") from None
+    shapes = {(d["sae"].get("path"), d["sae"]["d_sae"], d["meta"]["d_sae"], d["meta"].get("k")) for d in docs}
+    if len(shapes) != 1:
+        raise Refused(f"the JSONs judge different SAEs or meta-SAE shapes: {sorted(map(str, shapes))}")
+    (_, rows, m, _), = shapes
+    evs = [float(d["explained_variance"]) for d in docs]
+    return {"meta_latents": m, "shape": f"{m} meta-latents on {rows:,} decoder rows", "rows_per_meta_latent": rows / m,
+            "meta_latents_per_dim": m / docs[0]["sae"]["d_in"], "explained_variance": evs, "sources": paths,
+            "mean": float(np.mean(evs)), "sd": float(np.std(evs, ddof=1)) if len(evs) > 1 else 0.0, **vs_paper(evs)}
 
 
 def live_latents(sae, store, site: str) -> tuple[list[int], int]:
@@ -131,8 +180,8 @@ def train_meta(args, live_dir: str, m: int, seed: int) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", required=True, help="the base ReLU/L1 SAE folder")
-    p.add_argument("--store", required=True, help="the store it was trained on (its held-out rows decide liveness)")
+    p.add_argument("--sae", help="the base ReLU/L1 SAE folder (required to train)")
+    p.add_argument("--store", help="the store it was trained on (its held-out rows decide liveness; required to train)")
     p.add_argument("--out", default="bench-out/meta-live")
     p.add_argument("--meta-latents", default=None, help="comma list (default: 3 d and live rows / 21.3)")
     p.add_argument("--seeds", type=int, default=5)
@@ -140,8 +189,29 @@ def main():
     p.add_argument("--epochs", type=int, default=PAPER["epochs"])
     p.add_argument("--batch-size", type=int, default=PAPER["batch_size"])
     p.add_argument("--lr", type=float, default=PAPER["lr"])
+    p.add_argument("--report-only", metavar="JSON", help="re-judge a stored meta_live.json (nothing trained)")
+    p.add_argument("--judge", nargs="+", metavar="JSON",
+                   help="judge `evaluate meta` JSONs, one per seed of one shape (nothing trained)")
+    p.add_argument("--json", help="with --judge: write the judged result here")
     args = p.parse_args()
     try:
+        if args.report_only:
+            try:
+                with open(args.report_only) as f:
+                    doc = json.load(f)
+                for r in doc["results"]:
+                    print_result({**r, **vs_paper(r["explained_variance"])})
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise Refused(f"--report-only {args.report_only}: {type(e).__name__}: {e}") from None
+            return
+        if args.judge:
+            result = judge_files(args.judge)
+            print_result(result)
+            if args.json:
+                write_json(args.json, {"paper": PAPER, "results": [result], "rule": RULE})
+            return
+        if not (args.sae and args.store):
+            p.error("--sae and --store (or --report-only / --judge)")
         run(p, args)
     except Refused as e:
         print(f"error: {e}", file=sys.stderr)
@@ -184,22 +254,15 @@ def run(p, args) -> None:
                 steps.append(json.load(f)["steps"])
             print(f"meta {m} seed {seed}: explained variance {evs[-1]:.4f}, meta-L0 {doc['meta_l0']:.2f}, "
                   f"{doc['alive_meta_latents']} meta-latents alive", flush=True)
-        lo, hi = min(evs), max(evs)
-        side = "above" if lo > PAPER["explained_variance"] else "below" if hi < PAPER["explained_variance"] else "tie"
         results.append({"meta_latents": m, "shape": why, "rows_per_meta_latent": rec["live"] / m,
                         "meta_latents_per_dim": m / rec["d"], "explained_variance": evs, "steps": steps,
                         "paper_steps": PAPER_STEPS,
                         "mean": float(np.mean(evs)), "sd": float(np.std(evs, ddof=1)) if len(evs) > 1 else 0.0,
-                        "vs_paper": side})
+                        **vs_paper(evs)})
         write_json(os.path.join(args.out, "meta_live.json"),
-                   {"args": vars(args), "live_sae": rec, "paper": PAPER, "results": results,
-                    "rule": "vs_paper: above / below when every seed's explained variance is on that side of "
-                            "the paper's 55.47%, else tie"})
+                   {"args": vars(args), "live_sae": rec, "paper": PAPER, "results": results, "rule": RULE})
     for r in results:
-        print(f"{r['meta_latents']} meta-latents ({r['shape']}; {r['rows_per_meta_latent']:.1f} rows each; "
-              f"{max(r['steps']):,} steps, the paper's {PAPER_STEPS:,}): "
-              f"explained variance {r['mean']:.3f} ± {r['sd']:.3f} over {len(r['explained_variance'])} seeds "
-              f"[{min(r['explained_variance']):.3f}, {max(r['explained_variance']):.3f}]; paper 0.555: {r['vs_paper']}")
+        print_result(r)
 
 
 if __name__ == "__main__":
