@@ -56,7 +56,7 @@ from sae_harvest.evaluate.stitch import StitchConfig, run_stitch
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 from sae_harvest.stores.urls import scrub_text, scrub_tree
-from verdicts import ratio, verdict
+from verdicts import fraction_verdict, ratio, verdict
 
 KEYS = ("large_matched", "small_matched", "dead_small", "dead_large", "n_novel", "n_reconstruction", "n_groups",
         "n_orphans", "mse_small", "mse_after_novel", "mse_after_swaps", "mse_large", "l0_small", "l0_after_novel", "novel_steps_lowering_mse", "swap_steps_lowering_mse",
@@ -69,6 +69,9 @@ CLAIMS = (("premise: the larger SAE reconstructs better", "mse_large", "mse_smal
           ("adding the novel latents lowers MSE", "mse_after_novel", "mse_small"),
           ("adding the novel latents lowers the CE increase", "ce_increase_after_novel", "ce_increase_small"),
           ("swapping the groups lowers MSE further", "mse_after_swaps", "mse_after_novel"))
+# (claim, key, expected): the claims about a fraction of latents, per seed, against one half
+FRACTION_CLAIMS = (("most reconstruction latents added alone raise MSE (fig. 4)", "reconstruction_alone_raising_mse", ">"),
+                   ("most of the larger SAE's latents match a smaller one's (the overlap's premise)", "large_matched", ">"))
 
 
 def stitch_verdicts(runs: list[dict], sizes: list[int], thresholds: list[float]) -> list[dict]:
@@ -87,6 +90,11 @@ def stitch_verdicts(runs: list[dict], sizes: list[int], thresholds: list[float])
                 if ratios:
                     out.append({"pair": f"{small}->{large}", "threshold": theta, "claim": claim,
                                 "ratio_of": f"{num} / {den}", "ratios": ratios, **verdict(ratios, "<")})
+            for claim, key, expected in FRACTION_CLAIMS:
+                fractions = [r.get(key) for r in rows]
+                if rows and all(f is not None for f in fractions):
+                    out.append({"pair": f"{small}->{large}", "threshold": theta, "claim": claim, "fraction_of": key,
+                                "fractions": fractions, **fraction_verdict(fractions, expected)})
     return out
 
 
@@ -179,8 +187,32 @@ def tune_lrs(args, sizes: list[int], sweep: dict, name: str, multipliers: list[f
     return lrs
 
 
+def report_only(path: str) -> None:
+    """The report and verdicts of a stored stitch_seeds JSON, by the current rules (nothing run)."""
+    try:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        pairs = list(dict.fromkeys(r["pair"] for r in runs))
+        sizes = [int(pairs[0].split("->")[0])] + [int(q.split("->")[1]) for q in pairs]
+        thresholds = list(dict.fromkeys(r["threshold"] for r in runs))
+        seeds = len({r["seed"] for r in runs})
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise Refused(f"--report-only {path}: {type(e).__name__}: {e}") from None
+    report(runs, sizes, thresholds, seeds, 0.0)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if "--report-only" in sys.argv[1:]:   # no --store needed to re-read a record
+        p.add_argument("--report-only", required=True, metavar="JSON")
+        try:
+            report_only(p.parse_args().report_only)
+        except Refused as e:
+            print(scrub_text(f"error: {e}"), file=sys.stderr)
+            sys.exit(2)
+        return
+    p.add_argument("--report-only", metavar="JSON", help="the report and verdicts of a stored stitch_seeds JSON "
+                                                         "by the current rules (nothing trained or stitched)")
     p.add_argument("--store", required=True, help="a store of the offline default model at " + SITE)
     p.add_argument("--out", default="bench-out/stitch")
     p.add_argument("--sizes", default="128,256,512")
@@ -277,9 +309,12 @@ def report(runs: list[dict], sizes: list[int], thresholds: list[float], seeds: i
                           f"[{vals.min():.4g}, {vals.max():.4g}]")
     print("verdicts (95% t-interval of the per-seed log ratio; a tie when it contains 1):")
     for v in stitch_verdicts(runs, sizes, thresholds):
-        ci = f"{v['ratio']:.4f} [{v['interval'][0]:.4f}, {v['interval'][1]:.4f}]" if v["interval"] else \
-            f"seeds {min(v['ratios']):.4f}-{max(v['ratios']):.4f}"
-        print(f"  {v['pair']} theta {v['threshold']:g}: {v['claim']} ({v['ratio_of']}): {ci}  {v['verdict']}")
+        values = v.get("ratios") or v.get("fractions")
+        centre = v.get("ratio", v.get("mean"))
+        ci = f"{centre:.4f} [{v['interval'][0]:.4f}, {v['interval'][1]:.4f}]" if v["interval"] else \
+            f"seeds {min(values):.4f}-{max(values):.4f}"
+        what = v.get("ratio_of") or f"mean {v['fraction_of']} against 0.5"
+        print(f"  {v['pair']} theta {v['threshold']:g}: {v['claim']} ({what}): {ci}  {v['verdict']}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,24 @@ def verdict(ratios: list[float], expected: str = "<") -> dict:
     return {"verdict": result, "outcome": outcome, "ratio": centre, "interval": [lo, hi]}
 
 
+def fraction_verdict(fractions: list[float], expected: str = ">", half: float = 0.5) -> dict:
+    """The same rule for a claim about a fraction ("most latents ..."), where a log ratio cannot be
+    taken (a seed's fraction may be 0): over >= MIN_SEEDS seeds, the 95% t-interval of the mean
+    per-seed fraction; a tie when it contains `half`, else above or below, agreeing with ">" (most)
+    or "<" (few)."""
+    if len(fractions) < MIN_SEEDS:
+        return {"verdict": f"untested (fewer than {MIN_SEEDS} seeds)", "outcome": None, "interval": None}
+    f = np.asarray(fractions, dtype=np.float64)
+    if not np.all(np.isfinite(f)):
+        return {"verdict": "untestable (a fraction not finite)", "outcome": None, "interval": None}
+    mean = float(f.mean())
+    half_width = T975[max(d for d in T975 if d <= len(f) - 1)] * float(f.std(ddof=1)) / np.sqrt(len(f))
+    lo, hi = mean - half_width, mean + half_width
+    outcome = "tie" if lo <= half <= hi else ("higher" if lo > half else "lower")
+    result = "tie" if outcome == "tie" else "agrees" if (outcome == "higher") == (expected == ">") else "disagrees"
+    return {"verdict": result, "outcome": outcome, "mean": mean, "interval": [lo, hi]}
+
+
 def _row(ratios: list[float], expected: str, **where) -> dict:
     return {**where, "ratios": ratios, "min": min(ratios), "max": max(ratios), **verdict(ratios, expected)}
 

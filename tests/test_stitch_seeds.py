@@ -20,7 +20,7 @@ SITE = "blocks.0.resid_pre"   # conftest's planted-dictionary store
 
 def test_the_verdicts_reproduce_the_documented_table():
     doc = json.loads((ROOT / "docs" / "results-stitch-paper.json").read_text())
-    rows = stitch_seeds.stitch_verdicts(doc["runs"], [1024, 2048, 4096], [0.7, 0.4])
+    rows = [r for r in stitch_seeds.stitch_verdicts(doc["runs"], [1024, 2048, 4096], [0.7, 0.4]) if "ratio_of" in r]
     got = {(r["pair"], r["threshold"], r["ratio_of"]): r for r in rows}
     assert len(rows) == 2 * 2 * len(stitch_seeds.CLAIMS)
     # (pair, theta, ratio): centre [low, high] and verdict, as docs/results.md prints them (strings:
@@ -219,3 +219,33 @@ def test_an_evaluate_error_mid_run_is_one_line_and_exit_2(tmp_path, monkeypatch,
         stitch_seeds.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == ["error: --live-only: the small SAE fires on none of the 48 evaluation tokens"]
+
+
+def test_fraction_claims_use_the_t_interval_of_the_per_seed_fraction_against_one_half():
+    import verdicts
+    zeros = [0.0, 0.0, 0.0, 0.0, 0.0]          # a log ratio cannot judge these; the fraction rule can
+    v = verdicts.fraction_verdict(zeros, ">")
+    assert v["verdict"] == "disagrees" and v["interval"] == [0.0, 0.0]
+    f = [0.40, 0.55, 0.60, 0.45, 0.52]
+    half = 2.776 * float(__import__("numpy").std(f, ddof=1)) / math.sqrt(5)
+    v = verdicts.fraction_verdict(f, ">")
+    assert v["interval"] == pytest.approx([0.504 - half, 0.504 + half]) and v["verdict"] == "tie"
+    assert verdicts.fraction_verdict([0.97, 0.98, 0.96, 0.99, 0.97], ">")["verdict"] == "agrees"
+    assert verdicts.fraction_verdict([0.9] * 4, ">")["verdict"].startswith("untested")
+    runs = [_run(reconstruction_alone_raising_mse=x, large_matched=0.98) for x in (0.0, 0.05, 0.07, 0.0, 0.02)]
+    rows = {r.get("fraction_of"): r for r in stitch_seeds.stitch_verdicts(runs, [8, 16], [0.7])}
+    assert rows["reconstruction_alone_raising_mse"]["verdict"] == "disagrees"
+    assert rows["large_matched"]["verdict"] == "agrees"
+
+
+def test_report_only_rejudges_a_stored_run_and_a_bad_file_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["stitch_seeds.py", "--report-only", str(ROOT / "docs" / "results-stitch-tuned-live.json")])
+    stitch_seeds.main()
+    out = capsys.readouterr().out
+    assert "2048->4096 theta 0.4: most reconstruction latents added alone raise MSE (fig. 4)" in out
+    (tmp_path / "bad.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["stitch_seeds.py", "--report-only", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit) as e:
+        stitch_seeds.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "KeyError" in err[0]
