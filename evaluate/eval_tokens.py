@@ -125,11 +125,19 @@ def _sibling_holds_out_same(train_path: str, creation_id: str, store, sequences:
         return False
 
 
-def check_fits_store(path, sae, site: str, store, store_label: str) -> None:
-    """An SAE read against a store's rows (features, geometry): its site is in the store, at its width."""
+def check_fits_store(path, sae, site: str, store, store_label: str, sae_cfg: dict | None = None) -> None:
+    """An SAE read against a store's rows (features, geometry): its site is in the store, at its width,
+    and (given its cfg.json) it was not trained on another model's activations than the store's."""
     if site not in store.sites:
         raise EvaluateError(f"{path}: its site {site!r} is not in store {store_label} "
                             f"(it has: {', '.join(store.sites)})")
     if store.width(site) != sae.cfg.d_in:
         raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of {site} "
                             f"in store {store_label}")
+    from .model_identity import trained_model_digest   # it imports this module
+
+    trained = trained_model_digest(sae_cfg) if sae_cfg is not None else None
+    made_by = ((store.attrs.get("provenance") or {}).get("model") or {}).get("digest")
+    if trained and made_by and trained != made_by:
+        raise EvaluateError(f"{scrub(str(path))} was trained on another model's activations (fingerprint "
+                            f"{trained[:12]}) than store {scrub(store_label)} holds ({made_by[:12]})")

@@ -98,7 +98,7 @@ def check_inputs(cfg: FeaturesConfig, dev) -> tuple[object, list[Source]]:
         folder = Path(path).parent if Path(path).is_file() else Path(path)
         saved = json.loads((folder / CFG_NAME).read_text())
         site = hook_name_of(saved)
-        check_fits_store(path, sae, site, store, cfg.store)
+        check_fits_store(path, sae, site, store, cfg.store, saved)
         name = (saved.get("sae_harvest") or {}).get("sweep_name") or folder.name
         if name in {s.name for s in sources}:
             name = f"{name} ({i})"

@@ -84,6 +84,8 @@ def load_unembedding(store, cfg, dev):
     from sae_harvest.harvest.default_model import resolve_model
     from sae_harvest.harvest.models import get_adapter, load_model, quiet_transformers
 
+    from .model_identity import model_identity
+
     stored = store.attrs.get("model", {})
     name = cfg.model or stored.get("name")
     revision = None if cfg.model else stored.get("revision")
@@ -92,6 +94,8 @@ def load_unembedding(store, cfg, dev):
         raise EvaluateError(f"store {cfg.store} names no model; give --model for the tokenizer and unembedding")
     quiet_transformers()
     model, tokenizer = load_model(resolve_model(name), revision=revision, device=dev)
+    model_identity(store, name, revision, named_by_user=cfg.model is not None, store=cfg.store,
+                   what="the feature browser's tokens and logit effects")
     return tokenizer, model, get_adapter(model)
 
 

@@ -172,7 +172,7 @@ def _one_sae(cfg, path, dev, store, taken: set, seen: dict) -> tuple:
              "d_sae": sae.cfg.d_sae}
     if store is not None:
         site = entry["site"]
-        check_fits_store(path, sae, site, store, cfg.store)
+        check_fits_store(path, sae, site, store, cfg.store, saved)
         freq, n, selection = activation_frequencies(sae, store, site, cfg.tokens)
         if n == 0:
             raise EvaluateError(f"store {cfg.store} has no held-out rows after position 0 at {site}")

@@ -29,6 +29,7 @@ from sae_harvest.evaluate.config import EvalConfig, LiveOptions
 # EvaluateError is re-exported: the other evaluate modules raise it from here
 from sae_harvest.evaluate.eval_tokens import (EvaluateError, dataset_tokens, store_tokens, trained_outside_split,
                                                warn_dataset_overlap)
+from sae_harvest.evaluate.model_identity import check_trained_models, model_identity
 from sae_harvest.evaluate.gradients import GRAD_MODES, TARGET_OF_MODE, causal_site_grads, paper_site_grads
 from sae_harvest.evaluate.metrics import (Sums, ce_from_log_probs, kl_per_token, kl_reference, log_probs,
                                           mse_per_token, normalize_without_affine, reconstruction_terms,
@@ -48,6 +49,7 @@ class Entry:
     downstream: list[str] = field(default_factory=list)  # resid_post sites after the SAE's site
     sums: Sums = field(default_factory=Sums)
     outside_split: bool | None = None   # trained outside the evaluated held-out sequences (None: not a store)
+    trained_model: dict | None = None   # its training model's fingerprint against the evaluation's (eval_tokens)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class Live:
     entries: list[Entry]       # the SAEs, each attached to its site in this model
     device: torch.device
     origin: dict | None = None  # how many evaluation tokens and where from (store_tokens, dataset_tokens)
+    model_check: dict | None = None   # the model's fingerprint against the store's (harvest.fingerprint)
 
 
 def open_live(paths, opts: LiveOptions, *, default_tokens: int | None = None) -> Live:
@@ -139,6 +142,10 @@ def open_live(paths, opts: LiveOptions, *, default_tokens: int | None = None) ->
     quiet_transformers()
     model, tokenizer = load_model(resolve_model(model_name), revision=revision, device=dev,
                                   dtype=getattr(torch, opts.dtype))
+    # the model a store names is found from here (a relative folder, a hub name): is it the harvest's?
+    model_check = model_identity(store_obj, model_name, revision, named_by_user=opts.model is not None,
+                                 store=opts.store, what="the evaluation")
+    check_trained_models(entries, model_check["model_digest"], named_by_user=opts.model is not None)
     adapter = get_adapter(model)
     for e in entries:
         attach_site(e, adapter)
@@ -153,7 +160,7 @@ def open_live(paths, opts: LiveOptions, *, default_tokens: int | None = None) ->
         raise EvaluateError(f"sequences of {ids.shape[1]} tokens are too short to evaluate")
     if ids.shape[1] > adapter.max_positions:
         raise EvaluateError(f"ctx_len {ids.shape[1]} exceeds the model's {adapter.max_positions} positions")
-    return Live(model, adapter, ids, model_name, revision, entries, dev, origin)
+    return Live(model, adapter, ids, model_name, revision, entries, dev, origin, model_check)
 
 
 # --- passes ------------------------------------------------------------------------------------
@@ -295,7 +302,8 @@ def evaluate_saes(cfg: EvalConfig, *, progress=True, console=None, live: Live | 
             _eval_batch(model, adapter, batch, entries, site_sums, clean_sums, means, cfg.splice_bos)
             bar.update(task, advance=batch.numel())
     return [{**_result(e, site_sums[e.site.name], clean_sums, ids, model_name, cfg.dtype, cfg.splice_bos),
-             "eval_tokens": origin, "trained_outside_split": e.outside_split}
+             "eval_tokens": origin, "trained_outside_split": e.outside_split, **(live.model_check or {}),
+             "trained_model": e.trained_model}
             for e in entries]
 
 

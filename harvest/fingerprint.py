@@ -20,6 +20,9 @@ import hashlib
 import json
 import os
 import struct
+import sys
+
+from sae_harvest.stores.urls import scrub
 
 from .errors import HarvestError
 
@@ -163,6 +166,32 @@ def provenance_changes(stored: dict | None, now: dict) -> list[str]:
         if was != now[what]["digest"]:
             changes.append(f"{clause} (store {str(was)[:12]}, now {now[what]['digest'][:12]})")
     return changes
+
+
+def model_against_store(attrs: dict, name: str, revision: str | None, *, named_by_user: bool,
+                        store: str, what: str) -> dict:
+    """The model `name` as it resolves here against the fingerprint the store's harvest recorded:
+    {"model_digest", "store_model_digest", "model_matches_store": True | False | None (the store
+    predates provenance: nothing to compare)}. A model the store named (a relative folder resolved
+    against this folder, a hub name whose files changed) that is not the harvest's is refused: the
+    store's tokens and rows would be read through another model. One the user named with --model is
+    theirs to choose (an SAE carried to a fine-tune, say): a warning, and the record says so."""
+    from .default_model import resolve_model
+
+    recorded = ((attrs.get("provenance") or {}).get("model") or {}).get("digest")
+    now = model_fingerprint(resolve_model(name), revision)["digest"]
+    out = {"model_digest": now, "store_model_digest": recorded,
+           "model_matches_store": None if recorded is None else recorded == now}
+    if out["model_matches_store"] is False:
+        where = f" (found as {os.path.abspath(os.path.expanduser(name))})" if os.path.isdir(os.path.expanduser(name)) \
+            else ""
+        clause = (f"model {scrub(name)!r}{scrub(where)} is not the model that harvested store {scrub(store)} "
+                  f"(fingerprint {now[:12]}, the store's {recorded[:12]})")
+        if not named_by_user:
+            raise HarvestError(f"{clause}: {what} would read the store through another model; run where the "
+                               f"harvest ran or give --model with the harvest's model")
+        print(f"warning: {clause}: {what} uses the model you named", file=sys.stderr, flush=True)
+    return out
 
 
 def agree_across_ranks(dist, what: str, mine: dict) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_harvest.harvest.default_model import resolve_model
+from sae_harvest.harvest.fingerprint import model_against_store
 from sae_harvest.harvest.models import get_adapter, load_model
 from sae_harvest.harvest.sites import Site, capture, downstream_sites, keep_clean_positions, record, splice
 from sae_harvest.stores import open_store
@@ -246,10 +247,17 @@ def _setup(cfg: TrainConfig, device) -> E2EContext:
         print(f"loading model {scrub(model_name)!r}, named by store {scrub(cfg.store)} (--model chooses another)",
               file=sys.stderr, flush=True)
     site = Site.parse(name)
+    revision = None if cfg.model else store.attrs.get("model", {}).get("revision")
     try:
-        model, _ = load_model(resolve_model(model_name), device=device)
+        model, _ = load_model(resolve_model(model_name), revision=revision, device=device)
     except UserError as e:   # say which step failed: the user may not have named a model at all
         raise TrainError(f"cannot load the model for --loss {cfg.loss}: {e}") from None
+    try:   # a model the store names is found from here (a relative folder, a hub name), and a
+        # checkpoint resumed from another folder must not continue on another model
+        model_check = model_against_store(store.attrs, model_name, revision, named_by_user=bool(cfg.model),
+                                          store=cfg.store, what=f"--loss {cfg.loss}")
+    except UserError as e:
+        raise TrainError(str(e)) from None
     adapter = get_adapter(model)
     if not 0 <= site.layer < adapter.n_layers:
         raise TrainError(f"site {site.name} is not in model {model_name}: it has {adapter.n_layers} "
@@ -265,7 +273,8 @@ def _setup(cfg: TrainConfig, device) -> E2EContext:
         raise TrainError(f"store {cfg.store} has no training sequences outside its held-out split "
                          f"({store.split.describe(store.n_seqs, store.ctx_len)})")
     attrs = store.attrs
-    provenance = {"store": scrub(cfg.store), "model_name": scrub(model_name), "hook_name": site.name,
+    provenance = {"store": scrub(cfg.store), "model_name": scrub(model_name), "model_digest": model_check["model_digest"],
+                  "model_matches_store": model_check["model_matches_store"], "hook_name": site.name,
                   "hook_layer": site.layer, "context_size": store.ctx_len,
                   "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
                   "dataset_path": attrs.get("dataset", {}).get("name"),
