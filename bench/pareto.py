@@ -206,6 +206,7 @@ def main():
         args.e2e = doc.get("args", {}).get("e2e", "scratch")
         args.until_plateau = args.until_plateau or doc.get("args", {}).get("until_plateau", 0)
         args.seeds = doc.get("args", {}).get("seeds", args.seeds)   # judge the run's seeds, not the default
+        args.l0_slack = doc.get("l0_slack") or 0.0   # the run's own: absent = written before the slack
         report(args, doc["series_per_seed"], doc.get("budgets", []), doc.get("eval_tokens"), t0, write=False)
         return
     local = {**LOCAL, "adam_betas": args.betas}
@@ -321,12 +322,13 @@ def e2e_caps(rows, cap: int | None) -> dict | None:
 def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
     """Every claim's rows (verdicts) from the per-seed series: at the L0 grid, and at A's own sweep
     points; writes pareto.json (unless not `write`) and prints them with each seed's budgets."""
-    comparisons = {f"{a} vs {b}: {metric} {expected}": at_grid(per_seed, a, b, metric, expected, L0_GRID)
-                   + at_points(per_seed, a, b, metric, expected)
+    slack = getattr(args, "l0_slack", L0_SLACK)
+    comparisons = {f"{a} vs {b}: {metric} {expected}": at_grid(per_seed, a, b, metric, expected, L0_GRID, slack)
+                   + at_points(per_seed, a, b, metric, expected, slack)
                    for a, b, metric, expected in claims(args.e2e)}
     out = {"seeds_done": len(per_seed), "args": {k: v for k, v in vars(args).items()}, "local": LOCAL,
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
-           "l0_slack": L0_SLACK,
+           "l0_slack": slack,
            "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     pct = getattr(args, "until_plateau", 0)

@@ -124,14 +124,16 @@ def _points(series: dict, key: str, metric: str) -> list[tuple[float, float]]:
     return pts
 
 
-def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, grid) -> list[dict]:
-    """One row per L0 of `grid` where both series reach it in every seed (both interpolated)."""
+def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, grid,
+            slack: float = L0_SLACK) -> list[dict]:
+    """One row per L0 of `grid` where both series reach it in every seed (both interpolated);
+    `slack`: the run's own (a JSON records it; one written before the slack was 0)."""
     rows = []
     for l0 in grid:
         ratios = []
         for series in per_seed:
-            ca = interp_ce(_points(series, a, metric), l0)
-            cb = interp_ce(_points(series, b, metric), l0)
+            ca = interp_ce(_points(series, a, metric), l0, slack)
+            cb = interp_ce(_points(series, b, metric), l0, slack)
             if ca is not None and cb is not None:   # both reach this L0 in this seed
                 ratios.append(ratio(ca, cb))
         if ratios and len(ratios) == len(per_seed):
@@ -139,7 +141,8 @@ def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, gr
     return _with_held(per_seed, a, b, metric, expected, rows)
 
 
-def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str) -> list[dict]:
+def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str,
+              slack: float = L0_SLACK) -> list[dict]:
     """One row per SAE of A (by name) present in every seed, B interpolated at its L0: works when
     the two L0 ranges barely overlap."""
     rows = []
@@ -148,7 +151,7 @@ def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str) 
         for series in per_seed:
             _points(series, a, metric)
             qa = next((q for q in series.get(a, []) if q["name"] == name), None)
-            cb = None if qa is None else interp_ce(_points(series, b, metric), qa["l0"])
+            cb = None if qa is None else interp_ce(_points(series, b, metric), qa["l0"], slack)
             if cb is not None:   # A has this SAE in this seed, and B reaches its L0
                 ratios.append(ratio(qa[metric], cb))
                 l0s.append(qa["l0"])

@@ -55,3 +55,19 @@ def test_settled_marks_held_ends_from_the_series_of_a_json_without_the_field(tmp
     k32 = next(r for r in rows if "| batchtopk_k32 |" in r)
     k16 = next(r for r in rows if "| batchtopk_k16 |" in r)
     assert k32.count("(held end, 5 seeds)") == 2 and "held end" not in k16
+
+
+def test_report_only_uses_the_runs_own_slack(tmp_path, capsys, monkeypatch):
+    """A pareto.json written before the slack (none recorded: 0) is re-judged without it, so
+    --report-only reproduces its rows instead of adding held-end ones."""
+    import pareto
+
+    per_seed = [_series(31.9)] * 5
+    assert verdicts.at_grid(per_seed, "batchtopk", "topk", "ce_increase", "<", (32,), slack=0.0) == []
+    doc = {"series_per_seed": per_seed, "comparisons": {}, "budgets": [], "args": {"seeds": 5, "e2e": "scratch"}}
+    for slack, present in ((None, False), (0.02, True)):
+        (tmp_path / "pareto.json").write_text(json.dumps({**doc, **({"l0_slack": slack} if slack else {})}))
+        monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
+        pareto.main()
+        out = capsys.readouterr().out
+        assert ("batchtopk_k32 (L0 32.2)" in out) == present and ("held end in 5 seed(s)" in out) == present
