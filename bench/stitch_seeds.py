@@ -11,8 +11,8 @@ mostly re-learns the small one's latents plus a few new ones.
 
     python bench/stitch_seeds.py --store STORE.zarr --out bench-out/stitch   # ~10 min on 2 CPU cores
 
-The defaults reproduce the first run (docs/results.md), where the larger SAEs came out worse; the
-fair rerun (a 600k-token store, one lr for all sizes, 3 epochs, 64 -> 128 -> 256) is
+The defaults reproduce the first run (docs/results-withdrawn.md), where the larger SAEs came out
+worse; the fair rerun (a 600k-token store, one lr for all sizes, 3 epochs, 64 -> 128 -> 256) is
 
     python bench/stitch_seeds.py --store STORE600K.zarr --out bench-out/stitch-fair --sizes 64,128,256 \
         --lr 8e-3 --epochs 3
