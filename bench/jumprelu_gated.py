@@ -90,7 +90,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     store = harvest_store(args.store or os.path.join(args.out, "store.zarr"), args.tokens, args.eval_every)
     rows = with_lrs(SWEEPS, args.tuned_lrs)
-    per_seed, budgets = [], []
+    per_seed, budgets, eval_tokens = [], [], None
     for seed in range(args.seeds):
         wall, cpu, tag = time.perf_counter(), time.process_time(), f"seed {seed}"
         root = os.path.join(args.out, f"seed{seed}")
@@ -100,7 +100,7 @@ def main():
             adopt_records(trainer, args.lrs)   # the tuning's runs of the same config (relu, gated at seed 0)
         paths, sweeps_done = trainer.run(rows, first=args.epochs, pct=args.until_plateau, max_epochs=args.max_epochs,
                                          fixed=fixed_budgets(budgets, args.plateau_seeds))
-        series, _ = evaluate_seed(paths, store, root, tag)
+        series, eval_tokens = evaluate_seed(paths, store, root, tag)
         per_seed.append({k: v for k, v in series.items() if k in ("relu", "gated", "jumprelu")})
         budgets.append({"seed": seed, "sweeps": sweeps_done, "seconds": time.perf_counter() - wall,
                         "cpu_seconds": time.process_time() - cpu})
@@ -109,6 +109,7 @@ def main():
         with open(out_json, "w") as f:   # after every seed: a cut-off run keeps its data
             json.dump(scrub_tree({"seeds_done": len(per_seed), "args": vars(args), "local": LOCAL,
                                   "sweeps": [[f, a, e] for f, a, e in rows], "budgets": budgets,
+                                  "eval_tokens": eval_tokens,
                                   "series_per_seed": per_seed, "comparisons": comparisons,
                                   "seconds": time.perf_counter() - t0}), f, indent=2)
     report(per_seed, comparisons, budgets, time.perf_counter() - t0)
