@@ -30,7 +30,7 @@ def test_overwrite_never_removes_a_downloaded_saelens_folder_or_a_foreign_checkp
     ours.mkdir(parents=True)
     (ours / "cfg.json").write_text(json.dumps({"d_in": 4, "sae_harvest": {"sweep_name": "topk_k4"}}))
     (tmp_path / "ours" / "checkpoint" / "rank0").mkdir(parents=True)
-    (tmp_path / "ours" / "checkpoint" / "rank0" / "state.json").write_text("{}")
+    (tmp_path / "ours" / "checkpoint" / "rank0" / "state.json").write_text(json.dumps({"step": 0, "config": {}}))
     assert made_by_train(tmp_path / "ours")
 
 

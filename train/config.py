@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 from sae_harvest.stores.cli import opt
@@ -220,10 +221,49 @@ def _part(option: str, value) -> str:
 
 
 def check_options(cfg: TrainConfig) -> None:
-    """TrainError unless --arch is registered (and its options make valid configs: sweep() checks)."""
+    """TrainError unless --arch is registered, every number is finite and in range (and the
+    architecture's options make valid configs: sweep() checks)."""
     if cfg.arch not in registry.REGISTRY:
         raise TrainError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(registry.ARCH_NAMES)}")
+    _check_numbers(cfg)
     _values(cfg, cfg.arch)
+
+
+# (option, lowest, highest, lowest allowed itself): a NaN or inf here trains an all-NaN SAE (or
+# fails deep inside torch), so each is refused up front with one line naming the option
+_RANGES = (("lr", 0.0, None, False), ("warmup_fraction", 0.0, 1.0, True),
+           ("lr_final_fraction", 0.0, 1.0, True), ("grad_clip", 0.0, None, False),
+           ("kl_coeff", 0.0, None, True), ("downstream_coeff", 0.0, None, True))
+# counts the step loop divides by or loops over: 0 or less is a crash or an empty run, not a choice
+_POSITIVE = ("checkpoint_every", "log_every", "tokens", "epochs", "dead_tokens")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    for name, low, high, closed in _RANGES:
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        ok = math.isfinite(v) and (v >= low if closed else v > low) and (high is None or v <= high)
+        if not ok:
+            where = f"in [{low:g}, {high:g}]" if high is not None else f"{'>=' if closed else '>'} {low:g}"
+            raise TrainError(f"{_flag(name)} must be a finite number {where}, got {v}")
+    for name in _POSITIVE:
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise TrainError(f"{_flag(name)} must be at least 1, got {v}")
+    if cfg.adam_betas is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in cfg.adam_betas):
+        raise TrainError(f"adam_betas must be two finite numbers in [0, 1), got {cfg.adam_betas}")
+    for spec in _OPTIONS.values():   # the architectures' own float options (--l1, --aux-coeff, ...)
+        v = getattr(cfg, spec.name, None)
+        if spec.type != "float" or v is None:
+            continue
+        for value in v if isinstance(v, tuple) else (v,):
+            if not math.isfinite(float(value)):
+                raise TrainError(f"{_flag(spec.name)} must be finite, got {value}")
 
 
 def swept_fields(cfg: TrainConfig) -> tuple[str, ...]:

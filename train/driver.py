@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sae_harvest.stores.progress import StepProgress
 
 from sae_harvest.train import distributed
@@ -26,7 +28,7 @@ from sae_harvest.train import resume as train_state
 from sae_harvest.stores.errors import UserError
 from sae_harvest.stores.identity import identity_of
 from sae_harvest.stores.artifacts import artifact_json
-from sae_harvest.train.errors import TrainError
+from sae_harvest.train.errors import Diverged, TrainError
 
 
 class TrainInterrupted(UserError):
@@ -105,13 +107,16 @@ class Driver:
 
     def __init__(self, cfg, out: Path, runs: dict, *, scale: float, total_steps: int, tokens_per_step: int,
                  label: str, world: distributed.World = distributed.World(), store=None,
-                 target_scale: float | None = None):
+                 target_scale: float | None = None, parent: dict | None = None):
         self.cfg, self.out, self.runs, self.scale = cfg, Path(out), runs, scale
         # an e2e transcoder's output scale: like `scale`, a resume continues under the saved one (a
         # fresh sample's scale, on another device, may differ in its last bits)
         self.target_scale = target_scale
         # which store the SAEs train on, saved in every checkpoint: a resume refuses another one
         self.store_identity = identity_of(store).to_dict() if store is not None else None
+        # a meta-SAE's parent decoder (train/local.py DecoderSource.identity), likewise saved and compared
+        self.parent_identity = parent
+        self.saved_step = None   # the step of the last checkpoint of this run on disk (None: none yet)
         self.world = world
         self.writes = world.main or world.sweep_parallel          # this rank saves its runs
         self.lockstep = world.size > 1 and not world.sweep_parallel   # ranks share every step
@@ -155,10 +160,12 @@ class Driver:
         if differ:
             raise TrainError(f"cannot resume {out}: options differ from the saved run: {', '.join(differ)}")
         train_state.check_store_identity(out, meta, self.store_identity, self.cfg.store)
+        train_state.check_parent_identity(out, meta, self.parent_identity, self.cfg.decoder_of)
         if self.world.sweep_parallel and meta.get("runs") != list(self.runs):
             raise TrainError(f"cannot resume {out}: {self.where} holds {', '.join(meta.get('runs') or [])}, but "
                              f"rank {self.world.rank} of {self.world.size} trains {', '.join(self.runs)}")
         self.step, self.scale = meta["step"], meta["scale"]
+        self.saved_step = self.step
         if meta.get("target_scale") is not None:
             self.target_scale = meta["target_scale"]
         for name, run in self.runs.items():
@@ -206,13 +213,28 @@ class Driver:
     def checkpoint(self, feed_state: dict | None = None) -> None:
         if not self.saves_state:
             return
+        bad = _nonfinite_weights(self.runs)
+        if bad:   # never let NaN weights replace the last good checkpoint
+            raise self._diverged(bad)
         feed_state = self.feed.state() if feed_state is None else feed_state
         meta = {"step": self.step, "feed": feed_state, "scale": self.scale, "config": self.cfg.to_dict(),
                 "world_size": self.world.size, "sweep_parallel": self.world.sweep_parallel, "runs": list(self.runs),
                 "shard_decoders": self.world.shards, "store_identity": self.store_identity}
         if self.target_scale is not None:
             meta["target_scale"] = self.target_scale
+        if self.parent_identity is not None:
+            meta["parent_identity"] = self.parent_identity
         train_state.save_state(self.out, meta=meta, runs=self.runs, where=self.where)
+        self.saved_step = self.step
+
+    def _diverged(self, what: str) -> Diverged:
+        if self.saved_step is not None:
+            kept = (f"the last good checkpoint (step {self.saved_step}) in {self.out / self.where} is kept; lower "
+                    f"--lr or --grad-clip and start again with --overwrite or another --out")
+        else:   # metrics-only SAE folders are not provably ours: --overwrite would refuse them
+            kept = (f"no checkpoint was saved; lower --lr or --grad-clip and start again in another --out (the "
+                    f"metrics.jsonl logs left in {self.out} show where it diverged)")
+        return Diverged(f"training diverged at step {self.step}: {what}; nothing was saved as finished and {kept}")
 
     def _save_after_fault(self, err: BaseException, feed_state: dict) -> UserError:
         """Checkpoint at the last completed step; the error to stop with (one line)."""
@@ -222,6 +244,8 @@ class Driver:
                               f"periodic checkpoint in {self.out} is kept (continue with --resume)")
         try:
             self.checkpoint(feed_state)
+        except Diverged as diverged:   # NaN weights: not saved, the previous checkpoint is kept
+            return diverged
         except Exception as save_err:   # e.g. the disk is full: the previous checkpoint is still there
             return TrainError(f"training stopped at step {self.step} ({what}) and the checkpoint could not be "
                               f"saved ({type(save_err).__name__}: {_first_line(save_err)}); the last periodic "
@@ -285,6 +309,9 @@ class Driver:
                     if log_now and writes:
                         _log(self.runs, self.step, self.step * per, wandb_run)
                         bar.set_metrics(info_fn())
+                    bad = _nonfinite_loss(self.runs) if log_now else None
+                    if bad:   # every rank logs the same global means, so every rank stops here
+                        raise self._diverged(bad)
                     if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
                         self.checkpoint()
                     stop = distributed.anywhere(bool(interrupted)) if parallel else bool(interrupted)
@@ -301,6 +328,9 @@ class Driver:
             for run in self.runs.values():
                 if run.log:
                     run.log.close()
+        bad = _nonfinite_weights(self.runs)
+        if bad:   # before any trainer saves an SAE folder as finished
+            raise self._diverged(bad)
         self.elapsed = time.perf_counter() - t0
         self.wandb_run = wandb_run
         if show:   # the live display is gone (transient): one line says how the run went
@@ -334,6 +364,24 @@ class Driver:
         self.checkpoint()
         if getattr(self, "wandb_run", None) is not None:
             self.wandb_run.finish()
+
+
+def _nonfinite_loss(runs: dict) -> str | None:
+    """The first SAE whose last logged loss is NaN or infinite (host values: no GPU read)."""
+    for name, run in runs.items():
+        loss = run.last.get("loss") if isinstance(run.last, dict) else None
+        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+            return f"{name}'s loss is {loss}"
+    return None
+
+
+def _nonfinite_weights(runs: dict) -> str | None:
+    """The first SAE with a NaN or infinite parameter (one read per parameter)."""
+    for name, run in runs.items():
+        for pname, p in run.sae.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return f"{name}'s {pname} is not finite"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -33,6 +33,7 @@ class Source:
     StoreSource (a store's rows at one site) and DecoderSource (another SAE's decoder rows, for a
     meta-SAE); open_source picks by the config."""
     store = None                     # the store it reads, if any (the driver's identity checks)
+    identity: dict | None = None     # a meta-SAE's parent decoder fingerprint (the driver's resume check)
     site: str | None = None
     report_rows: int | None = None   # the held-out report's cap (held_out.capped); None: every row
     d_in: int
@@ -147,7 +148,11 @@ class DecoderSource(Source):
         self.sample, self.d_in, self.grads = self.data, self.data.shape[1], False
         self.grad_sample = None
         self.epoch_tokens = len(self.data)
-        self.provenance = {"decoder_of": scrub(cfg.decoder_of), "hook_name": f"meta:{scrub(cfg.decoder_of)}"}
+        # which decoder exactly: a resume refuses a parent retrained or overwritten since (the path is
+        # the same), and cfg.json records it so the meta-SAE can be matched to its parent later
+        self.identity = decoder_identity(parent.W_dec)
+        self.provenance = {"decoder_of": scrub(cfg.decoder_of), "hook_name": f"meta:{scrub(cfg.decoder_of)}",
+                           "decoder_of_identity": self.identity}
 
     def feed(self, batch_size: int, state: dict | None, part=(0, 1), pin=False):
         return TensorFeed(self.data, batch_size, seed=self.cfg.seed, state=state, part=part)
@@ -158,6 +163,15 @@ class DecoderSource(Source):
     def held_out(self, batch_size: int):
         for i in range(0, len(self.data), batch_size):
             yield self.data[i:i + batch_size], None
+
+
+def decoder_identity(w_dec: torch.Tensor) -> dict:
+    """A meta-SAE parent's fingerprint: sha256 of its decoder weights as saved (float32, row-major),
+    with their shape."""
+    import hashlib
+
+    w = w_dec.detach().cpu().float().contiguous()
+    return {"decoder_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest(), "shape": list(w.shape)}
 
 
 def open_source(cfg: TrainConfig) -> Source:
@@ -188,7 +202,7 @@ def fit_local(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
     except ValueError as e:
         raise TrainError(str(e)) from None
     driver = Driver(cfg, out, runs, scale=scale, total_steps=total_steps, tokens_per_step=batch, label=label,
-                    world=world, store=source.store)
+                    world=world, store=source.store, parent=source.identity)
     feed_state = driver.prepare(resume, overwrite, device)
     if world.main:   # after every check of the input: bad input stays one error line
         for line in source.warnings + short_run_warnings(cfg, source.epoch_tokens, batch, total_steps):

@@ -124,8 +124,8 @@ def load_run(out: str | Path, name: str, run, device, where: str = CHECKPOINT_DI
 
 def check_store_identity(out, meta: dict, now: dict | None, store: str | None) -> None:
     """Refuse to resume on another store than the checkpoint was trained on (`now`: this run's
-    stores.identity.StoreIdentity as a dict). A checkpoint saved before identities were recorded,
-    or a meta-SAE's (no store), has nothing to compare."""
+    stores.identity.StoreIdentity as a dict). A checkpoint saved before identities were recorded
+    has nothing to compare; a meta-SAE (no store) compares its parent (check_parent_identity)."""
     from sae_harvest.stores.identity import StoreIdentity
     from sae_harvest.train.sae_io import CheckpointError
 
@@ -137,3 +137,19 @@ def check_store_identity(out, meta: dict, now: dict | None, store: str | None) -
         raise CheckpointError(f"cannot resume {out}: store {store} is not the store its checkpoint was trained on "
                               f"({', '.join(differ)} differ: it was replaced or rewritten since); training on "
                               f"would mix two stores in one SAE: start a new --out (or --overwrite) instead")
+
+
+def check_parent_identity(out, meta: dict, now: dict | None, parent: str | None) -> None:
+    """Refuse to resume a meta-SAE on another parent decoder than its checkpoint was trained on
+    (`now`: train/local.py DecoderSource.identity; the parent was retrained or overwritten since).
+    A checkpoint saved before parents were fingerprinted has nothing to compare."""
+    from sae_harvest.stores.urls import scrub
+    from sae_harvest.train.sae_io import CheckpointError
+
+    saved = meta.get("parent_identity")
+    if saved is None or now is None or saved == now:
+        return
+    raise CheckpointError(f"cannot resume {out}: --decoder-of {scrub(parent)} is not the SAE its checkpoint was "
+                          f"trained on (its decoder's sha256 differs: it was retrained or overwritten since); "
+                          f"training on would mix two decoders in one meta-SAE: start a new --out (or --overwrite) "
+                          f"instead")

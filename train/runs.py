@@ -133,6 +133,8 @@ def optimizer_step(run: Run, lr_factor: float, grad_clip: float, fired: torch.Te
 
 
 def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """TrainError unless --out may be written: a local folder, outside any store, and empty unless
+    --resume continues this tool's checkpoint there or --overwrite replaces what this tool wrote."""
     if cfg.batch_size <= 0:
         raise TrainError("--batch-size must be positive")
     if "://" in str(cfg.out):
@@ -141,25 +143,56 @@ def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder (it is left as it is)")
-    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
+    store = _enclosing_store(out)
+    if store is not None:   # a store's `harvest run --overwrite` replaces the whole folder, SAEs and all
+        raise TrainError(f"--out {out} is inside the store {store}; write SAEs to a folder outside it")
+    filled = out.exists() and any(out.iterdir())
+    if resume and filled and not overwrite and not has_checkpoint(out):
+        # --resume with nothing to continue must not train from scratch over what is there (a
+        # finished run whose checkpoint was deleted, a downloaded SAE, a store)
+        raise TrainError(f"--resume: {out} holds no `train fit` checkpoint (checkpoint/state.json) to continue; "
+                         f"nothing was changed (choose another --out, or --overwrite a folder `train fit` wrote)")
+    if filled and not resume and not overwrite:
         raise TrainError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
     if overwrite and out.exists() and not made_by_train(out):
         raise TrainError(f"--overwrite: {out} holds files `train fit` did not write; refusing to remove it "
                          f"(choose another --out)")
 
 
+def _enclosing_store(out: Path) -> Path | None:
+    """The zarr hierarchy (a store, or a harvest's build of one) that out is or lies in, if any."""
+    for folder in (out.absolute(), *out.absolute().parents):
+        if (folder / "zarr.json").is_file() or (folder / ".zgroup").is_file():
+            return folder
+    return None
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether out holds a checkpoint `train fit --resume` would continue (one process's, a
+    sweep-parallel rank's, or one killed between its two renames, which the driver repairs).
+    Whether it really is ours, and of this run, the driver checks before anything is written."""
+    from sae_harvest.train.resume import CHECKPOINT_DIR
+
+    folder = out / CHECKPOINT_DIR
+    candidates = [folder, out / f".{CHECKPOINT_DIR}.old"]
+    if folder.is_dir():
+        candidates += [p for p in folder.iterdir() if p.name.startswith("rank") or
+                       (p.name.startswith(".rank") and p.name.endswith(".old"))]
+    return any((p / "state.json").is_file() for p in candidates)
+
+
 def made_by_train(out: Path) -> bool:
     """True for an empty folder or one holding only what `train fit` writes: checkpoint folders
-    holding nothing but state.json, safetensors and rank<r>/ folders of the same, and SAE folders
-    holding nothing but cfg.json (with this tool's `sae_harvest` record), weights, metrics and
-    summary. Only such a folder is ever removed by --overwrite: a downloaded SAELens folder (cfg.json
-    and weights alone) or a folder named `checkpoint` holding anything else is not ours."""
+    (checkpoint_ours) and SAE folders holding nothing but cfg.json (with this tool's `sae_harvest`
+    record), weights, metrics and summary. Only such a folder is ever removed by --overwrite: a
+    downloaded SAELens folder (cfg.json and weights alone) or a folder named `checkpoint` holding
+    anything else is not ours."""
     ours = {"cfg.json", "sae_weights.safetensors", "metrics.jsonl", "summary.json"}
     for entry in out.iterdir():
         if not entry.is_dir() or entry.is_symlink():
             return False
         if entry.name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
-            if not _checkpoint_folder(entry):
+            if not checkpoint_ours(entry):
                 return False
             continue
         if any(f.name not in ours and not f.name.startswith((".sae_weights.safetensors.tmp-", ".cfg.json.tmp-"))
@@ -180,25 +213,61 @@ def _checkpointed(out: Path, name: str) -> bool:
     """A checkpoint of ours (checked by made_by_train's caller loop) beside an SAE folder holds that SAE's
     state: `checkpoint/<name>.safetensors` (or a rank's), with a state.json whose config names this tool's."""
     for folder in (out / "checkpoint", *sorted((out / "checkpoint").glob("rank*"))):
-        try:
-            meta = json.loads((folder / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if (folder / f"{name}.safetensors").is_file() and isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        if (folder / f"{name}.safetensors").is_file() and _our_state(folder) is not None:
             return True
     return False
 
 
-def _checkpoint_folder(folder: Path, depth: int = 0) -> bool:
+def _our_state(folder: Path) -> dict | None:
+    """folder/state.json as train/resume.save_state writes it (step, config), else None."""
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("config"), dict)
+    return meta if ok else None
+
+
+def _our_tensors(path: Path) -> bool:
+    """Whether a safetensors file holds what save_state writes: `since_fired` and `sae.*` tensors
+    (read from its header alone: a user's model shards hold neither)."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                return False
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and "since_fired" in header and any(k.startswith("sae.") for k in header)
+
+
+def checkpoint_ours(folder: Path, depth: int = 0) -> bool:
+    """Whether a checkpoint folder (checkpoint/, .checkpoint.tmp|old, or a rank's under it) holds
+    only what save_state writes, so --overwrite may remove it: this tool's state.json, and one
+    safetensors file per run it lists (a save killed before its state.json, the .tmp folders,
+    keeps files whose headers are ours); sweep-parallel rank folders likewise, one level down.
+    A folder of someone else's safetensors (model shards, another trainer's state) is not ours."""
+    tmp = folder.name.endswith(".tmp")
+    meta = _our_state(folder)
+    if meta is None and (folder / "state.json").exists():
+        return False   # a state.json, but not this tool's
+    runs = meta.get("runs") if meta is not None else None
     for f in folder.iterdir():
         if f.is_symlink():
             return False
         if f.is_dir():
             named = (f.name.startswith("rank") and f.name[4:].isdigit()) or \
                 (f.name.startswith(".rank") and f.name.endswith((".tmp", ".old")))
-            if depth > 0 or not named or not _checkpoint_folder(f, depth + 1):
+            if depth > 0 or not named or not checkpoint_ours(f, depth + 1):
                 return False
-        elif f.name != "state.json" and not f.name.endswith(".safetensors"):
+        elif f.name == "state.json":
+            continue
+        elif not f.name.endswith(".safetensors") or not (meta is not None or tmp):
+            return False   # weights with no state.json of ours beside them: not provably ours
+        elif isinstance(runs, list) and f.name[:-len(".safetensors")] not in runs:
+            return False
+        elif not _our_tensors(f):
             return False
     return True
 
