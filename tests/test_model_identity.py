@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from sae_harvest.evaluate.cli import main as evaluate_cli
 from sae_harvest.harvest.models import load_model
 from sae_harvest.harvest.run import HarvestConfig, harvest
+from sae_harvest.stores import open_store
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.errors import TrainError
 from sae_harvest.train.fit import fit
@@ -101,3 +102,16 @@ def test_e2e_refuses_a_store_named_model_found_elsewhere(two_models, monkeypatch
     fit(cfg, progress=False)
     saved = json.loads((two_models / "e2e" / "relu_l1-1" / "cfg.json").read_text())["sae_harvest"]
     assert saved["model_matches_store"] is True and len(saved["model_digest"]) == 32
+
+
+def test_an_sae_records_its_models_fingerprint_so_the_check_needs_no_training_store(two_models, tmp_path):
+    saved = json.loads((two_models / "sae_there" / "topk_k4" / "cfg.json").read_text())
+    other = open_store(str(two_models / "other.zarr")).attrs
+    assert saved["sae_harvest"]["model_digest"] == other["provenance"]["model"]["digest"]
+    moved = tmp_path / "moved" / "topk_k4"          # its training store no longer readable
+    shutil.copytree(two_models / "sae_there" / "topk_k4", moved)
+    saved["sae_harvest"]["store"] = str(tmp_path / "gone.zarr")
+    (moved / "cfg.json").write_text(json.dumps(saved))
+    geo = CliRunner().invoke(evaluate_cli, ["geometry", "--sae", str(moved), "--store", str(two_models / "store.zarr"),
+                                            "--device", "cpu", "--json", str(tmp_path / "geo.json")])
+    assert geo.exit_code == 2 and "was trained on another model's activations" in geo.output

@@ -99,7 +99,10 @@ class StoreSource(Source):
         self.sample = torch.from_numpy(sample[0])
         self.grad_sample = torch.from_numpy(sample[1]) if self.grads else None
         attrs = store.attrs
-        self.provenance = {"store": scrub(cfg.store), "model_name": (attrs.get("model") or {}).get("name"), "hook_name": site,
+        self.provenance = {"store": scrub(cfg.store), "model_name": (attrs.get("model") or {}).get("name"),
+                           # the harvest's fingerprint of it: evaluations refuse another model's rows
+                           "model_digest": ((attrs.get("provenance") or {}).get("model") or {}).get("digest"),
+                           "hook_name": site,
                            "hook_layer": int(site.split(".")[1]) if site.startswith("blocks.") else None,
                            "context_size": store.ctx_len,
                            "prepend_bos": bool(attrs.get("tokenizer", {}).get("bos_prepended", False)),
