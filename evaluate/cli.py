@@ -41,6 +41,7 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     from .sweeps import expand_saes, name_rows
 
     cfg = EvalConfig(saes=expand_saes(saes), **fields)
+    _check_outputs(json_path, [plot_path] if plot_path else [])   # before the evaluation, not after it
     try:
         results = name_rows(evaluate_all(cfg, progress=not quiet, console=console))
     except KeyboardInterrupt:
@@ -49,11 +50,11 @@ def splice_cmd(saes, json_path, plot_path, quiet, **fields):
     print_table(results, Console(width=None if sys.stdout.isatty() else 160))
     try:
         if json_path:
-            write_json(results, json_path, config=cfg.to_dict())
+            write_json(results, json_path, config=cfg.to_dict(), writer="evaluate splice")
             console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
-            write_plot(results, plot_path)
-            console.print(f"wrote {plot_path}", highlight=False, markup=False)
+            for written in write_plot(results, plot_path):
+                console.print(f"wrote {written}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
 
@@ -78,16 +79,35 @@ def _wide_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _write_outputs(result, json_path, plot_fn=None, plot_path=None) -> None:
-    """An analysis's result (evaluate/results.py) as JSON (its to_dict()) and plots."""
-    from sae_harvest.stores.artifacts import write_artifact
+def _check_outputs(json_path, plot_paths) -> None:
+    """Refuse (one line) before any work an output path holding what this tool did not write, or
+    one file named twice; checked again when written."""
+    from sae_harvest.stores.artifacts import check_report_path
+
+    from .report import check_plot_path
+
+    paths = ([json_path] if json_path else []) + list(plot_paths)
+    if len({str(Path(p).absolute()) for p in paths}) < len(paths):
+        fail(f"--json and --plot name the same file ({', '.join(map(str, paths))}); give each its own")
+    if json_path:
+        check_report_path(json_path)
+    for p in plot_paths:
+        check_plot_path(p)
+
+
+def _write_outputs(result, json_path, writer, plot_fn=None, plot_path=None) -> None:
+    """An analysis's result (evaluate/results.py) as JSON (its to_dict()) and plots; only files this
+    tool wrote are replaced (stores.artifacts.write_report, report.save_plots)."""
+    from sae_harvest.stores.artifacts import write_report
+
+    from .report import save_plots
 
     try:
         if json_path:
-            write_artifact(json_path, result.to_dict(), indent=1)
+            write_report(json_path, result.to_dict(), writer=writer, indent=1)
             console.print(f"wrote {json_path}", highlight=False, markup=False)
         if plot_path:
-            for written in plot_fn(result, plot_path) or [plot_path]:
+            for written in save_plots(lambda p: plot_fn(result, p), plot_path):
                 console.print(f"wrote {written}", highlight=False, markup=False)
     except OSError as e:
         fail(f"cannot write output: {e}")
@@ -107,12 +127,13 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     from .analysis_report import plot_stitch, print_stitch
     from .stitch import run_stitch
 
+    _check_outputs(json_path, [plot_path] if plot_path else [])
     try:
         doc = run_stitch(StitchConfig(**fields), progress=not quiet, console=console).scrubbed()   # printed too: no credential on screen
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     print_stitch(doc, _wide_console())
-    _write_outputs(doc, json_path, plot_stitch, plot_path)
+    _write_outputs(doc, json_path, "evaluate stitch", plot_stitch, plot_path)
 
 
 
@@ -129,9 +150,10 @@ def meta_cmd(json_path, quiet, **fields):
     from .analysis_report import print_meta
     from .meta import run_meta
 
+    _check_outputs(json_path, [])
     doc = run_meta(MetaConfig(**fields)).scrubbed()   # printed too: no credential on screen
     print_meta(doc, _wide_console())
-    _write_outputs(doc, json_path)
+    _write_outputs(doc, json_path, "evaluate meta")
 
 
 
@@ -154,10 +176,13 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
 
     from .sweeps import expand_saes
 
-    doc = run_geometry(GeometryConfig(saes=expand_saes(saes), **fields), progress=not quiet,
-                       console=console).scrubbed()   # printed too: no credential on screen
+    cfg = GeometryConfig(saes=expand_saes(saes), **fields)
+    # the PNGs plot_geometry writes: -cross with 2+ SAEs, -freq with a store
+    kinds = ["nn"] + ["cross"] * (len(cfg.saes) > 1) + ["freq"] * bool(cfg.store)
+    _check_outputs(json_path, [f"{plot_prefix}-{kind}.png" for kind in kinds] if plot_prefix else [])
+    doc = run_geometry(cfg, progress=not quiet, console=console).scrubbed()   # printed too: no credential on screen
     print_geometry(doc, _wide_console())
-    _write_outputs(doc, json_path, plot_geometry, plot_prefix)
+    _write_outputs(doc, json_path, "evaluate geometry", plot_geometry, plot_prefix)
 
 
 @main.command("features")
@@ -175,7 +200,7 @@ def features_cmd(saes, quiet, **fields):
     try:
         summary = run_features(cfg, progress=not quiet, console=console)
     except KeyboardInterrupt:
-        fail("interrupted")
+        fail("interrupted", EXIT_SIGINT)
     if summary is not None:
         print_summary(summary, cfg.out,
                       lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))

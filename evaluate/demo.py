@@ -14,12 +14,12 @@ from pathlib import Path
 
 from sae_harvest.harvest.default_model import OFFLINE_DATASET, OFFLINE_MODEL, default_model_dir
 from sae_harvest.harvest.run import HarvestConfig, harvest
-from sae_harvest.stores.artifacts import write_artifact
+from sae_harvest.stores.artifacts import check_report_path, write_report
 from sae_harvest.train.config import TrainConfig
 from sae_harvest.train.fit import fit
 from sae_harvest.train.registry import ARCHITECTURES
 
-from sae_harvest.evaluate.report import print_per_layer, print_table, write_json, write_plot
+from sae_harvest.evaluate.report import check_plot_path, print_per_layer, print_table, write_json, write_plot
 from sae_harvest.evaluate.config import EvalConfig
 from sae_harvest.evaluate.replace import evaluate_all
 
@@ -85,6 +85,10 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     (several seeds, one harvest); `local` overrides the local trainers' budget (LOCAL); the store
     holds every `eval_every`-th sequence out (evaluated on: eval_tokens of them, default all)."""
     out_dir = Path(out)
+    # the reports it ends with replace only the demo's own (a re-run's): refused before any work
+    for name in ("results.json", "timing.json"):
+        check_report_path(out_dir / name)
+    check_plot_path(out_dir / "pareto.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say = console.print if console is not None else print
@@ -131,9 +135,9 @@ def run_demo(out: str = "demo-out", *, tokens: int = 250_000, train_tokens: int 
     wide = Console(width=None if sys.stdout.isatty() else 180)
     print_table(results, wide)
     print_per_layer(results, wide)   # the CLT's replacement model, layer by layer
-    write_json(results, out_dir / "results.json", config=eval_cfg.to_dict())
+    write_json(results, out_dir / "results.json", config=eval_cfg.to_dict(), writer="evaluate demo")
     write_plot(results, out_dir / "pareto.png")
-    write_artifact(out_dir / "timing.json", {"seconds": time.perf_counter() - t0}, indent=None)
+    write_report(out_dir / "timing.json", {"seconds": time.perf_counter() - t0}, writer="evaluate demo", indent=None)
     page = demo_browser(out_dir, store, paths, console)
     say(f"done in {time.perf_counter() - t0:,.0f} s. Outputs in {out_dir}/: results.json (every metric), "
         f"pareto.png (L0 and alive latents vs CE increase), saes/ (checkpoints, metrics.jsonl), store.zarr, "

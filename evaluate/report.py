@@ -1,7 +1,15 @@
-"""Output of `evaluate splice`: a rich table, a JSON file, and a Pareto-front plot."""
+"""Output of `evaluate splice`: a rich table, a JSON file, and a Pareto-front plot.
+
+Plots, like the JSON reports (stores/artifacts.write_report), replace only a file this tool wrote:
+each PNG carries the text chunk Software = "sae_harvest ..." (save_plots), which no other writer puts
+there; anything else at the path is refused with one line."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_harvest.stores.artifacts import write_artifact
+from sae_harvest.stores.artifacts import REPORT_MARK, check_report_folder, check_report_path, write_report
 
 
 def series_label(r: dict) -> str:
@@ -112,16 +120,98 @@ def print_per_layer(results: list[dict], console: Console | None = None) -> None
 
 
 # --- files -------------------------------------------------------------------------------------
-def write_json(results: list[dict], path, config: dict | None = None) -> None:
+def write_json(results: list[dict], path, config: dict | None = None, *, writer: str = "evaluate splice") -> None:
     """{"config": EvalConfig, "results": [...]} in the order evaluated; undefined metrics are null
-    (never NaN); credentials scrubbed (stores.artifacts)."""
-    doc = {"config": config, "results": results} if config is not None else {"results": results}
-    write_artifact(path, doc, indent=2)
+    (never NaN); credentials scrubbed; config.written_by marks it as ours, and only a report of
+    ours at `path` is replaced (stores.artifacts.write_report)."""
+    write_report(path, {"config": config or {}, "results": results}, writer=writer, indent=2)
 
 
-def write_plot(results: list[dict], path) -> None:
+# --- plots: PNGs marked as ours ----------------------------------------------------------------
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SOFTWARE = b"Software\0"
+PLOT_MARK = f"{REPORT_MARK} evaluate"     # the Software text of every plot written here
+
+
+def _chunks(data: bytes):
+    """(type, body, whole chunk) of each complete chunk of PNG bytes, signature skipped."""
+    at = 8
+    while at + 12 <= len(data):
+        n = int.from_bytes(data[at:at + 4], "big")
+        if at + 12 + n > len(data):
+            return
+        yield data[at + 4:at + 8], data[at + 8:at + 8 + n], data[at:at + 12 + n]
+        at += 12 + n
+
+
+def _marked(png: bytes) -> bytes:
+    """The PNG with its Software text (matplotlib's) replaced by PLOT_MARK, right after the header."""
+    text = _SOFTWARE + PLOT_MARK.encode()
+    ours = len(text).to_bytes(4, "big") + b"tEXt" + text + zlib.crc32(b"tEXt" + text).to_bytes(4, "big")
+    out = [PNG_SIGNATURE]
+    for kind, body, chunk in _chunks(png):
+        if kind == b"tEXt" and body.startswith(_SOFTWARE):
+            continue
+        out.append(chunk)
+        if kind == b"IHDR":
+            out.append(ours)
+    return b"".join(out)
+
+
+def is_own_plot(path) -> bool:
+    """path is a PNG written by save_plots: its Software text, right after the header, is ours."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    if not head.startswith(PNG_SIGNATURE):
+        return False
+    for kind, body, _ in _chunks(head):
+        if kind == b"tEXt" and body.startswith(_SOFTWARE):
+            return body[len(_SOFTWARE):].decode("latin-1").split(" ")[0] == REPORT_MARK
+        if kind == b"IDAT":
+            return False
+    return False
+
+
+def check_plot_path(path) -> None:
+    """One UserError line unless a plot may be written at path (nothing there, or a plot of ours)."""
+    check_report_path(path, is_own_plot)
+
+
+def save_plots(draw, path) -> list[str]:
+    """draw(p) writes one PNG at p, or several named from the prefix p, and returns their paths (None:
+    just p). It draws into a fresh folder beside `path`; each PNG is then marked as ours and renamed
+    onto its name beside `path`, once every such name is free or a plot of ours. Returns the paths."""
+    path = Path(path)
+    check_report_folder(path)      # before a folder is made there
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        drawn = [Path(p) for p in (draw(tmp / path.name) or [tmp / path.name])]
+        final = [path.parent / p.name for p in drawn]
+        for f in final:
+            check_plot_path(f)
+        for p, f in zip(drawn, final):
+            data = p.read_bytes()
+            if data.startswith(PNG_SIGNATURE):
+                p.write_bytes(_marked(data))
+            os.replace(p, f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # made by mkdtemp above: only what draw left there
+    return [str(f) for f in final]
+
+
+def write_plot(results: list[dict], path) -> list[str]:
     """Two panels, L0 and alive latents vs CE increase; per architecture every SAE as a marker
-    and its Pareto front (both axes minimised) as a line."""
+    and its Pareto front (both axes minimised) as a line. Only a plot of ours at path is replaced;
+    returns [path]."""
+    return save_plots(lambda p: _draw_pareto(results, p), path)
+
+
+def _draw_pareto(results: list[dict], path) -> None:
+    """write_plot's figure, saved as a PNG at path."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed; also safe in threads and on servers
     import matplotlib.pyplot as plt
@@ -158,9 +248,6 @@ def write_plot(results: list[dict], path) -> None:
     if results:
         fig.suptitle(f"{results[0]['model']} - {results[0]['tokens']:,} tokens")
     fig.tight_layout()
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 

@@ -1,9 +1,11 @@
 """Sweeps as first-class inputs of `evaluate`: `--sae` takes an SAE folder, a sweep folder (the
 --out of `train fit`: every SAE in it) or a glob the command expands itself (quoted, so that it
-works the same in every shell); result rows name the run and the swept value."""
+works the same in every shell; a path that exists is taken as it is, whatever its name holds); result
+rows name the run and the swept value."""
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from sae_harvest.stores.errors import UserError
@@ -27,7 +29,10 @@ def expand_saes(specs) -> tuple[str, ...]:
     out: list[str] = []
     for spec in specs:
         spec = str(spec)
-        paths = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
+        # a path that exists is that path, even when its name holds [ * ? (a folder `sae[1]` is not
+        # the pattern matching sae1); only a path that does not exist is expanded as a pattern
+        pattern = any(ch in spec for ch in "*?[") and not os.path.lexists(spec)
+        paths = sorted(glob.glob(spec)) if pattern else [spec]
         if not paths:
             raise UserError(f"--sae {spec}: the pattern matches nothing")
         found = []

@@ -33,7 +33,8 @@ def _local_files(path: str) -> tuple[str, list[str]]:
             raise HarvestError(f"dataset file {path}: unsupported type {ext!r} (use jsonl, json, parquet, txt, csv)")
         return _LOCAL_BUILDERS[ext], [path]
     for ext, builder in _LOCAL_BUILDERS.items():
-        files = sorted(glob.glob(os.path.join(path, "**", f"*{ext}"), recursive=True))
+        # the folder's name is literal: `corp[1]` is not a pattern matching corp1
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "**", f"*{ext}"), recursive=True))
         if files:
             return builder, files
     raise HarvestError(f"dataset directory {path} holds no jsonl, json, parquet, txt or csv files")
@@ -55,7 +56,9 @@ def open_dataset(name: str, split: str = "train", text_column: str = "text"):
             ds = ds.to_iterable_dataset()
         elif os.path.exists(name):
             builder, files = _local_files(name)
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+            # datasets reads data_files entries as patterns: escaped, d[1].jsonl is that file, not d1.jsonl
+            ds = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in files], split="train",
+                                       streaming=True)
         else:
             try:
                 ds = datasets.load_dataset(name, split=split, streaming=True)

@@ -17,6 +17,7 @@ run has passed every input check and computed its first window, just before that
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -33,6 +34,68 @@ OLD_INFIX = ".sae-harvest-old-"        # <out><this><creation id of the new stor
 # what a store (or an interrupted creation of one) holds at its top level
 _STORE_ENTRIES = {"zarr.json", layout.TOKENS, "rows", "acts", "grads", layout.WINDOWS_PREFIX,
                   layout.FINAL_KEY, layout.LEASE_KEY}
+_GROUPS = {"rows", "acts", "grads"}     # groups of arrays: <group>/zarr.json, <group>/<array>/...
+_TMP = re.compile(r"\.tmp-[0-9-]+$")    # fs.write_atomic's temporary beside a key (a killed write)
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")   # zarr's LocalStore: zarr.json -> zarr.<uuid>.partial
+
+
+def _own_key(parts: list[str]) -> bool:
+    """A key (split at '/') is one a store holds (or a prefix of one): its metadata and records,
+    an array's zarr.json and chunks under c/. Anything else was put there by someone else."""
+    name = _TMP.sub("", parts[-1])
+    if _ZARR_PARTIAL.search(name):
+        name = _ZARR_PARTIAL.sub("", name) + (".json" if name.startswith("zarr.") else "")
+    parts = parts[:-1] + [name]
+    top, rest = parts[0], parts[1:]
+    if top not in _STORE_ENTRIES:
+        return False
+    if not rest:
+        return True
+    if top == layout.WINDOWS_PREFIX:
+        return len(rest) == 1 and re.fullmatch(r"[0-9]+\.json", rest[0]) is not None
+    if top == layout.TOKENS:   # an array
+        return rest[0] == "c" or rest == ["zarr.json"]
+    if top in _GROUPS:
+        return len(rest) == 1 or rest[1] == "c" or rest[1:] == ["zarr.json"]
+    return False               # zarr.json, final.json, lease.json are objects, not folders
+
+
+def foreign_entries(path: str, limit: int = 4) -> list[str]:
+    """Up to `limit` entries under the store at path that are not the store's own (_own_key): the
+    user's files, an SAE trained with --out inside it. Removing or clearing the store would lose them."""
+    found: list[str] = []
+    if fs.is_url(path):
+        for key in fs.list_keys(path, ""):
+            parts = key.split("/")
+            # report the outermost foreign prefix once (saes/, not each of its files)
+            cut = next((i for i in range(1, len(parts) + 1) if not _own_key(parts[:i])), None)
+            if cut is not None and "/".join(parts[:cut]) not in found:
+                found.append("/".join(parts[:cut]))
+            if len(found) >= limit:
+                break
+        return found
+    root = fs._local(path)
+    for dirpath, dirs, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        prefix = [] if rel == "." else rel.split(os.sep)
+        for name in sorted(dirs) + sorted(files):
+            if not _own_key(prefix + [name]):
+                found.append("/".join(prefix + [name]))
+                if name in dirs:
+                    dirs.remove(name)      # named once, not walked
+                if len(found) >= limit:
+                    return found
+        if prefix:
+            dirs[:] = [d for d in dirs if d != "c"]   # an array's chunks: all the store's
+    return found
+
+
+def _refuse_foreign(path: str, action: str, advice: str) -> None:
+    """One line, nothing touched, when the store at path holds what is not its own."""
+    foreign = foreign_entries(path) if fs.anything_at(path) else []
+    if foreign:
+        raise HarvestError(f"{path} holds what is not part of the store ({', '.join(foreign)}); {action} would "
+                           f"delete it: {advice}")
 
 
 def store_attrs(path: str) -> dict | None:
@@ -101,6 +164,10 @@ class Target:
             return
         attrs = store_attrs(self.build) or {}
         new_id = attrs.get("creation_id")
+        # something put into the old store while this run built the new one (an SAE trained with
+        # --out inside it) stops the swap; the new store stays complete beside it
+        _refuse_foreign(self.final, "replacing it", f"move it out, then run the same command with --resume "
+                                                    f"to finish (the new store is complete at {self.build})")
         if lease is not None:
             lease.stop_heartbeat()
         old = self.final + OLD_INFIX + str(new_id)
@@ -121,7 +188,7 @@ def _remove_old_sides(final: str, new_id) -> None:
     if new_id is None or (store_attrs(final) or {}).get("creation_id") != new_id:
         return
     old = final + OLD_INFIX + str(new_id)
-    if fs.anything_at(old):
+    if fs.anything_at(old) and not foreign_entries(old, limit=1):   # with more than the store: left as it is
         fs.remove(old)
 
 
@@ -137,11 +204,7 @@ def _interrupted_creation(path: str) -> bool:
     held = leases.read(path)
     if held is None or not held.get("creation_id") or not leases.is_stale(held) or store_attrs(path) is not None:
         return False
-    if fs.is_url(path):
-        names = {k.split("/", 1)[0] for k in fs.list_keys(path, "")}
-    else:
-        names = set(os.listdir(fs._local(path)))
-    return names <= _STORE_ENTRIES
+    return not foreign_entries(path, limit=1)
 
 
 def _own_build(side: str) -> bool:
@@ -178,11 +241,13 @@ def plan_target(out: str, *, resume: bool, overwrite: bool) -> Target:
         return _resume(out, out)
     if not overwrite:
         raise HarvestError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    _refuse_foreign(out, "--overwrite", "move it out of the store first, or choose another --out")
     if not local:     # a stale lease of the store being replaced (its writer died) is taken over
         return Target(final=out, build=out, replace=True, leftover=leases.read(out) is not None)
     if fs.anything_at(side) and not _own_build(side):
         raise HarvestError(f"{side} exists and is not a build of this tool; refusing to touch it (it is where "
                            f"--overwrite builds the new store)")
+    _refuse_foreign(side, "clearing this leftover build", "move it out first")
     return Target(final=out, build=side, replace=True, leftover=fs.anything_at(side))
 
 
