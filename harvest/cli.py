@@ -75,6 +75,11 @@ def verify_cmd(store, quick):
     if not quick and legacy_shards(store):   # records of the constant crc32c: say what was not checked
         click.echo(f"note: {legacy_shards(store)} shard(s) carry the old constant crc32c record: their chunks' "
                    f"own crc32c were checked, but a swap between shards cannot be seen (docs/store-format.md)")
+    from sae_harvest.stores.verify import unbound
+    older = unbound(store) if not quick else []
+    if older:   # records from before they named their store
+        click.echo(f"note: {len(older)} window record(s) name no store (written before records carried the "
+                   f"creation_id): a window copied in from another store cannot be told there")
     click.echo(f"held out: {held_out_line(store)}")
 
 

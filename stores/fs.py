@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import threading
 
@@ -358,7 +359,11 @@ _NO_URL_CREDENTIALS = {"s3": _AWS, "s3a": _AWS, "gs": _GCS, "gcs": _GCS}
 
 def _refuse_url_credentials(url: str) -> None:
     scheme, _, rest = str(url).partition("://")
-    if scheme.lower() in _NO_URL_CREDENTIALS and "@" in rest.split("/", 1)[0]:
+    netloc = rest.split("/", 1)[0]
+    # a bucket name holds no ':', so a ':' before the first '/' with an '@' after it is a
+    # user:password whose password holds a '/' (AWS secret keys may)
+    place = re.split(r"[?#]", rest, maxsplit=1)[0]
+    if scheme.lower() in _NO_URL_CREDENTIALS and ("@" in netloc or ":" in netloc and "@" in place):
         from .errors import StoreError
         from .urls import scrub
         raise StoreError(f"{scrub(url)}: credentials inside an {scheme}:// URL are not used (and never stored); "

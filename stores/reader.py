@@ -3,7 +3,9 @@
 Format 2: the rows a reader returns are those of the window records; before the first read of a
 shard the reader checks that the shard exists with the size its record gives, so a missing,
 empty or truncated shard raises a StoreError naming the array and window instead of reading as
-zeros. Flipped bits inside a chunk are caught by the chunks' crc32c codec.
+zeros. Flipped bits inside a chunk are caught by the chunks' crc32c codec. Format 1 (no records):
+a shard a read touches must exist and not be empty. Every read path of the arrays a Store hands
+out goes through these checks (stores/checked.py).
 """
 from __future__ import annotations
 
@@ -12,54 +14,11 @@ import json
 import numpy as np
 
 from . import fs, layout, shards
-from .check import check_arrays, check_root_attrs
+from .check import check_arrays, check_root_attrs, foreign_records
+from .checked import CheckedArray
 from .errors import StoreError
-from .urls import scrub
+from .urls import redact, scrub, secrets_in
 from .writer import complete_prefix, load_final, load_records
-
-
-class _CheckedArray:
-    """A zarr array whose reads first check the shards they touch against the window records."""
-
-    def __init__(self, store: "Store", name: str, arr):
-        self.store, self.name, self.arr = store, name, arr
-
-    def __getattr__(self, attr):
-        return getattr(self.arr, attr)
-
-    def __len__(self):
-        return len(self.arr)
-
-    def _check(self, first: int, stop: int) -> None:
-        self.store._check_rows(self.name, self.arr, first, stop)
-
-    def __getitem__(self, sel):
-        first = sel[0] if isinstance(sel, tuple) else sel
-        if isinstance(first, slice):
-            a, b, step = first.indices(min(self.arr.shape[0], self.store._limit(self.name)))
-            if step == 1 and not isinstance(sel, tuple) and self.store._shard_reader(self.name) is not None:
-                return self.store.read_rows(self.name, a, max(a, b))
-            first = slice(a, b, step)
-            sel = (first, *sel[1:]) if isinstance(sel, tuple) else first
-            self._check(a, b)
-        elif isinstance(first, (int, np.integer)):
-            i = int(first) % max(self.arr.shape[0], 1)
-            self._check(i, i + 1)
-        else:
-            idx = np.asarray(first)
-            if idx.size:
-                self._check(int(idx.min()), int(idx.max()) + 1)
-        values = self.store._guard(self.name, lambda: self.arr[sel])
-        self.store.confirm_same_store()
-        return values
-
-    def get_orthogonal_selection(self, sel):
-        idx = np.asarray(sel[0])
-        if idx.size:
-            self._check(int(idx.min()), int(idx.max()) + 1)
-        values = self.store._guard(self.name, lambda: self.arr.get_orthogonal_selection(sel))
-        self.store.confirm_same_store()
-        return values
 
 
 class Store:
@@ -98,8 +57,7 @@ class Store:
 
     def _array(self, name: str):
         if name not in self._cache:
-            arr = self.group[name]
-            self._cache[name] = arr if self.records is None else _CheckedArray(self, name, arr)
+            self._cache[name] = CheckedArray(self, name, self.group[name])
         return self._cache[name]
 
     def _shard_reader(self, name: str):
@@ -131,39 +89,58 @@ class Store:
                 return values
             out[...] = values
             return out
-        self._check_rows(name, arr.arr, a, b)
+        self._check_rows(name, arr._arr, a, b)
         values = self._guard(name, lambda: reader.read(a, b, out=out, keep=keep))
         if confirm:
             self.confirm_same_store()
         return values
 
     def _check_rows(self, name: str, arr, first: int, stop: int) -> None:
-        """Raise unless every shard holding rows [first, stop) of `name` is as its record says."""
-        per_window = self.attrs["window_seqs"] * (1 if name == layout.TOKENS else self.attrs["ctx_len"])
-        shard = arr.shards[0]
-        for i in layout.shard_span(first, stop - first, shard):
+        self._check_shards(name, arr, range(first, stop))
+
+    def _check_shards(self, name: str, arr, rows) -> None:
+        """Raise unless every shard holding `rows` (a range, or an array of row indices) of `name`
+        is there, and in a format-2 store as its window record says."""
+        shard = (arr.shards or arr.chunks)[0]
+        if isinstance(rows, range):
+            indices = layout.shard_span(rows[0], rows[-1] - rows[0] + 1, shard) if len(rows) else range(0)
+        else:
+            indices = np.unique(np.asarray(rows, dtype=np.int64) // shard).tolist()
+        for i in indices:
             key = layout.shard_key(name, i, arr.ndim)
-            if key in self._checked:
-                continue
-            window = i * shard // per_window
-            record = self.records.get(window)
-            expected = None if record is None else {k: n for k, n, _ in record["shards"].get(name, [])}.get(key)
-            if expected is None:
-                raise StoreError(f"store {self.path}: array {name} window {window}: no record for shard {key}")
-            size = fs.size(self.path, key)
-            if size != expected:
-                self.confirm_same_store()     # replaced rather than damaged: say so
-            if size is None:
-                raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is missing")
-            if size != expected:
-                what = "empty" if size == 0 else f"{size} bytes, its record says {expected}"
-                raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is {what}")
-            self._checked.add(key)
+            if key not in self._checked:
+                self._check_shard(name, key, i * shard)
+                self._checked.add(key)
+
+    def _check_shard(self, name: str, key: str, first_row: int) -> None:
+        size = fs.size(self.path, key)
+        if self.records is None:
+            # format 1 lists no shards: a shard of rows the store holds must exist (zarr reads a
+            # missing one as zeros); its chunks carry no crc32c, so damage inside is not seen
+            if size is None or size == 0:
+                self.confirm_same_store()
+                raise StoreError(f"store {self.path}: array {name}: shard {key} is "
+                                 f"{'missing' if size is None else 'empty'} (a format-1 store: re-harvest "
+                                 f"it for window records and checksums)")
+            return
+        per_window = self.attrs["window_seqs"] * (1 if name == layout.TOKENS else self.attrs["ctx_len"])
+        window = first_row // per_window
+        record = self.records.get(window)
+        expected = None if record is None else {k: n for k, n, _ in record["shards"].get(name, [])}.get(key)
+        if expected is None:
+            raise StoreError(f"store {self.path}: array {name} window {window}: no record for shard {key}")
+        if size != expected:
+            self.confirm_same_store()     # replaced rather than damaged: say so
+        if size is None:
+            raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is missing")
+        if size != expected:
+            what = "empty" if size == 0 else f"{size} bytes, its record says {expected}"
+            raise StoreError(f"store {self.path}: array {name} window {window}: shard {key} is {what}")
 
     def _guard(self, name: str, read):
         try:
             return read()
-        except StoreError:
+        except (StoreError, IndexError):   # IndexError: zarr refusing a selection (rows are checked before)
             self.confirm_same_store()
             raise
         except Exception as e:     # crc32c mismatch or undecodable shard
@@ -290,9 +267,10 @@ def read_root(path: str) -> tuple[object, dict]:
         attrs = group.attrs[layout.ROOT_ATTR]
     except KeyError:
         raise StoreError(f"{path} is a zarr group but not a sae_store (no attrs['{layout.ROOT_ATTR}'])") from None
-    except Exception as e:  # corrupt metadata
-        raise StoreError(f"cannot open store {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") \
-            from None
+    except Exception as e:  # corrupt metadata, or a library refusing the URL
+        # a library may quote the URL's netloc without its scheme, where scrub_text cannot see it
+        why = redact(str(e).splitlines()[0][:200], secrets_in(path)) if str(e) else type(e).__name__
+        raise StoreError(f"cannot open store {path}: {why}") from None
     if not isinstance(attrs, dict):
         raise StoreError(f"{path}: attrs['{layout.ROOT_ATTR}'] is a {type(attrs).__name__}, not an object")
     return group, dict(attrs)
@@ -317,7 +295,14 @@ def open_store(path: str, allow_partial: bool = False) -> Store:
         rows = attrs["windows_done"] * attrs["window_seqs"] * attrs["ctx_len"]
         attrs = {**attrs, "n_rows": min(rows, attrs["n_rows"]),
                  "n_seqs": min(attrs["windows_done"] * attrs["window_seqs"], attrs["n_seqs"])}
+    _refuse_problems(path, check_arrays(group, attrs, path, rows=attrs["n_rows"], seqs=attrs["n_seqs"]))
     return Store(path, group, attrs)
+
+
+def _refuse_problems(path: str, problems: list[str]) -> None:
+    if problems:
+        raise StoreError(f"store {path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more; "
+                         f"`harvest verify` lists them)" if len(problems) > 1 else ""))
 
 
 def _open_v2(path: str, group, attrs: dict, allow_partial: bool) -> Store:
@@ -334,9 +319,7 @@ def _open_v2(path: str, group, attrs: dict, allow_partial: bool) -> Store:
             raise StoreError(f"store {path} is incomplete (harvest still running or interrupted; "
                              f"finish it with `harvest run --resume`)")
         _, n_seqs, _ = complete_prefix(records, attrs["window_seqs"], attrs["n_seqs"])
-    problems = check_arrays(group, attrs, path, rows=n_seqs * attrs["ctx_len"], seqs=n_seqs)
-    if problems:
-        raise StoreError(f"store {path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more; "
-                         f"`harvest verify` lists them)" if len(problems) > 1 else ""))
+    _refuse_problems(path, foreign_records(records, attrs, strict=False)
+                     + check_arrays(group, attrs, path, rows=n_seqs * attrs["ctx_len"], seqs=n_seqs))
     attrs = {**attrs, "n_seqs": n_seqs, "n_rows": n_seqs * attrs["ctx_len"], "complete": final is not None}
     return Store(path, group, attrs, records)

@@ -3,7 +3,7 @@ checkpoint/state.json, results.json), logged (wandb) or printed (error lines, su
 through scrub() or scrub_text() first.
 
 What goes: user:password@ in the netloc (and a bare user@, which for http(s) and most object
-stores is a token: https://hf_xxx@host), and the values of query parameters that carry secrets
+stores is a token: https://hf_xxx@host; a password holding a '/': everything up to the last '@'), and the values of query parameters that carry secrets
 (signed URLs, SAS tokens, access tokens), which are masked as `***` with the key kept so the URL
 still says what it was. What stays: Azure's `container@account` (abfs://, az://, wasb://), which
 names a place, not a secret; local paths, which are returned unchanged.
@@ -59,6 +59,11 @@ def _netloc(scheme: str, netloc: str) -> str:
     return host
 
 
+def _place(url: str) -> str:
+    """What follows :// up to the query or fragment: user info (if any), host and path."""
+    return re.split(r"[?#]", url.partition("://")[2], maxsplit=1)[0]
+
+
 def scrub(path_or_url):
     """The path or URL with every credential removed or masked; local paths (and None) unchanged."""
     if path_or_url is None:
@@ -66,13 +71,21 @@ def scrub(path_or_url):
     text = str(path_or_url)
     if "://" not in text:
         return text
+    hidden, place = "", _place(text)
+    if "@" in place and "@" not in place.split("/", 1)[0]:
+        # a user:password holding a '/' (AWS secret keys may): urlsplit would end the netloc at
+        # that '/' and keep the rest as a path, so everything up to the last '@' goes, marked. A
+        # path that merely holds an '@' loses its start too: over-scrubbing is safe, a leak is not.
+        hidden = f"{MASK}@"
+        scheme = text.partition("://")[0]
+        text = f"{scheme}://{place.rpartition('@')[2]}{text[len(scheme) + 3 + len(place):]}"
     try:
         parts = urlsplit(text)
-    except ValueError:   # e.g. an unbalanced [ in the netloc: drop everything between :// and @
-        return re.sub(r"://[^/]*@", "://", text)
+    except ValueError:   # e.g. an unbalanced [ in the netloc: drop everything between :// and the last @
+        return re.sub(r"://[^?#]*@", "://" + hidden, text)
     if not parts.scheme or not text.startswith(parts.scheme + "://"):
-        return re.sub(r"://[^/]*@", "://", text)
-    out = f"{parts.scheme}://{_netloc(parts.scheme, parts.netloc)}{parts.path}"
+        return re.sub(r"://[^?#]*@", "://" + hidden, text)
+    out = f"{parts.scheme}://{hidden}{_netloc(parts.scheme, parts.netloc)}{parts.path}"
     if "?" in text.split("#", 1)[0]:
         out += "?" + _mask_params(parts.query)
     if "#" in text:
@@ -107,12 +120,16 @@ def secrets_in(text) -> set[str]:
     for m in _URL_IN_TEXT.finditer(str(text or "")):
         url = m.group(0)
         scheme, _, rest = url.partition("://")
-        netloc = rest.split("/", 1)[0]
-        if "@" in netloc and scheme.lower() not in _AZURE_SCHEMES:
-            userinfo = netloc.rpartition("@")[0]
-            found.update({userinfo, *userinfo.split(":", 1)})
-        elif "@" in netloc and ":" in netloc.rpartition("@")[0]:
-            found.add(netloc.rpartition("@")[0].split(":", 1)[1])
+        # up to the last '@' before the query, not the first '/': a secret may hold a '/'
+        userinfo = _place(url).rpartition("@")[0]
+        if scheme.lower() in _AZURE_SCHEMES:     # container@account: only a :key is a secret
+            userinfo = userinfo.partition(":")[2]
+            secrets = [userinfo]
+        else:
+            secrets = [userinfo, *userinfo.split(":", 1)]
+        for s in secrets:
+            # and each '/'-separated piece: a library quoting the netloc ends it at the first '/'
+            found.update({s, *s.split("/")})
         query = "&".join(p.split("#", 1)[0] for p in (rest.split("?", 1)[1:] + rest.split("#", 1)[1:]))
         for part in re.split(r"[&;]", query):
             key, eq, value = part.partition("=")

@@ -1,13 +1,16 @@
 """Check a format-2 store against its window records: `harvest verify STORE [--quick]`.
 
 Every problem is one line. Both modes check the root attributes against every array's metadata
-(width, storage dtype, encoding, rows), that the window records cover the store without gaps,
+(width, storage dtype, encoding, rows, and codecs and chunk layout against what this tool writes),
+that every window record was written for this store (its creation_id, where it has one), that the
+window records cover the store without gaps,
 that no shard lies beyond the records, and that every recorded key names an object inside the
 store (no `..`, no link leaving it, no device). Quick mode then checks each shard's size; the
 full check also recomputes each shard's checksum, reading it in bounded pieces only after its
 size matched the record: xxh3-128 of the whole shard (records of this version), sha256 (early
 format-2 records), or for the first crc32c records, whose recorded value is the same CRC residue
-for every shard and so says nothing, every chunk's and the index's own crc32c inside the shard.
+for every shard and so says nothing, every chunk's and the index's own crc32c inside the shard;
+and it reads each shard's index as the array's metadata describes it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import hashlib
 import xxhash
 
 from . import fs, layout, shards
-from .check import check_arrays
+from .check import check_arrays, foreign_records, unbound_windows
 from .errors import StoreError
 from .reader import read_root
 from .split import store_split
@@ -58,6 +61,7 @@ def verify_store(path: str, quick: bool = False) -> list[str]:
     for w in sorted(records):
         if w >= n_windows and final is not None:
             problems.append(f"window {w}: record beyond the final record's {n_windows} windows")
+    problems += foreign_records(records, attrs)
     array_problems = check_arrays(group, attrs, path)
     problems += array_problems
     if array_problems:
@@ -127,7 +131,26 @@ def _check_shard(path, name, window, key, size, digest, quick, plain) -> list[st
         ok = h.hexdigest() == digest
     else:
         ok = shards.internal_crcs_ok(plain, b"".join(data))
-    return [] if ok else [f"{where} checksum mismatch"]
+    if not ok:
+        return [f"{where} checksum mismatch"]
+    if plain is not None:
+        # the intact shard's index read as the array's metadata says: an edited chunk shape makes
+        # the index's crc32c or its chunk lengths disagree
+        try:
+            shards.ShardReader(path, plain).index(int(key[len(name) + 3:].split("/")[0]))
+        except StoreError:
+            return [f"{where}: its index does not read as the array's metadata says (chunk shape edited?)"]
+    return []
+
+
+def unbound(path: str) -> list[int]:
+    """Windows whose record names no store (made before records carried the creation_id): for
+    those verify cannot tell a window copied in from another store (shards and record) from the
+    store's own, and `harvest verify` says so."""
+    try:
+        return unbound_windows(load_records(path), read_root(path)[1])
+    except StoreError:
+        return []
 
 
 def legacy_shards(path: str) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import zarr
 
 from . import chunk_codecs, fs, layout, shards
+from .check import foreign_records
 from .errors import StoreError
 from .urls import scrub
 
@@ -279,7 +280,12 @@ class StoreWriter:
         if type(version) is not int or version != layout.FORMAT_VERSION:
             raise StoreError(f"store {path} has format_version {version!r}; this tool writes only format "
                              f"{layout.FORMAT_VERSION} and never changes a store of another version")
-        return cls(path, group, rank=rank, world=world, lease=lease)
+        writer = cls(path, group, rank=rank, world=world, lease=lease)
+        foreign = foreign_records(writer.records, writer.attrs, strict=False)
+        if foreign:     # never add to, or complete, a store holding another store's window
+            raise StoreError(f"store {scrub(path)}: {foreign[0]}; the store is left as it is "
+                             f"(`harvest verify` lists every problem)")
+        return writer
 
     def owns(self, window: int) -> bool:
         return window % self.world == self.rank
@@ -335,7 +341,9 @@ class StoreWriter:
                        for i in range(0, len(v) if name == layout.TOKENS else n, step)]
                 for name, (first, v) in values.items() for step in [self._step(name)]}
         written = {name: [s for job in jobs[name] for s in job.result()] for name in self._arrays}
-        record = {"window": window, "rank": self.rank, "seqs": int(len(tokens)), "rows": int(n),
+        # creation_id: which store the window belongs to, so one copied into a sibling store is seen
+        record = {"window": window, "rank": self.rank, "creation_id": self.attrs.get("creation_id"),
+                  "seqs": int(len(tokens)), "rows": int(n),
                   "first_seq": s0, "first_row": r0, "position": position, "shards": written,
                   "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if self.lease is not None:
