@@ -134,10 +134,29 @@ def check_fits_store(path, sae, site: str, store, store_label: str, sae_cfg: dic
     if store.width(site) != sae.cfg.d_in:
         raise EvaluateError(f"{path}: SAE d_in {sae.cfg.d_in} != width {store.width(site)} of {site} "
                             f"in store {store_label}")
-    from .model_identity import trained_model_digest   # it imports this module
-
     trained = trained_model_digest(sae_cfg) if sae_cfg is not None else None
     made_by = ((store.attrs.get("provenance") or {}).get("model") or {}).get("digest")
     if trained and made_by and trained != made_by:
         raise EvaluateError(f"{scrub(str(path))} was trained on another model's activations (fingerprint "
                             f"{trained[:12]}) than store {scrub(store_label)} holds ({made_by[:12]})")
+
+
+def trained_model_digest(sae_cfg: dict) -> str | None:
+    """The fingerprint of the model an SAE was trained on: its cfg.json's `model_digest`, else the
+    provenance of the store it trained on, if that store still reads at its recorded path and is the
+    same harvest (creation id); None when nothing says."""
+    ours = sae_cfg.get("sae_harvest") or {}
+    if ours.get("model_digest"):
+        return ours["model_digest"]
+    path, creation_id = ours.get("store"), (ours.get("held_out") or {}).get("creation_id")
+    if not path or not creation_id:
+        return None
+    from sae_harvest.stores import open_store
+
+    try:   # moved, deleted, credentials not at hand: nothing proved either way
+        trained_on = open_store(path)
+    except Exception:   # noqa: BLE001
+        return None
+    if trained_on.attrs.get("creation_id") != creation_id:
+        return None
+    return ((trained_on.attrs.get("provenance") or {}).get("model") or {}).get("digest")

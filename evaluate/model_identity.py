@@ -14,7 +14,7 @@ import sys
 
 from sae_harvest.stores.urls import scrub
 
-from .eval_tokens import EvaluateError
+from .eval_tokens import EvaluateError, trained_model_digest
 
 
 def model_identity(store_obj, name: str, revision: str | None, *, named_by_user: bool, store: str | None,
@@ -33,27 +33,6 @@ def model_identity(store_obj, name: str, revision: str | None, *, named_by_user:
                                    what=what)
     except HarvestError as e:
         raise EvaluateError(str(e)) from None
-
-
-def trained_model_digest(sae_cfg: dict) -> str | None:
-    """The fingerprint of the model an SAE was trained on: its cfg.json's `model_digest`, else the
-    provenance of the store it trained on, if that store still reads at its recorded path and is the
-    same harvest (creation id); None when nothing says."""
-    ours = sae_cfg.get("sae_harvest") or {}
-    if ours.get("model_digest"):
-        return ours["model_digest"]
-    path, creation_id = ours.get("store"), (ours.get("held_out") or {}).get("creation_id")
-    if not path or not creation_id:
-        return None
-    from sae_harvest.stores import open_store
-
-    try:   # moved, deleted, credentials not at hand: nothing proved either way
-        trained_on = open_store(path)
-    except Exception:   # noqa: BLE001
-        return None
-    if trained_on.attrs.get("creation_id") != creation_id:
-        return None
-    return ((trained_on.attrs.get("provenance") or {}).get("model") or {}).get("digest")
 
 
 def check_trained_models(entries, model_digest: str, *, named_by_user: bool) -> None:
