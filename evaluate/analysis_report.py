@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_harvest.evaluate.report import _fmt, origin_text
+from sae_harvest.evaluate.report import _fmt, origin_text, save_plots
 from sae_harvest.evaluate.results import GeometryResult, MetaResult, StitchResult
 
 
@@ -70,7 +70,12 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
-def plot_stitch(doc: StitchResult, path) -> None:
+def plot_stitch(doc: StitchResult, path) -> list[str]:
+    """draw_stitch's PNG at path, replacing only a plot of ours (report.save_plots); [path]."""
+    return save_plots(lambda p: draw_stitch(doc, p), path)
+
+
+def draw_stitch(doc: StitchResult, path) -> None:
     """Fig. 10 (max cosine), fig. 4 (dMSE of each latent added alone), fig. 5 (the path, here by
     step: a swap keeps the number of latents about the same), CE."""
     plt = _pyplot()
@@ -174,6 +179,11 @@ def series_styles(n: int) -> list[dict]:
 
 
 def plot_geometry(doc: GeometryResult, prefix) -> list[str]:
+    """draw_geometry's PNGs beside prefix, replacing only plots of ours (report.save_plots)."""
+    return save_plots(lambda p: draw_geometry(doc, p), prefix)
+
+
+def draw_geometry(doc: GeometryResult, prefix) -> list[str]:
     """PREFIX-nn.png, PREFIX-cross.png (2+ SAEs), PREFIX-freq.png (with a store); the paths written.
     The x axis spans the data (the histograms' shared range), not a fixed [-1, 1]."""
     plt = _pyplot()

@@ -124,7 +124,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     Classifies the larger SAE's latents by decoder cosine (meta-SAE paper, section 4) and walks
     the path from the small SAE to the large one (add novel latents, then swap groups), with MSE,
     L0 and CE increase along it."""
-    from .analysis_report import plot_stitch, print_stitch
+    from .analysis_report import draw_stitch, print_stitch
     from .stitch import run_stitch
 
     _check_outputs(json_path, [plot_path] if plot_path else [])
@@ -133,7 +133,7 @@ def stitch_cmd(json_path, plot_path, quiet, **fields):
     except KeyboardInterrupt:
         fail("interrupted", EXIT_SIGINT)
     print_stitch(doc, _wide_console())
-    _write_outputs(doc, json_path, "evaluate stitch", plot_stitch, plot_path)
+    _write_outputs(doc, json_path, "evaluate stitch", draw_stitch, plot_path)
 
 
 
@@ -171,18 +171,18 @@ def geometry_cmd(saes, json_path, plot_prefix, quiet, **fields):
     Nearest-neighbour decoder cosine within each SAE, max cosine between every two SAEs (e2e
     paper, section 3.3), and with --store the CDF of latent activation frequency on held-out rows
     (g-SAE paper, sections 4.3-4.4)."""
-    from .analysis_report import plot_geometry, print_geometry
+    from .analysis_report import draw_geometry, print_geometry
     from .geometry import run_geometry
 
     from .sweeps import expand_saes
 
     cfg = GeometryConfig(saes=expand_saes(saes), **fields)
-    # the PNGs plot_geometry writes: -cross with 2+ SAEs, -freq with a store
+    # the PNGs draw_geometry writes: -cross with 2+ SAEs, -freq with a store
     kinds = ["nn"] + ["cross"] * (len(cfg.saes) > 1) + ["freq"] * bool(cfg.store)
     _check_outputs(json_path, [f"{plot_prefix}-{kind}.png" for kind in kinds] if plot_prefix else [])
     doc = run_geometry(cfg, progress=not quiet, console=console).scrubbed()   # printed too: no credential on screen
     print_geometry(doc, _wide_console())
-    _write_outputs(doc, json_path, "evaluate geometry", plot_geometry, plot_prefix)
+    _write_outputs(doc, json_path, "evaluate geometry", draw_geometry, plot_prefix)
 
 
 @main.command("features")

@@ -561,6 +561,13 @@ def test_results_read_back_from_their_json_and_print_the_same(assets, live_pair,
     plot_stitch(type(stitch).from_dict(json.loads(json.dumps(stitch.to_dict()))), tmp_path / "s.png")
     assert plot_geometry(type(geometry).from_dict(json.loads(json.dumps(geometry.to_dict()))), tmp_path / "g") == \
         [str(tmp_path / f"g-{s}.png") for s in ("nn", "cross", "freq")]
+    # the Python API replaces only plots of ours, like the commands
+    from sae_harvest.stores.errors import UserError
+    (tmp_path / "mine.png").write_bytes(b"a user's picture")
+    with pytest.raises(UserError, match="not written by this tool"):
+        plot_stitch(stitch, tmp_path / "mine.png")
+    assert (tmp_path / "mine.png").read_bytes() == b"a user's picture"
+    plot_stitch(stitch, tmp_path / "s.png")       # its own plot: replaced
 
 
 def test_result_fields_left_out_when_not_measured():
