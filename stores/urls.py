@@ -64,6 +64,23 @@ def _place(url: str) -> str:
     return re.split(r"[?#]", url.partition("://")[2], maxsplit=1)[0]
 
 
+def _userinfo(place: str) -> str:
+    """The user info of a URL's place (what _place returns), '' when none. Normally what precedes
+    an '@' in the netloc; but a password may hold a '/' (AWS secret keys do), which ends the netloc
+    early: a first segment holding a ':' that is not a port (host:8080), with an '@' later, is a
+    user:password running up to the last '@'. An '@' in the path alone (s3://bucket/team@lab/x)
+    is not user info: masking it would change the URL recorded for a resume."""
+    first = place.split("/", 1)[0]
+    if "@" in first:
+        return place[:len(first)].rpartition("@")[0] if "/" not in place else \
+            (place.rpartition("@")[0] if ":" in first.rpartition("@")[0] and "@" in place[len(first):]
+             else first.rpartition("@")[0])
+    host, colon, port = first.partition(":")
+    if colon and not port.isdigit() and "@" in place[len(first):]:
+        return place.rpartition("@")[0]
+    return ""
+
+
 def scrub(path_or_url):
     """The path or URL with every credential removed or masked; local paths (and None) unchanged."""
     if path_or_url is None:
@@ -72,7 +89,8 @@ def scrub(path_or_url):
     if "://" not in text:
         return text
     hidden, place = "", _place(text)
-    if "@" in place and "@" not in place.split("/", 1)[0]:
+    userinfo = _userinfo(place)
+    if userinfo and "/" in userinfo:
         # a user:password holding a '/' (AWS secret keys may): urlsplit would end the netloc at
         # that '/' and keep the rest as a path, so everything up to the last '@' goes, marked. A
         # path that merely holds an '@' loses its start too: over-scrubbing is safe, a leak is not.
@@ -121,7 +139,7 @@ def secrets_in(text) -> set[str]:
         url = m.group(0)
         scheme, _, rest = url.partition("://")
         # up to the last '@' before the query, not the first '/': a secret may hold a '/'
-        userinfo = _place(url).rpartition("@")[0]
+        userinfo = _userinfo(_place(url))
         if scheme.lower() in _AZURE_SCHEMES:     # container@account: only a :key is a secret
             userinfo = userinfo.partition(":")[2]
             secrets = [userinfo]

@@ -179,8 +179,11 @@ def test_credentials_holding_a_slash_are_scrubbed():
     assert set(PIECES) <= secrets_in(f"info {url}")
     # what botocore quotes: the netloc up to the first '/', no scheme
     _no_piece(redact(f'Invalid bucket name "{KEY}:{SECRET.split("/")[0]}"', secrets_in(f"info {url}")))
-    # an '@' in a path is over-scrubbed, visibly; ordinary URLs are as before
-    assert scrub("gs://bucket/run@v2.zarr") == "gs://***@v2.zarr"
+    # an '@' in a path is not user info: the URL recorded for a resume must stay the same (and
+    # scrubbing twice must not move it to another bucket); ordinary URLs are as before
+    for path in ("gs://bucket/run@v2.zarr", "s3://lab-bucket/team@lab/x.zarr", "https://host:8080/a@b/x"):
+        assert scrub(path) == path and scrub(scrub(path)) == path and secrets_in(path) == set()
+    assert scrub("s3://user:pa@ss/word@bucket/x.zarr") == "s3://***@bucket/x.zarr"
     assert scrub("s3://KEY:SECRET@bucket/x.zarr") == "s3://bucket/x.zarr"
 
 
