@@ -169,7 +169,7 @@ def test_a_meta_sae_table_is_not_titled_held_out(tmp_path):
 def test_overwrite_replaces_a_run_interrupted_before_its_first_save(tmp_path):
     """A run stopped after a checkpoint but before any SAE was saved leaves SAE folders holding only
     metrics.jsonl beside checkpoint/<sae>.safetensors: --overwrite refused them as not ours, so the
-    only way on was deleting by hand. A metrics-only folder with no checkpoint of that SAE stays refused."""
+    only way on was deleting by hand. A metrics-only folder is ours when the log is this trainer's."""
     import shutil
     import signal
 
@@ -191,7 +191,11 @@ def test_overwrite_replaces_a_run_interrupted_before_its_first_save(tmp_path):
     fit(_cfg(store, out, tokens=256 * 2), overwrite=True, progress=False)
     assert all((p / "cfg.json").exists() for p in folders)
 
+    # a run killed before any checkpoint leaves the metrics logs alone: this trainer's log is ours
+    # (otherwise such a run could be neither resumed nor overwritten); another program's is not
     stray = tmp_path / "stray"
     (stray / folders[0].name).mkdir(parents=True)
     shutil.copy(out / folders[0].name / "metrics.jsonl", stray / folders[0].name / "metrics.jsonl")
+    assert made_by_train(stray)
+    (stray / folders[0].name / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
     assert not made_by_train(stray)

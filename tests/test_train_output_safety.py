@@ -75,6 +75,37 @@ def test_resume_without_a_checkpoint_keeps_a_finished_run(store, tmp_path):
     assert _tree(out) == before
 
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_resume_or_overwrite(store, tmp_path):
+    """SIGKILL (OOM, a Slurm hard kill) before the first checkpoint leaves only the SAE folders'
+    metrics logs: --resume starts the run again and --overwrite replaces it; a user's look-alike
+    folder (another log) is still refused."""
+    for flag in ("--resume", "--overwrite"):
+        out = tmp_path / flag.strip("-")
+        (out / "topk_k4").mkdir(parents=True)
+        (out / "topk_k4" / "metrics.jsonl").write_text('{"step": 5, "tokens": 1280, "loss": 1.0}\n')
+        code, _, output = _cli("--store", store, "--out", out, *FIT, flag)
+        assert code == 0, output
+        assert (out / "topk_k4" / "cfg.json").exists()
+    other = tmp_path / "users"
+    (other / "run").mkdir(parents=True)
+    (other / "run" / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.9}\n')
+    _refused(["--store", store, "--out", other, *FIT, "--resume"], contains="no `train fit` checkpoint")
+
+
+def test_overwrite_accepts_a_save_killed_midway(tmp_path):
+    """A kill inside the first save leaves .checkpoint.tmp with a half-written state.json and a
+    safetensors file cut inside its header: still ours; a whole header that is not ours is not."""
+    out = tmp_path / "cut"
+    tmp = out / ".checkpoint.tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "state.json").write_text('{\n  "step": 3,\n  "conf')
+    (tmp / "topk_k4.safetensors").write_bytes((1000).to_bytes(8, "little") + b'{"sae.W_enc": {"dtype"')
+    assert made_by_train(out)
+    header = json.dumps({"model.embed": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (tmp / "topk_k4.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    assert not made_by_train(out)
+
+
 def test_out_in_a_store_is_refused_with_or_without_resume(store, tmp_path):
     before = _tree(store)
     _refused(["--store", store, "--out", store, *FIT, "--resume"], contains="inside the store")

@@ -147,7 +147,7 @@ def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     if store is not None:   # a store's `harvest run --overwrite` replaces the whole folder, SAEs and all
         raise TrainError(f"--out {out} is inside the store {store}; write SAEs to a folder outside it")
     filled = out.exists() and any(out.iterdir())
-    if resume and filled and not overwrite and not has_checkpoint(out):
+    if resume and filled and not overwrite and not has_checkpoint(out) and not only_unfinished(out):
         # --resume with nothing to continue must not train from scratch over what is there (a
         # finished run whose checkpoint was deleted, a downloaded SAE, a store)
         raise TrainError(f"--resume: {out} holds no `train fit` checkpoint (checkpoint/state.json) to continue; "
@@ -181,6 +181,26 @@ def has_checkpoint(out: Path) -> bool:
     return any((p / "state.json").is_file() for p in candidates)
 
 
+def only_unfinished(out: Path) -> bool:
+    """Whether out holds nothing but the traces of a run of ours killed before its first checkpoint
+    (SAE folders with their metrics log alone, a save cut short): --resume starts that run again."""
+    return made_by_train(out) and not any((e / "cfg.json").exists() for e in out.iterdir() if e.is_dir())
+
+
+def _our_log(folder: Path) -> bool:
+    """folder holds only a metrics log this trainer writes (lines like {"step": 5, "tokens": ...})."""
+    log = folder / "metrics.jsonl"
+    if any(f.name != "metrics.jsonl" for f in folder.iterdir()) or not log.is_file():
+        return False
+    try:
+        with open(log) as fh:
+            first = fh.readline()
+        record = json.loads(first) if first.strip() else {"step": 0, "tokens": 0}
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("step"), int) and "tokens" in record
+
+
 def made_by_train(out: Path) -> bool:
     """True for an empty folder or one holding only what `train fit` writes: checkpoint folders
     (checkpoint_ours) and SAE folders holding nothing but cfg.json (with this tool's `sae_harvest`
@@ -198,8 +218,8 @@ def made_by_train(out: Path) -> bool:
         if any(f.name not in ours and not f.name.startswith((".sae_weights.safetensors.tmp-", ".cfg.json.tmp-"))
                for f in entry.iterdir()):
             return False
-        if not (entry / "cfg.json").exists() and _checkpointed(out, entry.name):
-            continue   # a run killed after a checkpoint but before its first save: its log, and its state beside
+        if not (entry / "cfg.json").exists() and (_checkpointed(out, entry.name) or _our_log(entry)):
+            continue   # a run killed before its first save: its log (and its state beside, if checkpointed)
         try:
             record = json.loads((entry / "cfg.json").read_text())
         except (OSError, ValueError):
@@ -228,15 +248,22 @@ def _our_state(folder: Path) -> dict | None:
     return meta if ok else None
 
 
-def _our_tensors(path: Path) -> bool:
+def _our_tensors(path: Path, cut_short_ok: bool = False) -> bool:
     """Whether a safetensors file holds what save_state writes: `since_fired` and `sae.*` tensors
-    (read from its header alone: a user's model shards hold neither)."""
+    (read from its header alone: a user's model shards hold neither). cut_short_ok: in a save's
+    .tmp folder, a file killed before its header was whole counts too (a whole header must be ours)."""
     try:
         with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
+            head = fh.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) < 8:
+                return cut_short_ok
             if not 0 < n <= 100_000_000:
                 return False
-            header = json.loads(fh.read(n))
+            body = fh.read(n)
+            if len(body) < n:
+                return cut_short_ok
+            header = json.loads(body)
     except (OSError, ValueError):
         return False
     return isinstance(header, dict) and "since_fired" in header and any(k.startswith("sae.") for k in header)
@@ -250,8 +277,8 @@ def checkpoint_ours(folder: Path, depth: int = 0) -> bool:
     A folder of someone else's safetensors (model shards, another trainer's state) is not ours."""
     tmp = folder.name.endswith(".tmp")
     meta = _our_state(folder)
-    if meta is None and (folder / "state.json").exists():
-        return False   # a state.json, but not this tool's
+    if meta is None and (folder / "state.json").exists() and not (tmp and _cut_short(folder / "state.json")):
+        return False   # a state.json, but not this tool's (in a save's .tmp, one cut short is)
     runs = meta.get("runs") if meta is not None else None
     for f in folder.iterdir():
         if f.is_symlink():
@@ -267,9 +294,23 @@ def checkpoint_ours(folder: Path, depth: int = 0) -> bool:
             return False   # weights with no state.json of ours beside them: not provably ours
         elif isinstance(runs, list) and f.name[:-len(".safetensors")] not in runs:
             return False
-        elif not _our_tensors(f):
+        elif not _our_tensors(f, cut_short_ok=tmp):
             return False
     return True
+
+
+def _cut_short(path: Path) -> bool:
+    """A JSON file that does not parse because it ends early (a write killed midway): it starts
+    like save_state's state.json, {"step": ..."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        json.loads(text)
+        return False
+    except ValueError:
+        return text.lstrip().startswith(('{"step"', "{\n") ) or text.strip() == ""
 
 
 def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -> None:
