@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 from plateau import SeedTrainer, say
+from sae_harvest.train.errors import Diverged
 from sae_harvest.stores.urls import scrub_tree
 
 TAIL = 0.1   # the share of the logged steps whose objective is averaged
@@ -98,7 +99,15 @@ def tune_folder(row: tuple, *, root: str, store: str, site: str, seed: int, d_sa
         out = trainer.budget_dir(folder, epochs)
         # force: a journal record whose SAEs are gone (this file deleted to redo the folder, or a
         # kill between the deletion and the write below) has no metrics left to read
-        records = trainer.train(folder, arch, {**extra, "lr": lr}, epochs, force=not out.is_dir())
+        try:
+            records = trainer.train(folder, arch, {**extra, "lr": lr}, epochs, force=not out.is_dir())
+        except Diverged as e:   # the trainer stops a run whose loss or weights went non-finite: that lr loses
+            done["candidates"][f"{m:g}"] = {"multiplier": m, "lr": lr, "tails": {}, "score": math.inf,
+                                            "diverged": str(e)}
+            _write(path, done)
+            trainer.discard(folder, epochs)
+            say(f"[lr] {folder} x{m:g} (lr {lr:.3g}): diverged ({e})")
+            continue
         tails = {name: tail_objective(out / name) for name in sorted(records)}
         done["candidates"][f"{m:g}"] = {"multiplier": m, "lr": lr, "tails": tails, "score": score(tails)}
         _write(path, done)
@@ -106,6 +115,8 @@ def tune_folder(row: tuple, *, root: str, store: str, site: str, seed: int, d_sa
         say(f"[lr] {folder} x{m:g} (lr {lr:.3g}): mean log objective {done['candidates'][f'{m:g}']['score']:.4f}, "
             + ", ".join(f"{n} L0 {t['l0']:.1f} nmse {t['nmse']:.4f}" for n, t in tails.items()))
     best = choose([c for c in done["candidates"].values() if c["multiplier"] in multipliers])
+    if not math.isfinite(best["score"]):
+        raise TunedLrError(f"{folder}: every candidate lr diverged (x{', x'.join(f'{m:g}' for m in multipliers)})")
     done.update(folder=folder, arch=arch, default_lr=base, lr=best["lr"], multiplier=best["multiplier"],
                 epochs=epochs, seed=seed,
                 rule="lowest mean log training objective over the sweep, last 10% of the logged steps")

@@ -265,3 +265,18 @@ def test_a_record_differing_only_in_checkpoint_every_is_reused_and_nothing_else_
     assert plateau.same_config(old, json.dumps({**base, "checkpoint_every": plateau.CHECKPOINT_EVERY}, sort_keys=True))
     for field, value in (("lr", 0.0161), ("epochs", 128), ("seed", 1), ("k", [16])):
         assert not plateau.same_config(old, json.dumps({**base, field: value}, sort_keys=True))
+
+
+def test_a_diverging_candidate_loses_and_the_tuning_goes_on(tmp_path, store):
+    """The trainer stops a run whose loss goes non-finite (train.errors.Diverged) instead of saving
+    NaN weights: the tuning records that lr as diverged (score inf) and chooses among the others;
+    if every one diverged there is nothing to choose: one error."""
+    site, row = "blocks.0.resid_pre", ("topk", "topk", {"k": (4,)})
+    local = {"batch_size": 64, "epochs": 1, "adam_betas": (0.0, 0.999)}
+    rec = lr_tune.tune_folder(row, root=str(tmp_path / "tune"), store=str(store), site=site, seed=0, d_sae=32,
+                              local=local, multipliers=[1.0, 1e30], epochs=2)
+    bad = rec["candidates"]["1e+30"]
+    assert bad["score"] == math.inf and "diverged" in bad["diverged"] and rec["multiplier"] == 1.0
+    with pytest.raises(lr_tune.TunedLrError, match="every candidate lr diverged"):
+        lr_tune.tune_folder(row, root=str(tmp_path / "tune2"), store=str(store), site=site, seed=0, d_sae=32,
+                            local=local, multipliers=[1e30], epochs=2)
