@@ -126,8 +126,8 @@ def _sibling_holds_out_same(train_path: str, creation_id: str, store, sequences:
 
 
 def check_fits_store(path, sae, site: str, store, store_label: str, sae_cfg: dict | None = None) -> None:
-    """An SAE read against a store's rows (features, geometry): its site is in the store, at its width,
-    and (given its cfg.json) it was not trained on another model's activations than the store's."""
+    """An SAE read against a store's rows (features, geometry): its site is in the store, at its width;
+    given its cfg.json, a warning when it was trained on another model's activations than the store's."""
     if site not in store.sites:
         raise EvaluateError(f"{path}: its site {site!r} is not in store {store_label} "
                             f"(it has: {', '.join(store.sites)})")
@@ -136,12 +136,14 @@ def check_fits_store(path, sae, site: str, store, store_label: str, sae_cfg: dic
                             f"in store {store_label}")
     trained = trained_model_digest(sae_cfg) if sae_cfg is not None else None
     made_by = ((store.attrs.get("provenance") or {}).get("model") or {}).get("digest")
-    if trained and made_by and trained != made_by:
-        raise EvaluateError(f"{scrub(str(path))} was trained on another model's activations (fingerprint "
-                            f"{trained[:12]}) than store {scrub(store_label)} holds ({made_by[:12]})")
+    if trained and made_by and trained != made_by:   # an SAE carried to a fine-tune: the user's call, said aloud
+        import sys
+        print(f"warning: {scrub(str(path))} was trained on another model's activations (fingerprint "
+              f"{trained[:12]}) than store {scrub(store_label)} holds ({made_by[:12]}): its numbers here "
+              f"describe it on that model's rows", file=sys.stderr, flush=True)
 
 
-def trained_model_digest(sae_cfg: dict) -> str | None:
+def trained_model_digest(sae_cfg: dict, seen: dict | None = None) -> str | None:
     """The fingerprint of the model an SAE was trained on: its cfg.json's `model_digest`, else the
     provenance of the store it trained on, if that store still reads at its recorded path and is the
     same harvest (creation id); None when nothing says."""
@@ -151,6 +153,10 @@ def trained_model_digest(sae_cfg: dict) -> str | None:
     path, creation_id = ours.get("store"), (ours.get("held_out") or {}).get("creation_id")
     if not path or not creation_id:
         return None
+    if seen is not None:   # one open per training store within one evaluation (a sweep shares it)
+        if (path, creation_id) not in seen:
+            seen[(path, creation_id)] = trained_model_digest(sae_cfg)
+        return seen[(path, creation_id)]
     from sae_harvest.stores import open_store
 
     try:   # moved, deleted, credentials not at hand: nothing proved either way

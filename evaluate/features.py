@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sae_harvest.stores.cli import opt
+from sae_harvest.stores.artifacts import enclosing_store
 from sae_harvest.stores.urls import scrub_tree
 
 from .features_out import written_by_us
@@ -115,6 +116,9 @@ def check_out(out: str) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise EvaluateError(f"--out {out} is a file, not a folder")
+    store = enclosing_store(p)
+    if store is not None:   # it would become part of the store (and block its --overwrite)
+        raise EvaluateError(f"--out {out} is inside the Zarr store {store}; write the browser outside it")
     if p.is_dir() and any(p.iterdir()) and not written_by_us(p):
         raise EvaluateError(f"--out {out} is a non-empty folder that `evaluate features` did not write; "
                             f"choose a new or empty folder")

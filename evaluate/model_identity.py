@@ -38,8 +38,9 @@ def model_identity(store_obj, name: str, revision: str | None, *, named_by_user:
 def check_trained_models(entries, model_digest: str, *, named_by_user: bool) -> None:
     """Sets each entry's `trained_model` ({"digest", "matches"}); an SAE trained on another model's
     activations is refused unless the user named the model (--model): then a warning."""
+    seen = {}
     for e in entries:
-        digest = trained_model_digest(e.cfg)
+        digest = trained_model_digest(e.cfg, seen)
         e.trained_model = {"digest": digest, "matches": None if digest is None else digest == model_digest}
         if e.trained_model["matches"] is False:
             clause = (f"{scrub(e.path)} was trained on another model's activations (fingerprint {digest[:12]}) "

@@ -77,13 +77,24 @@ def is_own_report(path) -> bool:
     return isinstance(mark, str) and mark.split(" ")[0] == REPORT_MARK
 
 
+def enclosing_store(path) -> Path | None:
+    """The outermost Zarr hierarchy (v3 zarr.json, v2 .zgroup) that `path` is or lies in, symlinks
+    resolved; None when it lies in none. Whatever is written there becomes part of the store, and
+    `harvest run --overwrite` of the store refuses (or would lose) it."""
+    p = Path(path).resolve()
+    found = None
+    for folder in (p, *p.parents):
+        if (folder / "zarr.json").is_file() or (folder / ".zgroup").is_file():
+            found = folder
+    return found
+
+
 def check_report_folder(path) -> None:
     """One UserError line when `path` lies inside a Zarr store (a report there would become part of it)."""
-    parent = Path(path).parent.resolve()
-    for folder in (parent, *parent.parents):
-        if (folder / "zarr.json").is_file():
-            raise UserError(f"{path} is inside the Zarr store {folder}; a report there would become part of "
-                            f"the store (give a path outside it)")
+    store = enclosing_store(Path(path).parent)
+    if store is not None:
+        raise UserError(f"{path} is inside the Zarr store {store}; a report there would become part of "
+                        f"the store (give a path outside it)")
 
 
 def check_report_path(path, is_own=is_own_report) -> None:
@@ -102,8 +113,9 @@ def check_report_path(path, is_own=is_own_report) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f"{path} is a folder; give the path of a file for the report")
     if not stat.S_ISREG(st.st_mode) or not is_own(p):
-        raise UserError(f"{path} exists and was not written by this tool; refusing to replace it "
-                        f"(give another path, or remove it first)")
+        raise UserError(f"{path} exists and is not a report of this tool's (reports carry a written_by mark "
+                        f"since 2026-12: an older one has none); refusing to replace it (give another path, "
+                        f"or remove it first)")
 
 
 def write_report(path, doc: dict, *, writer: str, indent: int | None = 2) -> None:

@@ -564,7 +564,7 @@ def test_results_read_back_from_their_json_and_print_the_same(assets, live_pair,
     # the Python API replaces only plots of ours, like the commands
     from sae_harvest.stores.errors import UserError
     (tmp_path / "mine.png").write_bytes(b"a user's picture")
-    with pytest.raises(UserError, match="not written by this tool"):
+    with pytest.raises(UserError, match="is not a report of this tool"):
         plot_stitch(stitch, tmp_path / "mine.png")
     assert (tmp_path / "mine.png").read_bytes() == b"a user's picture"
     plot_stitch(stitch, tmp_path / "s.png")       # its own plot: replaced

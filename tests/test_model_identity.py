@@ -81,15 +81,15 @@ def test_a_model_the_user_names_is_used_with_a_warning_and_recorded(two_models, 
     assert row["model_matches_store"] is False and row["trained_model"]["matches"] is False
 
 
-def test_an_sae_of_another_model_is_refused_by_splice_and_geometry(two_models, monkeypatch):
+def test_an_sae_of_another_model_is_refused_by_splice_and_flagged_by_geometry(two_models, monkeypatch):
     monkeypatch.chdir(two_models / "here")
     res = _splice(two_models, "sae_there")
     assert res.exit_code == 2 and "was trained on another model's activations" in res.output
+    # geometry reads the store's own rows, named by the user with the SAE: it says so, and goes on
     geo = CliRunner().invoke(evaluate_cli, ["geometry", "--sae", str(two_models / "sae_there" / "topk_k4"),
                                             "--store", str(two_models / "store.zarr"), "--device", "cpu",
                                             "--json", str(two_models / "geo.json")])
-    assert geo.exit_code == 2 and "was trained on another model's activations" in geo.output
-    assert not (two_models / "geo.json").exists()
+    assert geo.exit_code == 0 and "warning:" in geo.output and "was trained on another model's activations" in geo.output
 
 
 def test_e2e_refuses_a_store_named_model_found_elsewhere(two_models, monkeypatch):
@@ -114,4 +114,4 @@ def test_an_sae_records_its_models_fingerprint_so_the_check_needs_no_training_st
     (moved / "cfg.json").write_text(json.dumps(saved))
     geo = CliRunner().invoke(evaluate_cli, ["geometry", "--sae", str(moved), "--store", str(two_models / "store.zarr"),
                                             "--device", "cpu", "--json", str(tmp_path / "geo.json")])
-    assert geo.exit_code == 2 and "was trained on another model's activations" in geo.output
+    assert geo.exit_code == 0 and "was trained on another model's activations" in geo.output

@@ -68,8 +68,8 @@ def test_json_and_plot_never_replace_what_this_tool_did_not_write(sae_and_store,
             (["--json", f"{store}/zarr.json"], ["zarr.json", "Zarr store"]),   # the store's own metadata
             (["--json", f"{store}/report.json"], ["report.json", "Zarr store"]),   # a new file inside the store
             (["--json", f"{sae}/cfg.json"], ["cfg.json"]),                     # the SAE's own config
-            (["--json", mine / "notes.json"], ["notes.json", "not written by this tool"]),
-            (["--plot", mine / "g"], ["g-nn.png", "not written by this tool"]),
+            (["--json", mine / "notes.json"], ["notes.json", "is not a report of this tool"]),
+            (["--plot", mine / "g"], ["g-nn.png", "is not a report of this tool"]),
             (["--json", mine / "jdir"], ["jdir", "folder"])):
         r = _geometry(sae, *args)
         one_error_line(r, *words)
@@ -100,9 +100,9 @@ def test_splice_writers_refuse_a_foreign_file(tmp_path):
     cfg_json.write_text('{"architecture": "topk"}')
     png.write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
     before = snapshot(tmp_path)
-    with pytest.raises(UserError, match="not written by this tool"):
+    with pytest.raises(UserError, match="is not a report of this tool"):
         write_json(rows, cfg_json)
-    with pytest.raises(UserError, match="not written by this tool"):
+    with pytest.raises(UserError, match="is not a report of this tool"):
         write_plot(rows, png)
     assert snapshot(tmp_path) == before
     write_json(rows, tmp_path / "r.json")     # new paths are written, and written again
@@ -228,3 +228,30 @@ def test_features_interrupted_exits_130(tmp_path, monkeypatch):
     r = CliRunner().invoke(evaluate_cli, ["features", "--store", str(tmp_path / "s.zarr"), "--sae",
                                           str(tmp_path / "sae"), "--out", str(tmp_path / "f"), "--quiet"])
     assert r.exit_code == 130 and "interrupted" in r.output, r.output
+
+
+def test_nothing_is_written_inside_a_store_through_a_symlink_or_a_v2_group(tmp_path):
+    """--out / --json under a store, reached through a symlink, or in a folder holding a Zarr v2
+    .zgroup: refused like a path straight into the store (stores.artifacts.enclosing_store)."""
+    from sae_harvest.stores.artifacts import check_report_folder, enclosing_store
+    from sae_harvest.stores.errors import UserError
+    from sae_harvest.evaluate.features import check_out
+    from sae_harvest.train.config import TrainConfig
+    from sae_harvest.train.runs import check_output
+
+    store = tmp_path / "s.zarr"
+    (store / "acts").mkdir(parents=True)
+    (store / "zarr.json").write_text("{}")
+    (store / "acts" / "zarr.json").write_text("{}")
+    (tmp_path / "link").symlink_to(store / "acts")
+    v2 = tmp_path / "old.zarr"
+    v2.mkdir()
+    (v2 / ".zgroup").write_text("{}")
+    assert enclosing_store(tmp_path / "link" / "x") == store.resolve()     # the outermost, not acts
+    for bad in (tmp_path / "link" / "r.json", v2 / "r.json"):
+        with pytest.raises(UserError, match="inside the Zarr store"):
+            check_report_folder(bad)
+    with pytest.raises(UserError, match="inside the Zarr store"):
+        check_out(str(tmp_path / "link" / "feat"))
+    with pytest.raises(UserError, match="inside the store"):
+        check_output(TrainConfig(store=str(store), out=str(tmp_path / "link" / "saes")), resume=False, overwrite=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sae_harvest.stores.urls import scrub
-from sae_harvest.stores.artifacts import artifact_json
+from sae_harvest.stores.artifacts import artifact_json, enclosing_store
 from sae_harvest.train import distributed
 from sae_harvest.train.config import TrainConfig, swept_fields, sweep
 from sae_harvest.train.errors import TrainError
@@ -143,7 +143,7 @@ def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file; give a folder (it is left as it is)")
-    store = _enclosing_store(out)
+    store = enclosing_store(out)
     if store is not None:   # a store's `harvest run --overwrite` replaces the whole folder, SAEs and all
         raise TrainError(f"--out {out} is inside the store {store}; write SAEs to a folder outside it")
     filled = out.exists() and any(out.iterdir())
@@ -157,14 +157,6 @@ def check_output(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     if overwrite and out.exists() and not made_by_train(out):
         raise TrainError(f"--overwrite: {out} holds files `train fit` did not write; refusing to remove it "
                          f"(choose another --out)")
-
-
-def _enclosing_store(out: Path) -> Path | None:
-    """The zarr hierarchy (a store, or a harvest's build of one) that out is or lies in, if any."""
-    for folder in (out.absolute(), *out.absolute().parents):
-        if (folder / "zarr.json").is_file() or (folder / ".zgroup").is_file():
-            return folder
-    return None
 
 
 def has_checkpoint(out: Path) -> bool:
