@@ -47,7 +47,7 @@ def feed_rate(path: str, batch: int) -> tuple[float, float]:
     t0, c0, n = time.perf_counter(), time.process_time(), 0
     steps = (store.n_rows * 9 // 10) // batch       # < one epoch of the training rows
     for _, b in zip(range(steps), feed):
-        n += b["acts"].numel() * b["acts"].element_size()
+        n += b.acts.numel() * b.acts.element_size()
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
