@@ -2,8 +2,9 @@
 
 `lease.json` names the job writing the store (owner id, host, pid, heartbeat time). The writer
 refreshes the heartbeat from a background thread; a second writer is refused while the heartbeat
-is fresh. A lease whose heartbeat is older than STALE_S, or whose pid is gone on this very host,
-is stale and `--resume` may take it over. Creation is exclusive: O_EXCL on local disk, a
+is fresh. A lease whose heartbeat is older than STALE_S, or whose pid is gone on this very host
+and in this very pid namespace (containers may share a host name, and their pids are not each
+other's), is stale and `--resume` may take it over. Creation is exclusive: O_EXCL on local disk, a
 conditional PUT (`If-None-Match: *`) on object storage, where a server that rejects the condition
 gets check-then-put instead (fs.create_exclusive). Taking over a stale lease is a plain PUT followed
 by a read-back: two jobs taking over the same stale lease in the same instant could both pass,
@@ -23,6 +24,14 @@ from .errors import StoreError
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]" on Linux), None where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -51,7 +60,9 @@ def is_stale(lease: dict, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if now - float(lease.get("heartbeat", 0)) > STALE_S:
         return True
-    return lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1)))
+    # a pid is only ours to probe in our own namespace (a lease from before it was recorded: the host)
+    same_pids = lease.get("host") == socket.gethostname() and lease.get("pid_ns", _pid_namespace()) == _pid_namespace()
+    return same_pids and not _pid_alive(int(lease.get("pid", -1)))
 
 
 def describe(lease: dict) -> str:
@@ -72,7 +83,8 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "pid_ns": _pid_namespace(),
+                  "heartbeat": time.time()}
         if self.creation_id:
             record["creation_id"] = self.creation_id
         return json.dumps(record).encode()

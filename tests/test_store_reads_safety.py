@@ -250,3 +250,21 @@ def test_a_relabelled_store_opens_but_fails_verify(stores, tmp_path):
     problems = verify_store(path)
     assert len(problems) == 4 and all("no window names this store" in p for p in problems), problems
     open_store(path).acts(SITE, slice(0, 8))    # not a window copied in: readers read it (identity tells it apart)
+
+
+def test_a_lease_from_another_pid_namespace_is_not_stale_by_its_pid(monkeypatch):
+    """Containers may share a host name without sharing pids: a fresh lease whose pid is not alive
+    here is another namespace's live writer unless it was written in this one."""
+    import socket
+    import time
+
+    from sae_harvest.stores import lease
+
+    monkeypatch.setattr(lease, "_pid_alive", lambda pid: False)   # the pid means nothing here
+    fresh = {"owner": "a", "host": socket.gethostname(), "pid": 12345, "heartbeat": time.time()}
+    monkeypatch.setattr(lease, "_pid_namespace", lambda: "pid:[1]")
+    assert lease.is_stale({**fresh, "pid_ns": "pid:[1]"})          # our namespace, pid gone: stale
+    assert not lease.is_stale({**fresh, "pid_ns": "pid:[2]"})      # another container's live writer
+    assert lease.is_stale(fresh)                                   # an old lease without pid_ns: as before
+    assert lease.is_stale({**fresh, "pid_ns": "pid:[2]", "heartbeat": time.time() - 2 * lease.STALE_S})
+    assert json.loads(lease.Lease("/nowhere")._record())["pid_ns"] == "pid:[1]"
