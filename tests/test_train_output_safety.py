@@ -222,6 +222,9 @@ def test_a_diverged_run_is_not_saved_as_finished(store, tmp_path):
     assert code == 2 and len(lines) == 1 and "diverged" in lines[0] and "Traceback" not in output, output
     assert not (tmp_path / "o" / "topk_k4" / "cfg.json").exists()
     assert not (tmp_path / "o" / "topk_k4" / "sae_weights.safetensors").exists()
+    assert "--overwrite" in lines[0]   # what it says works: the logs left are this trainer's
+    code, _, output = _cli("--store", store, "--out", tmp_path / "o", *FIT, "--overwrite")
+    assert code == 0 and (tmp_path / "o" / "topk_k4" / "cfg.json").exists(), output
 
 
 def test_divergence_keeps_the_last_good_checkpoint(store, tmp_path):

@@ -231,8 +231,8 @@ class Driver:
         if self.saved_step is not None:
             kept = (f"the last good checkpoint (step {self.saved_step}) in {self.out / self.where} is kept; lower "
                     f"--lr or --grad-clip and start again with --overwrite or another --out")
-        else:   # metrics-only SAE folders are not provably ours: --overwrite would refuse them
-            kept = (f"no checkpoint was saved; lower --lr or --grad-clip and start again in another --out (the "
+        else:   # only the metrics logs are left: this trainer's, so --overwrite replaces them
+            kept = (f"no checkpoint was saved; lower --lr or --grad-clip and start again with --overwrite (the "
                     f"metrics.jsonl logs left in {self.out} show where it diverged)")
         return Diverged(f"training diverged at step {self.step}: {what}; nothing was saved as finished and {kept}")
 
