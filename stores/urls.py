@@ -71,14 +71,11 @@ def _userinfo(place: str) -> str:
     user:password running up to the last '@'. An '@' in the path alone (s3://bucket/team@lab/x)
     is not user info: masking it would change the URL recorded for a resume."""
     first = place.split("/", 1)[0]
-    if "@" in first:
-        return place[:len(first)].rpartition("@")[0] if "/" not in place else \
-            (place.rpartition("@")[0] if ":" in first.rpartition("@")[0] and "@" in place[len(first):]
-             else first.rpartition("@")[0])
-    host, colon, port = first.partition(":")
-    if colon and not port.isdigit() and "@" in place[len(first):]:
+    user, rest = first.rpartition("@")[0], place[len(first):]
+    port = first.partition(":")[2]
+    if "@" in rest and (":" in user or (not user and port and not port.isdigit())):
         return place.rpartition("@")[0]
-    return ""
+    return user
 
 
 def scrub(path_or_url):

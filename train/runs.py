@@ -302,7 +302,7 @@ def _cut_short(path: Path) -> bool:
         json.loads(text)
         return False
     except ValueError:
-        return text.lstrip().startswith(('{"step"', "{\n") ) or text.strip() == ""
+        return text.strip() == "" or text.lstrip().startswith(('{"step"', "{\n"))
 
 
 def save_run(run: Run, folder: Path, scale: float, extra: dict, summary: dict) -> None:
