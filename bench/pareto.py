@@ -28,6 +28,9 @@ with timings go to stdout as it runs. Re-running the same command resumes (seed{
         --e2e-max-epochs 2 --plateau-seeds 1                                      # capped: ~34 min of one core
     python bench/pareto.py --out /tmp/p --seeds 2 --tokens 12000 --d-sae 64 --until-plateau 2 --max-epochs 2  # smoke
     python bench/pareto.py --out bench-out/pareto --report-only                   # verdicts from pareto.json
+    # one claim at a budget the whole run cannot afford: only its folders, every seed at one budget
+    python bench/pareto.py --out bench-out/p512 --lrs bench-out/lr-tune --local-only --folders topk,batchtopk \
+        --fixed-epochs 512 --seeds 5
     # the plateau judged on every seed at once (bench/plateau_seeds.py): all seeds train each budget;
     # a second process may train some seeds at a budget of it (--only-seeds 4,3 --train-only
     # --fixed-epochs B): the first finds those journalled records and does not train them again
@@ -55,7 +58,7 @@ import plateau_seeds
 from plateau import JournalError, SeedTrainer, say, seed_lock
 from seed_budgets import across_seeds as seed_across_seeds
 from seed_budgets import fixed_budgets, searched_budgets
-from seed_eval import check_same_held_out, evaluate_seed, harvest_store
+from seed_eval import check_same_held_out, evaluate_seed, harvest_store, store_content
 from sae_harvest.evaluate.demo import SITE, SWEEPS as DEMO_SWEEPS
 from sae_harvest.stores.urls import scrub_tree
 from verdicts import L0_SLACK, MIN_SEEDS, at_grid, at_points, print_budget, print_rows
@@ -142,6 +145,9 @@ def main():
     p.add_argument("--lrs", default=None, help="tuned learning rates (bench/lr_tune.py's --out folder, or a JSON "
                                                "{folder: lr}) for the local sweeps; default: each architecture's")
     p.add_argument("--local-only", action="store_true", help="skip the e2e sweeps (their claims stay untested)")
+    p.add_argument("--folders", default=None,
+                   help="train only these sweep folders, e.g. topk,batchtopk: one claim at a budget the whole run "
+                        "cannot afford (the other claims have no rows)")
     p.add_argument("--only-seeds", default=None, help="train (and evaluate) only these seeds, e.g. 2,3,4: to train "
                                                       "seeds in parallel processes sharing --out")
     p.add_argument("--train-only", action="store_true", help="train, do not evaluate or report (with --only-seeds "
@@ -177,6 +183,10 @@ def main():
         p.error("--follow-searched goes with --only-seeds, instead of --fixed-epochs")
     if not (math.isfinite(args.until_plateau) and args.until_plateau >= 0):
         p.error("--until-plateau: a percentage >= 0")
+    try:
+        args.folders = check_folders(args.folders, args)
+    except ValueError as e:
+        p.error(f"--folders: {e}")
     if args.max_epochs < args.epochs:
         p.error(f"--max-epochs ({args.max_epochs}) below --epochs ({args.epochs})")
     if args.plateau_across_seeds and args.seeds < MIN_SEEDS:
@@ -213,7 +223,10 @@ def main():
     lrs = {}
     if args.lrs:   # before the harvests: a bad --lrs is one line now, not after them
         try:
-            lrs = load_lrs(args.lrs, rows=run_rows(args, None if args.no_label_free else "label-free"),
+            # the run's rows before --folders: a tuning of the whole run serves one folder of it
+            every_row = run_rows(argparse.Namespace(**{**vars(args), "folders": None}),
+                                 None if args.no_label_free else "label-free")
+            lrs = load_lrs(args.lrs, rows=every_row,
                            d_sae=args.d_sae, local=local)
         except TunedLrError as e:
             p.error(str(e))
@@ -249,7 +262,29 @@ def run_rows(args, lf_store) -> list:
         rows = [r for r in rows if r[0] not in ("e2e", "e2e_ds") and not r[0].startswith("relu_cont")]
     if args.e2e_only:
         rows = [r for r in rows if r[0] in ("relu", "e2e", "e2e_ds") or r[0].startswith("relu_cont")]
+    if getattr(args, "folders", None):
+        rows = [r for r in rows if r[0] in args.folders]
     return rows
+
+
+def check_folders(text: str | None, args) -> list | None:
+    """--folders as a list, each a folder this run would train (ValueError otherwise); a row that
+    starts from another folder's SAEs needs that folder too."""
+    if text is None:
+        return None
+    folders = [f for f in text.split(",") if f]
+    if not folders or len(set(folders)) != len(folders):
+        raise ValueError("one or more folder names, each once")
+    rows = {r[0]: r for r in run_rows(argparse.Namespace(**{**vars(args), "folders": None}),
+                                           None if args.no_label_free else "label-free")}
+    unknown = [f for f in folders if f not in rows]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a folder of this run (it has {', '.join(rows)})")
+    for f in folders:
+        parent = rows[f][2].get("init", "").split("/")[0]
+        if parent and parent not in folders:
+            raise ValueError(f"{f} starts from {parent}'s SAEs: add {parent}")
+    return folders
 
 
 def across_seeds(args, store, lf_store, local, lrs) -> dict:
@@ -319,6 +354,25 @@ def e2e_caps(rows, cap: int | None) -> dict | None:
     return {r[0]: cap for r in rows if r[0] in ("e2e", "e2e_ds") or r[0].startswith("relu_cont")}
 
 
+def store_content_of(args) -> dict | None:
+    """seed_eval.store_content of the run's stores (None under --report-only: the run's own, if any,
+    is in its pareto.json; a store gone since is not an error)."""
+    from sae_harvest.stores import StoreError
+
+    if getattr(args, "report_only", False):
+        return None
+    paths = {"store": getattr(args, "store", None) or os.path.join(args.out, "store.zarr")}
+    if not getattr(args, "no_label_free", True) and not getattr(args, "e2e_only", False):
+        paths["label_free_store"] = args.label_free_store or os.path.join(args.out, "store-label-free.zarr")
+    out = {}
+    for name, path in paths.items():
+        try:
+            out[name] = store_content(path)
+        except (StoreError, OSError):   # unknown, said as such: never a digest of something else
+            out[name] = None
+    return out
+
+
 def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
     """Every claim's rows (verdicts) from the per-seed series: at the L0 grid, and at A's own sweep
     points; writes pareto.json (unless not `write`) and prints them with each seed's budgets."""
@@ -329,7 +383,8 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
     out = {"seeds_done": len(per_seed), "args": {k: v for k, v in vars(args).items()}, "local": LOCAL,
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",
            "l0_slack": slack,
-           "eval_tokens": eval_tokens, "budgets": budgets, "series_per_seed": per_seed,
+           "eval_tokens": eval_tokens, "store_content": store_content_of(args),
+           "budgets": budgets, "series_per_seed": per_seed,
            "comparisons": comparisons, "seconds": time.perf_counter() - t0}
     pct = getattr(args, "until_plateau", 0)
     if pct:   # one seed's search reads noise at ±4-10%; the plateau judged over every seed's journal

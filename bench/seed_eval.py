@@ -68,3 +68,18 @@ def check_same_held_out(store: str, lf_store: str) -> None:
     a, b = open_store(store), open_store(lf_store)
     if a.n_seqs != b.n_seqs or not same_held_out(b, a):
         raise SystemExit(f"{lf_store} does not hold out the same sequences as {store}")
+
+
+def store_content(path: str) -> dict:
+    """What says whether a rerun trained on the same data: the store's content digest (equal only for
+    byte-identical shards; the harvest is deterministic on one machine, but the offline default
+    model is trained where it is first used and its weights follow that machine's float kernels)
+    and the model's and corpus's own digests from the store's provenance."""
+    from sae_harvest.stores import open_store
+    from sae_harvest.stores.identity import content_digest
+
+    store = open_store(path)
+    prov = store.attrs.get("provenance") or {}
+    return {"content_digest": content_digest(store),
+            "model_weights_sha256": (prov.get("model") or {}).get("weights_sha256"),
+            "corpus_sha256": (prov.get("corpus") or {}).get("files_sha256")}

@@ -11,7 +11,12 @@ later that the store at a path is still the one it used, and not another harvest
 - `model`: the model fingerprint of the root attribute `provenance` (None before it existed).
 - format 1 (no records, no final.json): `attrs_digest`, sha256 of the root attributes.
 
-Any change of any field means another store (or the same store rewritten). It costs one small read per
+Any change of any field means another store (or the same store rewritten).
+
+`content_digest` answers another question, not part of the identity: do two stores hold the same
+bytes? Two harvests with the same inputs on two machines get different creation ids and times, and
+the same content digest only if every shard is byte-identical; a bench records it so a rerun can
+tell whether it trained on the same data as the run it is compared with. It costs one small read per
 window record (an opened Store already holds them) and 64 KiB per array.
 """
 from __future__ import annotations
@@ -21,7 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from . import fs, layout
+from . import fs, layout, shards
 from .reader import Store, open_store
 
 
@@ -83,3 +88,19 @@ def _sample_digest(store: Store, records: list[dict]) -> str | None:
 def store_identity(path: str) -> StoreIdentity:
     """The identity of the (complete) store at path; StoreError when there is none."""
     return identity_of(open_store(path))
+
+
+def content_digest(store: Store) -> str | None:
+    """sha256 over every window's shape and shard checksums, without the ids and times that differ
+    between two harvests of the same data; None where a checksum says nothing of the data (a
+    format-1 store has none, the first format-2 stores' crc32c records hold one constant)."""
+    if store.records is None:
+        return None
+    for r in store.records.values():
+        for entries in (r.get("shards") or {}).values():
+            if any(shards.checksum_rule(e[2]) not in ("xxh3", "sha256") for e in entries):
+                return None
+    windows = [{"seqs": r.get("seqs"), "rows": r.get("rows"), "first_seq": r.get("first_seq"),
+                "first_row": r.get("first_row"), "shards": r.get("shards")}
+               for _, r in sorted(store.records.items())]
+    return _digest(windows)

@@ -564,3 +564,40 @@ def test_pareto_json_says_whether_each_folder_plateaued_across_seeds(tmp_path, m
     monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path), "--report-only"])
     pareto.main()
     assert "  topk: 64->128 plateaued" in capsys.readouterr().out
+
+
+def test_folders_trains_only_those_rows_and_keeps_the_whole_runs_tuned_lrs(tmp_path, monkeypatch, capsys):
+    """--folders topk,batchtopk: only those rows reach the trainer, each at its tuned lr, from an lr
+    file tuned for the whole run (its other folders are not "unknown"); a name that is no folder, a
+    repeat, or a continuation without the folder it starts from: one line, exit 2, nothing harvested."""
+    lrs = tmp_path / "lrs.json"
+    lrs.write_text(json.dumps({f: 0.001 * (i + 1) for i, f in enumerate(BUDGETS)}))
+    rows_seen = []
+
+    def grab(args, seed, store, lf_store, local, lr, *a, **k):
+        rows_seen.extend(pareto.with_lrs(pareto.run_rows(args, lf_store), lr))
+        raise SystemExit(0)
+
+    harvested = []
+    monkeypatch.setattr(pareto, "harvest_store", lambda *a, **k: harvested.append(a) or "store")
+    monkeypatch.setattr(pareto, "check_same_held_out", lambda *a: None)
+    monkeypatch.setattr(pareto, "run_seed", grab)
+    base = ["pareto.py", "--out", str(tmp_path / "o"), "--local-only", "--lrs", str(lrs), "--fixed-epochs", "8"]
+    monkeypatch.setattr(sys, "argv", base + ["--folders", "topk,batchtopk"])
+    with pytest.raises(SystemExit):
+        pareto.main()
+    assert [(r[0], r[2]["lr"]) for r in rows_seen] == [("topk", 0.004), ("batchtopk", 0.005)]
+    harvested.clear()
+    for bad, said in (("topk,nope", "nope: not a folder of this run"), ("topk,topk", "each once"),
+                      ("e2e", "not a folder of this run")):
+        monkeypatch.setattr(sys, "argv", base + ["--folders", bad])
+        with pytest.raises(SystemExit) as e:
+            pareto.main()
+        out = capsys.readouterr().err
+        assert e.value.code == 2 and said in out and "Traceback" not in out
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), "--e2e", "continuation",
+                                      "--folders", "relu_cont100,e2e"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    assert e.value.code == 2 and "relu_cont100 starts from relu's SAEs: add relu" in capsys.readouterr().err
+    assert harvested == []
