@@ -131,11 +131,13 @@ class TunedLrError(ValueError):
     """--lrs cannot be used for this run (the benches print it as one line and exit 2)."""
 
 
-def load_lrs(path: str, *, rows: list | None = None, d_sae: int | None = None, local: dict | None = None) -> dict:
+def load_lrs(path: str, *, rows: list | None = None, d_sae: int | None = None, local: dict | None = None,
+             known_rows: list | None = None) -> dict:
     """{folder: lr} from a tuning folder (every {folder}.json with a choice in it) or one JSON file
     {folder: lr}. With `rows`, every local sweep folder of the run (no e2e, no continuation) must have
     one (a folder left out would silently train at its default lr), and a {folder: lr} file may name
-    no other folder. With
+    no other folder (`known_rows`, when given: the folders a file may name, e.g. the whole run's where
+    `rows` is the --folders subset that trains). With
     d_sae / local, a tuning folder's records must have been tuned at the same d_sae, batch size and
     Adam betas (an lr is not portable across them: TopK's default scales with 1/sqrt(d_sae))."""
     p = Path(path)
@@ -175,7 +177,8 @@ def load_lrs(path: str, *, rows: list | None = None, d_sae: int | None = None, l
         tunable = [f for f, _, e in rows if e.get("loss", "local") == "local" and "init" not in e]
         missing = [f for f in tunable if f not in out]
         # a typo in a hand-written {folder: lr} file; a tuning folder may hold more than this bench's
-        unknown = sorted(set(out) - {f for f, _, _ in rows}) if p.is_file() else []
+        known = {f for f, _, _ in (rows if known_rows is None else known_rows)}
+        unknown = sorted(set(out) - known) if p.is_file() else []
         if missing:
             raise TunedLrError(f"--lrs {path}: no tuned lr for {', '.join(missing)} (they would train at their "
                                f"default lr); tune them with bench/lr_tune.py --folders")

@@ -184,7 +184,7 @@ def main():
     if not (math.isfinite(args.until_plateau) and args.until_plateau >= 0):
         p.error("--until-plateau: a percentage >= 0")
     try:
-        args.folders = check_folders(args.folders, args)
+        args.folders = None if args.report_only else check_folders(args.folders, args)
     except ValueError as e:
         p.error(f"--folders: {e}")
     if args.max_epochs < args.epochs:
@@ -223,10 +223,11 @@ def main():
     lrs = {}
     if args.lrs:   # before the harvests: a bad --lrs is one line now, not after them
         try:
-            # the run's rows before --folders: a tuning of the whole run serves one folder of it
-            every_row = run_rows(argparse.Namespace(**{**vars(args), "folders": None}),
-                                 None if args.no_label_free else "label-free")
-            lrs = load_lrs(args.lrs, rows=every_row,
+            # the training rows need an lr each; a file may name any folder of the whole run (a
+            # tuning of the whole run serves one folder of it)
+            lf = None if args.no_label_free else "label-free"
+            lrs = load_lrs(args.lrs, rows=run_rows(args, lf),
+                           known_rows=run_rows(argparse.Namespace(**{**vars(args), "folders": None}), lf),
                            d_sae=args.d_sae, local=local)
         except TunedLrError as e:
             p.error(str(e))
@@ -284,7 +285,15 @@ def check_folders(text: str | None, args) -> list | None:
         parent = rows[f][2].get("init", "").split("/")[0]
         if parent and parent not in folders:
             raise ValueError(f"{f} starts from {parent}'s SAEs: add {parent}")
-    return folders
+    # folders one series merges (relu_cont100, relu_cont300 ... are "relu_cont"): all or none, else
+    # a claim would interpolate a baseline across the missing points
+    for group in ("relu_cont",):
+        members = [r for r in rows if r.startswith(group)]
+        chosen = [r for r in members if r in folders]
+        if chosen and len(chosen) != len(members):
+            raise ValueError(f"{', '.join(sorted(set(members) - set(chosen)))} missing: the {group} series is "
+                             f"{', '.join(members)} together")
+    return [r for r in rows if r in folders]   # the run's order: the same set is the same run
 
 
 def across_seeds(args, store, lf_store, local, lrs) -> dict:
@@ -385,7 +394,11 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
            "l0_slack": slack,
            "eval_tokens": eval_tokens, "store_content": store_content_of(args),
            "budgets": budgets, "series_per_seed": per_seed,
-           "comparisons": comparisons, "seconds": time.perf_counter() - t0}
+           "comparisons": comparisons, "seconds": time.perf_counter() - t0,
+           # claims a --folders run left out: no rows because nothing was trained, not a tie
+           "untrained_claims": sorted(f"{a} vs {b}: {metric} {expected}" for a, b, metric, expected in claims(args.e2e)
+                                      if getattr(args, "folders", None)
+                                      and not all(a in series and b in series for series in per_seed))}
     pct = getattr(args, "until_plateau", 0)
     if pct:   # one seed's search reads noise at ±4-10%; the plateau judged over every seed's journal
         try:
@@ -406,8 +419,13 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
               out["plateau_across_seeds"].get("error", ""))
         for folder, pairs in out["plateau_across_seeds"].get("folders", {}).items():
             print(f"  {folder}: " + ", ".join(f"{pair} {v}" for pair, v in pairs.items()))
+    if getattr(args, "folders", None):
+        print(f"--folders {','.join(args.folders)}: only these folders were trained")
     for claim, rows in comparisons.items():
-        print_rows(claim, rows)
+        if claim in out["untrained_claims"]:
+            print(f"{claim}\n  no rows: {claim.split(':')[0]} not both trained (--folders)")
+        else:
+            print_rows(claim, rows)
     return out
 
 

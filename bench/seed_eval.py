@@ -72,14 +72,15 @@ def check_same_held_out(store: str, lf_store: str) -> None:
 
 def store_content(path: str) -> dict:
     """What says whether a rerun trained on the same data: the store's content digest (equal only for
-    byte-identical shards; the harvest is deterministic on one machine, but the offline default
-    model is trained where it is first used and its weights follow that machine's float kernels)
-    and the model's and corpus's own digests from the store's provenance."""
+    byte-identical shards and the same split and layout; the harvest is deterministic on one machine,
+    but the offline default model is trained where it is first used) and the store's provenance
+    fingerprints: the model's (its config and sampled weight bytes) and the corpus's (the stream and,
+    for local files, their names and sizes; the tokens themselves are in the content digest)."""
     from sae_harvest.stores import open_store
     from sae_harvest.stores.identity import content_digest
 
     store = open_store(path)
     prov = store.attrs.get("provenance") or {}
     return {"content_digest": content_digest(store),
-            "model_weights_sha256": (prov.get("model") or {}).get("weights_sha256"),
-            "corpus_sha256": (prov.get("corpus") or {}).get("files_sha256")}
+            "model_fingerprint": (prov.get("model") or {}).get("digest"),
+            "corpus_fingerprint": (prov.get("corpus") or {}).get("digest")}

@@ -91,8 +91,9 @@ def store_identity(path: str) -> StoreIdentity:
 
 
 def content_digest(store: Store) -> str | None:
-    """sha256 over every window's shape and shard checksums, without the ids and times that differ
-    between two harvests of the same data; None where a checksum says nothing of the data (a
+    """sha256 over every window's shape and shard checksums and the root attributes that say what the
+    bytes are (split, layout, encodings, gradient definition, tokenizer ids), without the ids, names
+    and times that differ between two harvests of the same data; None where a checksum says nothing of the data (a
     format-1 store has none, the first format-2 stores' crc32c records hold one constant)."""
     if store.records is None:
         return None
@@ -103,4 +104,15 @@ def content_digest(store: Store) -> str | None:
     windows = [{"seqs": r.get("seqs"), "rows": r.get("rows"), "first_seq": r.get("first_seq"),
                 "first_row": r.get("first_row"), "shards": r.get("shards")}
                for _, r in sorted(store.records.items())]
-    return _digest(windows)
+    # what the bytes mean: the same shards under another split are other training and held-out rows
+    raw = store.group.attrs.get(layout.ROOT_ATTR)
+    raw = dict(raw) if isinstance(raw, dict) else {}
+    meaning = {k: raw.get(k) for k in CONTENT_ATTRS}
+    meaning["tokenizer"] = {k: v for k, v in (raw.get("tokenizer") or {}).items() if k != "name"}
+    return _digest({"attrs": meaning, "windows": windows})
+
+
+# root attributes that say what the shards' bytes are (not names or paths, which differ between
+# two harvests of the same data on two machines)
+CONTENT_ATTRS = ("format_version", "split", "ctx_len", "window_seqs", "shuffle_window_tokens", "sites", "grads",
+                 "n_rows", "n_seqs")

@@ -379,6 +379,12 @@ def test_content_digest_is_the_data_not_the_harvest(tmp_path):
     assert store_identity(a.path) != store_identity(b.path)
     assert content_digest(a) == content_digest(b) and len(content_digest(a)) == 64
     assert content_digest(open_store(str(_store(tmp_path / "c.zarr", seed=1)))) != content_digest(a)
+    # the same shards held out otherwise are other training rows: another digest
+    from tests.test_security import edit_root_attrs
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "d.zarr")
+    edit_root_attrs(tmp_path / "d.zarr", lambda r: r.update(split={"rule": "seq % every == 0", "every": 2,
+                                                                    "origin": "harvest"}))
+    assert content_digest(open_store(str(tmp_path / "d.zarr"))) != content_digest(a)
     record = tmp_path / "b.zarr" / "windows" / "00000003.json"
     doc = json.loads(record.read_text())
     name = sorted(doc["shards"])[0]

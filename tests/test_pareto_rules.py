@@ -570,8 +570,8 @@ def test_folders_trains_only_those_rows_and_keeps_the_whole_runs_tuned_lrs(tmp_p
     """--folders topk,batchtopk: only those rows reach the trainer, each at its tuned lr, from an lr
     file tuned for the whole run (its other folders are not "unknown"); a name that is no folder, a
     repeat, or a continuation without the folder it starts from: one line, exit 2, nothing harvested."""
-    lrs = tmp_path / "lrs.json"
-    lrs.write_text(json.dumps({f: 0.001 * (i + 1) for i, f in enumerate(BUDGETS)}))
+    lrs = tmp_path / "lrs.json"   # the two trained folders' lrs and one of another folder of the run
+    lrs.write_text(json.dumps({"relu": 0.001, "topk": 0.004, "batchtopk": 0.005}))
     rows_seen = []
 
     def grab(args, seed, store, lf_store, local, lr, *a, **k):
@@ -583,10 +583,19 @@ def test_folders_trains_only_those_rows_and_keeps_the_whole_runs_tuned_lrs(tmp_p
     monkeypatch.setattr(pareto, "check_same_held_out", lambda *a: None)
     monkeypatch.setattr(pareto, "run_seed", grab)
     base = ["pareto.py", "--out", str(tmp_path / "o"), "--local-only", "--lrs", str(lrs), "--fixed-epochs", "8"]
-    monkeypatch.setattr(sys, "argv", base + ["--folders", "topk,batchtopk"])
+    monkeypatch.setattr(sys, "argv", base + ["--folders", "batchtopk,topk"])   # kept in the run's order
     with pytest.raises(SystemExit):
         pareto.main()
     assert [(r[0], r[2]["lr"]) for r in rows_seen] == [("topk", 0.004), ("batchtopk", 0.005)]
+    lrs.write_text(json.dumps({"topk": 0.004, "batchtopk": 0.005, "nope": 1.0}))   # a typo is still one
+    monkeypatch.setattr(sys, "argv", base + ["--folders", "topk,batchtopk"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    assert e.value.code == 2 and "nope is not a sweep folder" in capsys.readouterr().err
+    lrs.write_text(json.dumps({"topk": 0.004}))                                    # a trained folder without one
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    assert e.value.code == 2 and "no tuned lr for batchtopk" in capsys.readouterr().err
     harvested.clear()
     for bad, said in (("topk,nope", "nope: not a folder of this run"), ("topk,topk", "each once"),
                       ("e2e", "not a folder of this run")):
@@ -600,4 +609,24 @@ def test_folders_trains_only_those_rows_and_keeps_the_whole_runs_tuned_lrs(tmp_p
     with pytest.raises(SystemExit) as e:
         pareto.main()
     assert e.value.code == 2 and "relu_cont100 starts from relu's SAEs: add relu" in capsys.readouterr().err
+    # one series merges the relu_cont folders: a subset would interpolate local's front across a gap
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), "--e2e", "continuation",
+                                      "--folders", "relu,relu_cont100,relu_cont1000,e2e"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    assert e.value.code == 2 and "relu_cont300 missing" in capsys.readouterr().err
     assert harvested == []
+
+
+def test_a_folders_run_says_which_claims_it_did_not_train(tmp_path, capsys):
+    """Claims whose folders a --folders run left out have no rows: said as not trained (in the JSON and
+    the printout), never as a tie or an empty verdict."""
+    per_seed = [{k: _series(r, s)[k] for k in ("relu", "gated")} for s, r in enumerate((0.5, 0.55, 0.6, 0.52, 0.58))]
+    args = pareto.argparse.Namespace(out=str(tmp_path), report_only=False, e2e="scratch", folders=["relu", "gated"])
+    out = pareto.report(args, per_seed, [], {"tokens": 1024}, 0.0)
+    assert "gated vs relu: ce_increase <" not in out["untrained_claims"]
+    assert "batchtopk vs topk: ce_increase <" in out["untrained_claims"]
+    said = capsys.readouterr().out
+    assert "batchtopk vs topk: ce_increase <\n  no rows: batchtopk vs topk not both trained (--folders)" in said
+    assert "--folders relu,gated: only these folders were trained" in said
+    assert json.loads((tmp_path / "pareto.json").read_text())["untrained_claims"] == out["untrained_claims"]
