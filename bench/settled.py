@@ -12,6 +12,7 @@ value held past its range in some seed, bench/verdicts.py) is marked "held end".
     python bench/settled.py docs/results-pareto-tuned-64.json docs/results-pareto-tuned.json \\
         --labels 64,128                        # a line per point, then the counts
     python bench/settled.py A.json B.json --markdown   # the rows as a docs/results.md table
+    python bench/settled.py A.json B.json --claims "batchtopk vs topk"   # one claim's points only
 """
 from __future__ import annotations
 
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="pareto.json files, smallest budget first")
     p.add_argument("--labels", default=None, help="a name per run, comma-separated (default: run 1, run 2, ...)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--claims", default=None,
+                   help="only the claims starting with one of these, comma-separated (e.g. \"batchtopk vs topk\"): "
+                        "a run that trained one claim's folders (bench/pareto.py --folders) against whole runs")
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [f"run {i + 1}" for i in range(len(args.runs))]
     if len(labels) != len(args.runs):
@@ -142,6 +146,12 @@ def main(argv=None) -> int:
         p.error("the runs use different verdict rules or L0 slacks: " +
                 "; ".join(f"{r} (slack {s:g})" for r, s in sorted(rules)))
     pts = points(docs)
+    if args.claims is not None:
+        wanted = [c.strip() for c in args.claims.split(",") if c.strip()]
+        unmatched = [c for c in wanted if not any(q.claim.startswith(c) for q in pts)]
+        if not wanted or unmatched:
+            p.error(f"--claims: no claim starts with {', '.join(unmatched) or 'nothing'}")
+        pts = [q for q in pts if any(q.claim.startswith(c) for c in wanted)]
     if args.markdown:
         print("| claim | point | " + " | ".join(labels) + " | same at all? |")
         print("|---|---|" + "---|" * len(labels) + "---|")

@@ -71,3 +71,24 @@ def test_report_only_uses_the_runs_own_slack(tmp_path, capsys, monkeypatch):
         pareto.main()
         out = capsys.readouterr().out
         assert ("batchtopk_k32 (L0 32.2)" in out) == present and ("held end in 5 seed(s)" in out) == present
+
+
+def test_settled_claims_keeps_one_claims_points_and_refuses_an_unknown_one(tmp_path, capsys):
+    """A --folders run (one claim's folders at a larger budget) against whole runs: --claims keeps
+    that claim's points, so the others do not read as "not comparable" noise; a prefix that matches
+    no claim is one line and exit 2."""
+    import pytest
+    per_seed = [_series(32.5)] * 5
+    rows = verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<")
+    whole = {"batchtopk vs topk: ce_increase <": rows, "gated vs relu: ce_increase <": [
+        {**rows[0], "at": "gated_l1-3"}]}
+    docs = []
+    for name, comparisons in (("256", whole), ("512", {"batchtopk vs topk: ce_increase <": rows})):
+        docs.append(str(tmp_path / f"{name}.json"))
+        Path(docs[-1]).write_text(json.dumps({"rule": "paired", "l0_slack": 0.02, "comparisons": comparisons}))
+    assert settled.main([*docs, "--claims", "batchtopk vs topk"]) == 0
+    out = capsys.readouterr().out
+    assert "batchtopk_k16: settled" in out and "gated" not in out and "2 points: 2 settled" in out
+    with pytest.raises(SystemExit) as e:
+        settled.main([*docs, "--claims", "matryoshka vs"])
+    assert e.value.code == 2 and "no claim starts with matryoshka vs" in capsys.readouterr().err
