@@ -81,6 +81,12 @@ def verify_cmd(store, quick):
         click.echo(f"note: {len(older)} window record(s) name no store (written before records carried the "
                    f"creation_id): a window copied in from another store cannot be told there")
     click.echo(f"held out: {held_out_line(store)}")
+    if not quick:   # the bytes now match the records, so the digest of the records is the data's
+        from sae_harvest.stores import open_store
+        from sae_harvest.stores.identity import content_digest
+        digest = content_digest(open_store(store))
+        if digest:
+            click.echo(f"content: {digest} (same data, same digest)")
 
 
 if __name__ == "__main__":

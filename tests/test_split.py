@@ -105,8 +105,11 @@ def test_split_recorded_shown_by_verify_and_info(assets, tmp_path):
     r = CliRunner().invoke(harvest_cli, ["verify", assets["store"]])
     assert r.exit_code == 0, r.output
     assert "held out: 13 held-out sequences (416 tokens) of 128: every 10th" in r.output
+    from sae_harvest.stores.identity import content_digest
+    assert f"content: {content_digest(s)} (same data, same digest)" in r.output
     r = CliRunner().invoke(harvest_cli, ["info", assets["store"], "--json"])
     assert json.loads(r.output)["split"]["held_out_seqs"] == 13
+    assert json.loads(r.output)["content_digest"] == content_digest(s)
     r = CliRunner().invoke(harvest_cli, ["info", assets["store"]])
     assert "13 held-out sequences (416 tokens)" in " ".join(r.output.split()), r.output
     older = tmp_path / "old.zarr"
