@@ -142,6 +142,9 @@ def main():
     p.add_argument("--label-free-store", default=None,
                    help="the label-free store (default --out/store-label-free.zarr)")
     p.add_argument("--report-only", action="store_true", help="recompute the verdicts from --out/pareto.json")
+    p.add_argument("--ends", choices=("hold", "extend"), default="hold",
+                   help="with --report-only: within the L0 slack a series' end value is held (the rule) or its end "
+                        "segment continued log-linearly (the check of what holding decides)")
     p.add_argument("--lrs", default=None, help="tuned learning rates (bench/lr_tune.py's --out folder, or a JSON "
                                                "{folder: lr}) for the local sweeps; default: each architecture's")
     p.add_argument("--local-only", action="store_true", help="skip the e2e sweeps (their claims stay untested)")
@@ -183,6 +186,8 @@ def main():
         p.error("--follow-searched goes with --only-seeds, instead of --fixed-epochs")
     if not (math.isfinite(args.until_plateau) and args.until_plateau >= 0):
         p.error("--until-plateau: a percentage >= 0")
+    if args.ends != "hold" and not args.report_only:
+        p.error("--ends extend is a check of a finished run (--report-only); a run is judged by the rule (hold)")
     try:
         args.folders = None if args.report_only else check_folders(args.folders, args)
     except ValueError as e:
@@ -385,9 +390,9 @@ def store_content_of(args) -> dict | None:
 def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict:
     """Every claim's rows (verdicts) from the per-seed series: at the L0 grid, and at A's own sweep
     points; writes pareto.json (unless not `write`) and prints them with each seed's budgets."""
-    slack = getattr(args, "l0_slack", L0_SLACK)
-    comparisons = {f"{a} vs {b}: {metric} {expected}": at_grid(per_seed, a, b, metric, expected, L0_GRID, slack)
-                   + at_points(per_seed, a, b, metric, expected, slack)
+    slack, ends = getattr(args, "l0_slack", L0_SLACK), getattr(args, "ends", "hold")
+    comparisons = {f"{a} vs {b}: {metric} {expected}": at_grid(per_seed, a, b, metric, expected, L0_GRID, slack, ends)
+                   + at_points(per_seed, a, b, metric, expected, slack, ends)
                    for a, b, metric, expected in claims(args.e2e)}
     out = {"seeds_done": len(per_seed), "args": {k: v for k, v in vars(args).items()}, "local": LOCAL,
            "rule": "paired 95% t-interval of the per-seed log ratio, >= 5 seeds; tie when it contains 1",

@@ -28,7 +28,7 @@ PROCESS_LOCAL = ("out", "only_seeds", "train_only", "fixed_epochs", "follow_sear
                  "tuned_lrs", "lockstep")
 # arguments added after a pareto.json may have been written: the value every older run had
 ADDED_LATER = {"e2e_ds_l1": [0.3, 1.0, 3.0], "early_stop": True, "plateau_across_seeds": False,
-               "folders": None}   # bench/pareto.py's E2E_L1; stop 13's runs stopped early
+               "folders": None, "ends": "hold"}   # bench/pareto.py's E2E_L1; stop 13's runs stopped early
 
 
 def searched_budgets(pareto_json: str, args) -> dict:

@@ -18,11 +18,12 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def interp_ce(points, l0, slack: float = L0_SLACK):
+def interp_ce(points, l0, slack: float = L0_SLACK, ends: str = "hold"):
     """A metric (CE increase, downstream MSE) of a series at a given L0, by log-linear interpolation;
     within `slack` past either end of the series' L0 range, that end's value (a TopK SAE at k = 32
     fires 31.9 latents on average when a selected pre-activation is <= 0, and would otherwise drop
-    out of every comparison at L0 32); None further out."""
+    out of every comparison at L0 32); None further out. ends="extend": within the slack, the end
+    segment continued log-linearly instead (the check of what holding an end decides)."""
     pts = sorted(p for p in points if p[0] > 0)
     if not pts:
         return None
@@ -30,6 +31,10 @@ def interp_ce(points, l0, slack: float = L0_SLACK):
     x = np.log(l0)
     if not (xs[0] + np.log1p(-slack) <= x <= xs[-1] + np.log1p(slack)):
         return None
+    if ends == "extend" and len(xs) > 1 and not xs[0] <= x <= xs[-1]:
+        i = 0 if x < xs[0] else len(xs) - 2
+        if xs[i + 1] > xs[i]:
+            return float(ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i]))
     return float(np.interp(x, xs, ys))   # np.interp holds the end values past the ends
 
 
@@ -125,15 +130,15 @@ def _points(series: dict, key: str, metric: str) -> list[tuple[float, float]]:
 
 
 def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, grid,
-            slack: float = L0_SLACK) -> list[dict]:
+            slack: float = L0_SLACK, ends: str = "hold") -> list[dict]:
     """One row per L0 of `grid` where both series reach it in every seed (both interpolated);
     `slack`: the run's own (a JSON records it; one written before the slack was 0)."""
     rows = []
     for l0 in grid:
         ratios = []
         for series in per_seed:
-            ca = interp_ce(_points(series, a, metric), l0, slack)
-            cb = interp_ce(_points(series, b, metric), l0, slack)
+            ca = interp_ce(_points(series, a, metric), l0, slack, ends)
+            cb = interp_ce(_points(series, b, metric), l0, slack, ends)
             if ca is not None and cb is not None:   # both reach this L0 in this seed
                 ratios.append(ratio(ca, cb))
         if ratios and len(ratios) == len(per_seed):
@@ -142,7 +147,7 @@ def at_grid(per_seed: list[dict], a: str, b: str, metric: str, expected: str, gr
 
 
 def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str,
-              slack: float = L0_SLACK) -> list[dict]:
+              slack: float = L0_SLACK, ends: str = "hold") -> list[dict]:
     """One row per SAE of A (by name) present in every seed, B interpolated at its L0: works when
     the two L0 ranges barely overlap."""
     rows = []
@@ -151,7 +156,7 @@ def at_points(per_seed: list[dict], a: str, b: str, metric: str, expected: str,
         for series in per_seed:
             _points(series, a, metric)
             qa = next((q for q in series.get(a, []) if q["name"] == name), None)
-            cb = None if qa is None else interp_ce(_points(series, b, metric), qa["l0"], slack)
+            cb = None if qa is None else interp_ce(_points(series, b, metric), qa["l0"], slack, ends)
             if cb is not None:   # A has this SAE in this seed, and B reaches its L0
                 ratios.append(ratio(qa[metric], cb))
                 l0s.append(qa["l0"])

@@ -92,3 +92,26 @@ def test_settled_claims_keeps_one_claims_points_and_refuses_an_unknown_one(tmp_p
     with pytest.raises(SystemExit) as e:
         settled.main([*docs, "--claims", "matryoshka vs"])
     assert e.value.code == 2 and "no claim starts with matryoshka vs" in capsys.readouterr().err
+
+
+def test_extend_continues_the_end_segment_where_hold_keeps_the_end_value():
+    """ends="extend": within the slack, the end segment continued log-linearly (by hand: the segment
+    (16, 0.2) -> (31.9, 0.1) at 32.2 is 0.1 - 0.1 * log(32.2/31.9) / log(31.9/16)); inside the range
+    and past the slack the two agree (interpolated; None)."""
+    import math
+    pts = [(16.0, 0.2), (31.9, 0.1)]
+    by_hand = 0.1 - 0.1 * math.log(32.2 / 31.9) / math.log(31.9 / 16)
+    assert verdicts.interp_ce(pts, 32.2) == 0.1
+    assert abs(verdicts.interp_ce(pts, 32.2, ends="extend") - by_hand) < 1e-12
+    below = 0.2 + 0.1 * math.log(16 / 15.8) / math.log(31.9 / 16)
+    assert abs(verdicts.interp_ce(pts, 15.8, ends="extend") - below) < 1e-12
+    assert verdicts.interp_ce(pts, 20.0, ends="extend") == verdicts.interp_ce(pts, 20.0)
+    assert verdicts.interp_ce(pts, 33.0, ends="extend") is None
+    assert verdicts.interp_ce([(31.9, 0.1)], 32.2, ends="extend") == 0.1   # one point: nothing to continue
+    # the rows: TopK's CE at BatchTopK's 32.2 is lower when continued, so the ratio rises
+    per_seed = [_series(31.9)] * 5
+    held_rows = {r["at"]: r for r in verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<")}
+    ext_rows = {r["at"]: r for r in verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<",
+                                                        ends="extend")}
+    assert ext_rows["batchtopk_k32"]["ratio"] > held_rows["batchtopk_k32"]["ratio"]
+    assert ext_rows["batchtopk_k16"]["ratio"] == held_rows["batchtopk_k16"]["ratio"]
