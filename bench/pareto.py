@@ -426,11 +426,13 @@ def report(args, per_seed, budgets, eval_tokens, t0, write: bool = True) -> dict
             print(f"  {folder}: " + ", ".join(f"{pair} {v}" for pair, v in pairs.items()))
     if getattr(args, "folders", None):
         print(f"--folders {','.join(args.folders)}: only these folders were trained")
+    if ends != "hold":
+        print(f"ends: {ends} (within the L0 slack the end segment is continued: a check, not the rule)")
     for claim, rows in comparisons.items():
         if claim in out["untrained_claims"]:
             print(f"{claim}\n  no rows: {claim.split(':')[0]} not both trained (--folders)")
         else:
-            print_rows(claim, rows)
+            print_rows(claim, rows, ends)
     return out
 
 

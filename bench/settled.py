@@ -148,9 +148,13 @@ def main(argv=None) -> int:
     pts = points(docs)
     if args.claims is not None:
         wanted = [c.strip() for c in args.claims.split(",") if c.strip()]
-        unmatched = [c for c in wanted if not any(q.claim.startswith(c) for q in pts)]
+        claims = {c for d in docs for c in d.get("comparisons", {})}
+        unmatched = [c for c in wanted if not any(name.startswith(c) for name in claims)]
         if not wanted or unmatched:
             p.error(f"--claims: no claim starts with {', '.join(unmatched) or 'nothing'}")
+        empty = [c for c in wanted if not any(q.claim.startswith(c) for q in pts)]
+        if empty:
+            p.error(f"--claims: {', '.join(empty)}: no rows in any run (nothing to compare)")
         pts = [q for q in pts if any(q.claim.startswith(c) for c in wanted)]
     if args.markdown:
         print("| claim | point | " + " | ".join(labels) + " | same at all? |")

@@ -31,10 +31,12 @@ def interp_ce(points, l0, slack: float = L0_SLACK, ends: str = "hold"):
     x = np.log(l0)
     if not (xs[0] + np.log1p(-slack) <= x <= xs[-1] + np.log1p(slack)):
         return None
-    if ends == "extend" and len(xs) > 1 and not xs[0] <= x <= xs[-1]:
-        i = 0 if x < xs[0] else len(xs) - 2
-        if xs[i + 1] > xs[i]:
-            return float(ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i]))
+    if ends == "extend" and not xs[0] <= x <= xs[-1]:
+        # the end segment between distinct L0s (a repeated end L0 does not make a segment)
+        pairs = [(i, i + 1) for i in range(len(xs) - 1) if xs[i + 1] > xs[i]]
+        if pairs:
+            i, j = pairs[0] if x < xs[0] else pairs[-1]
+            return float(ys[i] + (ys[j] - ys[i]) * (x - xs[i]) / (xs[j] - xs[i]))
     return float(np.interp(x, xs, ys))   # np.interp holds the end values past the ends
 
 
@@ -171,13 +173,14 @@ def _with_held(per_seed, a, b, metric, expected, rows):
     return rows
 
 
-def print_rows(claim: str, rows: list[dict]) -> None:
+def print_rows(claim: str, rows: list[dict], ends: str = "hold") -> None:
     print(claim)
+    what = "held end" if ends == "hold" else "extended end (--ends extend, a check, not the rule)"
     for r in rows:
         where = f"{r['at']} (L0 {r['l0']:.1f})" if "at" in r else f"L0 {r['l0']:>3}"
         ci = f"{r['ratio']:.2f}, 95% CI [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]" if r["interval"] \
             else f"seeds {r['min']:.2f}-{r['max']:.2f}"
-        note = f"  (held end in {r['held_end']} seed(s): exists through the L0 slack)" if r.get("held_end") else ""
+        note = f"  ({what} in {r['held_end']} seed(s): exists through the L0 slack)" if r.get("held_end") else ""
         print(f"  {where}: ratio {ci}, {len(r['ratios'])} seeds  {r['verdict']}{note}")
 
 

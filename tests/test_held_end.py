@@ -108,6 +108,14 @@ def test_extend_continues_the_end_segment_where_hold_keeps_the_end_value():
     assert verdicts.interp_ce(pts, 20.0, ends="extend") == verdicts.interp_ce(pts, 20.0)
     assert verdicts.interp_ce(pts, 33.0, ends="extend") is None
     assert verdicts.interp_ce([(31.9, 0.1)], 32.2, ends="extend") == 0.1   # one point: nothing to continue
+    # three points: the segment at the end the L0 lies past, not the first one
+    three = [(8.0, 0.3), (16.0, 0.2), (31.9, 0.1)]
+    assert abs(verdicts.interp_ce(three, 32.2, ends="extend") - by_hand) < 1e-12
+    low = 0.3 + 0.1 * math.log(8 / 7.9) / math.log(16 / 8)
+    assert abs(verdicts.interp_ce(three, 7.9, ends="extend") - low) < 1e-12
+    # a repeated end L0 is no segment: the last one between distinct L0s, from its own end points
+    twice = [(16.0, 0.2), (31.9, 0.1), (31.9, 0.1)]
+    assert abs(verdicts.interp_ce(twice, 32.2, ends="extend") - by_hand) < 1e-12
     # the rows: TopK's CE at BatchTopK's 32.2 is lower when continued, so the ratio rises
     per_seed = [_series(31.9)] * 5
     held_rows = {r["at"]: r for r in verdicts.at_points(per_seed, "batchtopk", "topk", "ce_increase", "<")}
