@@ -23,7 +23,8 @@ def store_info(path: str, allow_partial: bool = False) -> dict:
         "sites": {s: {"d": store.width(s), "encoding": store.encoding(s)} for s in store.sites},
         "grads": store.has_grads, "rows": store.n_rows, "seqs": store.n_seqs, "ctx_len": store.ctx_len,
         "bytes": size, "bytes_per_row": size / store.n_rows if store.n_rows else None,
-        "split": split, "content_digest": content_digest(store) if store.complete else None,   # a partial store's is not its data's "attrs": dict(attrs),
+        "split": split,   # a partial store's digest is not its data's
+        "content_digest": content_digest(store) if store.complete else None, "attrs": dict(attrs),
     })
 
 
