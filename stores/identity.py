@@ -11,13 +11,13 @@ later that the store at a path is still the one it used, and not another harvest
 - `model`: the model fingerprint of the root attribute `provenance` (None before it existed).
 - format 1 (no records, no final.json): `attrs_digest`, sha256 of the root attributes.
 
-Any change of any field means another store (or the same store rewritten).
+Any change of any field means another store (or the same store rewritten). It costs one small read per
+window record (an opened Store already holds them) and 64 KiB per array.
 
 `content_digest` answers another question, not part of the identity: do two stores hold the same
-bytes? Two harvests with the same inputs on two machines get different creation ids and times, and
-the same content digest only if every shard is byte-identical; a bench records it so a rerun can
-tell whether it trained on the same data as the run it is compared with. It costs one small read per
-window record (an opened Store already holds them) and 64 KiB per array.
+data? Two harvests with the same inputs get different creation ids and times, and the same content
+digest only if every shard is byte-identical under the same split and layout; a bench records it so
+a rerun can tell whether it trained on the same data as the run it is compared with.
 """
 from __future__ import annotations
 
