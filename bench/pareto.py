@@ -230,9 +230,8 @@ def main():
         try:
             # the training rows need an lr each; a file may name any folder of the whole run (a
             # tuning of the whole run serves one folder of it)
-            lf = None if args.no_label_free else "label-free"
-            lrs = load_lrs(args.lrs, rows=run_rows(args, lf),
-                           known_rows=run_rows(argparse.Namespace(**{**vars(args), "folders": None}), lf),
+            lrs = load_lrs(args.lrs, rows=run_rows(args, None if args.no_label_free else "label-free"),
+                           known_rows=list(every_row(args).values()),
                            d_sae=args.d_sae, local=local)
         except TunedLrError as e:
             p.error(str(e))
@@ -273,6 +272,12 @@ def run_rows(args, lf_store) -> list:
     return rows
 
 
+def every_row(args) -> dict:
+    """{folder: row} of the whole run, before --folders picks some."""
+    whole = argparse.Namespace(**{**vars(args), "folders": None})
+    return {r[0]: r for r in run_rows(whole, None if args.no_label_free else "label-free")}
+
+
 def check_folders(text: str | None, args) -> list | None:
     """--folders as a list, each a folder this run would train (ValueError otherwise); a row that
     starts from another folder's SAEs needs that folder too."""
@@ -281,8 +286,7 @@ def check_folders(text: str | None, args) -> list | None:
     folders = [f for f in text.split(",") if f]
     if not folders or len(set(folders)) != len(folders):
         raise ValueError("one or more folder names, each once")
-    rows = {r[0]: r for r in run_rows(argparse.Namespace(**{**vars(args), "folders": None}),
-                                           None if args.no_label_free else "label-free")}
+    rows = every_row(args)
     unknown = [f for f in folders if f not in rows]
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not a folder of this run (it has {', '.join(rows)})")

@@ -142,3 +142,26 @@ def test_ctrl_c_exits_130_and_a_bug_70_in_every_command(command, monkeypatch, tm
             # a bug is one scrubbed line too (SAE_HARVEST_TRACEBACK=1 adds the traceback)
             assert err.strip().startswith("error: RuntimeError: boom") and len(err.strip().splitlines()) == 1, err
             assert "Traceback" not in err
+
+
+def test_harvest_info_gives_no_content_digest_for_a_partial_store(tmp_path):
+    """The records of a store that never finished are not its data: no digest in --json or the table;
+    the same store finished has one."""
+    from sae_harvest.stores import StoreWriter
+
+    w = StoreWriter.create(str(tmp_path / "p.zarr"), meta={"model": {"name": "m"}},
+                           sites={"blocks.0.resid_pre": {"d": 4, "encoding": "float32"}}, grads=None,
+                           ctx_len=2, n_seqs=4, window_seqs=2)
+    w.write_window(0, np.zeros((2, 2), dtype=np.int64), np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]),
+                   {"blocks.0.resid_pre": np.ones((4, 4), dtype=np.float32)}, None)
+    r = CliRunner().invoke(harvest_cli, ["info", str(tmp_path / "p.zarr"), "--partial", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["complete"] is False and info["content_digest"] is None
+    r = CliRunner().invoke(harvest_cli, ["info", str(tmp_path / "p.zarr"), "--partial"])
+    assert r.exit_code == 0 and "content" not in r.output.replace("complete", ""), r.output
+    w.write_window(1, np.ones((2, 2), dtype=np.int64), np.array([2, 2, 3, 3]), np.array([0, 1, 0, 1]),
+                   {"blocks.0.resid_pre": np.ones((4, 4), dtype=np.float32)}, None)
+    w.finish(4)
+    r = CliRunner().invoke(harvest_cli, ["info", str(tmp_path / "p.zarr"), "--json"])
+    assert len(json.loads(r.output)["content_digest"]) == 64

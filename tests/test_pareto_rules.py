@@ -630,3 +630,16 @@ def test_a_folders_run_says_which_claims_it_did_not_train(tmp_path, capsys):
     assert "batchtopk vs topk: ce_increase <\n  no rows: batchtopk vs topk not both trained (--folders)" in said
     assert "--folders relu,gated: only these folders were trained" in said
     assert json.loads((tmp_path / "pareto.json").read_text())["untrained_claims"] == out["untrained_claims"]
+
+
+def test_ends_extend_is_refused_outside_report_only(tmp_path, monkeypatch, capsys):
+    """A run is judged by the rule (held ends); extending them is a check of a finished run: one line,
+    exit 2, nothing harvested or written."""
+    harvested = []
+    monkeypatch.setattr(pareto, "harvest_store", lambda *a, **k: harvested.append(a) or "store")
+    monkeypatch.setattr(sys, "argv", ["pareto.py", "--out", str(tmp_path / "o"), "--ends", "extend"])
+    with pytest.raises(SystemExit) as e:
+        pareto.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--ends extend is a check of a finished run" in err and "Traceback" not in err
+    assert harvested == [] and not (tmp_path / "o").exists()
